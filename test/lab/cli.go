@@ -1,0 +1,211 @@
+package lab
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/axproject/ax/test/image"
+)
+
+const cliUsage = `usage: axctl lab <command> [flags]
+
+  up       create the lab's hosts and networks and boot a guest on host a
+  down     remove everything the lab made (safe to repeat, also after a crash)
+  status   show what the lab has and whether it still runs
+  demo     up, serve a ledger client, verify, down; ends with a key=value summary
+
+flags (all commands):
+  --prefix NAME     lab name; labs with different prefixes run side by side (default ax)
+flags (up, demo):
+  --kernel FILE     guest kernel (default: download Debian's linux-image-cloud-amd64)
+  --modules DIR     the kernel's lib/modules/<version> directory, with --kernel
+  --accel MODE      auto, kvm or tcg (default auto: kvm only where it really works)
+  --ram MIB         guest RAM (default 256)
+  --dirty MIBPS     memory dirtier rate in the guest (default 0: off)
+  --guest-bin DIR   where ax-workload is (default: beside axctl)
+  --no-guest        (up) create hosts and networks only
+  --keep            (demo) leave the lab up at the end
+  --records N       (demo) ledger records to append (default 100)
+  --rate N          (demo) appends per second (default 50)
+  --json            (status) machine-readable output`
+
+type labFlags struct {
+	prefix, kernel, modules, accel, guestBin, cacheDir string
+	ram                                                int
+	dirty                                              float64
+	noGuest, keep, json                                bool
+	records                                            int
+	rate                                               float64
+}
+
+// Main runs `axctl lab …`.
+func Main(ctx context.Context, args []string, out io.Writer, log *slog.Logger) error {
+	if len(args) == 0 {
+		return errors.New(cliUsage)
+	}
+	cmd := args[0]
+	var f labFlags
+	fs := flag.NewFlagSet("lab "+cmd, flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	fs.StringVar(&f.prefix, "prefix", "ax", "")
+	fs.StringVar(&f.kernel, "kernel", "", "")
+	fs.StringVar(&f.modules, "modules", "", "")
+	fs.StringVar(&f.accel, "accel", "auto", "")
+	fs.StringVar(&f.guestBin, "guest-bin", "", "")
+	fs.StringVar(&f.cacheDir, "cache-dir", image.DefaultCacheDir, "")
+	fs.IntVar(&f.ram, "ram", 256, "")
+	fs.Float64Var(&f.dirty, "dirty", 0, "")
+	fs.BoolVar(&f.noGuest, "no-guest", false, "")
+	fs.BoolVar(&f.keep, "keep", false, "")
+	fs.BoolVar(&f.json, "json", false, "")
+	fs.IntVar(&f.records, "records", 100, "")
+	fs.Float64Var(&f.rate, "rate", 50, "")
+	if cmd == "help" || cmd == "-h" || cmd == "--help" {
+		fmt.Fprintln(out, cliUsage)
+		return nil
+	}
+	if err := fs.Parse(args[1:]); err != nil {
+		return fmt.Errorf("lab %s: %v (see: axctl lab help)", cmd, err)
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("lab %s: unexpected argument %q (see: axctl lab help)", cmd, fs.Arg(0))
+	}
+	switch f.accel {
+	case "auto", "kvm", "tcg":
+	default:
+		return fmt.Errorf("lab %s: --accel must be auto, kvm or tcg, not %q", cmd, f.accel)
+	}
+	if f.kernel == "" && f.modules != "" {
+		return fmt.Errorf("lab %s: --modules goes with --kernel", cmd)
+	}
+	l, err := Open(Config{Prefix: f.prefix, Log: log})
+	if err != nil {
+		return err
+	}
+	switch cmd {
+	case "up":
+		return cliUp(ctx, l, f, out, log)
+	case "down":
+		s, _ := l.State()
+		if err := l.Down(ctx); err != nil {
+			return err
+		}
+		if left := l.Leftovers(s); len(left) > 0 {
+			return fmt.Errorf("lab down: still present: %s", strings.Join(left, ", "))
+		}
+		fmt.Fprintf(out, "lab %s is down\n", l.Prefix)
+		return nil
+	case "status":
+		return cliStatus(l, f, out)
+	case "demo":
+		return Demo(ctx, l, f.demoConfig(), out, log)
+	}
+	return fmt.Errorf("lab: unknown command %q (see: axctl lab help)", cmd)
+}
+
+func (f labFlags) imageConfig(log *slog.Logger) (image.Config, error) {
+	dir := f.guestBin
+	if dir == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return image.Config{}, err
+		}
+		dir = filepath.Dir(exe)
+	}
+	bin := filepath.Join(dir, "ax-workload")
+	if _, err := os.Stat(bin); err != nil {
+		return image.Config{}, fmt.Errorf("guest binary ax-workload not found in %s: run make build, or give --guest-bin DIR", dir)
+	}
+	return image.Config{CacheDir: f.cacheDir, Kernel: f.kernel, Modules: f.modules, Binaries: []string{bin}, Log: log}, nil
+}
+
+func (f labFlags) demoConfig() DemoConfig {
+	return DemoConfig{flags: f, Records: f.records, Rate: f.rate, Keep: f.keep}
+}
+
+func cliUp(ctx context.Context, l *Lab, f labFlags, out io.Writer, log *slog.Logger) error {
+	var icfg image.Config
+	if !f.noGuest {
+		var err error
+		if icfg, err = f.imageConfig(log); err != nil {
+			return err
+		}
+	}
+	start := time.Now()
+	if err := l.Up(ctx); err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "lab %s: hosts and networks up in %.1fs\n", l.Prefix, time.Since(start).Seconds())
+	if f.noGuest {
+		return nil
+	}
+	vm, err := bootGuest(ctx, l, f, icfg, out)
+	if err != nil {
+		if derr := l.Down(context.Background()); derr != nil {
+			log.Error("lab cleanup after failure", "err", derr)
+		}
+		return err
+	}
+	fmt.Fprintf(out, "guest %s on host %s serves its ledger at %s:%d (from netns %s); console: %s\n",
+		vm.Name, vm.Host, vm.IP, LedgerPort, l.Netns(HostC), vm.Console)
+	fmt.Fprintf(out, "try: ip netns exec %s nc %s %d   then type APPEND hello\n", l.Netns(HostC), vm.IP, LedgerPort)
+	return nil
+}
+
+func bootGuest(ctx context.Context, l *Lab, f labFlags, icfg image.Config, out io.Writer) (*VM, error) {
+	img, err := image.Build(ctx, icfg)
+	if err != nil {
+		return nil, err
+	}
+	vm, err := l.StartGuest(ctx, GuestConfig{Kernel: img.Kernel, Initrd: img.Initrd, Accel: f.accel, RAMMiB: f.ram, Dirty: f.dirty})
+	if err != nil {
+		return nil, err
+	}
+	fmt.Fprintf(out, "guest %s booting on host %s (%s, %d MiB, image %s)\n", vm.Name, vm.Host, vm.Accel, vm.RAMMiB, img.Key)
+	if err := l.WaitServing(ctx, vm, 120*time.Second); err != nil {
+		return nil, err
+	}
+	return vm, nil
+}
+
+func cliStatus(l *Lab, f labFlags, out io.Writer) error {
+	s, err := l.State()
+	if err != nil {
+		if errors.Is(err, ErrNoLab) {
+			fmt.Fprintf(out, "lab %s is not up\n", l.Prefix)
+			return nil
+		}
+		return err
+	}
+	if f.json {
+		enc := json.NewEncoder(out)
+		enc.SetIndent("", "  ")
+		return enc.Encode(s)
+	}
+	health := "up"
+	if !l.allAlive(s) {
+		health = "broken (something died; run: axctl lab down --prefix " + l.Prefix + ")"
+	}
+	fmt.Fprintf(out, "lab %s: %s, %s since %s\n", l.Prefix, s.Status, health, s.Created.Format(time.DateTime))
+	fmt.Fprintf(out, "hosts: %s\n", strings.Join(s.Namespaces, " "))
+	fmt.Fprintf(out, "%-6s %-5s %-8s %-6s %-12s %s\n", "GUEST", "HOST", "PID", "ALIVE", "IP", "CONSOLE")
+	for _, vm := range s.VMs {
+		alive := "no"
+		for _, p := range s.Procs {
+			if p.PID == vm.PID && p.alive() {
+				alive = "yes"
+			}
+		}
+		fmt.Fprintf(out, "%-6s %-5s %-8d %-6s %-12s %s\n", vm.Name, vm.Host, vm.PID, alive, vm.IP, vm.Console)
+	}
+	return nil
+}

@@ -1,0 +1,302 @@
+package lab
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// QEMUBinary is the emulator the lab runs.
+const QEMUBinary = "qemu-system-x86_64"
+
+// AgentPortName is the virtio-serial port the in-guest agent opens.
+const AgentPortName = "org.axproject.agent.0"
+
+// GuestSpec is everything needed to start a lab guest's QEMU — and, on the
+// partner host, an identical one that resumes from a replica.
+type GuestSpec struct {
+	Name    string
+	RAMMiB  int
+	RAMFile string // shared named file on tmpfs (memory-backend-file, share=on)
+	QMP     string // QMP unix socket
+	Console string // serial console log
+	Agent   string // virtio-serial agent unix socket
+	PIDFile string
+	Tap     string
+	MAC     string
+	Kernel  string
+	Initrd  string
+	Append  string // kernel command line
+	Accel   string // "kvm" or "tcg"
+}
+
+// Args returns QEMU's command line for the spec. Both hosts must use the same
+// machine and devices: the device state of one must load into the other.
+func (g GuestSpec) Args() []string {
+	machine := "pc,accel=" + g.Accel + ",memory-backend=mem0"
+	args := []string{
+		"-name", g.Name + ",debug-threads=on",
+		"-machine", machine,
+		"-object", fmt.Sprintf("memory-backend-file,id=mem0,size=%dM,mem-path=%s,share=on", g.RAMMiB, g.RAMFile),
+		"-m", fmt.Sprintf("%dM", g.RAMMiB),
+		"-smp", "1",
+		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+		"-kernel", g.Kernel, "-initrd", g.Initrd, "-append", g.Append,
+		"-chardev", "file,id=con0,path=" + g.Console, "-serial", "chardev:con0",
+		"-qmp", "unix:" + g.QMP + ",server=on,wait=off",
+		"-netdev", "tap,id=net0,ifname=" + g.Tap + ",script=no,downscript=no",
+		"-device", "virtio-net-pci,netdev=net0,mac=" + g.MAC,
+		"-device", "virtio-serial-pci,id=vser0",
+		"-chardev", "socket,id=agent0,path=" + g.Agent + ",server=on,wait=off",
+		"-device", "virtserialport,bus=vser0.0,chardev=agent0,name=" + AgentPortName,
+		"-pidfile", g.PIDFile,
+	}
+	if g.Accel == "kvm" {
+		args = append(args, "-cpu", "host")
+	}
+	return args
+}
+
+// DetectAccel returns "kvm" when KVM can really run guests here, else "tcg".
+// A /dev/kvm node alone is not enough: nested setups expose one whose guests
+// never start, so the CPU must also advertise hardware virtualisation.
+func DetectAccel() string {
+	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
+	if err != nil {
+		return "tcg"
+	}
+	f.Close()
+	cpuinfo, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return "tcg"
+	}
+	for _, line := range strings.Split(string(cpuinfo), "\n") {
+		if strings.HasPrefix(line, "flags") {
+			for _, fl := range strings.Fields(line) {
+				if fl == "vmx" || fl == "svm" {
+					return "kvm"
+				}
+			}
+			break
+		}
+	}
+	return "tcg"
+}
+
+// GuestConfig chooses a lab guest's image and behaviour.
+type GuestConfig struct {
+	Name    string  // default "vm1"
+	Host    string  // default HostA
+	RAMMiB  int     // default 256
+	Kernel  string  // from image.Build
+	Initrd  string  // from image.Build
+	Accel   string  // "", "auto", "kvm", "tcg"
+	Dirty   float64 // memory dirtier rate, MiB/s (0: off)
+	TickMS  int     // console tick interval, default 100
+	Index   int     // guest number on the public segment, default 1
+	Console string  // console log path; default in the VM's state directory
+}
+
+// StartGuest launches a guest's QEMU in its host's namespace with a tap on
+// the host's public bridge. It returns once QEMU runs; WaitServing waits for
+// the guest's ledger.
+func (l *Lab) StartGuest(ctx context.Context, cfg GuestConfig) (*VM, error) {
+	if err := checkPrereqs(true); err != nil {
+		return nil, err
+	}
+	if l.state == nil {
+		s, err := l.State()
+		if err != nil {
+			return nil, err
+		}
+		l.state = s
+	}
+	if cfg.Name == "" {
+		cfg.Name = "vm1"
+	}
+	if cfg.Host == "" {
+		cfg.Host = HostA
+	}
+	if cfg.RAMMiB == 0 {
+		cfg.RAMMiB = 256
+	}
+	if cfg.TickMS == 0 {
+		cfg.TickMS = 100
+	}
+	if cfg.Index == 0 {
+		cfg.Index = 1
+	}
+	if cfg.Accel == "" || cfg.Accel == "auto" {
+		cfg.Accel = DetectAccel()
+	}
+	if cfg.Kernel == "" || cfg.Initrd == "" {
+		return nil, errors.New("start guest: no image (build one with the image package)")
+	}
+	for _, v := range l.state.VMs {
+		if v.Name == cfg.Name {
+			return nil, fmt.Errorf("start guest: lab %q already has a guest %s", l.Prefix, cfg.Name)
+		}
+	}
+	dir := filepath.Join(l.StateDir, cfg.Name+"-"+cfg.Host)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(l.ShmDir, 0o755); err != nil {
+		return nil, err
+	}
+	if !contains(l.state.Files, l.ShmDir) {
+		if err := l.recordFile(l.ShmDir); err != nil {
+			return nil, err
+		}
+	}
+	ipAddr := fmt.Sprintf("10.77.0.%d", 9+cfg.Index)
+	spec := GuestSpec{
+		Name:    cfg.Name,
+		RAMMiB:  cfg.RAMMiB,
+		RAMFile: filepath.Join(l.ShmDir, cfg.Name+"-"+cfg.Host+".ram"),
+		QMP:     filepath.Join(dir, "qmp.sock"),
+		Console: cfg.Console,
+		Agent:   filepath.Join(dir, "agent.sock"),
+		PIDFile: filepath.Join(dir, "qemu.pid"),
+		Tap:     fmt.Sprintf("tap-%s", cfg.Name),
+		MAC:     fmt.Sprintf("52:54:00:a7:00:%02x", cfg.Index),
+		Kernel:  cfg.Kernel,
+		Initrd:  cfg.Initrd,
+		Accel:   cfg.Accel,
+	}
+	if spec.Console == "" {
+		spec.Console = filepath.Join(dir, "console.log")
+	}
+	spec.Append = fmt.Sprintf("console=ttyS0 quiet panic=-1 ax.ip=%s/24 ax.dirty=%g ax.tick=%dms", ipAddr, cfg.Dirty, cfg.TickMS)
+	ns := l.Netns(cfg.Host)
+	if err := ip(ctx, "-n", ns, "tuntap", "add", "dev", spec.Tap, "mode", "tap"); err != nil {
+		return nil, err
+	}
+	if err := ip(ctx, "-n", ns, "link", "set", spec.Tap, "master", PublicBridge, "up"); err != nil {
+		return nil, err
+	}
+	logf, err := os.Create(filepath.Join(dir, "qemu.log"))
+	if err != nil {
+		return nil, err
+	}
+	defer logf.Close()
+	cmd := exec.Command("ip", append([]string{"netns", "exec", ns, QEMUBinary}, spec.Args()...)...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	// Its own session: the guest outlives the lab command and no terminal
+	// signal reaches it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start %s: %w", QEMUBinary, err)
+	}
+	// Reap it if it exits while this process still runs (tests).
+	go cmd.Wait()
+	ticks, err := procStartTicks(cmd.Process.Pid)
+	if err != nil {
+		return nil, fmt.Errorf("start %s: it exited at once; see %s", QEMUBinary, logf.Name())
+	}
+	vm := VM{
+		Name: cfg.Name, Host: cfg.Host, Netns: ns, PID: cmd.Process.Pid,
+		QMP: spec.QMP, Console: spec.Console, Agent: spec.Agent, RAMFile: spec.RAMFile, RAMMiB: spec.RAMMiB,
+		Tap: spec.Tap, MAC: spec.MAC, IP: ipAddr, Accel: spec.Accel,
+	}
+	l.state.Procs = append(l.state.Procs, Proc{Name: "qemu " + cfg.Name + "@" + cfg.Host, PID: cmd.Process.Pid, StartTicks: ticks})
+	l.state.VMs = append(l.state.VMs, vm)
+	if err := l.state.save(); err != nil {
+		return nil, err
+	}
+	return &vm, nil
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+// WaitServing waits until the guest's ledger answers PING from the client
+// host, which proves boot, network and workload all work. On timeout or a
+// dead QEMU it returns the last console lines.
+func (l *Lab) WaitServing(ctx context.Context, vm *VM, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	addr := fmt.Sprintf("%s:%d", vm.IP, LedgerPort)
+	for {
+		if err := l.pingLedger(ctx, addr); err == nil {
+			return nil
+		}
+		if t, _ := procStartTicks(vm.PID); t == 0 {
+			return fmt.Errorf("guest %s: QEMU exited; %s", vm.Name, consoleTail(vm.Console, 10))
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("guest %s not serving after %s; %s", vm.Name, timeout, consoleTail(vm.Console, 10))
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+func (l *Lab) pingLedger(ctx context.Context, addr string) error {
+	dctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	conn, err := l.DialFrom(dctx, HostC, addr)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := conn.Write([]byte("PING\n")); err != nil {
+		return err
+	}
+	line, err := bufio.NewReader(conn).ReadString('\n')
+	if err != nil {
+		return err
+	}
+	if strings.TrimSpace(line) != "PONG" {
+		return fmt.Errorf("ledger answered %q", line)
+	}
+	return nil
+}
+
+// consoleTail returns the last n lines of a console log, for error messages.
+func consoleTail(path string, n int) string {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return "no console log: " + err.Error()
+	}
+	lines := strings.Split(strings.TrimRight(string(data), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return "console " + path + " ends:\n  " + strings.Join(lines, "\n  ")
+}
+
+// LastTick returns the highest AXTICK value on a console log (0 if none).
+func LastTick(console string) (uint64, error) {
+	data, err := os.ReadFile(console)
+	if err != nil {
+		return 0, err
+	}
+	var last uint64
+	for _, line := range bytes.Split(data, []byte("\n")) {
+		rest, ok := bytes.CutPrefix(bytes.TrimSpace(line), []byte("AXTICK "))
+		if !ok {
+			continue
+		}
+		if v, err := strconv.ParseUint(string(rest), 10, 64); err == nil && v > last {
+			last = v
+		}
+	}
+	return last, nil
+}
