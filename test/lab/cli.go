@@ -22,6 +22,7 @@ const cliUsage = `usage: axctl lab <command> [flags]
   down     remove everything the lab made (safe to repeat, also after a crash)
   status   show what the lab has and whether it still runs
   demo     up, serve a ledger client, verify, down; ends with a key=value summary
+  bench    time lab up, guest boot to first ack and teardown over --runs cycles
 
 flags (all commands):
   --prefix NAME     lab name; labs with different prefixes run side by side (default ax)
@@ -36,6 +37,7 @@ flags (up, demo):
   --keep            (demo) leave the lab up at the end
   --records N       (demo) ledger records to append (default 100)
   --rate N          (demo) appends per second (default 50)
+  --runs N          (bench) cycles to time (default 3)
   --json            (status) machine-readable output`
 
 type labFlags struct {
@@ -43,7 +45,7 @@ type labFlags struct {
 	ram                                                int
 	dirty                                              float64
 	noGuest, keep, json                                bool
-	records                                            int
+	records, runs                                      int
 	rate                                               float64
 }
 
@@ -68,6 +70,7 @@ func Main(ctx context.Context, args []string, out io.Writer, log *slog.Logger) e
 	fs.BoolVar(&f.keep, "keep", false, "")
 	fs.BoolVar(&f.json, "json", false, "")
 	fs.IntVar(&f.records, "records", 100, "")
+	fs.IntVar(&f.runs, "runs", 3, "")
 	fs.Float64Var(&f.rate, "rate", 50, "")
 	if cmd == "help" || cmd == "-h" || cmd == "--help" {
 		fmt.Fprintln(out, cliUsage)
@@ -108,6 +111,8 @@ func Main(ctx context.Context, args []string, out io.Writer, log *slog.Logger) e
 		return cliStatus(l, f, out)
 	case "demo":
 		return Demo(ctx, l, f.demoConfig(), out, log)
+	case "bench":
+		return Bench(ctx, l, f, f.runs, out, log)
 	}
 	return fmt.Errorf("lab: unknown command %q (see: axctl lab help)", cmd)
 }

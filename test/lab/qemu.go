@@ -54,7 +54,7 @@ func (g GuestSpec) Args() []string {
 		"-chardev", "file,id=con0,path=" + g.Console, "-serial", "chardev:con0",
 		"-qmp", "unix:" + g.QMP + ",server=on,wait=off",
 		"-netdev", "tap,id=net0,ifname=" + g.Tap + ",script=no,downscript=no",
-		"-device", "virtio-net-pci,netdev=net0,mac=" + g.MAC,
+		"-device", "virtio-net-pci,netdev=net0,romfile=,mac=" + g.MAC,
 		"-device", "virtio-serial-pci,id=vser0",
 		"-chardev", "socket,id=agent0,path=" + g.Agent + ",server=on,wait=off",
 		"-device", "virtserialport,bus=vser0.0,chardev=agent0,name=" + AgentPortName,

@@ -1,0 +1,53 @@
+# AX — make help lists the targets.
+GO        ?= go
+BIN       := bin
+PREFIX    ?= ax
+LABFLAGS  ?=
+GOTEST    := $(GO) test -count=1 -timeout 40m
+
+.DEFAULT_GOAL := help
+.PHONY: help deps build test test-unit demo lab-up lab-down lab-status bench generate vet clean clean-cache
+
+help: ## list the targets
+	@awk 'BEGIN{FS=":.*## "} /^[a-z-]+:.*## /{printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+deps: ## install the Debian packages the lab and tests need (idempotent)
+	@sh test/deps.sh
+
+build: ## build axctl and the guest workloads into bin/
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/ ./cmd/... ./test/cmd/...
+
+vet: ## go vet and gofmt check
+	$(GO) vet ./...
+	@test -z "$$(gofmt -l .)" || { echo "gofmt needed:"; gofmt -l .; exit 1; }
+
+test: deps build vet ## everything CI runs: unit, kernel and lab tests (as root)
+	$(GOTEST) ./...
+
+test-unit: ## unit tests only (no root, no QEMU)
+	$(GOTEST) -short ./...
+
+demo: deps build ## the lab demo: two-host lab, guest serving a ledger client, summary line
+	$(BIN)/axctl lab demo --prefix $(PREFIX) $(LABFLAGS)
+
+lab-up: deps build ## bring the lab up and leave it running (LABFLAGS for more)
+	$(BIN)/axctl lab up --prefix $(PREFIX) $(LABFLAGS)
+
+lab-down: build ## remove the lab (safe to repeat, also after a crash)
+	$(BIN)/axctl lab down --prefix $(PREFIX)
+
+lab-status: build ## show the lab
+	$(BIN)/axctl lab status --prefix $(PREFIX)
+
+bench: deps build ## benchmark report: lab timings and Go benchmarks
+	$(BIN)/axctl lab bench --prefix axbench
+	$(GO) test -run=NONE -bench=. -benchtime=20x ./...
+
+generate: ## rebuild generated code
+	$(GO) generate ./...
+
+clean: ## remove build output
+	rm -rf $(BIN)
+
+clean-cache: ## remove downloaded kernels and built guest images
+	rm -rf /var/cache/ax/lab
