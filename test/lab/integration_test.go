@@ -163,7 +163,7 @@ func TestIntegrationLabLedger(t *testing.T) {
 	// on management; the client does not reach the replication link.
 	for _, p := range []struct {
 		from, to, addr string
-		want         bool
+		want           bool
 	}{
 		{HostA, HostB, HostAddrs[HostB].Repl, true},
 		{HostB, HostA, HostAddrs[HostA].Repl, true},

@@ -27,8 +27,8 @@ type ClientConfig struct {
 
 // ClientResult counts what a client run saw.
 type ClientResult struct {
-	Acked    int // appends acknowledged by the ledger (all in the record file)
-	Failed   int // attempts that ended without an ack (connection lost, timeout)
+	Acked      int // appends acknowledged by the ledger (all in the record file)
+	Failed     int // attempts that ended without an ack (connection lost, timeout)
 	Reconnects int // reconnections made
 }
 
