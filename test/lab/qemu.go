@@ -37,12 +37,18 @@ type GuestSpec struct {
 	Initrd  string
 	Append  string // kernel command line
 	Accel   string // "kvm" or "tcg"
+	// Incoming starts QEMU waiting for device state (-incoming defer), to
+	// resume a replica whose RAM file already holds the guest's memory.
+	Incoming bool
 }
 
 // Args returns QEMU's command line for the spec. Both hosts must use the same
 // machine and devices: the device state of one must load into the other.
 func (g GuestSpec) Args() []string {
 	machine := "pc,accel=" + g.Accel + ",memory-backend=mem0"
+	if g.Incoming {
+		machine += ",suppress-vmdesc=on"
+	}
 	args := []string{
 		"-name", g.Name + ",debug-threads=on",
 		"-machine", machine,
@@ -62,6 +68,9 @@ func (g GuestSpec) Args() []string {
 	}
 	if g.Accel == "kvm" {
 		args = append(args, "-cpu", "host")
+	}
+	if g.Incoming {
+		args = append(args, "-incoming", "defer", "-global", "migration.send-configuration=off")
 	}
 	return args
 }
@@ -104,6 +113,10 @@ type GuestConfig struct {
 	TickMS  int     // console tick interval, default 100
 	Index   int     // guest number on the public segment, default 1
 	Console string  // console log path; default in the VM's state directory
+	// RAMFile, when set, is an existing RAM file to use (a replica).
+	RAMFile string
+	// Incoming starts QEMU with -incoming defer (see GuestSpec.Incoming).
+	Incoming bool
 }
 
 // StartGuest launches a guest's QEMU in its host's namespace with a tap on
@@ -142,7 +155,7 @@ func (l *Lab) StartGuest(ctx context.Context, cfg GuestConfig) (*VM, error) {
 		return nil, errors.New("start guest: no image (build one with the image package)")
 	}
 	for _, v := range l.state.VMs {
-		if v.Name == cfg.Name {
+		if v.Name == cfg.Name && v.Host == cfg.Host {
 			return nil, fmt.Errorf("start guest: lab %q already has a guest %s", l.Prefix, cfg.Name)
 		}
 	}
@@ -160,18 +173,22 @@ func (l *Lab) StartGuest(ctx context.Context, cfg GuestConfig) (*VM, error) {
 	}
 	ipAddr := fmt.Sprintf("10.77.0.%d", 9+cfg.Index)
 	spec := GuestSpec{
-		Name:    cfg.Name,
-		RAMMiB:  cfg.RAMMiB,
-		RAMFile: filepath.Join(l.ShmDir, cfg.Name+"-"+cfg.Host+".ram"),
-		QMP:     filepath.Join(dir, "qmp.sock"),
-		Console: cfg.Console,
-		Agent:   filepath.Join(dir, "agent.sock"),
-		PIDFile: filepath.Join(dir, "qemu.pid"),
-		Tap:     fmt.Sprintf("tap-%s", cfg.Name),
-		MAC:     fmt.Sprintf("52:54:00:a7:00:%02x", cfg.Index),
-		Kernel:  cfg.Kernel,
-		Initrd:  cfg.Initrd,
-		Accel:   cfg.Accel,
+		Name:     cfg.Name,
+		RAMMiB:   cfg.RAMMiB,
+		RAMFile:  filepath.Join(l.ShmDir, cfg.Name+"-"+cfg.Host+".ram"),
+		QMP:      filepath.Join(dir, "qmp.sock"),
+		Console:  cfg.Console,
+		Agent:    filepath.Join(dir, "agent.sock"),
+		PIDFile:  filepath.Join(dir, "qemu.pid"),
+		Tap:      fmt.Sprintf("tap-%s", cfg.Name),
+		MAC:      fmt.Sprintf("52:54:00:a7:00:%02x", cfg.Index),
+		Kernel:   cfg.Kernel,
+		Initrd:   cfg.Initrd,
+		Accel:    cfg.Accel,
+		Incoming: cfg.Incoming,
+	}
+	if cfg.RAMFile != "" {
+		spec.RAMFile = cfg.RAMFile
 	}
 	if spec.Console == "" {
 		spec.Console = filepath.Join(dir, "console.log")
@@ -204,6 +221,7 @@ func (l *Lab) StartGuest(ctx context.Context, cfg GuestConfig) (*VM, error) {
 		return nil, fmt.Errorf("start %s: it exited at once; see %s", QEMUBinary, logf.Name())
 	}
 	vm := VM{
+		Spec: spec,
 		Name: cfg.Name, Host: cfg.Host, Netns: ns, PID: cmd.Process.Pid,
 		QMP: spec.QMP, Console: spec.Console, Agent: spec.Agent, RAMFile: spec.RAMFile, RAMMiB: spec.RAMMiB,
 		Tap: spec.Tap, MAC: spec.MAC, IP: ipAddr, Accel: spec.Accel,

@@ -49,6 +49,9 @@ type VM struct {
 	MAC     string `json:"mac"`
 	IP      string `json:"ip"`
 	Accel   string `json:"accel"`
+	// Spec is the QEMU configuration, so the same guest can be started
+	// elsewhere (the replica's QEMU on the partner host).
+	Spec GuestSpec `json:"spec"`
 }
 
 func (s *State) save() error {
