@@ -1,8 +1,9 @@
-package qemu
+package qemu_test
 
 import (
 	"context"
 	"fmt"
+	"github.com/axproject/ax/ax/qemu"
 	"io"
 	"os"
 	"os/exec"
@@ -87,7 +88,7 @@ func TestIntegrationCheckpointResume(t *testing.T) {
 	}
 	time.Sleep(time.Second)
 
-	mon, err := Dial(vm.QMP, 5*time.Second)
+	mon, err := qemu.Dial(vm.QMP, 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -123,9 +124,9 @@ func TestIntegrationCheckpointResume(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var monb *QMP
+	var monb *qemu.QMP
 	for i := 0; i < 100; i++ {
-		if monb, err = Dial(vmb.QMP, time.Second); err == nil {
+		if monb, err = qemu.Dial(vmb.QMP, time.Second); err == nil {
 			break
 		}
 		time.Sleep(50 * time.Millisecond)

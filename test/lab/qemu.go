@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/axproject/ax/ax/qemu"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,64 +17,13 @@ import (
 )
 
 // QEMUBinary is the emulator the lab runs.
-const QEMUBinary = "qemu-system-x86_64"
+const QEMUBinary = qemu.Binary
 
 // AgentPortName is the virtio-serial port the in-guest agent opens.
-const AgentPortName = "org.axproject.agent.0"
+const AgentPortName = qemu.AgentPortName
 
-// GuestSpec is everything needed to start a lab guest's QEMU — and, on the
-// partner host, an identical one that resumes from a replica.
-type GuestSpec struct {
-	Name    string
-	RAMMiB  int
-	RAMFile string // shared named file on tmpfs (memory-backend-file, share=on)
-	QMP     string // QMP unix socket
-	Console string // serial console log
-	Agent   string // virtio-serial agent unix socket
-	PIDFile string
-	Tap     string
-	MAC     string
-	Kernel  string
-	Initrd  string
-	Append  string // kernel command line
-	Accel   string // "kvm" or "tcg"
-	// Incoming starts QEMU waiting for device state (-incoming defer), to
-	// resume a replica whose RAM file already holds the guest's memory.
-	Incoming bool
-}
-
-// Args returns QEMU's command line for the spec. Both hosts must use the same
-// machine and devices: the device state of one must load into the other.
-func (g GuestSpec) Args() []string {
-	machine := "pc,accel=" + g.Accel + ",memory-backend=mem0"
-	if g.Incoming {
-		machine += ",suppress-vmdesc=on"
-	}
-	args := []string{
-		"-name", g.Name + ",debug-threads=on",
-		"-machine", machine,
-		"-object", fmt.Sprintf("memory-backend-file,id=mem0,size=%dM,mem-path=%s,share=on", g.RAMMiB, g.RAMFile),
-		"-m", fmt.Sprintf("%dM", g.RAMMiB),
-		"-smp", "1",
-		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-		"-kernel", g.Kernel, "-initrd", g.Initrd, "-append", g.Append,
-		"-chardev", "file,id=con0,path=" + g.Console, "-serial", "chardev:con0",
-		"-qmp", "unix:" + g.QMP + ",server=on,wait=off",
-		"-netdev", "tap,id=net0,ifname=" + g.Tap + ",script=no,downscript=no",
-		"-device", "virtio-net-pci,netdev=net0,romfile=,mac=" + g.MAC,
-		"-device", "virtio-serial-pci,id=vser0",
-		"-chardev", "socket,id=agent0,path=" + g.Agent + ",server=on,wait=off",
-		"-device", "virtserialport,bus=vser0.0,chardev=agent0,name=" + AgentPortName,
-		"-pidfile", g.PIDFile,
-	}
-	if g.Accel == "kvm" {
-		args = append(args, "-cpu", "host")
-	}
-	if g.Incoming {
-		args = append(args, "-incoming", "defer", "-global", "migration.send-configuration=off")
-	}
-	return args
-}
+// GuestSpec is the lab's name for the QEMU description AX replicates.
+type GuestSpec = qemu.Guest
 
 // DetectAccel returns "kvm" when KVM can really run guests here, else "tcg".
 // A /dev/kvm node alone is not enough: nested setups expose one whose guests

@@ -1,0 +1,64 @@
+package qemu
+
+import "fmt"
+
+// Binary is the emulator AX starts for replicas.
+const Binary = "qemu-system-x86_64"
+
+// AgentPortName is the virtio-serial port the in-guest agent opens.
+const AgentPortName = "org.axproject.agent.0"
+
+// Guest is everything needed to start a VM's QEMU — and, on the partner
+// host, an identical one that resumes from a replica. Production hosts get it
+// from libvirt's domain; the lab fills it in.
+type Guest struct {
+	Name    string `json:"name"`
+	RAMMiB  int    `json:"ram_mib"`
+	RAMFile string `json:"ram_file"` // shared named file on tmpfs (memory-backend-file, share=on)
+	QMP     string `json:"qmp"`      // QMP unix socket
+	Console string `json:"console"`  // serial console log
+	Agent   string `json:"agent"`    // virtio-serial agent unix socket
+	PIDFile string `json:"pid_file"`
+	Tap     string `json:"tap"`
+	MAC     string `json:"mac"`
+	Kernel  string `json:"kernel"`
+	Initrd  string `json:"initrd"`
+	Append  string `json:"append"` // kernel command line
+	Accel   string `json:"accel"`  // "kvm" or "tcg"
+	// Incoming starts QEMU waiting for device state (-incoming defer), to
+	// resume a replica whose RAM file already holds the guest's memory.
+	Incoming bool `json:"incoming"`
+}
+
+// Args returns QEMU's command line for the spec. Both hosts must use the same
+// machine and devices: the device state of one must load into the other.
+func (g Guest) Args() []string {
+	machine := "pc,accel=" + g.Accel + ",memory-backend=mem0"
+	if g.Incoming {
+		machine += ",suppress-vmdesc=on"
+	}
+	args := []string{
+		"-name", g.Name + ",debug-threads=on",
+		"-machine", machine,
+		"-object", fmt.Sprintf("memory-backend-file,id=mem0,size=%dM,mem-path=%s,share=on", g.RAMMiB, g.RAMFile),
+		"-m", fmt.Sprintf("%dM", g.RAMMiB),
+		"-smp", "1",
+		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+		"-kernel", g.Kernel, "-initrd", g.Initrd, "-append", g.Append,
+		"-chardev", "file,id=con0,path=" + g.Console, "-serial", "chardev:con0",
+		"-qmp", "unix:" + g.QMP + ",server=on,wait=off",
+		"-netdev", "tap,id=net0,ifname=" + g.Tap + ",script=no,downscript=no",
+		"-device", "virtio-net-pci,netdev=net0,romfile=,mac=" + g.MAC,
+		"-device", "virtio-serial-pci,id=vser0",
+		"-chardev", "socket,id=agent0,path=" + g.Agent + ",server=on,wait=off",
+		"-device", "virtserialport,bus=vser0.0,chardev=agent0,name=" + AgentPortName,
+		"-pidfile", g.PIDFile,
+	}
+	if g.Accel == "kvm" {
+		args = append(args, "-cpu", "host")
+	}
+	if g.Incoming {
+		args = append(args, "-incoming", "defer", "-global", "migration.send-configuration=off")
+	}
+	return args
+}
