@@ -1,0 +1,107 @@
+// Package api is the local API between axctl and axd: JSON over HTTP on a
+// Unix socket, its request and status types, and the client axctl uses.
+package api
+
+import (
+	"time"
+
+	"github.com/axproject/ax/ax/qemu"
+)
+
+// DefaultSocket is where axd listens for axctl.
+const DefaultSocket = "/run/ax/axd.sock"
+
+// Levels a VM can be protected at.
+const (
+	LevelNone = "none"
+	LevelHA   = "ha"
+	LevelFT   = "ft"
+)
+
+// Roles of a VM on a host.
+const (
+	RolePrimary   = "primary"   // runs here, protected (or to be) by a partner
+	RoleSecondary = "secondary" // replica of a partner's VM
+	RoleLocal     = "local"     // runs here, unprotected
+)
+
+// VMSpec describes a VM to axd: how to reach its QEMU and, for the partner,
+// how to start its replica.
+type VMSpec struct {
+	Name string `json:"name"`
+	// PID of the VM's QEMU (for soft-dirty tracking and liveness); 0 if unknown.
+	PID   int        `json:"pid"`
+	Guest qemu.Guest `json:"guest"`
+	// Bridge is the host bridge the VM's tap joins; the partner plugs the
+	// replica's tap into its bridge of the same name.
+	Bridge string `json:"bridge"`
+	// Tracker selects dirty-page tracking: auto, hash or soft-dirty.
+	Tracker string `json:"tracker,omitempty"`
+}
+
+// ProtectRequest asks axd to protect a defined VM.
+type ProtectRequest struct {
+	Level string `json:"level"`
+	Peer  string `json:"peer"`
+}
+
+// VMStatus is one VM as axd sees it.
+type VMStatus struct {
+	Name  string `json:"name"`
+	Level string `json:"level"`
+	Role  string `json:"role"`
+	Peer  string `json:"peer,omitempty"`
+	// State: for a primary "syncing", "protected", "unprotected", "fenced",
+	// "stopped"; for a secondary "syncing", "ready", "promoting", "promoted".
+	State         string    `json:"state"`
+	Tracker       string    `json:"tracker,omitempty"`
+	Epoch         uint64    `json:"epoch"`           // last epoch taken (primary) or committed (secondary)
+	Committed     uint64    `json:"committed"`       // last epoch committed on the secondary
+	LastCommit    time.Time `json:"last_commit"`     // when
+	CommitAgeMS   float64   `json:"commit_age_ms"`   // age of the last commit
+	PauseMS       float64   `json:"pause_ms"`        // last pause, stop → cont
+	PauseP50MS    float64   `json:"pause_p50_ms"`    // median of recent pauses
+	DirtyPages    int       `json:"dirty_pages"`     // in the last checkpoint
+	BytesPerSec   float64   `json:"bytes_per_sec"`   // replication rate
+	SyncSent      int       `json:"sync_sent"`       // initial sync progress
+	SyncTotal     int       `json:"sync_total"`      //
+	ConsoleOffset int64     `json:"console_offset"`  // secondary: primary's console size at the committed epoch
+	Console       string    `json:"console"`         // the console log of the VM's QEMU on this host
+	Link          string    `json:"link"`            // replication link: up, down
+	Witness       string    `json:"witness"`         // reachable, unreachable, none
+	Alarm         string    `json:"alarm,omitempty"` // why the VM is not protected, if it is not
+}
+
+// Status is the whole host.
+type Status struct {
+	Host    string         `json:"host"`
+	VMs     []VMStatus     `json:"vms"`
+	Peers   []PeerStatus   `json:"peers"`
+	Witness string         `json:"witness"`
+	Now     time.Time      `json:"now"`
+	Extra   map[string]any `json:"extra,omitempty"`
+}
+
+// PeerStatus is what this host hears of a partner.
+type PeerStatus struct {
+	Name       string  `json:"name"`
+	ReplHeard  bool    `json:"repl_heard"`
+	MgmtHeard  bool    `json:"mgmt_heard"`
+	ReplAgeMS  float64 `json:"repl_age_ms"`
+	MgmtAgeMS  float64 `json:"mgmt_age_ms"`
+	ReplTarget string  `json:"repl_addr"`
+}
+
+// Event is one thing axd did or saw.
+type Event struct {
+	Seq  uint64    `json:"seq"`
+	Time time.Time `json:"time"`
+	VM   string    `json:"vm,omitempty"`
+	Kind string    `json:"kind"`
+	Text string    `json:"text"`
+}
+
+// Error is the body of a failed request.
+type Error struct {
+	Error string `json:"error"`
+}

@@ -1,0 +1,453 @@
+package replication
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+)
+
+// MaxSpecSize bounds the VM spec a primary sends after the handshake.
+const MaxSpecSize = 64 << 10
+
+// Marker carries facts about checkpoint Epoch that are not guest state: the
+// size of the VM's console log at the pause (-1 when unknown), which lets
+// tests and operators see which guest output the checkpoint covers.
+type Marker struct {
+	Epoch         uint64
+	ConsoleOffset int64
+}
+
+// Frame encodes m.
+func (m Marker) Frame() Frame {
+	p := le.AppendUint64(make([]byte, 0, 8), uint64(m.ConsoleOffset))
+	return Frame{Type: TypeMarker, Epoch: m.Epoch, Payload: p}
+}
+
+// DecodeMarker decodes a Marker frame.
+func DecodeMarker(f Frame) (Marker, error) {
+	if err := expect(f, TypeMarker, 8); err != nil {
+		return Marker{}, err
+	}
+	return Marker{Epoch: f.Epoch, ConsoleOffset: int64(le.Uint64(f.Payload))}, nil
+}
+
+// HeartbeatInterval is how often an idle stream proves it is alive.
+const HeartbeatInterval = 200 * time.Millisecond
+
+// Sender is the primary's end of a VM's replication stream.
+type Sender struct {
+	conn    net.Conn
+	ramSize int64
+
+	wmu   sync.Mutex // serialises writers: the epoch loop and the heartbeat
+	w     *Writer
+	last  time.Time // last write
+	sent  uint64    // bytes handed to the writer
+	pages uint64    // initial-sync pages sent
+
+	acks chan uint64
+	done chan struct{}
+	errMu sync.Mutex
+	err   error
+	once  sync.Once
+	wg    sync.WaitGroup
+}
+
+// Dial connects to a secondary's replication address, authenticates with
+// psk for vm, and sends the VM's spec.
+func Dial(ctx context.Context, addr string, psk []byte, vm string, spec []byte, ramSize int64) (*Sender, error) {
+	if len(spec) > MaxSpecSize {
+		return nil, fmt.Errorf("replication: spec of %d bytes exceeds %d", len(spec), MaxSpecSize)
+	}
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("replication: dial %s: %w", addr, err)
+	}
+	if err := ClientHandshake(conn, psk, vm, DefaultHandshakeTimeout); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	s := &Sender{conn: conn, ramSize: ramSize, w: NewWriter(conn, 0), acks: make(chan uint64, 64), done: make(chan struct{}), last: time.Now()}
+	if err := s.write(func() error { return s.w.WriteFrame(Frame{Type: TypeSpec, Payload: spec}) }, true); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	s.wg.Add(2)
+	go s.readAcks()
+	go s.heartbeat()
+	return s, nil
+}
+
+func (s *Sender) fail(err error) {
+	s.errMu.Lock()
+	if s.err == nil {
+		s.err = err
+	}
+	s.errMu.Unlock()
+	s.once.Do(func() {
+		close(s.done)
+		s.conn.Close()
+	})
+}
+
+// Err says why the stream ended (nil while it runs).
+func (s *Sender) Err() error {
+	s.errMu.Lock()
+	defer s.errMu.Unlock()
+	return s.err
+}
+
+// write runs fn under the writer lock, then flushes if asked.
+func (s *Sender) write(fn func() error, flush bool) error {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	if err := s.Err(); err != nil {
+		return err
+	}
+	err := fn()
+	if err == nil && flush {
+		err = s.w.Flush()
+	}
+	if err != nil {
+		s.fail(err)
+		return err
+	}
+	s.last = time.Now()
+	return nil
+}
+
+// readAcks delivers the secondary's acks; anything malformed ends the stream.
+func (s *Sender) readAcks() {
+	defer s.wg.Done()
+	defer close(s.acks)
+	r := NewReader(s.conn, 0)
+	for {
+		f, err := r.ReadFrame()
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				err = errors.New("secondary closed the stream")
+			}
+			s.fail(fmt.Errorf("replication: %w", err))
+			return
+		}
+		switch f.Type {
+		case TypeAck:
+			a, err := DecodeAck(f)
+			if err != nil {
+				s.fail(err)
+				return
+			}
+			select {
+			case s.acks <- a.Epoch:
+			case <-s.done:
+				return
+			}
+		case TypeHeartbeat:
+			if _, err := DecodeHeartbeat(f); err != nil {
+				s.fail(err)
+				return
+			}
+		default:
+			s.fail(fmt.Errorf("replication: unexpected %s from the secondary", f.Type))
+			return
+		}
+	}
+}
+
+func (s *Sender) heartbeat() {
+	defer s.wg.Done()
+	t := time.NewTicker(HeartbeatInterval / 2)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.done:
+			return
+		case <-t.C:
+		}
+		s.wmu.Lock()
+		idle := time.Since(s.last) >= HeartbeatInterval
+		s.wmu.Unlock()
+		if idle {
+			hb := Heartbeat{SentUnixNano: time.Now().UnixNano()}
+			s.write(func() error { return s.w.WriteFrame(hb.Frame()) }, true)
+		}
+	}
+}
+
+// SendSync sends initial-sync pages (page i of pages is pfns[i]).
+func (s *Sender) SendSync(pfns []uint64, pages []byte) error {
+	ps := make([]Page, len(pfns))
+	for i, pfn := range pfns {
+		ps[i] = Page{PFN: pfn, Data: pages[i*PageSize : (i+1)*PageSize]}
+	}
+	return s.write(func() error {
+		s.pages += uint64(len(ps))
+		s.sent += uint64(len(pages))
+		return s.w.WritePages(TypeSyncPages, 0, ps)
+	}, true)
+}
+
+// SyncDone ends the initial sync.
+func (s *Sender) SyncDone() error {
+	return s.write(func() error {
+		return s.w.WriteFrame(SyncDone{RAMSize: uint64(s.ramSize), Pages: s.pages}.Frame())
+	}, true)
+}
+
+// SendCheckpoint sends checkpoint epoch whole: marker, pages, device state,
+// end with digest. It blocks while TCP pushes back.
+func (s *Sender) SendCheckpoint(epoch uint64, pfns []uint64, pages, deviceState []byte, consoleOffset int64) error {
+	ps := make([]Page, len(pfns))
+	for i, pfn := range pfns {
+		ps[i] = Page{PFN: pfn, Data: pages[i*PageSize : (i+1)*PageSize]}
+	}
+	return s.write(func() error {
+		if err := s.w.WriteFrame(Marker{Epoch: epoch, ConsoleOffset: consoleOffset}.Frame()); err != nil {
+			return err
+		}
+		s.sent += uint64(len(pages) + len(deviceState))
+		return s.w.WriteCheckpoint(epoch, ps, deviceState)
+	}, true)
+}
+
+// Bye tells the secondary protection ended: it drops the replica.
+func (s *Sender) Bye() error {
+	return s.write(func() error { return s.w.WriteFrame(Frame{Type: TypeBye}) }, true)
+}
+
+// Handover tells the secondary to take the VM over after epoch (planned switch).
+func (s *Sender) Handover(epoch uint64) error {
+	return s.write(func() error { return s.w.WriteFrame(Frame{Type: TypeHandover, Epoch: epoch}) }, true)
+}
+
+// Acks delivers committed epochs; closed when the stream ends.
+func (s *Sender) Acks() <-chan uint64 { return s.acks }
+
+// BytesSent counts page and device-state bytes handed to the stream.
+func (s *Sender) BytesSent() uint64 {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	return s.sent
+}
+
+// Close ends the stream and waits for its goroutines; safe to call twice.
+func (s *Sender) Close() error {
+	s.fail(errors.New("replication: stream closed"))
+	s.wg.Wait()
+	return nil
+}
+
+// Handler is what a secondary does with the streams it receives.
+type Handler struct {
+	// Open is called after authentication with the VM's spec; it returns
+	// the replica the stream fills. An error drops the connection.
+	Open func(vm string, spec []byte, remote net.Addr) (*Replica, error)
+	// Synced is called when the initial sync has arrived.
+	Synced func(vm string)
+	// Committed is called after checkpoint epoch is applied, before the ack.
+	Committed func(vm string, epoch uint64, m Marker)
+	// Ended is called when the stream ends: bye (protection ended on
+	// purpose), handover (planned switch) or neither (connection lost).
+	Ended func(vm string, bye, handover bool, err error)
+}
+
+// Server is a secondary's end: it accepts authenticated replication streams
+// and applies them to replicas.
+type Server struct {
+	psk     []byte
+	handler Handler
+	log     *slog.Logger
+
+	mu       sync.Mutex
+	sessions map[string]net.Conn // vm → current connection
+}
+
+// NewServer returns a server authenticating peers with psk.
+func NewServer(psk []byte, h Handler, log *slog.Logger) *Server {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Server{psk: psk, handler: h, log: log, sessions: map[string]net.Conn{}}
+}
+
+// Serve accepts streams on ln until ctx ends.
+func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	stop := context.AfterFunc(ctx, func() {
+		ln.Close()
+		s.mu.Lock()
+		for _, c := range s.sessions {
+			c.Close()
+		}
+		s.mu.Unlock()
+	})
+	defer stop()
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("replication: accept: %w", err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s.serveConn(conn)
+		}()
+	}
+}
+
+func (s *Server) serveConn(conn net.Conn) {
+	defer conn.Close()
+	vm, err := ServerHandshake(conn, s.psk, DefaultHandshakeTimeout)
+	if err != nil {
+		s.log.Warn("replication peer refused", "remote", conn.RemoteAddr(), "err", err)
+		return
+	}
+	// One stream per VM: a new one replaces the old (the primary reconnected).
+	s.mu.Lock()
+	if old, ok := s.sessions[vm]; ok {
+		old.Close()
+	}
+	s.sessions[vm] = conn
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		if s.sessions[vm] == conn {
+			delete(s.sessions, vm)
+		}
+		s.mu.Unlock()
+	}()
+	bye, handover, err := s.session(conn, vm)
+	if s.handler.Ended != nil {
+		s.handler.Ended(vm, bye, handover, err)
+	}
+}
+
+// session applies one stream. Any malformed or unexpected frame ends it;
+// a checkpoint is applied only when it arrived whole and verified.
+func (s *Server) session(conn net.Conn, vm string) (bye, handover bool, err error) {
+	r := NewReader(conn, 0)
+	f, err := r.ReadFrame()
+	if err != nil {
+		return false, false, err
+	}
+	if f.Type != TypeSpec || len(f.Payload) == 0 || len(f.Payload) > MaxSpecSize {
+		return false, false, fmt.Errorf("replication: %s: expected the VM's spec, got %s", vm, f.Type)
+	}
+	spec := append([]byte(nil), f.Payload...)
+	rep, err := s.handler.Open(vm, spec, conn.RemoteAddr())
+	if err != nil {
+		return false, false, err
+	}
+	w := NewWriter(conn, 0)
+	var wmu sync.Mutex
+	send := func(f Frame) error {
+		wmu.Lock()
+		defer wmu.Unlock()
+		if err := w.WriteFrame(f); err != nil {
+			return err
+		}
+		return w.Flush()
+	}
+	var asm *CheckpointAssembler
+	var marker Marker
+	syncing := false
+	for {
+		conn.SetReadDeadline(time.Now().Add(5 * HeartbeatInterval * 5))
+		f, err := r.ReadFrame()
+		if err != nil {
+			return false, false, err
+		}
+		switch {
+		case f.Type == TypeSyncPages:
+			if asm != nil {
+				return false, false, fmt.Errorf("replication: %s: sync pages after the sync ended", vm)
+			}
+			if !syncing {
+				if err := rep.BeginSync(); err != nil {
+					return false, false, err
+				}
+				syncing = true
+			}
+			pages, err := DecodePages(f)
+			if err != nil {
+				return false, false, err
+			}
+			if err := rep.WriteSyncPages(pages); err != nil {
+				return false, false, err
+			}
+		case f.Type == TypeSyncDone:
+			d, err := DecodeSyncDone(f)
+			if err != nil {
+				return false, false, err
+			}
+			if !syncing {
+				if err := rep.BeginSync(); err != nil {
+					return false, false, err
+				}
+			}
+			if err := rep.FinishSync(d); err != nil {
+				return false, false, err
+			}
+			asm = rep.NewAssembler(0)
+			if s.handler.Synced != nil {
+				s.handler.Synced(vm)
+			}
+		case f.Type == TypeMarker:
+			if marker, err = DecodeMarker(f); err != nil {
+				return false, false, err
+			}
+		case f.Type.IsCheckpoint():
+			if asm == nil {
+				return false, false, fmt.Errorf("replication: %s: checkpoint before the initial sync ended", vm)
+			}
+			cp, err := asm.Add(f)
+			if err != nil {
+				return false, false, err
+			}
+			if cp == nil {
+				continue
+			}
+			if err := rep.Apply(cp); err != nil {
+				return false, false, err
+			}
+			m := marker
+			if m.Epoch != cp.Epoch() {
+				m = Marker{Epoch: cp.Epoch(), ConsoleOffset: -1}
+			}
+			if s.handler.Committed != nil {
+				s.handler.Committed(vm, cp.Epoch(), m)
+			}
+			asm = rep.NewAssembler(0)
+			if err := send(Ack{Epoch: cp.Epoch()}.Frame()); err != nil {
+				return false, false, err
+			}
+		case f.Type == TypeHeartbeat:
+			if _, err := DecodeHeartbeat(f); err != nil {
+				return false, false, err
+			}
+			c, _ := rep.Committed()
+			if err := send(Heartbeat{SentUnixNano: time.Now().UnixNano(), LastCommitted: c}.Frame()); err != nil {
+				return false, false, err
+			}
+		case f.Type == TypeBye:
+			return true, false, nil
+		case f.Type == TypeHandover:
+			if c, _ := rep.Committed(); c != f.Epoch {
+				return false, false, fmt.Errorf("replication: %s: handover after epoch %d but %d is committed", vm, f.Epoch, c)
+			}
+			return false, true, nil
+		default:
+			return false, false, fmt.Errorf("replication: %s: unexpected %s", vm, f.Type)
+		}
+	}
+}
