@@ -50,8 +50,8 @@ type Sender struct {
 	sent  uint64    // bytes handed to the writer
 	pages uint64    // initial-sync pages sent
 
-	acks chan uint64
-	done chan struct{}
+	acks  chan uint64
+	done  chan struct{}
 	errMu sync.Mutex
 	err   error
 	once  sync.Once
