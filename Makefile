@@ -3,10 +3,12 @@ GO        ?= go
 BIN       := bin
 PREFIX    ?= ax
 LABFLAGS  ?=
+# Packages whose kernel-dependent tests run inside a lab guest on Debian's 6.1 kernel.
+GUESTPKGS ?= github.com/axproject/ax/ax/dirty
 GOTEST    := $(GO) test -count=1 -timeout 40m
 
 .DEFAULT_GOAL := help
-.PHONY: help deps build test test-unit demo lab-up lab-down lab-status bench generate vet clean clean-cache
+.PHONY: help deps build test test-unit test-guest-kernel demo lab-up lab-down lab-status bench generate vet clean clean-cache
 
 help: ## list the targets
 	@awk 'BEGIN{FS=":.*## "} /^[a-z-]+:.*## /{printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -21,8 +23,12 @@ vet: ## go vet and gofmt check
 	$(GO) vet ./...
 	@test -z "$$(gofmt -l .)" || { echo "gofmt needed:"; gofmt -l .; exit 1; }
 
-test: deps build vet ## everything CI runs: unit, kernel and lab tests (as root)
+test: deps build vet ## everything CI runs: unit, lab and guest-kernel tests (as root)
 	$(GOTEST) ./...
+	$(MAKE) --no-print-directory test-guest-kernel
+
+test-guest-kernel: deps build ## kernel-dependent tests inside a lab guest on Debian's 6.1 kernel (as root)
+	$(BIN)/ax-guestrun -timeout 15m $(addprefix -pkg ,$(GUESTPKGS))
 
 test-unit: ## unit tests only (no root, no QEMU)
 	$(GOTEST) -short ./...
