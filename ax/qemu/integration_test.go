@@ -149,11 +149,15 @@ func TestIntegrationCheckpointResume(t *testing.T) {
 	if err := l.WaitServing(ctx, vmb, 20*time.Second); err != nil {
 		t.Fatal(err)
 	}
-	data, _ := os.ReadFile(vmb.Console)
+	// The guest prints a tick every 100 ms; wait for the first on b.
+	var data []byte
 	first := uint64(0)
-	for _, line := range strings.Split(string(data), "\n") {
-		if _, err := fmt.Sscanf(line, "AXTICK %d", &first); err == nil {
-			break
+	for deadline := time.Now().Add(5 * time.Second); first == 0 && time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		data, _ = os.ReadFile(vmb.Console)
+		for _, line := range strings.Split(string(data), "\n") {
+			if _, err := fmt.Sscanf(line, "AXTICK %d", &first); err == nil {
+				break
+			}
 		}
 	}
 	t.Logf("tick at pause %d, first tick on b %d", tick, first)
