@@ -216,6 +216,9 @@ func (s *Sender) SendCheckpoint(epoch uint64, pfns []uint64, pages, deviceState 
 	}, true)
 }
 
+// Conn is the stream's connection (for socket options).
+func (s *Sender) Conn() net.Conn { return s.conn }
+
 // Bye tells the secondary protection ended: it drops the replica.
 func (s *Sender) Bye() error {
 	return s.write(func() error { return s.w.WriteFrame(Frame{Type: TypeBye}) }, true)
@@ -265,7 +268,12 @@ type Server struct {
 	log     *slog.Logger
 
 	mu       sync.Mutex
-	sessions map[string]net.Conn // vm → current connection
+	sessions map[string]*session // vm → current stream
+}
+
+type session struct {
+	conn net.Conn
+	done chan struct{} // closed when the stream's handling ended
 }
 
 // NewServer returns a server authenticating peers with psk.
@@ -273,7 +281,7 @@ func NewServer(psk []byte, h Handler, log *slog.Logger) *Server {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Server{psk: psk, handler: h, log: log, sessions: map[string]net.Conn{}}
+	return &Server{psk: psk, handler: h, log: log, sessions: map[string]*session{}}
 }
 
 // Serve accepts streams on ln until ctx ends.
@@ -283,8 +291,8 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	stop := context.AfterFunc(ctx, func() {
 		ln.Close()
 		s.mu.Lock()
-		for _, c := range s.sessions {
-			c.Close()
+		for _, ss := range s.sessions {
+			ss.conn.Close()
 		}
 		s.mu.Unlock()
 	})
@@ -312,24 +320,38 @@ func (s *Server) serveConn(conn net.Conn) {
 		s.log.Warn("replication peer refused", "remote", conn.RemoteAddr(), "err", err)
 		return
 	}
-	// One stream per VM: a new one replaces the old (the primary reconnected).
+	// One stream per VM: a new one replaces the old (the primary
+	// reconnected) once the old one's handling has ended.
+	s.Drop(vm)
+	me := &session{conn: conn, done: make(chan struct{})}
 	s.mu.Lock()
-	if old, ok := s.sessions[vm]; ok {
-		old.Close()
-	}
-	s.sessions[vm] = conn
+	s.sessions[vm] = me
 	s.mu.Unlock()
 	defer func() {
 		s.mu.Lock()
-		if s.sessions[vm] == conn {
+		if s.sessions[vm] == me {
 			delete(s.sessions, vm)
 		}
 		s.mu.Unlock()
+		close(me.done)
 	}()
 	bye, handover, err := s.session(conn, vm)
 	if s.handler.Ended != nil {
 		s.handler.Ended(vm, bye, handover, err)
 	}
+}
+
+// Drop ends vm's stream, if any, and returns once its handling has ended:
+// after Drop nothing more is applied to the replica by that stream.
+func (s *Server) Drop(vm string) {
+	s.mu.Lock()
+	ss := s.sessions[vm]
+	s.mu.Unlock()
+	if ss == nil {
+		return
+	}
+	ss.conn.Close()
+	<-ss.done
 }
 
 // session applies one stream. Any malformed or unexpected frame ends it;

@@ -107,6 +107,8 @@ type Loop struct {
 	obs     Observer
 	log     *slog.Logger
 
+	finishReq chan chan FinishResult
+
 	mu        sync.Mutex
 	taken     uint64 // last epoch taken
 	committed uint64 // last epoch acknowledged
@@ -133,7 +135,36 @@ func NewLoop(cfg Config, mon qemu.Monitor, tracker dirty.Tracker, ram *RAM, stre
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Loop{cfg: cfg, mon: mon, tracker: tracker, ram: ram, stream: stream, gate: gate, obs: obs, log: log, pausedAt: map[uint64]time.Time{}}
+	return &Loop{cfg: cfg, mon: mon, tracker: tracker, ram: ram, stream: stream, gate: gate, obs: obs, log: log,
+		pausedAt: map[uint64]time.Time{}, finishReq: make(chan chan FinishResult)}
+}
+
+// FinishResult is the outcome of Finish.
+type FinishResult struct {
+	Epoch uint64 // the final checkpoint, committed on the secondary
+	Err   error
+}
+
+// ErrFinished ends Run after a successful Finish: the VM is left paused and
+// its final state is committed on the secondary.
+var ErrFinished = errors.New("ft: finished for a planned switch")
+
+// Finish asks the running loop for a final checkpoint taken with the VM
+// left paused, and waits until the secondary committed it (planned
+// failover). Run then returns ErrFinished.
+func (l *Loop) Finish(ctx context.Context) (uint64, error) {
+	reply := make(chan FinishResult, 1)
+	select {
+	case l.finishReq <- reply:
+	case <-ctx.Done():
+		return 0, ctx.Err()
+	}
+	select {
+	case r := <-reply:
+		return r.Epoch, r.Err
+	case <-ctx.Done():
+		return 0, ctx.Err()
+	}
 }
 
 // Committed returns the last epoch the secondary acknowledged.
@@ -158,6 +189,7 @@ func (l *Loop) Run(ctx context.Context) error {
 	timer := time.NewTimer(0)
 	defer timer.Stop()
 	var scratch []uint64
+	var finishing chan FinishResult
 	for {
 		// Wait for the interval and for a free slot; acks free slots.
 		ready := false
@@ -172,6 +204,8 @@ func (l *Loop) Run(ctx context.Context) error {
 				l.commit(n, slots)
 			case <-timer.C:
 				ready = true
+			case finishing = <-l.finishReq:
+				ready = true
 			}
 		}
 		for len(slots) == cap(slots) {
@@ -185,8 +219,11 @@ func (l *Loop) Run(ctx context.Context) error {
 				l.commit(n, slots)
 			}
 		}
-		cp, st, err := l.take(ctx, scratch)
+		cp, st, err := l.take(ctx, scratch, finishing != nil)
 		if err != nil {
+			if finishing != nil {
+				finishing <- FinishResult{Err: err}
+			}
 			return err
 		}
 		scratch = cp.PFNs[:0:0]
@@ -195,10 +232,37 @@ func (l *Loop) Run(ctx context.Context) error {
 			l.obs.Epoch(st)
 		}
 		if err := l.stream.SendCheckpoint(cp); err != nil {
-			return fmt.Errorf("ft: send checkpoint %d: %w", cp.Epoch, err)
+			err = fmt.Errorf("ft: send checkpoint %d: %w", cp.Epoch, err)
+			if finishing != nil {
+				finishing <- FinishResult{Err: err}
+			}
+			return err
+		}
+		if finishing != nil {
+			return l.awaitFinal(ctx, cp.Epoch, acks, slots, finishing)
 		}
 		timer.Reset(l.cfg.Interval)
 	}
+}
+
+// awaitFinal waits for the final checkpoint's commit; the VM stays paused.
+func (l *Loop) awaitFinal(ctx context.Context, epoch uint64, acks <-chan uint64, slots chan struct{}, reply chan FinishResult) error {
+	for l.Committed() < epoch {
+		select {
+		case <-ctx.Done():
+			reply <- FinishResult{Err: ctx.Err()}
+			return ctx.Err()
+		case n, ok := <-acks:
+			if !ok {
+				err := fmt.Errorf("ft: replication stream: %w", l.stream.Err())
+				reply <- FinishResult{Err: err}
+				return err
+			}
+			l.commit(n, slots)
+		}
+	}
+	reply <- FinishResult{Epoch: epoch}
+	return ErrFinished
 }
 
 func (l *Loop) commit(epoch uint64, slots chan struct{}) {
@@ -230,7 +294,7 @@ func (l *Loop) commit(epoch uint64, slots chan struct{}) {
 }
 
 // take pauses the VM and takes the next checkpoint.
-func (l *Loop) take(ctx context.Context, scratch []uint64) (cp *Checkpoint, st EpochStats, err error) {
+func (l *Loop) take(ctx context.Context, scratch []uint64, stayPaused bool) (cp *Checkpoint, st EpochStats, err error) {
 	l.mu.Lock()
 	epoch := l.taken + 1
 	l.mu.Unlock()
@@ -244,7 +308,11 @@ func (l *Loop) take(ctx context.Context, scratch []uint64) (cp *Checkpoint, st E
 		return nil, st, fmt.Errorf("ft: pause: %w", err)
 	}
 	defer func() {
-		// Resume the guest whatever happened; the pause ends here.
+		// Resume the guest whatever happened (but after a final checkpoint
+		// that went well); the pause ends here.
+		if stayPaused && err == nil {
+			return
+		}
 		if cerr := l.mon.Cont(qctx); cerr != nil && err == nil {
 			err = fmt.Errorf("ft: resume: %w", cerr)
 		}

@@ -250,3 +250,23 @@ func TestOpenRAMChecksSize(t *testing.T) {
 		t.Fatal("page beyond RAM read")
 	}
 }
+
+func TestLoopFinishLeavesVMPausedAfterCommit(t *testing.T) {
+	ram, _ := testRAM(t, 4)
+	mon := &fakeMonitor{}
+	st := newFakeStream(true)
+	l := NewLoop(Config{Interval: 5 * time.Millisecond, StateDir: t.TempDir()}, mon, &fakeTracker{}, ram, st, nil, Observer{}, nil)
+	done := make(chan error)
+	go func() { done <- l.Run(context.Background()) }()
+	<-st.sent
+	epoch, err := l.Finish(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; !errors.Is(err, ErrFinished) {
+		t.Fatalf("run: %v", err)
+	}
+	if l.Committed() != epoch || !mon.paused {
+		t.Fatalf("committed %d (final %d), paused %v: want the final epoch committed and the VM paused", l.Committed(), epoch, mon.paused)
+	}
+}

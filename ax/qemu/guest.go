@@ -1,6 +1,11 @@
 package qemu
 
-import "fmt"
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"syscall"
+)
 
 // Binary is the emulator AX starts for replicas.
 const Binary = "qemu-system-x86_64"
@@ -61,4 +66,23 @@ func (g Guest) Args() []string {
 		args = append(args, "-incoming", "defer", "-global", "migration.send-configuration=off")
 	}
 	return args
+}
+
+// Launch starts QEMU for g in its own session (it outlives the caller),
+// its output to logPath, and returns its PID.
+func Launch(g Guest, logPath string) (int, error) {
+	logf, err := os.Create(logPath)
+	if err != nil {
+		return 0, fmt.Errorf("qemu log: %w", err)
+	}
+	defer logf.Close()
+	cmd := exec.Command(Binary, g.Args()...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return 0, fmt.Errorf("start %s: %w", Binary, err)
+	}
+	pid := cmd.Process.Pid
+	go cmd.Wait() // reap it if it ends while we run
+	return pid, nil
 }

@@ -1,5 +1,5 @@
-// Command axctl is the operator's command line for AX. This version drives
-// the single-machine lab: axctl lab up|down|status|demo.
+// Command axctl is the operator's command line for AX: it talks to the
+// local axd, and drives the single-machine lab (axctl lab …).
 package main
 
 import (
@@ -10,15 +10,18 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
+	"github.com/axproject/ax/ax/ctl"
 	"github.com/axproject/ax/test/lab"
 )
 
-const usage = `usage: axctl <command> [flags]
+const usage = `usage: axctl [--socket PATH] <command> [flags]
 
-  lab up|down|status|demo   the single-machine lab (see: axctl lab help)
-  help                      this text`
+` + ctl.Usage + `
+  lab up|down|status|demo|bench             the single-machine lab (see: axctl lab help)
+  help                                      this text`
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -31,6 +34,20 @@ func main() {
 
 func run(ctx context.Context, args []string, out, errOut io.Writer) error {
 	log := slog.New(slog.NewTextHandler(errOut, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	socket := os.Getenv("AX_SOCKET")
+	for len(args) > 0 && strings.HasPrefix(args[0], "-") && args[0] != "-h" && args[0] != "--help" {
+		name, val, hasVal := strings.Cut(strings.TrimLeft(args[0], "-"), "=")
+		if name != "socket" && name != "s" {
+			return fmt.Errorf("unknown flag %q\n%s", args[0], usage)
+		}
+		if !hasVal {
+			if len(args) < 2 {
+				return errors.New("--socket needs a path")
+			}
+			val, args = args[1], args[1:]
+		}
+		socket, args = val, args[1:]
+	}
 	if len(args) == 0 {
 		return errors.New(usage)
 	}
@@ -40,6 +57,8 @@ func run(ctx context.Context, args []string, out, errOut io.Writer) error {
 	case "help", "-h", "--help":
 		fmt.Fprintln(out, usage)
 		return nil
+	case "status", "define", "protect", "unprotect", "failover", "events":
+		return ctl.Main(ctx, socket, args, out)
 	}
 	return fmt.Errorf("unknown command %q\n%s", args[0], usage)
 }

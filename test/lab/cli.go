@@ -154,6 +154,9 @@ func cliUp(ctx context.Context, l *Lab, f labFlags, out io.Writer, log *slog.Log
 		return nil
 	}
 	vm, err := bootGuest(ctx, l, f, icfg, out)
+	if err == nil {
+		err = startDaemons(ctx, l, f, vm)
+	}
 	if err != nil {
 		if derr := l.Down(context.Background()); derr != nil {
 			log.Error("lab cleanup after failure", "err", derr)
@@ -163,7 +166,38 @@ func cliUp(ctx context.Context, l *Lab, f labFlags, out io.Writer, log *slog.Log
 	fmt.Fprintf(out, "guest %s on host %s serves its ledger at %s:%d (from netns %s); console: %s\n",
 		vm.Name, vm.Host, vm.IP, LedgerPort, l.Netns(HostC), vm.Console)
 	fmt.Fprintf(out, "try: ip netns exec %s nc %s %d   then type APPEND hello\n", l.Netns(HostC), vm.IP, LedgerPort)
+	fmt.Fprintf(out, "axd runs on a and b, the witness on w; protect the guest with:\n  axctl --socket %s protect %s --level ft --peer b\n  axctl --socket %s status\n",
+		l.Socket(HostA), vm.Name, l.Socket(HostA))
 	return nil
+}
+
+// startDaemons starts the witness and both hosts' axd, and defines the guest on its host.
+func startDaemons(ctx context.Context, l *Lab, f labFlags, vm *VM) error {
+	axd, err := f.binary("axd")
+	if err != nil {
+		return err
+	}
+	if err := l.StartDaemons(ctx, DaemonConfig{Axd: axd}); err != nil {
+		return err
+	}
+	return l.DefineGuest(ctx, vm)
+}
+
+// binary finds one of the project's binaries beside axctl (or in --guest-bin).
+func (f labFlags) binary(name string) (string, error) {
+	dir := f.guestBin
+	if dir == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return "", err
+		}
+		dir = filepath.Dir(exe)
+	}
+	p := filepath.Join(dir, name)
+	if _, err := os.Stat(p); err != nil {
+		return "", fmt.Errorf("%s not found in %s: run make build, or give --guest-bin DIR", name, dir)
+	}
+	return p, nil
 }
 
 func bootGuest(ctx context.Context, l *Lab, f labFlags, icfg image.Config, out io.Writer) (*VM, error) {

@@ -210,10 +210,14 @@ func (l *Lab) Down(ctx context.Context) error {
 	for i := len(s.Procs) - 1; i >= 0; i-- {
 		s.Procs[i].stop(3 * time.Second)
 	}
+	l.killNamespaceProcs(s.Namespaces)
 	for i := len(s.Namespaces) - 1; i >= 0; i-- {
 		ns := s.Namespaces[i]
 		if !nsExists(ns) {
 			continue
+		}
+		if pids := netnsPIDs(ns); len(pids) > 0 {
+			errs = append(errs, fmt.Errorf("processes %v still run in %s", pids, ns))
 		}
 		if out, err := exec.CommandContext(ctx, "ip", "netns", "del", ns).CombinedOutput(); err != nil {
 			errs = append(errs, fmt.Errorf("ip netns del %s: %s", ns, strings.TrimSpace(string(out))))

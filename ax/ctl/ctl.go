@@ -1,0 +1,277 @@
+// Package ctl is axctl's commands against a host's axd: status, define,
+// protect, unprotect, failover, events.
+package ctl
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/axproject/ax/ax/api"
+)
+
+// Usage lists the commands.
+const Usage = `  status [--json]                           VMs, levels, roles, epochs, links, witness
+  define SPEC.json                          register a VM (QMP socket, RAM file, tap) with axd
+  protect VM --level ft --peer HOST [--no-wait] [--spec SPEC.json]
+                                            protect a VM; shows initial-sync progress
+  unprotect VM                              stop protecting; the partner drops its replica
+  failover VM                               planned switch of a protected VM to its partner
+  events [--since N] [--follow] [--json]    what axd did and saw
+global: --socket PATH (or AX_SOCKET; default /run/ax/axd.sock)`
+
+// Main runs one command against the axd at socket.
+func Main(ctx context.Context, socket string, args []string, out io.Writer) error {
+	if len(args) == 0 {
+		return errors.New("no command")
+	}
+	c := api.NewClient(socket)
+	cmd, rest := args[0], args[1:]
+	fs := flag.NewFlagSet(cmd, flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	jsonOut := fs.Bool("json", false, "machine-readable output")
+	level := fs.String("level", "", "availability level: ft, ha or none")
+	peer := fs.String("peer", "", "partner host")
+	noWait := fs.Bool("no-wait", false, "return at once")
+	specFile := fs.String("spec", "", "VM spec file to define first")
+	since := fs.Uint64("since", 0, "events after this sequence number")
+	follow := fs.Bool("follow", false, "keep printing new events")
+	// Flags may follow the VM name: parse around positional arguments.
+	var pos []string
+	for len(rest) > 0 {
+		if err := fs.Parse(rest); err != nil {
+			return fmt.Errorf("%s: %v", cmd, err)
+		}
+		rest = fs.Args()
+		if len(rest) > 0 {
+			pos = append(pos, rest[0])
+			rest = rest[1:]
+		}
+	}
+	need := func(n int, what string) error {
+		if len(pos) != n {
+			return fmt.Errorf("%s: want %s", cmd, what)
+		}
+		return nil
+	}
+	switch cmd {
+	case "status":
+		if err := need(0, "no arguments"); err != nil {
+			return err
+		}
+		st, err := c.Status(ctx)
+		if err != nil {
+			return err
+		}
+		if *jsonOut {
+			return writeJSON(out, st)
+		}
+		printStatus(out, st)
+		return nil
+	case "define":
+		if err := need(1, "a spec file"); err != nil {
+			return err
+		}
+		return define(ctx, c, pos[0])
+	case "protect":
+		if err := need(1, "a VM name"); err != nil {
+			return err
+		}
+		if *level == "" || (*peer == "" && *level != api.LevelNone) {
+			return errors.New("protect: give --level ft|ha|none and --peer HOST")
+		}
+		if *specFile != "" {
+			if err := define(ctx, c, *specFile); err != nil {
+				return err
+			}
+		}
+		if err := c.Protect(ctx, pos[0], api.ProtectRequest{Level: *level, Peer: *peer}); err != nil {
+			return err
+		}
+		if *noWait || *level == api.LevelNone {
+			return nil
+		}
+		return waitProtected(ctx, c, pos[0], out)
+	case "unprotect":
+		if err := need(1, "a VM name"); err != nil {
+			return err
+		}
+		return c.Unprotect(ctx, pos[0])
+	case "failover":
+		if err := need(1, "a VM name"); err != nil {
+			return err
+		}
+		return c.Failover(ctx, pos[0])
+	case "events":
+		return events(ctx, c, *since, *follow, *jsonOut, out)
+	}
+	return fmt.Errorf("unknown command %q", cmd)
+}
+
+func define(ctx context.Context, c *api.Client, path string) error {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("define: %w", err)
+	}
+	var spec api.VMSpec
+	if err := json.Unmarshal(data, &spec); err != nil {
+		return fmt.Errorf("define: %s is not a VM spec: %w", path, err)
+	}
+	return c.Define(ctx, spec)
+}
+
+func writeJSON(out io.Writer, v any) error {
+	enc := json.NewEncoder(out)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func printStatus(out io.Writer, st *api.Status) {
+	fmt.Fprintf(out, "host %s, witness %s\n", st.Host, st.Witness)
+	for _, p := range st.Peers {
+		fmt.Fprintf(out, "peer %s: replication %s, management %s\n", p.Name, heard(p.ReplHeard, p.ReplAgeMS), heard(p.MgmtHeard, p.MgmtAgeMS))
+	}
+	if len(st.VMs) == 0 {
+		fmt.Fprintln(out, "no VMs")
+		return
+	}
+	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "VM\tLEVEL\tROLE\tPEER\tSTATE\tEPOCH\tCOMMIT AGE\tPAUSE p50\tDIRTY\tRATE\tLINK\tTRACKER")
+	for _, v := range st.VMs {
+		age := "-"
+		if !v.LastCommit.IsZero() {
+			age = fmt.Sprintf("%.0f ms", v.CommitAgeMS)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%s\t%.1f ms\t%d\t%s/s\t%s\t%s\n", v.Name, v.Level, v.Role, dash(v.Peer), v.State,
+			v.Epoch, age, v.PauseP50MS, v.DirtyPages, bytes(v.BytesPerSec), dash(v.Link), dash(v.Tracker))
+	}
+	tw.Flush()
+	for _, v := range st.VMs {
+		if v.Alarm != "" {
+			fmt.Fprintf(out, "ALARM %s: %s\n", v.Name, v.Alarm)
+		}
+	}
+}
+
+func heard(ok bool, ageMS float64) string {
+	if ok {
+		return "up"
+	}
+	if ageMS >= 3.6e6 {
+		return "never heard"
+	}
+	return fmt.Sprintf("DOWN (silent %.1f s)", ageMS/1000)
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func bytes(b float64) string {
+	switch {
+	case b >= 1<<20:
+		return fmt.Sprintf("%.1f MiB", b/(1<<20))
+	case b >= 1<<10:
+		return fmt.Sprintf("%.1f KiB", b/(1<<10))
+	}
+	return fmt.Sprintf("%.0f B", b)
+}
+
+// waitProtected shows the initial synchronisation as a progress bar until
+// the first checkpoint commits.
+func waitProtected(ctx context.Context, c *api.Client, vm string, out io.Writer) error {
+	tty := isTerminal(out)
+	deadline := time.Now().Add(10 * time.Minute)
+	last := ""
+	for time.Now().Before(deadline) {
+		st, err := c.Status(ctx)
+		if err != nil {
+			return err
+		}
+		for _, v := range st.VMs {
+			if v.Name != vm {
+				continue
+			}
+			switch v.State {
+			case "protected":
+				fmt.Fprintf(out, "%s%s is protected (ft, replica on %s, epoch %d committed)\n", clearLine(tty), vm, v.Peer, v.Committed)
+				return nil
+			case "fenced":
+				return fmt.Errorf("%s was fenced: %s", vm, v.Alarm)
+			}
+			line := fmt.Sprintf("%s: %s", vm, v.State)
+			if v.SyncTotal > 0 {
+				frac := float64(v.SyncSent) / float64(v.SyncTotal)
+				n := int(frac * 30)
+				line = fmt.Sprintf("%s: initial sync [%s%s] %3.0f%% (%d/%d pages)", vm, strings.Repeat("#", n), strings.Repeat(".", 30-n), frac*100, v.SyncSent, v.SyncTotal)
+			}
+			if v.Alarm != "" {
+				line += " — " + v.Alarm
+			}
+			if tty {
+				fmt.Fprintf(out, "\r%s", line)
+			} else if line != last {
+				fmt.Fprintln(out, line)
+			}
+			last = line
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+	return fmt.Errorf("%s: not protected after 10 minutes", vm)
+}
+
+func clearLine(tty bool) string {
+	if tty {
+		return "\r\033[K"
+	}
+	return ""
+}
+
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	fi, err := f.Stat()
+	return err == nil && fi.Mode()&os.ModeCharDevice != 0
+}
+
+func events(ctx context.Context, c *api.Client, since uint64, follow, jsonOut bool, out io.Writer) error {
+	for {
+		evs, err := c.Events(ctx, since)
+		if err != nil {
+			return err
+		}
+		for _, e := range evs {
+			if jsonOut {
+				b, _ := json.Marshal(e)
+				fmt.Fprintln(out, string(b))
+			} else {
+				fmt.Fprintf(out, "%d %s %-10s %-6s %s\n", e.Seq, e.Time.Format("15:04:05.000"), e.Kind, dash(e.VM), e.Text)
+			}
+			since = e.Seq
+		}
+		if !follow {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(300 * time.Millisecond):
+		}
+	}
+}

@@ -1,0 +1,380 @@
+// Package daemon is axd: per host, it keeps the registry of VMs and their
+// levels, runs the FT loop for its primaries, holds replicas for its
+// partners, and fails over when a partner dies.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/axproject/ax/ax/api"
+	"github.com/axproject/ax/ax/witness"
+	"github.com/axproject/ax/monitor"
+	"github.com/axproject/ax/replication"
+)
+
+// Peer is a partner host's addresses: its replication address (TCP streams
+// and UDP heartbeats on the dedicated link) and management address (UDP
+// heartbeats).
+type Peer struct {
+	Repl string
+	Mgmt string
+}
+
+// Config configures axd.
+type Config struct {
+	Host       string // this host's name, as partners know it
+	Socket     string // local API (axctl)
+	StateDir   string // replicas and runtime files; tmpfs recommended for replica RAM
+	ReplListen string // host:port, TCP replication streams and UDP heartbeats
+	MgmtListen string // host:port, UDP heartbeats on the management network
+	Peers      map[string]Peer
+	Witness    string // host:port of the witness; "" runs without one (never promotes)
+	PSK        []byte
+	// MetricsListen serves /metrics; "" disables it.
+	MetricsListen string
+	// Epoch is the FT checkpoint interval.
+	Epoch time.Duration
+	// Tracker is the default dirty-page tracker mode (auto, hash, soft-dirty).
+	Tracker string
+	// SilenceTimeout: a path with no heartbeat for this long is down.
+	SilenceTimeout time.Duration
+	// FenceAfter: a primary that hears neither partner nor witness for this
+	// long pauses its FT guests. PromoteAfter (longer) is how long a
+	// secondary waits in silence before asking the witness.
+	FenceAfter   time.Duration
+	PromoteAfter time.Duration
+	// LeaseTTL is the witness's lease length (used to judge our own lease).
+	LeaseTTL time.Duration
+	Log      *slog.Logger
+}
+
+func (c *Config) defaults() error {
+	if c.Host == "" {
+		return errors.New("axd: --host is required (this host's name as partners know it)")
+	}
+	if c.Socket == "" {
+		c.Socket = api.DefaultSocket
+	}
+	if c.StateDir == "" {
+		c.StateDir = "/var/lib/ax"
+	}
+	if len(c.PSK) < replication.MinKeySize {
+		return fmt.Errorf("axd: the pre-shared key must be at least %d bytes (make one with: head -c 32 /dev/urandom | xxd -p -c 64 > /etc/ax/psk)", replication.MinKeySize)
+	}
+	if c.Epoch <= 0 {
+		c.Epoch = 50 * time.Millisecond
+	}
+	if c.Tracker == "" {
+		c.Tracker = "auto"
+	}
+	if c.SilenceTimeout <= 0 {
+		c.SilenceTimeout = 400 * time.Millisecond
+	}
+	if c.FenceAfter <= 0 {
+		c.FenceAfter = 500 * time.Millisecond
+	}
+	if c.PromoteAfter <= 0 {
+		c.PromoteAfter = 800 * time.Millisecond
+	}
+	if c.LeaseTTL <= 0 {
+		c.LeaseTTL = time.Second
+	}
+	if c.Log == nil {
+		c.Log = slog.New(slog.DiscardHandler)
+	}
+	return nil
+}
+
+// Daemon is one host's axd.
+type Daemon struct {
+	cfg     Config
+	log     *slog.Logger
+	metrics *monitor.Metrics
+	reg     *prometheus.Registry
+	hb      *replication.Heartbeats
+	repl    *replication.Server
+	wit     *witness.Client // nil without a witness
+
+	mu      sync.Mutex
+	vms     map[string]*vmState
+	events  []api.Event
+	seq     uint64
+	witOK   bool
+	witSeen time.Time
+
+	wg  sync.WaitGroup
+	ctx context.Context
+}
+
+// New checks cfg and prepares the daemon; Run starts it.
+func New(cfg Config) (*Daemon, error) {
+	if err := cfg.defaults(); err != nil {
+		return nil, err
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	d := &Daemon{cfg: cfg, log: cfg.Log, reg: reg, metrics: monitor.NewMetrics(reg), vms: map[string]*vmState{}}
+	hb, err := replication.NewHeartbeats(cfg.Host, cfg.PSK, cfg.SilenceTimeout, cfg.Log)
+	if err != nil {
+		return nil, err
+	}
+	d.hb = hb
+	for name, p := range cfg.Peers {
+		hb.AddPeer(name, replication.PeerAddrs{Repl: p.Repl, Mgmt: p.Mgmt})
+	}
+	if cfg.Witness != "" {
+		if d.wit, err = witness.NewClient(cfg.Witness, cfg.PSK, cfg.Host, 300*time.Millisecond); err != nil {
+			return nil, fmt.Errorf("axd: witness: %w", err)
+		}
+	}
+	d.repl = replication.NewServer(cfg.PSK, replication.Handler{
+		Open: d.openReplica, Synced: d.replicaSynced, Committed: d.replicaCommitted, Ended: d.streamEnded,
+	}, cfg.Log)
+	return d, nil
+}
+
+// Run serves until ctx ends. ready is called once every listener is up.
+func (d *Daemon) Run(ctx context.Context, ready func()) error {
+	if err := os.MkdirAll(d.cfg.StateDir, 0o755); err != nil {
+		return fmt.Errorf("axd: state directory: %w", err)
+	}
+	d.ctx = ctx
+	os.Remove(d.cfg.Socket)
+	if err := os.MkdirAll(filepath.Dir(d.cfg.Socket), 0o755); err != nil {
+		return fmt.Errorf("axd: socket directory: %w", err)
+	}
+	apiLn, err := net.Listen("unix", d.cfg.Socket)
+	if err != nil {
+		return fmt.Errorf("axd: listen on %s: %w", d.cfg.Socket, err)
+	}
+	os.Chmod(d.cfg.Socket, 0o600)
+	defer os.Remove(d.cfg.Socket)
+	var replLn net.Listener
+	if d.cfg.ReplListen != "" {
+		if replLn, err = net.Listen("tcp", d.cfg.ReplListen); err != nil {
+			apiLn.Close()
+			return fmt.Errorf("axd: listen for replication on %s: %w", d.cfg.ReplListen, err)
+		}
+	}
+	var metricsLn net.Listener
+	if d.cfg.MetricsListen != "" {
+		if metricsLn, err = net.Listen("tcp", d.cfg.MetricsListen); err != nil {
+			apiLn.Close()
+			if replLn != nil {
+				replLn.Close()
+			}
+			return fmt.Errorf("axd: listen for metrics on %s: %w", d.cfg.MetricsListen, err)
+		}
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errc := make(chan error, 4)
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		if err := d.hb.Run(ctx, d.cfg.ReplListen, d.cfg.MgmtListen); err != nil {
+			errc <- err
+		}
+	}()
+	if replLn != nil {
+		d.wg.Add(1)
+		go func() {
+			defer d.wg.Done()
+			if err := d.repl.Serve(ctx, replLn); err != nil {
+				errc <- err
+			}
+		}()
+	}
+	apiSrv := &http.Server{Handler: d.apiHandler(), ReadHeaderTimeout: 5 * time.Second}
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		if err := apiSrv.Serve(apiLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			errc <- err
+		}
+	}()
+	var metricsSrv *http.Server
+	if metricsLn != nil {
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(d.reg, promhttp.HandlerOpts{}))
+		metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		d.wg.Add(1)
+		go func() {
+			defer d.wg.Done()
+			if err := metricsSrv.Serve(metricsLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				errc <- err
+			}
+		}()
+	}
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		d.watch(ctx)
+	}()
+	d.event("", "start", fmt.Sprintf("axd on %s started (epoch %s, tracker %s, witness %q)", d.cfg.Host, d.cfg.Epoch, d.cfg.Tracker, d.cfg.Witness))
+	if ready != nil {
+		ready()
+	}
+	var runErr error
+	select {
+	case <-ctx.Done():
+	case runErr = <-errc:
+	}
+	cancel()
+	sctx, scancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer scancel()
+	apiSrv.Shutdown(sctx)
+	if metricsSrv != nil {
+		metricsSrv.Shutdown(sctx)
+	}
+	d.stopAll()
+	d.wg.Wait()
+	return runErr
+}
+
+// event records something axd did or saw, for axctl events and the log.
+func (d *Daemon) event(vm, kind, text string) {
+	d.mu.Lock()
+	d.seq++
+	d.events = append(d.events, api.Event{Seq: d.seq, Time: time.Now(), VM: vm, Kind: kind, Text: text})
+	if len(d.events) > 1000 {
+		d.events = d.events[len(d.events)-1000:]
+	}
+	d.mu.Unlock()
+	d.log.Info(text, "vm", vm, "event", kind)
+}
+
+func (d *Daemon) eventsSince(seq uint64) []api.Event {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := []api.Event{}
+	for _, e := range d.events {
+		if e.Seq > seq {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// status returns the host's view.
+func (d *Daemon) status() api.Status {
+	st := api.Status{Host: d.cfg.Host, Now: time.Now(), Witness: d.witnessState()}
+	names := make([]string, 0, len(d.cfg.Peers))
+	for n := range d.cfg.Peers {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		v := d.hb.View(n)
+		st.Peers = append(st.Peers, api.PeerStatus{Name: n, ReplHeard: v.ReplHeard, MgmtHeard: v.MgmtHeard,
+			ReplAgeMS: ms(v.ReplAge), MgmtAgeMS: ms(v.MgmtAge), ReplTarget: d.cfg.Peers[n].Repl})
+	}
+	d.mu.Lock()
+	vms := make([]*vmState, 0, len(d.vms))
+	for _, v := range d.vms {
+		vms = append(vms, v)
+	}
+	d.mu.Unlock()
+	sort.Slice(vms, func(i, j int) bool { return vms[i].name < vms[j].name })
+	for _, v := range vms {
+		s := v.status()
+		if s.Peer != "" {
+			pv := d.hb.View(s.Peer)
+			s.Link = "down"
+			if pv.ReplHeard {
+				s.Link = "up"
+			}
+		}
+		s.Witness = st.Witness
+		st.VMs = append(st.VMs, s)
+	}
+	return st
+}
+
+func (d *Daemon) witnessState() string {
+	if d.wit == nil {
+		return "none"
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.witOK {
+		return "reachable"
+	}
+	return "unreachable"
+}
+
+func (d *Daemon) setWitness(ok bool) {
+	d.mu.Lock()
+	d.witOK = ok
+	if ok {
+		d.witSeen = time.Now()
+	}
+	d.mu.Unlock()
+	d.metrics.Witness.Set(b2f(ok))
+}
+
+// watch runs the failure detector: every 50 ms it updates peer metrics and
+// lets each VM decide (secondaries: promote?; primaries: fence?).
+func (d *Daemon) watch(ctx context.Context) {
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	var probed time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		d.mu.Lock()
+		idle := time.Since(d.witSeen) > time.Second
+		d.mu.Unlock()
+		if d.wit != nil && idle && time.Since(probed) > time.Second {
+			// No lease traffic lately (no primaries here): probe, so
+			// status shows whether the witness is reachable.
+			probed = time.Now()
+			pctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+			_, err := d.wit.Query(pctx, "ax-probe")
+			cancel()
+			d.setWitness(err == nil)
+		}
+		for n := range d.cfg.Peers {
+			v := d.hb.View(n)
+			d.metrics.SetPeer(n, v.ReplHeard, v.MgmtHeard)
+		}
+		d.mu.Lock()
+		vms := make([]*vmState, 0, len(d.vms))
+		for _, v := range d.vms {
+			vms = append(vms, v)
+		}
+		d.mu.Unlock()
+		for _, v := range vms {
+			switch v.role() {
+			case api.RoleSecondary:
+				d.checkSecondary(ctx, v)
+			}
+		}
+	}
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}

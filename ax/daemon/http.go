@@ -1,0 +1,78 @@
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/axproject/ax/ax/api"
+)
+
+// apiHandler serves axctl's requests (JSON over the Unix socket).
+func (d *Daemon) apiHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
+		reply(w, d.status(), nil)
+	})
+	mux.HandleFunc("GET /v1/events", func(w http.ResponseWriter, r *http.Request) {
+		since, _ := strconv.ParseUint(r.URL.Query().Get("since"), 10, 64)
+		reply(w, d.eventsSince(since), nil)
+	})
+	mux.HandleFunc("POST /v1/vms", func(w http.ResponseWriter, r *http.Request) {
+		var spec api.VMSpec
+		if err := decode(r, &spec); err != nil {
+			reply(w, nil, err)
+			return
+		}
+		err := d.define(spec)
+		if err == nil {
+			d.event(spec.Name, "define", fmt.Sprintf("VM %s defined (QMP %s, %d MiB)", spec.Name, spec.Guest.QMP, spec.Guest.RAMMiB))
+		}
+		reply(w, nil, err)
+	})
+	mux.HandleFunc("POST /v1/vms/{name}/protect", func(w http.ResponseWriter, r *http.Request) {
+		var req api.ProtectRequest
+		if err := decode(r, &req); err != nil {
+			reply(w, nil, err)
+			return
+		}
+		reply(w, nil, d.protect(r.PathValue("name"), req))
+	})
+	mux.HandleFunc("POST /v1/vms/{name}/unprotect", func(w http.ResponseWriter, r *http.Request) {
+		reply(w, nil, d.unprotect(r.PathValue("name")))
+	})
+	mux.HandleFunc("POST /v1/vms/{name}/failover", func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
+		defer cancel()
+		reply(w, nil, d.plannedFailover(ctx, r.PathValue("name")))
+	})
+	return mux
+}
+
+func decode(r *http.Request, v any) error {
+	data, err := io.ReadAll(io.LimitReader(r.Body, 1<<20))
+	if err != nil {
+		return err
+	}
+	if err := json.Unmarshal(data, v); err != nil {
+		return fmt.Errorf("bad request: %w", err)
+	}
+	return nil
+}
+
+func reply(w http.ResponseWriter, v any, err error) {
+	w.Header().Set("Content-Type", "application/json")
+	if err != nil {
+		w.WriteHeader(http.StatusBadRequest)
+		json.NewEncoder(w).Encode(api.Error{Error: err.Error()})
+		return
+	}
+	if v == nil {
+		v = struct{}{}
+	}
+	json.NewEncoder(w).Encode(v)
+}

@@ -1,0 +1,510 @@
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/axproject/ax/ax/api"
+	"github.com/axproject/ax/ax/dirty"
+	"github.com/axproject/ax/ax/ft"
+	"github.com/axproject/ax/ax/qemu"
+	"github.com/axproject/ax/ax/witness"
+	"github.com/axproject/ax/replication"
+)
+
+// streamSpec is what a primary tells its secondary about a VM.
+type streamSpec struct {
+	Primary string     `json:"primary"` // the primary host's name
+	Spec    api.VMSpec `json:"spec"`
+}
+
+// sharedRAMHelp is how to give a VM the RAM AX needs.
+const sharedRAMHelp = "start QEMU with -object memory-backend-file,id=mem0,size=SIZE,mem-path=FILE,share=on " +
+	"-machine memory-backend=mem0 (libvirt: <memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>; " +
+	"Nova: [libvirt] file_backed_memory)"
+
+// checkSpec refuses a VM whose RAM is not a shared named file of its size.
+func checkSpec(s api.VMSpec) error {
+	if s.Name == "" || len(s.Name) > replication.MaxVMNameLen {
+		return errors.New("a VM needs a name (1-255 bytes)")
+	}
+	if s.Guest.QMP == "" {
+		return fmt.Errorf("VM %s: no QMP socket given", s.Name)
+	}
+	if s.Guest.RAMFile == "" {
+		return fmt.Errorf("VM %s: its RAM is not a shared named file: %s", s.Name, sharedRAMHelp)
+	}
+	fi, err := os.Stat(s.Guest.RAMFile)
+	if err != nil || !fi.Mode().IsRegular() {
+		return fmt.Errorf("VM %s: RAM file %s is not a regular file (%v): %s", s.Name, s.Guest.RAMFile, err, sharedRAMHelp)
+	}
+	if want := int64(s.Guest.RAMMiB) << 20; fi.Size() != want {
+		return fmt.Errorf("VM %s: RAM file %s is %d bytes but the VM has %d MiB", s.Name, s.Guest.RAMFile, fi.Size(), s.Guest.RAMMiB)
+	}
+	if s.PID > 0 {
+		// Select checks that QEMU maps the file shared: with share=off the
+		// guest's writes never reach it.
+		t, err := dirty.Select(dirty.ModeHash, s.PID, s.Guest.RAMFile, dirty.HashOptions{Size: fi.Size()})
+		if err != nil {
+			return fmt.Errorf("VM %s: %v: %s", s.Name, err, sharedRAMHelp)
+		}
+		t.Close()
+	}
+	return nil
+}
+
+// define registers or updates a local VM.
+func (d *Daemon) define(spec api.VMSpec) error {
+	if err := checkSpec(spec); err != nil {
+		return err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if v, ok := d.vms[spec.Name]; ok {
+		if r := v.role(); r != api.RoleLocal {
+			return fmt.Errorf("VM %s is %s here; unprotect it before redefining it", spec.Name, r)
+		}
+		v.set(func(v *vmState) { v.spec = spec })
+		return nil
+	}
+	d.vms[spec.Name] = &vmState{name: spec.Name, spec: spec, level: api.LevelNone, roleV: api.RoleLocal, state: "running", consoleOffset: -1}
+	d.metrics.SetLevel(spec.Name, api.RoleLocal, api.LevelNone)
+	return nil
+}
+
+func (d *Daemon) vm(name string) (*vmState, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	v, ok := d.vms[name]
+	if !ok {
+		return nil, fmt.Errorf("no VM %s on host %s (define it first: axctl define SPEC.json)", name, d.cfg.Host)
+	}
+	return v, nil
+}
+
+// protect starts protecting a local VM at level towards peer.
+func (d *Daemon) protect(name string, req api.ProtectRequest) error {
+	v, err := d.vm(name)
+	if err != nil {
+		return err
+	}
+	switch req.Level {
+	case api.LevelFT:
+	case api.LevelHA:
+		return errors.New("level ha is not available yet (disk replication is not built); use ft or none")
+	case api.LevelNone:
+		return d.unprotect(name)
+	default:
+		return fmt.Errorf("unknown level %q: use ft, ha or none", req.Level)
+	}
+	if _, ok := d.cfg.Peers[req.Peer]; !ok {
+		return fmt.Errorf("unknown peer %q: axd on %s knows %v (its --peer flags)", req.Peer, d.cfg.Host, peerNames(d.cfg.Peers))
+	}
+	var start bool
+	v.set(func(v *vmState) {
+		if v.roleV != api.RoleLocal {
+			err = fmt.Errorf("VM %s is already %s (level %s); unprotect it first", name, v.roleV, v.level)
+			return
+		}
+		if err = checkSpec(v.spec); err != nil {
+			return
+		}
+		ctx, cancel := context.WithCancel(d.ctx)
+		v.roleV, v.level, v.peer, v.state, v.alarm = api.RolePrimary, api.LevelFT, req.Peer, "syncing", ""
+		v.cancel, v.done, v.finish = cancel, make(chan struct{}), make(chan chan finishResult)
+		v.epoch, v.committed, v.lastCommit, v.pauses, v.syncSent, v.syncTotal = 0, 0, time.Time{}, nil, 0, 0
+		start = true
+		d.wg.Add(2)
+		go func() {
+			defer d.wg.Done()
+			defer close(v.done)
+			d.runPrimary(ctx, v)
+		}()
+		go func() {
+			defer d.wg.Done()
+			d.guardPrimary(ctx, v)
+		}()
+	})
+	if err != nil {
+		return err
+	}
+	if start {
+		d.metrics.SetLevel(name, api.RolePrimary, api.LevelFT)
+		d.event(name, "protect", fmt.Sprintf("protecting %s at level ft towards %s", name, req.Peer))
+	}
+	return nil
+}
+
+func peerNames(p map[string]Peer) []string {
+	var n []string
+	for k := range p {
+		n = append(n, k)
+	}
+	return n
+}
+
+// unprotect stops a primary's protection; the secondary drops its replica.
+func (d *Daemon) unprotect(name string) error {
+	v, err := d.vm(name)
+	if err != nil {
+		return err
+	}
+	var cancel context.CancelFunc
+	var done chan struct{}
+	v.set(func(v *vmState) {
+		if v.roleV == api.RoleSecondary {
+			err = fmt.Errorf("VM %s is a replica here; unprotect it on its primary %s", name, v.peer)
+			return
+		}
+		cancel, done = v.cancel, v.done
+	})
+	if err != nil || cancel == nil {
+		return err
+	}
+	cancel()
+	<-done
+	v.set(func(v *vmState) {
+		v.roleV, v.level, v.peer, v.state, v.alarm, v.cancel = api.RoleLocal, api.LevelNone, "", "running", "", nil
+	})
+	d.metrics.Forget(name)
+	d.metrics.SetLevel(name, api.RoleLocal, api.LevelNone)
+	d.event(name, "unprotect", "protection ended; the partner drops its replica")
+	return nil
+}
+
+// stopAll ends every primary's loop (daemon shutdown); guests keep running.
+func (d *Daemon) stopAll() {
+	d.mu.Lock()
+	var cancels []context.CancelFunc
+	for _, v := range d.vms {
+		v.mu.Lock()
+		if v.cancel != nil {
+			cancels = append(cancels, v.cancel)
+		}
+		if v.replica != nil {
+			v.replica.Close()
+		}
+		v.mu.Unlock()
+	}
+	d.mu.Unlock()
+	for _, c := range cancels {
+		c()
+	}
+}
+
+// runPrimary keeps a VM protected: connect, sync, checkpoint; on any
+// failure report the VM unprotected, and retry until protection ends.
+func (d *Daemon) runPrimary(ctx context.Context, v *vmState) {
+	for attempt := 0; ; attempt++ {
+		err := d.protectOnce(ctx, v)
+		if errors.Is(err, ft.ErrFinished) {
+			return
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		v.set(func(v *vmState) {
+			if v.state != "fenced" {
+				v.state, v.alarm = "unprotected", err.Error()
+			}
+		})
+		d.metrics.Protected.WithLabelValues(v.name).Set(0)
+		if attempt == 0 || attempt%30 == 0 {
+			d.event(v.name, "alarm", "FT protection lost: "+err.Error())
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(time.Second):
+		}
+		if fenced := v.status().State == "fenced"; fenced {
+			<-ctx.Done()
+			return
+		}
+	}
+}
+
+// protectOnce runs one replication stream until it fails or ctx ends.
+func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
+	var spec api.VMSpec
+	var peerName string
+	v.set(func(v *vmState) { spec, peerName = v.spec, v.peer })
+	peer := d.cfg.Peers[peerName]
+	mon, err := qemu.Dial(spec.Guest.QMP, 2*time.Second)
+	if err != nil {
+		return fmt.Errorf("QEMU of %s: %w", spec.Name, err)
+	}
+	defer mon.Close()
+	ramSize := int64(spec.Guest.RAMMiB) << 20
+	mode := spec.Tracker
+	if mode == "" {
+		mode = d.cfg.Tracker
+	}
+	tracker, err := dirty.Select(mode, spec.PID, spec.Guest.RAMFile, dirty.HashOptions{Size: ramSize})
+	if err != nil {
+		return err
+	}
+	defer tracker.Close()
+	v.set(func(v *vmState) { v.tracker = tracker.Name() })
+	ram, err := ft.OpenRAM(spec.Guest.RAMFile, ramSize)
+	if err != nil {
+		return err
+	}
+	defer ram.Close()
+	payload, _ := json.Marshal(streamSpec{Primary: d.cfg.Host, Spec: spec})
+	dctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	sender, err := replication.Dial(dctx, peer.Repl, d.cfg.PSK, spec.Name, payload, ramSize)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("replication link to %s: %w", peerName, err)
+	}
+	defer sender.Close()
+	setUserTimeout(sender)
+	v.set(func(v *vmState) { v.state, v.alarm = "syncing", "" })
+	stateDir := filepath.Join(d.cfg.StateDir, "vms", spec.Name)
+	os.MkdirAll(stateDir, 0o755)
+	var lastSent uint64
+	obs := ft.Observer{
+		SyncProgress: func(sent, total int) {
+			v.set(func(v *vmState) { v.syncSent, v.syncTotal = sent, total })
+			if total > 0 {
+				d.metrics.SyncProgress.WithLabelValues(spec.Name).Set(float64(sent) / float64(total))
+			}
+		},
+		Epoch: func(e ft.EpochStats) {
+			v.notePause(e.Epoch, e.Pause, e.DirtyPages, e.Bytes)
+			d.metrics.ObservePause(spec.Name, e.Pause, e.DirtyPages)
+			n := sender.BytesSent()
+			d.metrics.BytesSent.WithLabelValues(spec.Name).Add(float64(n - lastSent))
+			lastSent = n
+		},
+		Commit: func(epoch uint64, latency time.Duration) {
+			first := false
+			v.set(func(v *vmState) {
+				first = v.state == "syncing"
+				v.committed, v.lastCommit, v.state, v.alarm = epoch, time.Now(), "protected", ""
+				d.metrics.ReplLag.WithLabelValues(spec.Name).Set(float64(v.epoch - epoch))
+			})
+			d.metrics.CommitLatency.WithLabelValues(spec.Name).Observe(latency.Seconds())
+			d.metrics.Protected.WithLabelValues(spec.Name).Set(1)
+			if first {
+				d.event(spec.Name, "protected", fmt.Sprintf("replica on %s committed epoch %d: FT protection active", peerName, epoch))
+			}
+		},
+	}
+	loop := ft.NewLoop(ft.Config{Interval: d.cfg.Epoch, StateDir: stateDir, Console: spec.Guest.Console},
+		mon, tracker, ram, &senderStream{s: sender}, nil, obs, d.log.With("vm", spec.Name))
+	// A planned failover request is served by the loop.
+	lctx, lcancel := context.WithCancel(ctx)
+	defer lcancel()
+	handedOver := make(chan struct{})
+	go func() {
+		defer close(handedOver)
+		var finish chan chan finishResult
+		v.set(func(v *vmState) { finish = v.finish })
+		select {
+		case <-lctx.Done():
+		case reply := <-finish:
+			epoch, err := loop.Finish(lctx)
+			if err == nil {
+				err = sender.Handover(epoch)
+			}
+			reply <- finishResult{epoch, err}
+		}
+	}()
+	// The guard closes the stream when the replication path goes silent:
+	// a cut link must not leave the loop blocked on a TCP write.
+	go func() {
+		t := time.NewTicker(100 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-lctx.Done():
+				return
+			case <-t.C:
+			}
+			if pv := d.hb.View(peerName); !pv.ReplHeard {
+				sender.Close()
+				return
+			}
+		}
+	}()
+	err = loop.Run(lctx)
+	if errors.Is(err, ft.ErrFinished) {
+		<-handedOver // the handover is written before the stream closes
+		return err
+	}
+	if ctx.Err() != nil {
+		// Protection ended on purpose: tell the secondary to drop the replica.
+		sender.Bye()
+		return ctx.Err()
+	}
+	return err
+}
+
+// senderStream adapts a replication.Sender to the loop's Stream.
+type senderStream struct{ s *replication.Sender }
+
+func (a *senderStream) SendSync(pfns []uint64, pages []byte) error { return a.s.SendSync(pfns, pages) }
+func (a *senderStream) SyncDone() error                            { return a.s.SyncDone() }
+func (a *senderStream) SendCheckpoint(cp *ft.Checkpoint) error {
+	return a.s.SendCheckpoint(cp.Epoch, cp.PFNs, cp.Pages, cp.DeviceState, cp.ConsoleOffset)
+}
+func (a *senderStream) Acks() <-chan uint64 { return a.s.Acks() }
+func (a *senderStream) Err() error          { return a.s.Err() }
+
+// setUserTimeout bounds how long unacknowledged data may sit on the stream.
+func setUserTimeout(s *replication.Sender) {
+	if tc, ok := s.Conn().(*net.TCPConn); ok {
+		setTCPUserTimeout(tc, 2*time.Second)
+	}
+}
+
+// guardPrimary renews the VM's witness lease and fences the VM (pauses its
+// guest) when this host can reach neither its partner nor the witness, so
+// that the partner can never run the VM at the same time.
+func (d *Daemon) guardPrimary(ctx context.Context, v *vmState) {
+	name := v.name
+	var leaseUntil time.Time
+	var lastRenew time.Time
+	var silentSince time.Time
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		peer := ""
+		v.set(func(v *vmState) { peer = v.peer })
+		if d.wit != nil && time.Since(lastRenew) >= d.cfg.LeaseTTL/4 {
+			lastRenew = time.Now()
+			rctx, cancel := context.WithTimeout(ctx, d.cfg.LeaseTTL/4)
+			until, err := d.wit.Renew(rctx, name)
+			cancel()
+			switch {
+			case err == nil:
+				leaseUntil = until
+				d.setWitness(true)
+			case errors.Is(err, witness.ErrLeaseHeld):
+				// The partner took the VM over: this copy must never run again.
+				d.setWitness(true)
+				d.fence(v, "the witness says "+err.Error())
+				return
+			default:
+				d.setWitness(false)
+			}
+		}
+		pv := d.hb.View(peer)
+		if pv.ReplHeard || pv.MgmtHeard {
+			silentSince = time.Time{}
+		} else if silentSince.IsZero() {
+			silentSince = time.Now()
+		}
+		obs := witness.Observation{
+			ReplHeard: pv.ReplHeard, MgmtHeard: pv.MgmtHeard,
+			WitnessReachable: d.wit == nil || d.witnessState() == "reachable",
+			// Our lease counts as valid while the witness granted it, or
+			// while the partner says it hears us (it will not take over).
+			OwnLeaseValid: d.wit == nil || time.Until(leaseUntil) > d.cfg.LeaseTTL/5 || pv.HearsMe,
+		}
+		if witness.DecidePrimary(obs) == witness.Fence && !silentSince.IsZero() && time.Since(silentSince) >= d.cfg.FenceAfter {
+			d.fence(v, "neither the partner nor the witness can be reached")
+			return
+		}
+	}
+}
+
+// fence pauses the VM's guest and stops its protection: another host may
+// run it now.
+func (d *Daemon) fence(v *vmState, why string) {
+	var spec api.VMSpec
+	var cancel context.CancelFunc
+	v.set(func(v *vmState) {
+		spec, cancel = v.spec, v.cancel
+		v.state, v.alarm = "fenced", "fenced: "+why
+	})
+	if mon, err := qemu.Dial(spec.Guest.QMP, time.Second); err == nil {
+		ctx, c := context.WithTimeout(context.Background(), 2*time.Second)
+		mon.Stop(ctx)
+		c()
+		mon.Close()
+	}
+	if cancel != nil {
+		cancel()
+	}
+	d.metrics.Protected.WithLabelValues(v.name).Set(0)
+	d.event(v.name, "fenced", "guest paused to prevent split brain: "+why)
+}
+
+// plannedFailover moves a protected VM to its secondary: a final checkpoint
+// with the guest left paused, a handover, then this copy stops.
+func (d *Daemon) plannedFailover(ctx context.Context, name string) error {
+	v, err := d.vm(name)
+	if err != nil {
+		return err
+	}
+	var finish chan chan finishResult
+	var state, peer string
+	var spec api.VMSpec
+	v.set(func(v *vmState) { finish, state, peer, spec = v.finish, v.state, v.peer, v.spec })
+	if v.role() != api.RolePrimary || state != "protected" {
+		return fmt.Errorf("VM %s is not a protected primary here (state %q); a planned failover needs a committed replica", name, state)
+	}
+	reply := make(chan finishResult, 1)
+	select {
+	case finish <- reply:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	var r finishResult
+	select {
+	case r = <-reply:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	mon, merr := qemu.Dial(spec.Guest.QMP, time.Second)
+	if r.err != nil {
+		if merr == nil {
+			mon.Cont(ctx)
+			mon.Close()
+		}
+		return fmt.Errorf("planned failover of %s: %w (the guest runs on here)", name, r.err)
+	}
+	d.event(name, "handover", fmt.Sprintf("final checkpoint %d committed on %s; handing over", r.epoch, peer))
+	// Keep the paused copy until the partner holds the VM's lease, so a
+	// failed handover can resume here.
+	deadline := time.Now().Add(10 * time.Second)
+	for d.wit != nil && time.Now().Before(deadline) {
+		if li, err := d.wit.Query(ctx, name); err == nil && li.Holder == peer {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if merr == nil {
+		mon.Quit(ctx)
+		mon.Close()
+	}
+	d.unprotectLocal(v)
+	d.mu.Lock()
+	delete(d.vms, name)
+	d.mu.Unlock()
+	d.metrics.Forget(name)
+	d.event(name, "moved", fmt.Sprintf("VM %s now runs on %s", name, peer))
+	return nil
+}
+
+func (d *Daemon) unprotectLocal(v *vmState) {
+	var cancel context.CancelFunc
+	v.set(func(v *vmState) { cancel = v.cancel })
+	if cancel != nil {
+		cancel()
+	}
+}

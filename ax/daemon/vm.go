@@ -1,0 +1,106 @@
+package daemon
+
+import (
+	"context"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/axproject/ax/ax/api"
+	"github.com/axproject/ax/replication"
+)
+
+// vmState is one VM known to this host, as primary, secondary or local.
+type vmState struct {
+	name string
+
+	mu      sync.Mutex
+	spec    api.VMSpec
+	level   string
+	roleV   string
+	peer    string
+	state   string
+	alarm   string
+	tracker string
+
+	// primary
+	cancel     context.CancelFunc
+	done       chan struct{}
+	finish     chan chan finishResult // planned failover request
+	epoch      uint64
+	committed  uint64
+	lastCommit time.Time
+	pause      time.Duration
+	pauses     []time.Duration // recent, for the median
+	dirty      int
+	sent       uint64
+	rateAt     time.Time
+	rateBytes  uint64
+	rate       float64
+	syncSent   int
+	syncTotal  int
+
+	// secondary
+	replica       *replication.Replica
+	consoleOffset int64
+	silentSince   time.Time
+	lastTakeover  time.Time
+	waitNoted     bool
+	promoting     bool
+	handover      bool
+}
+
+type finishResult struct {
+	epoch uint64
+	err   error
+}
+
+func (v *vmState) role() string {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.roleV
+}
+
+func (v *vmState) set(fn func(v *vmState)) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	fn(v)
+}
+
+func (v *vmState) status() api.VMStatus {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	s := api.VMStatus{
+		Name: v.name, Level: v.level, Role: v.roleV, Peer: v.peer, State: v.state, Alarm: v.alarm,
+		Tracker: v.tracker, Epoch: v.epoch, Committed: v.committed, LastCommit: v.lastCommit,
+		PauseMS: ms(v.pause), DirtyPages: v.dirty, BytesPerSec: v.rate,
+		SyncSent: v.syncSent, SyncTotal: v.syncTotal, ConsoleOffset: v.consoleOffset, Console: v.spec.Guest.Console,
+	}
+	if !v.lastCommit.IsZero() {
+		s.CommitAgeMS = ms(time.Since(v.lastCommit))
+	}
+	if len(v.pauses) > 0 {
+		p := append([]time.Duration(nil), v.pauses...)
+		sort.Slice(p, func(i, j int) bool { return p[i] < p[j] })
+		s.PauseP50MS = ms(p[len(p)/2])
+	}
+	return s
+}
+
+// notePause records one checkpoint's pause and size.
+func (v *vmState) notePause(epoch uint64, pause time.Duration, dirty, bytes int) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.epoch, v.pause, v.dirty = epoch, pause, dirty
+	v.pauses = append(v.pauses, pause)
+	if len(v.pauses) > 512 {
+		v.pauses = v.pauses[len(v.pauses)-512:]
+	}
+	v.sent += uint64(bytes)
+	if now := time.Now(); now.Sub(v.rateAt) >= time.Second {
+		if !v.rateAt.IsZero() {
+			v.rate = float64(v.sent-v.rateBytes) / now.Sub(v.rateAt).Seconds()
+		}
+		v.rateAt, v.rateBytes = now, v.sent
+	}
+}

@@ -1,0 +1,100 @@
+// Package monitor exports what AX does and sees as Prometheus metrics (and,
+// later, application health from the in-guest agent).
+package monitor
+
+import (
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metrics are axd's Prometheus metrics, all prefixed ax_ and labelled by VM.
+type Metrics struct {
+	Epochs        *prometheus.CounterVec
+	Pause         *prometheus.HistogramVec
+	DirtyPages    *prometheus.HistogramVec
+	BytesSent     *prometheus.CounterVec
+	CommitLatency *prometheus.HistogramVec
+	ReplLag       *prometheus.GaugeVec
+	Failovers     *prometheus.CounterVec
+	Level         *prometheus.GaugeVec
+	Protected     *prometheus.GaugeVec
+	SyncProgress  *prometheus.GaugeVec
+	PeerHeard     *prometheus.GaugeVec
+	Witness       prometheus.Gauge
+}
+
+// Levels as exported by ax_vm_level.
+var levelValue = map[string]float64{"none": 0, "ha": 1, "ft": 2}
+
+// NewMetrics creates and registers the metrics with reg.
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	ms := func(b ...float64) []float64 { return b }
+	m := &Metrics{
+		Epochs: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "ax_epochs_total", Help: "FT checkpoints taken on the primary."}, []string{"vm"}),
+		Pause: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "ax_pause_seconds", Help: "Time the guest was paused per checkpoint (stop to cont).",
+			Buckets: ms(.001, .002, .005, .01, .015, .02, .03, .05, .1, .2, .5)}, []string{"vm"}),
+		DirtyPages: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "ax_dirty_pages", Help: "Dirty 4 KiB pages per checkpoint.",
+			Buckets: prometheus.ExponentialBuckets(1, 4, 10)}, []string{"vm"}),
+		BytesSent: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "ax_replication_bytes_total", Help: "Page and device-state bytes sent to the secondary."}, []string{"vm"}),
+		CommitLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "ax_commit_latency_seconds", Help: "From a checkpoint's pause to its commit on the secondary.",
+			Buckets: ms(.005, .01, .02, .05, .1, .2, .5, 1, 2, 5)}, []string{"vm"}),
+		ReplLag: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "ax_replication_lag_epochs", Help: "Checkpoints taken but not yet committed."}, []string{"vm"}),
+		Failovers: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "ax_failovers_total", Help: "VMs this host took over from a failed or departing partner."}, []string{"vm"}),
+		Level: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "ax_vm_level", Help: "Availability level asked for the VM: 0 none, 1 HA, 2 FT."}, []string{"vm", "role"}),
+		Protected: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "ax_vm_protected", Help: "1 when the VM is protected at its level now, 0 when not (alarm)."}, []string{"vm"}),
+		SyncProgress: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "ax_sync_progress_ratio", Help: "Initial synchronisation progress, 0 to 1."}, []string{"vm"}),
+		PeerHeard: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "ax_peer_heard", Help: "1 when the partner's heartbeats arrive on the path."}, []string{"peer", "path"}),
+		Witness: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "ax_witness_reachable", Help: "1 when the witness answered the last lease request."}),
+	}
+	reg.MustRegister(m.Epochs, m.Pause, m.DirtyPages, m.BytesSent, m.CommitLatency, m.ReplLag,
+		m.Failovers, m.Level, m.Protected, m.SyncProgress, m.PeerHeard, m.Witness)
+	return m
+}
+
+// SetLevel exports vm's level and role, replacing an earlier role's series.
+func (m *Metrics) SetLevel(vm, role, level string) {
+	m.Level.DeletePartialMatch(prometheus.Labels{"vm": vm})
+	m.Level.WithLabelValues(vm, role).Set(levelValue[level])
+}
+
+// ObservePause records one checkpoint's pause and dirty set.
+func (m *Metrics) ObservePause(vm string, pause time.Duration, dirty int) {
+	m.Epochs.WithLabelValues(vm).Inc()
+	m.Pause.WithLabelValues(vm).Observe(pause.Seconds())
+	m.DirtyPages.WithLabelValues(vm).Observe(float64(dirty))
+}
+
+// Forget removes every series of vm (it left this host).
+func (m *Metrics) Forget(vm string) {
+	for _, v := range []interface {
+		DeletePartialMatch(prometheus.Labels) int
+	}{m.Epochs, m.Pause, m.DirtyPages, m.BytesSent, m.CommitLatency, m.ReplLag, m.Level, m.Protected, m.SyncProgress} {
+		v.DeletePartialMatch(prometheus.Labels{"vm": vm})
+	}
+}
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// SetPeer exports what is heard of peer on each path.
+func (m *Metrics) SetPeer(peer string, repl, mgmt bool) {
+	m.PeerHeard.WithLabelValues(peer, "replication").Set(b2f(repl))
+	m.PeerHeard.WithLabelValues(peer, "management").Set(b2f(mgmt))
+}

@@ -1,0 +1,237 @@
+package lab
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/axproject/ax/ax/api"
+)
+
+// Ports of AX's services on the lab hosts.
+const (
+	ReplPort    = 7400 // TCP streams and UDP heartbeats on the replication link
+	MgmtPort    = 7401 // UDP heartbeats on the management network
+	WitnessPort = 7402
+	MetricsPort = 9400
+)
+
+// Socket is the axd API socket of host h.
+func (l *Lab) Socket(h string) string { return filepath.Join(l.StateDir, "axd-"+h+".sock") }
+
+// Client returns an API client for host h's axd.
+func (l *Lab) Client(h string) *api.Client { return api.NewClient(l.Socket(h)) }
+
+// AxdStateDir is host h's axd state directory (replicas live here, on tmpfs).
+func (l *Lab) AxdStateDir(h string) string { return filepath.Join(l.ShmDir, "axd-"+h) }
+
+// MetricsAddr is where host h's axd serves /metrics (inside the lab).
+func MetricsAddr(h string) string { return fmt.Sprintf("%s:%d", HostAddrs[h].Mgmt, MetricsPort) }
+
+// DaemonConfig tunes the lab's axd processes.
+type DaemonConfig struct {
+	Axd   string        // path of the axd binary
+	Epoch time.Duration // FT epoch; default axd's
+	Extra []string      // more flags for both hosts' axd
+}
+
+// StartDaemons starts the witness on w and axd on a and b, each knowing the
+// other as its partner, and waits until they serve.
+func (l *Lab) StartDaemons(ctx context.Context, cfg DaemonConfig) error {
+	if err := l.loadState(); err != nil {
+		return err
+	}
+	psk := filepath.Join(l.StateDir, "psk")
+	if _, err := os.Stat(psk); err != nil {
+		key := make([]byte, 32)
+		rand.Read(key)
+		if err := os.WriteFile(psk, []byte(hex.EncodeToString(key)+"\n"), 0o600); err != nil {
+			return err
+		}
+	}
+	witness := fmt.Sprintf("%s:%d", HostAddrs[HostW].Mgmt, WitnessPort)
+	if err := l.startProc(ctx, HostW, "axd-witness", cfg.Axd, "--witness", "--listen", witness, "--psk-file", psk); err != nil {
+		return err
+	}
+	for _, h := range []string{HostA, HostB} {
+		if err := l.StartAxd(ctx, h, cfg); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// StartAxd starts (or restarts) host h's axd.
+func (l *Lab) StartAxd(ctx context.Context, h string, cfg DaemonConfig) error {
+	if err := l.loadState(); err != nil {
+		return err
+	}
+	other := HostB
+	if h == HostB {
+		other = HostA
+	}
+	stateDir := l.AxdStateDir(h)
+	if !contains(l.state.Files, l.ShmDir) {
+		os.MkdirAll(l.ShmDir, 0o755)
+		if err := l.recordFile(l.ShmDir); err != nil {
+			return err
+		}
+	}
+	args := []string{
+		"--host", h, "--socket", l.Socket(h), "--state-dir", stateDir,
+		"--repl-listen", fmt.Sprintf("%s:%d", HostAddrs[h].Repl, ReplPort),
+		"--mgmt-listen", fmt.Sprintf("%s:%d", HostAddrs[h].Mgmt, MgmtPort),
+		"--peer", fmt.Sprintf("%s=%s:%d,%s:%d", other, HostAddrs[other].Repl, ReplPort, HostAddrs[other].Mgmt, MgmtPort),
+		"--witness-addr", fmt.Sprintf("%s:%d", HostAddrs[HostW].Mgmt, WitnessPort),
+		"--metrics", MetricsAddr(h),
+		"--psk-file", filepath.Join(l.StateDir, "psk"),
+	}
+	if cfg.Epoch > 0 {
+		args = append(args, "--epoch", cfg.Epoch.String())
+	}
+	args = append(args, cfg.Extra...)
+	os.Remove(l.Socket(h))
+	if err := l.startProc(ctx, h, "axd-"+h, cfg.Axd, args...); err != nil {
+		return err
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, err := l.Client(h).Status(ctx); err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("axd on %s did not start; see %s", h, filepath.Join(l.StateDir, "axd-"+h+".log"))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func (l *Lab) loadState() error {
+	if l.state != nil {
+		return nil
+	}
+	s, err := l.State()
+	if err != nil {
+		return err
+	}
+	l.state = s
+	return nil
+}
+
+// startProc starts a lab process in host h's namespace, detached, its
+// output appended to <state>/<name>.log, and records it.
+func (l *Lab) startProc(ctx context.Context, h, name, bin string, args ...string) error {
+	logf, err := os.OpenFile(filepath.Join(l.StateDir, name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return err
+	}
+	defer logf.Close()
+	cmd := exec.Command("ip", append([]string{"netns", "exec", l.Netns(h), bin}, args...)...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start %s: %w", name, err)
+	}
+	go cmd.Wait()
+	ticks, err := procStartTicks(cmd.Process.Pid)
+	if err != nil {
+		return fmt.Errorf("start %s: it exited at once; see %s", name, logf.Name())
+	}
+	l.state.Procs = append(l.state.Procs, Proc{Name: name, PID: cmd.Process.Pid, StartTicks: ticks})
+	return l.state.save()
+}
+
+// netnsPIDs lists the processes whose network namespace is ns.
+func netnsPIDs(ns string) []int {
+	var st syscall.Stat_t
+	if err := syscall.Stat("/run/netns/"+ns, &st); err != nil {
+		return nil
+	}
+	want := fmt.Sprintf("net:[%d]", st.Ino)
+	entries, _ := os.ReadDir("/proc")
+	var pids []int
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		if link, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/net", pid)); err == nil && link == want {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// KillHost is the sudden death of host h: every process in its namespace
+// (QEMU, axd) is killed with SIGKILL and its links are cut.
+func (l *Lab) KillHost(ctx context.Context, h string) error {
+	for _, pid := range netnsPIDs(l.Netns(h)) {
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
+	return l.CutLinks(ctx, h)
+}
+
+// ReviveHost brings host h's links back up (after KillHost); its daemons
+// are started again with StartAxd.
+func (l *Lab) ReviveHost(ctx context.Context, h string) error {
+	for _, link := range []string{PublicLink, MgmtLink, ReplLink} {
+		if err := ip(ctx, "-n", l.Netns(h), "link", "set", link, "up"); err != nil && !strings.Contains(err.Error(), "Cannot find device") {
+			return err
+		}
+	}
+	// The guest's tap is stale (its QEMU died); remove it so a guest
+	// coming back here can plug in afresh.
+	for _, vm := range l.state.VMs {
+		if vm.Host == h {
+			ip(ctx, "-n", l.Netns(h), "link", "del", vm.Tap)
+		}
+	}
+	return nil
+}
+
+// killNamespaceProcs ends every process still inside the lab's namespaces:
+// guests that an axd started (replicas promoted), which the lab did not
+// record itself.
+func (l *Lab) killNamespaceProcs(nss []string) {
+	var pids []int
+	for _, ns := range nss {
+		pids = append(pids, netnsPIDs(ns)...)
+	}
+	for _, pid := range pids {
+		syscall.Kill(pid, syscall.SIGTERM)
+	}
+	deadline := time.Now().Add(3 * time.Second)
+	for _, pid := range pids {
+		for time.Now().Before(deadline) && syscall.Kill(pid, 0) == nil {
+			if isZombie(pid) {
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
+}
+
+func isZombie(pid int) bool {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return true
+	}
+	s := string(data)
+	i := strings.LastIndexByte(s, ')')
+	return i >= 0 && len(s) > i+2 && s[i+2] == 'Z'
+}
+
+// DefineGuest registers a lab guest with its host's axd.
+func (l *Lab) DefineGuest(ctx context.Context, vm *VM) error {
+	spec := api.VMSpec{Name: vm.Name, PID: vm.PID, Guest: vm.Spec, Bridge: PublicBridge}
+	return l.Client(vm.Host).Define(ctx, spec)
+}
