@@ -18,10 +18,12 @@ import (
 
 const cliUsage = `usage: axctl lab <command> [flags]
 
-  up       create the lab's hosts and networks and boot a guest on host a
+  up       create the lab's hosts and networks, boot a guest on host a, start axd
+           on a and b and the witness on w
   down     remove everything the lab made (safe to repeat, also after a crash)
   status   show what the lab has and whether it still runs
-  demo     up, serve a ledger client, verify, down; ends with a key=value summary
+  demo     up, ledger client, FT protection, host a killed, guest resumed on b, down;
+           ends with a key=value summary
   bench    time lab up, guest boot to first ack and teardown over --runs cycles
 
 flags (all commands):
@@ -31,12 +33,13 @@ flags (up, demo):
   --modules DIR     the kernel's lib/modules/<version> directory, with --kernel
   --accel MODE      auto, kvm or tcg (default auto: kvm only where it really works)
   --ram MIB         guest RAM (default 256)
-  --dirty MIBPS     memory dirtier rate in the guest (default 0: off)
+  --dirty MIBPS     memory dirtier rate in the guest (default 0: off; demo: 4)
   --guest-bin DIR   where ax-workload is (default: beside axctl)
   --no-guest        (up) create hosts and networks only
   --keep            (demo) leave the lab up at the end
   --records N       (demo) ledger records to append (default 100)
   --rate N          (demo) appends per second (default 50)
+  --run-for D       (demo) protected running time before host a is killed (default 10s)
   --runs N          (bench) cycles to time (default 3)
   --json            (status) machine-readable output`
 
@@ -47,6 +50,7 @@ type labFlags struct {
 	noGuest, keep, json                                bool
 	records, runs                                      int
 	rate                                               float64
+	runFor                                             time.Duration
 }
 
 // Main runs `axctl lab …`.
@@ -71,6 +75,7 @@ func Main(ctx context.Context, args []string, out io.Writer, log *slog.Logger) e
 	fs.BoolVar(&f.json, "json", false, "")
 	fs.IntVar(&f.records, "records", 100, "")
 	fs.IntVar(&f.runs, "runs", 3, "")
+	fs.DurationVar(&f.runFor, "run-for", 10*time.Second, "")
 	fs.Float64Var(&f.rate, "rate", 50, "")
 	if cmd == "help" || cmd == "-h" || cmd == "--help" {
 		fmt.Fprintln(out, cliUsage)
@@ -81,6 +86,11 @@ func Main(ctx context.Context, args []string, out io.Writer, log *slog.Logger) e
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("lab %s: unexpected argument %q (see: axctl lab help)", cmd, fs.Arg(0))
+	}
+	dirtySet := false
+	fs.Visit(func(fl *flag.Flag) { dirtySet = dirtySet || fl.Name == "dirty" })
+	if cmd == "demo" && !dirtySet {
+		f.dirty = 4 // the demo runs the memory dirtier unless told otherwise
 	}
 	switch f.accel {
 	case "auto", "kvm", "tcg":
@@ -134,7 +144,7 @@ func (f labFlags) imageConfig(log *slog.Logger) (image.Config, error) {
 }
 
 func (f labFlags) demoConfig() DemoConfig {
-	return DemoConfig{flags: f, Records: f.records, Rate: f.rate, Keep: f.keep}
+	return DemoConfig{flags: f, Records: f.records, Rate: f.rate, Keep: f.keep, RunFor: f.runFor}
 }
 
 func cliUp(ctx context.Context, l *Lab, f labFlags, out io.Writer, log *slog.Logger) error {

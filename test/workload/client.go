@@ -32,9 +32,11 @@ type ClientResult struct {
 	Reconnects int // reconnections made
 }
 
-// Ack is one acknowledged record as kept in the client's record file.
+// Ack is one acknowledged record as kept in the client's record file, one
+// line each: "ACK <seq> <unix-ms when the ack arrived> <text>".
 type Ack struct {
 	Seq  uint64
+	Time time.Time
 	Text string
 }
 
@@ -113,7 +115,7 @@ func RunClient(ctx context.Context, cfg ClientConfig) (ClientResult, error) {
 			conn = nil
 			continue
 		}
-		if _, err := fmt.Fprintf(rec, "ACK %d %s\n", seq, text); err != nil {
+		if _, err := fmt.Fprintf(rec, "ACK %d %d %s\n", seq, time.Now().UnixMilli(), text); err != nil {
 			return res, fmt.Errorf("ledger client: write record file: %w", err)
 		}
 		res.Acked++
@@ -148,15 +150,19 @@ func ReadRecord(path string) ([]Ack, error) {
 	var acks []Ack
 	s := bufio.NewScanner(f)
 	for line := 1; s.Scan(); line++ {
-		fields := strings.SplitN(s.Text(), " ", 3)
-		if len(fields) != 3 || fields[0] != "ACK" {
+		fields := strings.SplitN(s.Text(), " ", 4)
+		if len(fields) != 4 || fields[0] != "ACK" {
 			return nil, fmt.Errorf("record file %s line %d: malformed %q", path, line, s.Text())
 		}
 		seq, err := strconv.ParseUint(fields[1], 10, 64)
 		if err != nil {
 			return nil, fmt.Errorf("record file %s line %d: bad sequence number: %w", path, line, err)
 		}
-		acks = append(acks, Ack{Seq: seq, Text: fields[2]})
+		ms, err := strconv.ParseInt(fields[2], 10, 64)
+		if err != nil {
+			return nil, fmt.Errorf("record file %s line %d: bad time: %w", path, line, err)
+		}
+		acks = append(acks, Ack{Seq: seq, Time: time.UnixMilli(ms), Text: fields[3]})
 	}
 	return acks, s.Err()
 }

@@ -144,7 +144,7 @@ func TestClientReconnectsAndRecordsOnlyAcks(t *testing.T) {
 
 func TestReadRecordRejectsMalformed(t *testing.T) {
 	p := filepath.Join(t.TempDir(), "bad.rec")
-	os.WriteFile(p, []byte("ACK 1 a\nNAK 2 b\n"), 0o644)
+	os.WriteFile(p, []byte("ACK 1 1700000000000 a\nNAK 2 1700000000000 b\n"), 0o644)
 	if _, err := ReadRecord(p); err == nil || !strings.Contains(err.Error(), "line 2") {
 		t.Fatalf("err = %v, want a complaint about line 2", err)
 	}
