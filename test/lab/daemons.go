@@ -1,10 +1,13 @@
 package lab
 
 import (
+	"bufio"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -234,4 +237,30 @@ func isZombie(pid int) bool {
 func (l *Lab) DefineGuest(ctx context.Context, vm *VM) error {
 	spec := api.VMSpec{Name: vm.Name, PID: vm.PID, Guest: vm.Spec, Bridge: PublicBridge}
 	return l.Client(vm.Host).Define(ctx, spec)
+}
+
+// Scrape fetches http://addr/metrics from host from's namespace.
+func (l *Lab) Scrape(ctx context.Context, from, addr string) (string, error) {
+	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	conn, err := l.DialFrom(dctx, from, addr)
+	if err != nil {
+		return "", err
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(conn, "GET /metrics HTTP/1.0\r\nHost: %s\r\n\r\n", addr)
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return "", err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("scrape %s: %s", addr, resp.Status)
+	}
+	return string(body), nil
 }

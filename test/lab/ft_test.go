@@ -1,0 +1,236 @@
+package lab
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/axproject/ax/ax/api"
+)
+
+func TestTickContinuity(t *testing.T) {
+	cases := []struct {
+		name      string
+		pre, post string
+		at, first uint64
+		wantErr   bool
+	}{
+		{"clean boundary", "AXTICK 1\nAXTICK 2\n", "AXTICK 3\nAXTICK 4\n", 2, 3, false},
+		{"boundary inside a line", "AXTICK 1\nAXTICK 2\nAXTI", "CK 3\nAXTICK 4\n", 2, 3, false},
+		{"kernel noise between", "AXTICK 7\n", "[ 1.2] virtio_net: link up\nAXTICK 8\n", 7, 8, false},
+		{"resumed from boot", "AXTICK 7\n", "AXTICK 1\nAXTICK 2\n", 7, 1, true},
+		{"resumed from a later state", "AXTICK 7\n", "AXTICK 9\n", 7, 9, true},
+		{"no tick after", "AXTICK 7\n", "", 7, 0, true},
+	}
+	for _, c := range cases {
+		at, first, err := TickContinuity([]byte(c.pre), []byte(c.post))
+		if (err != nil) != c.wantErr || at != c.at || first != c.first {
+			t.Errorf("%s: got %d, %d, %v; want %d, %d, error %v", c.name, at, first, err, c.at, c.first, c.wantErr)
+		}
+	}
+}
+
+// ftLab brings up a lab with a guest (memory dirtier on) and both axd.
+func ftLab(t *testing.T, prefix string) (*Lab, *VM, string, DaemonConfig) {
+	t.Helper()
+	requireLab(t)
+	ctx := context.Background()
+	l, err := Open(Config{Prefix: prefix})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Down(ctx)
+	if err := l.Up(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			for _, h := range []string{HostA, HostB} {
+				if data, err := os.ReadFile(filepath.Join(l.StateDir, "axd-"+h+".log")); err == nil {
+					t.Logf("axd-%s log (tail):\n%s", h, tail(string(data), 40))
+				}
+			}
+		}
+		if err := l.Down(context.Background()); err != nil {
+			t.Errorf("down: %v", err)
+		}
+		if left := l.Leftovers(nil); len(left) > 0 {
+			t.Errorf("teardown left: %v", left)
+		}
+	})
+	img := testImage(t)
+	vm, err := l.StartGuest(ctx, GuestConfig{Kernel: img.Kernel, Initrd: img.Initrd, Dirty: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.WaitServing(ctx, vm, 120*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	dcfg := DaemonConfig{Axd: axdBinary(t)}
+	if err := l.StartDaemons(ctx, dcfg); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.DefineGuest(ctx, vm); err != nil {
+		t.Fatal(err)
+	}
+	return l, vm, filepath.Join(guestBinaries(t), "ax-workload"), dcfg
+}
+
+func tail(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+func axdBinary(t *testing.T) string {
+	t.Helper()
+	dir := guestBinaries(t)
+	p := filepath.Join(dir, "axd")
+	if _, err := os.Stat(p); err == nil {
+		return p
+	}
+	cmd := exec.Command("go", "build", "-o", p, "github.com/axproject/ax/cmd/axd")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build axd: %v %s", err, out)
+	}
+	return p
+}
+
+// trialRun is how long each trial runs protected before its host is
+// killed: at least 30 s, plus a random part so the kill lands at a random
+// moment of the epoch cycle. AX_FT_TRIAL_RUN overrides the 30 s (local use).
+func trialRun() time.Duration {
+	base := 30 * time.Second
+	if d, err := time.ParseDuration(os.Getenv("AX_FT_TRIAL_RUN")); err == nil {
+		base = d
+	}
+	return base + time.Duration(rand.Int64N(int64(2*time.Second)))
+}
+
+// TestIntegrationFTFailoverTrials is the FT claim: ten times, the primary
+// host is killed (QEMU and axd by SIGKILL, links cut) at a random moment
+// while the memory dirtier and a ledger client run; each time the partner
+// resumes the guest from its last committed checkpoint — the tick goes on
+// from the value at that checkpoint, the console shows no kernel fault, the
+// ledger answers. The VM then moves back the other way, re-protected from
+// the survivor towards the revived host.
+func TestIntegrationFTFailoverTrials(t *testing.T) {
+	l, vm, bin, dcfg := ftLab(t, "itft")
+	ctx := context.Background()
+	trials := 10
+	if n, err := strconv.Atoi(os.Getenv("AX_FT_TRIALS")); err == nil {
+		trials = n // local use
+	}
+	from, to := HostA, HostB
+	var failovers []time.Duration
+	for i := 1; i <= trials; i++ {
+		record := filepath.Join(l.StateDir, fmt.Sprintf("trial%d.rec", i))
+		tr, err := l.FailoverTrial(ctx, vm.Name, from, to, trialRun(), bin, record)
+		if err != nil {
+			t.Fatalf("trial %d (%s → %s): %v", i, from, to, err)
+		}
+		t.Logf("trial %d %s→%s: failover %.2f s, epoch %d, tick %d → %d, pause p50 %.1f ms, acked %d, missing after failover %d (no output commit yet)",
+			i, from, to, tr.Failover.Seconds(), tr.LastEpoch, tr.TickAtCommit, tr.FirstTick, tr.PauseP50MS, tr.Acked, tr.Lost)
+		failovers = append(failovers, tr.Failover)
+		if i == 1 {
+			checkFailoverMetric(t, l, to, vm.Name)
+		}
+		if err := l.RecoverHost(ctx, from, dcfg); err != nil {
+			t.Fatalf("trial %d: recover %s: %v", i, from, err)
+		}
+		from, to = to, from
+	}
+	t.Logf("failover times: %v", failovers)
+}
+
+// checkFailoverMetric scrapes host h's axd (from the witness host, over the
+// management network) and expects one failover of vm.
+func checkFailoverMetric(t *testing.T, l *Lab, h, vm string) {
+	t.Helper()
+	body, err := l.Scrape(context.Background(), HostW, MetricsAddr(h))
+	if err != nil {
+		t.Fatalf("scrape %s: %v", h, err)
+	}
+	want := fmt.Sprintf(`ax_failovers_total{vm="%s"} 1`, vm)
+	if !strings.Contains(body, want) {
+		var got []string
+		for _, line := range strings.Split(body, "\n") {
+			if strings.HasPrefix(line, "ax_") {
+				got = append(got, line)
+			}
+		}
+		t.Errorf("metrics of %s lack %q; ax_ series:\n%s", h, want, strings.Join(got, "\n"))
+	}
+}
+
+// TestIntegrationFTReplicationLinkCut: with the replication link cut while
+// the witness and the management network see both hosts, b must not
+// promote, a must go on running its guest unprotected and raise the alarm;
+// when the link returns, protection resumes by itself.
+func TestIntegrationFTReplicationLinkCut(t *testing.T) {
+	l, vm, _, _ := ftLab(t, "itcut")
+	ctx := context.Background()
+	ca, cb := l.Client(HostA), l.Client(HostB)
+	if err := l.protectAndWait(ctx, ca, vm.Name, HostB); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * time.Second)
+	tickBefore, _ := LastTick(vm.Console)
+	if err := l.SetLink(ctx, HostA, ReplLink, false); err != nil {
+		t.Fatal(err)
+	}
+	// Well past the promotion delay.
+	deadline := time.Now().Add(5 * time.Second)
+	alarmSeen := false
+	for time.Now().Before(deadline) {
+		sb, err := l.vmStatus(ctx, cb, vm.Name)
+		if err != nil || sb.Role != api.RoleSecondary {
+			t.Fatalf("b promoted or lost the replica while a was alive: %+v %v\nevents on b: %s", sb, err, l.eventsText(ctx, cb))
+		}
+		if sa, err := l.vmStatus(ctx, ca, vm.Name); err == nil && sa.State == "unprotected" && sa.Alarm != "" {
+			alarmSeen = true
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if !alarmSeen {
+		sa, _ := l.vmStatus(ctx, ca, vm.Name)
+		t.Fatalf("a did not report the VM unprotected with an alarm: %+v", sa)
+	}
+	if tick, _ := LastTick(vm.Console); tick < tickBefore+30 {
+		t.Fatalf("guest on a stalled while unprotected: tick %d → %d", tickBefore, tick)
+	}
+	evs, _ := ca.Events(ctx, 0)
+	alarmEvent := false
+	for _, e := range evs {
+		alarmEvent = alarmEvent || e.Kind == "alarm"
+	}
+	if !alarmEvent {
+		t.Error("no alarm event on a")
+	}
+	if err := l.SetLink(ctx, HostA, ReplLink, true); err != nil {
+		t.Fatal(err)
+	}
+	deadline = time.Now().Add(30 * time.Second)
+	for {
+		sa, _ := l.vmStatus(ctx, ca, vm.Name)
+		if sa.State == "protected" && time.Since(sa.LastCommit) < time.Second {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("protection did not resume after the link returned: %+v", sa)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if sb, err := l.vmStatus(ctx, cb, vm.Name); err != nil || sb.State != "ready" {
+		t.Fatalf("b after the link returned: %+v %v", sb, err)
+	}
+}
