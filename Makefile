@@ -47,6 +47,7 @@ lab-status: build ## show the lab
 
 bench: deps build ## benchmark report: lab timings and Go benchmarks
 	$(BIN)/axctl lab bench --prefix axbench
+	$(BIN)/axctl lab bench-ft --prefix axbench
 	$(GO) test -run=NONE -bench=. -benchtime=20x ./...
 
 generate: ## rebuild generated code

@@ -61,6 +61,11 @@ type VMStatus struct {
 	CommitAgeMS   float64   `json:"commit_age_ms"`   // age of the last commit
 	PauseMS       float64   `json:"pause_ms"`        // last pause, stop → cont
 	PauseP50MS    float64   `json:"pause_p50_ms"`    // median of recent pauses
+	PauseP99MS    float64   `json:"pause_p99_ms"`    // 99th percentile of recent pauses
+	ScanP50MS     float64   `json:"scan_p50_ms"`     // dirty-page scan inside the pause (median)
+	DevSaveP50MS  float64   `json:"devsave_p50_ms"`  // device-state save inside the pause (median)
+	DirtyTotal    uint64    `json:"dirty_total"`     // dirty pages sent in checkpoints since protection began
+	BytesTotal    uint64    `json:"bytes_total"`     // bytes sent in checkpoints since protection began
 	DirtyPages    int       `json:"dirty_pages"`     // in the last checkpoint
 	BytesPerSec   float64   `json:"bytes_per_sec"`   // replication rate
 	SyncSent      int       `json:"sync_sent"`       // initial sync progress

@@ -119,6 +119,7 @@ func (d *Daemon) protect(name string, req api.ProtectRequest) error {
 		v.roleV, v.level, v.peer, v.state, v.alarm = api.RolePrimary, api.LevelFT, req.Peer, "syncing", ""
 		v.cancel, v.done, v.finish = cancel, make(chan struct{}), make(chan chan finishResult)
 		v.epoch, v.committed, v.lastCommit, v.pauses, v.syncSent, v.syncTotal = 0, 0, time.Time{}, nil, 0, 0
+		v.scans, v.devSaves, v.dirtyTotal, v.sent = nil, nil, 0, 0
 		start = true
 		d.wg.Add(2)
 		go func() {
@@ -278,7 +279,7 @@ func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 			}
 		},
 		Epoch: func(e ft.EpochStats) {
-			v.notePause(e.Epoch, e.Pause, e.DirtyPages, e.Bytes)
+			v.notePause(e.Epoch, e.Pause, e.Scan, e.DevSave, e.DirtyPages, e.Bytes)
 			d.metrics.ObservePause(spec.Name, e.Pause, e.DirtyPages)
 			n := sender.BytesSent()
 			d.metrics.BytesSent.WithLabelValues(spec.Name).Add(float64(n - lastSent))

@@ -32,6 +32,9 @@ type vmState struct {
 	lastCommit time.Time
 	pause      time.Duration
 	pauses     []time.Duration // recent, for the median
+	scans      []time.Duration
+	devSaves   []time.Duration
+	dirtyTotal uint64
 	dirty      int
 	sent       uint64
 	rateAt     time.Time
@@ -79,23 +82,38 @@ func (v *vmState) status() api.VMStatus {
 	if !v.lastCommit.IsZero() {
 		s.CommitAgeMS = ms(time.Since(v.lastCommit))
 	}
-	if len(v.pauses) > 0 {
-		p := append([]time.Duration(nil), v.pauses...)
-		sort.Slice(p, func(i, j int) bool { return p[i] < p[j] })
-		s.PauseP50MS = ms(p[len(p)/2])
-	}
+	s.PauseP50MS, s.PauseP99MS = quantile(v.pauses, 0.5), quantile(v.pauses, 0.99)
+	s.ScanP50MS, s.DevSaveP50MS = quantile(v.scans, 0.5), quantile(v.devSaves, 0.5)
+	s.DirtyTotal, s.BytesTotal = v.dirtyTotal, v.sent
 	return s
 }
 
+// quantile returns the q-quantile of ds in milliseconds (0 if empty).
+func quantile(ds []time.Duration, q float64) float64 {
+	if len(ds) == 0 {
+		return 0
+	}
+	p := append([]time.Duration(nil), ds...)
+	sort.Slice(p, func(i, j int) bool { return p[i] < p[j] })
+	return ms(p[min(len(p)-1, int(q*float64(len(p))))])
+}
+
+// keep appends d to a window of the most recent 1024 values.
+func keep(w []time.Duration, d time.Duration) []time.Duration {
+	w = append(w, d)
+	if len(w) > 1024 {
+		w = w[len(w)-1024:]
+	}
+	return w
+}
+
 // notePause records one checkpoint's pause and size.
-func (v *vmState) notePause(epoch uint64, pause time.Duration, dirty, bytes int) {
+func (v *vmState) notePause(epoch uint64, pause, scan, devSave time.Duration, dirty, bytes int) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	v.epoch, v.pause, v.dirty = epoch, pause, dirty
-	v.pauses = append(v.pauses, pause)
-	if len(v.pauses) > 512 {
-		v.pauses = v.pauses[len(v.pauses)-512:]
-	}
+	v.pauses, v.scans, v.devSaves = keep(v.pauses, pause), keep(v.scans, scan), keep(v.devSaves, devSave)
+	v.dirtyTotal += uint64(dirty)
 	v.sent += uint64(bytes)
 	if now := time.Now(); now.Sub(v.rateAt) >= time.Second {
 		if !v.rateAt.IsZero() {

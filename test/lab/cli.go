@@ -25,6 +25,7 @@ const cliUsage = `usage: axctl lab <command> [flags]
   demo     up, ledger client, FT protection, host a killed, guest resumed on b, down;
            ends with a key=value summary
   bench    time lab up, guest boot to first ack and teardown over --runs cycles
+  bench-ft FT's pause, epochs/s, guest slowdown, bytes per page, failover time
 
 flags (all commands):
   --prefix NAME     lab name; labs with different prefixes run side by side (default ax)
@@ -41,6 +42,7 @@ flags (up, demo):
   --rate N          (demo) appends per second (default 50)
   --run-for D       (demo) protected running time before host a is killed (default 10s)
   --runs N          (bench) cycles to time (default 3)
+  --window D        (bench-ft) length of each measuring window (default 8s)
   --json            (status) machine-readable output`
 
 type labFlags struct {
@@ -50,7 +52,7 @@ type labFlags struct {
 	noGuest, keep, json                                bool
 	records, runs                                      int
 	rate                                               float64
-	runFor                                             time.Duration
+	runFor, window                                     time.Duration
 }
 
 // Main runs `axctl lab …`.
@@ -76,6 +78,7 @@ func Main(ctx context.Context, args []string, out io.Writer, log *slog.Logger) e
 	fs.IntVar(&f.records, "records", 100, "")
 	fs.IntVar(&f.runs, "runs", 3, "")
 	fs.DurationVar(&f.runFor, "run-for", 10*time.Second, "")
+	fs.DurationVar(&f.window, "window", 8*time.Second, "")
 	fs.Float64Var(&f.rate, "rate", 50, "")
 	if cmd == "help" || cmd == "-h" || cmd == "--help" {
 		fmt.Fprintln(out, cliUsage)
@@ -123,6 +126,11 @@ func Main(ctx context.Context, args []string, out io.Writer, log *slog.Logger) e
 		return Demo(ctx, l, f.demoConfig(), out, log)
 	case "bench":
 		return Bench(ctx, l, f, f.runs, out, log)
+	case "bench-ft":
+		if !dirtySet {
+			f.dirty = 4
+		}
+		return BenchFT(ctx, l, f, f.window, out, log)
 	}
 	return fmt.Errorf("lab: unknown command %q (see: axctl lab help)", cmd)
 }

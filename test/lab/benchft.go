@@ -1,0 +1,140 @@
+package lab
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"path/filepath"
+	"sort"
+	"time"
+
+	"github.com/axproject/ax/ax/api"
+	"github.com/axproject/ax/ax/dirty"
+)
+
+// BenchFT reports FT's costs on the lab guest (memory dirtier at f.dirty
+// MiB/s, axd's default 50 ms epochs), measured side by side in one run:
+// pause median and p99, epochs per second, guest slowdown (tick rate while
+// protected ÷ unprotected, windows alternated), bytes per dirty page,
+// failover time — beside this machine's page-hash bandwidth and the device
+// state save time, the limits the pause is made of.
+func BenchFT(ctx context.Context, l *Lab, f labFlags, window time.Duration, out io.Writer, log *slog.Logger) (err error) {
+	icfg, err := f.imageConfig(log)
+	if err != nil {
+		return err
+	}
+	if err := l.Up(ctx); err != nil {
+		return err
+	}
+	defer func() {
+		if derr := l.Down(context.Background()); derr != nil && err == nil {
+			err = derr
+		}
+	}()
+	vm, err := bootGuest(ctx, l, f, icfg, io.Discard)
+	if err != nil {
+		return err
+	}
+	if err := startDaemons(ctx, l, f, vm); err != nil {
+		return err
+	}
+	hashGBs, err := hashBandwidth(vm.RAMFile, int64(vm.RAMMiB)<<20)
+	if err != nil {
+		return err
+	}
+	ca := l.Client(HostA)
+	tickRate := func() (float64, error) {
+		t0, n0 := time.Now(), mustTick(vm.Console)
+		select {
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		case <-time.After(window):
+		}
+		return float64(mustTick(vm.Console)-n0) / time.Since(t0).Seconds(), nil
+	}
+	var unprot, prot, epochsPerSec []float64
+	var last api.VMStatus
+	for round := 0; round < 2; round++ {
+		r, err := tickRate()
+		if err != nil {
+			return err
+		}
+		unprot = append(unprot, r)
+		if err := l.protectAndWait(ctx, ca, vm.Name, HostB); err != nil {
+			return err
+		}
+		s0, _ := l.vmStatus(ctx, ca, vm.Name)
+		t0 := time.Now()
+		if r, err = tickRate(); err != nil {
+			return err
+		}
+		prot = append(prot, r)
+		last, _ = l.vmStatus(ctx, ca, vm.Name)
+		epochsPerSec = append(epochsPerSec, float64(last.Epoch-s0.Epoch)/time.Since(t0).Seconds())
+		if round == 0 {
+			if err := ca.Unprotect(ctx, vm.Name); err != nil {
+				return err
+			}
+		}
+	}
+	bytesPerPage := 0.0
+	if last.DirtyTotal > 0 {
+		bytesPerPage = float64(last.BytesTotal) / float64(last.DirtyTotal)
+	}
+	bin := icfg.Binaries[0]
+	tr, err := l.FailoverTrial(ctx, vm.Name, HostA, HostB, 3*time.Second, bin, filepath.Join(l.StateDir, "bench.rec"))
+	if err != nil {
+		return err
+	}
+	slowdown := mean(prot) / mean(unprot)
+	fmt.Fprintf(out, "FT bench: guest %d MiB, 1 vCPU, %s, memory dirtier %g MiB/s, 50 ms epochs, windows of %s alternated\n", vm.RAMMiB, vm.Accel, f.dirty, window)
+	fmt.Fprintf(out, "  pause (stop→cont)         median %.1f ms, p99 %.1f ms   (target median ≤ 15 ms)\n", last.PauseP50MS, last.PauseP99MS)
+	fmt.Fprintf(out, "    of which dirty scan     median %.1f ms; device-state save median %.1f ms\n", last.ScanP50MS, last.DevSaveP50MS)
+	fmt.Fprintf(out, "  epochs per second         %.1f\n", mean(epochsPerSec))
+	fmt.Fprintf(out, "  guest tick rate           unprotected %.2f/s, protected %.2f/s, ratio %.3f   (target ≥ 0.75)\n", mean(unprot), mean(prot), slowdown)
+	fmt.Fprintf(out, "  bytes sent per dirty page %.0f (4096 of page data; the rest is device state, %d pages over %d epochs)\n", bytesPerPage, last.DirtyTotal, last.Epoch)
+	fmt.Fprintf(out, "  failover (kill → first tick on b) %.2f s   (target ≤ 2 s)\n", tr.Failover.Seconds())
+	fmt.Fprintf(out, "  limits here: page hash %.1f GB/s (256 MiB in %.1f ms), device-state save %.1f ms\n", hashGBs, 256/1024.0/hashGBs*1000, last.DevSaveP50MS)
+	fmt.Fprintf(out, "bench_ft pause_ms_p50=%.1f pause_ms_p99=%.1f epochs_per_s=%.1f slowdown_ratio=%.3f bytes_per_dirty_page=%.0f failover_s=%.2f hash_gb_s=%.1f devsave_ms=%.1f\n",
+		last.PauseP50MS, last.PauseP99MS, mean(epochsPerSec), slowdown, bytesPerPage, tr.Failover.Seconds(), hashGBs, last.DevSaveP50MS)
+	return nil
+}
+
+func mustTick(console string) uint64 {
+	n, _ := LastTick(console)
+	return n
+}
+
+func mean(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	s := 0.0
+	for _, x := range v {
+		s += x
+	}
+	return s / float64(len(v))
+}
+
+// hashBandwidth times full hash scans of the guest's RAM file (median of 5).
+func hashBandwidth(path string, size int64) (float64, error) {
+	t, err := dirty.NewHashTracker(path, dirty.HashOptions{Size: size})
+	if err != nil {
+		return 0, err
+	}
+	defer t.Close()
+	var d []time.Duration
+	var buf []uint64
+	for i := 0; i < 6; i++ {
+		t0 := time.Now()
+		if buf, err = t.Scan(buf[:0]); err != nil {
+			return 0, err
+		}
+		if i > 0 { // the first scan also maps every page: not the steady state
+			d = append(d, time.Since(t0))
+		}
+	}
+	sort.Slice(d, func(i, j int) bool { return d[i] < d[j] })
+	return float64(size) / d[len(d)/2].Seconds() / 1e9, nil
+}
