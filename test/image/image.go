@@ -261,6 +261,10 @@ func debianKernel(ctx context.Context, cacheDir, meta string, log *slog.Logger) 
 		return "", "", fmt.Errorf("%w: unpack %s: %s", ErrNoKernel, debs[0], lastLine(out))
 	}
 	if err := os.Rename(root, dir); err != nil {
+		// Another build (a parallel test) may have unpacked it first.
+		if k, m, ok := unpackedKernel(dir); ok {
+			return k, m, nil
+		}
 		return "", "", fmt.Errorf("kernel cache: %w", err)
 	}
 	if k, m, ok := unpackedKernel(dir); ok {
