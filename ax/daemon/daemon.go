@@ -57,6 +57,11 @@ type Config struct {
 	// secondary waits in silence before asking the witness.
 	FenceAfter   time.Duration
 	PromoteAfter time.Duration
+	// StaleAfter: a secondary that, beyond SilenceTimeout, hears its
+	// primary on the management network only for this long marks its
+	// replica stale. A primary releases held output when unprotected only
+	// after SilenceTimeout + 2×StaleAfter.
+	StaleAfter time.Duration
 	// LeaseTTL is the witness's lease length (used to judge our own lease).
 	LeaseTTL time.Duration
 	Log      *slog.Logger
@@ -89,6 +94,9 @@ func (c *Config) defaults() error {
 	}
 	if c.PromoteAfter <= 0 {
 		c.PromoteAfter = 800 * time.Millisecond
+	}
+	if c.StaleAfter <= 0 {
+		c.StaleAfter = 300 * time.Millisecond
 	}
 	if c.LeaseTTL <= 0 {
 		c.LeaseTTL = time.Second

@@ -62,7 +62,7 @@ func (d *Daemon) openReplica(name string, payload []byte, remote net.Addr) (*rep
 	v.set(func(v *vmState) {
 		v.spec, v.replica, v.peer = ss.Spec, rep, ss.Primary
 		v.roleV, v.level, v.state, v.alarm = api.RoleSecondary, api.LevelFT, "syncing", ""
-		v.committed, v.epoch, v.handover, v.promoting = 0, 0, false, false
+		v.committed, v.epoch, v.handover, v.promoting, v.stale = 0, 0, false, false, false
 	})
 	d.metrics.SetLevel(name, api.RoleSecondary, api.LevelFT)
 	d.event(name, "replica", fmt.Sprintf("receiving %s from %s (%s)", name, ss.Primary, remote))
@@ -131,12 +131,31 @@ func (d *Daemon) checkSecondary(ctx context.Context, v *vmState) {
 	var peer string
 	var rep *replication.Replica
 	var promoting, handover bool
-	v.set(func(v *vmState) { peer, rep, promoting, handover = v.peer, v.replica, v.promoting, v.handover })
-	if promoting || rep == nil || !rep.Usable() {
+	stale := false
+	v.set(func(v *vmState) {
+		peer, rep, promoting, handover, stale = v.peer, v.replica, v.promoting, v.handover, v.stale
+	})
+	if promoting || stale || rep == nil || !rep.Usable() {
 		return
 	}
 	pv := d.hb.View(peer)
 	if !handover {
+		// The replication link is down but the primary is alive: it runs
+		// on unprotected and lets its guest's output out, so this replica
+		// falls behind what clients saw and must never be resumed. The
+		// condition must last, so that a host dying (both paths going
+		// silent within a heartbeat of each other) is not mistaken for it.
+		if !pv.ReplHeard && pv.MgmtHeard && pv.ReplAge > d.cfg.SilenceTimeout+d.cfg.StaleAfter {
+			stale := false
+			v.set(func(v *vmState) {
+				stale = v.stale
+				v.stale, v.state, v.alarm = true, "stale", "replication link down while the primary runs: replica unusable until resynchronised"
+			})
+			if !stale {
+				d.event(v.name, "stale", "replication link down while the primary runs: this replica will not be resumed")
+			}
+			return
+		}
 		if pv.ReplHeard || pv.MgmtHeard {
 			v.set(func(v *vmState) { v.silentSince, v.waitNoted = time.Time{}, false })
 			return

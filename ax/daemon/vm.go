@@ -51,6 +51,7 @@ type vmState struct {
 	waitNoted     bool
 	promoting     bool
 	handover      bool
+	stale         bool // the primary ran on without this replica: never resume it
 }
 
 type finishResult struct {

@@ -190,12 +190,15 @@ func TestIntegrationFTReplicationLinkCut(t *testing.T) {
 	}
 	// Well past the promotion delay.
 	deadline := time.Now().Add(5 * time.Second)
-	alarmSeen := false
+	alarmSeen, staleSeen := false, false
 	for time.Now().Before(deadline) {
 		sb, err := l.vmStatus(ctx, cb, vm.Name)
 		if err != nil || sb.Role != api.RoleSecondary {
 			t.Fatalf("b promoted or lost the replica while a was alive: %+v %v\nevents on b: %s", sb, err, l.eventsText(ctx, cb))
 		}
+		// a runs on without b: b's replica falls behind what clients see
+		// and must be marked unusable.
+		staleSeen = staleSeen || sb.State == "stale"
 		if sa, err := l.vmStatus(ctx, ca, vm.Name); err == nil && sa.State == "unprotected" && sa.Alarm != "" {
 			alarmSeen = true
 		}
@@ -204,6 +207,9 @@ func TestIntegrationFTReplicationLinkCut(t *testing.T) {
 	if !alarmSeen {
 		sa, _ := l.vmStatus(ctx, ca, vm.Name)
 		t.Fatalf("a did not report the VM unprotected with an alarm: %+v", sa)
+	}
+	if !staleSeen {
+		t.Error("b did not mark its replica stale while a ran on unprotected")
 	}
 	if tick, _ := LastTick(vm.Console); tick < tickBefore+30 {
 		t.Fatalf("guest on a stalled while unprotected: tick %d → %d", tickBefore, tick)
