@@ -383,8 +383,13 @@ func (d *Daemon) guardPrimary(ctx context.Context, v *vmState) {
 			return
 		case <-t.C:
 		}
-		peer := ""
-		v.set(func(v *vmState) { peer = v.peer })
+		peer, handingOver := "", false
+		v.set(func(v *vmState) { peer, handingOver = v.peer, v.handingOver })
+		if handingOver {
+			// Planned failover: the lease is left to expire for the partner;
+			// this copy stays paused until it has taken over.
+			continue
+		}
 		if d.wit != nil && time.Since(lastRenew) >= d.cfg.LeaseTTL/4 {
 			lastRenew = time.Now()
 			rctx, cancel := context.WithTimeout(ctx, d.cfg.LeaseTTL/4)
@@ -479,15 +484,27 @@ func (d *Daemon) plannedFailover(ctx context.Context, name string) error {
 		}
 		return fmt.Errorf("planned failover of %s: %w (the guest runs on here)", name, r.err)
 	}
+	v.set(func(v *vmState) { v.handingOver = true })
 	d.event(name, "handover", fmt.Sprintf("final checkpoint %d committed on %s; handing over", r.epoch, peer))
 	// Keep the paused copy until the partner holds the VM's lease, so a
 	// failed handover can resume here.
 	deadline := time.Now().Add(10 * time.Second)
-	for d.wit != nil && time.Now().Before(deadline) {
+	tookOver := d.wit == nil
+	for !tookOver && time.Now().Before(deadline) {
 		if li, err := d.wit.Query(ctx, name); err == nil && li.Holder == peer {
+			tookOver = true
 			break
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+	if !tookOver {
+		// The partner did not take over: resume here rather than lose the VM.
+		v.set(func(v *vmState) { v.handingOver = false })
+		if merr == nil {
+			mon.Cont(ctx)
+			mon.Close()
+		}
+		return fmt.Errorf("planned failover of %s: %s did not take over within 10 s; the guest resumed here", name, peer)
 	}
 	if merr == nil {
 		mon.Quit(ctx)

@@ -24,24 +24,25 @@ type vmState struct {
 	tracker string
 
 	// primary
-	cancel     context.CancelFunc
-	done       chan struct{}
-	finish     chan chan finishResult // planned failover request
-	epoch      uint64
-	committed  uint64
-	lastCommit time.Time
-	pause      time.Duration
-	pauses     []time.Duration // recent, for the median
-	scans      []time.Duration
-	devSaves   []time.Duration
-	dirtyTotal uint64
-	dirty      int
-	sent       uint64
-	rateAt     time.Time
-	rateBytes  uint64
-	rate       float64
-	syncSent   int
-	syncTotal  int
+	cancel      context.CancelFunc
+	done        chan struct{}
+	finish      chan chan finishResult // planned failover request
+	handingOver bool
+	epoch       uint64
+	committed   uint64
+	lastCommit  time.Time
+	pause       time.Duration
+	pauses      []time.Duration // recent, for the median
+	scans       []time.Duration
+	devSaves    []time.Duration
+	dirtyTotal  uint64
+	dirty       int
+	sent        uint64
+	rateAt      time.Time
+	rateBytes   uint64
+	rate        float64
+	syncSent    int
+	syncTotal   int
 
 	// secondary
 	replica       *replication.Replica

@@ -240,3 +240,70 @@ func TestIntegrationFTReplicationLinkCut(t *testing.T) {
 		t.Fatalf("b after the link returned: %+v %v", sb, err)
 	}
 }
+
+// TestIntegrationFTPlannedFailover: axctl failover moves a protected guest
+// to its partner: final checkpoint with the guest paused, handover, the
+// partner resumes it exactly there, the old copy ends.
+func TestIntegrationFTPlannedFailover(t *testing.T) {
+	l, vm, _, _ := ftLab(t, "itplan")
+	ctx := context.Background()
+	ca, cb := l.Client(HostA), l.Client(HostB)
+	if err := l.protectAndWait(ctx, ca, vm.Name, HostB); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * time.Second)
+	t0 := time.Now()
+	if err := ca.Failover(ctx, vm.Name); err != nil {
+		t.Fatalf("failover: %v\nevents on a: %s\nevents on b: %s", err, l.eventsText(ctx, ca), l.eventsText(ctx, cb))
+	}
+	var sb api.VMStatus
+	var err error
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		sb, err = l.vmStatus(ctx, cb, vm.Name)
+		if err == nil && sb.Role == api.RoleLocal && sb.State == "running" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("on b: %+v %v\nevents on b: %s", sb, err, l.eventsText(ctx, cb))
+		}
+	}
+	t.Logf("planned failover: guest running on b %.2f s after the request", time.Since(t0).Seconds())
+	if _, err := l.vmStatus(ctx, ca, vm.Name); err == nil {
+		t.Error("a still lists the VM after handing it over")
+	}
+	if err := waitDead(vm.PID, 5*time.Second); err != nil {
+		t.Errorf("the old QEMU on a: %v", err)
+	}
+	var post []byte
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if post, _ = os.ReadFile(sb.Console); strings.Contains(string(post), "AXTICK ") {
+			break
+		}
+	}
+	pre, _ := os.ReadFile(vm.Console)
+	if sb.ConsoleOffset < 0 || sb.ConsoleOffset > int64(len(pre)) {
+		t.Fatalf("console offset %d of %d", sb.ConsoleOffset, len(pre))
+	}
+	if len(pre) != int(sb.ConsoleOffset) {
+		t.Errorf("a's guest printed after its final checkpoint: %d bytes beyond offset %d", len(pre)-int(sb.ConsoleOffset), sb.ConsoleOffset)
+	}
+	at, first, err := TickContinuity(pre[:sb.ConsoleOffset], post)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("tick %d at the final checkpoint, %d first on b", at, first)
+	if err := l.pingLedger(ctx, fmt.Sprintf("%s:%d", vm.IP, LedgerPort)); err != nil {
+		t.Fatalf("ledger on b: %v", err)
+	}
+}
+
+func waitDead(pid int, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		if isZombie(pid) {
+			return nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return fmt.Errorf("pid %d still runs", pid)
+}
