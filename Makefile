@@ -4,7 +4,7 @@ BIN       := bin
 PREFIX    ?= ax
 LABFLAGS  ?=
 # Packages whose kernel-dependent tests run inside a lab guest on Debian's 6.1 kernel.
-GUESTPKGS ?= github.com/axproject/ax/ax/dirty
+GUESTPKGS ?= github.com/axproject/ax/ax/dirty github.com/axproject/ax/monitor/agent/guest:TestIntegrationVsock
 GOTEST    := $(GO) test -count=1 -timeout 40m
 
 .DEFAULT_GOAL := help
