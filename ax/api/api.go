@@ -37,6 +37,17 @@ type VMSpec struct {
 	Bridge string `json:"bridge"`
 	// Tracker selects dirty-page tracking: auto, hash or soft-dirty.
 	Tracker string `json:"tracker,omitempty"`
+	// Policy is what axd does when an application the in-guest agent
+	// checks fails: notify (default), restart-app, restart-vm or failover.
+	Policy string `json:"policy,omitempty"`
+}
+
+// AppHealth is one application the in-guest agent checks.
+type AppHealth struct {
+	Check  string    `json:"check"`
+	Health string    `json:"health"` // healthy, degraded, failed, unknown
+	Since  time.Time `json:"since"`
+	Detail string    `json:"detail,omitempty"`
 }
 
 // ProtectRequest asks axd to protect a defined VM.
@@ -75,6 +86,9 @@ type VMStatus struct {
 	Link          string    `json:"link"`            // replication link: up, down
 	Witness       string    `json:"witness"`         // reachable, unreachable, none
 	Alarm         string    `json:"alarm,omitempty"` // why the VM is not protected, if it is not
+	// The in-guest agent: connected, and the health of what it checks.
+	Agent string      `json:"agent"` // connected, silent, none
+	Apps  []AppHealth `json:"apps,omitempty"`
 }
 
 // Status is the whole host.

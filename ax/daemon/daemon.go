@@ -23,6 +23,7 @@ import (
 	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/ax/witness"
 	"github.com/axproject/ax/monitor"
+	"github.com/axproject/ax/monitor/agent"
 	"github.com/axproject/ax/replication"
 )
 
@@ -113,9 +114,11 @@ type Daemon struct {
 	log     *slog.Logger
 	metrics *monitor.Metrics
 	reg     *prometheus.Registry
-	hb      *replication.Heartbeats
-	repl    *replication.Server
-	wit     *witness.Client // nil without a witness
+
+	agentMetrics *agent.Metrics
+	hb           *replication.Heartbeats
+	repl         *replication.Server
+	wit          *witness.Client // nil without a witness
 
 	mu      sync.Mutex
 	vms     map[string]*vmState
@@ -135,7 +138,7 @@ func New(cfg Config) (*Daemon, error) {
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	d := &Daemon{cfg: cfg, log: cfg.Log, reg: reg, metrics: monitor.NewMetrics(reg), vms: map[string]*vmState{}}
+	d := &Daemon{cfg: cfg, log: cfg.Log, reg: reg, metrics: monitor.NewMetrics(reg), agentMetrics: agent.NewMetrics(reg), vms: map[string]*vmState{}}
 	hb, err := replication.NewHeartbeats(cfg.Host, cfg.PSK, cfg.SilenceTimeout, cfg.Log)
 	if err != nil {
 		return nil, err

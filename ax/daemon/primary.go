@@ -71,10 +71,13 @@ func (d *Daemon) define(spec api.VMSpec) error {
 			return fmt.Errorf("VM %s is %s here; unprotect it before redefining it", spec.Name, r)
 		}
 		v.set(func(v *vmState) { v.spec = spec })
+		go d.startAgent(v)
 		return nil
 	}
-	d.vms[spec.Name] = &vmState{name: spec.Name, spec: spec, level: api.LevelNone, roleV: api.RoleLocal, state: "running", consoleOffset: -1}
+	v := &vmState{name: spec.Name, spec: spec, level: api.LevelNone, roleV: api.RoleLocal, state: "running", consoleOffset: -1}
+	d.vms[spec.Name] = v
 	d.metrics.SetLevel(spec.Name, api.RoleLocal, api.LevelNone)
+	go d.startAgent(v)
 	return nil
 }
 
@@ -511,6 +514,7 @@ func (d *Daemon) plannedFailover(ctx context.Context, name string) error {
 		mon.Close()
 	}
 	d.unprotectLocal(v)
+	d.stopAgent(v)
 	d.mu.Lock()
 	delete(d.vms, name)
 	d.mu.Unlock()

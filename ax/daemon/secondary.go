@@ -279,6 +279,7 @@ func (d *Daemon) promote(ctx context.Context, v *vmState) error {
 		v.replica = nil
 	})
 	rep.Close()
+	d.startAgent(v)
 	d.metrics.Failovers.WithLabelValues(v.name).Inc()
 	d.metrics.SetLevel(v.name, api.RoleLocal, api.LevelNone)
 	d.event(v.name, "promoted", fmt.Sprintf("resumed %s from epoch %d of %s in %.0f ms; it runs here unprotected (re-protect with: axctl protect %s --level ft --peer HOST)",

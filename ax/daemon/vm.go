@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/axproject/ax/ax/api"
+	"github.com/axproject/ax/monitor/agent"
 	"github.com/axproject/ax/replication"
 )
 
@@ -43,6 +44,10 @@ type vmState struct {
 	rate        float64
 	syncSent    int
 	syncTotal   int
+
+	// in-guest agent of a VM running here
+	agent       *agent.Monitor
+	agentCancel context.CancelFunc
 
 	// secondary
 	replica       *replication.Replica
@@ -87,6 +92,7 @@ func (v *vmState) status() api.VMStatus {
 	s.PauseP50MS, s.PauseP99MS = quantile(v.pauses, 0.5), quantile(v.pauses, 0.99)
 	s.ScanP50MS, s.DevSaveP50MS = quantile(v.scans, 0.5), quantile(v.devSaves, 0.5)
 	s.DirtyTotal, s.BytesTotal = v.dirtyTotal, v.sent
+	s.Agent, s.Apps = agentStatus(v.agent)
 	return s
 }
 

@@ -49,6 +49,7 @@ func (m *fakeMonitor) Status(context.Context) (string, error)     { return "runn
 func (m *fakeMonitor) LoadIncoming(context.Context, string) error { return nil }
 func (m *fakeMonitor) Announce(context.Context) error             { return nil }
 func (m *fakeMonitor) Quit(context.Context) error                 { return nil }
+func (m *fakeMonitor) Reset(context.Context) error                { return nil }
 func (m *fakeMonitor) Close() error                               { return nil }
 
 // fakeTracker returns scripted dirty sets.

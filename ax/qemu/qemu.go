@@ -30,6 +30,8 @@ type Monitor interface {
 	LoadIncoming(ctx context.Context, uri string) error
 	// Announce makes the guest's NICs announce their MACs (RARP/GARP).
 	Announce(ctx context.Context) error
+	// Reset resets the guest (a hard reboot, QMP system_reset).
+	Reset(ctx context.Context) error
 	// Quit ends QEMU.
 	Quit(ctx context.Context) error
 	Close() error
@@ -155,6 +157,11 @@ func (q *QMP) LoadIncoming(ctx context.Context, uri string) error {
 
 func (q *QMP) Announce(ctx context.Context) error {
 	_, err := q.run(ctx, "announce-self", map[string]any{"initial": 50, "max": 550, "rounds": 5, "step": 100})
+	return err
+}
+
+func (q *QMP) Reset(ctx context.Context) error {
+	_, err := q.run(ctx, "system_reset", nil)
 	return err
 }
 

@@ -6,6 +6,8 @@ package image
 //	ax.dirty=MIBPS       memory dirtier rate (0: off)
 //	ax.dirtysize=MIB     memory the dirtier cycles through
 //	ax.tick=DURATION     interval of the console tick
+//	ax.agent=0           do not start ax-agent (default: start it when present)
+//	ax.flood=1           a hostile agent: garbage into the agent port instead
 //
 // It prints AXINIT lines on the console so the lab can follow the boot.
 const LabInit = `#!/bin/busybox sh
@@ -17,13 +19,15 @@ mount -t devtmpfs devtmpfs /dev
 for m in $(cat /etc/ax/modules); do
 	insmod /lib/modules/$m || echo "AXINIT insmod $m failed"
 done
-IP=; DIRTY=0; DIRTYSIZE=64; TICK=100ms
+IP=; DIRTY=0; DIRTYSIZE=64; TICK=100ms; AGENT=1; FLOOD=0
 for kv in $(cat /proc/cmdline); do
 	case "$kv" in
 	ax.ip=*) IP="${kv#ax.ip=}" ;;
 	ax.dirty=*) DIRTY="${kv#ax.dirty=}" ;;
 	ax.dirtysize=*) DIRTYSIZE="${kv#ax.dirtysize=}" ;;
 	ax.tick=*) TICK="${kv#ax.tick=}" ;;
+	ax.agent=*) AGENT="${kv#ax.agent=}" ;;
+	ax.flood=*) FLOOD="${kv#ax.flood=}" ;;
 	esac
 done
 ip link set lo up
@@ -31,11 +35,44 @@ if [ -n "$IP" ]; then
 	ip link set eth0 up
 	ip addr add "$IP" dev eth0
 fi
+# Without udev, name the virtio-serial ports as udev would.
+mkdir -p /dev/virtio-ports
+for p in /sys/class/virtio-ports/*; do
+	[ -e "$p/name" ] && ln -sf "/dev/${p##*/}" "/dev/virtio-ports/$(cat $p/name)"
+done
 /bin/ax-workload ledger >/dev/console 2>&1 &
+/bin/ax-workload app >/dev/console 2>&1 &
+if [ "$FLOOD" = 1 ]; then
+	/bin/ax-workload flood >/dev/console 2>&1 &
+elif [ "$AGENT" != 0 ] && [ -x /bin/ax-agent ] && [ -e /etc/ax/agent.json ]; then
+	/bin/ax-agent -config /etc/ax/agent.json >/dev/console 2>&1 &
+fi
 /bin/ax-workload tick --interval "$TICK" >/dev/console 2>&1 &
 if [ "$DIRTY" != 0 ]; then
 	/bin/ax-workload dirty --size "$DIRTYSIZE" --rate "$DIRTY" >/dev/console 2>&1 &
 fi
 echo "AXINIT up ip=$IP dirty=$DIRTY"
 while :; do sleep 3600; done
+`
+
+// LabAgentConfig is the lab guest's /etc/ax/agent.json: ax-agent checks the
+// monitored application and restarts it when asked to.
+const LabAgentConfig = `{
+  "agent_id": "lab",
+  "transports": ["vsock", "serial"],
+  "vsock_port": 7410,
+  "serial_path": "/dev/virtio-ports/org.axproject.agent.0",
+  "heartbeat": "1s",
+  "checks": [
+    {
+      "name": "app",
+      "kind": "tcp",
+      "address": "127.0.0.1:7001",
+      "interval": "500ms",
+      "timeout": "300ms",
+      "threshold": 2,
+      "recover": {"command": ["/bin/sh", "-c", "/bin/ax-workload app >/dev/console 2>&1 &"], "timeout": "5s", "min_interval": "1s"}
+    }
+  ]
+}
 `

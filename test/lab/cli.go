@@ -144,11 +144,21 @@ func (f labFlags) imageConfig(log *slog.Logger) (image.Config, error) {
 		}
 		dir = filepath.Dir(exe)
 	}
-	bin := filepath.Join(dir, "ax-workload")
-	if _, err := os.Stat(bin); err != nil {
-		return image.Config{}, fmt.Errorf("guest binary ax-workload not found in %s: run make build, or give --guest-bin DIR", dir)
+	var bins []string
+	for _, name := range []string{"ax-workload", "ax-agent"} {
+		bin := filepath.Join(dir, name)
+		if _, err := os.Stat(bin); err != nil {
+			return image.Config{}, fmt.Errorf("guest binary %s not found in %s: run make build, or give --guest-bin DIR", name, dir)
+		}
+		bins = append(bins, bin)
 	}
-	return image.Config{CacheDir: f.cacheDir, Kernel: f.kernel, Modules: f.modules, Binaries: []string{bin}, Log: log}, nil
+	return LabImage(image.Config{CacheDir: f.cacheDir, Kernel: f.kernel, Modules: f.modules, Binaries: bins, Log: log}), nil
+}
+
+// LabImage completes an image config with the lab guest's files.
+func LabImage(c image.Config) image.Config {
+	c.Files = map[string][]byte{"/etc/ax/agent.json": []byte(image.LabAgentConfig)}
+	return c
 }
 
 func (f labFlags) demoConfig() DemoConfig {

@@ -235,7 +235,7 @@ func isZombie(pid int) bool {
 
 // DefineGuest registers a lab guest with its host's axd.
 func (l *Lab) DefineGuest(ctx context.Context, vm *VM) error {
-	spec := api.VMSpec{Name: vm.Name, PID: vm.PID, Guest: vm.Spec, Bridge: PublicBridge}
+	spec := api.VMSpec{Name: vm.Name, PID: vm.PID, Guest: vm.Spec, Bridge: PublicBridge, Policy: "restart-app"}
 	return l.Client(vm.Host).Define(ctx, spec)
 }
 

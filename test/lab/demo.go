@@ -63,7 +63,7 @@ func Demo(ctx context.Context, l *Lab, cfg DemoConfig, out io.Writer, log *slog.
 	}
 	kv("boot_s", secs(time.Since(t1)))
 	kv("accel", vm.Accel)
-	bin := icfg.Binaries[0]
+	bin := icfg.Binaries[0] // ax-workload
 	addr := fmt.Sprintf("%s:%d", vm.IP, LedgerPort)
 
 	// The foundation's check: records appended from host c and read back.

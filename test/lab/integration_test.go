@@ -34,7 +34,7 @@ func guestBinaries(t *testing.T) string {
 		if binErr != nil {
 			return
 		}
-		cmd := exec.Command("go", "build", "-o", binDir+"/", "github.com/axproject/ax/test/cmd/ax-workload")
+		cmd := exec.Command("go", "build", "-o", binDir+"/", "github.com/axproject/ax/test/cmd/ax-workload", "github.com/axproject/ax/cmd/ax-agent")
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := cmd.CombinedOutput(); err != nil {
 			binErr = fmt.Errorf("go build ax-workload: %v: %s", err, out)
@@ -78,7 +78,8 @@ func rootLinks(t *testing.T) string {
 
 func testImage(t *testing.T) *image.Image {
 	t.Helper()
-	img, err := image.Build(context.Background(), image.Config{Binaries: []string{filepath.Join(guestBinaries(t), "ax-workload")}})
+	dir := guestBinaries(t)
+	img, err := image.Build(context.Background(), LabImage(image.Config{Binaries: []string{filepath.Join(dir, "ax-workload"), filepath.Join(dir, "ax-agent")}}))
 	if err != nil {
 		t.Fatalf("guest image: %v", err)
 	}

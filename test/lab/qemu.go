@@ -67,6 +67,8 @@ type GuestConfig struct {
 	RAMFile string
 	// Incoming starts QEMU with -incoming defer (see GuestSpec.Incoming).
 	Incoming bool
+	// Cmdline is appended to the guest kernel's command line (e.g. ax.flood=1).
+	Cmdline string
 }
 
 // StartGuest launches a guest's QEMU in its host's namespace with a tap on
@@ -144,6 +146,9 @@ func (l *Lab) StartGuest(ctx context.Context, cfg GuestConfig) (*VM, error) {
 		spec.Console = filepath.Join(dir, "console.log")
 	}
 	spec.Append = fmt.Sprintf("console=ttyS0 quiet panic=-1 ax.ip=%s/24 ax.dirty=%g ax.tick=%dms", ipAddr, cfg.Dirty, cfg.TickMS)
+	if cfg.Cmdline != "" {
+		spec.Append += " " + cfg.Cmdline
+	}
 	ns := l.Netns(cfg.Host)
 	if err := ip(ctx, "-n", ns, "tuntap", "add", "dev", spec.Tap, "mode", "tap"); err != nil {
 		return nil, err

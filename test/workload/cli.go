@@ -19,6 +19,8 @@ in the guest:
   ledger  --listen :7000                 serve the ledger
   dirty   --size 64 --rate 4             dirty SIZE MiB of memory at RATE MiB/s
   tick    --interval 100ms               print AXTICK <n> lines
+  app     --listen :7001                 the monitored application (PING → PONG, EXIT ends it)
+  flood   --path /dev/virtio-ports/…     a hostile agent: garbage into the agent port
 on a client:
   client  --addr IP:7000 --rate 20 --count 100 --record FILE
   verify  --addr IP:7000 --record FILE   check every acknowledged record is in the ledger`
@@ -66,6 +68,23 @@ func Main(ctx context.Context, args []string, out io.Writer) error {
 			return err
 		}
 		return Tick(ctx, out, *interval)
+	case "app":
+		listen := fs.String("listen", ":7001", "listen address")
+		if err := parse(); err != nil {
+			return err
+		}
+		ln, err := net.Listen("tcp", *listen)
+		if err != nil {
+			return fmt.Errorf("app: %w", err)
+		}
+		fmt.Fprintf(out, "AXAPP listening %s\n", ln.Addr())
+		return App(ctx, ln, func() { os.Exit(3) })
+	case "flood":
+		path := fs.String("path", "/dev/virtio-ports/org.axproject.agent.0", "agent port to flood")
+		if err := parse(); err != nil {
+			return err
+		}
+		return Flood(ctx, *path)
 	case "client":
 		var cfg ClientConfig
 		fs.StringVar(&cfg.Addr, "addr", "", "ledger address host:port")

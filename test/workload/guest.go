@@ -1,9 +1,13 @@
 package workload
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"io"
+	"net"
+	"os"
+	"strings"
 	"time"
 )
 
@@ -58,4 +62,63 @@ func Dirty(ctx context.Context, sizeMiB int, rateMiB float64) (uint64, error) {
 			written++
 		}
 	}
+}
+
+// App is the lab's monitored application: a TCP service that answers PING
+// with PONG and ends the whole process on EXIT, so tests can make it fail
+// from outside and watch the agent and axd bring it back.
+func App(ctx context.Context, ln net.Listener, exit func()) error {
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stop()
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("app: %w", err)
+		}
+		go func() {
+			defer conn.Close()
+			r := bufio.NewReader(conn)
+			for {
+				line, err := readLine(r)
+				if err != nil {
+					return
+				}
+				switch strings.TrimSpace(line) {
+				case "PING":
+					conn.Write([]byte("PONG\n"))
+				case "EXIT":
+					conn.Write([]byte("BYE\n"))
+					exit()
+				default:
+					conn.Write([]byte("ERR use PING or EXIT\n"))
+				}
+			}
+		}()
+	}
+}
+
+// Flood writes garbage to path as fast as it can: a hostile agent, for
+// tests that the host side of agent monitoring withstands one.
+func Flood(ctx context.Context, path string) error {
+	garbage := make([]byte, 4096)
+	for i := range garbage {
+		garbage[i] = byte(i*7 + 3)
+	}
+	for ctx.Err() == nil {
+		f, err := os.OpenFile(path, os.O_WRONLY, 0)
+		if err != nil {
+			time.Sleep(100 * time.Millisecond)
+			continue
+		}
+		for ctx.Err() == nil {
+			if _, err := f.Write(garbage); err != nil {
+				break
+			}
+		}
+		f.Close()
+	}
+	return nil
 }
