@@ -65,9 +65,17 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 }
 
 // SetLevel exports vm's level and role, replacing an earlier role's series.
+// It also creates vm's counters at zero, so dashboards and alert rules see
+// them before their first event.
 func (m *Metrics) SetLevel(vm, role, level string) {
 	m.Level.DeletePartialMatch(prometheus.Labels{"vm": vm})
 	m.Level.WithLabelValues(vm, role).Set(levelValue[level])
+	m.Failovers.WithLabelValues(vm).Add(0)
+	m.Epochs.WithLabelValues(vm).Add(0)
+	m.BytesSent.WithLabelValues(vm).Add(0)
+	if level == "none" {
+		m.Protected.WithLabelValues(vm).Set(0)
+	}
 }
 
 // ObservePause records one checkpoint's pause and dirty set.

@@ -48,6 +48,27 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 // The methods below accept a nil *Metrics, so a Monitor without metrics
 // needs no checks at its call sites.
 
+// initVM creates vm's counters at zero, so dashboards and alert rules see
+// the series (and rate() works) before the first event of each kind.
+func (m *Metrics) initVM(vm string) {
+	if m == nil {
+		return
+	}
+	for _, k := range ActionKinds {
+		m.Actions.WithLabelValues(vm, string(k)).Add(0)
+	}
+	for _, r := range []Reason{ReasonEOF, ReasonMalformed, ReasonTooLarge, ReasonProtocol, ReasonFlood, ReasonIdle, ReasonWrite, ReasonReplaced, ReasonClosed} {
+		m.Disconnects.WithLabelValues(vm, string(r)).Add(0)
+	}
+	for _, r := range []Reason{ReasonMalformed, ReasonTooLarge, ReasonProtocol, ReasonFlood, ReasonIdle, ReasonPenalty, ReasonWrite} {
+		m.Rejected.WithLabelValues(vm, string(r)).Add(0)
+	}
+	for _, st := range []string{"ok", "fail"} {
+		m.Reports.WithLabelValues(vm, st).Add(0)
+	}
+	m.Silent.WithLabelValues(vm).Set(0)
+}
+
 func (m *Metrics) connected(vm string, on bool) {
 	if m != nil {
 		m.Connected.WithLabelValues(vm).Set(b2f(on))

@@ -134,6 +134,7 @@ func NewMonitor(cfg Config) (*Monitor, error) {
 		created: now, evBucket: newBucket(1, EventBurst, now),
 		connects: newBucket(cfg.Limits.ConnectRate, cfg.Limits.ConnectBurst, now)}
 	m.dturn = sync.NewCond(&m.dmu)
+	cfg.Metrics.initVM(cfg.VM)
 	cfg.Metrics.connected(cfg.VM, false)
 	cfg.Metrics.silent(cfg.VM, false)
 	return m, nil

@@ -4,11 +4,15 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/axproject/ax/ax/api"
+	"github.com/axproject/ax/test/testenv"
 )
 
 func appHealth(s api.VMStatus, check string) string {
@@ -143,7 +147,71 @@ func TestIntegrationAgentFlood(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(body, `ax_agent_disconnects_total{reason=`) || !strings.Contains(body, `vm="vm2"`) {
+	if !regexp.MustCompile(`ax_agent_disconnects_total\{reason="[a-z-]+",vm="vm2"\} [1-9]`).MatchString(body) {
 		t.Errorf("no disconnect of vm2's agent in the metrics")
+	}
+	checkPrometheus(t, l)
+}
+
+// checkPrometheus starts a real Prometheus server on host w with AX's alert
+// rules, checks it scrapes both axd, and that every metric name the rules
+// and dashboards use is in what the two axd export now (a live scrape).
+func checkPrometheus(t *testing.T, l *Lab) {
+	t.Helper()
+	testenv.RequireCommand(t, "prometheus", "make deps, or apt-get install prometheus")
+	ctx := context.Background()
+	rules := "../../monitor/prometheus/ax-rules.yml"
+	addr, err := l.StartPrometheus(ctx, rules)
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		body, err := l.HTTPGet(ctx, HostW, addr, "/api/v1/query?query=sum(up%7Bjob%3D%22axd%22%7D)")
+		if err == nil && strings.Contains(body, `"2"]`) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("Prometheus does not scrape both axd: %v %s", err, body)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	body, err := l.HTTPGet(ctx, HostW, addr, "/api/v1/query?query=ax_vm_protected%7Bvm%3D%22vm1%22%7D")
+	if err != nil || !strings.Contains(body, `"1"]`) {
+		t.Errorf("Prometheus query ax_vm_protected{vm=\"vm1\"}: %s %v", body, err)
+	}
+	if body, err := l.HTTPGet(ctx, HostW, addr, "/api/v1/rules"); err != nil || !strings.Contains(body, "AXFTProtectionLost") {
+		t.Errorf("Prometheus did not load AX's rules: %v", err)
+	}
+	live := map[string]bool{}
+	for _, h := range []string{HostA, HostB} {
+		text, err := l.Scrape(ctx, HostW, MetricsAddr(h))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, line := range strings.Split(text, "\n") {
+			if line == "" || line[0] == '#' {
+				continue
+			}
+			name := line
+			if i := strings.IndexAny(line, "{ "); i > 0 {
+				name = line[:i]
+			}
+			live[name] = true
+		}
+	}
+	files, _ := filepath.Glob("../../monitor/grafana/dashboards/*.json")
+	files = append(files, rules)
+	nameRE := regexp.MustCompile(`ax_[a-z_]+`)
+	for _, f := range files {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, n := range nameRE.FindAllString(string(data), -1) {
+			if !live[n] {
+				t.Errorf("%s uses %s, which the live axd do not export", filepath.Base(f), n)
+			}
+		}
 	}
 }

@@ -241,6 +241,11 @@ func (l *Lab) DefineGuest(ctx context.Context, vm *VM) error {
 
 // Scrape fetches http://addr/metrics from host from's namespace.
 func (l *Lab) Scrape(ctx context.Context, from, addr string) (string, error) {
+	return l.HTTPGet(ctx, from, addr, "/metrics")
+}
+
+// HTTPGet fetches http://addr/path from host from's namespace.
+func (l *Lab) HTTPGet(ctx context.Context, from, addr, path string) (string, error) {
 	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	conn, err := l.DialFrom(dctx, from, addr)
@@ -249,7 +254,7 @@ func (l *Lab) Scrape(ctx context.Context, from, addr string) (string, error) {
 	}
 	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(10 * time.Second))
-	fmt.Fprintf(conn, "GET /metrics HTTP/1.0\r\nHost: %s\r\n\r\n", addr)
+	fmt.Fprintf(conn, "GET %s HTTP/1.0\r\nHost: %s\r\n\r\n", path, addr)
 	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
 	if err != nil {
 		return "", err
@@ -260,7 +265,42 @@ func (l *Lab) Scrape(ctx context.Context, from, addr string) (string, error) {
 		return "", err
 	}
 	if resp.StatusCode != http.StatusOK {
-		return "", fmt.Errorf("scrape %s: %s", addr, resp.Status)
+		return "", fmt.Errorf("GET http://%s%s: %s", addr, path, resp.Status)
 	}
 	return string(body), nil
+}
+
+// StartPrometheus runs a Prometheus server on host w that scrapes both
+// hosts' axd every second and loads the given rule files; it serves on
+// w's management address, port 9090.
+func (l *Lab) StartPrometheus(ctx context.Context, ruleFiles ...string) (string, error) {
+	if err := l.loadState(); err != nil {
+		return "", err
+	}
+	dir := filepath.Join(l.StateDir, "prometheus")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", err
+	}
+	var rules strings.Builder
+	for _, f := range ruleFiles {
+		abs, _ := filepath.Abs(f)
+		fmt.Fprintf(&rules, "  - %q\n", abs)
+	}
+	cfg := fmt.Sprintf(`global:
+  scrape_interval: 1s
+  evaluation_interval: 1s
+rule_files:
+%sscrape_configs:
+  - job_name: axd
+    static_configs:
+      - targets: [%q, %q]
+`, rules.String(), MetricsAddr(HostA), MetricsAddr(HostB))
+	conf := filepath.Join(dir, "prometheus.yml")
+	if err := os.WriteFile(conf, []byte(cfg), 0o644); err != nil {
+		return "", err
+	}
+	addr := fmt.Sprintf("%s:9090", HostAddrs[HostW].Mgmt)
+	err := l.startProc(ctx, HostW, "prometheus", "prometheus", "--config.file="+conf,
+		"--storage.tsdb.path="+filepath.Join(dir, "data"), "--web.listen-address="+addr)
+	return addr, err
 }
