@@ -3,7 +3,11 @@ package daemon
 import (
 	"context"
 	"fmt"
+	"net"
+	"os"
 	"time"
+
+	"github.com/mdlayher/vsock"
 
 	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/ax/qemu"
@@ -114,4 +118,39 @@ func agentStatus(m *agent.Monitor) (string, []api.AppHealth) {
 		apps = append(apps, api.AppHealth{Check: a.Check, Health: fmt.Sprint(a.Health), Since: a.Since, Detail: a.Detail})
 	}
 	return state, apps
+}
+
+// serveVsockAgents accepts agents over AF_VSOCK on port and hands each to
+// the monitor of the VM whose QEMU has that guest context ID. Hosts without
+// vsock (no vhost_vsock module) serve agents over virtio-serial only.
+func (d *Daemon) serveVsockAgents(ctx context.Context, port uint32) {
+	// Guests reach the host over vsock only through vhost-vsock; a host
+	// without it may still open AF_VSOCK sockets that nobody can reach.
+	_, err := os.Stat("/dev/vhost-vsock")
+	var ln net.Listener
+	if err == nil {
+		ln, err = vsock.Listen(port, nil)
+	}
+	if err != nil {
+		d.event("", "agent", fmt.Sprintf("agents over virtio-serial only: no vsock here (%v; try: modprobe vhost_vsock)", err))
+		return
+	}
+	d.event("", "agent", fmt.Sprintf("accepting agents over vsock port %d and virtio-serial", port))
+	agent.ServeListener(ctx, ln, func(a net.Addr) *agent.Monitor {
+		cid, ok := agent.VsockContextID(a)
+		if !ok {
+			return nil
+		}
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		for _, v := range d.vms {
+			v.mu.Lock()
+			m, c := v.agent, v.spec.Guest.VsockCID
+			v.mu.Unlock()
+			if m != nil && c == cid {
+				return m
+			}
+		}
+		return nil
+	})
 }

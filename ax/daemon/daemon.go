@@ -65,7 +65,9 @@ type Config struct {
 	StaleAfter time.Duration
 	// LeaseTTL is the witness's lease length (used to judge our own lease).
 	LeaseTTL time.Duration
-	Log      *slog.Logger
+	// AgentVsockPort is the AF_VSOCK port agents connect to (0: 7410).
+	AgentVsockPort uint32
+	Log            *slog.Logger
 }
 
 func (c *Config) defaults() error {
@@ -231,10 +233,18 @@ func (d *Daemon) Run(ctx context.Context, ready func()) error {
 			}
 		}()
 	}
-	d.wg.Add(1)
+	d.wg.Add(2)
 	go func() {
 		defer d.wg.Done()
 		d.watch(ctx)
+	}()
+	go func() {
+		defer d.wg.Done()
+		port := d.cfg.AgentVsockPort
+		if port == 0 {
+			port = 7410
+		}
+		d.serveVsockAgents(ctx, port)
 	}()
 	d.event("", "start", fmt.Sprintf("axd on %s started (epoch %s, tracker %s, witness %q)", d.cfg.Host, d.cfg.Epoch, d.cfg.Tracker, d.cfg.Witness))
 	if ready != nil {

@@ -33,6 +33,10 @@ type Guest struct {
 	// Incoming starts QEMU waiting for device state (-incoming defer), to
 	// resume a replica whose RAM file already holds the guest's memory.
 	Incoming bool `json:"incoming"`
+	// VsockCID, when set, gives the guest a vhost-vsock device with this
+	// context ID (the agent's preferred transport); hosts without
+	// /dev/vhost-vsock use the virtio-serial port only.
+	VsockCID uint32 `json:"vsock_cid,omitempty"`
 }
 
 // Args returns QEMU's command line for the spec. Both hosts must use the same
@@ -61,6 +65,9 @@ func (g Guest) Args() []string {
 	}
 	if g.Accel == "kvm" {
 		args = append(args, "-cpu", "host")
+	}
+	if g.VsockCID > 2 {
+		args = append(args, "-device", fmt.Sprintf("vhost-vsock-pci,guest-cid=%d", g.VsockCID))
 	}
 	if g.Incoming {
 		args = append(args, "-incoming", "defer", "-global", "migration.send-configuration=off")

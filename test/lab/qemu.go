@@ -142,6 +142,9 @@ func (l *Lab) StartGuest(ctx context.Context, cfg GuestConfig) (*VM, error) {
 	if cfg.RAMFile != "" {
 		spec.RAMFile = cfg.RAMFile
 	}
+	if vhostVsock() {
+		spec.VsockCID = l.vsockCID(cfg.Index)
+	}
 	if spec.Console == "" {
 		spec.Console = filepath.Join(dir, "console.log")
 	}
@@ -272,4 +275,24 @@ func LastTick(console string) (uint64, error) {
 		}
 	}
 	return last, nil
+}
+
+// vhostVsock reports whether guests can have a vsock device here.
+func vhostVsock() bool {
+	f, err := os.OpenFile("/dev/vhost-vsock", os.O_RDWR, 0)
+	if err != nil {
+		return false
+	}
+	f.Close()
+	return true
+}
+
+// vsockCID gives guest index a context ID unique to this lab: CIDs are
+// global to the machine, and labs with other prefixes may run beside it.
+func (l *Lab) vsockCID(index int) uint32 {
+	h := uint32(2166136261)
+	for _, c := range []byte(l.Prefix) {
+		h = (h ^ uint32(c)) * 16777619
+	}
+	return 1000 + (h%100000)*16 + uint32(index)
 }
