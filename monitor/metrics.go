@@ -22,6 +22,10 @@ type Metrics struct {
 	SyncProgress  *prometheus.GaugeVec
 	PeerHeard     *prometheus.GaugeVec
 	Witness       prometheus.Gauge
+	HeldFrames    *prometheus.GaugeVec
+	HeldBytes     *prometheus.GaugeVec
+	ReleaseDelay  *prometheus.HistogramVec
+	OutputDrops   *prometheus.GaugeVec
 }
 
 // Levels as exported by ax_vm_level.
@@ -58,9 +62,19 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "ax_peer_heard", Help: "1 when the partner's heartbeats arrive on the path."}, []string{"peer", "path"}),
 		Witness: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "ax_witness_reachable", Help: "1 when the witness answered the last lease request."}),
+		HeldFrames: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "ax_output_held_frames", Help: "Guest frames held until the checkpoint covering them commits."}, []string{"vm"}),
+		HeldBytes: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "ax_output_held_bytes", Help: "Bytes of guest frames held until their checkpoint commits."}, []string{"vm"}),
+		ReleaseDelay: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "ax_output_release_delay_seconds", Help: "From a guest frame's capture to its release after the commit of its checkpoint.",
+			Buckets: ms(.005, .01, .02, .05, .075, .1, .15, .2, .5, 1, 2)}, []string{"vm"}),
+		OutputDrops: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "ax_output_dropped_frames", Help: "Guest frames dropped by the output gate since it was attached, by reason (never released early)."}, []string{"vm", "reason"}),
 	}
 	reg.MustRegister(m.Epochs, m.Pause, m.DirtyPages, m.BytesSent, m.CommitLatency, m.ReplLag,
-		m.Failovers, m.Level, m.Protected, m.SyncProgress, m.PeerHeard, m.Witness)
+		m.Failovers, m.Level, m.Protected, m.SyncProgress, m.PeerHeard, m.Witness,
+		m.HeldFrames, m.HeldBytes, m.ReleaseDelay, m.OutputDrops)
 	return m
 }
 
@@ -89,7 +103,8 @@ func (m *Metrics) ObservePause(vm string, pause time.Duration, dirty int) {
 func (m *Metrics) Forget(vm string) {
 	for _, v := range []interface {
 		DeletePartialMatch(prometheus.Labels) int
-	}{m.Epochs, m.Pause, m.DirtyPages, m.BytesSent, m.CommitLatency, m.ReplLag, m.Level, m.Protected, m.SyncProgress} {
+	}{m.Epochs, m.Pause, m.DirtyPages, m.BytesSent, m.CommitLatency, m.ReplLag, m.Level, m.Protected, m.SyncProgress,
+		m.HeldFrames, m.HeldBytes, m.ReleaseDelay, m.OutputDrops} {
 		v.DeletePartialMatch(prometheus.Labels{"vm": vm})
 	}
 }

@@ -157,6 +157,7 @@ type PeerView struct {
 	ReplHeard, MgmtHeard bool
 	ReplAge, MgmtAge     time.Duration // since the last heartbeat (large if never)
 	HearsMe              bool          // the partner said recently that it hears us
+	LastHeard            time.Time     // the latest heartbeat on either path (zero if never)
 }
 
 // View returns what this host hears of peer.
@@ -173,7 +174,10 @@ func (h *Heartbeats) View(peer string) PeerView {
 		}
 		return time.Since(t)
 	}
-	v := PeerView{ReplAge: age(ph.last[PathRepl]), MgmtAge: age(ph.last[PathMgmt])}
+	v := PeerView{ReplAge: age(ph.last[PathRepl]), MgmtAge: age(ph.last[PathMgmt]), LastHeard: ph.last[PathRepl]}
+	if ph.last[PathMgmt].After(v.LastHeard) {
+		v.LastHeard = ph.last[PathMgmt]
+	}
 	v.ReplHeard = v.ReplAge < h.timeout
 	v.MgmtHeard = v.MgmtAge < h.timeout
 	v.HearsMe = age(ph.hearsMe) < h.timeout

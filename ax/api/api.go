@@ -86,6 +86,10 @@ type VMStatus struct {
 	Link          string    `json:"link"`            // replication link: up, down
 	Witness       string    `json:"witness"`         // reachable, unreachable, none
 	Alarm         string    `json:"alarm,omitempty"` // why the VM is not protected, if it is not
+	// Output is the guest's network output: "held" until its checkpoint
+	// commits, "open" (unprotected, passing), or "not held" (no gate).
+	Output     string `json:"output"`
+	HeldFrames int    `json:"held_frames"`
 	// The in-guest agent: connected, and the health of what it checks.
 	Agent string      `json:"agent"` // connected, silent, none
 	Apps  []AppHealth `json:"apps,omitempty"`

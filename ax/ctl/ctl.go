@@ -143,14 +143,25 @@ func printStatus(out io.Writer, st *api.Status) {
 		return
 	}
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "VM\tLEVEL\tROLE\tPEER\tSTATE\tEPOCH\tCOMMIT AGE\tPAUSE p50\tDIRTY\tRATE\tLINK\tTRACKER")
+	fmt.Fprintln(tw, "VM\tLEVEL\tROLE\tPEER\tSTATE\tEPOCH\tCOMMIT AGE\tPAUSE p50\tDIRTY\tRATE\tLINK\tTRACKER\tOUTPUT\tAPPS")
 	for _, v := range st.VMs {
 		age := "-"
 		if !v.LastCommit.IsZero() {
 			age = fmt.Sprintf("%.0f ms", v.CommitAgeMS)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%s\t%.1f ms\t%d\t%s/s\t%s\t%s\n", v.Name, v.Level, v.Role, dash(v.Peer), v.State,
-			v.Epoch, age, v.PauseP50MS, v.DirtyPages, bytes(v.BytesPerSec), dash(v.Link), dash(v.Tracker))
+		output := v.Output
+		if v.Output == "held" {
+			output = fmt.Sprintf("held (%d)", v.HeldFrames)
+		}
+		var apps []string
+		for _, a := range v.Apps {
+			apps = append(apps, a.Check+"="+a.Health)
+		}
+		if len(apps) == 0 {
+			apps = []string{"agent " + v.Agent}
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%s\t%.1f ms\t%d\t%s/s\t%s\t%s\t%s\t%s\n", v.Name, v.Level, v.Role, dash(v.Peer), v.State,
+			v.Epoch, age, v.PauseP50MS, v.DirtyPages, bytes(v.BytesPerSec), dash(v.Link), dash(v.Tracker), output, strings.Join(apps, " "))
 	}
 	tw.Flush()
 	for _, v := range st.VMs {

@@ -24,6 +24,7 @@ import (
 	"github.com/axproject/ax/ax/witness"
 	"github.com/axproject/ax/monitor"
 	"github.com/axproject/ax/monitor/agent"
+	"github.com/axproject/ax/netbuffer"
 	"github.com/axproject/ax/replication"
 )
 
@@ -67,7 +68,12 @@ type Config struct {
 	LeaseTTL time.Duration
 	// AgentVsockPort is the AF_VSOCK port agents connect to (0: 7410).
 	AgentVsockPort uint32
-	Log            *slog.Logger
+	// OutputCommit holds FT guests' network output until the checkpoint
+	// covering it commits (the eBPF netbuffer). Turning it off loses the
+	// guarantee that clients never see output a failover undoes; tests use
+	// it as the control that shows their check can fail.
+	OutputCommit bool
+	Log          *slog.Logger
 }
 
 func (c *Config) defaults() error {
@@ -386,6 +392,8 @@ func (d *Daemon) watch(ctx context.Context) {
 			switch v.role() {
 			case api.RoleSecondary:
 				d.checkSecondary(ctx, v)
+			case api.RolePrimary:
+				d.gateMetrics(v)
 			}
 		}
 	}
@@ -398,4 +406,19 @@ func b2f(b bool) float64 {
 		return 1
 	}
 	return 0
+}
+
+// gateMetrics exports what a primary's output gate holds and dropped.
+func (d *Daemon) gateMetrics(v *vmState) {
+	var g *netbuffer.Gate
+	v.set(func(v *vmState) { g = v.gate })
+	if g == nil {
+		return
+	}
+	st := g.Stats()
+	d.metrics.HeldFrames.WithLabelValues(v.name).Set(float64(st.HeldFrames))
+	d.metrics.HeldBytes.WithLabelValues(v.name).Set(float64(st.HeldBytes))
+	for reason, n := range st.Dropped {
+		d.metrics.OutputDrops.WithLabelValues(v.name, string(reason)).Set(float64(n))
+	}
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/axproject/ax/ax/ft"
 	"github.com/axproject/ax/ax/qemu"
 	"github.com/axproject/ax/ax/witness"
+	"github.com/axproject/ax/netbuffer"
 	"github.com/axproject/ax/replication"
 )
 
@@ -118,6 +119,24 @@ func (d *Daemon) protect(name string, req api.ProtectRequest) error {
 		if err = checkSpec(v.spec); err != nil {
 			return
 		}
+		if v.nextEpoch == 0 {
+			v.nextEpoch = 1
+		}
+		if d.cfg.OutputCommit {
+			// FT holds the guest's output until the checkpoint covering it
+			// commits: no gate, no FT.
+			if v.spec.Guest.Tap == "" {
+				err = fmt.Errorf("VM %s has no tap in its spec: FT must hold its network output there", name)
+				return
+			}
+			vm := name
+			v.gate, err = netbuffer.Attach(v.spec.Guest.Tap, &netbuffer.Config{FirstEpoch: v.nextEpoch, Log: d.log.With("vm", name),
+				Observer: func(delay time.Duration) { d.metrics.ReleaseDelay.WithLabelValues(vm).Observe(delay.Seconds()) }})
+			if err != nil {
+				err = fmt.Errorf("VM %s: cannot hold its output on tap %s: %w", name, v.spec.Guest.Tap, err)
+				return
+			}
+		}
 		ctx, cancel := context.WithCancel(d.ctx)
 		v.roleV, v.level, v.peer, v.state, v.alarm = api.RolePrimary, api.LevelFT, req.Peer, "syncing", ""
 		v.cancel, v.done, v.finish = cancel, make(chan struct{}), make(chan chan finishResult)
@@ -173,13 +192,32 @@ func (d *Daemon) unprotect(name string) error {
 	}
 	cancel()
 	<-done
+	var gate *netbuffer.Gate
 	v.set(func(v *vmState) {
 		v.roleV, v.level, v.peer, v.state, v.alarm, v.cancel = api.RoleLocal, api.LevelNone, "", "running", "", nil
+		gate, v.gate = v.gate, nil
 	})
+	// The secondary has dropped its replica (bye): what is held can go,
+	// then nothing stays attached.
+	closeGate(gate, true)
 	d.metrics.Forget(name)
 	d.metrics.SetLevel(name, api.RoleLocal, api.LevelNone)
 	d.event(name, "unprotect", "protection ended; the partner drops its replica")
 	return nil
+}
+
+// closeGate releases (or, when the guest must never be seen again,
+// discards) what a gate holds, and detaches it.
+func closeGate(g *netbuffer.Gate, release bool) {
+	if g == nil {
+		return
+	}
+	if release {
+		g.Open()
+	} else {
+		g.Discard()
+	}
+	g.Detach()
 }
 
 // stopAll ends every primary's loop (daemon shutdown); guests keep running.
@@ -222,14 +260,24 @@ func (d *Daemon) runPrimary(ctx context.Context, v *vmState) {
 		if attempt == 0 || attempt%30 == 0 {
 			d.event(v.name, "alarm", "FT protection lost: "+err.Error())
 		}
+		// The guest runs on unprotected: let its output out — but only
+		// once the secondary must have marked its replica stale, so it
+		// can never resume the guest from before that output.
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(time.Second):
+		case <-time.After(d.cfg.SilenceTimeout + 2*d.cfg.StaleAfter + 500*time.Millisecond):
 		}
 		if fenced := v.status().State == "fenced"; fenced {
 			<-ctx.Done()
 			return
+		}
+		var gate *netbuffer.Gate
+		v.set(func(v *vmState) { gate = v.gate })
+		if gate != nil {
+			if err := gate.Open(); err != nil {
+				d.log.Warn("opening the output gate", "vm", v.name, "err", err)
+			}
 		}
 	}
 }
@@ -302,8 +350,24 @@ func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 			}
 		},
 	}
-	loop := ft.NewLoop(ft.Config{Interval: d.cfg.Epoch, StateDir: stateDir, Console: spec.Guest.Console},
-		mon, tracker, ram, &senderStream{s: sender}, nil, obs, d.log.With("vm", spec.Name))
+	var gate *netbuffer.Gate
+	var first uint64
+	v.set(func(v *vmState) { gate, first = v.gate, v.nextEpoch })
+	var og ft.OutputGate
+	if gate != nil {
+		// Hold again from here: output from now on is covered by the
+		// first checkpoint of this stream.
+		if err := gate.NextEpoch(first); err != nil {
+			return err
+		}
+		if err := gate.Hold(); err != nil {
+			return err
+		}
+		og = gate
+	}
+	loop := ft.NewLoop(ft.Config{Interval: d.cfg.Epoch, StateDir: stateDir, Console: spec.Guest.Console, FirstEpoch: first},
+		mon, tracker, ram, &senderStream{s: sender}, og, obs, d.log.With("vm", spec.Name))
+	defer func() { v.set(func(v *vmState) { v.nextEpoch = loop.Taken() + 2 }) }()
 	// A planned failover request is served by the loop.
 	lctx, lcancel := context.WithCancel(ctx)
 	defer lcancel()
@@ -436,8 +500,10 @@ func (d *Daemon) guardPrimary(ctx context.Context, v *vmState) {
 func (d *Daemon) fence(v *vmState, why string) {
 	var spec api.VMSpec
 	var cancel context.CancelFunc
+	var gate *netbuffer.Gate
 	v.set(func(v *vmState) {
-		spec, cancel = v.spec, v.cancel
+		spec, cancel, gate = v.spec, v.cancel, v.gate
+		v.gate = nil
 		v.state, v.alarm = "fenced", "fenced: "+why
 	})
 	if mon, err := qemu.Dial(spec.Guest.QMP, time.Second); err == nil {
@@ -446,6 +512,9 @@ func (d *Daemon) fence(v *vmState, why string) {
 		c()
 		mon.Close()
 	}
+	// Output not covered by a committed checkpoint must never be seen:
+	// the partner may resume the guest from before it.
+	closeGate(gate, false)
 	if cancel != nil {
 		cancel()
 	}
@@ -513,6 +582,9 @@ func (d *Daemon) plannedFailover(ctx context.Context, name string) error {
 		mon.Quit(ctx)
 		mon.Close()
 	}
+	var gate *netbuffer.Gate
+	v.set(func(v *vmState) { gate, v.gate = v.gate, nil })
+	closeGate(gate, false) // everything up to the final checkpoint was released on its commit
 	d.unprotectLocal(v)
 	d.stopAgent(v)
 	d.mu.Lock()

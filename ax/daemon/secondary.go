@@ -62,7 +62,7 @@ func (d *Daemon) openReplica(name string, payload []byte, remote net.Addr) (*rep
 	v.set(func(v *vmState) {
 		v.spec, v.replica, v.peer = ss.Spec, rep, ss.Primary
 		v.roleV, v.level, v.state, v.alarm = api.RoleSecondary, api.LevelFT, "syncing", ""
-		v.committed, v.epoch, v.handover, v.promoting, v.stale = 0, 0, false, false, false
+		v.committed, v.epoch, v.handover, v.promoting, v.stale, v.streamEndedAt = 0, 0, false, false, false, time.Time{}
 	})
 	d.metrics.SetLevel(name, api.RoleSecondary, api.LevelFT)
 	d.event(name, "replica", fmt.Sprintf("receiving %s from %s (%s)", name, ss.Primary, remote))
@@ -117,7 +117,12 @@ func (d *Daemon) streamEnded(name string, bye, handover bool, err error) {
 		d.event(name, "handover", "primary handed the VM over; taking over")
 	default:
 		promoting := false
-		v.set(func(v *vmState) { promoting = v.promoting })
+		v.set(func(v *vmState) {
+			promoting = v.promoting
+			if !promoting {
+				v.streamEndedAt = time.Now()
+			}
+		})
 		if v.role() == api.RoleSecondary && !promoting {
 			d.event(name, "stream", fmt.Sprintf("replication stream ended: %v", err))
 		}
@@ -145,14 +150,19 @@ func (d *Daemon) checkSecondary(ctx context.Context, v *vmState) {
 		// falls behind what clients saw and must never be resumed. The
 		// condition must last, so that a host dying (both paths going
 		// silent within a heartbeat of each other) is not mistaken for it.
-		if !pv.ReplHeard && pv.MgmtHeard && pv.ReplAge > d.cfg.SilenceTimeout+d.cfg.StaleAfter {
+		// Likewise when the stream ended but the primary still sends
+		// heartbeats well after that: it lives, and runs on unprotected.
+		var ended time.Time
+		v.set(func(v *vmState) { ended = v.streamEndedAt })
+		runsOn := !ended.IsZero() && pv.LastHeard.After(ended.Add(d.cfg.StaleAfter))
+		if runsOn || (!pv.ReplHeard && pv.MgmtHeard && pv.ReplAge > d.cfg.SilenceTimeout+d.cfg.StaleAfter) {
 			stale := false
 			v.set(func(v *vmState) {
 				stale = v.stale
-				v.stale, v.state, v.alarm = true, "stale", "replication link down while the primary runs: replica unusable until resynchronised"
+				v.stale, v.state, v.alarm = true, "stale", "the primary runs on without this replica: unusable until resynchronised"
 			})
 			if !stale {
-				d.event(v.name, "stale", "replication link down while the primary runs: this replica will not be resumed")
+				d.event(v.name, "stale", "the primary runs on without this replica (link down or stream lost): it will not be resumed")
 			}
 			return
 		}

@@ -8,6 +8,7 @@ import (
 
 	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/monitor/agent"
+	"github.com/axproject/ax/netbuffer"
 	"github.com/axproject/ax/replication"
 )
 
@@ -58,6 +59,11 @@ type vmState struct {
 	promoting     bool
 	handover      bool
 	stale         bool // the primary ran on without this replica: never resume it
+	streamEndedAt time.Time
+
+	// primary: the output gate, attached while protected
+	gate      *netbuffer.Gate
+	nextEpoch uint64 // first epoch of the next stream (epochs only grow)
 }
 
 type finishResult struct {
@@ -93,6 +99,14 @@ func (v *vmState) status() api.VMStatus {
 	s.ScanP50MS, s.DevSaveP50MS = quantile(v.scans, 0.5), quantile(v.devSaves, 0.5)
 	s.DirtyTotal, s.BytesTotal = v.dirtyTotal, v.sent
 	s.Agent, s.Apps = agentStatus(v.agent)
+	s.Output = "not held"
+	if v.gate != nil {
+		st := v.gate.Stats()
+		s.Output, s.HeldFrames = "held", st.HeldFrames
+		if st.Open {
+			s.Output = "open"
+		}
+	}
 	return s
 }
 

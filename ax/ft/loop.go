@@ -77,6 +77,10 @@ type Config struct {
 	SyncRounds int
 	// SyncBatch is the number of pages per initial-sync frame; default 256.
 	SyncBatch int
+	// FirstEpoch is the first checkpoint's epoch (default 1). Epochs only
+	// grow over a VM's protection, across reconnections, because the
+	// output gate's tags do.
+	FirstEpoch uint64
 }
 
 // EpochStats is reported after every checkpoint is taken.
@@ -135,8 +139,12 @@ func NewLoop(cfg Config, mon qemu.Monitor, tracker dirty.Tracker, ram *RAM, stre
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	if cfg.FirstEpoch == 0 {
+		cfg.FirstEpoch = 1
+	}
 	return &Loop{cfg: cfg, mon: mon, tracker: tracker, ram: ram, stream: stream, gate: gate, obs: obs, log: log,
-		pausedAt: map[uint64]time.Time{}, finishReq: make(chan chan FinishResult)}
+		pausedAt: map[uint64]time.Time{}, finishReq: make(chan chan FinishResult),
+		taken: cfg.FirstEpoch - 1, committed: cfg.FirstEpoch - 1}
 }
 
 // FinishResult is the outcome of Finish.
@@ -165,6 +173,13 @@ func (l *Loop) Finish(ctx context.Context) (uint64, error) {
 	case <-ctx.Done():
 		return 0, ctx.Err()
 	}
+}
+
+// Taken returns the last epoch taken.
+func (l *Loop) Taken() uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.taken
 }
 
 // Committed returns the last epoch the secondary acknowledged.

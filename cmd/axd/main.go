@@ -60,6 +60,7 @@ func run(ctx context.Context, args []string) error {
 	fs.StringVar(&cfg.MetricsListen, "metrics", "", "address to serve Prometheus /metrics on")
 	fs.DurationVar(&cfg.Epoch, "epoch", 50*time.Millisecond, "FT checkpoint interval")
 	fs.StringVar(&cfg.Tracker, "tracker", "auto", "dirty-page tracker: auto, hash or soft-dirty")
+	fs.BoolVar(&cfg.OutputCommit, "output-commit", true, "hold FT guests' network output until its checkpoint commits (off only for tests: clients may then see output a failover undoes)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}

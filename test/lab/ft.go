@@ -114,6 +114,11 @@ type Trial struct {
 // checks the guest resumed on to: continuous ticks, a sane console, a
 // ledger that answers. The ledger client's record is kept in record.
 func (l *Lab) FailoverTrial(ctx context.Context, vm, from, to string, runFor time.Duration, workloadBin, record string) (*Trial, error) {
+	return l.FailoverTrialRate(ctx, vm, from, to, runFor, workloadBin, record, 20)
+}
+
+// FailoverTrialRate is FailoverTrial with the ledger client's rate (appends/s).
+func (l *Lab) FailoverTrialRate(ctx context.Context, vm, from, to string, runFor time.Duration, workloadBin, record string, rate float64) (*Trial, error) {
 	tr := &Trial{From: from, To: to}
 	cf := l.Client(from)
 	if err := l.protectAndWait(ctx, cf, vm, to); err != nil {
@@ -125,7 +130,7 @@ func (l *Lab) FailoverTrial(ctx context.Context, vm, from, to string, runFor tim
 	}
 	fromConsole := st.Console
 	addr := fmt.Sprintf("%s:%d", GuestIP, LedgerPort)
-	client, err := l.StartClient(ctx, workloadBin, addr, 20, record)
+	client, err := l.StartClient(ctx, workloadBin, addr, rate, record)
 	if err != nil {
 		return tr, err
 	}

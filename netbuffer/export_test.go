@@ -1,0 +1,5 @@
+package netbuffer
+
+// SetNoAnchor makes gates attached from now on go without the dispatcher
+// anchor, as they do where it cannot be set up.
+func SetNoAnchor(v bool) { noAnchor = v }
