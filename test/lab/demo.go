@@ -102,8 +102,9 @@ func Demo(ctx context.Context, l *Lab, cfg DemoConfig, out io.Writer, log *slog.
 	}
 	fmt.Fprintf(out, "host a killed after %s; %s resumed on b in %.2f s from epoch %d: tick %d at the checkpoint, %d first on b\n",
 		cfg.RunFor, vm.Name, tr.Failover.Seconds(), tr.LastEpoch, tr.TickAtCommit, tr.FirstTick)
+	fmt.Fprintf(out, "ledger on b: %d of the %d records acknowledged before the kill are there (output held until its checkpoint commits)\n", tr.Acked-tr.Lost, tr.Acked)
 	if tr.Lost > 0 {
-		fmt.Fprintf(out, "note: %d of %d acknowledged records are missing on b — guest output is not yet held until its checkpoint commits (netbuffer is not built yet)\n", tr.Lost, tr.Acked)
+		return fmt.Errorf("demo: %d acknowledged records lost in the failover", tr.Lost)
 	}
 	if cfg.Keep {
 		fmt.Fprintf(out, "lab %s stays up; explore with: axctl lab status --prefix %s; remove with: axctl lab down --prefix %s\n",
