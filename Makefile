@@ -4,11 +4,11 @@ BIN       := bin
 PREFIX    ?= ax
 LABFLAGS  ?=
 # Packages whose kernel-dependent tests run inside a lab guest on Debian's 6.1 kernel.
-GUESTPKGS ?= github.com/axproject/ax/ax/dirty github.com/axproject/ax/monitor/agent/guest:TestIntegrationVsock
+GUESTPKGS ?= github.com/axproject/ax/ax/dirty github.com/axproject/ax/monitor/agent/guest:TestIntegrationVsock github.com/axproject/ax/netbuffer github.com/axproject/ax/bpf
 GOTEST    := $(GO) test -count=1 -timeout 40m
 
 .DEFAULT_GOAL := help
-.PHONY: help deps build test test-unit test-guest-kernel demo lab-up lab-down lab-status bench generate vet clean clean-cache
+.PHONY: help deps build test test-unit test-guest-kernel generate-check demo lab-up lab-down lab-status bench generate vet clean clean-cache
 
 help: ## list the targets
 	@awk 'BEGIN{FS=":.*## "} /^[a-z-]+:.*## /{printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -23,7 +23,7 @@ vet: ## go vet and gofmt check
 	$(GO) vet ./...
 	@test -z "$$(gofmt -l .)" || { echo "gofmt needed:"; gofmt -l .; exit 1; }
 
-test: deps build vet ## everything CI runs: unit, lab and guest-kernel tests (as root)
+test: deps build vet generate-check ## everything CI runs: unit, lab and guest-kernel tests (as root)
 	$(GOTEST) ./...
 	$(MAKE) --no-print-directory test-guest-kernel
 
@@ -50,8 +50,12 @@ bench: deps build ## benchmark report: lab timings and Go benchmarks
 	$(BIN)/axctl lab bench-ft --prefix axbench
 	$(GO) test -run=NONE -bench=. -benchtime=20x ./...
 
-generate: ## rebuild generated code
+generate: ## rebuild generated code (eBPF objects; needs clang, llvm, libbpf-dev)
 	$(GO) generate ./...
+
+generate-check: ## fail if the committed generated code differs from what make generate makes
+	@$(MAKE) --no-print-directory generate
+	@test -z "$$(git status --porcelain -- bpf)" || { echo "generated code is stale: run make generate and commit:"; git status --porcelain -- bpf; exit 1; }
 
 clean: ## remove build output
 	rm -rf $(BIN)

@@ -29,6 +29,8 @@ import (
 // the features the host kernel lacks and the tc pieces of the clsact fallback.
 var DefaultModules = []string{
 	"vsock_loopback", "vhost_vsock", "sch_plug", "sch_netem", "cls_bpf", "sch_ingress", "act_bpf",
+	// The netbuffer tests open taps and bridge them to veths.
+	"tun", "veth", "bridge",
 }
 
 // DefaultEnv makes the tests fail, not skip, when a feature the guest kernel

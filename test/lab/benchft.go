@@ -1,16 +1,19 @@
 package lab
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"io"
 	"log/slog"
 	"path/filepath"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/ax/dirty"
+	"github.com/axproject/ax/test/workload"
 )
 
 // BenchFT reports FT's costs on the lab guest (memory dirtier at f.dirty
@@ -78,6 +81,31 @@ func BenchFT(ctx context.Context, l *Lab, f labFlags, window time.Duration, out 
 			}
 		}
 	}
+	// Output commit on the lab path: round trips of the ledger's PING and a
+	// bulk LIST transfer from the guest, protected (output held) and not.
+	addr := fmt.Sprintf("%s:%d", vm.IP, LedgerPort)
+	if err := l.fillLedger(ctx, addr, 2000, 1000); err != nil {
+		return err
+	}
+	rttProt, err := l.pingRTTs(ctx, addr, 100)
+	if err != nil {
+		return err
+	}
+	bwProt, err := l.listRate(ctx, addr)
+	if err != nil {
+		return err
+	}
+	if err := ca.Unprotect(ctx, vm.Name); err != nil {
+		return err
+	}
+	rttUnprot, err := l.pingRTTs(ctx, addr, 100)
+	if err != nil {
+		return err
+	}
+	bwUnprot, err := l.listRate(ctx, addr)
+	if err != nil {
+		return err
+	}
 	bytesPerPage := 0.0
 	if last.DirtyTotal > 0 {
 		bytesPerPage = float64(last.BytesTotal) / float64(last.DirtyTotal)
@@ -87,6 +115,7 @@ func BenchFT(ctx context.Context, l *Lab, f labFlags, window time.Duration, out 
 	if err != nil {
 		return err
 	}
+
 	slowdown := mean(prot) / mean(unprot)
 	fmt.Fprintf(out, "FT bench: guest %d MiB, 1 vCPU, %s, memory dirtier %g MiB/s, 50 ms epochs, windows of %s alternated\n", vm.RAMMiB, vm.Accel, f.dirty, window)
 	fmt.Fprintf(out, "  pause (stop→cont)         median %.1f ms, p99 %.1f ms   (target median ≤ 15 ms)\n", last.PauseP50MS, last.PauseP99MS)
@@ -95,10 +124,15 @@ func BenchFT(ctx context.Context, l *Lab, f labFlags, window time.Duration, out 
 	fmt.Fprintf(out, "  guest tick rate           unprotected %.2f/s, protected %.2f/s, ratio %.3f   (target ≥ 0.75)\n", mean(unprot), mean(prot), slowdown)
 	fmt.Fprintf(out, "  bytes sent per dirty page %.0f (4096 of page data; the rest is device state, %d pages over %d epochs)\n", bytesPerPage, last.DirtyTotal, last.Epoch)
 	fmt.Fprintf(out, "  failover (kill → first tick on b) %.2f s   (target ≤ 2 s)\n", tr.Failover.Seconds())
+	addP50, addP99 := pct(rttProt, 0.5)-pct(rttUnprot, 0.5), pct(rttProt, 0.99)-pct(rttUnprot, 0.99)
+	fmt.Fprintf(out, "  output commit, ledger PING round trip: unprotected p50 %.1f ms p99 %.1f ms; held p50 %.1f ms p99 %.1f ms; added p50 %.1f ms, p99 %.1f ms   (target p99 ≤ epoch + 10 ms = 60 ms)\n",
+		pct(rttUnprot, 0.5), pct(rttUnprot, 0.99), pct(rttProt, 0.5), pct(rttProt, 0.99), addP50, addP99)
+	fmt.Fprintf(out, "  output commit, bulk transfer from the guest (LIST, 2 MB): unprotected %.2f MB/s, held %.2f MB/s, ratio %.3f   (target ≥ 0.5)\n",
+		bwUnprot/1e6, bwProt/1e6, bwProt/bwUnprot)
 	fmt.Fprintf(out, "  limits here: a full hash scan of this guest's RAM file takes %.1f ms (%.1f GB/s of RAM, holes skipped; see BenchmarkHashScan256MiB for a fully written file); device-state save %.1f ms\n",
 		float64(vm.RAMMiB)/1024/hashGBs*1000, hashGBs, last.DevSaveP50MS)
-	fmt.Fprintf(out, "bench_ft pause_ms_p50=%.1f pause_ms_p99=%.1f epochs_per_s=%.1f slowdown_ratio=%.3f bytes_per_dirty_page=%.0f failover_s=%.2f hash_gb_s=%.1f devsave_ms=%.1f\n",
-		last.PauseP50MS, last.PauseP99MS, mean(epochsPerSec), slowdown, bytesPerPage, tr.Failover.Seconds(), hashGBs, last.DevSaveP50MS)
+	fmt.Fprintf(out, "bench_ft pause_ms_p50=%.1f pause_ms_p99=%.1f epochs_per_s=%.1f slowdown_ratio=%.3f bytes_per_dirty_page=%.0f failover_s=%.2f hash_gb_s=%.1f devsave_ms=%.1f added_latency_ms_p50=%.1f added_latency_ms_p99=%.1f gated_throughput_ratio=%.3f\n",
+		last.PauseP50MS, last.PauseP99MS, mean(epochsPerSec), slowdown, bytesPerPage, tr.Failover.Seconds(), hashGBs, last.DevSaveP50MS, addP50, addP99, bwProt/bwUnprot)
 	return nil
 }
 
@@ -138,4 +172,82 @@ func hashBandwidth(path string, size int64) (float64, error) {
 	}
 	sort.Slice(d, func(i, j int) bool { return d[i] < d[j] })
 	return float64(size) / d[len(d)/2].Seconds() / 1e9, nil
+}
+
+func pct(v []time.Duration, q float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	s := append([]time.Duration(nil), v...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	return float64(s[min(len(s)-1, int(q*float64(len(s))))].Microseconds()) / 1000
+}
+
+// fillLedger appends n records of size bytes (pipelined, one connection).
+func (l *Lab) fillLedger(ctx context.Context, addr string, n, size int) error {
+	conn, err := l.DialFrom(ctx, HostC, addr)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(120 * time.Second))
+	text := strings.Repeat("x", size)
+	go func() {
+		w := bufio.NewWriter(conn)
+		for i := 0; i < n; i++ {
+			fmt.Fprintf(w, "APPEND %s\n", text)
+		}
+		w.Flush()
+	}()
+	r := bufio.NewReader(conn)
+	for i := 0; i < n; i++ {
+		if _, err := r.ReadString('\n'); err != nil {
+			return fmt.Errorf("fill ledger: %w", err)
+		}
+	}
+	return nil
+}
+
+// pingRTTs measures n sequential PING round trips to the ledger from host c.
+func (l *Lab) pingRTTs(ctx context.Context, addr string, n int) ([]time.Duration, error) {
+	conn, err := l.DialFrom(ctx, HostC, addr)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(60 * time.Second))
+	r := bufio.NewReader(conn)
+	var d []time.Duration
+	for i := 0; i < n; i++ {
+		t0 := time.Now()
+		if _, err := conn.Write([]byte("PING\n")); err != nil {
+			return nil, err
+		}
+		if _, err := r.ReadString('\n'); err != nil {
+			return nil, err
+		}
+		d = append(d, time.Since(t0))
+	}
+	return d, nil
+}
+
+// listRate reads the whole ledger from host c and returns bytes per second.
+func (l *Lab) listRate(ctx context.Context, addr string) (float64, error) {
+	var recs []string
+	var dt time.Duration
+	err := l.InNetns(HostC, func() error {
+		t0 := time.Now()
+		var err error
+		recs, err = workload.List(ctx, addr, 60*time.Second)
+		dt = time.Since(t0)
+		return err
+	})
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, r := range recs {
+		n += len(r) + 12
+	}
+	return float64(n) / dt.Seconds(), nil
 }
