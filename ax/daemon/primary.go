@@ -484,11 +484,16 @@ func (d *Daemon) guardPrimary(ctx context.Context, v *vmState) {
 		obs := witness.Observation{
 			ReplHeard: pv.ReplHeard, MgmtHeard: pv.MgmtHeard,
 			WitnessReachable: d.wit == nil || d.witnessState() == "reachable",
-			// Our lease counts as valid while the witness granted it, or
-			// while the partner says it hears us (it will not take over).
+			// Our lease counts as valid while the witness granted it (with
+			// a margin before it ends), or while the partner says it hears
+			// us (it will not take over).
 			OwnLeaseValid: d.wit == nil || time.Until(leaseUntil) > d.cfg.LeaseTTL/5 || pv.HearsMe,
 		}
-		if witness.DecidePrimary(obs) == witness.Fence && !silentSince.IsZero() && time.Since(silentSince) >= d.cfg.FenceAfter {
+		// Fence at once when the lease is about to end unrenewed — the
+		// partner may take over as soon as it has — or after FenceAfter of
+		// silence from both partner and witness.
+		if witness.DecidePrimary(obs) == witness.Fence &&
+			(!obs.OwnLeaseValid || (!silentSince.IsZero() && time.Since(silentSince) >= d.cfg.FenceAfter)) {
 			d.fence(v, "neither the partner nor the witness can be reached")
 			return
 		}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/axproject/ax/ax/api"
+	"github.com/axproject/ax/ax/qemu"
 )
 
 func TestTickContinuity(t *testing.T) {
@@ -344,4 +345,43 @@ func waitDead(pid int, timeout time.Duration) error {
 		time.Sleep(50 * time.Millisecond)
 	}
 	return fmt.Errorf("pid %d still runs", pid)
+}
+
+// TestIntegrationFTPrimaryIsolated: host a stays alive but loses every link
+// (partner and witness unreachable). It must pause its guest (fence) and b
+// must take over only after that — never both running.
+func TestIntegrationFTPrimaryIsolated(t *testing.T) {
+	l, vm, _, _ := ftLab(t, "itiso")
+	ctx := context.Background()
+	ca, cb := l.Client(HostA), l.Client(HostB)
+	if err := l.protectAndWait(ctx, ca, vm.Name, HostB); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * time.Second)
+	if err := l.CutLinks(ctx, HostA); err != nil {
+		t.Fatal(err)
+	}
+	cut := time.Now()
+	sa := waitVM(t, l, ca, vm.Name, 10*time.Second, "a fences its guest", func(s api.VMStatus) bool { return s.State == "fenced" })
+	fencedAt := time.Since(cut)
+	mon, err := qemu.Dial(vm.QMP, 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := mon.Status(ctx)
+	mon.Close()
+	if err != nil || st != "paused" {
+		t.Fatalf("a's guest after fencing: status %q %v (%+v)", st, err, sa)
+	}
+	waitVM(t, l, cb, vm.Name, 20*time.Second, "b takes over", func(s api.VMStatus) bool {
+		return s.Role == api.RoleLocal && s.State == "running"
+	})
+	promotedAt := time.Since(cut)
+	t.Logf("a fenced %.2f s after its links were cut, b running %.2f s after", fencedAt.Seconds(), promotedAt.Seconds())
+	if promotedAt < fencedAt {
+		t.Fatalf("b ran the guest (%.2f s) before a paused it (%.2f s)", promotedAt.Seconds(), fencedAt.Seconds())
+	}
+	if err := l.pingLedger(ctx, fmt.Sprintf("%s:%d", vm.IP, LedgerPort)); err != nil {
+		t.Fatalf("ledger on b: %v", err)
+	}
 }
