@@ -67,7 +67,7 @@ type rebaser interface {
 
 // Config tunes the loop.
 type Config struct {
-	Interval    time.Duration // running time between pauses; default 50 ms
+	Interval    time.Duration // checkpoint period, pause to pause; default 50 ms
 	MaxInFlight int           // checkpoints sent but not committed; default 2
 	// StateDir is where QEMU writes device state (tmpfs); default os.TempDir().
 	StateDir string
@@ -256,7 +256,10 @@ func (l *Loop) Run(ctx context.Context) error {
 		if finishing != nil {
 			return l.awaitFinal(ctx, cp.Epoch, acks, slots, finishing)
 		}
-		timer.Reset(l.cfg.Interval)
+		// Interval is the checkpoint period, pause to pause: the next pause
+		// comes Interval after this one began (at once if that is past), so
+		// output waits at most about one Interval plus the commit.
+		timer.Reset(max(0, l.cfg.Interval-time.Since(cp.PausedAt)))
 	}
 }
 
