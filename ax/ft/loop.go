@@ -200,15 +200,19 @@ func (l *Loop) Run(ctx context.Context) error {
 		return err
 	}
 	acks := l.stream.Acks()
-	slots := make(chan struct{}, l.cfg.MaxInFlight) // one token per checkpoint in flight
 	timer := time.NewTimer(0)
 	defer timer.Stop()
-	var scratch []uint64
 	var finishing chan FinishResult
 	for {
-		// Wait for the interval and for a free slot; acks free slots.
+		// Wait for the interval (or a finish request), then for fewer than
+		// MaxInFlight checkpoints in flight; acks are taken meanwhile.
 		ready := false
-		for !ready {
+		for !ready || l.inFlight() >= l.cfg.MaxInFlight {
+			var tick <-chan time.Time
+			var finish chan chan FinishResult
+			if !ready {
+				tick, finish = timer.C, l.finishReq
+			}
 			select {
 			case <-ctx.Done():
 				return ctx.Err()
@@ -216,33 +220,20 @@ func (l *Loop) Run(ctx context.Context) error {
 				if !ok {
 					return fmt.Errorf("ft: replication stream: %w", l.stream.Err())
 				}
-				l.commit(n, slots)
-			case <-timer.C:
+				l.commit(n)
+			case <-tick:
 				ready = true
-			case finishing = <-l.finishReq:
+			case finishing = <-finish:
 				ready = true
 			}
 		}
-		for len(slots) == cap(slots) {
-			select {
-			case <-ctx.Done():
-				return ctx.Err()
-			case n, ok := <-acks:
-				if !ok {
-					return fmt.Errorf("ft: replication stream: %w", l.stream.Err())
-				}
-				l.commit(n, slots)
-			}
-		}
-		cp, st, err := l.take(ctx, scratch, finishing != nil)
+		cp, st, err := l.take(ctx, finishing != nil)
 		if err != nil {
 			if finishing != nil {
 				finishing <- FinishResult{Err: err}
 			}
 			return err
 		}
-		scratch = cp.PFNs[:0:0]
-		slots <- struct{}{}
 		if l.obs.Epoch != nil {
 			l.obs.Epoch(st)
 		}
@@ -254,7 +245,7 @@ func (l *Loop) Run(ctx context.Context) error {
 			return err
 		}
 		if finishing != nil {
-			return l.awaitFinal(ctx, cp.Epoch, acks, slots, finishing)
+			return l.awaitFinal(ctx, cp.Epoch, acks, finishing)
 		}
 		// Interval is the checkpoint period, pause to pause: the next pause
 		// comes Interval after this one began (at once if that is past), so
@@ -264,7 +255,7 @@ func (l *Loop) Run(ctx context.Context) error {
 }
 
 // awaitFinal waits for the final checkpoint's commit; the VM stays paused.
-func (l *Loop) awaitFinal(ctx context.Context, epoch uint64, acks <-chan uint64, slots chan struct{}, reply chan FinishResult) error {
+func (l *Loop) awaitFinal(ctx context.Context, epoch uint64, acks <-chan uint64, reply chan FinishResult) error {
 	for l.Committed() < epoch {
 		select {
 		case <-ctx.Done():
@@ -276,43 +267,48 @@ func (l *Loop) awaitFinal(ctx context.Context, epoch uint64, acks <-chan uint64,
 				reply <- FinishResult{Err: err}
 				return err
 			}
-			l.commit(n, slots)
+			l.commit(n)
 		}
 	}
 	reply <- FinishResult{Epoch: epoch}
 	return ErrFinished
 }
 
-func (l *Loop) commit(epoch uint64, slots chan struct{}) {
+// inFlight is the number of checkpoints taken but not yet committed.
+func (l *Loop) inFlight() int {
 	l.mu.Lock()
-	var latency time.Duration
-	released := 0
+	defer l.mu.Unlock()
+	return int(l.taken - l.committed)
+}
+
+// commit records the secondary's ack of epoch (and so of every earlier
+// one) and releases the output those checkpoints cover.
+func (l *Loop) commit(epoch uint64) {
+	l.mu.Lock()
+	if epoch <= l.committed || epoch > l.taken {
+		// An ack of nothing new, or of a checkpoint never sent: releasing
+		// on the latter would let output out before its checkpoint.
+		l.mu.Unlock()
+		return
+	}
+	latency := time.Since(l.pausedAt[epoch])
 	for e := l.committed + 1; e <= epoch; e++ {
-		if t, ok := l.pausedAt[e]; ok {
-			latency = time.Since(t)
-			delete(l.pausedAt, e)
-			released++
-		}
+		delete(l.pausedAt, e)
 	}
-	if epoch > l.committed {
-		l.committed = epoch
-	}
+	l.committed = epoch
 	l.mu.Unlock()
-	for i := 0; i < released && len(slots) > 0; i++ {
-		<-slots
-	}
 	if l.gate != nil {
 		if err := l.gate.Release(epoch); err != nil {
 			l.log.Warn("output release failed", "epoch", epoch, "err", err)
 		}
 	}
-	if l.obs.Commit != nil && released > 0 {
+	if l.obs.Commit != nil {
 		l.obs.Commit(epoch, latency)
 	}
 }
 
 // take pauses the VM and takes the next checkpoint.
-func (l *Loop) take(ctx context.Context, scratch []uint64, stayPaused bool) (cp *Checkpoint, st EpochStats, err error) {
+func (l *Loop) take(ctx context.Context, stayPaused bool) (cp *Checkpoint, st EpochStats, err error) {
 	l.mu.Lock()
 	epoch := l.taken + 1
 	l.mu.Unlock()
@@ -346,7 +342,8 @@ func (l *Loop) take(ctx context.Context, scratch []uint64, stayPaused bool) (cp 
 		}
 	}
 	t1 := time.Now()
-	pfns, err := l.tracker.Scan(scratch)
+	// The page list goes out with the checkpoint, so each epoch has its own.
+	pfns, err := l.tracker.Scan(nil)
 	if err != nil {
 		return nil, st, fmt.Errorf("ft: dirty scan: %w", err)
 	}

@@ -271,3 +271,43 @@ func TestLoopFinishLeavesVMPausedAfterCommit(t *testing.T) {
 		t.Fatalf("committed %d (final %d), paused %v: want the final epoch committed and the VM paused", l.Committed(), epoch, mon.paused)
 	}
 }
+
+// fakeGate records releases.
+type fakeGate struct {
+	mu       sync.Mutex
+	released []uint64
+}
+
+func (g *fakeGate) NextEpoch(uint64) error { return nil }
+func (g *fakeGate) Release(e uint64) error {
+	g.mu.Lock()
+	g.released = append(g.released, e)
+	g.mu.Unlock()
+	return nil
+}
+
+func TestLoopIgnoresAckOfUnsentCheckpoint(t *testing.T) {
+	ram, _ := testRAM(t, 4)
+	st := newFakeStream(false)
+	g := &fakeGate{}
+	l := NewLoop(Config{Interval: time.Millisecond, StateDir: t.TempDir()}, &fakeMonitor{}, &fakeTracker{}, ram, st, g, Observer{}, nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error)
+	go func() { done <- l.Run(ctx) }()
+	<-st.sent
+	st.acks <- 99 // never taken
+	st.acks <- 1
+	time.Sleep(30 * time.Millisecond)
+	cancel()
+	<-done
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for _, e := range g.released {
+		if e > l.Taken() || e == 99 {
+			t.Fatalf("released epoch %d; taken %d", e, l.Taken())
+		}
+	}
+	if len(g.released) == 0 || g.released[0] != 1 {
+		t.Fatalf("releases %v, want epoch 1 released", g.released)
+	}
+}
