@@ -130,13 +130,6 @@ func Attach(ifname string, cfg *Config) (*Gate, error) {
 	return attach(ifi.Index, cfg)
 }
 
-// AttachIndex is Attach by interface index.
-func AttachIndex(ifindex int, cfg *Config) (*Gate, error) {
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	return attach(ifindex, cfg)
-}
-
 func attach(ifindex int, cfg *Config) (*Gate, error) {
 	g := &Gate{ifindex: ifindex, ns: netns.None(), reqs: make(chan request, 16), done: make(chan struct{})}
 	if cfg != nil {

@@ -112,7 +112,7 @@ type Heartbeats struct {
 	log     *slog.Logger
 
 	mu    sync.Mutex
-	peers map[string]PeerAddrs
+	peers map[string][3]*net.UDPAddr // by Path; resolved once, in AddPeer
 	heard map[string]*peerHeard
 	seq   uint64
 }
@@ -138,15 +138,31 @@ func NewHeartbeats(host string, psk []byte, timeout time.Duration, log *slog.Log
 	}
 	// Sequence numbers start from the clock so a restarted sender is not
 	// taken for a replay of its earlier self.
-	return &Heartbeats{host: host, psk: psk, timeout: timeout, log: log, peers: map[string]PeerAddrs{}, heard: map[string]*peerHeard{},
+	return &Heartbeats{host: host, psk: psk, timeout: timeout, log: log, peers: map[string][3]*net.UDPAddr{}, heard: map[string]*peerHeard{},
 		seq: uint64(time.Now().UnixNano())}, nil
 }
 
-// AddPeer starts heartbeats to a partner.
+// AddPeer starts heartbeats to a partner. An address that does not
+// resolve is left out (and logged): that path then counts as silent.
 func (h *Heartbeats) AddPeer(name string, addrs PeerAddrs) {
+	var resolved [3]*net.UDPAddr
+	for _, pa := range []struct {
+		path Path
+		addr string
+	}{{PathRepl, addrs.Repl}, {PathMgmt, addrs.Mgmt}} {
+		if pa.addr == "" {
+			continue
+		}
+		ua, err := net.ResolveUDPAddr("udp", pa.addr)
+		if err != nil {
+			h.log.Warn("heartbeat address does not resolve", "peer", name, "path", pa.path, "err", err)
+			continue
+		}
+		resolved[pa.path] = ua
+	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	h.peers[name] = addrs
+	h.peers[name] = resolved
 	if h.heard[name] == nil {
 		h.heard[name] = &peerHeard{}
 	}
@@ -240,33 +256,26 @@ func (h *Heartbeats) send(conns [3]*net.UDPConn) {
 	h.mu.Lock()
 	type target struct {
 		path Path
-		addr string
+		addr *net.UDPAddr
 		pkt  []byte
 	}
 	var targets []target
-	for name, a := range h.peers {
+	for name, addrs := range h.peers {
 		ph := h.heard[name]
 		hears := time.Since(ph.last[PathRepl]) < h.timeout || time.Since(ph.last[PathMgmt]) < h.timeout
-		for _, pa := range []struct {
-			path Path
-			addr string
-		}{{PathRepl, a.Repl}, {PathMgmt, a.Mgmt}} {
-			if pa.addr == "" || conns[pa.path] == nil {
+		for _, p := range []Path{PathRepl, PathMgmt} {
+			if addrs[p] == nil || conns[p] == nil {
 				continue
 			}
 			h.seq++
-			pkt := hbPacket{path: pa.path, heardYou: hears, name: h.host, seq: h.seq, sent: time.Now().UnixNano()}
-			targets = append(targets, target{pa.path, pa.addr, pkt.encode(h.psk)})
+			pkt := hbPacket{path: p, heardYou: hears, name: h.host, seq: h.seq, sent: time.Now().UnixNano()}
+			targets = append(targets, target{p, addrs[p], pkt.encode(h.psk)})
 		}
 	}
 	h.mu.Unlock()
 	for _, t := range targets {
-		ua, err := net.ResolveUDPAddr("udp", t.addr)
-		if err != nil {
-			continue
-		}
 		// Errors (no route while a link is down) are what heartbeats detect.
-		conns[t.path].WriteToUDP(t.pkt, ua)
+		conns[t.path].WriteToUDP(t.pkt, t.addr)
 	}
 }
 

@@ -39,6 +39,10 @@ func DecodeMarker(f Frame) (Marker, error) {
 // HeartbeatInterval is how often an idle stream proves it is alive.
 const HeartbeatInterval = 200 * time.Millisecond
 
+// streamIdleTimeout ends a stream from which nothing, not even a heartbeat,
+// has come for this long.
+const streamIdleTimeout = 25 * HeartbeatInterval
+
 // Sender is the primary's end of a VM's replication stream.
 type Sender struct {
 	conn    net.Conn
@@ -384,7 +388,7 @@ func (s *Server) session(conn net.Conn, vm string) (bye, handover bool, err erro
 	var marker Marker
 	syncing := false
 	for {
-		conn.SetReadDeadline(time.Now().Add(5 * HeartbeatInterval * 5))
+		conn.SetReadDeadline(time.Now().Add(streamIdleTimeout))
 		f, err := r.ReadFrame()
 		if err != nil {
 			return false, false, err

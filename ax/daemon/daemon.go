@@ -359,7 +359,7 @@ func (d *Daemon) setWitness(ok bool) {
 func (d *Daemon) watch(ctx context.Context) {
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
-	var probed time.Time
+	var probed, gatesRead time.Time
 	for {
 		select {
 		case <-ctx.Done():
@@ -388,12 +388,19 @@ func (d *Daemon) watch(ctx context.Context) {
 			vms = append(vms, v)
 		}
 		d.mu.Unlock()
+		// Gate counters come from BPF maps: once a second is enough for metrics.
+		readGates := time.Since(gatesRead) >= time.Second
+		if readGates {
+			gatesRead = time.Now()
+		}
 		for _, v := range vms {
 			switch v.role() {
 			case api.RoleSecondary:
 				d.checkSecondary(ctx, v)
 			case api.RolePrimary:
-				d.gateMetrics(v)
+				if readGates {
+					d.gateMetrics(v)
+				}
 			}
 		}
 	}

@@ -136,19 +136,11 @@ func Main(ctx context.Context, args []string, out io.Writer, log *slog.Logger) e
 }
 
 func (f labFlags) imageConfig(log *slog.Logger) (image.Config, error) {
-	dir := f.guestBin
-	if dir == "" {
-		exe, err := os.Executable()
-		if err != nil {
-			return image.Config{}, err
-		}
-		dir = filepath.Dir(exe)
-	}
 	var bins []string
 	for _, name := range []string{"ax-workload", "ax-agent"} {
-		bin := filepath.Join(dir, name)
-		if _, err := os.Stat(bin); err != nil {
-			return image.Config{}, fmt.Errorf("guest binary %s not found in %s: run make build, or give --guest-bin DIR", name, dir)
+		bin, err := f.binary(name)
+		if err != nil {
+			return image.Config{}, err
 		}
 		bins = append(bins, bin)
 	}

@@ -132,24 +132,32 @@ func (l *Lab) loadState() error {
 // startProc starts a lab process in host h's namespace, detached, its
 // output appended to <state>/<name>.log, and records it.
 func (l *Lab) startProc(ctx context.Context, h, name, bin string, args ...string) error {
-	logf, err := os.OpenFile(filepath.Join(l.StateDir, name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	_, err := l.startLogged(h, name, filepath.Join(l.StateDir, name+".log"), bin, args...)
+	return err
+}
+
+// startLogged starts bin in host h's namespace in its own session (it
+// outlives the lab command; no terminal signal reaches it), its output
+// appended to logPath, records it under name, and returns its PID.
+func (l *Lab) startLogged(h, name, logPath, bin string, args ...string) (int, error) {
+	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	defer logf.Close()
 	cmd := exec.Command("ip", append([]string{"netns", "exec", l.Netns(h), bin}, args...)...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("start %s: %w", name, err)
+		return 0, fmt.Errorf("start %s: %w", name, err)
 	}
-	go cmd.Wait()
-	ticks, err := procStartTicks(cmd.Process.Pid)
+	go cmd.Wait() // reap it if it exits while this process still runs (tests)
+	ticks, _, err := procStat(cmd.Process.Pid)
 	if err != nil {
-		return fmt.Errorf("start %s: it exited at once; see %s", name, logf.Name())
+		return 0, fmt.Errorf("start %s: it exited at once; see %s", name, logPath)
 	}
 	l.state.Procs = append(l.state.Procs, Proc{Name: name, PID: cmd.Process.Pid, StartTicks: ticks})
-	return l.state.save()
+	return cmd.Process.Pid, l.state.save()
 }
 
 // netnsPIDs lists the processes whose network namespace is ns.
@@ -223,14 +231,10 @@ func (l *Lab) killNamespaceProcs(nss []string) {
 	}
 }
 
+// isZombie reports whether pid has ended (gone, or a zombie not yet reaped).
 func isZombie(pid int) bool {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return true
-	}
-	s := string(data)
-	i := strings.LastIndexByte(s, ')')
-	return i >= 0 && len(s) > i+2 && s[i+2] == 'Z'
+	_, state, err := procStat(pid)
+	return err != nil || state == 'Z'
 }
 
 // DefineGuest registers a lab guest with its host's axd.

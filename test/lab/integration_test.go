@@ -206,7 +206,7 @@ func TestIntegrationStaleAndFailedLabs(t *testing.T) {
 	// new process would, and kill a process the lab recorded.
 	sleeper := exec.Command("sleep", "600")
 	sleeper.Start()
-	ticks, _ := procStartTicks(sleeper.Process.Pid)
+	ticks, _, _ := procStat(sleeper.Process.Pid)
 	st, _ := l.State()
 	st.Procs = append(st.Procs, Proc{Name: "sleeper", PID: sleeper.Process.Pid, StartTicks: ticks})
 	st.save()

@@ -8,11 +8,9 @@ import (
 	"fmt"
 	"github.com/axproject/ax/ax/qemu"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 )
 
@@ -78,12 +76,8 @@ func (l *Lab) StartGuest(ctx context.Context, cfg GuestConfig) (*VM, error) {
 	if err := checkPrereqs(true); err != nil {
 		return nil, err
 	}
-	if l.state == nil {
-		s, err := l.State()
-		if err != nil {
-			return nil, err
-		}
-		l.state = s
+	if err := l.loadState(); err != nil {
+		return nil, err
 	}
 	if cfg.Name == "" {
 		cfg.Name = "vm1"
@@ -159,32 +153,16 @@ func (l *Lab) StartGuest(ctx context.Context, cfg GuestConfig) (*VM, error) {
 	if err := ip(ctx, "-n", ns, "link", "set", spec.Tap, "master", PublicBridge, "up"); err != nil {
 		return nil, err
 	}
-	logf, err := os.Create(filepath.Join(dir, "qemu.log"))
+	pid, err := l.startLogged(cfg.Host, "qemu "+cfg.Name+"@"+cfg.Host, filepath.Join(dir, "qemu.log"), QEMUBinary, spec.Args()...)
 	if err != nil {
 		return nil, err
 	}
-	defer logf.Close()
-	cmd := exec.Command("ip", append([]string{"netns", "exec", ns, QEMUBinary}, spec.Args()...)...)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	// Its own session: the guest outlives the lab command and no terminal
-	// signal reaches it.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start %s: %w", QEMUBinary, err)
-	}
-	// Reap it if it exits while this process still runs (tests).
-	go cmd.Wait()
-	ticks, err := procStartTicks(cmd.Process.Pid)
-	if err != nil {
-		return nil, fmt.Errorf("start %s: it exited at once; see %s", QEMUBinary, logf.Name())
-	}
 	vm := VM{
 		Spec: spec,
-		Name: cfg.Name, Host: cfg.Host, Netns: ns, PID: cmd.Process.Pid,
+		Name: cfg.Name, Host: cfg.Host, Netns: ns, PID: pid,
 		QMP: spec.QMP, Console: spec.Console, Agent: spec.Agent, RAMFile: spec.RAMFile, RAMMiB: spec.RAMMiB,
 		Tap: spec.Tap, MAC: spec.MAC, IP: ipAddr, Accel: spec.Accel,
 	}
-	l.state.Procs = append(l.state.Procs, Proc{Name: "qemu " + cfg.Name + "@" + cfg.Host, PID: cmd.Process.Pid, StartTicks: ticks})
 	l.state.VMs = append(l.state.VMs, vm)
 	if err := l.state.save(); err != nil {
 		return nil, err
@@ -212,7 +190,7 @@ func (l *Lab) WaitServing(ctx context.Context, vm *VM, timeout time.Duration) er
 		if err := l.pingLedger(ctx, addr); err == nil {
 			return nil
 		}
-		if t, _ := procStartTicks(vm.PID); t == 0 {
+		if isZombie(vm.PID) {
 			return fmt.Errorf("guest %s: QEMU exited; %s", vm.Name, consoleTail(vm.Console, 10))
 		}
 		select {

@@ -83,38 +83,31 @@ func loadState(path string) (*State, error) {
 
 func stateFile(dir string) string { return filepath.Join(dir, "state.json") }
 
-// procStartTicks reads a process's start time, which with its PID names it uniquely.
-func procStartTicks(pid int) (uint64, error) {
+// procStat reads a process's start time — which with its PID names it
+// uniquely — and its state letter from /proc/PID/stat.
+func procStat(pid int) (startTicks uint64, state byte, err error) {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	// The command name (field 2) may hold spaces; fields after the last ')' are plain.
 	s := string(data)
 	i := strings.LastIndexByte(s, ')')
 	if i < 0 {
-		return 0, errors.New("malformed stat")
+		return 0, 0, errors.New("malformed stat")
 	}
 	f := strings.Fields(s[i+1:])
-	if len(f) < 20 {
-		return 0, errors.New("malformed stat")
+	if len(f) < 20 || len(f[0]) != 1 {
+		return 0, 0, errors.New("malformed stat")
 	}
-	return strconv.ParseUint(f[19], 10, 64)
+	startTicks, err = strconv.ParseUint(f[19], 10, 64)
+	return startTicks, f[0][0], err
 }
 
 // alive reports whether p is still the process the lab started (not a zombie).
 func (p Proc) alive() bool {
-	t, err := procStartTicks(p.PID)
-	if err != nil || t != p.StartTicks {
-		return false
-	}
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.PID))
-	if err != nil {
-		return false
-	}
-	s := string(data)
-	i := strings.LastIndexByte(s, ')')
-	return i >= 0 && len(s) > i+2 && s[i+2] != 'Z'
+	t, state, err := procStat(p.PID)
+	return err == nil && t == p.StartTicks && state != 'Z'
 }
 
 // stop ends p if it is still the process the lab started: SIGTERM, then SIGKILL.
