@@ -8,6 +8,10 @@ package image
 //	ax.tick=DURATION     interval of the console tick
 //	ax.agent=0           do not start ax-agent (default: start it when present)
 //	ax.flood=1           a hostile agent: garbage into the agent port instead
+//	ax.disk=DEV          keep the ledger's records on block device DEV (e.g.
+//	                     /dev/vda): an ack means on disk, records reload at
+//	                     boot. virtio_blk probes asynchronously, so init waits
+//	                     up to 5 s for DEV; without it the ledger stays in memory.
 //
 // It prints AXINIT lines on the console so the lab can follow the boot.
 const LabInit = `#!/bin/busybox sh
@@ -19,7 +23,7 @@ mount -t devtmpfs devtmpfs /dev
 for m in $(cat /etc/ax/modules); do
 	insmod /lib/modules/$m || echo "AXINIT insmod $m failed"
 done
-IP=; DIRTY=0; DIRTYSIZE=64; TICK=100ms; AGENT=1; FLOOD=0
+IP=; DIRTY=0; DIRTYSIZE=64; TICK=100ms; AGENT=1; FLOOD=0; DISK=
 for kv in $(cat /proc/cmdline); do
 	case "$kv" in
 	ax.ip=*) IP="${kv#ax.ip=}" ;;
@@ -28,6 +32,7 @@ for kv in $(cat /proc/cmdline); do
 	ax.tick=*) TICK="${kv#ax.tick=}" ;;
 	ax.agent=*) AGENT="${kv#ax.agent=}" ;;
 	ax.flood=*) FLOOD="${kv#ax.flood=}" ;;
+	ax.disk=*) DISK="${kv#ax.disk=}" ;;
 	esac
 done
 ip link set lo up
@@ -44,7 +49,15 @@ mkdir -p /dev/virtio-ports
 for p in /sys/class/virtio-ports/*; do
 	[ -e "$p/name" ] && ln -sf "/dev/${p##*/}" "/dev/virtio-ports/$(cat $p/name)"
 done
-/bin/ax-workload ledger >/dev/console 2>&1 &
+if [ -n "$DISK" ]; then
+	i=0
+	while [ ! -b "$DISK" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+	if [ ! -b "$DISK" ]; then
+		echo "AXINIT disk $DISK missing, ledger in memory"
+		DISK=
+	fi
+fi
+/bin/ax-workload ledger ${DISK:+--disk "$DISK"} >/dev/console 2>&1 &
 /bin/ax-workload app >/dev/console 2>&1 &
 if [ "$FLOOD" = 1 ]; then
 	/bin/ax-workload flood >/dev/console 2>&1 &
@@ -55,7 +68,7 @@ fi
 if [ "$DIRTY" != 0 ]; then
 	/bin/ax-workload dirty --size "$DIRTYSIZE" --rate "$DIRTY" >/dev/console 2>&1 &
 fi
-echo "AXINIT up ip=$IP dirty=$DIRTY"
+echo "AXINIT up ip=$IP dirty=$DIRTY disk=$DISK"
 while :; do sleep 3600; done
 `
 

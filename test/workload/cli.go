@@ -16,14 +16,18 @@ import (
 const usage = `usage: ax-workload <command> [flags]
 
 in the guest:
-  ledger  --listen :7000                 serve the ledger
+  ledger  --listen :7000 [--disk /dev/vda]
+                                         serve the ledger; with a disk, an APPEND is
+                                         acknowledged once on it, and the records on
+                                         it are loaded at start
   dirty   --size 64 --rate 4             dirty SIZE MiB of memory at RATE MiB/s
   tick    --interval 100ms               print AXTICK <n> lines
   app     --listen :7001                 the monitored application (PING → PONG, EXIT ends it)
   flood   --path /dev/virtio-ports/…     a hostile agent: garbage into the agent port
 on a client:
   client  --addr IP:7000 --rate 20 --count 100 --record FILE
-  verify  --addr IP:7000 --record FILE   check every acknowledged record is in the ledger`
+  verify  --addr IP:7000 --record FILE   check every acknowledged record is in the ledger
+  check   --addr IP:7000                 check the ledger's disk holds exactly its records`
 
 // Main runs one ax-workload command; out receives machine-readable results.
 func Main(ctx context.Context, args []string, out io.Writer) error {
@@ -45,15 +49,25 @@ func Main(ctx context.Context, args []string, out io.Writer) error {
 	switch args[0] {
 	case "ledger":
 		listen := fs.String("listen", fmt.Sprintf(":%d", DefaultLedgerPort), "listen address")
+		disk := fs.String("disk", "", "disk the records are kept on (default: memory only)")
 		if err := parse(); err != nil {
 			return err
+		}
+		l := new(Ledger)
+		if *disk != "" {
+			var err error
+			if l, err = OpenLedger(*disk, log); err != nil {
+				return err
+			}
+			defer l.Close()
+			fmt.Fprintf(out, "ledger: loaded %d records from %s\n", len(l.Snapshot()), *disk)
 		}
 		ln, err := net.Listen("tcp", *listen)
 		if err != nil {
 			return fmt.Errorf("ledger: %w", err)
 		}
 		fmt.Fprintf(out, "AXLEDGER listening %s\n", ln.Addr())
-		return new(Ledger).Serve(ctx, ln, log)
+		return l.Serve(ctx, ln, log)
 	case "dirty":
 		size := fs.Int("size", 64, "MiB of memory to dirty")
 		rate := fs.Float64("rate", 4, "MiB/s to dirty")
@@ -118,6 +132,17 @@ func Main(ctx context.Context, args []string, out io.Writer) error {
 		if len(v.Missing) > 0 {
 			return fmt.Errorf("verify: %d acknowledged records missing from the ledger, first %s", len(v.Missing), firstN(v.Missing, 10))
 		}
+		return nil
+	case "check":
+		addr := fs.String("addr", "", "ledger address host:port")
+		if err := parse(); err != nil {
+			return err
+		}
+		n, err := Check(ctx, *addr, 60*time.Second)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "records=%d\n", n)
 		return nil
 	case "help", "-h", "--help":
 		fmt.Fprintln(out, usage)

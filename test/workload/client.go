@@ -223,3 +223,60 @@ func Verify(acks []Ack, records []string) Verification {
 	}
 	return v
 }
+
+// AppendLatency sends n APPENDs to the ledger at addr one at a time, each
+// after the previous ACK, and returns the round trip of each: on a
+// disk-backed ledger the time to make a record durable, as the client sees it.
+func AppendLatency(ctx context.Context, addr string, n int) ([]time.Duration, error) {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("ledger append latency: %w", err)
+	}
+	defer conn.Close()
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
+	r := bufio.NewReader(conn)
+	tag := fmt.Sprintf("lat%d", time.Now().UnixNano())
+	rtts := make([]time.Duration, 0, n)
+	for i := range n {
+		t0 := time.Now()
+		if _, err := appendOne(conn, r, fmt.Sprintf("%s-%d", tag, i+1), 30*time.Second); err != nil {
+			if ctx.Err() != nil {
+				err = ctx.Err()
+			}
+			return rtts, fmt.Errorf("ledger append latency: append %d: %w", i+1, err)
+		}
+		rtts = append(rtts, time.Since(t0))
+	}
+	return rtts, nil
+}
+
+// Check asks the ledger at addr to compare its disk with its memory and
+// returns the number of records both hold.
+func Check(ctx context.Context, addr string, timeout time.Duration) (int, error) {
+	d := net.Dialer{Timeout: timeout}
+	conn, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return 0, fmt.Errorf("ledger check: %w", err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(timeout))
+	if _, err := conn.Write([]byte("CHECK\n")); err != nil {
+		return 0, fmt.Errorf("ledger check: %w", err)
+	}
+	line, err := bufio.NewReader(conn).ReadString('\n')
+	if err != nil {
+		return 0, fmt.Errorf("ledger check: %w", err)
+	}
+	line = strings.TrimSpace(line)
+	rest, ok := strings.CutPrefix(line, "CHECK ok ")
+	if !ok {
+		return 0, fmt.Errorf("ledger check: %s", strings.TrimPrefix(line, "ERR check: "))
+	}
+	n, err := strconv.Atoi(rest)
+	if err != nil {
+		return 0, fmt.Errorf("ledger check: malformed answer %q", line)
+	}
+	return n, nil
+}

@@ -18,10 +18,15 @@ import (
 
 // The ledger protocol is line based (send with nc). Requests:
 //
-//	APPEND <text>   → ACK <seq>          the record is in guest memory before the ACK is sent
+//	APPEND <text>   → ACK <seq>          the record is in guest memory (and, with a disk,
+//	                                     durable in block seq) before the ACK is sent;
+//	                                     ERR disk: <reason> or ERR disk full and no record
 //	GET <seq>       → REC <seq> <text>   or ERR no such record
 //	LIST            → REC <seq> <text> … then END <count>
 //	COUNT           → COUNT <n>
+//	CHECK           → CHECK ok <n>       the disk, read past the page cache, holds exactly
+//	                                     the n records in memory; else ERR check: <difference>
+//	                                     (ERR check: no disk on a memory-only ledger)
 //	PING            → PONG
 //
 // Anything else → ERR <reason>. Sequence numbers start at 1 and have no gaps.
@@ -32,18 +37,59 @@ const (
 	DefaultLedgerPort = 7000
 )
 
-// Ledger is the in-memory record store served by the guest.
+// Ledger is the record store served by the guest: in memory, and on a disk
+// when opened with OpenLedger. The zero Ledger is memory-only.
 type Ledger struct {
-	mu      sync.Mutex
+	mu      sync.Mutex // guards records, never held across disk I/O
 	records []string
+	disk    *diskLog
 }
 
-// Append stores text and returns its sequence number.
-func (l *Ledger) Append(text string) uint64 {
+// Append stores text and returns its sequence number. With a disk the
+// record is durable in its block before it enters memory; on an error it is
+// not in memory and the next append takes the same sequence number and block.
+func (l *Ledger) Append(text string) (uint64, error) {
+	if l.disk == nil {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		l.records = append(l.records, text)
+		return uint64(len(l.records)), nil
+	}
+	l.disk.mu.Lock()
+	defer l.disk.mu.Unlock()
 	l.mu.Lock()
-	defer l.mu.Unlock()
+	seq := uint64(len(l.records)) + 1
+	l.mu.Unlock()
+	if err := l.disk.write(seq, text); err != nil {
+		return 0, err
+	}
+	l.mu.Lock()
 	l.records = append(l.records, text)
-	return uint64(len(l.records))
+	l.mu.Unlock()
+	return seq, nil
+}
+
+// CheckDisk reads every record back from the disk, past the page cache,
+// and returns their number if the disk holds exactly the records in memory.
+func (l *Ledger) CheckDisk() (int, error) {
+	if l.disk == nil {
+		return 0, ErrNoDisk
+	}
+	l.disk.mu.Lock()
+	defer l.disk.mu.Unlock()
+	recs := l.Snapshot()
+	if err := l.disk.check(recs); err != nil {
+		return 0, err
+	}
+	return len(recs), nil
+}
+
+// Close closes the ledger's disk; it is safe to call twice.
+func (l *Ledger) Close() error {
+	if l.disk == nil {
+		return nil
+	}
+	return l.disk.close()
 }
 
 // Get returns the record with sequence number seq.
@@ -121,7 +167,12 @@ func (l *Ledger) answer(w *bufio.Writer, line string) {
 			w.WriteString("ERR APPEND needs a text\n")
 			return
 		}
-		fmt.Fprintf(w, "ACK %d\n", l.Append(arg))
+		seq, err := l.Append(arg)
+		if err != nil {
+			fmt.Fprintf(w, "ERR %v\n", err)
+			return
+		}
+		fmt.Fprintf(w, "ACK %d\n", seq)
 	case "GET":
 		seq, err := strconv.ParseUint(arg, 10, 64)
 		if err != nil {
@@ -142,10 +193,17 @@ func (l *Ledger) answer(w *bufio.Writer, line string) {
 		fmt.Fprintf(w, "END %d\n", len(recs))
 	case "COUNT":
 		fmt.Fprintf(w, "COUNT %d\n", len(l.Snapshot()))
+	case "CHECK":
+		n, err := l.CheckDisk()
+		if err != nil {
+			fmt.Fprintf(w, "ERR check: %v\n", err)
+			return
+		}
+		fmt.Fprintf(w, "CHECK ok %d\n", n)
 	case "PING":
 		w.WriteString("PONG\n")
 	default:
-		w.WriteString("ERR unknown command; use APPEND, GET, LIST, COUNT or PING\n")
+		w.WriteString("ERR unknown command; use APPEND, GET, LIST, COUNT, CHECK or PING\n")
 	}
 }
 

@@ -14,12 +14,18 @@ import (
 
 func startLedger(t *testing.T) (*Ledger, string) {
 	t.Helper()
+	l := new(Ledger)
+	return l, serveLedger(t, l)
+}
+
+// serveLedger serves l on a loopback port until the test ends.
+func serveLedger(t *testing.T, l *Ledger) string {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	l := new(Ledger)
 	done := make(chan error, 1)
 	go func() { done <- l.Serve(ctx, ln, slog.New(slog.DiscardHandler)) }()
 	t.Cleanup(func() {
@@ -28,7 +34,7 @@ func startLedger(t *testing.T) (*Ledger, string) {
 			t.Errorf("serve: %v", err)
 		}
 	})
-	return l, ln.Addr().String()
+	return ln.Addr().String()
 }
 
 func TestLedgerProtocol(t *testing.T) {
@@ -51,7 +57,8 @@ func TestLedgerProtocol(t *testing.T) {
 		{"LIST", "REC 1 first record"},
 		{"", "REC 2 second"},
 		{"", "END 2"},
-		{"FROB", "ERR unknown command; use APPEND, GET, LIST, COUNT or PING"},
+		{"CHECK", "ERR check: no disk"},
+		{"FROB", "ERR unknown command; use APPEND, GET, LIST, COUNT, CHECK or PING"},
 	}
 	for _, s := range steps {
 		if s.send != "" {
@@ -175,7 +182,7 @@ func TestDirtyAndTick(t *testing.T) {
 }
 
 func TestMainRejectsBadInput(t *testing.T) {
-	for _, args := range [][]string{{}, {"nope"}, {"ledger", "--bogus"}, {"client", "extra"}, {"verify", "--record", "/nonexistent"}} {
+	for _, args := range [][]string{{}, {"nope"}, {"ledger", "--bogus"}, {"client", "extra"}, {"verify", "--record", "/nonexistent"}, {"ledger", "--disk", "/nonexistent"}} {
 		var b strings.Builder
 		if err := Main(context.Background(), args, &b); err == nil {
 			t.Errorf("Main(%q) succeeded", args)
