@@ -26,6 +26,13 @@ type Metrics struct {
 	HeldBytes     *prometheus.GaugeVec
 	ReleaseDelay  *prometheus.HistogramVec
 	OutputDrops   *prometheus.GaugeVec
+	DiskBytes     *prometheus.CounterVec
+	DiskLag       *prometheus.GaugeVec
+	DiskSync      *prometheus.GaugeVec
+	JournalBytes  *prometheus.GaugeVec
+	JournalWrites *prometheus.GaugeVec
+	Reserved      *prometheus.GaugeVec
+	Capacity      *prometheus.GaugeVec
 }
 
 // Levels as exported by ax_vm_level.
@@ -71,7 +78,22 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Buckets: ms(.005, .01, .02, .05, .075, .1, .15, .2, .5, 1, 2)}, []string{"vm"}),
 		OutputDrops: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "ax_output_dropped_frames", Help: "Guest frames dropped by the output gate since it was attached, by reason (never released early)."}, []string{"vm", "reason"}),
+		DiskBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "ax_disk_replicated_bytes_total", Help: "Guest disk bytes sent to the partner (initial sync and writes)."}, []string{"vm"}),
+		DiskLag: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "ax_disk_replica_lag_writes", Help: "Disk writes (and level changes) sent but not yet acknowledged by the partner."}, []string{"vm"}),
+		DiskSync: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "ax_disk_sync_progress_ratio", Help: "Initial disk synchronisation progress, 0 to 1."}, []string{"vm"}),
+		JournalBytes: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "ax_disk_journal_bytes", Help: "Secondary: disk write bytes journaled until their checkpoint commits."}, []string{"vm"}),
+		JournalWrites: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "ax_disk_journal_depth", Help: "Secondary: disk writes journaled until their checkpoint commits."}, []string{"vm"}),
+		Reserved: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "ax_reserved_capacity", Help: "Capacity this host has promised to partners' VMs for failover, by resource (vcpus, memory_bytes, disk_bytes)."}, []string{"resource"}),
+		Capacity: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "ax_host_capacity", Help: "This host's capacity reservations are counted against, by resource."}, []string{"resource"}),
 	}
+	reg.MustRegister(m.DiskBytes, m.DiskLag, m.DiskSync, m.JournalBytes, m.JournalWrites, m.Reserved, m.Capacity)
 	reg.MustRegister(m.Epochs, m.Pause, m.DirtyPages, m.BytesSent, m.CommitLatency, m.ReplLag,
 		m.Failovers, m.Level, m.Protected, m.SyncProgress, m.PeerHeard, m.Witness,
 		m.HeldFrames, m.HeldBytes, m.ReleaseDelay, m.OutputDrops)
@@ -104,7 +126,7 @@ func (m *Metrics) Forget(vm string) {
 	for _, v := range []interface {
 		DeletePartialMatch(prometheus.Labels) int
 	}{m.Epochs, m.Pause, m.DirtyPages, m.BytesSent, m.CommitLatency, m.ReplLag, m.Level, m.Protected, m.SyncProgress,
-		m.HeldFrames, m.HeldBytes, m.ReleaseDelay, m.OutputDrops} {
+		m.HeldFrames, m.HeldBytes, m.ReleaseDelay, m.OutputDrops, m.DiskBytes, m.DiskLag, m.DiskSync, m.JournalBytes, m.JournalWrites} {
 		v.DeletePartialMatch(prometheus.Labels{"vm": vm})
 	}
 }

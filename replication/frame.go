@@ -54,6 +54,10 @@ const (
 	TypeMarker                               // primary → secondary: facts about checkpoint N (console offset)
 	TypeBye                                  // primary → secondary: protection ended, drop the replica
 	TypeHandover                             // primary → secondary: planned switch, take over after N
+	TypeWriteAck                             // secondary → primary: the first N ordered frames (disk writes, levels) are done
+	TypeLevel                                // primary → secondary: the VM's level changes (ha, ft) on this stream
+	TypeAccept                               // secondary → primary: the spec is accepted, the replica is open
+	TypeRefuse                               // secondary → primary: the spec is refused, with the reason
 
 	typeLimit // first invalid value
 )
@@ -78,6 +82,10 @@ var frameTypeNames = [...]string{
 	TypeMarker:          "Marker",
 	TypeBye:             "Bye",
 	TypeHandover:        "Handover",
+	TypeWriteAck:        "WriteAck",
+	TypeLevel:           "Level",
+	TypeAccept:          "Accept",
+	TypeRefuse:          "Refuse",
 }
 
 // Valid reports whether t is a frame type this version of the protocol knows.
@@ -325,4 +333,13 @@ func (w *Writer) end() error {
 		}
 	}
 	return w.err
+}
+
+// Buffered says how many bytes have been read ahead and not yet returned as
+// frames: zero means the peer has nothing more queued right now.
+func (r *Reader) Buffered() int {
+	if b, ok := r.r.(*bufio.Reader); ok {
+		return b.Buffered()
+	}
+	return 0
 }

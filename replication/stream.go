@@ -54,6 +54,14 @@ type Sender struct {
 	sent  uint64    // bytes handed to the writer
 	pages uint64    // initial-sync pages sent
 
+	ordered   uint64 // ordered frames (disk writes, levels) sent
+	diskBytes uint64 // disk write bytes sent
+
+	ackMu  sync.Mutex
+	ackedN uint64        // ordered frames the secondary acknowledged
+	ackCh  chan struct{} // closed and replaced when ackedN grows
+
+	r     *Reader
 	acks  chan uint64
 	done  chan struct{}
 	errMu sync.Mutex
@@ -62,8 +70,12 @@ type Sender struct {
 	wg    sync.WaitGroup
 }
 
+// acceptTimeout bounds how long a secondary may take to open a replica.
+const acceptTimeout = 10 * time.Second
+
 // Dial connects to a secondary's replication address, authenticates with
-// psk for vm, and sends the VM's spec.
+// psk for vm, sends the VM's spec and waits for the secondary to accept it.
+// A refusal is a *RefusedError with the secondary's reason.
 func Dial(ctx context.Context, addr string, psk []byte, vm string, spec []byte, ramSize int64) (*Sender, error) {
 	if len(spec) > MaxSpecSize {
 		return nil, fmt.Errorf("replication: spec of %d bytes exceeds %d", len(spec), MaxSpecSize)
@@ -77,9 +89,32 @@ func Dial(ctx context.Context, addr string, psk []byte, vm string, spec []byte, 
 		conn.Close()
 		return nil, err
 	}
-	s := &Sender{conn: conn, ramSize: ramSize, w: NewWriter(conn, 0), acks: make(chan uint64, 64), done: make(chan struct{}), last: time.Now()}
+	s := &Sender{conn: conn, ramSize: ramSize, w: NewWriter(conn, 0), r: NewReader(conn, 0), acks: make(chan uint64, 64),
+		done: make(chan struct{}), last: time.Now(), ackCh: make(chan struct{})}
 	if err := s.write(func() error { return s.w.WriteFrame(Frame{Type: TypeSpec, Payload: spec}) }, true); err != nil {
 		conn.Close()
+		return nil, err
+	}
+	conn.SetReadDeadline(time.Now().Add(acceptTimeout))
+	f, err := s.r.ReadFrame()
+	conn.SetReadDeadline(time.Time{})
+	if err == nil {
+		switch f.Type {
+		case TypeAccept:
+		case TypeRefuse:
+			var refused *RefusedError
+			if refused, err = decodeRefuse(f); err == nil {
+				err = refused
+			}
+		default:
+			err = fmt.Errorf("replication: %s where the secondary's answer to the spec was expected", f.Type)
+		}
+	}
+	if err != nil {
+		conn.Close()
+		if _, ok := err.(*RefusedError); !ok {
+			err = fmt.Errorf("replication: %s did not accept the VM: %w", addr, err)
+		}
 		return nil, err
 	}
 	s.wg.Add(2)
@@ -130,9 +165,8 @@ func (s *Sender) write(fn func() error, flush bool) error {
 func (s *Sender) readAcks() {
 	defer s.wg.Done()
 	defer close(s.acks)
-	r := NewReader(s.conn, 0)
 	for {
-		f, err := r.ReadFrame()
+		f, err := s.r.ReadFrame()
 		if err != nil {
 			if errors.Is(err, io.EOF) {
 				err = errors.New("secondary closed the stream")
@@ -154,6 +188,15 @@ func (s *Sender) readAcks() {
 			}
 		case TypeHeartbeat:
 			if _, err := DecodeHeartbeat(f); err != nil {
+				s.fail(err)
+				return
+			}
+		case TypeWriteAck:
+			a, err := DecodeWriteAck(f)
+			if err == nil {
+				err = s.noteWriteAck(a)
+			}
+			if err != nil {
 				s.fail(err)
 				return
 			}
@@ -257,8 +300,13 @@ type Handler struct {
 	Open func(vm string, spec []byte, remote net.Addr) (*Replica, error)
 	// Synced is called when the initial sync has arrived.
 	Synced func(vm string)
+	// Disks returns where vm's disk writes go (called after Open); nil
+	// when the VM has no protected disk — a disk write is then an error.
+	Disks func(vm string) DiskSink
 	// Committed is called after checkpoint epoch is applied, before the ack.
 	Committed func(vm string, epoch uint64, m Marker)
+	// Level is called when the primary changes the VM's level on the stream.
+	Level func(vm, level string)
 	// Ended is called when the stream ends: bye (protection ended on
 	// purpose), handover (planned switch) or neither (connection lost).
 	Ended func(vm string, bye, handover bool, err error)
@@ -370,10 +418,6 @@ func (s *Server) session(conn net.Conn, vm string) (bye, handover bool, err erro
 		return false, false, fmt.Errorf("replication: %s: expected the VM's spec, got %s", vm, f.Type)
 	}
 	spec := append([]byte(nil), f.Payload...)
-	rep, err := s.handler.Open(vm, spec, conn.RemoteAddr())
-	if err != nil {
-		return false, false, err
-	}
 	w := NewWriter(conn, 0)
 	var wmu sync.Mutex
 	send := func(f Frame) error {
@@ -384,10 +428,35 @@ func (s *Server) session(conn net.Conn, vm string) (bye, handover bool, err erro
 		}
 		return w.Flush()
 	}
+	rep, err := s.handler.Open(vm, spec, conn.RemoteAddr())
+	if err != nil {
+		// The primary learns why; a refusal is not the stream's fault.
+		send(refuseFrame(err.Error()))
+		return false, false, err
+	}
+	var disks DiskSink
+	if s.handler.Disks != nil {
+		disks = s.handler.Disks(vm)
+	}
+	if err := send(Frame{Type: TypeAccept}); err != nil {
+		return false, false, err
+	}
+	// Ordered frames done, and how many of them the primary was told of.
+	var ordered, acked uint64
+	ackOrdered := func() error {
+		if ordered == acked || r.Buffered() > 0 {
+			return nil // more is queued: one ack for the batch
+		}
+		acked = ordered
+		return send(WriteAck{N: ordered}.Frame())
+	}
 	var asm *CheckpointAssembler
 	var marker Marker
 	syncing := false
 	for {
+		if err := ackOrdered(); err != nil {
+			return false, false, err
+		}
 		conn.SetReadDeadline(time.Now().Add(streamIdleTimeout))
 		f, err := r.ReadFrame()
 		if err != nil {
@@ -432,6 +501,41 @@ func (s *Server) session(conn net.Conn, vm string) (bye, handover bool, err erro
 			if marker, err = DecodeMarker(f); err != nil {
 				return false, false, err
 			}
+		case f.Type == TypeDiskWrite:
+			d, err := DecodeDiskWrite(f)
+			if err != nil {
+				return false, false, err
+			}
+			if disks == nil {
+				return false, false, fmt.Errorf("replication: %s: a disk write but the VM has no protected disk", vm)
+			}
+			if err := disks.Write(f.Epoch, d); err != nil {
+				return false, false, fmt.Errorf("replication: %s: %w", vm, err)
+			}
+			ordered++
+		case f.Type == TypeLevel:
+			lc, err := DecodeLevelChange(f)
+			if err != nil {
+				return false, false, err
+			}
+			if disks != nil {
+				if err := disks.SetLevel(lc.Level); err != nil {
+					return false, false, fmt.Errorf("replication: %s: %w", vm, err)
+				}
+			}
+			if lc.Level == StreamLevelHA && (asm != nil || syncing) {
+				// Leaving FT: the guest runs on past the last checkpoint,
+				// so the memory replica must never be resumed; a later FT
+				// phase synchronises it again from scratch.
+				if err := rep.BeginSync(); err != nil {
+					return false, false, err
+				}
+				asm, syncing = nil, true
+			}
+			if s.handler.Level != nil {
+				s.handler.Level(vm, lc.Level)
+			}
+			ordered++
 		case f.Type.IsCheckpoint():
 			if asm == nil {
 				return false, false, fmt.Errorf("replication: %s: checkpoint before the initial sync ended", vm)
@@ -445,6 +549,11 @@ func (s *Server) session(conn net.Conn, vm string) (bye, handover bool, err erro
 			}
 			if err := rep.Apply(cp); err != nil {
 				return false, false, err
+			}
+			if disks != nil {
+				if err := disks.Commit(cp.Epoch()); err != nil {
+					return false, false, fmt.Errorf("replication: %s: disk writes of epoch %d: %w", vm, cp.Epoch(), err)
+				}
 			}
 			m := marker
 			if m.Epoch != cp.Epoch() {

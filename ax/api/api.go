@@ -54,6 +54,24 @@ type AppHealth struct {
 type ProtectRequest struct {
 	Level string `json:"level"`
 	Peer  string `json:"peer"`
+	// Force makes the partner promise capacity it does not have free.
+	Force bool `json:"force,omitempty"`
+}
+
+// Capacity is what a host can run, or has promised to run after failovers.
+type Capacity struct {
+	VCPUs       int   `json:"vcpus"`
+	MemoryBytes int64 `json:"memory_bytes"`
+	DiskBytes   int64 `json:"disk_bytes"`
+}
+
+// Reservation is the capacity a host has promised its partners' VMs.
+type Reservation struct {
+	Host     Capacity            `json:"host"`
+	Reserved Capacity            `json:"reserved"`
+	Free     Capacity            `json:"free"`
+	Promises map[string]Capacity `json:"promises,omitempty"`
+	Forced   []string            `json:"forced,omitempty"` // VMs promised beyond capacity
 }
 
 // VMStatus is one VM as axd sees it.
@@ -90,6 +108,16 @@ type VMStatus struct {
 	// commits, "open" (unprotected, passing), or "not held" (no gate).
 	Output     string `json:"output"`
 	HeldFrames int    `json:"held_frames"`
+	// Disk replication: disks, initial sync progress (bytes), bytes sent,
+	// writes not yet acknowledged by the partner (primary); journal depth
+	// (secondary).
+	Disks         int    `json:"disks,omitempty"`
+	DiskSyncDone  int64  `json:"disk_sync_done,omitempty"`
+	DiskSyncTotal int64  `json:"disk_sync_total,omitempty"`
+	DiskBytes     uint64 `json:"disk_bytes,omitempty"`
+	DiskLag       uint64 `json:"disk_lag,omitempty"`
+	JournalWrites int    `json:"journal_writes,omitempty"`
+	JournalBytes  int64  `json:"journal_bytes,omitempty"`
 	// The in-guest agent: connected, and the health of what it checks.
 	Agent string      `json:"agent"` // connected, silent, none
 	Apps  []AppHealth `json:"apps,omitempty"`
@@ -97,12 +125,15 @@ type VMStatus struct {
 
 // Status is the whole host.
 type Status struct {
-	Host    string         `json:"host"`
-	VMs     []VMStatus     `json:"vms"`
-	Peers   []PeerStatus   `json:"peers"`
-	Witness string         `json:"witness"`
-	Now     time.Time      `json:"now"`
-	Extra   map[string]any `json:"extra,omitempty"`
+	Host    string       `json:"host"`
+	VMs     []VMStatus   `json:"vms"`
+	Peers   []PeerStatus `json:"peers"`
+	Witness string       `json:"witness"`
+	// Reservation is the capacity promised to partners' VMs (nil before
+	// axd has measured the host).
+	Reservation *Reservation   `json:"reservation,omitempty"`
+	Now         time.Time      `json:"now"`
+	Extra       map[string]any `json:"extra,omitempty"`
 }
 
 // PeerStatus is what this host hears of a partner.

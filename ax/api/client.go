@@ -88,6 +88,11 @@ func (c *Client) Protect(ctx context.Context, vm string, req ProtectRequest) err
 	return c.do(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(vm)+"/protect", req, nil)
 }
 
+// Level changes a VM's level (none, ha, ft) without restarting it.
+func (c *Client) Level(ctx context.Context, vm string, req ProtectRequest) error {
+	return c.do(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(vm)+"/level", req, nil)
+}
+
 // Unprotect stops protecting a VM and frees its replica on the peer.
 func (c *Client) Unprotect(ctx context.Context, vm string) error {
 	return c.do(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(vm)+"/unprotect", nil, nil)

@@ -20,8 +20,10 @@ import (
 // Usage lists the commands.
 const Usage = `  status [--json]                           VMs, levels, roles, epochs, links, witness
   define SPEC.json                          register a VM (QMP socket, RAM file, tap) with axd
-  protect VM --level ft --peer HOST [--no-wait] [--spec SPEC.json]
+  protect VM --level ft|ha --peer HOST [--force] [--no-wait] [--spec SPEC.json]
                                             protect a VM; shows initial-sync progress
+  level VM none|ha|ft [--peer HOST] [--force] [--no-wait]
+                                            change a VM's level without restarting it
   unprotect VM                              stop protecting; the partner drops its replica
   failover VM                               planned switch of a protected VM to its partner
   events [--since N] [--follow] [--json]    what axd did and saw
@@ -43,6 +45,7 @@ func Main(ctx context.Context, socket string, args []string, out io.Writer) erro
 	specFile := fs.String("spec", "", "VM spec file to define first")
 	since := fs.Uint64("since", 0, "events after this sequence number")
 	follow := fs.Bool("follow", false, "keep printing new events")
+	force := fs.Bool("force", false, "let the partner promise capacity it does not have free")
 	// Flags may follow the VM name: parse around positional arguments.
 	var pos []string
 	for len(rest) > 0 {
@@ -92,13 +95,29 @@ func Main(ctx context.Context, socket string, args []string, out io.Writer) erro
 				return err
 			}
 		}
-		if err := c.Protect(ctx, pos[0], api.ProtectRequest{Level: *level, Peer: *peer}); err != nil {
+		if err := c.Protect(ctx, pos[0], api.ProtectRequest{Level: *level, Peer: *peer, Force: *force}); err != nil {
 			return err
 		}
 		if *noWait || *level == api.LevelNone {
 			return nil
 		}
-		return waitProtected(ctx, c, pos[0], out)
+		return waitProtected(ctx, c, pos[0], *level, out)
+	case "level":
+		if err := need(2, "a VM name and a level (none, ha or ft)"); err != nil {
+			return err
+		}
+		lv := pos[1]
+		if lv != api.LevelNone && lv != api.LevelHA && lv != api.LevelFT {
+			return fmt.Errorf("level: unknown level %q: use none, ha or ft", lv)
+		}
+		if err := c.Level(ctx, pos[0], api.ProtectRequest{Level: lv, Peer: *peer, Force: *force}); err != nil {
+			return err
+		}
+		if *noWait || lv == api.LevelNone {
+			fmt.Fprintf(out, "%s: level %s\n", pos[0], lv)
+			return nil
+		}
+		return waitProtected(ctx, c, pos[0], lv, out)
 	case "unprotect":
 		if err := need(1, "a VM name"); err != nil {
 			return err
@@ -165,6 +184,23 @@ func printStatus(out io.Writer, st *api.Status) {
 	}
 	tw.Flush()
 	for _, v := range st.VMs {
+		switch {
+		case v.Disks > 0 && v.Role == api.RolePrimary:
+			fmt.Fprintf(out, "disks %s: %d replicated, %s sent, %d writes unacknowledged\n", v.Name, v.Disks, bytes(float64(v.DiskBytes)), v.DiskLag)
+		case v.Role == api.RoleSecondary && (v.JournalWrites > 0 || v.Level == api.LevelFT):
+			fmt.Fprintf(out, "journal %s: %d writes (%s) wait for their checkpoint\n", v.Name, v.JournalWrites, bytes(float64(v.JournalBytes)))
+		}
+	}
+	if r := st.Reservation; r != nil && len(r.Promises) > 0 {
+		fmt.Fprintf(out, "promised to partners' VMs: %d of %d vCPUs, %s of %s memory, %s of %s disk",
+			r.Reserved.VCPUs, r.Host.VCPUs, bytes(float64(r.Reserved.MemoryBytes)), bytes(float64(r.Host.MemoryBytes)),
+			bytes(float64(r.Reserved.DiskBytes)), bytes(float64(r.Host.DiskBytes)))
+		if len(r.Forced) > 0 {
+			fmt.Fprintf(out, " (forced beyond capacity: %s)", strings.Join(r.Forced, ", "))
+		}
+		fmt.Fprintln(out)
+	}
+	for _, v := range st.VMs {
 		if v.Alarm != "" {
 			fmt.Fprintf(out, "ALARM %s: %s\n", v.Name, v.Alarm)
 		}
@@ -200,7 +236,7 @@ func bytes(b float64) string {
 
 // waitProtected shows the initial synchronisation as a progress bar until
 // the first checkpoint commits.
-func waitProtected(ctx context.Context, c *api.Client, vm string, out io.Writer) error {
+func waitProtected(ctx context.Context, c *api.Client, vm, level string, out io.Writer) error {
 	tty := isTerminal(out)
 	deadline := time.Now().Add(10 * time.Minute)
 	last := ""
@@ -213,15 +249,25 @@ func waitProtected(ctx context.Context, c *api.Client, vm string, out io.Writer)
 			if v.Name != vm {
 				continue
 			}
-			switch v.State {
-			case "protected":
+			switch {
+			case v.State == "protected" && v.Level == level && level == api.LevelFT:
 				fmt.Fprintf(out, "%s%s is protected (ft, replica on %s, epoch %d committed)\n", clearLine(tty), vm, v.Peer, v.Committed)
 				return nil
-			case "fenced":
+			case v.State == "protected" && v.Level == level:
+				fmt.Fprintf(out, "%s%s is protected (%s, %d disks replicated on %s)\n", clearLine(tty), vm, v.Level, v.Disks, v.Peer)
+				return nil
+			case v.Role == api.RoleLocal && v.Alarm == "":
+				return fmt.Errorf("%s is not protected", vm)
+			case v.State == "fenced":
 				return fmt.Errorf("%s was fenced: %s", vm, v.Alarm)
 			}
 			line := fmt.Sprintf("%s: %s", vm, v.State)
-			if v.SyncTotal > 0 {
+			if v.DiskSyncTotal > 0 && v.DiskSyncDone < v.DiskSyncTotal {
+				frac := float64(v.DiskSyncDone) / float64(v.DiskSyncTotal)
+				n := int(frac * 30)
+				line = fmt.Sprintf("%s: disk sync [%s%s] %3.0f%% (%s of %s)", vm, strings.Repeat("#", n), strings.Repeat(".", 30-n), frac*100,
+					bytes(float64(v.DiskSyncDone)), bytes(float64(v.DiskSyncTotal)))
+			} else if v.SyncTotal > 0 {
 				frac := float64(v.SyncSent) / float64(v.SyncTotal)
 				n := int(frac * 30)
 				line = fmt.Sprintf("%s: initial sync [%s%s] %3.0f%% (%d/%d pages)", vm, strings.Repeat("#", n), strings.Repeat(".", 30-n), frac*100, v.SyncSent, v.SyncTotal)

@@ -21,11 +21,13 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/axproject/ax/ax/api"
+	"github.com/axproject/ax/ax/reserve"
 	"github.com/axproject/ax/ax/witness"
 	"github.com/axproject/ax/monitor"
 	"github.com/axproject/ax/monitor/agent"
 	"github.com/axproject/ax/netbuffer"
 	"github.com/axproject/ax/replication"
+	"github.com/axproject/ax/replication/nbd"
 )
 
 // Peer is a partner host's addresses: its replication address (TCP streams
@@ -127,6 +129,8 @@ type Daemon struct {
 	hb           *replication.Heartbeats
 	repl         *replication.Server
 	wit          *witness.Client // nil without a witness
+	nbd          *nbd.Server     // primaries' disk mirrors write here
+	book         *reserve.Book   // capacity promised to partners' VMs
 
 	mu      sync.Mutex
 	vms     map[string]*vmState
@@ -162,7 +166,9 @@ func New(cfg Config) (*Daemon, error) {
 	}
 	d.repl = replication.NewServer(cfg.PSK, replication.Handler{
 		Open: d.openReplica, Synced: d.replicaSynced, Committed: d.replicaCommitted, Ended: d.streamEnded,
+		Disks: d.replicaDiskSink, Level: d.replicaLevel,
 	}, cfg.Log)
+	d.nbd = nbd.NewServer(cfg.Log)
 	return d, nil
 }
 
@@ -172,6 +178,20 @@ func (d *Daemon) Run(ctx context.Context, ready func()) error {
 		return fmt.Errorf("axd: state directory: %w", err)
 	}
 	d.ctx = ctx
+	host, err := reserve.HostCapacity(d.cfg.StateDir)
+	if err != nil {
+		return fmt.Errorf("axd: measuring this host's capacity: %w", err)
+	}
+	if d.book, err = reserve.OpenBook(filepath.Join(d.cfg.StateDir, "reservations.json"), host, nil); err != nil {
+		return fmt.Errorf("axd: %w", err)
+	}
+	os.Remove(d.nbdSocket())
+	nbdLn, err := net.Listen("unix", d.nbdSocket())
+	if err != nil {
+		return fmt.Errorf("axd: listen for disk mirrors on %s: %w", d.nbdSocket(), err)
+	}
+	defer os.Remove(d.nbdSocket())
+	defer nbdLn.Close() // Serve closes it too; this covers the early returns
 	os.Remove(d.cfg.Socket)
 	if err := os.MkdirAll(filepath.Dir(d.cfg.Socket), 0o755); err != nil {
 		return fmt.Errorf("axd: socket directory: %w", err)
@@ -202,6 +222,11 @@ func (d *Daemon) Run(ctx context.Context, ready func()) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	errc := make(chan error, 4)
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		d.nbd.Serve(ctx, nbdLn)
+	}()
 	d.wg.Add(1)
 	go func() {
 		defer d.wg.Done()
@@ -273,6 +298,9 @@ func (d *Daemon) Run(ctx context.Context, ready func()) error {
 	return runErr
 }
 
+// nbdSocket is where the local QEMUs' disk mirrors connect.
+func (d *Daemon) nbdSocket() string { return filepath.Join(d.cfg.StateDir, "nbd.sock") }
+
 // event records something axd did or saw, for axctl events and the log.
 func (d *Daemon) event(vm, kind, text string) {
 	d.mu.Lock()
@@ -299,7 +327,7 @@ func (d *Daemon) eventsSince(seq uint64) []api.Event {
 
 // status returns the host's view.
 func (d *Daemon) status() api.Status {
-	st := api.Status{Host: d.cfg.Host, Now: time.Now(), Witness: d.witnessState()}
+	st := api.Status{Host: d.cfg.Host, Now: time.Now(), Witness: d.witnessState(), Reservation: d.reservation()}
 	names := make([]string, 0, len(d.cfg.Peers))
 	for n := range d.cfg.Peers {
 		names = append(names, n)
@@ -397,6 +425,9 @@ func (d *Daemon) watch(ctx context.Context) {
 			switch v.role() {
 			case api.RoleSecondary:
 				d.checkSecondary(ctx, v)
+				if readGates {
+					d.journalMetrics(v)
+				}
 			case api.RolePrimary:
 				if readGates {
 					d.gateMetrics(v)

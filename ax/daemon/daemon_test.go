@@ -34,7 +34,7 @@ func TestCheckSpecRefusesUnsharedRAM(t *testing.T) {
 			[]string{"share=on"}},
 	}
 	for _, c := range cases {
-		err := checkSpec(c.spec)
+		err := checkSpec(c.spec, api.LevelFT)
 		if err == nil {
 			t.Errorf("%s: accepted", c.name)
 			continue
@@ -45,7 +45,7 @@ func TestCheckSpecRefusesUnsharedRAM(t *testing.T) {
 			}
 		}
 	}
-	if err := checkSpec(api.VMSpec{Name: "vm", Guest: qemu.Guest{QMP: "/q", RAMMiB: 1, RAMFile: ram}}); err != nil {
+	if err := checkSpec(api.VMSpec{Name: "vm", Guest: qemu.Guest{QMP: "/q", RAMMiB: 1, RAMFile: ram}}, api.LevelFT); err != nil {
 		t.Errorf("good spec refused: %v", err)
 	}
 }
@@ -92,13 +92,27 @@ func TestDaemonAPI(t *testing.T) {
 		want string
 	}{
 		{"vm1", api.ProtectRequest{Level: "ft", Peer: "zz"}, "unknown peer"},
-		{"vm1", api.ProtectRequest{Level: "ha", Peer: "b"}, "not available yet"},
 		{"vm1", api.ProtectRequest{Level: "gold", Peer: "b"}, "unknown level"},
 		{"nope", api.ProtectRequest{Level: "ft", Peer: "b"}, "no VM nope"},
 	} {
 		if err := c.Protect(ctx, c2.vm, c2.req); err == nil || !strings.Contains(err.Error(), c2.want) {
 			t.Errorf("protect %s %+v: err = %v, want %q", c2.vm, c2.req, err, c2.want)
 		}
+	}
+	for _, c2 := range []struct {
+		req  api.ProtectRequest
+		want string
+	}{
+		{api.ProtectRequest{Level: "gold"}, "unknown level"},
+		{api.ProtectRequest{Level: "ha"}, "name the partner"},
+		{api.ProtectRequest{Level: "ft", Peer: "zz"}, "unknown peer"},
+	} {
+		if err := c.Level(ctx, "vm1", c2.req); err == nil || !strings.Contains(err.Error(), c2.want) {
+			t.Errorf("level vm1 %+v: err = %v, want %q", c2.req, err, c2.want)
+		}
+	}
+	if err := c.Level(ctx, "vm1", api.ProtectRequest{Level: "none"}); err != nil {
+		t.Errorf("level none of an unprotected VM: %v", err)
 	}
 	if err := c.Failover(ctx, "vm1"); err == nil || !strings.Contains(err.Error(), "not a protected primary") {
 		t.Errorf("failover of an unprotected VM: %v", err)

@@ -42,6 +42,16 @@ func (d *Daemon) apiHandler() http.Handler {
 		}
 		reply(w, nil, d.protect(r.PathValue("name"), req))
 	})
+	mux.HandleFunc("POST /v1/vms/{name}/level", func(w http.ResponseWriter, r *http.Request) {
+		var req api.ProtectRequest
+		if err := decode(r, &req); err != nil {
+			reply(w, nil, err)
+			return
+		}
+		ctx, cancel := context.WithTimeout(r.Context(), 25*time.Second)
+		defer cancel()
+		reply(w, nil, d.setLevel(ctx, r.PathValue("name"), req))
+	})
 	mux.HandleFunc("POST /v1/vms/{name}/unprotect", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, nil, d.unprotect(r.PathValue("name")))
 	})

@@ -23,6 +23,10 @@ import (
 type streamSpec struct {
 	Primary string     `json:"primary"` // the primary host's name
 	Spec    api.VMSpec `json:"spec"`
+	// DiskSizes are the sizes the guest sees of Spec.Guest.Disks.
+	DiskSizes []int64 `json:"disk_sizes,omitempty"`
+	// Force: promise the capacity even beyond what the partner has free.
+	Force bool `json:"force,omitempty"`
 }
 
 // sharedRAMHelp is how to give a VM the RAM AX needs.
@@ -30,13 +34,26 @@ const sharedRAMHelp = "start QEMU with -object memory-backend-file,id=mem0,size=
 	"-machine memory-backend=mem0 (libvirt: <memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>; " +
 	"Nova: [libvirt] file_backed_memory)"
 
-// checkSpec refuses a VM whose RAM is not a shared named file of its size.
-func checkSpec(s api.VMSpec) error {
+// checkSpec refuses a VM that cannot be protected at level: any level
+// needs a name and QMP; FT (and a VM defined without disks, which only FT
+// can protect whole) needs its RAM as a shared named file of its size.
+func checkSpec(s api.VMSpec, level string) error {
 	if s.Name == "" || len(s.Name) > replication.MaxVMNameLen {
 		return errors.New("a VM needs a name (1-255 bytes)")
 	}
 	if s.Guest.QMP == "" {
 		return fmt.Errorf("VM %s: no QMP socket given", s.Name)
+	}
+	for _, dk := range s.Guest.Disks {
+		if dk.Node == "" || dk.Path == "" {
+			return fmt.Errorf("VM %s: a disk needs its block node name and image path (got %+v)", s.Name, dk)
+		}
+		if dk.Format != "" && dk.Format != "raw" && dk.Format != "qcow2" {
+			return fmt.Errorf("VM %s: disk %s has format %q; AX protects raw and qcow2 disks", s.Name, dk.Node, dk.Format)
+		}
+	}
+	if level != api.LevelFT {
+		return nil
 	}
 	if s.Guest.RAMFile == "" {
 		return fmt.Errorf("VM %s: its RAM is not a shared named file: %s", s.Name, sharedRAMHelp)
@@ -62,7 +79,11 @@ func checkSpec(s api.VMSpec) error {
 
 // define registers or updates a local VM.
 func (d *Daemon) define(spec api.VMSpec) error {
-	if err := checkSpec(spec); err != nil {
+	level := api.LevelFT
+	if len(spec.Guest.Disks) > 0 && spec.Guest.RAMFile == "" {
+		level = api.LevelHA // disks only: HA; FT is refused until the RAM is shared
+	}
+	if err := checkSpec(spec, level); err != nil {
 		return err
 	}
 	d.mu.Lock()
@@ -92,16 +113,17 @@ func (d *Daemon) vm(name string) (*vmState, error) {
 	return v, nil
 }
 
-// protect starts protecting a local VM at level towards peer.
+// protect starts protecting a local VM at level towards peer. It returns
+// once the partner accepted the VM (or refused it: nothing changes then), or
+// after a while if the partner cannot be reached (protection then starts
+// when it can, with an alarm meanwhile).
 func (d *Daemon) protect(name string, req api.ProtectRequest) error {
 	v, err := d.vm(name)
 	if err != nil {
 		return err
 	}
 	switch req.Level {
-	case api.LevelFT:
-	case api.LevelHA:
-		return errors.New("level ha is not available yet (disk replication is not built); use ft or none")
+	case api.LevelFT, api.LevelHA:
 	case api.LevelNone:
 		return d.unprotect(name)
 	default:
@@ -110,39 +132,31 @@ func (d *Daemon) protect(name string, req api.ProtectRequest) error {
 	if _, ok := d.cfg.Peers[req.Peer]; !ok {
 		return fmt.Errorf("unknown peer %q: axd on %s knows %v (its --peer flags)", req.Peer, d.cfg.Host, peerNames(d.cfg.Peers))
 	}
-	var start bool
+	var accepted chan error
 	v.set(func(v *vmState) {
 		if v.roleV != api.RoleLocal {
 			err = fmt.Errorf("VM %s is already %s (level %s); unprotect it first", name, v.roleV, v.level)
 			return
 		}
-		if err = checkSpec(v.spec); err != nil {
+		if err = checkSpec(v.spec, req.Level); err != nil {
 			return
 		}
 		if v.nextEpoch == 0 {
 			v.nextEpoch = 1
 		}
-		if d.cfg.OutputCommit {
-			// FT holds the guest's output until the checkpoint covering it
-			// commits: no gate, no FT.
-			if v.spec.Guest.Tap == "" {
-				err = fmt.Errorf("VM %s has no tap in its spec: FT must hold its network output there", name)
-				return
-			}
-			vm := name
-			v.gate, err = netbuffer.Attach(v.spec.Guest.Tap, &netbuffer.Config{FirstEpoch: v.nextEpoch, Log: d.log.With("vm", name),
-				Observer: func(delay time.Duration) { d.metrics.ReleaseDelay.WithLabelValues(vm).Observe(delay.Seconds()) }})
-			if err != nil {
-				err = fmt.Errorf("VM %s: cannot hold its output on tap %s: %w", name, v.spec.Guest.Tap, err)
+		if req.Level == api.LevelFT {
+			if err = d.attachGate(v); err != nil {
 				return
 			}
 		}
 		ctx, cancel := context.WithCancel(d.ctx)
-		v.roleV, v.level, v.peer, v.state, v.alarm = api.RolePrimary, api.LevelFT, req.Peer, "syncing", ""
+		v.roleV, v.level, v.peer, v.state, v.alarm, v.force = api.RolePrimary, req.Level, req.Peer, "syncing", "", req.Force
 		v.cancel, v.done, v.finish = cancel, make(chan struct{}), make(chan chan finishResult)
+		v.levelCh, v.accepted = make(chan levelReq), make(chan error, 1)
 		v.epoch, v.committed, v.lastCommit, v.pauses, v.syncSent, v.syncTotal = 0, 0, time.Time{}, nil, 0, 0
 		v.scans, v.devSaves, v.dirtyTotal, v.sent = nil, nil, 0, 0
-		start = true
+		v.diskSyncDone, v.diskSyncTotal = 0, 0
+		accepted = v.accepted
 		d.wg.Add(2)
 		go func() {
 			defer d.wg.Done()
@@ -157,10 +171,109 @@ func (d *Daemon) protect(name string, req api.ProtectRequest) error {
 	if err != nil {
 		return err
 	}
-	if start {
-		d.metrics.SetLevel(name, api.RolePrimary, api.LevelFT)
-		d.event(name, "protect", fmt.Sprintf("protecting %s at level ft towards %s", name, req.Peer))
+	d.metrics.SetLevel(name, api.RolePrimary, req.Level)
+	d.event(name, "protect", fmt.Sprintf("protecting %s at level %s towards %s", name, req.Level, req.Peer))
+	select {
+	case err = <-accepted:
+	case <-time.After(15 * time.Second):
 	}
+	if errors.Is(err, replication.ErrRefused) {
+		d.unprotect(name)
+		return fmt.Errorf("VM %s stays unprotected: %w", name, err)
+	}
+	return nil
+}
+
+// attachGate attaches the output gate FT needs (v.mu held).
+func (d *Daemon) attachGate(v *vmState) error {
+	if !d.cfg.OutputCommit || v.gate != nil {
+		return nil
+	}
+	// FT holds the guest's output until the checkpoint covering it
+	// commits: no gate, no FT.
+	if v.spec.Guest.Tap == "" {
+		return fmt.Errorf("VM %s has no tap in its spec: FT must hold its network output there", v.name)
+	}
+	vm := v.name
+	g, err := netbuffer.Attach(v.spec.Guest.Tap, &netbuffer.Config{FirstEpoch: v.nextEpoch, Log: d.log.With("vm", vm),
+		Observer: func(delay time.Duration) { d.metrics.ReleaseDelay.WithLabelValues(vm).Observe(delay.Seconds()) }})
+	if err != nil {
+		return fmt.Errorf("VM %s: cannot hold its output on tap %s: %w", vm, v.spec.Guest.Tap, err)
+	}
+	v.gate = g
+	return nil
+}
+
+// levelReq asks a primary's stream to change level; the answer comes when
+// the VM is protected at the new level, or with why it stays at the old.
+type levelReq struct {
+	level string
+	reply chan error
+}
+
+// setLevel changes a VM's level without restarting it: none → ha/ft starts
+// protection, ha ↔ ft switches on the running stream, → none ends it.
+func (d *Daemon) setLevel(ctx context.Context, name string, req api.ProtectRequest) error {
+	v, err := d.vm(name)
+	if err != nil {
+		return err
+	}
+	var role, cur, peer string
+	var ch chan levelReq
+	v.set(func(v *vmState) { role, cur, peer, ch = v.roleV, v.level, v.peer, v.levelCh })
+	switch {
+	case role == api.RoleSecondary:
+		return fmt.Errorf("VM %s is a replica here; change its level on its primary %s", name, peer)
+	case req.Level != api.LevelNone && req.Level != api.LevelHA && req.Level != api.LevelFT:
+		return fmt.Errorf("unknown level %q: use none, ha or ft", req.Level)
+	case role == api.RoleLocal && req.Level == api.LevelNone:
+		return nil
+	case role == api.RoleLocal:
+		if req.Peer == "" {
+			return fmt.Errorf("VM %s is not protected: name the partner (--peer HOST)", name)
+		}
+		return d.protect(name, req)
+	case req.Level == api.LevelNone:
+		return d.unprotect(name)
+	case req.Level == cur:
+		return nil
+	case req.Peer != "" && req.Peer != peer:
+		return fmt.Errorf("VM %s is protected towards %s; to change partner: axctl level %s none, then protect towards %s", name, peer, name, req.Peer)
+	}
+	if req.Level == api.LevelFT {
+		// Everything FT needs is checked before anything changes: a
+		// refusal leaves the VM protected at its level.
+		v.set(func(v *vmState) {
+			if err = checkSpec(v.spec, api.LevelFT); err == nil {
+				err = d.attachGate(v)
+			}
+		})
+		if err != nil {
+			return fmt.Errorf("VM %s stays at level %s: %w", name, cur, err)
+		}
+	}
+	r := levelReq{level: req.Level, reply: make(chan error, 1)}
+	select {
+	case ch <- r:
+	case <-time.After(2 * time.Second):
+		// No stream runs now (the partner is unreachable): the new level
+		// is what the next one starts at.
+		v.set(func(v *vmState) { v.level = req.Level })
+		d.metrics.SetLevel(name, api.RolePrimary, req.Level)
+		d.event(name, "level", fmt.Sprintf("level of %s set to %s; it applies when %s is reachable again", name, req.Level, peer))
+		return nil
+	}
+	select {
+	case err = <-r.reply:
+	case <-ctx.Done():
+		// Still synchronising: the change goes on, status shows it.
+		d.event(name, "level", fmt.Sprintf("change of %s to %s in progress", name, req.Level))
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("VM %s: %w", name, err)
+	}
+	d.metrics.SetLevel(name, api.RolePrimary, req.Level)
 	return nil
 }
 
@@ -282,17 +395,214 @@ func (d *Daemon) runPrimary(ctx context.Context, v *vmState) {
 	}
 }
 
-// protectOnce runs one replication stream until it fails or ctx ends.
+// protectOnce runs one replication stream until it fails or ctx ends: the
+// disks are synchronised first (then the VM is protected at HA), and at FT
+// memory and checkpoints follow on the same stream. Level changes switch
+// between the two without a new stream.
 func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 	var spec api.VMSpec
 	var peerName string
-	v.set(func(v *vmState) { spec, peerName = v.spec, v.peer })
+	var force bool
+	var accepted chan error
+	v.set(func(v *vmState) { spec, peerName, force, accepted = v.spec, v.peer, v.force, v.accepted })
+	report := func(err error) {
+		select {
+		case accepted <- err:
+		default:
+		}
+	}
 	peer := d.cfg.Peers[peerName]
 	mon, err := qemu.Dial(spec.Guest.QMP, 2*time.Second)
 	if err != nil {
-		return fmt.Errorf("QEMU of %s: %w", spec.Name, err)
+		err = fmt.Errorf("QEMU of %s: %w", spec.Name, err)
+		report(err)
+		return err
 	}
 	defer mon.Close()
+	qctx, qcancel := context.WithTimeout(ctx, 5*time.Second)
+	sizes, err := diskSizes(qctx, mon, spec.Guest.Disks)
+	qcancel()
+	if err != nil {
+		report(err)
+		return err
+	}
+	ramSize := int64(spec.Guest.RAMMiB) << 20
+	payload, _ := json.Marshal(streamSpec{Primary: d.cfg.Host, Spec: spec, DiskSizes: sizes, Force: force})
+	dctx, cancel := context.WithTimeout(ctx, 12*time.Second)
+	sender, err := replication.Dial(dctx, peer.Repl, d.cfg.PSK, spec.Name, payload, ramSize)
+	cancel()
+	report(err)
+	if err != nil {
+		if errors.Is(err, replication.ErrRefused) {
+			return err
+		}
+		return fmt.Errorf("replication link to %s: %w", peerName, err)
+	}
+	defer sender.Close()
+	setUserTimeout(sender)
+	sctx, scancel := context.WithCancel(ctx)
+	defer scancel()
+	// The guard closes the stream when the replication path goes silent:
+	// a cut link must not leave anything blocked on a TCP write.
+	go func() {
+		t := time.NewTicker(100 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-sctx.Done():
+				return
+			case <-t.C:
+			}
+			if pv := d.hb.View(peerName); !pv.ReplHeard {
+				sender.Close()
+				return
+			}
+		}
+	}()
+	dr := newDiskRepl(sctx, d, spec.Name, sender, mon, spec.Guest.Disks, sizes)
+	defer dr.stop()
+	var lastDisk uint64
+	diskMetrics := func() {
+		n := sender.DiskBytesSent()
+		d.metrics.DiskBytes.WithLabelValues(spec.Name).Add(float64(n - lastDisk))
+		lastDisk = n
+		d.metrics.DiskLag.WithLabelValues(spec.Name).Set(float64(sender.OrderedPending()))
+	}
+	v.set(func(v *vmState) { v.state, v.alarm, v.disks = "syncing", "", dr })
+	defer v.set(func(v *vmState) { v.disks = nil })
+	if len(spec.Guest.Disks) > 0 {
+		if err := dr.start(ctx); err != nil {
+			return err
+		}
+		err := dr.waitReady(ctx, func(done, total int64) {
+			v.set(func(v *vmState) { v.diskSyncDone, v.diskSyncTotal = done, total })
+			if total > 0 {
+				d.metrics.DiskSync.WithLabelValues(spec.Name).Set(float64(done) / float64(total))
+			}
+			diskMetrics()
+		})
+		if err != nil {
+			return err
+		}
+	}
+	// The disks are in sync and every write from now on reaches the
+	// partner before the guest sees it done: the partner can restart the
+	// VM from them (HA) from here on.
+	n, err := dr.setLevel(replication.StreamLevelHA, 0)
+	if err == nil {
+		err = sender.WaitOrdered(ctx, n)
+	}
+	if err != nil {
+		return err
+	}
+	var pending chan error // a level change waiting for FT to be running
+	for {
+		var level string
+		v.set(func(v *vmState) { level = v.level })
+		if level != api.LevelFT {
+			v.set(func(v *vmState) { v.state, v.alarm = "protected", "" })
+			d.metrics.Protected.WithLabelValues(spec.Name).Set(1)
+			d.event(spec.Name, "protected", fmt.Sprintf("disks in sync on %s: HA protection active", peerName))
+			if pending != nil {
+				pending <- nil
+				pending = nil
+			}
+			t := time.NewTicker(time.Second)
+		wait:
+			for {
+				select {
+				case <-ctx.Done():
+					t.Stop()
+					sender.Bye()
+					return ctx.Err()
+				case <-sender.Done():
+					t.Stop()
+					return sender.Err()
+				case <-t.C:
+					diskMetrics()
+				case r := <-v.levelCh:
+					if r.level != api.LevelFT {
+						r.reply <- nil
+						continue
+					}
+					v.set(func(v *vmState) { v.level, v.state = api.LevelFT, "syncing" })
+					d.event(spec.Name, "level", "level ha → ft: synchronising memory")
+					pending = r.reply
+					break wait
+				}
+			}
+			t.Stop()
+			continue
+		}
+		err := d.runFT(ctx, v, mon, sender, dr, spec, peerName, &pending)
+		var change *toHA
+		switch {
+		case errors.Is(err, ft.ErrFinished):
+			return err
+		case ctx.Err() != nil:
+			// Protection ended on purpose: tell the secondary to drop the replica.
+			sender.Bye()
+			return ctx.Err()
+		case errors.As(err, &change):
+			if err := d.leaveFT(ctx, v, sender, dr); err != nil {
+				change.reply <- err
+				return err
+			}
+			d.event(spec.Name, "level", "level ft → ha: output released, checkpoints stopped; the disks stay replicated")
+			pending = change.reply
+		case err != nil && sender.Err() == nil:
+			// FT itself failed while the stream is fine: the VM stays
+			// protected at HA rather than not at all.
+			if lerr := d.leaveFT(ctx, v, sender, dr); lerr != nil {
+				return lerr
+			}
+			v.set(func(v *vmState) { v.alarm = "FT failed, protected at ha: " + err.Error() })
+			d.event(spec.Name, "alarm", "FT failed ("+err.Error()+"); the VM stays protected at level ha")
+			if pending != nil {
+				pending <- fmt.Errorf("FT could not start (%v); the VM stays at level ha", err)
+				pending = nil
+			}
+		default:
+			return err
+		}
+	}
+}
+
+// toHA ends an FT phase because the level goes to HA.
+type toHA struct{ reply chan error }
+
+func (*toHA) Error() string { return "level change to ha" }
+
+// leaveFT moves a stream from FT to HA: guest writes wait for the partner
+// again, the partner drops its memory replica and applies what it
+// journaled, and only then is held output released — the partner can no
+// longer resume the guest from before it.
+func (d *Daemon) leaveFT(ctx context.Context, v *vmState, sender *replication.Sender, dr *diskRepl) error {
+	n, err := dr.setLevel(replication.StreamLevelHA, 0)
+	if err == nil {
+		err = sender.WaitOrdered(ctx, n)
+	}
+	if err != nil {
+		return err
+	}
+	var gate *netbuffer.Gate
+	v.set(func(v *vmState) {
+		gate, v.gate = v.gate, nil
+		v.level = api.LevelHA
+		v.committed, v.lastCommit = 0, time.Time{}
+	})
+	closeGate(gate, true)
+	d.metrics.SetLevel(v.name, api.RolePrimary, api.LevelHA)
+	return nil
+}
+
+// runFT synchronises memory and checkpoints on the stream until it fails,
+// ctx ends, a planned failover finishes, or the level goes to HA (*toHA).
+func (d *Daemon) runFT(ctx context.Context, v *vmState, mon *qemu.QMP, sender *replication.Sender, dr *diskRepl,
+	spec api.VMSpec, peerName string, pending *chan error) error {
+	if err := checkSpec(spec, api.LevelFT); err != nil {
+		return err
+	}
 	ramSize := int64(spec.Guest.RAMMiB) << 20
 	mode := spec.Tracker
 	if mode == "" {
@@ -309,16 +619,15 @@ func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 		return err
 	}
 	defer ram.Close()
-	payload, _ := json.Marshal(streamSpec{Primary: d.cfg.Host, Spec: spec})
-	dctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-	sender, err := replication.Dial(dctx, peer.Repl, d.cfg.PSK, spec.Name, payload, ramSize)
-	cancel()
+	v.set(func(v *vmState) {
+		v.state, v.syncSent, v.syncTotal = "syncing", 0, 0
+		if err == nil {
+			err = d.attachGate(v)
+		}
+	})
 	if err != nil {
-		return fmt.Errorf("replication link to %s: %w", peerName, err)
+		return err
 	}
-	defer sender.Close()
-	setUserTimeout(sender)
-	v.set(func(v *vmState) { v.state, v.alarm = "syncing", "" })
 	stateDir := filepath.Join(d.cfg.StateDir, "vms", spec.Name)
 	os.MkdirAll(stateDir, 0o755)
 	var lastSent uint64
@@ -347,13 +656,16 @@ func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 			d.metrics.Protected.WithLabelValues(spec.Name).Set(1)
 			if first {
 				d.event(spec.Name, "protected", fmt.Sprintf("replica on %s committed epoch %d: FT protection active", peerName, epoch))
+				if *pending != nil {
+					*pending <- nil
+					*pending = nil
+				}
 			}
 		},
 	}
 	var gate *netbuffer.Gate
 	var first uint64
 	v.set(func(v *vmState) { gate, first = v.gate, v.nextEpoch })
-	var og ft.OutputGate
 	if gate != nil {
 		// Hold again from here: output from now on is covered by the
 		// first checkpoint of this stream.
@@ -363,55 +675,54 @@ func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 		if err := gate.Hold(); err != nil {
 			return err
 		}
-		og = gate
+	}
+	// Output is held: guest writes need not wait for the partner any more,
+	// the checkpoint after them covers them.
+	if _, err := dr.setLevel(replication.StreamLevelFT, first); err != nil {
+		return err
 	}
 	loop := ft.NewLoop(ft.Config{Interval: d.cfg.Epoch, StateDir: stateDir, Console: spec.Guest.Console, FirstEpoch: first},
-		mon, tracker, ram, &senderStream{s: sender}, og, obs, d.log.With("vm", spec.Name))
+		mon, tracker, ram, &senderStream{s: sender}, diskEpochGate{gate: gate, disk: dr}, obs, d.log.With("vm", spec.Name))
 	defer func() { v.set(func(v *vmState) { v.nextEpoch = loop.Taken() + 2 }) }()
-	// A planned failover request is served by the loop.
 	lctx, lcancel := context.WithCancel(ctx)
 	defer lcancel()
 	handedOver := make(chan struct{})
+	var change *toHA
+	var levelCh chan levelReq
+	var finish chan chan finishResult
+	v.set(func(v *vmState) { finish, levelCh = v.finish, v.levelCh })
 	go func() {
 		defer close(handedOver)
-		var finish chan chan finishResult
-		v.set(func(v *vmState) { finish = v.finish })
-		select {
-		case <-lctx.Done():
-		case reply := <-finish:
-			epoch, err := loop.Finish(lctx)
-			if err == nil {
-				err = sender.Handover(epoch)
-			}
-			reply <- finishResult{epoch, err}
-		}
-	}()
-	// The guard closes the stream when the replication path goes silent:
-	// a cut link must not leave the loop blocked on a TCP write.
-	go func() {
-		t := time.NewTicker(100 * time.Millisecond)
-		defer t.Stop()
 		for {
 			select {
 			case <-lctx.Done():
 				return
-			case <-t.C:
-			}
-			if pv := d.hb.View(peerName); !pv.ReplHeard {
-				sender.Close()
+			case r := <-levelCh:
+				if r.level == api.LevelFT {
+					r.reply <- nil
+					continue
+				}
+				change = &toHA{reply: r.reply}
+				lcancel()
+				return
+			case reply := <-finish:
+				// A planned failover request is served by the loop.
+				epoch, err := loop.Finish(lctx)
+				if err == nil {
+					err = sender.Handover(epoch)
+				}
+				reply <- finishResult{epoch, err}
 				return
 			}
 		}
 	}()
 	err = loop.Run(lctx)
-	if errors.Is(err, ft.ErrFinished) {
-		<-handedOver // the handover is written before the stream closes
-		return err
+	if !errors.Is(err, ft.ErrFinished) {
+		lcancel()
 	}
-	if ctx.Err() != nil {
-		// Protection ended on purpose: tell the secondary to drop the replica.
-		sender.Bye()
-		return ctx.Err()
+	<-handedOver // the handover is written before the stream closes
+	if change != nil && ctx.Err() == nil {
+		return change
 	}
 	return err
 }

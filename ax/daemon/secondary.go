@@ -9,11 +9,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strings"
 	"time"
 
 	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/ax/qemu"
+	"github.com/axproject/ax/ax/reserve"
 	"github.com/axproject/ax/ax/witness"
 	"github.com/axproject/ax/replication"
 )
@@ -44,9 +46,28 @@ func (d *Daemon) openReplica(name string, payload []byte, remote net.Addr) (*rep
 	d.mu.Unlock()
 	dir := filepath.Join(d.cfg.StateDir, "replicas", name)
 	ramSize := int64(ss.Spec.Guest.RAMMiB) << 20
+	if len(ss.DiskSizes) != len(ss.Spec.Guest.Disks) {
+		return nil, fmt.Errorf("replica %s: %d disks but %d sizes", name, len(ss.Spec.Guest.Disks), len(ss.DiskSizes))
+	}
+	need := api.Capacity{VCPUs: 1, MemoryBytes: ramSize}
+	for _, n := range ss.DiskSizes {
+		if n <= 0 {
+			return nil, fmt.Errorf("replica %s: disk size %d", name, n)
+		}
+		need.DiskBytes += n
+	}
+	// A soft reservation: this host promises to be able to run the VM.
+	if err := d.book.Promise(name, reserve.Capacity{VCPUs: need.VCPUs, MemoryBytes: need.MemoryBytes, DiskBytes: need.DiskBytes}, ss.Force); err != nil {
+		return nil, fmt.Errorf("%s cannot promise to run %s: %w", d.cfg.Host, name, err)
+	}
+	d.reservationMetrics()
 	var rep *replication.Replica
 	var err error
-	v.set(func(v *vmState) { rep = v.replica })
+	var oldDisks *replicaDisks
+	v.set(func(v *vmState) { rep, oldDisks = v.replica, v.replicaDisks })
+	if oldDisks != nil {
+		oldDisks.Close()
+	}
 	if rep == nil || rep.RAMSize() != ramSize {
 		if rep != nil {
 			rep.Close()
@@ -59,14 +80,63 @@ func (d *Daemon) openReplica(name string, payload []byte, remote net.Addr) (*rep
 			return nil, err
 		}
 	}
+	var disks *replicaDisks
+	if len(ss.DiskSizes) > 0 {
+		if disks, err = openReplicaDisks(filepath.Join(dir, "disks"), ss.DiskSizes); err != nil {
+			return nil, err
+		}
+	}
 	v.set(func(v *vmState) {
-		v.spec, v.replica, v.peer = ss.Spec, rep, ss.Primary
-		v.roleV, v.level, v.state, v.alarm = api.RoleSecondary, api.LevelFT, "syncing", ""
-		v.committed, v.epoch, v.handover, v.promoting, v.stale, v.streamEndedAt = 0, 0, false, false, false, time.Time{}
+		v.spec, v.replica, v.peer, v.replicaDisks, v.diskSizes = ss.Spec, rep, ss.Primary, disks, ss.DiskSizes
+		v.roleV, v.level, v.state, v.alarm = api.RoleSecondary, api.LevelNone, "syncing", ""
+		v.committed, v.epoch, v.handover, v.promoting, v.stale, v.streamEndedAt, v.haReady = 0, 0, false, false, false, time.Time{}, false
 	})
-	d.metrics.SetLevel(name, api.RoleSecondary, api.LevelFT)
-	d.event(name, "replica", fmt.Sprintf("receiving %s from %s (%s)", name, ss.Primary, remote))
+	d.metrics.SetLevel(name, api.RoleSecondary, api.LevelNone)
+	d.event(name, "replica", fmt.Sprintf("receiving %s from %s (%s), %d disks", name, ss.Primary, remote, len(ss.DiskSizes)))
 	return rep, nil
+}
+
+// replicaDiskSink is where the stream puts a replica's disk writes.
+func (d *Daemon) replicaDiskSink(name string) replication.DiskSink {
+	v, err := d.vm(name)
+	if err != nil {
+		return nil
+	}
+	var disks *replicaDisks
+	v.set(func(v *vmState) { disks = v.replicaDisks })
+	if disks == nil {
+		return nil // no typed nil: a disk write must find no sink
+	}
+	return disks
+}
+
+// replicaLevel: the primary changed the level on the stream. The first
+// level frame comes once the disks are in sync: from then on the VM can be
+// restarted here from them.
+func (d *Daemon) replicaLevel(name, level string) {
+	v, err := d.vm(name)
+	if err != nil {
+		return
+	}
+	first := false
+	v.set(func(v *vmState) {
+		first = !v.haReady
+		v.haReady, v.level = true, level
+		if level == api.LevelHA {
+			v.state, v.committed = "ready", 0
+		} else {
+			v.state = "syncing"
+		}
+	})
+	d.metrics.SetLevel(name, api.RoleSecondary, level)
+	switch {
+	case level == api.LevelHA && first:
+		d.event(name, "ready", "disks in sync: ready to restart the VM here (HA)")
+	case level == api.LevelHA:
+		d.event(name, "level", "level ha: memory replica dropped, disk writes applied as they come")
+	default:
+		d.event(name, "level", "level ft: disk writes journaled until their checkpoint commits")
+	}
 }
 
 func (d *Daemon) replicaSynced(name string) {
@@ -84,6 +154,7 @@ func (d *Daemon) replicaCommitted(name string, epoch uint64, m replication.Marke
 	v.set(func(v *vmState) {
 		first = v.state != "ready"
 		v.epoch, v.committed, v.lastCommit, v.state, v.consoleOffset = epoch, epoch, time.Now(), "ready", m.ConsoleOffset
+		v.level = api.LevelFT
 	})
 	if first {
 		d.event(name, "ready", fmt.Sprintf("replica committed epoch %d: ready to take over", epoch))
@@ -100,10 +171,16 @@ func (d *Daemon) streamEnded(name string, bye, handover bool, err error) {
 	switch {
 	case bye:
 		var rep *replication.Replica
-		v.set(func(v *vmState) { rep = v.replica; v.replica = nil })
+		var disks *replicaDisks
+		v.set(func(v *vmState) { rep, disks = v.replica, v.replicaDisks; v.replica, v.replicaDisks = nil, nil })
 		if rep != nil {
 			rep.Close()
 		}
+		if disks != nil {
+			disks.Close()
+		}
+		d.book.Release(name)
+		d.reservationMetrics()
 		os.RemoveAll(filepath.Join(d.cfg.StateDir, "replicas", name))
 		d.mu.Lock()
 		if d.vms[name] == v {
@@ -135,12 +212,13 @@ func (d *Daemon) streamEnded(name string, bye, handover bool, err error) {
 func (d *Daemon) checkSecondary(ctx context.Context, v *vmState) {
 	var peer string
 	var rep *replication.Replica
-	var promoting, handover bool
+	var promoting, handover, haReady bool
 	stale := false
 	v.set(func(v *vmState) {
-		peer, rep, promoting, handover, stale = v.peer, v.replica, v.promoting, v.handover, v.stale
+		peer, rep, promoting, handover, stale, haReady = v.peer, v.replica, v.promoting, v.handover, v.stale, v.haReady
 	})
-	if promoting || stale || rep == nil || !rep.Usable() {
+	// Promotable: a committed checkpoint (FT), or disks in sync (HA).
+	if promoting || stale || rep == nil || !(rep.Usable() || haReady) {
 		return
 	}
 	pv := d.hb.View(peer)
@@ -218,41 +296,80 @@ func (d *Daemon) checkSecondary(ctx context.Context, v *vmState) {
 	}()
 }
 
-// promote starts the VM here from the replica: QEMU with the same machine
-// over the replica's RAM file, the committed device state loaded, resumed,
-// its MAC announced on the network.
+// promote starts the VM here from the replica. With a committed checkpoint
+// (FT): QEMU with the same machine over the replica's RAM file, the
+// committed device state loaded, resumed, its MAC announced on the network —
+// and its disks as of that checkpoint. Otherwise, with disks in sync (HA):
+// the guest boots afresh from its replicated disks.
 func (d *Daemon) promote(ctx context.Context, v *vmState) error {
 	t0 := time.Now()
 	d.repl.Drop(v.name) // nothing more is applied once promotion starts
 	var spec api.VMSpec
 	var rep *replication.Replica
-	var peer string
-	v.set(func(v *vmState) { spec, rep, peer = v.spec, v.replica, v.peer })
+	var disks *replicaDisks
+	var peer, level string
+	var haReady bool
+	v.set(func(v *vmState) {
+		spec, rep, peer, disks, level, haReady = v.spec, v.replica, v.peer, v.replicaDisks, v.level, v.haReady
+	})
 	epoch, devState := rep.Committed()
-	if !rep.Usable() {
-		return errors.New("the replica is not usable (no committed checkpoint)")
+	resume := rep.Usable() && level == api.LevelFT
+	if !resume && !haReady {
+		return errors.New("the replica is not usable (no committed checkpoint, disks not in sync)")
 	}
 	dir := filepath.Join(d.cfg.StateDir, "vms", v.name)
 	os.RemoveAll(dir)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
-	// The device state file is replaced by later commits; take a copy.
-	dev := filepath.Join(dir, "devstate")
-	data, err := os.ReadFile(devState)
-	if err != nil {
-		return fmt.Errorf("committed device state: %w", err)
-	}
-	if err := os.WriteFile(dev, data, 0o600); err != nil {
-		return err
-	}
 	g := spec.Guest
-	g.RAMFile = rep.RAMPath()
 	g.QMP = filepath.Join(dir, "qmp.sock")
 	g.Console = filepath.Join(dir, "console.log")
 	g.Agent = filepath.Join(dir, "agent.sock")
 	g.PIDFile = filepath.Join(dir, "qemu.pid")
-	g.Incoming = true
+	if disks != nil {
+		// FT resumes with the disks as of the committed checkpoint; HA
+		// boots from every write received, in order.
+		if err := disks.prepare(resume); err != nil {
+			return fmt.Errorf("replica disks: %w", err)
+		}
+		disks.Close()
+		g.Disks = append([]qemu.Disk(nil), g.Disks...)
+		for i := range g.Disks {
+			// The disks move out of the replica directory: they are the
+			// running VM's now.
+			to := filepath.Join(dir, fmt.Sprintf("disk%d.raw", i))
+			if err := os.Rename(replicaDiskPath(disks.dir, i), to); err != nil {
+				return fmt.Errorf("replica disk %d: %w", i, err)
+			}
+			g.Disks[i].Path, g.Disks[i].Format = to, "raw"
+		}
+	}
+	var dev string
+	if resume {
+		// The device state file is replaced by later commits; take a copy.
+		dev = filepath.Join(dir, "devstate")
+		data, err := os.ReadFile(devState)
+		if err != nil {
+			return fmt.Errorf("committed device state: %w", err)
+		}
+		if err := os.WriteFile(dev, data, 0o600); err != nil {
+			return err
+		}
+		g.RAMFile, g.Incoming = rep.RAMPath(), true
+	} else {
+		// A fresh boot gets fresh memory beside the replica's.
+		g.RAMFile = filepath.Join(filepath.Dir(rep.RAMPath()), "boot-ram")
+		f, err := os.Create(g.RAMFile)
+		if err == nil {
+			err = f.Truncate(int64(g.RAMMiB) << 20)
+			f.Close()
+		}
+		if err != nil {
+			return fmt.Errorf("memory for the restarted VM: %w", err)
+		}
+		g.Incoming = false
+	}
 	if err := plugTap(ctx, g.Tap, spec.Bridge); err != nil {
 		return err
 	}
@@ -273,28 +390,85 @@ func (d *Daemon) promote(ctx context.Context, v *vmState) error {
 	defer mon.Close()
 	qctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
-	if err := mon.LoadIncoming(qctx, "exec:cat "+dev); err != nil {
-		return fmt.Errorf("load device state of epoch %d: %w", epoch, err)
-	}
-	if err := mon.Cont(qctx); err != nil {
-		return err
-	}
-	if err := mon.Announce(qctx); err != nil {
-		d.log.Warn("announce failed", "vm", v.name, "err", err)
+	how := "restarted " + v.name + " from its replicated disks (HA)"
+	if resume {
+		if err := mon.LoadIncoming(qctx, "exec:cat "+dev); err != nil {
+			return fmt.Errorf("load device state of epoch %d: %w", epoch, err)
+		}
+		if err := mon.Cont(qctx); err != nil {
+			return err
+		}
+		if err := mon.Announce(qctx); err != nil {
+			d.log.Warn("announce failed", "vm", v.name, "err", err)
+		}
+		how = fmt.Sprintf("resumed %s from epoch %d", v.name, epoch)
 	}
 	g.Incoming = false
 	spec.Guest, spec.PID = g, pid
 	v.set(func(v *vmState) {
 		v.spec, v.roleV, v.level, v.state, v.alarm, v.peer, v.promoting = spec, api.RoleLocal, api.LevelNone, "running", "", "", false
-		v.replica = nil
+		v.replica, v.replicaDisks = nil, nil
 	})
 	rep.Close()
+	// The promise is kept: the VM runs here now.
+	d.book.Release(v.name)
+	d.reservationMetrics()
 	d.startAgent(v)
 	d.metrics.Failovers.WithLabelValues(v.name).Inc()
 	d.metrics.SetLevel(v.name, api.RoleLocal, api.LevelNone)
-	d.event(v.name, "promoted", fmt.Sprintf("resumed %s from epoch %d of %s in %.0f ms; it runs here unprotected (re-protect with: axctl protect %s --level ft --peer HOST)",
-		v.name, epoch, peer, float64(time.Since(t0).Microseconds())/1000, v.name))
+	d.event(v.name, "promoted", fmt.Sprintf("%s of %s in %.0f ms; it runs here unprotected (re-protect with: axctl level %s ha|ft --peer HOST)",
+		how, peer, float64(time.Since(t0).Microseconds())/1000, v.name))
 	return nil
+}
+
+// journalMetrics exports what a secondary's disk journal holds.
+func (d *Daemon) journalMetrics(v *vmState) {
+	var disks *replicaDisks
+	v.set(func(v *vmState) { disks = v.replicaDisks })
+	if disks == nil {
+		return
+	}
+	dp := disks.depth()
+	d.metrics.JournalWrites.WithLabelValues(v.name).Set(float64(dp.Records))
+	d.metrics.JournalBytes.WithLabelValues(v.name).Set(float64(dp.Bytes))
+}
+
+// reservation is the capacity promised to partners' VMs, for status.
+func (d *Daemon) reservation() *api.Reservation {
+	if d.book == nil {
+		return nil
+	}
+	c := func(x reserve.Capacity) api.Capacity {
+		return api.Capacity{VCPUs: x.VCPUs, MemoryBytes: x.MemoryBytes, DiskBytes: x.DiskBytes}
+	}
+	r := &api.Reservation{Host: c(d.book.Host()), Reserved: c(d.book.Reserved()), Free: c(d.book.Free()), Promises: map[string]api.Capacity{}}
+	for vm, p := range d.book.Promises() {
+		r.Promises[vm] = c(p.Need)
+		if p.Forced {
+			r.Forced = append(r.Forced, vm)
+		}
+	}
+	sort.Strings(r.Forced)
+	return r
+}
+
+// reservationMetrics exports the host's capacity and what is promised.
+func (d *Daemon) reservationMetrics() {
+	r := d.reservation()
+	if r == nil {
+		return
+	}
+	for _, x := range []struct {
+		name          string
+		host, promise float64
+	}{
+		{"vcpus", float64(r.Host.VCPUs), float64(r.Reserved.VCPUs)},
+		{"memory_bytes", float64(r.Host.MemoryBytes), float64(r.Reserved.MemoryBytes)},
+		{"disk_bytes", float64(r.Host.DiskBytes), float64(r.Reserved.DiskBytes)},
+	} {
+		d.metrics.Capacity.WithLabelValues(x.name).Set(x.host)
+		d.metrics.Reserved.WithLabelValues(x.name).Set(x.promise)
+	}
 }
 
 // plugTap creates the replica's tap and joins it to the host bridge.

@@ -61,6 +61,19 @@ type vmState struct {
 	stale         bool // the primary ran on without this replica: never resume it
 	streamEndedAt time.Time
 
+	// primary: level changes and the first stream's answer
+	levelCh       chan levelReq
+	accepted      chan error
+	force         bool
+	disks         *diskRepl // while a stream runs
+	diskSyncDone  int64
+	diskSyncTotal int64
+
+	// secondary: replica disks, and whether they are in sync (HA-ready)
+	replicaDisks *replicaDisks
+	diskSizes    []int64
+	haReady      bool
+
 	// primary: the output gate, attached while protected
 	gate      *netbuffer.Gate
 	nextEpoch uint64 // first epoch of the next stream (epochs only grow)
@@ -99,6 +112,15 @@ func (v *vmState) status() api.VMStatus {
 	s.ScanP50MS, s.DevSaveP50MS = quantile(v.scans, 0.5), quantile(v.devSaves, 0.5)
 	s.DirtyTotal, s.BytesTotal = v.dirtyTotal, v.sent
 	s.Agent, s.Apps = agentStatus(v.agent)
+	s.Disks = len(v.spec.Guest.Disks)
+	s.DiskSyncDone, s.DiskSyncTotal = v.diskSyncDone, v.diskSyncTotal
+	if v.disks != nil {
+		s.DiskBytes, s.DiskLag = v.disks.sender.DiskBytesSent(), v.disks.sender.OrderedPending()
+	}
+	if v.replicaDisks != nil {
+		dp := v.replicaDisks.depth()
+		s.JournalWrites, s.JournalBytes = dp.Records, dp.Bytes
+	}
 	s.Output = "not held"
 	if v.gate != nil {
 		st := v.gate.Stats()

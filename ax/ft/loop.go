@@ -327,7 +327,11 @@ func (l *Loop) take(ctx context.Context, stayPaused bool) (cp *Checkpoint, st Ep
 		if stayPaused && err == nil {
 			return
 		}
-		if cerr := l.mon.Cont(qctx); cerr != nil && err == nil {
+		// Not qctx: when the loop is stopped mid-pause (a level change,
+		// protection ending) the guest must still be resumed.
+		cctx, ccancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		defer ccancel()
+		if cerr := l.mon.Cont(cctx); cerr != nil && err == nil {
 			err = fmt.Errorf("ft: resume: %w", cerr)
 		}
 		if cp != nil {

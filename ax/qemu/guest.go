@@ -37,6 +37,19 @@ type Guest struct {
 	// context ID (the agent's preferred transport); hosts without
 	// /dev/vhost-vsock use the virtio-serial port only.
 	VsockCID uint32 `json:"vsock_cid,omitempty"`
+	// Disks are the guest's virtio-blk disks, in order (vda, vdb, …).
+	Disks []Disk `json:"disks,omitempty"`
+}
+
+// Disk is one guest disk: an image file opened as a block node the guest's
+// virtio-blk device uses. AX mirrors the node to the partner, which keeps a
+// raw replica of what the guest sees.
+type Disk struct {
+	// Node is the block node's name; the device refers to it, and it is
+	// the same on the partner so device state loads there.
+	Node   string `json:"node"`
+	Path   string `json:"path"`
+	Format string `json:"format"` // raw or qcow2
 }
 
 // Args returns QEMU's command line for the spec. Both hosts must use the same
@@ -64,6 +77,16 @@ func (g Guest) Args() []string {
 		"-chardev", "socket,id=agent0,path=" + g.Agent + ",server=on,wait=off",
 		"-device", "virtserialport,bus=vser0.0,chardev=agent0,name=" + AgentPortName,
 		"-pidfile", g.PIDFile,
+	}
+	for i, d := range g.Disks {
+		format := d.Format
+		if format == "" {
+			format = "raw"
+		}
+		args = append(args,
+			"-blockdev", fmt.Sprintf("driver=file,node-name=%s-file,filename=%s", d.Node, d.Path),
+			"-blockdev", fmt.Sprintf("driver=%s,node-name=%s,file=%s-file", format, d.Node, d.Node),
+			"-device", fmt.Sprintf("virtio-blk-pci,drive=%s,id=vd%d", d.Node, i))
 	}
 	if g.Accel == "kvm" {
 		args = append(args, "-cpu", "host")

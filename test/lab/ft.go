@@ -107,6 +107,9 @@ type Trial struct {
 	Lost          int // of those, missing from the ledger after failover
 	Records       int // records in the ledger after failover
 	SanityFailure string
+	// DiskRecords is what the ledger's disk holds after failover, checked
+	// against the guest's memory (CHECK); -1 when the guest has no disk.
+	DiskRecords int
 }
 
 // FailoverTrial protects vm on host from towards to (if not yet), lets it
@@ -119,9 +122,18 @@ func (l *Lab) FailoverTrial(ctx context.Context, vm, from, to string, runFor tim
 
 // FailoverTrialRate is FailoverTrial with the ledger client's rate (appends/s).
 func (l *Lab) FailoverTrialRate(ctx context.Context, vm, from, to string, runFor time.Duration, workloadBin, record string, rate float64) (*Trial, error) {
-	tr := &Trial{From: from, To: to}
+	return l.LevelFailoverTrial(ctx, api.LevelFT, vm, from, to, runFor, workloadBin, record, rate)
+}
+
+// LevelFailoverTrial is a failover trial at level ft or ha. At FT the guest
+// resumes on to from the last checkpoint (ticks continue); at HA it boots
+// there afresh from its replicated disk (its ledger reloads from the disk).
+// Either way every acknowledged record must be there, and a disk-backed
+// ledger's disk must agree with what the guest holds in memory.
+func (l *Lab) LevelFailoverTrial(ctx context.Context, level, vm, from, to string, runFor time.Duration, workloadBin, record string, rate float64) (*Trial, error) {
+	tr := &Trial{From: from, To: to, DiskRecords: -1}
 	cf := l.Client(from)
-	if err := l.protectAndWait(ctx, cf, vm, to); err != nil {
+	if err := l.protectLevelAndWait(ctx, cf, vm, to, level); err != nil {
 		return tr, err
 	}
 	st, err := l.vmStatus(ctx, cf, vm)
@@ -155,7 +167,7 @@ func (l *Lab) FailoverTrialRate(ctx context.Context, vm, from, to string, runFor
 	// Wait for the guest to run on the partner and print its first tick.
 	ct := l.Client(to)
 	var console string
-	deadline := kill.Add(30 * time.Second)
+	deadline := kill.Add(60 * time.Second)
 	for time.Now().Before(deadline) {
 		s, err := l.vmStatus(ctx, ct, vm)
 		if err == nil && s.Role == api.RoleLocal && s.State == "running" {
@@ -169,7 +181,10 @@ func (l *Lab) FailoverTrialRate(ctx context.Context, vm, from, to string, runFor
 	}
 	if tr.Failover == 0 {
 		client.Stop()
-		return tr, fmt.Errorf("guest did not resume on %s within 30 s; events there: %s", to, l.eventsText(ctx, ct))
+		return tr, fmt.Errorf("guest did not run on %s within 60 s; events there: %s", to, l.eventsText(ctx, ct))
+	}
+	if level == api.LevelHA {
+		return l.haTrialChecks(ctx, tr, client, console, record, addr, kill)
 	}
 	// Let the client reconnect and append a little on the resumed guest.
 	time.Sleep(2 * time.Second)
@@ -193,20 +208,9 @@ func (l *Lab) FailoverTrialRate(ctx context.Context, vm, from, to string, runFor
 	if err != nil {
 		return tr, err
 	}
-	for _, bad := range KernelFaults {
-		if bytes.Contains(post, []byte(bad)) {
-			tr.SanityFailure = bad
-			return tr, fmt.Errorf("console of the resumed guest shows %q", bad)
-		}
-	}
-	acks, err := workload.ReadRecord(record)
+	acks, err := tr.checkConsoleAndAcks(post, record, kill)
 	if err != nil {
 		return tr, err
-	}
-	for _, a := range acks {
-		if a.Time.Before(kill) {
-			tr.Acked++
-		}
 	}
 	var recs []string
 	err = l.InNetns(HostC, func() error {
@@ -220,28 +224,119 @@ func (l *Lab) FailoverTrialRate(ctx context.Context, vm, from, to string, runFor
 	tr.Records = len(recs)
 	v := workload.Verify(acks, recs)
 	tr.Lost = len(v.Missing)
-	return tr, nil
+	return tr, l.diskCheck(ctx, tr, addr)
+}
+
+// checkConsoleAndAcks fails on a kernel fault in the console of the guest
+// after failover, and counts the acks the client had before the kill.
+func (tr *Trial) checkConsoleAndAcks(post []byte, record string, kill time.Time) ([]workload.Ack, error) {
+	for _, bad := range KernelFaults {
+		if bytes.Contains(post, []byte(bad)) {
+			tr.SanityFailure = bad
+			return nil, fmt.Errorf("console of the guest on %s shows %q", tr.To, bad)
+		}
+	}
+	acks, err := workload.ReadRecord(record)
+	if err != nil {
+		return nil, err
+	}
+	for _, a := range acks {
+		if a.Time.Before(kill) {
+			tr.Acked++
+		}
+	}
+	return acks, nil
+}
+
+// diskCheck asks a disk-backed ledger to compare its disk with its memory.
+func (l *Lab) diskCheck(ctx context.Context, tr *Trial, addr string) error {
+	var n int
+	err := l.InNetns(HostC, func() error {
+		var err error
+		n, err = workload.Check(ctx, addr, 20*time.Second)
+		return err
+	})
+	switch {
+	case err != nil && strings.Contains(err.Error(), "no disk"):
+		return nil
+	case err != nil:
+		return fmt.Errorf("the guest's disk disagrees with its memory after failover: %w", err)
+	}
+	tr.DiskRecords = n
+	if n != tr.Records {
+		return fmt.Errorf("disk holds %d records, the ledger lists %d", n, tr.Records)
+	}
+	return nil
+}
+
+// haTrialChecks: the guest booted afresh on the partner from its disk; its
+// ledger reloaded what the disk holds. Every acked record must be there.
+func (l *Lab) haTrialChecks(ctx context.Context, tr *Trial, client *LedgerClient, console, record, addr string, kill time.Time) (*Trial, error) {
+	var recs []string
+	var err error
+	for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+		err = l.InNetns(HostC, func() error {
+			recs, err = workload.List(ctx, addr, 5*time.Second)
+			return err
+		})
+		if err == nil {
+			break
+		}
+	}
+	// Let the client reconnect and append a little on the restarted guest.
+	time.Sleep(2 * time.Second)
+	client.Stop()
+	if err != nil {
+		return tr, fmt.Errorf("ledger on %s does not answer after the restart: %w", tr.To, err)
+	}
+	post, err := os.ReadFile(console)
+	if err != nil {
+		return tr, err
+	}
+	if !bytes.Contains(post, []byte("ledger: loaded ")) {
+		return tr, fmt.Errorf("the restarted guest did not load its ledger from the replicated disk; console:\n%s", consoleTail(console, 20))
+	}
+	acks, err := tr.checkConsoleAndAcks(post, record, kill)
+	if err != nil {
+		return tr, err
+	}
+	err = l.InNetns(HostC, func() error {
+		recs, err = workload.List(ctx, addr, 10*time.Second)
+		return err
+	})
+	if err != nil {
+		return tr, err
+	}
+	tr.Records = len(recs)
+	tr.Lost = len(workload.Verify(acks, recs).Missing)
+	return tr, l.diskCheck(ctx, tr, addr)
 }
 
 func (l *Lab) protectAndWait(ctx context.Context, c *api.Client, vm, peer string) error {
+	return l.protectLevelAndWait(ctx, c, vm, peer, api.LevelFT)
+}
+
+// protectLevelAndWait protects vm at level (or changes its level) and
+// waits until it is protected at that level.
+func (l *Lab) protectLevelAndWait(ctx context.Context, c *api.Client, vm, peer, level string) error {
 	s, err := l.vmStatus(ctx, c, vm)
 	if err != nil {
 		return err
 	}
-	if s.Role != api.RolePrimary {
-		if err := c.Protect(ctx, vm, api.ProtectRequest{Level: api.LevelFT, Peer: peer}); err != nil {
+	if s.Role != api.RolePrimary || s.Level != level {
+		if err := c.Level(ctx, vm, api.ProtectRequest{Level: level, Peer: peer}); err != nil {
 			return err
 		}
 	}
-	deadline := time.Now().Add(60 * time.Second)
+	deadline := time.Now().Add(90 * time.Second)
 	for time.Now().Before(deadline) {
-		if s, err := l.vmStatus(ctx, c, vm); err == nil && s.State == "protected" {
+		if s, err := l.vmStatus(ctx, c, vm); err == nil && s.State == "protected" && s.Level == level {
 			return nil
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
 	s, _ = l.vmStatus(ctx, c, vm)
-	return fmt.Errorf("%s not protected after 60 s: state %s, alarm %q", vm, s.State, s.Alarm)
+	return fmt.Errorf("%s not protected at %s after 90 s: level %s, state %s, alarm %q", vm, level, s.Level, s.State, s.Alarm)
 }
 
 func (l *Lab) vmStatus(ctx context.Context, c *api.Client, vm string) (api.VMStatus, error) {

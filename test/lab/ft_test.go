@@ -47,6 +47,13 @@ func ftLab(t *testing.T, prefix string) (*Lab, *VM, string, DaemonConfig) {
 // ftLabWith is ftLab with extra axd flags.
 func ftLabWith(t *testing.T, prefix string, axdFlags ...string) (*Lab, *VM, string, DaemonConfig) {
 	t.Helper()
+	return labWithGuest(t, prefix, GuestConfig{Dirty: 4}, axdFlags...)
+}
+
+// labWithGuest brings up a lab with a guest of gcfg (image filled in),
+// serving, and both axd with extra flags; the VM is defined on a.
+func labWithGuest(t *testing.T, prefix string, gcfg GuestConfig, axdFlags ...string) (*Lab, *VM, string, DaemonConfig) {
+	t.Helper()
 	requireLab(t)
 	ctx := context.Background()
 	l, err := Open(Config{Prefix: prefix})
@@ -73,7 +80,8 @@ func ftLabWith(t *testing.T, prefix string, axdFlags ...string) (*Lab, *VM, stri
 		}
 	})
 	img := testImage(t)
-	vm, err := l.StartGuest(ctx, GuestConfig{Kernel: img.Kernel, Initrd: img.Initrd, Dirty: 4})
+	gcfg.Kernel, gcfg.Initrd = img.Kernel, img.Initrd
+	vm, err := l.StartGuest(ctx, gcfg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -6,12 +6,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/axproject/ax/ax/qemu"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/axproject/ax/ax/qemu"
 )
 
 // QEMUBinary is the emulator the lab runs.
@@ -67,6 +69,11 @@ type GuestConfig struct {
 	Incoming bool
 	// Cmdline is appended to the guest kernel's command line (e.g. ax.flood=1).
 	Cmdline string
+	// DiskMiB, when set, gives the guest a virtio-blk disk (/dev/vda) of
+	// this size that its ledger keeps its records on (ax.disk).
+	DiskMiB int
+	// DiskFormat is the disk image's format: raw (default) or qcow2.
+	DiskFormat string
 }
 
 // StartGuest launches a guest's QEMU in its host's namespace with a tap on
@@ -143,6 +150,14 @@ func (l *Lab) StartGuest(ctx context.Context, cfg GuestConfig) (*VM, error) {
 		spec.Console = filepath.Join(dir, "console.log")
 	}
 	spec.Append = fmt.Sprintf("console=ttyS0 quiet panic=-1 ax.ip=%s/24 ax.dirty=%g ax.tick=%dms", ipAddr, cfg.Dirty, cfg.TickMS)
+	if cfg.DiskMiB > 0 {
+		d, err := l.makeDisk(ctx, cfg)
+		if err != nil {
+			return nil, err
+		}
+		spec.Disks = []qemu.Disk{d}
+		spec.Append += " ax.disk=/dev/vda"
+	}
 	if cfg.Cmdline != "" {
 		spec.Append += " " + cfg.Cmdline
 	}
@@ -273,4 +288,33 @@ func (l *Lab) vsockCID(index int) uint32 {
 		h = (h ^ uint32(c)) * 16777619
 	}
 	return 1000 + (h%100000)*16 + uint32(index)
+}
+
+// makeDisk creates a guest's empty disk image on the lab's tmpfs.
+func (l *Lab) makeDisk(ctx context.Context, cfg GuestConfig) (qemu.Disk, error) {
+	format := cfg.DiskFormat
+	if format == "" {
+		format = "raw"
+	}
+	path := filepath.Join(l.ShmDir, cfg.Name+"-"+cfg.Host+".disk."+format)
+	os.Remove(path)
+	switch format {
+	case "raw":
+		f, err := os.Create(path)
+		if err == nil {
+			err = f.Truncate(int64(cfg.DiskMiB) << 20)
+			f.Close()
+		}
+		if err != nil {
+			return qemu.Disk{}, fmt.Errorf("guest disk: %w", err)
+		}
+	case "qcow2":
+		out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", path, fmt.Sprintf("%dM", cfg.DiskMiB)).CombinedOutput()
+		if err != nil {
+			return qemu.Disk{}, fmt.Errorf("guest disk: qemu-img create: %v: %s (qemu-img is in Debian's qemu-utils)", err, strings.TrimSpace(string(out)))
+		}
+	default:
+		return qemu.Disk{}, fmt.Errorf("guest disk: format %q: use raw or qcow2", format)
+	}
+	return qemu.Disk{Node: "disk0", Path: path, Format: format}, nil
 }

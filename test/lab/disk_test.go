@@ -1,0 +1,192 @@
+package lab
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/axproject/ax/ax/api"
+	"github.com/axproject/ax/test/workload"
+)
+
+// diskLab brings up a lab whose guest keeps its ledger on a virtio-blk disk
+// of the given format, and both axd.
+func diskLab(t *testing.T, prefix, format string) (*Lab, *VM, string) {
+	t.Helper()
+	l, vm, bin, _ := labWithGuest(t, prefix, GuestConfig{Dirty: 1, DiskMiB: 64, DiskFormat: format})
+	if data, _ := os.ReadFile(vm.Console); !bytes.Contains(data, []byte("ledger: loaded 0 records from /dev/vda")) {
+		t.Fatalf("the guest's ledger is not on its disk; console:\n%s", consoleTail(vm.Console, 20))
+	}
+	return l, vm, bin
+}
+
+// FT with a disk: host a killed at a random moment; on b the guest resumes
+// from the last checkpoint with its disk as of that checkpoint — every
+// record the client saw acknowledged (each flushed to disk before its ack)
+// is there, and the disk holds exactly what the resumed memory says.
+func TestIntegrationDiskFTFailover(t *testing.T) {
+	l, _, bin := diskLab(t, "axdf", "raw")
+	ctx := context.Background()
+	tr, err := l.LevelFailoverTrial(ctx, api.LevelFT, "vm1", HostA, HostB, 20*time.Second+randomPart(), bin, filepath.Join(l.StateDir, "disk-ft.rec"), 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("FT disk failover: %.2f s, epoch %d, tick %d→%d, acked %d, lost %d, records %d, on disk %d",
+		tr.Failover.Seconds(), tr.LastEpoch, tr.TickAtCommit, tr.FirstTick, tr.Acked, tr.Lost, tr.Records, tr.DiskRecords)
+	if tr.Acked == 0 || tr.Lost != 0 || tr.DiskRecords != tr.Records {
+		t.Fatalf("acked %d, lost %d, disk %d records vs ledger %d", tr.Acked, tr.Lost, tr.DiskRecords, tr.Records)
+	}
+}
+
+// HA with a qcow2 disk: the guest restarts on b from its replicated disk;
+// every record flushed (and so acknowledged) before the failure is there.
+func TestIntegrationDiskHAFailover(t *testing.T) {
+	l, _, bin := diskLab(t, "axdh", "qcow2")
+	ctx := context.Background()
+	tr, err := l.LevelFailoverTrial(ctx, api.LevelHA, "vm1", HostA, HostB, 15*time.Second+randomPart(), bin, filepath.Join(l.StateDir, "disk-ha.rec"), 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("HA disk failover: guest running on b after %.2f s, acked %d, lost %d, records %d, on disk %d",
+		tr.Failover.Seconds(), tr.Acked, tr.Lost, tr.Records, tr.DiskRecords)
+	if tr.Acked == 0 || tr.Lost != 0 {
+		t.Fatalf("acked %d, lost %d", tr.Acked, tr.Lost)
+	}
+	st, err := l.Client(HostB).Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := st.Reservation; r == nil || len(r.Promises) != 0 {
+		t.Fatalf("b still promises capacity for a VM it runs: %+v", r)
+	}
+}
+
+// Level changes none → HA → FT → HA → none while the client appends to the
+// disk-backed ledger: the guest never restarts and no acked record is lost;
+// the partner's promise follows the VM's protection.
+func TestIntegrationLevelChanges(t *testing.T) {
+	l, vm, bin := diskLab(t, "axlv", "raw")
+	ctx := context.Background()
+	ca, cb := l.Client(HostA), l.Client(HostB)
+	addr := fmt.Sprintf("%s:%d", GuestIP, LedgerPort)
+	record := filepath.Join(l.StateDir, "levels.rec")
+	client, err := l.StartClient(ctx, bin, addr, 20, record)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Stop()
+	count := func() int {
+		var n int
+		l.InNetns(HostC, func() error {
+			recs, err := workload.List(ctx, addr, 10*time.Second)
+			n = len(recs)
+			return err
+		})
+		return n
+	}
+	before := count()
+	for _, level := range []string{api.LevelHA, api.LevelFT, api.LevelHA, api.LevelNone} {
+		t0 := time.Now()
+		if level == api.LevelNone {
+			if err := ca.Level(ctx, vm.Name, api.ProtectRequest{Level: level}); err != nil {
+				t.Fatalf("→ %s: %v", level, err)
+			}
+		} else if err := l.protectLevelAndWait(ctx, ca, vm.Name, HostB, level); err != nil {
+			t.Fatalf("→ %s: %v\nevents on a: %s", level, err, l.eventsText(ctx, ca))
+		}
+		took := time.Since(t0)
+		time.Sleep(3 * time.Second) // the workload runs at the new level
+		sa, err := l.vmStatus(ctx, ca, vm.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		stb, err := cb.Status(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		promised := stb.Reservation != nil && len(stb.Reservation.Promises) == 1
+		t.Logf("→ %s in %.1f s: a says level %s, state %s, disk bytes %d; b promises %v", level, took.Seconds(), sa.Level, sa.State, sa.DiskBytes, promised)
+		switch level {
+		case api.LevelNone:
+			if sa.Role != api.RoleLocal || promised {
+				t.Fatalf("after → none: role %s, b still promises: %v", sa.Role, promised)
+			}
+		default:
+			if sa.Level != level || sa.State != "protected" || !promised {
+				t.Fatalf("at %s: level %s, state %s (%s), b promises %v", level, sa.Level, sa.State, sa.Alarm, promised)
+			}
+		}
+		if n := count(); n <= before {
+			t.Fatalf("the ledger stopped growing at level %s (%d records)", level, n)
+		} else {
+			before = n
+		}
+	}
+	client.Stop()
+	// The guest never restarted: same QEMU, one boot, ticks never reset.
+	if err := syscallKill0(vm.PID); err != nil {
+		t.Fatalf("guest QEMU %d is gone: %v", vm.PID, err)
+	}
+	console, err := os.ReadFile(vm.Console)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := bytes.Count(console, []byte("AXINIT up")); n != 1 {
+		t.Fatalf("the guest booted %d times", n)
+	}
+	if err := ticksMonotonic(console); err != nil {
+		t.Fatal(err)
+	}
+	acks, err := workload.ReadRecord(record)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var recs []string
+	if err := l.InNetns(HostC, func() error {
+		var err error
+		recs, err = workload.List(ctx, addr, 10*time.Second)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if v := workload.Verify(acks, recs); len(acks) == 0 || len(v.Missing) > 0 {
+		t.Fatalf("acked %d, missing %v", len(acks), v.Missing)
+	}
+	tr := &Trial{Records: len(recs)}
+	if err := l.diskCheck(ctx, tr, addr); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("levels: %d acks, none lost; disk holds %d records, as memory", len(acks), tr.DiskRecords)
+}
+
+// ticksMonotonic checks the console's AXTICK values only ever go up by one.
+func ticksMonotonic(console []byte) error {
+	var last uint64
+	for _, line := range strings.Split(string(console), "\n") {
+		var n uint64
+		if _, err := fmt.Sscanf(strings.TrimSpace(line), "AXTICK %d", &n); err != nil {
+			continue
+		}
+		if last != 0 && n != last+1 {
+			return fmt.Errorf("tick went from %d to %d: the guest was reset or lost time", last, n)
+		}
+		last = n
+	}
+	if last == 0 {
+		return fmt.Errorf("no tick on the console")
+	}
+	return nil
+}
+
+// randomPart lands a kill at a random moment of the epoch cycle.
+func randomPart() time.Duration { return time.Duration(rand.Int64N(int64(2 * time.Second))) }
+
+// syscallKill0 checks a process exists.
+func syscallKill0(pid int) error { return syscall.Kill(pid, 0) }
