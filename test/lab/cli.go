@@ -26,6 +26,7 @@ const cliUsage = `usage: axctl lab <command> [flags]
            ends with a key=value summary
   bench    time lab up, guest boot to first ack and teardown over --runs cycles
   bench-ft FT's pause, epochs/s, guest slowdown, bytes per page, failover time
+  bench-disk guest disk write throughput and latency at none, HA and FT
 
 flags (all commands):
   --prefix NAME     lab name; labs with different prefixes run side by side (default ax)
@@ -47,7 +48,7 @@ flags (up, demo):
 
 type labFlags struct {
 	prefix, kernel, modules, accel, guestBin, cacheDir string
-	ram                                                int
+	ram, diskMiB                                       int
 	dirty                                              float64
 	noGuest, keep, json                                bool
 	records, runs                                      int
@@ -126,6 +127,8 @@ func Main(ctx context.Context, args []string, out io.Writer, log *slog.Logger) e
 		return Demo(ctx, l, f.demoConfig(), out, log)
 	case "bench":
 		return Bench(ctx, l, f, f.runs, out, log)
+	case "bench-disk":
+		return BenchDisk(ctx, l, f, out, log)
 	case "bench-ft":
 		if !dirtySet {
 			f.dirty = 4
@@ -225,7 +228,7 @@ func bootGuest(ctx context.Context, l *Lab, f labFlags, icfg image.Config, out i
 	if err != nil {
 		return nil, err
 	}
-	vm, err := l.StartGuest(ctx, GuestConfig{Kernel: img.Kernel, Initrd: img.Initrd, Accel: f.accel, RAMMiB: f.ram, Dirty: f.dirty})
+	vm, err := l.StartGuest(ctx, GuestConfig{Kernel: img.Kernel, Initrd: img.Initrd, Accel: f.accel, RAMMiB: f.ram, Dirty: f.dirty, DiskMiB: f.diskMiB})
 	if err != nil {
 		return nil, err
 	}

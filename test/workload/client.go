@@ -280,3 +280,67 @@ func Check(ctx context.Context, addr string, timeout time.Duration) (int, error)
 	}
 	return n, nil
 }
+
+// AppendPipelined sends n APPENDs on one connection without waiting, then
+// reads their n ACKs, and returns how long all took: the ledger's append
+// throughput when latency is not the limit (a disk-backed ledger: its disk
+// write throughput, one 4 KiB block and a flush per record).
+func AppendPipelined(ctx context.Context, addr string, n int) (time.Duration, error) {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return 0, fmt.Errorf("ledger pipelined appends: %w", err)
+	}
+	defer conn.Close()
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
+	conn.SetDeadline(time.Now().Add(5 * time.Minute))
+	tag := fmt.Sprintf("pipe%d", time.Now().UnixNano())
+	t0 := time.Now()
+	errc := make(chan error, 1)
+	go func() {
+		w := bufio.NewWriter(conn)
+		for i := range n {
+			fmt.Fprintf(w, "APPEND %s-%d\n", tag, i+1)
+		}
+		errc <- w.Flush()
+	}()
+	r := bufio.NewReader(conn)
+	for i := range n {
+		line, err := r.ReadString('\n')
+		if err != nil {
+			return 0, fmt.Errorf("ledger pipelined appends: ack %d of %d: %w", i+1, n, err)
+		}
+		if !strings.HasPrefix(line, "ACK ") {
+			return 0, fmt.Errorf("ledger pipelined appends: %s", strings.TrimSpace(line))
+		}
+	}
+	if err := <-errc; err != nil {
+		return 0, fmt.Errorf("ledger pipelined appends: %w", err)
+	}
+	return time.Since(t0), nil
+}
+
+// Fill asks the disk-backed ledger at addr to write mib MiB of scratch data
+// (FILL) and returns the guest's own measure of how long it took.
+func Fill(ctx context.Context, addr string, mib int, timeout time.Duration) (time.Duration, error) {
+	d := net.Dialer{Timeout: timeout}
+	conn, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return 0, fmt.Errorf("ledger fill: %w", err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(timeout))
+	if _, err := fmt.Fprintf(conn, "FILL %d\n", mib); err != nil {
+		return 0, fmt.Errorf("ledger fill: %w", err)
+	}
+	line, err := bufio.NewReader(conn).ReadString('\n')
+	if err != nil {
+		return 0, fmt.Errorf("ledger fill: %w", err)
+	}
+	var n, us int64
+	if _, err := fmt.Sscanf(line, "FILLED %d %d", &n, &us); err != nil {
+		return 0, fmt.Errorf("ledger fill: %s", strings.TrimSpace(line))
+	}
+	return time.Duration(us) * time.Microsecond, nil
+}

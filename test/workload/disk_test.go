@@ -497,3 +497,35 @@ func TestDiskBypassesPageCache(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// FILL writes scratch data at the end of the disk only, never over records,
+// and the records load unchanged afterwards.
+func TestDiskLedgerFill(t *testing.T) {
+	path := tempDisk(t, 2<<20/BlockSize)
+	l := openLedger(t, path)
+	mustAppend(t, l, "kept")
+	if _, err := l.Fill(1); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.Fill(2); err == nil {
+		t.Fatal("a fill over the records was accepted")
+	}
+	if _, err := (&Ledger{}).Fill(1); !errors.Is(err, ErrNoDisk) {
+		t.Fatalf("fill without a disk: %v", err)
+	}
+	if n, err := l.CheckDisk(); n != 1 || err != nil {
+		t.Fatalf("after fill: CheckDisk = %d, %v", n, err)
+	}
+	l.Close()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if end := data[len(data)-fillChunk:]; end[1] != 7 {
+		t.Fatalf("fill data missing at the end of the disk")
+	}
+	l = openLedger(t, path)
+	if got := l.Snapshot(); !slices.Equal(got, []string{"kept"}) {
+		t.Fatalf("records after fill: %q", got)
+	}
+}

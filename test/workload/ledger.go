@@ -27,6 +27,8 @@ import (
 //	CHECK           → CHECK ok <n>       the disk, read past the page cache, holds exactly
 //	                                     the n records in memory; else ERR check: <difference>
 //	                                     (ERR check: no disk on a memory-only ledger)
+//	FILL <MiB>      → FILLED <bytes> <µs> scratch data written to the end of the disk in
+//	                                     256 KiB O_DIRECT writes and flushed (a throughput probe)
 //	PING            → PONG
 //
 // Anything else → ERR <reason>. Sequence numbers start at 1 and have no gaps.
@@ -200,10 +202,22 @@ func (l *Ledger) answer(w *bufio.Writer, line string) {
 			return
 		}
 		fmt.Fprintf(w, "CHECK ok %d\n", n)
+	case "FILL":
+		mib, err := strconv.Atoi(arg)
+		if err != nil {
+			w.WriteString("ERR FILL needs a size in MiB\n")
+			return
+		}
+		took, err := l.Fill(mib)
+		if err != nil {
+			fmt.Fprintf(w, "ERR %v\n", err)
+			return
+		}
+		fmt.Fprintf(w, "FILLED %d %d\n", int64(mib)<<20, took.Microseconds())
 	case "PING":
 		w.WriteString("PONG\n")
 	default:
-		w.WriteString("ERR unknown command; use APPEND, GET, LIST, COUNT, CHECK or PING\n")
+		w.WriteString("ERR unknown command; use APPEND, GET, LIST, COUNT, CHECK, FILL or PING\n")
 	}
 }
 

@@ -58,7 +58,7 @@ func TestLedgerProtocol(t *testing.T) {
 		{"", "REC 2 second"},
 		{"", "END 2"},
 		{"CHECK", "ERR check: no disk"},
-		{"FROB", "ERR unknown command; use APPEND, GET, LIST, COUNT, CHECK or PING"},
+		{"FROB", "ERR unknown command; use APPEND, GET, LIST, COUNT, CHECK, FILL or PING"},
 	}
 	for _, s := range steps {
 		if s.send != "" {
