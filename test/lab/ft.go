@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -69,6 +70,8 @@ type LedgerClient struct {
 	cmd    *exec.Cmd
 	out    bytes.Buffer
 	done   chan error
+
+	stopOnce sync.Once
 }
 
 // StartClient runs the ledger client on host c against addr until Stop.
@@ -83,15 +86,17 @@ func (l *Lab) StartClient(ctx context.Context, bin, addr string, rate float64, r
 	return c, nil
 }
 
-// Stop ends the client and returns its summary line.
+// Stop ends the client and returns its summary line; safe to call twice.
 func (c *LedgerClient) Stop() string {
-	c.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-c.done:
-	case <-time.After(5 * time.Second):
-		c.cmd.Process.Kill()
-		<-c.done
-	}
+	c.stopOnce.Do(func() {
+		c.cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-c.done:
+		case <-time.After(5 * time.Second):
+			c.cmd.Process.Kill()
+			<-c.done
+		}
+	})
 	return strings.TrimSpace(c.out.String())
 }
 
