@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"runtime"
 	"sort"
 	"time"
 
@@ -20,6 +21,27 @@ type diskLevelResult struct {
 	p50, p99       time.Duration
 	replBytesPerS  float64 // replication bandwidth used while measuring
 	pipelinedTotal time.Duration
+	// CPU seconds per GB written, during the fills: the guest's QEMU and
+	// both axd; and how many of the machine's cores they kept busy.
+	cpuPerGB map[string]float64
+	cores    float64
+}
+
+// cpuOf reads the CPU time of the guest's QEMU and of both axd.
+func (l *Lab) cpuOf(vm *VM) map[string]time.Duration {
+	out := map[string]time.Duration{}
+	pids := map[string]int{"qemu": vm.PID}
+	for _, p := range l.state.Procs {
+		if p.Name == "axd-"+HostA || p.Name == "axd-"+HostB {
+			pids[p.Name] = p.PID
+		}
+	}
+	for name, pid := range pids {
+		if d, err := procCPU(pid); err == nil {
+			out[name] = d
+		}
+	}
+	return out
 }
 
 // BenchDisk reports the guest's disk write throughput and latency at levels
@@ -64,6 +86,7 @@ func BenchDisk(ctx context.Context, l *Lab, f labFlags, out io.Writer, log *slog
 		s0, _ := l.vmStatus(ctx, ca, vm.Name)
 		t0 := time.Now()
 		var lat []time.Duration
+		cpu0, fill0 := l.cpuOf(vm), time.Now()
 		err := l.InNetns(HostC, func() error {
 			var fills []float64
 			for range 3 {
@@ -75,6 +98,14 @@ func BenchDisk(ctx context.Context, l *Lab, f labFlags, out io.Writer, log *slog
 			}
 			sort.Float64s(fills)
 			r.fillMBs = fills[1]
+			cpu1 := l.cpuOf(vm)
+			r.cpuPerGB = map[string]float64{}
+			var total time.Duration
+			for name, c := range cpu1 {
+				r.cpuPerGB[name] = (c - cpu0[name]).Seconds() / (3 * fillMiB * (1 << 20) / 1e9)
+				total += c - cpu0[name]
+			}
+			r.cores = total.Seconds() / time.Since(fill0).Seconds()
 			var err error
 			if r.pipelinedTotal, err = workload.AppendPipelined(ctx, addr, pipelined); err != nil {
 				return err
@@ -109,6 +140,8 @@ func BenchDisk(ctx context.Context, l *Lab, f labFlags, out io.Writer, log *slog
 	fmt.Fprintf(out, "disk bench: guest %d MiB, %s, 64 MiB raw virtio-blk disk; the ledger writes each record's 4 KiB block (O_DIRECT) and flushes before its ACK\n", vm.RAMMiB, vm.Accel)
 	for _, level := range []string{api.LevelNone, api.LevelHA, api.LevelFT} {
 		r := res[level]
+		fmt.Fprintf(out, "  %-4s CPU per GB written: QEMU %.2f s, axd a %.2f s, axd b %.2f s; %.2f of %d cores busy while writing\n",
+			level, r.cpuPerGB["qemu"], r.cpuPerGB["axd-"+HostA], r.cpuPerGB["axd-"+HostB], r.cores, runtime.NumCPU())
 		fmt.Fprintf(out, "  %-4s write throughput %6.1f MB/s (16 MiB, 256 KiB O_DIRECT writes + flush, median of 3), ratio %.2f | flushed 4 KiB appends %5.0f/s, ratio %.2f | append latency p50 %5.1f ms p99 %5.1f ms | replication %.2f MB/s\n",
 			level, r.fillMBs, r.fillMBs/none.fillMBs, r.opsPerSec, r.opsPerSec/none.opsPerSec, ms(r.p50), ms(r.p99), r.replBytesPerS/1e6)
 	}

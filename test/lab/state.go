@@ -83,25 +83,52 @@ func loadState(path string) (*State, error) {
 
 func stateFile(dir string) string { return filepath.Join(dir, "state.json") }
 
-// procStat reads a process's start time — which with its PID names it
-// uniquely — and its state letter from /proc/PID/stat.
-func procStat(pid int) (startTicks uint64, state byte, err error) {
+// procFields returns the fields of /proc/PID/stat from the third (state) on.
+func procFields(pid int) ([]string, error) {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
-		return 0, 0, err
+		return nil, err
 	}
 	// The command name (field 2) may hold spaces; fields after the last ')' are plain.
 	s := string(data)
 	i := strings.LastIndexByte(s, ')')
 	if i < 0 {
-		return 0, 0, errors.New("malformed stat")
+		return nil, errors.New("malformed stat")
 	}
 	f := strings.Fields(s[i+1:])
 	if len(f) < 20 || len(f[0]) != 1 {
-		return 0, 0, errors.New("malformed stat")
+		return nil, errors.New("malformed stat")
+	}
+	return f, nil
+}
+
+// procStat reads a process's start time — which with its PID names it
+// uniquely — and its state letter from /proc/PID/stat.
+func procStat(pid int) (startTicks uint64, state byte, err error) {
+	f, err := procFields(pid)
+	if err != nil {
+		return 0, 0, err
 	}
 	startTicks, err = strconv.ParseUint(f[19], 10, 64)
 	return startTicks, f[0][0], err
+}
+
+// clockTicks is USER_HZ, the unit of /proc/PID/stat's CPU times (100 on
+// every Linux architecture AX runs on).
+const clockTicks = 100
+
+// procCPU is the CPU time (user + system) a process has used.
+func procCPU(pid int) (time.Duration, error) {
+	f, err := procFields(pid)
+	if err != nil {
+		return 0, err
+	}
+	u, err1 := strconv.ParseUint(f[11], 10, 64)
+	s, err2 := strconv.ParseUint(f[12], 10, 64)
+	if err := errors.Join(err1, err2); err != nil {
+		return 0, err
+	}
+	return time.Duration(u+s) * time.Second / clockTicks, nil
 }
 
 // alive reports whether p is still the process the lab started (not a zombie).
