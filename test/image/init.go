@@ -40,6 +40,11 @@ ip link set lo up
 # for its checkpoint's commit): start TCP send buffers at 1 MiB, as on any
 # high bandwidth-delay path, so senders are not stuck at a few segments.
 echo "4096 1048576 4194304" > /proc/sys/net/ipv4/tcp_wmem
+# The held path's round trip also varies by up to one epoch (output waits
+# for the end of its epoch), and comes back in trains: CUBIC's HyStart
+# takes both for congestion and leaves slow start at a few segments. An FT
+# guest that sends bulk data should turn it off (or use BBR).
+[ -w /sys/module/tcp_cubic/parameters/hystart ] && echo 0 > /sys/module/tcp_cubic/parameters/hystart
 if [ -n "$IP" ]; then
 	ip link set eth0 up
 	ip addr add "$IP" dev eth0

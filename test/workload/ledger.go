@@ -29,6 +29,8 @@ import (
 //	                                     (ERR check: no disk on a memory-only ledger)
 //	FILL <MiB>      → FILLED <bytes> <µs> scratch data written to the end of the disk in
 //	                                     256 KiB O_DIRECT writes and flushed (a throughput probe)
+//	BLAST <ip:port> <n> <size> → BLASTED <n> <µs>   n UDP datagrams of size bytes sent to
+//	                                     ip:port as fast as the guest can (a frame-rate probe)
 //	PING            → PONG
 //
 // Anything else → ERR <reason>. Sequence numbers start at 1 and have no gaps.
@@ -214,10 +216,17 @@ func (l *Ledger) answer(w *bufio.Writer, line string) {
 			return
 		}
 		fmt.Fprintf(w, "FILLED %d %d\n", int64(mib)<<20, took.Microseconds())
+	case "BLAST":
+		n, took, err := Blast(arg)
+		if err != nil {
+			fmt.Fprintf(w, "ERR %v\n", err)
+			return
+		}
+		fmt.Fprintf(w, "BLASTED %d %d\n", n, took.Microseconds())
 	case "PING":
 		w.WriteString("PONG\n")
 	default:
-		w.WriteString("ERR unknown command; use APPEND, GET, LIST, COUNT, CHECK, FILL or PING\n")
+		w.WriteString("ERR unknown command; use APPEND, GET, LIST, COUNT, CHECK, FILL, BLAST or PING\n")
 	}
 }
 

@@ -58,7 +58,7 @@ func TestLedgerProtocol(t *testing.T) {
 		{"", "REC 2 second"},
 		{"", "END 2"},
 		{"CHECK", "ERR check: no disk"},
-		{"FROB", "ERR unknown command; use APPEND, GET, LIST, COUNT, CHECK, FILL or PING"},
+		{"FROB", "ERR unknown command; use APPEND, GET, LIST, COUNT, CHECK, FILL, BLAST or PING"},
 	}
 	for _, s := range steps {
 		if s.send != "" {
@@ -186,6 +186,28 @@ func TestMainRejectsBadInput(t *testing.T) {
 		var b strings.Builder
 		if err := Main(context.Background(), args, &b); err == nil {
 			t.Errorf("Main(%q) succeeded", args)
+		}
+	}
+}
+
+func TestBlast(t *testing.T) {
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	n, _, err := Blast(pc.LocalAddr().String() + " 5 64")
+	if err != nil || n != 5 {
+		t.Fatalf("blast: %d, %v", n, err)
+	}
+	buf := make([]byte, 2048)
+	pc.SetReadDeadline(time.Now().Add(2 * time.Second))
+	if m, _, err := pc.ReadFrom(buf); err != nil || m != 64 || buf[0] != 0 {
+		t.Fatalf("first datagram: %d bytes, %v", m, err)
+	}
+	for _, bad := range []string{"", "127.0.0.1:1 0 64", "127.0.0.1:1 5 4", "127.0.0.1:1 5 5000", "x y z"} {
+		if _, _, err := Blast(bad); err == nil {
+			t.Errorf("BLAST %q accepted", bad)
 		}
 	}
 }
