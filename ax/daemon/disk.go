@@ -213,6 +213,16 @@ func (r *diskRepl) nextEpoch(epoch uint64) {
 // that. In FT the checkpoint that follows it on the stream covers it, and
 // output commit holds whatever the guest says about it until then.
 func (r *diskRepl) write(idx uint32, p []byte, off int64) error {
+	wait, err := r.startWrite(idx, p, off)
+	if err != nil {
+		return err
+	}
+	return wait()
+}
+
+// startWrite puts one guest write on the stream and returns what waits for it
+// to be done: the partner's acknowledgement outside FT, nothing at FT.
+func (r *diskRepl) startWrite(idx uint32, p []byte, off int64) (func() error, error) {
 	r.mu.RLock()
 	wait, epoch := r.wait, r.epoch
 	var last uint64
@@ -224,13 +234,13 @@ func (r *diskRepl) write(idx uint32, p []byte, off int64) error {
 	}
 	r.mu.RUnlock()
 	if err != nil {
-		return fmt.Errorf("replicate disk write: %w", err)
+		return nil, fmt.Errorf("replicate disk write: %w", err)
 	}
 	r.writes.Add(1)
-	if wait {
-		return r.sender.WaitOrdered(r.ctx, last)
+	if !wait {
+		return func() error { return nil }, nil
 	}
-	return nil
+	return func() error { return r.sender.WaitOrdered(r.ctx, last) }, nil
 }
 
 // flush waits until the partner has every write made so far.
@@ -246,7 +256,7 @@ type diskExport struct {
 	size int64
 }
 
-var _ nbd.Backend = (*diskExport)(nil)
+var _ nbd.AsyncBackend = (*diskExport)(nil)
 
 func (e *diskExport) Size() int64 { return e.size }
 
@@ -255,6 +265,13 @@ func (e *diskExport) ReadAt(p []byte, off int64) error {
 }
 
 func (e *diskExport) WriteAt(p []byte, off int64, fua bool) error { return e.r.write(e.idx, p, off) }
+
+// WriteAtAsync lets the NBD server start the mirror's next write while this
+// one waits for the partner: with several guest writes in flight their
+// round trips overlap.
+func (e *diskExport) WriteAtAsync(p []byte, off int64, fua bool) (func() error, error) {
+	return e.r.startWrite(e.idx, p, off)
+}
 
 // WriteZeroes replicates zeroes as data: simple, and the secondary's disk
 // needs no special case (a sparse-aware frame is a later optimisation).

@@ -37,6 +37,17 @@ type MultiConnBackend interface {
 	MultiConn() bool
 }
 
+// AsyncBackend is a Backend whose writes finish later: WriteAtAsync starts
+// a write — p may be reused once it returns — and returns a function that
+// waits until the write is done. The server then starts the next requests
+// while earlier writes finish, and still replies in request order, so a
+// client with several writes in flight overlaps their completions (a
+// replicated write waiting for its partner, for one).
+type AsyncBackend interface {
+	Backend
+	WriteAtAsync(p []byte, off int64, fua bool) (wait func() error, err error)
+}
+
 // Sentinel errors a Backend wraps to choose the NBD error value.
 var (
 	ErrNotSupported = errors.New("operation not supported")

@@ -392,67 +392,135 @@ func checkRequest(r request, size uint64) error {
 
 // process calls the backend for each request in order and replies. After a
 // failed reply it closes the connection, so the reader stops, and drains the
-// queue; so it does once the server stopped the connection.
+// queue; so it does once the server stopped the connection. An AsyncBackend's
+// writes are started here and finished by a replier, in order.
 func (c *conn) process(b Backend, queue <-chan request) error {
+	if ab, ok := b.(AsyncBackend); ok {
+		return c.processAsync(ab, queue)
+	}
 	var failed error
 	for r := range queue {
 		if failed == nil && !c.stopped.Load() {
-			if failed = c.handle(b, r); failed != nil {
+			res := c.run(b, r)
+			if failed = c.finish(r, res); failed != nil {
 				c.nc.Close()
 			}
+			putBuf(res.data)
 		}
 		putBuf(r.payload)
 	}
 	return failed
 }
 
-// handle runs one request; its error means the reply could not be sent.
-func (c *conn) handle(b Backend, r request) error {
+// outcome is what a request came to, or (wait set) a write still finishing.
+type outcome struct {
+	err  error
+	data *[]byte // a read's data, from getBuf
+	wait func() error
+}
+
+// processAsync starts each request in order and hands it to a replier that
+// waits for writes to finish and replies in the same order.
+func (c *conn) processAsync(b AsyncBackend, queue <-chan request) error {
+	type started struct {
+		r   request
+		res outcome
+	}
+	replies := make(chan started, asyncDepth)
+	replied := make(chan error, 1)
+	go func() {
+		var failed error
+		for s := range replies {
+			if failed == nil && !c.stopped.Load() {
+				if failed = c.finish(s.r, s.res); failed != nil {
+					c.nc.Close()
+				}
+			} else if s.res.wait != nil {
+				s.res.wait() // started writes still finish before the connection is done
+			}
+			putBuf(s.res.data)
+		}
+		replied <- failed
+	}()
+	for r := range queue {
+		if !c.stopped.Load() {
+			var res outcome
+			if r.typ == cmdWrite && r.length > 0 {
+				c.srv.stats.writeRequests.Add(1)
+				res.wait, res.err = b.WriteAtAsync(*r.payload, int64(r.off), r.flags&cmdFlagFUA != 0)
+			} else {
+				res = c.run(b, r)
+			}
+			replies <- started{r, res}
+		}
+		putBuf(r.payload)
+	}
+	close(replies)
+	return <-replied
+}
+
+// run carries out one request (a write synchronously) and returns its outcome.
+func (c *conn) run(b Backend, r request) outcome {
 	fua := r.flags&cmdFlagFUA != 0
 	off, n := int64(r.off), int64(r.length)
-	var err error
+	var res outcome
 	switch r.typ {
 	case cmdRead:
 		if n == 0 {
 			break
 		}
 		buf := getBuf(int(n))
-		defer putBuf(buf)
-		if err = b.ReadAt(*buf, off); err == nil {
-			return c.reply(r, 0, *buf)
+		if res.err = b.ReadAt(*buf, off); res.err == nil {
+			res.data = buf
+		} else {
+			putBuf(buf)
 		}
 	case cmdWrite:
 		if n == 0 {
 			break
 		}
 		c.srv.stats.writeRequests.Add(1)
-		if err = b.WriteAt(*r.payload, off, fua); err == nil {
-			c.srv.stats.bytesWritten.Add(uint64(n))
-		}
+		res.err = b.WriteAt(*r.payload, off, fua)
 	case cmdWriteZeroes:
 		if n > 0 {
-			err = b.WriteZeroes(off, n, fua)
+			res.err = b.WriteZeroes(off, n, fua)
 		}
 	case cmdTrim:
 		if n > 0 {
-			err = b.Trim(off, n)
+			res.err = b.Trim(off, n)
 			// Trim has no FUA of its own; a flush makes it durable.
-			if err == nil && fua {
-				err = b.Flush()
+			if res.err == nil && fua {
+				res.err = b.Flush()
 			}
 		}
 	case cmdFlush:
-		err = b.Flush()
+		res.err = b.Flush()
 	}
-	if err != nil {
+	return res
+}
+
+// finish waits for a started write, then replies; its error means the reply
+// could not be sent. The caller puts res.data back.
+func (c *conn) finish(r request, res outcome) error {
+	if res.err == nil && res.wait != nil {
+		res.err = res.wait()
+	}
+	if res.err != nil {
 		c.srv.stats.backendErrors.Add(1)
 		c.backendErrors++
 		if c.backendErrors == 1 { // later ones are counted, not logged
-			c.log.Warn("nbd backend failed a request", "request", commandName(r.typ), "offset", off, "length", n, "err", err)
+			c.log.Warn("nbd backend failed a request", "request", commandName(r.typ), "offset", r.off, "length", r.length, "err", res.err)
 		}
-		return c.reply(r, errno(err), nil)
+		return c.reply(r, errno(res.err), nil)
 	}
-	return c.reply(r, 0, nil)
+	if r.typ == cmdWrite {
+		c.srv.stats.bytesWritten.Add(uint64(r.length))
+	}
+	var data []byte
+	if res.data != nil {
+		data = *res.data
+	}
+	return c.reply(r, 0, data)
 }
 
 func (c *conn) reply(r request, errno uint32, data []byte) error {

@@ -88,6 +88,9 @@ const (
 	// next one is read; with MaxPayload writes it bounds a connection's
 	// buffered payload to (queueDepth+2)*MaxPayload.
 	queueDepth = 4
+	// asyncDepth is how many started writes of an AsyncBackend may wait
+	// for their replies.
+	asyncDepth = 64
 )
 
 var optionNames = map[uint32]string{

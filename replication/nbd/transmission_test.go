@@ -378,3 +378,67 @@ func TestWriteReplyWaitsForBackend(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// asyncBackend starts writes at once and finishes each when the test says.
+type asyncBackend struct {
+	*MemBackend
+	started chan int64
+	finish  chan error
+}
+
+func (a *asyncBackend) WriteAtAsync(p []byte, off int64, fua bool) (func() error, error) {
+	if err := a.MemBackend.WriteAt(p, off, fua); err != nil {
+		return nil, err
+	}
+	a.started <- off
+	return func() error { return <-a.finish }, nil
+}
+
+// With an AsyncBackend, later writes start while earlier ones still wait to
+// finish; replies come in request order, each only once its write finished,
+// and a write that finishes with an error is answered with that error.
+func TestAsyncWritesOverlapAndReplyInOrder(t *testing.T) {
+	a := &asyncBackend{MemBackend: NewMemBackend(testSize), started: make(chan int64, 8), finish: make(chan error)}
+	srv := NewServer(nil)
+	if err := srv.AddExport("disk", a); err != nil {
+		t.Fatal(err)
+	}
+	c, done := pipe(t, srv)
+	c.connect("disk")
+	for i := range 3 {
+		c.request(cmdWrite, 0, uint64(i+1), uint64(i)*512, 512, pattern(512, byte(i)))
+	}
+	for i := range 3 {
+		select {
+		case off := <-a.started:
+			if off != int64(i)*512 {
+				t.Fatalf("write %d started at %d", i, off)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("write %d did not start while the earlier ones wait", i)
+		}
+	}
+	_ = c.nc.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+	if _, err := c.nc.Read(make([]byte, 1)); err == nil {
+		t.Fatal("reply sent before the write finished")
+	}
+	_ = c.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	for i, ferr := range []error{nil, errors.New("partner gone"), nil} {
+		a.finish <- ferr
+		e, cookie, _ := c.reply(0)
+		want := uint32(0)
+		if ferr != nil {
+			want = errnoEIO
+		}
+		if cookie != uint64(i+1) || e != want {
+			t.Fatalf("reply %d: cookie %d error %d, want cookie %d error %d", i, cookie, e, i+1, want)
+		}
+	}
+	c.disconnect()
+	if err := result(t, done); err != nil {
+		t.Fatal(err)
+	}
+	if st := srv.Stats(); st.WriteRequests != 3 || st.BackendErrors != 1 || st.BytesWritten != 1024 {
+		t.Fatalf("stats %+v", st)
+	}
+}

@@ -322,8 +322,9 @@ func AppendPipelined(ctx context.Context, addr string, n int) (time.Duration, er
 }
 
 // Fill asks the disk-backed ledger at addr to write mib MiB of scratch data
-// (FILL) and returns the guest's own measure of how long it took.
-func Fill(ctx context.Context, addr string, mib int, timeout time.Duration) (time.Duration, error) {
+// with writers concurrent writers (FILL) and returns the guest's own measure
+// of how long it took.
+func Fill(ctx context.Context, addr string, mib, writers int, timeout time.Duration) (time.Duration, error) {
 	d := net.Dialer{Timeout: timeout}
 	conn, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
@@ -331,7 +332,7 @@ func Fill(ctx context.Context, addr string, mib int, timeout time.Duration) (tim
 	}
 	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(timeout))
-	if _, err := fmt.Fprintf(conn, "FILL %d\n", mib); err != nil {
+	if _, err := fmt.Fprintf(conn, "FILL %d %d\n", mib, writers); err != nil {
 		return 0, fmt.Errorf("ledger fill: %w", err)
 	}
 	line, err := bufio.NewReader(conn).ReadString('\n')

@@ -351,11 +351,15 @@ func allZero(b []byte) bool {
 const fillChunk = 256 << 10
 
 // Fill writes mib MiB of scratch data to the end of the disk in 256 KiB
-// O_DIRECT writes, then flushes, and returns how long it took: the guest's
-// sequential disk write throughput. The area must lie beyond the records.
-func (l *Ledger) Fill(mib int) (time.Duration, error) {
+// O_DIRECT writes from writers concurrent writers (the guest's queue depth),
+// then flushes, and returns how long it took: the guest's sequential disk
+// write throughput. The area must lie beyond the records.
+func (l *Ledger) Fill(mib, writers int) (time.Duration, error) {
 	if l.disk == nil {
 		return 0, ErrNoDisk
+	}
+	if writers < 1 || writers > 16 {
+		return 0, fmt.Errorf("fill: 1 to 16 writers, not %d", writers)
 	}
 	d := l.disk
 	d.mu.Lock()
@@ -369,15 +373,31 @@ func (l *Ledger) Fill(mib int) (time.Duration, error) {
 	if mib <= 0 || start < used+BlockSize {
 		return 0, fmt.Errorf("fill: %d MiB does not fit between the %d records and the end of the disk", mib, used/BlockSize-1)
 	}
-	buf := alignedBlocks(fillChunk / BlockSize)
-	for i := range buf {
-		buf[i] = byte(i * 7)
-	}
 	t0 := time.Now()
-	for off := start; off < size; off += fillChunk {
-		if _, err := d.dev.WriteAt(buf, off); err != nil {
-			return 0, fmt.Errorf("fill: write at %d: %w", off, err)
+	errs := make(chan error, writers)
+	for w := range writers {
+		go func() {
+			buf := alignedBlocks(fillChunk / BlockSize)
+			for i := range buf {
+				buf[i] = byte(i * 7)
+			}
+			for off := start + int64(w)*fillChunk; off < size; off += int64(writers) * fillChunk {
+				if _, err := d.dev.WriteAt(buf, off); err != nil {
+					errs <- fmt.Errorf("fill: write at %d: %w", off, err)
+					return
+				}
+			}
+			errs <- nil
+		}()
+	}
+	var err error
+	for range writers {
+		if werr := <-errs; err == nil {
+			err = werr
 		}
+	}
+	if err != nil {
+		return 0, err
 	}
 	if err := d.dev.Sync(); err != nil {
 		return 0, fmt.Errorf("fill: sync: %w", err)

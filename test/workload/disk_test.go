@@ -504,13 +504,18 @@ func TestDiskLedgerFill(t *testing.T) {
 	path := tempDisk(t, 2<<20/BlockSize)
 	l := openLedger(t, path)
 	mustAppend(t, l, "kept")
-	if _, err := l.Fill(1); err != nil {
-		t.Fatal(err)
+	for _, writers := range []int{1, 4} {
+		if _, err := l.Fill(1, writers); err != nil {
+			t.Fatal(err)
+		}
 	}
-	if _, err := l.Fill(2); err == nil {
+	if _, err := l.Fill(2, 1); err == nil {
 		t.Fatal("a fill over the records was accepted")
 	}
-	if _, err := (&Ledger{}).Fill(1); !errors.Is(err, ErrNoDisk) {
+	if _, err := l.Fill(1, 0); err == nil {
+		t.Fatal("a fill with no writer was accepted")
+	}
+	if _, err := (&Ledger{}).Fill(1, 1); !errors.Is(err, ErrNoDisk) {
 		t.Fatalf("fill without a disk: %v", err)
 	}
 	if n, err := l.CheckDisk(); n != 1 || err != nil {

@@ -27,8 +27,9 @@ import (
 //	CHECK           → CHECK ok <n>       the disk, read past the page cache, holds exactly
 //	                                     the n records in memory; else ERR check: <difference>
 //	                                     (ERR check: no disk on a memory-only ledger)
-//	FILL <MiB>      → FILLED <bytes> <µs> scratch data written to the end of the disk in
-//	                                     256 KiB O_DIRECT writes and flushed (a throughput probe)
+//	FILL <MiB> [n]  → FILLED <bytes> <µs> scratch data written to the end of the disk in
+//	                                     256 KiB O_DIRECT writes by n writers (default 1) and
+//	                                     flushed (a throughput probe)
 //	BLAST <ip:port> <n> <size> → BLASTED <n> <µs>   n UDP datagrams of size bytes sent to
 //	                                     ip:port as fast as the guest can (a frame-rate probe)
 //	PING            → PONG
@@ -205,12 +206,20 @@ func (l *Ledger) answer(w *bufio.Writer, line string) {
 		}
 		fmt.Fprintf(w, "CHECK ok %d\n", n)
 	case "FILL":
-		mib, err := strconv.Atoi(arg)
-		if err != nil {
-			w.WriteString("ERR FILL needs a size in MiB\n")
+		f := strings.Fields(arg)
+		writers := 1
+		mib, err := 0, error(nil)
+		if len(f) >= 1 {
+			mib, err = strconv.Atoi(f[0])
+		}
+		if len(f) == 2 && err == nil {
+			writers, err = strconv.Atoi(f[1])
+		}
+		if len(f) < 1 || len(f) > 2 || err != nil {
+			w.WriteString("ERR FILL needs a size in MiB and optionally a number of writers\n")
 			return
 		}
-		took, err := l.Fill(mib)
+		took, err := l.Fill(mib, writers)
 		if err != nil {
 			fmt.Fprintf(w, "ERR %v\n", err)
 			return
