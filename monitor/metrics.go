@@ -109,6 +109,12 @@ func (m *Metrics) SetLevel(vm, role, level string) {
 	m.Failovers.WithLabelValues(vm).Add(0)
 	m.Epochs.WithLabelValues(vm).Add(0)
 	m.BytesSent.WithLabelValues(vm).Add(0)
+	m.DiskBytes.WithLabelValues(vm).Add(0)
+	// Disk gauges start at zero too (a VM without disks keeps them there).
+	m.DiskLag.WithLabelValues(vm).Add(0)
+	m.JournalWrites.WithLabelValues(vm).Add(0)
+	m.JournalBytes.WithLabelValues(vm).Add(0)
+	m.DiskSync.WithLabelValues(vm).Add(0)
 	if level == "none" {
 		m.Protected.WithLabelValues(vm).Set(0)
 	}
