@@ -7,7 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/axproject/ax/ax/qemu"
@@ -44,7 +43,6 @@ type diskRepl struct {
 	wait  bool   // a guest write completes only once the partner has it (not FT)
 	epoch uint64 // the FT epoch writes belong to
 
-	writes  atomic.Uint64
 	exports []string
 	started []int // disks whose export, target and job exist
 }
@@ -236,7 +234,6 @@ func (r *diskRepl) startWrite(idx uint32, p []byte, off int64) (func() error, er
 	if err != nil {
 		return nil, fmt.Errorf("replicate disk write: %w", err)
 	}
-	r.writes.Add(1)
 	if !wait {
 		return func() error { return nil }, nil
 	}
@@ -327,8 +324,6 @@ type replicaDisks struct {
 	sizes   []int64
 	journal *replication.Journal
 	level   string // "" until the primary says the disks are in sync, then ha or ft
-	writes  uint64
-	bytes   uint64
 }
 
 var _ replication.DiskSink = (*replicaDisks)(nil)
@@ -380,8 +375,6 @@ func (r *replicaDisks) Write(epoch uint64, w replication.DiskWrite) error {
 	if end := w.Offset + uint64(len(w.Data)); end > uint64(r.sizes[w.Disk]) {
 		return fmt.Errorf("disk write to disk %d at %d..%d beyond its %d bytes", w.Disk, w.Offset, end, r.sizes[w.Disk])
 	}
-	r.writes++
-	r.bytes += uint64(len(w.Data))
 	if r.level == replication.StreamLevelFT {
 		return r.journal.Append(epoch, w)
 	}
