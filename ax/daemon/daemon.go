@@ -431,6 +431,7 @@ func (d *Daemon) watch(ctx context.Context) {
 			case api.RolePrimary:
 				if readGates {
 					d.gateMetrics(v)
+					d.diskMetrics(v)
 				}
 			}
 		}
@@ -444,6 +445,22 @@ func b2f(b bool) float64 {
 		return 1
 	}
 	return 0
+}
+
+// diskMetrics exports what a primary's disk replication sent and what the
+// partner has not yet acknowledged, at any level.
+func (d *Daemon) diskMetrics(v *vmState) {
+	var delta, pending uint64
+	v.set(func(v *vmState) {
+		if v.disks == nil {
+			return // between streams nothing is sent or waited for
+		}
+		sent := v.disks.sender.DiskBytesSent()
+		delta, v.diskBytesSeen = sent-v.diskBytesSeen, sent
+		pending = v.disks.sender.OrderedPending()
+	})
+	d.metrics.DiskBytes.WithLabelValues(v.name).Add(float64(delta))
+	d.metrics.DiskLag.WithLabelValues(v.name).Set(float64(pending))
 }
 
 // gateMetrics exports what a primary's output gate holds and dropped.

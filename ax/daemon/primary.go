@@ -461,14 +461,7 @@ func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 	}()
 	dr := newDiskRepl(sctx, d, spec.Name, sender, mon, spec.Guest.Disks, sizes)
 	defer dr.stop()
-	var lastDisk uint64
-	diskMetrics := func() {
-		n := sender.DiskBytesSent()
-		d.metrics.DiskBytes.WithLabelValues(spec.Name).Add(float64(n - lastDisk))
-		lastDisk = n
-		d.metrics.DiskLag.WithLabelValues(spec.Name).Set(float64(sender.OrderedPending()))
-	}
-	v.set(func(v *vmState) { v.state, v.alarm, v.disks = "syncing", "", dr })
+	v.set(func(v *vmState) { v.state, v.alarm, v.disks, v.diskBytesSeen = "syncing", "", dr, 0 })
 	defer v.set(func(v *vmState) { v.disks = nil })
 	if len(spec.Guest.Disks) > 0 {
 		if err := dr.start(ctx); err != nil {
@@ -479,7 +472,6 @@ func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 			if total > 0 {
 				d.metrics.DiskSync.WithLabelValues(spec.Name).Set(float64(done) / float64(total))
 			}
-			diskMetrics()
 		})
 		if err != nil {
 			return err
@@ -507,19 +499,14 @@ func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 				pending <- nil
 				pending = nil
 			}
-			t := time.NewTicker(time.Second)
 		wait:
 			for {
 				select {
 				case <-ctx.Done():
-					t.Stop()
 					sender.Bye()
 					return ctx.Err()
 				case <-sender.Done():
-					t.Stop()
 					return sender.Err()
-				case <-t.C:
-					diskMetrics()
 				case r := <-v.levelCh:
 					if r.level != api.LevelFT {
 						r.reply <- nil
@@ -531,7 +518,6 @@ func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 					break wait
 				}
 			}
-			t.Stop()
 			continue
 		}
 		err := d.runFT(ctx, v, mon, sender, dr, spec, peerName, &pending)

@@ -87,7 +87,7 @@ func (d *Daemon) openReplica(name string, payload []byte, remote net.Addr) (*rep
 		}
 	}
 	v.set(func(v *vmState) {
-		v.spec, v.replica, v.peer, v.replicaDisks, v.diskSizes = ss.Spec, rep, ss.Primary, disks, ss.DiskSizes
+		v.spec, v.replica, v.peer, v.replicaDisks = ss.Spec, rep, ss.Primary, disks
 		v.roleV, v.level, v.state, v.alarm = api.RoleSecondary, api.LevelNone, "syncing", ""
 		v.committed, v.epoch, v.handover, v.promoting, v.stale, v.streamEndedAt, v.haReady = 0, 0, false, false, false, time.Time{}, false
 	})

@@ -66,12 +66,12 @@ type vmState struct {
 	accepted      chan error
 	force         bool
 	disks         *diskRepl // while a stream runs
+	diskBytesSeen uint64    // of disks' stream, already counted in the metric
 	diskSyncDone  int64
 	diskSyncTotal int64
 
 	// secondary: replica disks, and whether they are in sync (HA-ready)
 	replicaDisks *replicaDisks
-	diskSizes    []int64
 	haReady      bool
 
 	// primary: the output gate, attached while protected
