@@ -51,26 +51,12 @@ func (l *Lab) cpuOf(vm *VM) map[string]time.Duration {
 // O_DIRECT and flushes before the ACK): throughput with appends pipelined,
 // latency one append at a time, and the replication bandwidth used.
 func BenchDisk(ctx context.Context, l *Lab, f labFlags, out io.Writer, log *slog.Logger) (err error) {
-	icfg, err := f.imageConfig(log)
-	if err != nil {
-		return err
-	}
-	if err := l.Up(ctx); err != nil {
-		return err
-	}
-	defer func() {
-		if derr := l.Down(context.Background()); derr != nil && err == nil {
-			err = derr
-		}
-	}()
 	f.diskMiB = 64
-	vm, err := bootGuest(ctx, l, f, icfg, io.Discard)
+	vm, down, err := benchLab(ctx, l, f, log)
 	if err != nil {
 		return err
 	}
-	if err := startDaemons(ctx, l, f, vm); err != nil {
-		return err
-	}
+	defer down(&err)
 	ca := l.Client(HostA)
 	addr := fmt.Sprintf("%s:%d", vm.IP, LedgerPort)
 	const pipelined, sequential, fillMiB = 1000, 200, 16

@@ -25,23 +25,13 @@ import (
 // failover time — beside this machine's page-hash bandwidth and the device
 // state save time, the limits the pause is made of.
 func BenchFT(ctx context.Context, l *Lab, f labFlags, window time.Duration, out io.Writer, log *slog.Logger) (err error) {
-	icfg, err := f.imageConfig(log)
+	vm, down, err := benchLab(ctx, l, f, log)
 	if err != nil {
 		return err
 	}
-	if err := l.Up(ctx); err != nil {
-		return err
-	}
-	defer func() {
-		if derr := l.Down(context.Background()); derr != nil && err == nil {
-			err = derr
-		}
-	}()
-	vm, err := bootGuest(ctx, l, f, icfg, io.Discard)
+	defer down(&err)
+	bin, err := f.binary("ax-workload")
 	if err != nil {
-		return err
-	}
-	if err := startDaemons(ctx, l, f, vm); err != nil {
 		return err
 	}
 	hashGBs, err := hashBandwidth(vm.RAMFile, int64(vm.RAMMiB)<<20)
@@ -159,7 +149,6 @@ func BenchFT(ctx context.Context, l *Lab, f labFlags, window time.Duration, out 
 	if last.DirtyTotal > 0 {
 		bytesPerPage = float64(last.BytesTotal) / float64(last.DirtyTotal)
 	}
-	bin := icfg.Binaries[0]
 	tr, err := l.FailoverTrial(ctx, vm.Name, HostA, HostB, 3*time.Second, bin, filepath.Join(l.StateDir, "bench.rec"))
 	if err != nil {
 		return err
@@ -198,6 +187,32 @@ func BenchFT(ctx context.Context, l *Lab, f labFlags, window time.Duration, out 
 		last.PauseP50MS, last.PauseP99MS, mean(epochsPerSec), slowdown, bytesPerPage, tr.Failover.Seconds(), hashGBs, last.DevSaveP50MS, addP50, addP99, bw["held/default"]/bw["unprotected/default"], bwProt/bwUnprot,
 		blasts["held/64"].perSec/blasts["unprotected/64"].perSec, blasts["held/1400"].perSec/blasts["unprotected/1400"].perSec, cpuPerFrame)
 	return nil
+}
+
+// benchLab brings the lab up with a guest (per f) serving, both axd and
+// the witness running and the guest defined on a. down takes it all away,
+// reporting a teardown failure through *err when nothing failed before.
+func benchLab(ctx context.Context, l *Lab, f labFlags, log *slog.Logger) (vm *VM, down func(err *error), err error) {
+	icfg, err := f.imageConfig(log)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := l.Up(ctx); err != nil {
+		return nil, nil, err
+	}
+	down = func(err *error) {
+		if derr := l.Down(context.Background()); derr != nil && *err == nil {
+			*err = derr
+		}
+	}
+	if vm, err = bootGuest(ctx, l, f, icfg, io.Discard); err == nil {
+		err = startDaemons(ctx, l, f, vm)
+	}
+	if err != nil {
+		down(&err)
+		return nil, nil, err
+	}
+	return vm, down, nil
 }
 
 func mustTick(console string) uint64 {
