@@ -252,24 +252,30 @@ func AppendLatency(ctx context.Context, addr string, n int) ([]time.Duration, er
 	return rtts, nil
 }
 
-// Check asks the ledger at addr to compare its disk with its memory and
-// returns the number of records both hold.
-func Check(ctx context.Context, addr string, timeout time.Duration) (int, error) {
+// ask sends one request line to the ledger at addr on a new connection and
+// returns its one-line answer, without the line end.
+func ask(ctx context.Context, addr, request string, timeout time.Duration) (string, error) {
 	d := net.Dialer{Timeout: timeout}
 	conn, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
-		return 0, fmt.Errorf("ledger check: %w", err)
+		return "", err
 	}
 	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(timeout))
-	if _, err := conn.Write([]byte("CHECK\n")); err != nil {
-		return 0, fmt.Errorf("ledger check: %w", err)
+	if _, err := conn.Write([]byte(request + "\n")); err != nil {
+		return "", err
 	}
 	line, err := bufio.NewReader(conn).ReadString('\n')
+	return strings.TrimSpace(line), err
+}
+
+// Check asks the ledger at addr to compare its disk with its memory and
+// returns the number of records both hold.
+func Check(ctx context.Context, addr string, timeout time.Duration) (int, error) {
+	line, err := ask(ctx, addr, "CHECK", timeout)
 	if err != nil {
 		return 0, fmt.Errorf("ledger check: %w", err)
 	}
-	line = strings.TrimSpace(line)
 	rest, ok := strings.CutPrefix(line, "CHECK ok ")
 	if !ok {
 		return 0, fmt.Errorf("ledger check: %s", strings.TrimPrefix(line, "ERR check: "))
@@ -325,23 +331,13 @@ func AppendPipelined(ctx context.Context, addr string, n int) (time.Duration, er
 // with writers concurrent writers (FILL) and returns the guest's own measure
 // of how long it took.
 func Fill(ctx context.Context, addr string, mib, writers int, timeout time.Duration) (time.Duration, error) {
-	d := net.Dialer{Timeout: timeout}
-	conn, err := d.DialContext(ctx, "tcp", addr)
-	if err != nil {
-		return 0, fmt.Errorf("ledger fill: %w", err)
-	}
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(timeout))
-	if _, err := fmt.Fprintf(conn, "FILL %d %d\n", mib, writers); err != nil {
-		return 0, fmt.Errorf("ledger fill: %w", err)
-	}
-	line, err := bufio.NewReader(conn).ReadString('\n')
+	line, err := ask(ctx, addr, fmt.Sprintf("FILL %d %d", mib, writers), timeout)
 	if err != nil {
 		return 0, fmt.Errorf("ledger fill: %w", err)
 	}
 	var n, us int64
 	if _, err := fmt.Sscanf(line, "FILLED %d %d", &n, &us); err != nil {
-		return 0, fmt.Errorf("ledger fill: %s", strings.TrimSpace(line))
+		return 0, fmt.Errorf("ledger fill: %s", line)
 	}
 	return time.Duration(us) * time.Microsecond, nil
 }
