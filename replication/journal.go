@@ -12,6 +12,8 @@ import (
 	"slices"
 	"sort"
 	"sync"
+
+	"github.com/axproject/ax/ax/durable"
 )
 
 // The journal is one append-only file of records. Each record is a 32-byte
@@ -172,7 +174,7 @@ func OpenJournal(path string, disks map[uint32]JournalDisk) (*Journal, error) {
 	}
 	j.f = f
 	j.w = bufio.NewWriterSize(f, journalBufSize)
-	err = syncDir(dir)
+	err = durable.SyncDir(dir)
 	if err == nil {
 		err = j.recover()
 	}
@@ -207,7 +209,7 @@ func (j *Journal) recover() error {
 	// If only the process died, what we read may still be in the page
 	// cache alone, a commit record among it: it must reach the disk
 	// before the writes it commits do.
-	if err := fdatasync(j.f); err != nil {
+	if err := durable.Fdatasync(j.f); err != nil {
 		return err
 	}
 	j.durable = valid
@@ -404,7 +406,7 @@ func (j *Journal) syncLocked() error {
 	if err := j.w.Flush(); err != nil {
 		return err
 	}
-	if err := fdatasync(j.f); err != nil {
+	if err := durable.Fdatasync(j.f); err != nil {
 		return err
 	}
 	j.durable = j.size
@@ -573,7 +575,7 @@ func (j *Journal) compact() error {
 	moved := make([]journalEntry, len(j.pending))
 	size, err := j.writeCompacted(nf, moved)
 	if err == nil {
-		err = fdatasync(nf)
+		err = durable.Fdatasync(nf)
 	}
 	if err == nil {
 		err = os.Rename(j.tmpPath(), j.path)
@@ -587,7 +589,7 @@ func (j *Journal) compact() error {
 	j.f, j.size, j.durable, j.pending = nf, size, size, moved
 	j.w.Reset(nf)
 	old.Close()
-	if err := syncDir(filepath.Dir(j.path)); err != nil {
+	if err := durable.SyncDir(filepath.Dir(j.path)); err != nil {
 		return fmt.Errorf("compact: %w", err)
 	}
 	return nil

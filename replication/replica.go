@@ -9,7 +9,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
-	"syscall"
+
+	"github.com/axproject/ax/ax/durable"
 )
 
 // Files of a replica directory.
@@ -410,7 +411,7 @@ func (r *Replica) apply(cp *Checkpoint) error {
 		}
 		i = j
 	}
-	if err := fdatasync(r.ram); err != nil {
+	if err := durable.Fdatasync(r.ram); err != nil {
 		return fmt.Errorf("sync ram: %w", err)
 	}
 	if err := r.stage("pages"); err != nil {
@@ -455,7 +456,7 @@ func (r *Replica) replaceFile(tmp, name string, data []byte) error {
 		return err
 	}
 	if _, err = f.Write(data); err == nil {
-		err = fdatasync(f)
+		err = durable.Fdatasync(f)
 	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
@@ -464,49 +465,10 @@ func (r *Replica) replaceFile(tmp, name string, data []byte) error {
 		err = os.Rename(r.path(tmp), r.path(name))
 	}
 	if err == nil {
-		err = syncDir(r.dir)
+		err = durable.SyncDir(r.dir)
 	}
 	if err != nil {
 		os.Remove(r.path(tmp))
-	}
-	return err
-}
-
-func fdatasync(f *os.File) error {
-	sc, err := f.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var serr error
-	if err := sc.Control(func(fd uintptr) {
-		for {
-			serr = syscall.Fdatasync(int(fd))
-			if serr != syscall.EINTR {
-				return
-			}
-		}
-	}); err != nil {
-		return err
-	}
-	if serr != nil {
-		return fmt.Errorf("fdatasync %s: %w", f.Name(), serr)
-	}
-	return nil
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	err = d.Sync()
-	if cerr := d.Close(); err == nil {
-		err = cerr
-	}
-	if errors.Is(err, syscall.EINVAL) {
-		// Some file systems cannot sync a directory; their renames are
-		// as durable as they get.
-		return nil
 	}
 	return err
 }

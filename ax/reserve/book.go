@@ -11,8 +11,9 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
+
+	"github.com/axproject/ax/ax/durable"
 )
 
 // ErrOverCommitted reports a promise the host cannot keep: granting it would
@@ -276,24 +277,7 @@ func (b *Book) save(promises map[string]Promise) error {
 		os.Remove(f.Name())
 		return err
 	}
-	return syncDir(dir)
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	err = d.Sync()
-	if cerr := d.Close(); err == nil {
-		err = cerr
-	}
-	if errors.Is(err, syscall.EINVAL) {
-		// Some file systems cannot sync a directory; their renames are
-		// as durable as they get.
-		return nil
-	}
-	return err
+	return durable.SyncDir(dir)
 }
 
 // Promises returns a copy of the promises, by guest.
