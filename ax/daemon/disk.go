@@ -273,14 +273,18 @@ func (e *diskExport) WriteAtAsync(p []byte, off int64, fua bool) (func() error, 
 // WriteZeroes replicates zeroes as data: simple, and the secondary's disk
 // needs no special case (a sparse-aware frame is a later optimisation).
 func (e *diskExport) WriteZeroes(off, length int64, fua bool) error {
+	// Acknowledgements come in stream order: waiting for the last chunk
+	// waits for them all, one round trip for the whole range.
+	wait := func() error { return nil }
 	for length > 0 {
 		n := min(length, diskChunk)
-		if err := e.r.write(e.idx, zeroChunk[:n], off); err != nil {
+		w, err := e.r.startWrite(e.idx, zeroChunk[:n], off)
+		if err != nil {
 			return err
 		}
-		off, length = off+n, length-n
+		wait, off, length = w, off+n, length-n
 	}
-	return nil
+	return wait()
 }
 
 // Trim leaves the replica's blocks zeroed: what the guest reads after a
