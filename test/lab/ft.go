@@ -21,6 +21,16 @@ import (
 // KernelFaults are console lines that mean a resumed guest is not sane.
 var KernelFaults = []string{"Oops", "BUG:", "general protection fault", "Kernel panic", "double fault"}
 
+// tickOf reads the value of a console line "AXTICK <n>".
+func tickOf(line []byte) (uint64, bool) {
+	rest, ok := bytes.CutPrefix(bytes.TrimSpace(line), []byte("AXTICK "))
+	if !ok {
+		return 0, false
+	}
+	n, err := strconv.ParseUint(string(rest), 10, 64)
+	return n, err == nil
+}
+
 // TickContinuity checks that a guest's tick continued exactly from the
 // checkpoint: pre is the primary's console up to the committed checkpoint's
 // offset, post the console of the resumed guest. Together they must read as
@@ -37,12 +47,8 @@ func TickContinuity(pre, post []byte) (atCommit, firstAfter uint64, err error) {
 		if !bytes.HasSuffix(line, []byte("\n")) {
 			break // incomplete last line
 		}
-		rest, ok := bytes.CutPrefix(bytes.TrimSpace(line), []byte("AXTICK "))
+		n, ok := tickOf(line)
 		if !ok {
-			continue
-		}
-		n, perr := strconv.ParseUint(string(rest), 10, 64)
-		if perr != nil {
 			continue
 		}
 		if havePrev && n != prev+1 && end > len(pre) && firstAfter == 0 {

@@ -128,7 +128,7 @@ func trialRun() time.Duration {
 	if d, err := time.ParseDuration(os.Getenv("AX_FT_TRIAL_RUN")); err == nil {
 		base = d
 	}
-	return base + time.Duration(rand.Int64N(int64(2*time.Second)))
+	return base + randomPart()
 }
 
 // TestIntegrationFTFailoverTrials is the FT claim: ten times, the primary

@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"time"
 
@@ -259,11 +258,7 @@ func LastTick(console string) (uint64, error) {
 	}
 	var last uint64
 	for _, line := range bytes.Split(data, []byte("\n")) {
-		rest, ok := bytes.CutPrefix(bytes.TrimSpace(line), []byte("AXTICK "))
-		if !ok {
-			continue
-		}
-		if v, err := strconv.ParseUint(string(rest), 10, 64); err == nil && v > last {
+		if v, ok := tickOf(line); ok && v > last {
 			last = v
 		}
 	}
