@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -91,7 +92,10 @@ func TestIntegrationLevelChanges(t *testing.T) {
 		return n
 	}
 	before := count()
-	for _, level := range []string{api.LevelHA, api.LevelFT, api.LevelHA, api.LevelNone} {
+	for i, level := range []string{api.LevelHA, api.LevelFT, api.LevelHA, api.LevelNone} {
+		if i == 1 {
+			refusedFT(t, l, vm)
+		}
 		t0 := time.Now()
 		if level == api.LevelNone {
 			if err := ca.Level(ctx, vm.Name, api.ProtectRequest{Level: level}); err != nil {
@@ -163,6 +167,30 @@ func TestIntegrationLevelChanges(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("levels: %d acks, none lost; disk holds %d records, as memory", len(acks), tr.DiskRecords)
+}
+
+// refusedFT: a change to FT that cannot be made (here the RAM file FT
+// copies from is out of reach) is refused and leaves the VM protected at HA.
+func refusedFT(t *testing.T, l *Lab, vm *VM) {
+	t.Helper()
+	ctx := context.Background()
+	ca := l.Client(HostA)
+	moved := vm.RAMFile + ".moved"
+	if err := os.Rename(vm.RAMFile, moved); err != nil {
+		t.Fatal(err)
+	}
+	err := ca.Level(ctx, vm.Name, api.ProtectRequest{Level: api.LevelFT, Peer: HostB})
+	if rerr := os.Rename(moved, vm.RAMFile); rerr != nil {
+		t.Fatal(rerr)
+	}
+	if err == nil || !strings.Contains(err.Error(), "stays at level ha") {
+		t.Fatalf("a change to FT without the RAM file: %v, want a refusal that keeps level ha", err)
+	}
+	s, serr := l.vmStatus(ctx, ca, vm.Name)
+	if serr != nil || s.Level != api.LevelHA || s.State != "protected" {
+		t.Fatalf("after the refused change: level %s, state %s (%v), want protected at ha", s.Level, s.State, serr)
+	}
+	t.Logf("refused → ft: %v", err)
 }
 
 // ticksMonotonic checks the console's AXTICK values only ever go up by one.
