@@ -116,6 +116,11 @@ type VMStatus struct {
 	DiskSyncTotal int64  `json:"disk_sync_total,omitempty"`
 	DiskBytes     uint64 `json:"disk_bytes,omitempty"`
 	DiskLag       uint64 `json:"disk_lag,omitempty"`
+	// DiskMode is how writes reach the partner: "quorum" (QEMU writes the
+	// disk and the partner in parallel; a guest flush waits for the
+	// partner), "mirror" (each write waits for the partner; disks not set
+	// up as AX's quorum nodes), or "mixed".
+	DiskMode      string `json:"disk_mode,omitempty"`
 	JournalWrites int    `json:"journal_writes,omitempty"`
 	JournalBytes  int64  `json:"journal_bytes,omitempty"`
 	// The in-guest agent: connected, and the health of what it checks.

@@ -186,7 +186,7 @@ func printStatus(out io.Writer, st *api.Status) {
 	for _, v := range st.VMs {
 		switch {
 		case v.Disks > 0 && v.Role == api.RolePrimary:
-			fmt.Fprintf(out, "disks %s: %d replicated, %s sent, %d writes unacknowledged\n", v.Name, v.Disks, bytes(float64(v.DiskBytes)), v.DiskLag)
+			fmt.Fprintf(out, "disks %s: %d replicated (%s), %s sent, %d writes unacknowledged\n", v.Name, v.Disks, dash(v.DiskMode), bytes(float64(v.DiskBytes)), v.DiskLag)
 		case v.Role == api.RoleSecondary && (v.JournalWrites > 0 || v.Level == api.LevelFT):
 			fmt.Fprintf(out, "journal %s: %d writes (%s) wait for their checkpoint\n", v.Name, v.JournalWrites, bytes(float64(v.JournalBytes)))
 		}

@@ -457,7 +457,7 @@ func (d *Daemon) diskMetrics(v *vmState) {
 		}
 		sent := v.disks.sender.DiskBytesSent()
 		delta, v.diskBytesSeen = sent-v.diskBytesSeen, sent
-		pending = v.disks.sender.OrderedPending()
+		pending = v.disks.lag()
 	})
 	d.metrics.DiskBytes.WithLabelValues(v.name).Add(float64(delta))
 	d.metrics.DiskLag.WithLabelValues(v.name).Set(float64(pending))

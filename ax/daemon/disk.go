@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/axproject/ax/ax/qemu"
@@ -18,7 +19,18 @@ import (
 // Disk replication, primary side: the guest's QEMU mirrors each protected
 // disk (blockdev-mirror, copy-mode write-blocking) to an NBD export this axd
 // serves; every write the mirror makes becomes a DiskWrite on the VM's
-// replication stream, in order with the checkpoints.
+// replication stream, in order with the checkpoints. Below FT such a write
+// completes only once the partner has it: QEMU's mirror does not pass the
+// guest's flushes on, so waiting for each write is what makes a flush mean
+// the data is on the partner.
+//
+// Once a disk is in sync, a disk whose guest-facing node is a quorum node
+// (as qemu.Guest sets disks up) moves from the mirror to a second quorum
+// child reading the same kind of export: QEMU then writes the disk and the
+// export in parallel and sends the guest's flushes to the export too. A
+// write through the child completes as soon as it is on the stream; a flush
+// (or a FUA write) waits until the partner has everything before it — the
+// guest's durability points, not each write, pay the round trip.
 
 // diskChunk bounds one DiskWrite's data, well under the frame bound.
 const diskChunk = 1 << 20
@@ -43,18 +55,147 @@ type diskRepl struct {
 	wait  bool   // a guest write completes only once the partner has it (not FT)
 	epoch uint64 // the FT epoch writes belong to
 
-	exports []string
-	started []int // disks whose export, target and job exist
+	exports  []string
+	started  []int // disks whose export, target and job exist
+	children []int // disks replicated through a quorum child
+
+	// queue holds guest writes, in order, until the pump has put them on
+	// the stream: a write's NBD reply need not wait for the TCP send.
+	queue    chan queuedWrite
+	pumpDone chan struct{}
+
+	nChildren atomic.Int32 // len(children), for status
 }
 
+// queueDepth bounds the writes waiting for the pump (each at most diskChunk).
+const queueDepth = 32
+
+// queuedWrite is one guest write waiting for the pump, or, without data, a
+// barrier: the pump answers it once everything before it is on the stream.
+type queuedWrite struct {
+	epoch uint64
+	w     replication.DiskWrite
+	buf   *[]byte         // the pooled copy w.Data lives in, if any
+	sent  chan sendResult // answered when on the stream, for a writer that waits
+}
+
+type sendResult struct {
+	n   uint64 // the stream's ordered count with the write on it
+	err error
+}
+
+// lag is how many writes the partner has not acknowledged yet: on the
+// stream or still queued for it.
+func (r *diskRepl) lag() uint64 { return r.sender.OrderedPending() + uint64(len(r.queue)) }
+
+// mode says how the disks reach the partner: "quorum" (a write completes
+// once queued, a flush waits for the partner), "mirror" (each write waits
+// for the partner), "mixed", or "" before they are in sync.
+func (r *diskRepl) mode() string {
+	switch n := int(r.nChildren.Load()); {
+	case len(r.disks) == 0:
+		return ""
+	case n == len(r.disks):
+		return "quorum"
+	case n > 0:
+		return "mixed"
+	}
+	return "mirror"
+}
+
+// diskBufs are the queue's copies of guest writes.
+var diskBufs = sync.Pool{New: func() any { b := make([]byte, diskChunk); return &b }}
+
 func newDiskRepl(ctx context.Context, d *Daemon, vm string, sender *replication.Sender, mon *qemu.QMP, disks []qemu.Disk, sizes []int64) *diskRepl {
-	return &diskRepl{d: d, vm: vm, sender: sender, mon: mon, disks: disks, sizes: sizes, ctx: ctx, wait: true}
+	r := &diskRepl{d: d, vm: vm, sender: sender, mon: mon, disks: disks, sizes: sizes, ctx: ctx, wait: true,
+		queue: make(chan queuedWrite, queueDepth), pumpDone: make(chan struct{})}
+	go r.pump()
+	return r
+}
+
+// pump puts queued writes on the stream in queue order until the stream or
+// ctx ends.
+func (r *diskRepl) pump() {
+	defer close(r.pumpDone)
+	for {
+		var q queuedWrite
+		select {
+		case <-r.ctx.Done():
+			return
+		case <-r.sender.Done():
+			return
+		case q = <-r.queue:
+		}
+		var res sendResult
+		if q.w.Data != nil {
+			res.n, res.err = r.sender.SendDiskWrite(q.epoch, q.w)
+		} else {
+			res.n = r.sender.Ordered()
+		}
+		if q.buf != nil {
+			diskBufs.Put(q.buf)
+		}
+		if q.sent != nil {
+			q.sent <- res
+		}
+		if res.err != nil {
+			return
+		}
+	}
+}
+
+// errPumpStopped: the stream ended with writes still queued.
+var errPumpStopped = errors.New("disk replication stopped")
+
+func (r *diskRepl) enqueue(q queuedWrite) error {
+	select {
+	case r.queue <- q:
+		return nil
+	case <-r.pumpDone:
+		if q.buf != nil {
+			diskBufs.Put(q.buf)
+		}
+		if err := r.sender.Err(); err != nil {
+			return err
+		}
+		return errPumpStopped
+	}
+}
+
+// awaitSent waits for the pump to answer c.
+func (r *diskRepl) awaitSent(c chan sendResult) (uint64, error) {
+	select {
+	case res := <-c:
+		return res.n, res.err
+	case <-r.pumpDone:
+		select {
+		case res := <-c: // answered just before the pump stopped
+			return res.n, res.err
+		default:
+		}
+		if err := r.sender.Err(); err != nil {
+			return 0, err
+		}
+		return 0, errPumpStopped
+	}
+}
+
+// drain returns once every write queued so far is on the stream, with the
+// stream's ordered count then.
+func (r *diskRepl) drain() (uint64, error) {
+	c := make(chan sendResult, 1)
+	if err := r.enqueue(queuedWrite{sent: c}); err != nil {
+		return 0, err
+	}
+	return r.awaitSent(c)
 }
 
 // Names of what disk replication adds to QEMU and to the NBD server.
-func targetNode(node string) string     { return "ax-target-" + node }
-func mirrorJob(node string) string      { return "ax-mirror-" + node }
-func exportName(vm, node string) string { return vm + "/" + node }
+func targetNode(node string) string          { return "ax-target-" + node }
+func childNode(node string) string           { return "ax-child-" + node }
+func mirrorJob(node string) string           { return "ax-mirror-" + node }
+func exportName(vm, node string) string      { return vm + "/" + node }
+func childExportName(vm, node string) string { return vm + "/" + node + "/child" }
 
 // diskSizes asks QEMU for the size the guest sees of each disk.
 func diskSizes(ctx context.Context, mon *qemu.QMP, disks []qemu.Disk) ([]int64, error) {
@@ -101,7 +242,44 @@ func (r *diskRepl) clearLeftovers(ctx context.Context, node string) {
 			}
 		}
 	}
+	r.mon.RemoveQuorumChild(ctx, node, childNode(node))
+	r.mon.DeleteNode(ctx, childNode(node))
 	r.mon.DeleteNode(ctx, targetNode(node))
+}
+
+// attachChildren moves each in-sync disk whose node is a quorum node from
+// its mirror to a quorum child; other disks keep their mirror.
+func (r *diskRepl) attachChildren(ctx context.Context) error {
+	for _, i := range r.started {
+		node := r.disks[i].Node
+		if drv, err := r.mon.NodeDriver(ctx, node); err != nil || drv != "quorum" {
+			continue
+		}
+		name := childExportName(r.vm, node)
+		if err := r.d.nbd.AddExport(name, &diskExport{r: r, idx: uint32(i), size: r.sizes[i], child: true}); err != nil {
+			return fmt.Errorf("disk %s: %w", node, err)
+		}
+		r.exports = append(r.exports, name)
+		if err := r.mon.AddNBDTarget(ctx, childNode(node), r.d.nbdSocket(), name); err != nil {
+			return fmt.Errorf("disk %s: replication child: %w", node, err)
+		}
+		if err := r.mon.AddQuorumChild(ctx, node, childNode(node)); err != nil {
+			r.mon.DeleteNode(ctx, childNode(node))
+			return fmt.Errorf("disk %s: replication child: %w", node, err)
+		}
+		r.children = append(r.children, i)
+		r.nChildren.Add(1)
+		// Every write now reaches the export through the child. Cancelling
+		// a ready mirror completes it without switching the guest over;
+		// writes in flight through it still reach the partner in order.
+		if err := r.mon.CancelJob(ctx, mirrorJob(node), false); err != nil {
+			return fmt.Errorf("disk %s: end the mirror: %w", node, err)
+		}
+		r.awaitJobGone(ctx, mirrorJob(node))
+		r.mon.DeleteNode(ctx, targetNode(node))
+		r.d.nbd.RemoveExport(exportName(r.vm, node))
+	}
+	return nil
 }
 
 func (r *diskRepl) awaitJobGone(ctx context.Context, id string) {
@@ -170,6 +348,13 @@ func (r *diskRepl) waitReady(ctx context.Context, progress func(done, total int6
 func (r *diskRepl) stop() {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
+	for _, i := range r.children {
+		node := r.disks[i].Node
+		if err := r.mon.RemoveQuorumChild(ctx, node, childNode(node)); err != nil {
+			r.d.log.Warn("disk replication: remove quorum child", "vm", r.vm, "disk", node, "err", err)
+		}
+		r.mon.DeleteNode(ctx, childNode(node))
+	}
 	for _, i := range r.started {
 		node := r.disks[i].Node
 		// force: a ready mirror is abandoned at once instead of waiting
@@ -182,7 +367,8 @@ func (r *diskRepl) stop() {
 	for _, name := range r.exports {
 		r.d.nbd.RemoveExport(name)
 	}
-	r.started, r.exports = nil, nil
+	r.started, r.exports, r.children = nil, nil, nil
+	r.nChildren.Store(0)
 }
 
 // setLevel switches how writes complete and tells the secondary, in order
@@ -190,6 +376,9 @@ func (r *diskRepl) stop() {
 func (r *diskRepl) setLevel(level string, epoch uint64) (uint64, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if _, err := r.drain(); err != nil {
+		return 0, err
+	}
 	n, err := r.sender.SetLevel(level)
 	if err != nil {
 		return 0, err
@@ -198,60 +387,91 @@ func (r *diskRepl) setLevel(level string, epoch uint64) (uint64, error) {
 	return n, nil
 }
 
-// nextEpoch tags writes from now on with epoch (called while the guest is
-// paused, so no write is in flight).
-func (r *diskRepl) nextEpoch(epoch uint64) {
+// nextEpoch puts every queued write on the stream and tags writes from now
+// on with epoch (called while the guest is paused, so no write is in
+// flight): the checkpoint that follows on the stream covers them all.
+func (r *diskRepl) nextEpoch(epoch uint64) error {
 	r.mu.Lock()
+	defer r.mu.Unlock()
+	if _, err := r.drain(); err != nil {
+		return err
+	}
 	r.epoch = epoch
-	r.mu.Unlock()
+	return nil
 }
 
-// write replicates one guest write. Outside FT it returns only once the
-// partner has it: the guest's write (and so its flush) completes after
-// that. In FT the checkpoint that follows it on the stream covers it, and
-// output commit holds whatever the guest says about it until then.
-func (r *diskRepl) write(idx uint32, p []byte, off int64) error {
-	wait, err := r.startWrite(idx, p, off)
+// startWrite puts one guest write on the stream and returns what waits for
+// it to be done: the partner's acknowledgement when durable is set and the
+// level is below FT, nothing otherwise. In FT the checkpoint that follows it
+// on the stream covers it, and output commit holds whatever the guest says
+// about it until then.
+//
+// The write is copied into the pump's queue (zeroChunk, never written, is
+// not): it is on the stream, in order, before any later flush, level frame
+// or epoch switch.
+func (r *diskRepl) startWrite(idx uint32, p []byte, off int64, durable bool) (func() error, error) {
+	r.mu.RLock()
+	wait, epoch := r.wait && durable, r.epoch
+	var sent chan sendResult
+	for len(p) > 0 {
+		n := min(len(p), diskChunk)
+		q := queuedWrite{epoch: epoch, w: replication.DiskWrite{Disk: idx, Offset: uint64(off), Data: p[:n]}}
+		if &p[0] != &zeroChunk[0] {
+			q.buf = diskBufs.Get().(*[]byte)
+			q.w.Data = (*q.buf)[:n]
+			copy(q.w.Data, p[:n])
+		}
+		p, off = p[n:], off+int64(n)
+		if wait && len(p) == 0 {
+			sent = make(chan sendResult, 1)
+			q.sent = sent
+		}
+		if err := r.enqueue(q); err != nil {
+			r.mu.RUnlock()
+			return nil, fmt.Errorf("replicate disk write: %w", err)
+		}
+	}
+	r.mu.RUnlock()
+	if sent == nil {
+		return func() error { return nil }, nil
+	}
+	return func() error {
+		n, err := r.awaitSent(sent)
+		if err != nil {
+			return fmt.Errorf("replicate disk write: %w", err)
+		}
+		return r.sender.WaitOrdered(r.ctx, n)
+	}, nil
+}
+
+// flush waits until the partner has every write made so far, below FT.
+func (r *diskRepl) flush() error {
+	r.mu.RLock()
+	wait := r.wait
+	r.mu.RUnlock()
+	if !wait {
+		return nil
+	}
+	n, err := r.drain()
 	if err != nil {
 		return err
 	}
-	return wait()
+	return r.sender.WaitOrdered(r.ctx, n)
 }
 
-// startWrite puts one guest write on the stream and returns what waits for it
-// to be done: the partner's acknowledgement outside FT, nothing at FT.
-func (r *diskRepl) startWrite(idx uint32, p []byte, off int64) (func() error, error) {
-	r.mu.RLock()
-	wait, epoch := r.wait, r.epoch
-	var last uint64
-	var err error
-	for len(p) > 0 && err == nil {
-		n := min(len(p), diskChunk)
-		last, err = r.sender.SendDiskWrite(epoch, replication.DiskWrite{Disk: idx, Offset: uint64(off), Data: p[:n]})
-		p, off = p[n:], off+int64(n)
-	}
-	r.mu.RUnlock()
-	if err != nil {
-		return nil, fmt.Errorf("replicate disk write: %w", err)
-	}
-	if !wait {
-		return func() error { return nil }, nil
-	}
-	return func() error { return r.sender.WaitOrdered(r.ctx, last) }, nil
-}
-
-// flush waits until the partner has every write made so far.
-func (r *diskRepl) flush() error {
-	return r.sender.WaitOrdered(r.ctx, r.sender.Ordered())
-}
-
-// diskExport is one disk's NBD export: writes only (the mirror never reads
-// its target).
+// diskExport is one disk's NBD export: writes only (neither the mirror nor
+// a fifo quorum reads its target).
 type diskExport struct {
-	r    *diskRepl
-	idx  uint32
-	size int64
+	r     *diskRepl
+	idx   uint32
+	size  int64
+	child bool // a quorum child: flushes arrive, so writes need not wait
 }
+
+// durable says whether a write must be on the partner before it completes:
+// always through the mirror, which never flushes its target; through a
+// quorum child only when the guest asked for FUA.
+func (e *diskExport) durable(fua bool) bool { return !e.child || fua }
 
 var _ nbd.AsyncBackend = (*diskExport)(nil)
 
@@ -261,13 +481,19 @@ func (e *diskExport) ReadAt(p []byte, off int64) error {
 	return fmt.Errorf("the replication target is write-only: %w", nbd.ErrNotSupported)
 }
 
-func (e *diskExport) WriteAt(p []byte, off int64, fua bool) error { return e.r.write(e.idx, p, off) }
+func (e *diskExport) WriteAt(p []byte, off int64, fua bool) error {
+	wait, err := e.WriteAtAsync(p, off, fua)
+	if err != nil {
+		return err
+	}
+	return wait()
+}
 
 // WriteAtAsync lets the NBD server start the mirror's next write while this
 // one waits for the partner: with several guest writes in flight their
 // round trips overlap.
 func (e *diskExport) WriteAtAsync(p []byte, off int64, fua bool) (func() error, error) {
-	return e.r.startWrite(e.idx, p, off)
+	return e.r.startWrite(e.idx, p, off, e.durable(fua))
 }
 
 // WriteZeroes replicates zeroes as data: simple, and the secondary's disk
@@ -278,7 +504,7 @@ func (e *diskExport) WriteZeroes(off, length int64, fua bool) error {
 	wait := func() error { return nil }
 	for length > 0 {
 		n := min(length, diskChunk)
-		w, err := e.r.startWrite(e.idx, zeroChunk[:n], off)
+		w, err := e.r.startWrite(e.idx, zeroChunk[:n], off, e.durable(fua))
 		if err != nil {
 			return err
 		}
@@ -302,7 +528,9 @@ type diskEpochGate struct {
 
 func (g diskEpochGate) NextEpoch(epoch uint64) error {
 	if g.disk != nil {
-		g.disk.nextEpoch(epoch)
+		if err := g.disk.nextEpoch(epoch); err != nil {
+			return err
+		}
 	}
 	if g.gate != nil {
 		return g.gate.NextEpoch(epoch)

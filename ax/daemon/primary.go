@@ -476,10 +476,13 @@ func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 		if err != nil {
 			return err
 		}
+		if err := dr.attachChildren(ctx); err != nil {
+			return err
+		}
 	}
-	// The disks are in sync and every write from now on reaches the
-	// partner before the guest sees it done: the partner can restart the
-	// VM from them (HA) from here on.
+	// The disks are in sync and every write the guest has flushed from
+	// now on is on the partner before the guest sees the flush done: the
+	// partner can restart the VM from them (HA) from here on.
 	n, err := dr.setLevel(replication.StreamLevelHA, 0)
 	if err == nil {
 		err = sender.WaitOrdered(ctx, n)

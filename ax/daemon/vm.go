@@ -115,7 +115,7 @@ func (v *vmState) status() api.VMStatus {
 	s.Disks = len(v.spec.Guest.Disks)
 	s.DiskSyncDone, s.DiskSyncTotal = v.diskSyncDone, v.diskSyncTotal
 	if v.disks != nil {
-		s.DiskBytes, s.DiskLag = v.disks.sender.DiskBytesSent(), v.disks.sender.OrderedPending()
+		s.DiskBytes, s.DiskLag, s.DiskMode = v.disks.sender.DiskBytesSent(), v.disks.lag(), v.disks.mode()
 	}
 	if v.replicaDisks != nil {
 		dp := v.replicaDisks.depth()

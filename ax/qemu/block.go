@@ -6,9 +6,13 @@ import (
 	"fmt"
 )
 
-// Block operations for disk replication: the guest's disk node is mirrored
-// (blockdev-mirror, copy-mode write-blocking) to an NBD target that axd
-// serves, so every guest write reaches axd before the guest sees it done.
+// Block operations for disk replication. The guest's disk node is first
+// mirrored (blockdev-mirror, copy-mode write-blocking) to an NBD target that
+// axd serves: a full copy, then every guest write reaches axd before the
+// guest sees it done. Once in sync, a disk Guest wrapped in a quorum node
+// gets the NBD target as a second quorum child instead: writes go to both
+// children in parallel and the guest's flushes reach axd, so a write need
+// not wait for the partner — a flush does.
 
 // BlockJob is one running block job (query-block-jobs).
 type BlockJob struct {
@@ -72,27 +76,97 @@ func (q *QMP) CancelJob(ctx context.Context, job string, force bool) error {
 	return err
 }
 
-// NodeSize returns the virtual size of a block node (what the guest sees).
-func (q *QMP) NodeSize(ctx context.Context, node string) (int64, error) {
+// blockNode is one entry of query-named-block-nodes.
+type blockNode struct {
+	NodeName string `json:"node-name"`
+	Driver   string `json:"drv"`
+	Image    struct {
+		VirtualSize int64 `json:"virtual-size"`
+	} `json:"image"`
+}
+
+// node returns what QEMU says of one block node.
+func (q *QMP) node(ctx context.Context, name string) (blockNode, error) {
 	out, err := q.run(ctx, "query-named-block-nodes", map[string]any{"flat": true})
 	if err != nil {
-		return 0, err
+		return blockNode{}, err
 	}
 	var r struct {
-		Return []struct {
-			NodeName string `json:"node-name"`
-			Image    struct {
-				VirtualSize int64 `json:"virtual-size"`
-			} `json:"image"`
+		Return []blockNode `json:"return"`
+	}
+	if err := json.Unmarshal(out, &r); err != nil {
+		return blockNode{}, fmt.Errorf("qmp query-named-block-nodes: %w", err)
+	}
+	for _, n := range r.Return {
+		if n.NodeName == name {
+			return n, nil
+		}
+	}
+	return blockNode{}, fmt.Errorf("qmp: no block node %q (the guest's disks must be -blockdev nodes with node-name)", name)
+}
+
+// NodeSize returns the virtual size of a block node (what the guest sees).
+func (q *QMP) NodeSize(ctx context.Context, node string) (int64, error) {
+	n, err := q.node(ctx, node)
+	return n.Image.VirtualSize, err
+}
+
+// NodeDriver returns the block driver of a node: quorum for a disk Guest
+// set up, raw or qcow2 for one attached straight to its format.
+func (q *QMP) NodeDriver(ctx context.Context, node string) (string, error) {
+	n, err := q.node(ctx, node)
+	return n.Driver, err
+}
+
+// AddQuorumChild makes node another child of the quorum node parent: from
+// then on every write to parent goes to node too, in parallel with the
+// other children, and so does every flush. With vote-threshold 1 a failing
+// child does not fail the guest's request (QEMU reports it with a
+// QUORUM_REPORT_BAD event).
+func (q *QMP) AddQuorumChild(ctx context.Context, parent, node string) error {
+	_, err := q.run(ctx, "x-blockdev-change", map[string]any{"parent": parent, "node": node})
+	return err
+}
+
+// RemoveQuorumChild detaches node from the quorum node parent; it does
+// nothing when node is not a child of parent.
+func (q *QMP) RemoveQuorumChild(ctx context.Context, parent, node string) error {
+	// x-blockdev-change names a child by its edge (children.N), which only
+	// the block graph tells.
+	out, err := q.run(ctx, "x-debug-query-block-graph", nil)
+	if err != nil {
+		return err
+	}
+	var r struct {
+		Return struct {
+			Nodes []struct {
+				ID   int    `json:"id"`
+				Name string `json:"name"`
+			} `json:"nodes"`
+			Edges []struct {
+				Parent int    `json:"parent"`
+				Child  int    `json:"child"`
+				Name   string `json:"name"`
+			} `json:"edges"`
 		} `json:"return"`
 	}
 	if err := json.Unmarshal(out, &r); err != nil {
-		return 0, fmt.Errorf("qmp query-named-block-nodes: %w", err)
+		return fmt.Errorf("qmp x-debug-query-block-graph: %w", err)
 	}
-	for _, n := range r.Return {
-		if n.NodeName == node {
-			return n.Image.VirtualSize, nil
+	ids := map[string]int{}
+	for _, n := range r.Return.Nodes {
+		ids[n.Name] = n.ID
+	}
+	pid, ok1 := ids[parent]
+	cid, ok2 := ids[node]
+	if !ok1 || !ok2 {
+		return nil
+	}
+	for _, e := range r.Return.Edges {
+		if e.Parent == pid && e.Child == cid {
+			_, err := q.run(ctx, "x-blockdev-change", map[string]any{"parent": parent, "child": e.Name})
+			return err
 		}
 	}
-	return 0, fmt.Errorf("qmp: no block node %q (the guest's disks must be -blockdev nodes with node-name)", node)
+	return nil
 }

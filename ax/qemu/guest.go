@@ -52,6 +52,22 @@ type Disk struct {
 	Format string `json:"format"` // raw or qcow2
 }
 
+// blockdevArgs are the disk's block nodes. The device sits on a quorum node
+// of one child, the disk itself: reads go to it alone (fifo), and
+// replication adds its NBD target as a second child while the guest runs
+// (AddQuorumChild).
+func (d Disk) blockdevArgs() []string {
+	format := d.Format
+	if format == "" {
+		format = "raw"
+	}
+	return []string{
+		"-blockdev", fmt.Sprintf("driver=file,node-name=%s-file,filename=%s", d.Node, d.Path),
+		"-blockdev", fmt.Sprintf("driver=%s,node-name=%s-fmt,file=%s-file", format, d.Node, d.Node),
+		"-blockdev", fmt.Sprintf("driver=quorum,node-name=%s,vote-threshold=1,read-pattern=fifo,children.0=%s-fmt", d.Node, d.Node),
+	}
+}
+
 // Args returns QEMU's command line for the spec. Both hosts must use the same
 // machine and devices: the device state of one must load into the other.
 func (g Guest) Args() []string {
@@ -79,14 +95,8 @@ func (g Guest) Args() []string {
 		"-pidfile", g.PIDFile,
 	}
 	for i, d := range g.Disks {
-		format := d.Format
-		if format == "" {
-			format = "raw"
-		}
-		args = append(args,
-			"-blockdev", fmt.Sprintf("driver=file,node-name=%s-file,filename=%s", d.Node, d.Path),
-			"-blockdev", fmt.Sprintf("driver=%s,node-name=%s,file=%s-file", format, d.Node, d.Node),
-			"-device", fmt.Sprintf("virtio-blk-pci,drive=%s,id=vd%d", d.Node, i))
+		args = append(args, d.blockdevArgs()...)
+		args = append(args, "-device", fmt.Sprintf("virtio-blk-pci,drive=%s,id=vd%d", d.Node, i))
 	}
 	if g.Accel == "kvm" {
 		args = append(args, "-cpu", "host")

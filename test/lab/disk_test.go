@@ -68,9 +68,10 @@ func TestIntegrationDiskHAFailover(t *testing.T) {
 	}
 }
 
-// Level changes none → HA → FT → HA → none while the client appends to the
-// disk-backed ledger: the guest never restarts and no acked record is lost;
-// the partner's promise follows the VM's protection.
+// Level changes none → HA → FT → HA → none → HA → none while the client
+// appends to the disk-backed ledger: the guest never restarts and no acked
+// record is lost; the partner's promise follows the VM's protection; a disk
+// protected again gets a new quorum child after its last one was removed.
 func TestIntegrationLevelChanges(t *testing.T) {
 	l, vm, bin := diskLab(t, "axlv", "raw")
 	ctx := context.Background()
@@ -92,7 +93,7 @@ func TestIntegrationLevelChanges(t *testing.T) {
 		return n
 	}
 	before := count()
-	for i, level := range []string{api.LevelHA, api.LevelFT, api.LevelHA, api.LevelNone} {
+	for i, level := range []string{api.LevelHA, api.LevelFT, api.LevelHA, api.LevelNone, api.LevelHA, api.LevelNone} {
 		if i == 1 {
 			refusedFT(t, l, vm)
 		}
@@ -115,7 +116,7 @@ func TestIntegrationLevelChanges(t *testing.T) {
 			t.Fatal(err)
 		}
 		promised := stb.Reservation != nil && len(stb.Reservation.Promises) == 1
-		t.Logf("→ %s in %.1f s: a says level %s, state %s, disk bytes %d; b promises %v", level, took.Seconds(), sa.Level, sa.State, sa.DiskBytes, promised)
+		t.Logf("→ %s in %.1f s: a says level %s, state %s, disk bytes %d (%s); b promises %v", level, took.Seconds(), sa.Level, sa.State, sa.DiskBytes, sa.DiskMode, promised)
 		switch level {
 		case api.LevelNone:
 			if sa.Role != api.RoleLocal || promised {
@@ -124,6 +125,11 @@ func TestIntegrationLevelChanges(t *testing.T) {
 		default:
 			if sa.Level != level || sa.State != "protected" || !promised {
 				t.Fatalf("at %s: level %s, state %s (%s), b promises %v", level, sa.Level, sa.State, sa.Alarm, promised)
+			}
+			// The lab's disks are AX's quorum nodes: the partner is their
+			// second child, not a mirror.
+			if sa.DiskMode != "quorum" {
+				t.Fatalf("at %s: disks replicated as %q, want quorum", level, sa.DiskMode)
 			}
 		}
 		if n := count(); n <= before {

@@ -1,0 +1,181 @@
+package daemon
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/axproject/ax/replication"
+)
+
+// heldSink is a secondary's disk sink whose writes can be held: a held
+// write is received but not done, so the partner does not acknowledge it.
+type heldSink struct {
+	mu     sync.Mutex
+	hold   chan struct{} // writes wait until it is closed
+	writes []string
+}
+
+func (s *heldSink) holdWrites() { s.mu.Lock(); s.hold = make(chan struct{}); s.mu.Unlock() }
+func (s *heldSink) release() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	select {
+	case <-s.hold:
+	default:
+		close(s.hold)
+	}
+}
+
+func (s *heldSink) Write(epoch uint64, w replication.DiskWrite) error {
+	s.mu.Lock()
+	hold := s.hold
+	s.mu.Unlock()
+	<-hold
+	s.mu.Lock()
+	s.writes = append(s.writes, fmt.Sprintf("%d@%d:%c", epoch, w.Offset, w.Data[0]))
+	s.mu.Unlock()
+	return nil
+}
+func (s *heldSink) Commit(uint64) error   { return nil }
+func (s *heldSink) SetLevel(string) error { return nil }
+func (s *heldSink) seen() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]string(nil), s.writes...)
+}
+func (s *heldSink) last() (w string, n int) { w2 := s.seen(); return fmt.Sprint(w2), len(w2) }
+
+// newTestDiskRepl connects a diskRepl to a real replication server whose
+// disk sink is sink.
+func newTestDiskRepl(t *testing.T, sink *heldSink) (*diskRepl, *replication.Sender) {
+	t.Helper()
+	psk := []byte("0123456789abcdef0123")
+	const ramSize = 4 * replication.PageSize
+	rep, err := replication.OpenReplica(t.TempDir(), ramSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rep.Close() })
+	h := replication.Handler{
+		Open:  func(string, []byte, net.Addr) (*replication.Replica, error) { return rep, nil },
+		Disks: func(string) replication.DiskSink { return sink },
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { defer wg.Done(); replication.NewServer(psk, h, nil).Serve(ctx, ln) }()
+	s, err := replication.Dial(ctx, ln.Addr().String(), psk, "vm1", []byte(`{}`), ramSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sink.release(); s.Close(); cancel(); wg.Wait() })
+	return newDiskRepl(ctx, nil, "vm1", s, nil, nil, []int64{1 << 20}), s
+}
+
+// returns reports whether f returns within d, and f's error.
+func returns(d time.Duration, f func() error) (bool, error, <-chan error) {
+	c := make(chan error, 1)
+	go func() { c <- f() }()
+	select {
+	case err := <-c:
+		return true, err, c
+	case <-time.After(d):
+		return false, nil, c
+	}
+}
+
+func block(c byte) []byte { return bytes.Repeat([]byte{c}, 4096) }
+
+// Below FT a write through a quorum child completes once it is queued for
+// the stream, and the guest's flush (or a FUA write) waits until the
+// partner has every write before it; a write through the mirror, which
+// never flushes, waits for the partner itself. The queue keeps its own copy
+// of each write.
+func TestDiskExportDurabilityBelowFT(t *testing.T) {
+	sink := &heldSink{}
+	sink.holdWrites()
+	r, _ := newTestDiskRepl(t, sink)
+	child := &diskExport{r: r, idx: 0, size: 1 << 20, child: true}
+	mirror := &diskExport{r: r, idx: 0, size: 1 << 20}
+
+	p := block('a')
+	if done, err, _ := returns(2*time.Second, func() error { return child.WriteAt(p, 0, false) }); !done || err != nil {
+		t.Fatalf("a write through the quorum child waited for the partner (returned %v, %v)", done, err)
+	}
+	copy(p, block('x')) // the NBD server reuses its buffer
+	done, _, flushed := returns(300*time.Millisecond, child.Flush)
+	if done {
+		t.Fatal("a flush returned while the partner had not acknowledged the write before it")
+	}
+	done, _, fua := returns(100*time.Millisecond, func() error { return child.WriteAt(block('b'), 4096, true) })
+	if done {
+		t.Fatal("a FUA write returned while the partner held it")
+	}
+	done, _, mirrored := returns(100*time.Millisecond, func() error { return mirror.WriteAt(block('c'), 8192, false) })
+	if done {
+		t.Fatal("a mirror write returned while the partner held it")
+	}
+	sink.release()
+	for name, c := range map[string]<-chan error{"flush": flushed, "FUA write": fua, "mirror write": mirrored} {
+		select {
+		case err := <-c:
+			if err != nil {
+				t.Fatalf("%s: %v", name, err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%s still waits after the partner acknowledged", name)
+		}
+	}
+	if got, want := fmt.Sprint(sink.seen()), "[0@0:a 0@4096:b 0@8192:c]"; got != want {
+		t.Fatalf("the partner received %s, want %s", got, want)
+	}
+}
+
+// At FT nothing waits for the partner — the checkpoint covers the writes —
+// but every write queued before an epoch switch is on the stream when the
+// switch returns, tagged with the epoch it was made in.
+func TestDiskExportEpochSwitchDrainsQueue(t *testing.T) {
+	sink := &heldSink{}
+	sink.holdWrites()
+	r, s := newTestDiskRepl(t, sink)
+	if _, err := r.setLevel(replication.StreamLevelFT, 1); err != nil {
+		t.Fatal(err)
+	}
+	child := &diskExport{r: r, idx: 0, size: 1 << 20, child: true}
+	mirror := &diskExport{r: r, idx: 0, size: 1 << 20}
+	before := s.Ordered()
+	for i, e := range []*diskExport{child, mirror, child} {
+		if done, err, _ := returns(2*time.Second, func() error { return e.WriteAt(block(byte('a'+i)), int64(i)*4096, true) }); !done || err != nil {
+			t.Fatalf("write %d at FT waited for the partner (returned %v, %v)", i, done, err)
+		}
+	}
+	if done, err, _ := returns(2*time.Second, child.Flush); !done || err != nil {
+		t.Fatalf("a flush at FT waited for the partner (returned %v, %v)", done, err)
+	}
+	if err := r.nextEpoch(2); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.Ordered() - before; got != 3 {
+		t.Fatalf("%d of 3 writes on the stream after the epoch switch", got)
+	}
+	if err := child.WriteAt(block('z'), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	sink.release()
+	deadline := time.Now().Add(5 * time.Second)
+	for _, n := sink.last(); n < 4 && time.Now().Before(deadline); _, n = sink.last() {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got, want := fmt.Sprint(sink.seen()), "[1@0:a 1@4096:b 1@8192:c 2@0:z]"; got != want {
+		t.Fatalf("the partner received %s, want %s", got, want)
+	}
+}
