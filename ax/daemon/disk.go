@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -63,6 +61,16 @@ type diskRepl struct {
 	// the stream: a write's NBD reply need not wait for the TCP send.
 	queue    chan queuedWrite
 	pumpDone chan struct{}
+	enqMu    sync.Mutex // orders sequence numbers with queue positions
+	queued   uint64     // writes ever queued; a write's seq is its position
+	sentMu   sync.Mutex
+	sent     uint64        // writes the pump has put on the stream
+	sentN    uint64        // the stream's ordered count just after the last of them
+	sentErr  error         // why the pump stopped, once it has
+	sentCh   chan struct{} // closed (and replaced) whenever sent moves
+	// boundaries: for each checkpoint taken, the writes queued before its
+	// pause ended — they must be on the stream before it.
+	boundaries map[uint64]uint64
 
 	nChildren atomic.Int32 // len(children), for status
 }
@@ -70,18 +78,12 @@ type diskRepl struct {
 // queueDepth bounds the writes waiting for the pump (each at most diskChunk).
 const queueDepth = 32
 
-// queuedWrite is one guest write waiting for the pump, or, without data, a
-// barrier: the pump answers it once everything before it is on the stream.
+// queuedWrite is one guest write waiting for the pump.
 type queuedWrite struct {
+	seq   uint64
 	epoch uint64
 	w     replication.DiskWrite
-	buf   *[]byte         // the pooled copy w.Data lives in, if any
-	sent  chan sendResult // answered when on the stream, for a writer that waits
-}
-
-type sendResult struct {
-	n   uint64 // the stream's ordered count with the write on it
-	err error
+	buf   *[]byte // the pooled copy w.Data lives in, if any
 }
 
 // lag is how many writes the partner has not acknowledged yet: on the
@@ -107,16 +109,33 @@ func (r *diskRepl) mode() string {
 var diskBufs = sync.Pool{New: func() any { b := make([]byte, diskChunk); return &b }}
 
 func newDiskRepl(ctx context.Context, d *Daemon, vm string, sender *replication.Sender, mon *qemu.QMP, disks []qemu.Disk, sizes []int64) *diskRepl {
-	r := &diskRepl{d: d, vm: vm, sender: sender, mon: mon, disks: disks, sizes: sizes, ctx: ctx, wait: true,
-		queue: make(chan queuedWrite, queueDepth), pumpDone: make(chan struct{})}
+	r := makeDiskRepl(ctx, d, vm, sender, mon, disks, sizes)
 	go r.pump()
 	return r
+}
+
+// makeDiskRepl is newDiskRepl without the pump.
+func makeDiskRepl(ctx context.Context, d *Daemon, vm string, sender *replication.Sender, mon *qemu.QMP, disks []qemu.Disk, sizes []int64) *diskRepl {
+	return &diskRepl{d: d, vm: vm, sender: sender, mon: mon, disks: disks, sizes: sizes, ctx: ctx, wait: true,
+		queue: make(chan queuedWrite, queueDepth), pumpDone: make(chan struct{}), sentCh: make(chan struct{}),
+		boundaries: map[uint64]uint64{}}
 }
 
 // pump puts queued writes on the stream in queue order until the stream or
 // ctx ends.
 func (r *diskRepl) pump() {
-	defer close(r.pumpDone)
+	var err error
+	defer func() {
+		if err == nil {
+			if err = r.sender.Err(); err == nil {
+				err = errPumpStopped
+			}
+		}
+		r.sentMu.Lock()
+		r.sentErr = err
+		r.sentMu.Unlock()
+		close(r.pumpDone)
+	}()
 	for {
 		var q queuedWrite
 		select {
@@ -126,68 +145,78 @@ func (r *diskRepl) pump() {
 			return
 		case q = <-r.queue:
 		}
-		var res sendResult
-		if q.w.Data != nil {
-			res.n, res.err = r.sender.SendDiskWrite(q.epoch, q.w)
-		} else {
-			res.n = r.sender.Ordered()
-		}
+		var n uint64
+		n, err = r.sender.SendDiskWrite(q.epoch, q.w)
 		if q.buf != nil {
 			diskBufs.Put(q.buf)
 		}
-		if q.sent != nil {
-			q.sent <- res
-		}
-		if res.err != nil {
+		if err != nil {
 			return
 		}
+		r.sentMu.Lock()
+		r.sent, r.sentN = q.seq, n
+		close(r.sentCh)
+		r.sentCh = make(chan struct{})
+		r.sentMu.Unlock()
 	}
 }
 
 // errPumpStopped: the stream ended with writes still queued.
 var errPumpStopped = errors.New("disk replication stopped")
 
-func (r *diskRepl) enqueue(q queuedWrite) error {
+// enqueue gives q the next sequence number and queues it.
+func (r *diskRepl) enqueue(q queuedWrite) (uint64, error) {
+	r.enqMu.Lock()
+	defer r.enqMu.Unlock()
+	q.seq = r.queued + 1
 	select {
 	case r.queue <- q:
-		return nil
+		r.queued = q.seq
+		return q.seq, nil
 	case <-r.pumpDone:
 		if q.buf != nil {
 			diskBufs.Put(q.buf)
 		}
-		if err := r.sender.Err(); err != nil {
-			return err
-		}
-		return errPumpStopped
+		return 0, r.pumpErr()
 	}
 }
 
-// awaitSent waits for the pump to answer c.
-func (r *diskRepl) awaitSent(c chan sendResult) (uint64, error) {
-	select {
-	case res := <-c:
-		return res.n, res.err
-	case <-r.pumpDone:
-		select {
-		case res := <-c: // answered just before the pump stopped
-			return res.n, res.err
-		default:
+func (r *diskRepl) pumpErr() error {
+	r.sentMu.Lock()
+	defer r.sentMu.Unlock()
+	return r.sentErr
+}
+
+// awaitSent returns once the pump has put write seq (and every write
+// before it) on the stream, with the stream's ordered count then.
+func (r *diskRepl) awaitSent(seq uint64) (uint64, error) {
+	for {
+		r.sentMu.Lock()
+		sent, n, ch, err := r.sent, r.sentN, r.sentCh, r.sentErr
+		r.sentMu.Unlock()
+		if sent >= seq {
+			if seq == 0 {
+				n = r.sender.Ordered() // nothing was ever queued
+			}
+			return n, nil
 		}
-		if err := r.sender.Err(); err != nil {
+		if err != nil {
 			return 0, err
 		}
-		return 0, errPumpStopped
+		select {
+		case <-ch:
+		case <-r.pumpDone:
+		}
 	}
 }
 
 // drain returns once every write queued so far is on the stream, with the
 // stream's ordered count then.
 func (r *diskRepl) drain() (uint64, error) {
-	c := make(chan sendResult, 1)
-	if err := r.enqueue(queuedWrite{sent: c}); err != nil {
-		return 0, err
-	}
-	return r.awaitSent(c)
+	r.enqMu.Lock()
+	seq := r.queued
+	r.enqMu.Unlock()
+	return r.awaitSent(seq)
 }
 
 // Names of what disk replication adds to QEMU and to the NBD server.
@@ -387,17 +416,31 @@ func (r *diskRepl) setLevel(level string, epoch uint64) (uint64, error) {
 	return n, nil
 }
 
-// nextEpoch puts every queued write on the stream and tags writes from now
-// on with epoch (called while the guest is paused, so no write is in
-// flight): the checkpoint that follows on the stream covers them all.
-func (r *diskRepl) nextEpoch(epoch uint64) error {
+// nextEpoch tags writes from now on with epoch; it is called while the guest
+// is paused, after the pause that takes checkpoint epoch-1, so every write of
+// that checkpoint is queued: the checkpoint goes on the stream after them
+// (awaitBoundary), once the guest runs again.
+func (r *diskRepl) nextEpoch(epoch uint64) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if _, err := r.drain(); err != nil {
-		return err
-	}
+	r.enqMu.Lock()
+	r.boundaries[epoch-1] = r.queued
+	r.enqMu.Unlock()
 	r.epoch = epoch
-	return nil
+}
+
+// awaitBoundary returns once every write made before checkpoint epoch's
+// pause ended is on the stream.
+func (r *diskRepl) awaitBoundary(epoch uint64) error {
+	r.mu.Lock()
+	seq, ok := r.boundaries[epoch]
+	delete(r.boundaries, epoch)
+	r.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	_, err := r.awaitSent(seq)
+	return err
 }
 
 // startWrite puts one guest write on the stream and returns what waits for
@@ -412,7 +455,7 @@ func (r *diskRepl) nextEpoch(epoch uint64) error {
 func (r *diskRepl) startWrite(idx uint32, p []byte, off int64, durable bool) (func() error, error) {
 	r.mu.RLock()
 	wait, epoch := r.wait && durable, r.epoch
-	var sent chan sendResult
+	var seq uint64
 	for len(p) > 0 {
 		n := min(len(p), diskChunk)
 		q := queuedWrite{epoch: epoch, w: replication.DiskWrite{Disk: idx, Offset: uint64(off), Data: p[:n]}}
@@ -422,21 +465,18 @@ func (r *diskRepl) startWrite(idx uint32, p []byte, off int64, durable bool) (fu
 			copy(q.w.Data, p[:n])
 		}
 		p, off = p[n:], off+int64(n)
-		if wait && len(p) == 0 {
-			sent = make(chan sendResult, 1)
-			q.sent = sent
-		}
-		if err := r.enqueue(q); err != nil {
+		var err error
+		if seq, err = r.enqueue(q); err != nil {
 			r.mu.RUnlock()
 			return nil, fmt.Errorf("replicate disk write: %w", err)
 		}
 	}
 	r.mu.RUnlock()
-	if sent == nil {
+	if !wait || seq == 0 {
 		return func() error { return nil }, nil
 	}
 	return func() error {
-		n, err := r.awaitSent(sent)
+		n, err := r.awaitSent(seq)
 		if err != nil {
 			return fmt.Errorf("replicate disk write: %w", err)
 		}
@@ -528,9 +568,7 @@ type diskEpochGate struct {
 
 func (g diskEpochGate) NextEpoch(epoch uint64) error {
 	if g.disk != nil {
-		if err := g.disk.nextEpoch(epoch); err != nil {
-			return err
-		}
+		g.disk.nextEpoch(epoch)
 	}
 	if g.gate != nil {
 		return g.gate.NextEpoch(epoch)
@@ -543,156 +581,4 @@ func (g diskEpochGate) Release(epoch uint64) error {
 		return g.gate.Release(epoch)
 	}
 	return nil
-}
-
-// Secondary side.
-
-// replicaDisks holds a VM's replica disks on the secondary: raw files of the
-// sizes the guest sees, written at once (HA) or through the journal (FT).
-type replicaDisks struct {
-	mu      sync.Mutex
-	dir     string
-	files   []*os.File
-	sizes   []int64
-	journal *replication.Journal
-	level   string // "" until the primary says the disks are in sync, then ha or ft
-}
-
-var _ replication.DiskSink = (*replicaDisks)(nil)
-
-func replicaDiskPath(dir string, i int) string {
-	return filepath.Join(dir, fmt.Sprintf("disk%d.raw", i))
-}
-
-// openReplicaDisks opens (creating or resizing) the replica disks in dir and
-// starts an empty journal: a new stream resynchronises every disk in full.
-func openReplicaDisks(dir string, sizes []int64) (*replicaDisks, error) {
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, err
-	}
-	r := &replicaDisks{dir: dir, sizes: sizes}
-	disks := map[uint32]replication.JournalDisk{}
-	for i, size := range sizes {
-		f, err := os.OpenFile(replicaDiskPath(dir, i), os.O_RDWR|os.O_CREATE, 0o600)
-		if err == nil {
-			err = f.Truncate(size)
-		}
-		if err != nil {
-			r.Close()
-			return nil, fmt.Errorf("replica disk %d: %w", i, err)
-		}
-		r.files = append(r.files, f)
-		disks[uint32(i)] = f
-	}
-	jpath := filepath.Join(dir, "disk.journal")
-	os.Remove(jpath)
-	j, err := replication.OpenJournal(jpath, disks)
-	if err != nil {
-		r.Close()
-		return nil, err
-	}
-	r.journal = j
-	return r, nil
-}
-
-func (r *replicaDisks) Write(epoch uint64, w replication.DiskWrite) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.journal == nil {
-		return errDisksClosed
-	}
-	if int(w.Disk) >= len(r.files) {
-		return fmt.Errorf("disk write to disk %d of %d", w.Disk, len(r.files))
-	}
-	if end := w.Offset + uint64(len(w.Data)); end > uint64(r.sizes[w.Disk]) {
-		return fmt.Errorf("disk write to disk %d at %d..%d beyond its %d bytes", w.Disk, w.Offset, end, r.sizes[w.Disk])
-	}
-	if r.level == replication.StreamLevelFT {
-		return r.journal.Append(epoch, w)
-	}
-	_, err := r.files[w.Disk].WriteAt(w.Data, int64(w.Offset))
-	return err
-}
-
-// errDisksClosed: the replica's disks were closed (the VM left or was promoted).
-var errDisksClosed = errors.New("replica disks closed")
-
-func (r *replicaDisks) Commit(epoch uint64) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.journal == nil {
-		return errDisksClosed
-	}
-	if r.level != replication.StreamLevelFT {
-		return nil
-	}
-	return r.journal.Commit(epoch)
-}
-
-// SetLevel: leaving FT applies everything journaled — the memory replica
-// is dropped, and the disk as the guest wrote it is what HA boots from.
-func (r *replicaDisks) SetLevel(level string) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.journal == nil {
-		return errDisksClosed
-	}
-	if r.level == replication.StreamLevelFT && level != replication.StreamLevelFT {
-		if err := r.journal.ApplyAll(); err != nil {
-			return err
-		}
-	}
-	r.level = level
-	return nil
-}
-
-// prepare readies the disks for the guest to run on them: resuming from a
-// committed checkpoint drops writes of later epochs; booting afresh (HA)
-// applies every write received, in order — a crash-consistent disk.
-func (r *replicaDisks) prepare(resume bool) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.journal == nil {
-		return errDisksClosed
-	}
-	var err error
-	if resume {
-		_, err = r.journal.Discard()
-	} else {
-		err = r.journal.ApplyAll()
-	}
-	for _, f := range r.files {
-		if serr := f.Sync(); err == nil {
-			err = serr
-		}
-	}
-	return err
-}
-
-// depth is what the journal holds for commits to come.
-func (r *replicaDisks) depth() replication.JournalDepth {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.journal == nil {
-		return replication.JournalDepth{}
-	}
-	return r.journal.Depth()
-}
-
-// Close closes the files and journal; safe twice.
-func (r *replicaDisks) Close() error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	var err error
-	for _, f := range r.files {
-		if cerr := f.Close(); cerr != nil && !errors.Is(cerr, os.ErrClosed) && err == nil {
-			err = cerr
-		}
-	}
-	r.files = nil
-	if r.journal != nil {
-		r.journal.Close()
-		r.journal = nil
-	}
-	return err
 }

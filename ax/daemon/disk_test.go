@@ -18,15 +18,21 @@ func readDisk(t *testing.T, r *replicaDisks, i int, off, n int64) []byte {
 	return b[off : off+n]
 }
 
-// The secondary's disks: applied at once before FT and at HA, journaled at
-// FT until the epoch commits; leaving FT applies the journal; a resume drops
-// uncommitted epochs and a fresh boot keeps every write.
+// The secondary's disks: applied at once before FT and at HA, held at FT
+// until the epoch commits (in memory, or in the journal when the stage has
+// no room); leaving FT applies what is held; a resume drops uncommitted
+// epochs and a fresh boot keeps every write.
 func TestReplicaDisksLevels(t *testing.T) {
-	for _, resume := range []bool{true, false} {
+	for _, tc := range []struct {
+		resume bool
+		limit  int64
+	}{{true, defaultStageLimit}, {false, defaultStageLimit}, {true, 0}, {false, 0}} {
+		resume := tc.resume
 		r, err := openReplicaDisks(t.TempDir(), []int64{1 << 16, 1 << 16})
 		if err != nil {
 			t.Fatal(err)
 		}
+		r.stageLimit = tc.limit
 		w := func(epoch uint64, disk uint32, off uint64, s string) {
 			t.Helper()
 			if err := r.Write(epoch, replication.DiskWrite{Disk: disk, Offset: off, Data: []byte(s)}); err != nil {
@@ -71,11 +77,18 @@ func TestReplicaDisksLevels(t *testing.T) {
 }
 
 func TestReplicaDisksLeavingFTAppliesJournal(t *testing.T) {
+	for _, limit := range []int64{defaultStageLimit, 0} {
+		replicaDisksLeavingFT(t, limit)
+	}
+}
+
+func replicaDisksLeavingFT(t *testing.T, limit int64) {
 	r, err := openReplicaDisks(t.TempDir(), []int64{4096})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer r.Close()
+	r.stageLimit = limit
 	r.SetLevel(replication.StreamLevelFT)
 	r.Write(3, replication.DiskWrite{Offset: 10, Data: []byte("held")})
 	if err := r.SetLevel(replication.StreamLevelHA); err != nil {
@@ -95,5 +108,73 @@ func TestReplicaDisksLeavingFTAppliesJournal(t *testing.T) {
 		if err := r.Write(0, bad); err == nil || !strings.Contains(err.Error(), "disk") {
 			t.Errorf("write %d@%d accepted: %v", bad.Disk, bad.Offset, err)
 		}
+	}
+}
+
+// When the stage is full, FT writes go to the journal, and stay there until
+// the journal is empty again, so writes to the same block are applied in
+// the order they came whichever holds them.
+func TestReplicaDisksStageSpillsToJournal(t *testing.T) {
+	r, err := openReplicaDisks(t.TempDir(), []int64{1 << 16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	r.stageLimit = 8 << 10 // two 4 KiB writes
+	r.SetLevel(replication.StreamLevelFT)
+	block := func(c byte) []byte { return bytes.Repeat([]byte{c}, 4096) }
+	w := func(epoch, off uint64, c byte) {
+		t.Helper()
+		if err := r.Write(epoch, replication.DiskWrite{Offset: off, Data: block(c)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	at := func(off int64) byte { t.Helper(); return readDisk(t, r, 0, off, 1)[0] }
+	commit := func(epoch uint64) {
+		t.Helper()
+		if err := r.Commit(epoch); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w(5, 0, 'a')
+	w(5, 4096, 'b')
+	w(6, 0, 'c') // the stage is full: journaled
+	if len(r.stage) != 2 || r.journal.Depth().Records != 1 {
+		t.Fatalf("stage %d, journal %d; want 2 and 1", len(r.stage), r.journal.Depth().Records)
+	}
+	if d := r.depth(); d.Records != 3 || d.Bytes != 3*4096 || d.OldestEpoch != 5 || d.NewestEpoch != 6 {
+		t.Fatalf("depth %+v", d)
+	}
+	commit(5)
+	if at(0) != 'a' || at(4096) != 'b' {
+		t.Fatalf("epoch 5 not applied: %c %c", at(0), at(4096))
+	}
+	w(7, 0, 'd') // the stage has room, but the journal holds an earlier write
+	if len(r.stage) != 0 || r.journal.Depth().Records != 2 {
+		t.Fatalf("stage %d, journal %d; want 0 and 2", len(r.stage), r.journal.Depth().Records)
+	}
+	commit(6)
+	if at(0) != 'c' {
+		t.Fatalf("epoch 6 reads %c at 0, want c", at(0))
+	}
+	commit(7)
+	if at(0) != 'd' {
+		t.Fatalf("epoch 7 reads %c at 0, want d", at(0))
+	}
+	w(8, 0, 'e') // the journal is empty: staged again
+	if len(r.stage) != 1 {
+		t.Fatalf("stage %d after the journal emptied, want 1", len(r.stage))
+	}
+	if err := r.Write(7, replication.DiskWrite{Offset: 0, Data: block('x')}); err == nil {
+		t.Fatal("a write of a committed epoch was accepted")
+	}
+	if err := r.Commit(7); err == nil {
+		t.Fatal("a second commit of epoch 7 was accepted")
+	}
+	if err := r.prepare(true); err != nil {
+		t.Fatal(err)
+	}
+	if at(0) != 'd' || r.depth().Records != 0 || r.stageBytes != 0 {
+		t.Fatalf("resume kept uncommitted epoch 8: reads %c, depth %+v, stage bytes %d", at(0), r.depth(), r.stageBytes)
 	}
 }

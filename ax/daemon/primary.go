@@ -671,7 +671,7 @@ func (d *Daemon) runFT(ctx context.Context, v *vmState, mon *qemu.QMP, sender *r
 		return err
 	}
 	loop := ft.NewLoop(ft.Config{Interval: d.cfg.Epoch, StateDir: stateDir, Console: spec.Guest.Console, FirstEpoch: first},
-		mon, tracker, ram, &senderStream{s: sender}, diskEpochGate{gate: gate, disk: dr}, obs, d.log.With("vm", spec.Name))
+		mon, tracker, ram, &senderStream{s: sender, disk: dr}, diskEpochGate{gate: gate, disk: dr}, obs, d.log.With("vm", spec.Name))
 	defer func() { v.set(func(v *vmState) { v.nextEpoch = loop.Taken() + 2 }) }()
 	lctx, lcancel := context.WithCancel(ctx)
 	defer lcancel()
@@ -717,11 +717,21 @@ func (d *Daemon) runFT(ctx context.Context, v *vmState, mon *qemu.QMP, sender *r
 }
 
 // senderStream adapts a replication.Sender to the loop's Stream.
-type senderStream struct{ s *replication.Sender }
+// senderStream is the FT loop's stream: a checkpoint goes on it after every
+// disk write made before its pause.
+type senderStream struct {
+	s    *replication.Sender
+	disk *diskRepl
+}
 
 func (a *senderStream) SendSync(pfns []uint64, pages []byte) error { return a.s.SendSync(pfns, pages) }
 func (a *senderStream) SyncDone() error                            { return a.s.SyncDone() }
 func (a *senderStream) SendCheckpoint(cp *ft.Checkpoint) error {
+	if a.disk != nil {
+		if err := a.disk.awaitBoundary(cp.Epoch); err != nil {
+			return err
+		}
+	}
 	return a.s.SendCheckpoint(cp.Epoch, cp.PFNs, cp.Pages, cp.DeviceState, cp.ConsoleOffset)
 }
 func (a *senderStream) Acks() <-chan uint64 { return a.s.Acks() }

@@ -26,6 +26,7 @@ type diskLevelResult struct {
 	// both axd; and how many of the machine's cores they kept busy.
 	cpuPerGB map[string]float64
 	cores    float64
+	pauseP50 float64 // FT: the guest's pause, median of the recent ones, after the fills (ms)
 }
 
 // cpuOf reads the CPU time of the guest's QEMU and of both axd.
@@ -95,6 +96,9 @@ func BenchDisk(ctx context.Context, l *Lab, f labFlags, out io.Writer, log *slog
 				return err
 			}
 			cpu1 := l.cpuOf(vm)
+			if st, err := l.vmStatus(ctx, ca, vm.Name); err == nil {
+				r.pauseP50 = st.PauseP50MS
+			}
 			r.cpuPerGB = map[string]float64{}
 			var total time.Duration
 			for name, c := range cpu1 {
@@ -147,6 +151,7 @@ func BenchDisk(ctx context.Context, l *Lab, f labFlags, out io.Writer, log *slog
 		fmt.Fprintf(out, "  %-4s write throughput (%d MiB of 256 KiB O_DIRECT writes + flush, median of %d): 1 writer %6.1f MB/s, ratio %.2f; 4 writers %6.1f MB/s, ratio %.2f | flushed 4 KiB appends %5.0f/s, ratio %.2f | append latency p50 %5.1f ms p99 %5.1f ms | replication %.2f MB/s\n",
 			level, fillMiB, fills, r.fillMBs, r.fillMBs/none.fillMBs, r.fill4MBs, r.fill4MBs/none.fill4MBs, r.opsPerSec, r.opsPerSec/none.opsPerSec, ms(r.p50), ms(r.p99), r.replBytesPerS/1e6)
 	}
+	fmt.Fprintf(out, "  ft   pause while writing: median %.1f ms (the queue of writes drains to the stream after the guest resumes)\n", res[api.LevelFT].pauseP50)
 	fmt.Fprintf(out, "  targets: HA ≥ 0.8 × none write throughput, FT ≥ 0.5 × none (FT's append latency includes output commit: the ACK waits for its checkpoint)\n")
 	ha, ftr := res[api.LevelHA], res[api.LevelFT]
 	fmt.Fprintf(out, "bench_disk none_mb_s=%.1f ha_ratio=%.3f ft_ratio=%.3f none_mb_s_4w=%.1f ha_ratio_4w=%.3f ft_ratio_4w=%.3f none_appends_s=%.0f ha_appends_ratio=%.3f ft_appends_ratio=%.3f none_p50_ms=%.1f ha_p50_ms=%.1f ft_p50_ms=%.1f ha_repl_mb_s=%.2f ft_repl_mb_s=%.2f\n",

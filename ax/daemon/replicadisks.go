@@ -1,0 +1,287 @@
+package daemon
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"math/bits"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"github.com/axproject/ax/replication"
+)
+
+// Disk replication, secondary side.
+
+// replicaDisks holds a VM's replica disks on the secondary: raw files of the
+// sizes the guest sees, written at once (HA) or, at FT, held until the
+// checkpoint of their epoch commits.
+//
+// At FT a write is held in memory (the stage) while the stage has room and
+// the file journal holds nothing; otherwise it goes to the journal. So every
+// staged write precedes every journaled one, and a commit applies the
+// staged writes of its epoch and earlier, then the journal's. The stage
+// spares the commit path the journal's copies and fsyncs; the journal keeps
+// a backlog larger than the stage (a slow checkpoint under heavy writes) out
+// of memory.
+type replicaDisks struct {
+	mu      sync.Mutex
+	dir     string
+	files   []*os.File
+	sizes   []int64
+	journal *replication.Journal
+	level   string // "" until the primary says the disks are in sync, then ha or ft
+
+	stage      []stagedWrite
+	stageBytes int64 // buffer bytes the stage holds
+	stageLimit int64
+	committed  uint64 // the last FT epoch committed
+}
+
+// stagedWrite is one FT write held in memory until its checkpoint commits.
+type stagedWrite struct {
+	epoch uint64
+	disk  uint32
+	off   int64
+	data  []byte // in buf
+	buf   *[]byte
+}
+
+// defaultStageLimit bounds the memory one VM's staged writes take: a
+// second of writes at 64 MB/s, or an epoch's at 1.3 GB/s.
+const defaultStageLimit = 64 << 20
+
+var _ replication.DiskSink = (*replicaDisks)(nil)
+
+func replicaDiskPath(dir string, i int) string {
+	return filepath.Join(dir, fmt.Sprintf("disk%d.raw", i))
+}
+
+// openReplicaDisks opens (creating or resizing) the replica disks in dir and
+// starts an empty journal: a new stream resynchronises every disk in full.
+func openReplicaDisks(dir string, sizes []int64) (*replicaDisks, error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	r := &replicaDisks{dir: dir, sizes: sizes, stageLimit: defaultStageLimit}
+	disks := map[uint32]replication.JournalDisk{}
+	for i, size := range sizes {
+		f, err := os.OpenFile(replicaDiskPath(dir, i), os.O_RDWR|os.O_CREATE, 0o600)
+		if err == nil {
+			err = f.Truncate(size)
+		}
+		if err != nil {
+			r.Close()
+			return nil, fmt.Errorf("replica disk %d: %w", i, err)
+		}
+		r.files = append(r.files, f)
+		disks[uint32(i)] = f
+	}
+	jpath := filepath.Join(dir, "disk.journal")
+	os.Remove(jpath)
+	j, err := replication.OpenJournal(jpath, disks)
+	if err != nil {
+		r.Close()
+		return nil, err
+	}
+	r.journal = j
+	return r, nil
+}
+
+func (r *replicaDisks) Write(epoch uint64, w replication.DiskWrite) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.journal == nil {
+		return errDisksClosed
+	}
+	if int(w.Disk) >= len(r.files) {
+		return fmt.Errorf("disk write to disk %d of %d", w.Disk, len(r.files))
+	}
+	if end := w.Offset + uint64(len(w.Data)); end > uint64(r.sizes[w.Disk]) {
+		return fmt.Errorf("disk write to disk %d at %d..%d beyond its %d bytes", w.Disk, w.Offset, end, r.sizes[w.Disk])
+	}
+	if r.level != replication.StreamLevelFT {
+		_, err := r.files[w.Disk].WriteAt(w.Data, int64(w.Offset))
+		return err
+	}
+	if epoch <= r.committed {
+		return fmt.Errorf("%w: write of epoch %d, epoch %d already committed", replication.ErrJournalEpoch, epoch, r.committed)
+	}
+	if n := len(r.stage); n > 0 && epoch < r.stage[n-1].epoch {
+		return fmt.Errorf("%w: write of epoch %d after epoch %d", replication.ErrJournalEpoch, epoch, r.stage[n-1].epoch)
+	}
+	buf := getStageBuf(len(w.Data))
+	if r.journal.Depth().Records > 0 || r.stageBytes+int64(cap(*buf)) > r.stageLimit {
+		putStageBuf(buf)
+		return r.journal.Append(epoch, w) // it checks the epoch order too
+	}
+	data := (*buf)[:len(w.Data)]
+	copy(data, w.Data)
+	r.stage = append(r.stage, stagedWrite{epoch: epoch, disk: w.Disk, off: int64(w.Offset), data: data, buf: buf})
+	r.stageBytes += int64(cap(*buf))
+	return nil
+}
+
+// errDisksClosed: the replica's disks were closed (the VM left or was promoted).
+var errDisksClosed = errors.New("replica disks closed")
+
+func (r *replicaDisks) Commit(epoch uint64) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.journal == nil {
+		return errDisksClosed
+	}
+	if r.level != replication.StreamLevelFT {
+		return nil
+	}
+	if epoch <= r.committed {
+		return fmt.Errorf("%w: commit of epoch %d, epoch %d already committed", replication.ErrJournalEpoch, epoch, r.committed)
+	}
+	if err := r.applyStage(epoch); err != nil {
+		return err
+	}
+	r.committed = epoch
+	if r.journal.Depth().Records == 0 {
+		return nil // nothing spilled: no commit record to write and sync
+	}
+	return r.journal.Commit(epoch)
+}
+
+// applyStage writes the staged writes of epoch and earlier to their disks,
+// in arrival order, and drops them from the stage.
+func (r *replicaDisks) applyStage(epoch uint64) error {
+	n := 0
+	for ; n < len(r.stage) && r.stage[n].epoch <= epoch; n++ {
+		s := r.stage[n]
+		k, err := r.files[s.disk].WriteAt(s.data, s.off)
+		if err == nil && k < len(s.data) {
+			err = io.ErrShortWrite
+		}
+		if err != nil {
+			return fmt.Errorf("apply write of epoch %d to disk %d at offset %d: %w", s.epoch, s.disk, s.off, err)
+		}
+	}
+	r.dropStage(n)
+	return nil
+}
+
+// dropStage forgets the first n staged writes.
+func (r *replicaDisks) dropStage(n int) {
+	for _, s := range r.stage[:n] {
+		r.stageBytes -= int64(cap(*s.buf))
+		putStageBuf(s.buf)
+	}
+	r.stage = append(r.stage[:0], r.stage[n:]...)
+}
+
+// SetLevel: leaving FT applies everything held — the memory replica is
+// dropped, and the disk as the guest wrote it is what HA boots from.
+func (r *replicaDisks) SetLevel(level string) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.journal == nil {
+		return errDisksClosed
+	}
+	if r.level == replication.StreamLevelFT && level != replication.StreamLevelFT {
+		if err := r.applyAll(); err != nil {
+			return err
+		}
+	}
+	r.level = level
+	return nil
+}
+
+// applyAll applies every write held, staged then journaled, whatever its
+// epoch.
+func (r *replicaDisks) applyAll() error {
+	if n := len(r.stage); n > 0 {
+		if err := r.applyStage(r.stage[n-1].epoch); err != nil {
+			return err
+		}
+	}
+	return r.journal.ApplyAll()
+}
+
+// prepare readies the disks for the guest to run on them: resuming from a
+// committed checkpoint drops writes of later epochs; booting afresh (HA)
+// applies every write received, in order — a crash-consistent disk.
+func (r *replicaDisks) prepare(resume bool) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.journal == nil {
+		return errDisksClosed
+	}
+	var err error
+	if resume {
+		r.dropStage(len(r.stage)) // every commit applied its staged writes
+		_, err = r.journal.Discard()
+	} else {
+		err = r.applyAll()
+	}
+	for _, f := range r.files {
+		if serr := f.Sync(); err == nil {
+			err = serr
+		}
+	}
+	return err
+}
+
+// depth is what the stage and journal hold for commits to come.
+func (r *replicaDisks) depth() replication.JournalDepth {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.journal == nil {
+		return replication.JournalDepth{}
+	}
+	d := r.journal.Depth()
+	if n := len(r.stage); n > 0 {
+		d.Records += n
+		for _, s := range r.stage {
+			d.Bytes += int64(len(s.data))
+		}
+		d.OldestEpoch = r.stage[0].epoch
+		if d.NewestEpoch == 0 {
+			d.NewestEpoch = r.stage[n-1].epoch
+		}
+	}
+	return d
+}
+
+// Close closes the files and journal and frees the stage; safe twice.
+func (r *replicaDisks) Close() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var err error
+	for _, f := range r.files {
+		if cerr := f.Close(); cerr != nil && !errors.Is(cerr, os.ErrClosed) && err == nil {
+			err = cerr
+		}
+	}
+	r.files = nil
+	if r.journal != nil {
+		r.journal.Close()
+		r.journal = nil
+	}
+	r.dropStage(len(r.stage))
+	return err
+}
+
+// Staged writes' buffers are pooled by power-of-two size class, 4 KiB to
+// replication.JournalMaxWrite.
+const stageMinShift = 12
+
+var stagePools [32]sync.Pool
+
+func stageClass(n int) int { return max(0, bits.Len(uint(n-1))-stageMinShift) }
+
+func getStageBuf(n int) *[]byte {
+	cl := stageClass(n)
+	if p, ok := stagePools[cl].Get().(*[]byte); ok {
+		return p
+	}
+	b := make([]byte, 1<<(cl+stageMinShift))
+	return &b
+}
+
+func putStageBuf(p *[]byte) { stagePools[stageClass(cap(*p))].Put(p) }
