@@ -445,7 +445,7 @@ func (r *diskRepl) awaitBoundary(epoch uint64) error {
 
 // startWrite puts one guest write on the stream and returns what waits for
 // it to be done: the partner's acknowledgement when durable is set and the
-// level is below FT, nothing otherwise. In FT the checkpoint that follows it
+// level is below FT, nil otherwise. In FT the checkpoint that follows it
 // on the stream covers it, and output commit holds whatever the guest says
 // about it until then.
 //
@@ -473,7 +473,7 @@ func (r *diskRepl) startWrite(idx uint32, p []byte, off int64, durable bool) (fu
 	}
 	r.mu.RUnlock()
 	if !wait || seq == 0 {
-		return func() error { return nil }, nil
+		return nil, nil // done: nothing to wait for
 	}
 	return func() error {
 		n, err := r.awaitSent(seq)
@@ -523,7 +523,7 @@ func (e *diskExport) ReadAt(p []byte, off int64) error {
 
 func (e *diskExport) WriteAt(p []byte, off int64, fua bool) error {
 	wait, err := e.WriteAtAsync(p, off, fua)
-	if err != nil {
+	if err != nil || wait == nil {
 		return err
 	}
 	return wait()
@@ -541,7 +541,7 @@ func (e *diskExport) WriteAtAsync(p []byte, off int64, fua bool) (func() error, 
 func (e *diskExport) WriteZeroes(off, length int64, fua bool) error {
 	// Acknowledgements come in stream order: waiting for the last chunk
 	// waits for them all, one round trip for the whole range.
-	wait := func() error { return nil }
+	var wait func() error
 	for length > 0 {
 		n := min(length, diskChunk)
 		w, err := e.r.startWrite(e.idx, zeroChunk[:n], off, e.durable(fua))
@@ -549,6 +549,9 @@ func (e *diskExport) WriteZeroes(off, length int64, fua bool) error {
 			return err
 		}
 		wait, off, length = w, off+n, length-n
+	}
+	if wait == nil {
+		return nil
 	}
 	return wait()
 }

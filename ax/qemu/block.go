@@ -35,6 +35,14 @@ func (q *QMP) AddNBDTarget(ctx context.Context, node, socket, export string) err
 	return err
 }
 
+// AddNullNode adds a block node of size bytes that discards what is
+// written to it (null-co): a stand-in target for measuring what QEMU's side
+// of replication costs.
+func (q *QMP) AddNullNode(ctx context.Context, node string, size int64) error {
+	_, err := q.run(ctx, "blockdev-add", map[string]any{"driver": "null-co", "node-name": node, "size": size})
+	return err
+}
+
 // DeleteNode removes a block node nothing uses any more.
 func (q *QMP) DeleteNode(ctx context.Context, node string) error {
 	_, err := q.run(ctx, "blockdev-del", map[string]any{"node-name": node})

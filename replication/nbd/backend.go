@@ -39,10 +39,11 @@ type MultiConnBackend interface {
 
 // AsyncBackend is a Backend whose writes finish later: WriteAtAsync starts
 // a write — p may be reused once it returns — and returns a function that
-// waits until the write is done. The server then starts the next requests
-// while earlier writes finish, and still replies in request order, so a
-// client with several writes in flight overlaps their completions (a
-// replicated write waiting for its partner, for one).
+// waits until the write is done, or nil when it is done already. The server
+// then starts the next requests while earlier writes finish, and still
+// replies in request order, so a client with several writes in flight
+// overlaps their completions (a replicated write waiting for its partner,
+// for one). Its other requests are carried out as they are read.
 type AsyncBackend interface {
 	Backend
 	WriteAtAsync(p []byte, off int64, fua bool) (wait func() error, err error)

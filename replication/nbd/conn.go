@@ -305,21 +305,32 @@ type request struct {
 // calls the backend in order and replies, so the next request arrives while
 // the backend works on the previous one.
 func (c *conn) transmit(b Backend) error {
+	if ab, ok := b.(AsyncBackend); ok {
+		return c.transmitAsync(ab)
+	}
 	queue := make(chan request, queueDepth)
 	werr := make(chan error, 1)
 	go func() { werr <- c.process(b, queue) }()
-	rerr := c.readRequests(queue)
+	rerr := c.readRequests(func(r request) error { queue <- r; return nil })
 	close(queue)
-	// Requests read before a bad one are still answered. A failed reply
-	// closed the connection under the reader, so it is the cause, unless
-	// the reader had already found the client at fault.
-	if err := <-werr; err != nil && !errors.Is(rerr, ErrProtocol) {
-		return err
-	}
-	return rerr
+	return transmitErr(rerr, <-werr)
 }
 
-func (c *conn) readRequests(queue chan<- request) error {
+// transmitErr picks the error a connection ended with. Requests read before
+// a bad one are still answered. A failed reply closed the connection under
+// the reader, so it is the cause, unless the reader had already found the
+// client at fault.
+func transmitErr(readErr, replyErr error) error {
+	if replyErr != nil && !errors.Is(readErr, ErrProtocol) {
+		return replyErr
+	}
+	return readErr
+}
+
+// readRequests reads and checks requests and hands each to handle, in order,
+// until NBD_CMD_DISC, a protocol error, the end of the connection, or an
+// error from handle.
+func (c *conn) readRequests(handle func(request) error) error {
 	var h [requestHeaderSize]byte
 	for {
 		if err := c.readFull(h[:], true); err != nil {
@@ -355,7 +366,9 @@ func (c *conn) readRequests(queue chan<- request) error {
 				return fmt.Errorf("nbd transmission: NBD_CMD_WRITE of %d bytes at %d: read payload: %w", r.length, r.off, err)
 			}
 		}
-		queue <- r
+		if err := handle(r); err != nil {
+			return err
+		}
 	}
 }
 
@@ -392,12 +405,8 @@ func checkRequest(r request, size uint64) error {
 
 // process calls the backend for each request in order and replies. After a
 // failed reply it closes the connection, so the reader stops, and drains the
-// queue; so it does once the server stopped the connection. An AsyncBackend's
-// writes are started here and finished by a replier, in order.
+// queue; so it does once the server stopped the connection.
 func (c *conn) process(b Backend, queue <-chan request) error {
-	if ab, ok := b.(AsyncBackend); ok {
-		return c.processAsync(ab, queue)
-	}
 	var failed error
 	for r := range queue {
 		if failed == nil && !c.stopped.Load() {
@@ -419,14 +428,19 @@ type outcome struct {
 	wait func() error
 }
 
-// processAsync starts each request in order and hands it to a replier that
-// waits for writes to finish and replies in the same order.
-func (c *conn) processAsync(b AsyncBackend, queue <-chan request) error {
+// transmitAsync serves an AsyncBackend. The reading goroutine starts each
+// request itself and, while no earlier request awaits its reply, replies to
+// one already done at once; the others go to a replier that waits for each
+// write to finish and replies in request order. A client whose writes the
+// backend finishes at once (a queued replicated write) so gets its reply
+// without a hand-off between goroutines.
+func (c *conn) transmitAsync(b AsyncBackend) error {
 	type started struct {
 		r   request
 		res outcome
 	}
 	replies := make(chan started, asyncDepth)
+	var pending atomic.Int64 // requests handed to the replier and not yet answered
 	replied := make(chan error, 1)
 	go func() {
 		var failed error
@@ -439,24 +453,34 @@ func (c *conn) processAsync(b AsyncBackend, queue <-chan request) error {
 				s.res.wait() // started writes still finish before the connection is done
 			}
 			putBuf(s.res.data)
+			pending.Add(-1)
 		}
 		replied <- failed
 	}()
-	for r := range queue {
-		if !c.stopped.Load() {
-			var res outcome
-			if r.typ == cmdWrite && r.length > 0 {
-				c.srv.stats.writeRequests.Add(1)
-				res.wait, res.err = b.WriteAtAsync(*r.payload, int64(r.off), r.flags&cmdFlagFUA != 0)
-			} else {
-				res = c.run(b, r)
-			}
-			replies <- started{r, res}
+	rerr := c.readRequests(func(r request) error {
+		defer putBuf(r.payload)
+		if c.stopped.Load() {
+			return nil
 		}
-		putBuf(r.payload)
-	}
+		var res outcome
+		if r.typ == cmdWrite && r.length > 0 {
+			c.srv.stats.writeRequests.Add(1)
+			res.wait, res.err = b.WriteAtAsync(*r.payload, int64(r.off), r.flags&cmdFlagFUA != 0)
+		} else {
+			res = c.run(b, r)
+		}
+		if res.wait == nil && pending.Load() == 0 {
+			// Nothing earlier is unanswered and the replier is idle: this
+			// goroutine may write the reply.
+			defer putBuf(res.data)
+			return c.finish(r, res)
+		}
+		pending.Add(1)
+		replies <- started{r, res}
+		return nil
+	})
 	close(replies)
-	return <-replied
+	return transmitErr(rerr, <-replied)
 }
 
 // run carries out one request (a write synchronously) and returns its outcome.

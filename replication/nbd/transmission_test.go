@@ -379,11 +379,13 @@ func TestWriteReplyWaitsForBackend(t *testing.T) {
 	}
 }
 
-// asyncBackend starts writes at once and finishes each when the test says.
+// asyncBackend starts writes at once and finishes each when the test says,
+// except writes at an offset in done, which are done when started.
 type asyncBackend struct {
 	*MemBackend
 	started chan int64
 	finish  chan error
+	done    map[int64]bool
 }
 
 func (a *asyncBackend) WriteAtAsync(p []byte, off int64, fua bool) (func() error, error) {
@@ -391,7 +393,52 @@ func (a *asyncBackend) WriteAtAsync(p []byte, off int64, fua bool) (func() error
 		return nil, err
 	}
 	a.started <- off
+	if a.done[off] {
+		return nil, nil
+	}
 	return func() error { return <-a.finish }, nil
+}
+
+// A write the backend has done when it starts is still answered after the
+// earlier ones that wait, in request order; with nothing before it waiting
+// it is answered at once.
+func TestAsyncDoneWritesKeepReplyOrder(t *testing.T) {
+	a := &asyncBackend{MemBackend: NewMemBackend(testSize), started: make(chan int64, 8), finish: make(chan error),
+		done: map[int64]bool{512: true, 1024: true}}
+	srv := NewServer(nil)
+	if err := srv.AddExport("disk", a); err != nil {
+		t.Fatal(err)
+	}
+	c, done := pipe(t, srv)
+	c.connect("disk")
+	for i := range 2 { // the first waits, the second is done at once
+		c.request(cmdWrite, 0, uint64(i+1), uint64(i)*512, 512, pattern(512, byte(i)))
+		<-a.started
+	}
+	_ = c.nc.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+	if _, err := c.nc.Read(make([]byte, 1)); err == nil {
+		t.Fatal("a reply came while the first write was unfinished")
+	}
+	_ = c.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	a.finish <- nil
+	for i := range 2 {
+		if e, cookie, _ := c.reply(0); e != 0 || cookie != uint64(i+1) {
+			t.Fatalf("reply %d: cookie %d error %d", i, cookie, e)
+		}
+	}
+	c.request(cmdWrite, 0, 3, 1024, 512, pattern(512, 2)) // nothing waits before it
+	<-a.started
+	if e, cookie, _ := c.reply(0); e != 0 || cookie != 3 {
+		t.Fatalf("third reply: cookie %d error %d", cookie, e)
+	}
+	c.request(cmdFlush, 0, 4, 0, 0, nil)
+	if e, cookie, _ := c.reply(0); e != 0 || cookie != 4 {
+		t.Fatalf("flush reply: cookie %d error %d", cookie, e)
+	}
+	c.disconnect()
+	if err := result(t, done); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // With an AsyncBackend, later writes start while earlier ones still wait to

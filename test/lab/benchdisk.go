@@ -2,14 +2,21 @@ package lab
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
 	"runtime"
 	"sort"
+	"sync"
 	"time"
 
 	"github.com/axproject/ax/ax/api"
+	"github.com/axproject/ax/ax/qemu"
+	"github.com/axproject/ax/replication/nbd"
 	"github.com/axproject/ax/test/workload"
 )
 
@@ -27,6 +34,7 @@ type diskLevelResult struct {
 	cpuPerGB map[string]float64
 	cores    float64
 	pauseP50 float64 // FT: the guest's pause, median of the recent ones, after the fills (ms)
+	maxLag   uint64  // most writes the partner had not acknowledged, sampled during the fills
 }
 
 // cpuOf reads the CPU time of the guest's QEMU and of both axd.
@@ -61,9 +69,20 @@ func BenchDisk(ctx context.Context, l *Lab, f labFlags, out io.Writer, log *slog
 	ca := l.Client(HostA)
 	addr := fmt.Sprintf("%s:%d", vm.IP, LedgerPort)
 	const pipelined, sequential, fillMiB, fills = 1000, 200, 64, 5
+	ceil, err := newCeilings(ctx, vm, l.StateDir, int64(f.diskMiB)<<20)
+	if err != nil {
+		return err
+	}
+	defer ceil.Close()
 	measure := func(level string) (diskLevelResult, error) {
 		r := diskLevelResult{level: level}
-		if level == api.LevelNone {
+		if child, ok := ceilingChildren[level]; ok {
+			detach, err := ceil.attach(ctx, child)
+			if err != nil {
+				return r, fmt.Errorf("%s: %w", level, err)
+			}
+			defer detach()
+		} else if level == api.LevelNone {
 			if err := ca.Level(ctx, vm.Name, api.ProtectRequest{Level: level}); err != nil {
 				return r, err
 			}
@@ -75,6 +94,26 @@ func BenchDisk(ctx context.Context, l *Lab, f labFlags, out io.Writer, log *slog
 		t0 := time.Now()
 		var lat []time.Duration
 		cpu0, fill0 := l.cpuOf(vm), time.Now()
+		sampling := make(chan struct{})
+		sampled := make(chan uint64)
+		go func() {
+			var most uint64
+			t := time.NewTicker(20 * time.Millisecond)
+			defer t.Stop()
+			for {
+				select {
+				case <-sampling:
+					sampled <- most
+					return
+				case <-t.C:
+				}
+				if st, err := l.vmStatus(ctx, ca, vm.Name); err == nil {
+					most = max(most, st.DiskLag)
+				}
+			}
+		}()
+		stopSampling := sync.OnceValue(func() uint64 { close(sampling); return <-sampled })
+		defer stopSampling()
 		err := l.InNetns(HostC, func() error {
 			median := func(writers int) (float64, error) {
 				var rates []float64
@@ -96,6 +135,7 @@ func BenchDisk(ctx context.Context, l *Lab, f labFlags, out io.Writer, log *slog
 				return err
 			}
 			cpu1 := l.cpuOf(vm)
+			r.maxLag = stopSampling()
 			if st, err := l.vmStatus(ctx, ca, vm.Name); err == nil {
 				r.pauseP50 = st.PauseP50MS
 			}
@@ -127,7 +167,7 @@ func BenchDisk(ctx context.Context, l *Lab, f labFlags, out io.Writer, log *slog
 	// none is measured first and again last, and the ratios use the mean
 	// of the two: the machine's speed drifts during a run.
 	res := map[string]diskLevelResult{}
-	for _, level := range []string{api.LevelNone, api.LevelHA, api.LevelFT, api.LevelNone} {
+	for _, level := range []string{api.LevelNone, ceilingNull, ceilingNBD, api.LevelHA, api.LevelFT, api.LevelNone} {
 		r, err := measure(level)
 		if err != nil {
 			return err
@@ -144,18 +184,23 @@ func BenchDisk(ctx context.Context, l *Lab, f labFlags, out io.Writer, log *slog
 	}
 	none := res[api.LevelNone]
 	fmt.Fprintf(out, "disk bench: guest %d MiB, %s, %d MiB raw virtio-blk disk; the ledger writes each record's 4 KiB block (O_DIRECT) and flushes before its ACK\n", vm.RAMMiB, vm.Accel, f.diskMiB)
-	for _, level := range []string{api.LevelNone, api.LevelHA, api.LevelFT} {
+	for _, level := range []string{api.LevelNone, ceilingNull, ceilingNBD, api.LevelHA, api.LevelFT} {
 		r := res[level]
+		if level == ceilingNull {
+			fmt.Fprintf(out, "  what QEMU's side alone costs, nothing replicated (the guest at level none, its disk's quorum node given a second child):\n")
+			fmt.Fprintf(out, "    %s: a null-co child that discards; %s: an NBD child on a unix socket to a server that discards\n", ceilingNull, ceilingNBD)
+		}
 		fmt.Fprintf(out, "  %-4s CPU per GB written: QEMU %.2f s, axd a %.2f s, axd b %.2f s; %.2f of %d cores busy while writing\n",
 			level, r.cpuPerGB["qemu"], r.cpuPerGB["axd-"+HostA], r.cpuPerGB["axd-"+HostB], r.cores, runtime.NumCPU())
-		fmt.Fprintf(out, "  %-4s write throughput (%d MiB of 256 KiB O_DIRECT writes + flush, median of %d): 1 writer %6.1f MB/s, ratio %.2f; 4 writers %6.1f MB/s, ratio %.2f | flushed 4 KiB appends %5.0f/s, ratio %.2f | append latency p50 %5.1f ms p99 %5.1f ms | replication %.2f MB/s\n",
-			level, fillMiB, fills, r.fillMBs, r.fillMBs/none.fillMBs, r.fill4MBs, r.fill4MBs/none.fill4MBs, r.opsPerSec, r.opsPerSec/none.opsPerSec, ms(r.p50), ms(r.p99), r.replBytesPerS/1e6)
+		fmt.Fprintf(out, "  %-4s write throughput (%d MiB of 256 KiB O_DIRECT writes + flush, median of %d): 1 writer %6.1f MB/s, ratio %.2f; 4 writers %6.1f MB/s, ratio %.2f | flushed 4 KiB appends %5.0f/s, ratio %.2f | append latency p50 %5.1f ms p99 %5.1f ms | replication %.2f MB/s, at most %d writes unacknowledged\n",
+			level, fillMiB, fills, r.fillMBs, r.fillMBs/none.fillMBs, r.fill4MBs, r.fill4MBs/none.fill4MBs, r.opsPerSec, r.opsPerSec/none.opsPerSec, ms(r.p50), ms(r.p99), r.replBytesPerS/1e6, r.maxLag)
 	}
 	fmt.Fprintf(out, "  ft   pause while writing: median %.1f ms (the queue of writes drains to the stream after the guest resumes)\n", res[api.LevelFT].pauseP50)
 	fmt.Fprintf(out, "  targets: HA ≥ 0.8 × none write throughput, FT ≥ 0.5 × none (FT's append latency includes output commit: the ACK waits for its checkpoint)\n")
 	ha, ftr := res[api.LevelHA], res[api.LevelFT]
-	fmt.Fprintf(out, "bench_disk none_mb_s=%.1f ha_ratio=%.3f ft_ratio=%.3f none_mb_s_4w=%.1f ha_ratio_4w=%.3f ft_ratio_4w=%.3f none_appends_s=%.0f ha_appends_ratio=%.3f ft_appends_ratio=%.3f none_p50_ms=%.1f ha_p50_ms=%.1f ft_p50_ms=%.1f ha_repl_mb_s=%.2f ft_repl_mb_s=%.2f\n",
-		none.fillMBs, ha.fillMBs/none.fillMBs, ftr.fillMBs/none.fillMBs, none.fill4MBs, ha.fill4MBs/none.fill4MBs, ftr.fill4MBs/none.fill4MBs, none.opsPerSec, ha.opsPerSec/none.opsPerSec, ftr.opsPerSec/none.opsPerSec,
+	nul, nb := res[ceilingNull], res[ceilingNBD]
+	fmt.Fprintf(out, "bench_disk none_mb_s=%.1f null_child_ratio=%.3f nbd_child_ratio=%.3f ha_ratio=%.3f ft_ratio=%.3f none_mb_s_4w=%.1f ha_ratio_4w=%.3f ft_ratio_4w=%.3f none_appends_s=%.0f ha_appends_ratio=%.3f ft_appends_ratio=%.3f none_p50_ms=%.1f ha_p50_ms=%.1f ft_p50_ms=%.1f ha_repl_mb_s=%.2f ft_repl_mb_s=%.2f\n",
+		none.fillMBs, nul.fillMBs/none.fillMBs, nb.fillMBs/none.fillMBs, ha.fillMBs/none.fillMBs, ftr.fillMBs/none.fillMBs, none.fill4MBs, ha.fill4MBs/none.fill4MBs, ftr.fill4MBs/none.fill4MBs, none.opsPerSec, ha.opsPerSec/none.opsPerSec, ftr.opsPerSec/none.opsPerSec,
 		ms(none.p50), ms(ha.p50), ms(ftr.p50), ha.replBytesPerS/1e6, ftr.replBytesPerS/1e6)
 	return nil
 }
@@ -175,3 +220,94 @@ func meanResult(a, b diskLevelResult) diskLevelResult {
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// The bench's ceiling rows: the guest at level none with a second quorum
+// child that discards, so only QEMU's part of replication is paid.
+const (
+	ceilingNull = "q+null"
+	ceilingNBD  = "q+nbd"
+)
+
+// ceilingChildren names the node each ceiling row attaches.
+var ceilingChildren = map[string]string{ceilingNull: "ax-bench-null", ceilingNBD: "ax-bench-nbd"}
+
+// ceilings attaches discarding children to the guest's disk. It holds QEMU's
+// one QMP connection only while it attaches or detaches: axd needs it too.
+type ceilings struct {
+	qmp    string
+	disk   string
+	size   int64
+	socket string
+	cancel context.CancelFunc
+}
+
+func newCeilings(ctx context.Context, vm *VM, dir string, size int64) (*ceilings, error) {
+	if len(vm.Spec.Disks) == 0 {
+		return nil, errors.New("bench-disk: the guest has no disk")
+	}
+	c := &ceilings{qmp: vm.QMP, disk: vm.Spec.Disks[0].Node, size: size, socket: filepath.Join(dir, "bench-nbd.sock")}
+	os.Remove(c.socket)
+	ln, err := net.Listen("unix", c.socket)
+	if err != nil {
+		return nil, err
+	}
+	srv := nbd.NewServer(nil)
+	if err := srv.AddExport("discard", discardBackend(size)); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	sctx, cancel := context.WithCancel(ctx)
+	c.cancel = cancel
+	go srv.Serve(sctx, ln)
+	return c, nil
+}
+
+// attach adds node as the disk's second quorum child; detach removes it.
+func (c *ceilings) attach(ctx context.Context, node string) (detach func(), err error) {
+	mon, err := qemu.Dial(c.qmp, 5*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	defer mon.Close()
+	if node == ceilingChildren[ceilingNull] {
+		err = mon.AddNullNode(ctx, node, c.size)
+	} else {
+		err = mon.AddNBDTarget(ctx, node, c.socket, "discard")
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := mon.AddQuorumChild(ctx, c.disk, node); err != nil {
+		mon.DeleteNode(ctx, node)
+		return nil, err
+	}
+	return func() {
+		mon, err := qemu.Dial(c.qmp, 5*time.Second)
+		if err != nil {
+			return
+		}
+		defer mon.Close()
+		mon.RemoveQuorumChild(context.Background(), c.disk, node)
+		mon.DeleteNode(context.Background(), node)
+	}, nil
+}
+
+func (c *ceilings) Close() {
+	c.cancel()
+	os.Remove(c.socket)
+}
+
+// discardBackend is an NBD export that drops writes and reads zeroes; its
+// writes are done when started, as axd's queued ones are.
+type discardBackend int64
+
+func (d discardBackend) Size() int64 { return int64(d) }
+func (d discardBackend) ReadAt(p []byte, _ int64) error {
+	clear(p)
+	return nil
+}
+func (discardBackend) WriteAtAsync([]byte, int64, bool) (func() error, error) { return nil, nil }
+func (discardBackend) WriteAt([]byte, int64, bool) error                      { return nil }
+func (discardBackend) WriteZeroes(int64, int64, bool) error                   { return nil }
+func (discardBackend) Trim(int64, int64) error                                { return nil }
+func (discardBackend) Flush() error                                           { return nil }
