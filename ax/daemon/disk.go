@@ -45,6 +45,9 @@ type diskRepl struct {
 	disks  []qemu.Disk
 	sizes  []int64
 	ctx    context.Context
+	// cancel ends ctx: stop first releases writes and flushes waiting for
+	// the partner, so QEMU can drain the replication child.
+	cancel context.CancelFunc
 
 	// mu orders level switches against writes: a write reads how it must
 	// complete and puts itself on the stream under the read lock, so it is
@@ -116,7 +119,8 @@ func newDiskRepl(ctx context.Context, d *Daemon, vm string, sender *replication.
 
 // makeDiskRepl is newDiskRepl without the pump.
 func makeDiskRepl(ctx context.Context, d *Daemon, vm string, sender *replication.Sender, mon *qemu.QMP, disks []qemu.Disk, sizes []int64) *diskRepl {
-	return &diskRepl{d: d, vm: vm, sender: sender, mon: mon, disks: disks, sizes: sizes, ctx: ctx, wait: true,
+	ctx, cancel := context.WithCancel(ctx)
+	return &diskRepl{d: d, vm: vm, sender: sender, mon: mon, disks: disks, sizes: sizes, ctx: ctx, cancel: cancel, wait: true,
 		queue: make(chan queuedWrite, queueDepth), pumpDone: make(chan struct{}), sentCh: make(chan struct{}),
 		boundaries: map[uint64]uint64{}}
 }
@@ -169,6 +173,12 @@ func (r *diskRepl) enqueue(q queuedWrite) (uint64, error) {
 	r.enqMu.Lock()
 	defer r.enqMu.Unlock()
 	q.seq = r.queued + 1
+	if r.ctx.Err() != nil { // stopped: nothing will send it
+		if q.buf != nil {
+			diskBufs.Put(q.buf)
+		}
+		return 0, errPumpStopped
+	}
 	select {
 	case r.queue <- q:
 		r.queued = q.seq
@@ -375,6 +385,10 @@ func (r *diskRepl) waitReady(ctx context.Context, progress func(done, total int6
 
 // stop ends the mirrors (the guest keeps its own disks) and the exports.
 func (r *diskRepl) stop() {
+	// A flush still waiting for a partner that is gone (or was told Bye)
+	// fails now: the guest's own disk has it, and removing the child below
+	// waits for QEMU's requests to it.
+	r.cancel()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	for _, i := range r.children {

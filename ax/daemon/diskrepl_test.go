@@ -263,3 +263,33 @@ func BenchmarkDiskPipeline(b *testing.B) {
 	b.ReportMetric(mbs(tRepl), "replicated-MB/s")
 	b.ReportMetric(mbs(tRepl)/mbs(tLocal), "ratio")
 }
+
+// Ending replication releases a flush still waiting for a partner that will
+// not answer: QEMU drains the replication child before it can be removed,
+// so nothing may wait on the partner past stop.
+func TestDiskReplStopReleasesWaiters(t *testing.T) {
+	sink := &heldSink{}
+	sink.holdWrites()
+	defer sink.release()
+	r, _ := newTestDiskRepl(t, sink)
+	child := &diskExport{r: r, idx: 0, size: 1 << 20, child: true}
+	if err := child.WriteAt(block('a'), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	done, _, flushed := returns(100*time.Millisecond, child.Flush)
+	if done {
+		t.Fatal("the flush returned while the partner held the write")
+	}
+	r.stop()
+	select {
+	case err := <-flushed:
+		if err == nil {
+			t.Fatal("a flush the partner never acknowledged succeeded")
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("the flush still waits after replication stopped")
+	}
+	if err := child.WriteAt(block('b'), 4096, false); err == nil {
+		t.Fatal("a write after replication stopped was accepted")
+	}
+}
