@@ -83,15 +83,7 @@ func TestIntegrationLevelChanges(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer client.Stop()
-	count := func() int {
-		var n int
-		l.InNetns(HostC, func() error {
-			recs, err := workload.List(ctx, addr, 10*time.Second)
-			n = len(recs)
-			return err
-		})
-		return n
-	}
+	count := func() int { return ledgerCount(l, addr) }
 	before := count()
 	for i, level := range []string{api.LevelHA, api.LevelFT, api.LevelHA, api.LevelNone, api.LevelHA, api.LevelNone} {
 		if i == 1 {
@@ -153,7 +145,29 @@ func TestIntegrationLevelChanges(t *testing.T) {
 	if err := ticksMonotonic(console); err != nil {
 		t.Fatal(err)
 	}
-	acks, err := workload.ReadRecord(record)
+	acks, onDisk := verifyLedger(t, l, addr, record)
+	t.Logf("levels: %d acks, none lost; disk holds %d records, as memory", acks, onDisk)
+}
+
+// ledgerCount is how many records the guest's ledger holds (0 when it does
+// not answer).
+func ledgerCount(l *Lab, addr string) int {
+	var n int
+	l.InNetns(HostC, func() error {
+		recs, err := workload.List(context.Background(), addr, 10*time.Second)
+		n = len(recs)
+		return err
+	})
+	return n
+}
+
+// verifyLedger checks that every record the client saw acknowledged is in
+// the guest's ledger and that its disk holds exactly what its memory does;
+// it returns the acks and the records on disk.
+func verifyLedger(t *testing.T, l *Lab, addr, record string) (acks, onDisk int) {
+	t.Helper()
+	ctx := context.Background()
+	acked, err := workload.ReadRecord(record)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -165,14 +179,75 @@ func TestIntegrationLevelChanges(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	if v := workload.Verify(acks, recs); len(acks) == 0 || len(v.Missing) > 0 {
-		t.Fatalf("acked %d, missing %v", len(acks), v.Missing)
+	if v := workload.Verify(acked, recs); len(acked) == 0 || len(v.Missing) > 0 {
+		t.Fatalf("acked %d, missing %v", len(acked), v.Missing)
 	}
 	tr := &Trial{Records: len(recs)}
 	if err := l.diskCheck(ctx, tr, addr); err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("levels: %d acks, none lost; disk holds %d records, as memory", len(acks), tr.DiskRecords)
+	return len(acked), tr.DiskRecords
+}
+
+// HA with the replication link cut while the client appends: once a
+// declares its partner lost (unprotected, with an alarm) the guest's flushes
+// no longer wait for it and the ledger keeps growing on a; when the link
+// returns the disks are synchronised again through a new quorum child. No
+// acked record is lost, and the disk holds what memory holds.
+func TestIntegrationDiskPartnerLost(t *testing.T) {
+	l, vm, bin := diskLab(t, "axpl", "raw")
+	ctx := context.Background()
+	ca := l.Client(HostA)
+	addr := fmt.Sprintf("%s:%d", GuestIP, LedgerPort)
+	record := filepath.Join(l.StateDir, "partner-lost.rec")
+	client, err := l.StartClient(ctx, bin, addr, 20, record)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Stop()
+	if err := l.protectLevelAndWait(ctx, ca, vm.Name, HostB, api.LevelHA); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * time.Second)
+	if err := l.SetLink(ctx, HostA, ReplLink, false); err != nil {
+		t.Fatal(err)
+	}
+	cut := time.Now()
+	var lostAfter time.Duration
+	for time.Since(cut) < 8*time.Second {
+		if sa, err := l.vmStatus(ctx, ca, vm.Name); err == nil && sa.State == "unprotected" && sa.Alarm != "" && lostAfter == 0 {
+			lostAfter = time.Since(cut)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if lostAfter == 0 {
+		sa, _ := l.vmStatus(ctx, ca, vm.Name)
+		t.Fatalf("a did not report the VM unprotected with an alarm: %+v", sa)
+	}
+	atLoss := ledgerCount(l, addr)
+	time.Sleep(3 * time.Second)
+	// 20 appends a second: the ledger must keep growing without the partner.
+	if n := ledgerCount(l, addr); n < atLoss+30 {
+		t.Fatalf("the ledger grew from %d to %d records in 3 s without the partner: its flushes still wait", atLoss, n)
+	}
+	if err := l.SetLink(ctx, HostA, ReplLink, true); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		sa, err := l.vmStatus(ctx, ca, vm.Name)
+		if err == nil && sa.State == "protected" && sa.DiskMode == "quorum" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("HA protection did not resume after the link returned: %+v\nevents on a: %s", sa, l.eventsText(ctx, ca))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	time.Sleep(2 * time.Second)
+	client.Stop()
+	acks, onDisk := verifyLedger(t, l, addr, record)
+	t.Logf("partner lost: a unprotected after %.1f s; %d acks, none lost; disk holds %d records, as memory", lostAfter.Seconds(), acks, onDisk)
 }
 
 // refusedFT: a change to FT that cannot be made (here the RAM file FT
