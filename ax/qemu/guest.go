@@ -50,19 +50,28 @@ type Disk struct {
 	Node   string `json:"node"`
 	Path   string `json:"path"`
 	Format string `json:"format"` // raw or qcow2
+	// Plain attaches the device straight to the format node, as libvirt
+	// does, instead of through a quorum node: replication then keeps QEMU's
+	// write-blocking mirror, where every guest write waits for the partner.
+	Plain bool `json:"plain,omitempty"`
 }
 
 // blockdevArgs are the disk's block nodes. The device sits on a quorum node
 // of one child, the disk itself: reads go to it alone (fifo), and
 // replication adds its NBD target as a second child while the guest runs
-// (AddQuorumChild).
+// (AddQuorumChild). A Plain disk has no quorum node.
 func (d Disk) blockdevArgs() []string {
 	format := d.Format
 	if format == "" {
 		format = "raw"
 	}
+	file := fmt.Sprintf("driver=file,node-name=%s-file,filename=%s", d.Node, d.Path)
+	if d.Plain {
+		return []string{"-blockdev", file,
+			"-blockdev", fmt.Sprintf("driver=%s,node-name=%s,file=%s-file", format, d.Node, d.Node)}
+	}
 	return []string{
-		"-blockdev", fmt.Sprintf("driver=file,node-name=%s-file,filename=%s", d.Node, d.Path),
+		"-blockdev", file,
 		"-blockdev", fmt.Sprintf("driver=%s,node-name=%s-fmt,file=%s-file", format, d.Node, d.Node),
 		"-blockdev", fmt.Sprintf("driver=quorum,node-name=%s,vote-threshold=1,read-pattern=fifo,children.0=%s-fmt", d.Node, d.Node),
 	}

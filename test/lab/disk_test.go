@@ -18,9 +18,9 @@ import (
 
 // diskLab brings up a lab whose guest keeps its ledger on a virtio-blk disk
 // of the given format, and both axd.
-func diskLab(t *testing.T, prefix, format string) (*Lab, *VM, string) {
+func diskLab(t *testing.T, prefix, format string, plain bool) (*Lab, *VM, string) {
 	t.Helper()
-	l, vm, bin, _ := labWithGuest(t, prefix, GuestConfig{Dirty: 1, DiskMiB: 64, DiskFormat: format})
+	l, vm, bin, _ := labWithGuest(t, prefix, GuestConfig{Dirty: 1, DiskMiB: 64, DiskFormat: format, DiskPlain: plain})
 	if data, _ := os.ReadFile(vm.Console); !bytes.Contains(data, []byte("ledger: loaded 0 records from /dev/vda")) {
 		t.Fatalf("the guest's ledger is not on its disk; console:\n%s", consoleTail(vm.Console, 20))
 	}
@@ -32,23 +32,28 @@ func diskLab(t *testing.T, prefix, format string) (*Lab, *VM, string) {
 // record the client saw acknowledged (each flushed to disk before its ack)
 // is there, and the disk holds exactly what the resumed memory says.
 func TestIntegrationDiskFTFailover(t *testing.T) {
-	l, _, bin := diskLab(t, "axdf", "raw")
+	l, _, bin := diskLab(t, "axdf", "raw", false)
 	ctx := context.Background()
 	tr, err := l.LevelFailoverTrial(ctx, api.LevelFT, "vm1", HostA, HostB, 20*time.Second+randomPart(), bin, filepath.Join(l.StateDir, "disk-ft.rec"), 20)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("FT disk failover: %.2f s, epoch %d, tick %d→%d, acked %d, lost %d, records %d, on disk %d",
-		tr.Failover.Seconds(), tr.LastEpoch, tr.TickAtCommit, tr.FirstTick, tr.Acked, tr.Lost, tr.Records, tr.DiskRecords)
+	t.Logf("FT disk failover (%s): %.2f s, epoch %d, tick %d→%d, acked %d, lost %d, records %d, on disk %d",
+		tr.DiskMode, tr.Failover.Seconds(), tr.LastEpoch, tr.TickAtCommit, tr.FirstTick, tr.Acked, tr.Lost, tr.Records, tr.DiskRecords)
+	if tr.DiskMode != "quorum" {
+		t.Fatalf("disk replicated as %q, want quorum", tr.DiskMode)
+	}
 	if tr.Acked == 0 || tr.Lost != 0 || tr.DiskRecords != tr.Records {
 		t.Fatalf("acked %d, lost %d, disk %d records vs ledger %d", tr.Acked, tr.Lost, tr.DiskRecords, tr.Records)
 	}
 }
 
-// HA with a qcow2 disk: the guest restarts on b from its replicated disk;
-// every record flushed (and so acknowledged) before the failure is there.
+// HA with a qcow2 disk attached as libvirt would, without AX's quorum node,
+// so replicated by the write-blocking mirror alone: the guest restarts on b
+// from its replicated disk; every record flushed (and so acknowledged)
+// before the failure is there.
 func TestIntegrationDiskHAFailover(t *testing.T) {
-	l, _, bin := diskLab(t, "axdh", "qcow2")
+	l, _, bin := diskLab(t, "axdh", "qcow2", true)
 	ctx := context.Background()
 	tr, err := l.LevelFailoverTrial(ctx, api.LevelHA, "vm1", HostA, HostB, 15*time.Second+randomPart(), bin, filepath.Join(l.StateDir, "disk-ha.rec"), 20)
 	if err != nil {
@@ -56,6 +61,9 @@ func TestIntegrationDiskHAFailover(t *testing.T) {
 	}
 	t.Logf("HA disk failover: guest running on b after %.2f s, acked %d, lost %d, records %d, on disk %d",
 		tr.Failover.Seconds(), tr.Acked, tr.Lost, tr.Records, tr.DiskRecords)
+	if tr.DiskMode != "mirror" {
+		t.Fatalf("disk replicated as %q, want mirror (no quorum node)", tr.DiskMode)
+	}
 	if tr.Acked == 0 || tr.Lost != 0 {
 		t.Fatalf("acked %d, lost %d", tr.Acked, tr.Lost)
 	}
@@ -73,7 +81,7 @@ func TestIntegrationDiskHAFailover(t *testing.T) {
 // record is lost; the partner's promise follows the VM's protection; a disk
 // protected again gets a new quorum child after its last one was removed.
 func TestIntegrationLevelChanges(t *testing.T) {
-	l, vm, bin := diskLab(t, "axlv", "raw")
+	l, vm, bin := diskLab(t, "axlv", "raw", false)
 	ctx := context.Background()
 	ca, cb := l.Client(HostA), l.Client(HostB)
 	addr := fmt.Sprintf("%s:%d", GuestIP, LedgerPort)
@@ -195,7 +203,7 @@ func verifyLedger(t *testing.T, l *Lab, addr, record string) (acks, onDisk int) 
 // returns the disks are synchronised again through a new quorum child. No
 // acked record is lost, and the disk holds what memory holds.
 func TestIntegrationDiskPartnerLost(t *testing.T) {
-	l, vm, bin := diskLab(t, "axpl", "raw")
+	l, vm, bin := diskLab(t, "axpl", "raw", false)
 	ctx := context.Background()
 	ca := l.Client(HostA)
 	addr := fmt.Sprintf("%s:%d", GuestIP, LedgerPort)

@@ -121,6 +121,7 @@ type Trial struct {
 	// DiskRecords is what the ledger's disk holds after failover, checked
 	// against the guest's memory (CHECK); -1 when the guest has no disk.
 	DiskRecords int
+	DiskMode    string // how the disks were replicated before the kill
 }
 
 // FailoverTrial protects vm on host from towards to (if not yet), lets it
@@ -164,7 +165,7 @@ func (l *Lab) LevelFailoverTrial(ctx context.Context, level, vm, from, to string
 	case <-time.After(runFor):
 	}
 	if st, err := l.vmStatus(ctx, cf, vm); err == nil {
-		tr.PauseP50MS = st.PauseP50MS
+		tr.PauseP50MS, tr.DiskMode = st.PauseP50MS, st.DiskMode
 		if st.State != "protected" {
 			client.Stop()
 			return tr, fmt.Errorf("before the kill, %s on %s is %s: %s", vm, from, st.State, st.Alarm)

@@ -73,6 +73,9 @@ type GuestConfig struct {
 	DiskMiB int
 	// DiskFormat is the disk image's format: raw (default) or qcow2.
 	DiskFormat string
+	// DiskPlain attaches the disk without AX's quorum node (as libvirt
+	// would): replication keeps the write-blocking mirror.
+	DiskPlain bool
 }
 
 // StartGuest launches a guest's QEMU in its host's namespace with a tap on
@@ -311,5 +314,5 @@ func (l *Lab) makeDisk(ctx context.Context, cfg GuestConfig) (qemu.Disk, error) 
 	default:
 		return qemu.Disk{}, fmt.Errorf("guest disk: format %q: use raw or qcow2", format)
 	}
-	return qemu.Disk{Node: "disk0", Path: path, Format: format}, nil
+	return qemu.Disk{Node: "disk0", Path: path, Format: format, Plain: cfg.DiskPlain}, nil
 }
