@@ -58,6 +58,7 @@ const (
 	TypeLevel                                // primary → secondary: the VM's level changes (ha, ft) on this stream
 	TypeAccept                               // secondary → primary: the spec is accepted, the replica is open
 	TypeRefuse                               // secondary → primary: the spec is refused, with the reason
+	TypeDiskZero                             // primary → secondary: a guest disk range reads as zeroes (below FT)
 
 	typeLimit // first invalid value
 )
@@ -86,6 +87,7 @@ var frameTypeNames = [...]string{
 	TypeLevel:           "Level",
 	TypeAccept:          "Accept",
 	TypeRefuse:          "Refuse",
+	TypeDiskZero:        "DiskZero",
 }
 
 // Valid reports whether t is a frame type this version of the protocol knows.

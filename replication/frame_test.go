@@ -79,7 +79,8 @@ func TestFrameTypeString(t *testing.T) {
 		{TypeCheckpointEnd, "CheckpointEnd"},
 		{TypeAck, "Ack"},
 		{0, "FrameType(0)"},
-		{typeLimit, "FrameType(24)"},
+		{TypeDiskZero, "DiskZero"},
+		{typeLimit, "FrameType(25)"},
 		{255, "FrameType(255)"},
 	} {
 		if got := tc.t.String(); got != tc.want {

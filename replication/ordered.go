@@ -93,6 +93,8 @@ type DiskSink interface {
 	// Commit is called when checkpoint epoch has been applied, before the
 	// primary is told: the epoch's writes are applied now.
 	Commit(epoch uint64) error
+	// Zero makes a range read as zeroes, at once; it comes only below FT.
+	Zero(z DiskZero) error
 	// SetLevel switches between applying at once and journaling.
 	SetLevel(level string) error
 }
@@ -100,13 +102,25 @@ type DiskSink interface {
 // SendDiskWrite puts one guest disk write made in epoch on the stream and
 // returns its ordered count, for WaitOrdered.
 func (s *Sender) SendDiskWrite(epoch uint64, d DiskWrite) (uint64, error) {
+	return s.sendOrdered(func() error { return s.w.WriteDiskWrite(epoch, d) }, len(d.Data))
+}
+
+// SendDiskZero puts a range that now reads as zeroes on the stream (below
+// FT only) and returns its ordered count, for WaitOrdered.
+func (s *Sender) SendDiskZero(z DiskZero) (uint64, error) {
+	return s.sendOrdered(func() error { return s.w.WriteFrame(z.Frame(0)) }, 0)
+}
+
+// sendOrdered writes one ordered frame, carrying diskBytes of guest data,
+// and returns its ordered count.
+func (s *Sender) sendOrdered(write func() error, diskBytes int) (uint64, error) {
 	var n uint64
 	err := s.write(func() error {
-		if err := s.w.WriteDiskWrite(epoch, d); err != nil {
+		if err := write(); err != nil {
 			return err
 		}
 		s.ordered++
-		s.diskBytes += uint64(len(d.Data))
+		s.diskBytes += uint64(diskBytes)
 		n = s.ordered
 		return nil
 	}, true)
@@ -120,16 +134,7 @@ func (s *Sender) SetLevel(level string) (uint64, error) {
 	if level != StreamLevelHA && level != StreamLevelFT {
 		return 0, fmt.Errorf("replication: unknown stream level %q", level)
 	}
-	var n uint64
-	err := s.write(func() error {
-		if err := s.w.WriteFrame(LevelChange{Level: level}.Frame()); err != nil {
-			return err
-		}
-		s.ordered++
-		n = s.ordered
-		return nil
-	}, true)
-	return n, err
+	return s.sendOrdered(func() error { return s.w.WriteFrame(LevelChange{Level: level}.Frame()) }, 0)
 }
 
 // WaitOrdered returns once the secondary has acknowledged the first n

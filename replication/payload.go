@@ -303,6 +303,42 @@ func DecodeDiskWrite(f Frame) (DiskWrite, error) {
 	return d, nil
 }
 
+// DiskZero says a range of protected disk number Disk reads as zeroes from
+// now on: the guest wrote zeroes or discarded it. Below FT only: at FT
+// zeroes travel as DiskWrites, held like any write until their checkpoint.
+type DiskZero struct {
+	Disk   uint32
+	Offset uint64
+	Length uint64
+}
+
+const diskZeroSize = 4 + 8 + 8
+
+// Frame encodes z.
+func (z DiskZero) Frame(epoch uint64) Frame {
+	p := make([]byte, diskZeroSize)
+	le.PutUint32(p, z.Disk)
+	le.PutUint64(p[4:], z.Offset)
+	le.PutUint64(p[12:], z.Length)
+	return Frame{Type: TypeDiskZero, Epoch: epoch, Payload: p}
+}
+
+// DecodeDiskZero decodes a DiskZero frame.
+func DecodeDiskZero(f Frame) (DiskZero, error) {
+	if err := expect(f, TypeDiskZero, diskZeroSize); err != nil {
+		return DiskZero{}, err
+	}
+	p := f.Payload
+	z := DiskZero{Disk: le.Uint32(p), Offset: le.Uint64(p[4:]), Length: le.Uint64(p[12:])}
+	if z.Length == 0 {
+		return DiskZero{}, frameErr(ErrMalformed, "%s of no bytes", f.Type)
+	}
+	if z.Offset > math.MaxInt64 || z.Length > math.MaxInt64-z.Offset {
+		return DiskZero{}, frameErr(ErrMalformed, "%s at offset %d of %d bytes overflows", f.Type, z.Offset, z.Length)
+	}
+	return z, nil
+}
+
 // EpochBoundary marks the disk-write boundary of the pause: every DiskWrite
 // before it belongs to epoch Epoch or earlier.
 type EpochBoundary struct{ Epoch uint64 }

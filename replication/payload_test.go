@@ -141,6 +141,8 @@ func TestTypedPayloadsRoundTrip(t *testing.T) {
 			func(f Frame) (any, error) { return DecodeCheckpointEnd(f) }, CheckpointEnd{Epoch: 9, PageCount: 3, DeviceStateLen: 13000, Digest: digest}},
 		{"DiskWrite", DiskWrite{Disk: 2, Offset: 1 << 40, Data: []byte("sector")}.Frame(5),
 			func(f Frame) (any, error) { return DecodeDiskWrite(f) }, DiskWrite{Disk: 2, Offset: 1 << 40, Data: []byte("sector")}},
+		{"DiskZero", DiskZero{Disk: 1, Offset: 1 << 30, Length: 2 << 30}.Frame(0),
+			func(f Frame) (any, error) { return DecodeDiskZero(f) }, DiskZero{Disk: 1, Offset: 1 << 30, Length: 2 << 30}},
 		{"EpochBoundary", EpochBoundary{Epoch: 77}.Frame(),
 			func(f Frame) (any, error) { return DecodeEpochBoundary(f) }, EpochBoundary{Epoch: 77}},
 		{"Heartbeat", Heartbeat{SentUnixNano: -5, LastCommitted: 76}.Frame(),
@@ -222,5 +224,14 @@ func TestDiskWriteZeroCopyMatchesFrame(t *testing.T) {
 	over := Frame{Type: TypeDiskWrite, Payload: append(le.AppendUint64(le.AppendUint32(nil, 0), 1<<63-2), 1, 2, 3)}
 	if _, err := DecodeDiskWrite(over); !errors.Is(err, ErrMalformed) {
 		t.Errorf("write past 2^63: %v, want ErrMalformed", err)
+	}
+}
+
+// A zero range of no bytes, or one past 2^63, is refused.
+func TestDiskZeroRejects(t *testing.T) {
+	for _, z := range []DiskZero{{Length: 0}, {Offset: 1 << 63, Length: 1}, {Offset: 1<<63 - 2, Length: 3}} {
+		if _, err := DecodeDiskZero(z.Frame(0)); !errors.Is(err, ErrMalformed) {
+			t.Errorf("%+v: %v, want ErrMalformed", z, err)
+		}
 	}
 }

@@ -513,6 +513,18 @@ func (s *Server) session(conn net.Conn, vm string) (bye, handover bool, err erro
 				return false, false, fmt.Errorf("replication: %s: %w", vm, err)
 			}
 			ordered++
+		case f.Type == TypeDiskZero:
+			z, err := DecodeDiskZero(f)
+			if err != nil {
+				return false, false, err
+			}
+			if disks == nil {
+				return false, false, fmt.Errorf("replication: %s: a disk zero range but the VM has no protected disk", vm)
+			}
+			if err := disks.Zero(z); err != nil {
+				return false, false, fmt.Errorf("replication: %s: %w", vm, err)
+			}
+			ordered++
 		case f.Type == TypeLevel:
 			lc, err := DecodeLevelChange(f)
 			if err != nil {

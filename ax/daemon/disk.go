@@ -87,6 +87,7 @@ type queuedWrite struct {
 	epoch uint64
 	w     replication.DiskWrite
 	buf   *[]byte // the pooled copy w.Data lives in, if any
+	zero  int64   // when set, no data: this many bytes from w.Offset read as zeroes
 }
 
 // lag is how many writes the partner has not acknowledged yet: on the
@@ -150,7 +151,11 @@ func (r *diskRepl) pump() {
 		case q = <-r.queue:
 		}
 		var n uint64
-		n, err = r.sender.SendDiskWrite(q.epoch, q.w)
+		if q.zero > 0 {
+			n, err = r.sender.SendDiskZero(replication.DiskZero{Disk: q.w.Disk, Offset: q.w.Offset, Length: uint64(q.zero)})
+		} else {
+			n, err = r.sender.SendDiskWrite(q.epoch, q.w)
+		}
 		if q.buf != nil {
 			diskBufs.Put(q.buf)
 		}
@@ -489,13 +494,56 @@ func (r *diskRepl) startWrite(idx uint32, p []byte, off int64, durable bool) (fu
 	if !wait || seq == 0 {
 		return nil, nil // done: nothing to wait for
 	}
+	return r.partnerHas(seq), nil
+}
+
+// partnerHas returns what waits until the partner has acknowledged queued
+// write seq.
+func (r *diskRepl) partnerHas(seq uint64) func() error {
 	return func() error {
 		n, err := r.awaitSent(seq)
 		if err != nil {
 			return fmt.Errorf("replicate disk write: %w", err)
 		}
 		return r.sender.WaitOrdered(r.ctx, n)
-	}, nil
+	}
+}
+
+// startZero puts a range that now reads as zeroes on the stream, like
+// startWrite.
+func (r *diskRepl) startZero(idx uint32, off, length int64, durable bool) (func() error, error) {
+	r.mu.RLock()
+	if !r.wait {
+		// FT: zeroes go as writes. The level may change before they are
+		// queued; zero data is right at any level.
+		r.mu.RUnlock()
+		return r.startZeroData(idx, off, length, durable)
+	}
+	seq, err := r.enqueue(queuedWrite{w: replication.DiskWrite{Disk: idx, Offset: uint64(off)}, zero: length})
+	r.mu.RUnlock()
+	if err != nil {
+		return nil, fmt.Errorf("replicate disk zeroes: %w", err)
+	}
+	if !durable {
+		return nil, nil
+	}
+	return r.partnerHas(seq), nil
+}
+
+// startZeroData replicates a range of zeroes as writes of zero data.
+func (r *diskRepl) startZeroData(idx uint32, off, length int64, durable bool) (func() error, error) {
+	// Acknowledgements come in stream order: waiting for the last chunk
+	// waits for them all, one round trip for the whole range.
+	var wait func() error
+	for length > 0 {
+		n := min(length, diskChunk)
+		w, err := r.startWrite(idx, zeroChunk[:n], off, durable)
+		if err != nil {
+			return nil, err
+		}
+		wait, off, length = w, off+n, length-n
+	}
+	return wait, nil
 }
 
 // flush waits until the partner has every write made so far, below FT.
@@ -550,22 +598,14 @@ func (e *diskExport) WriteAtAsync(p []byte, off int64, fua bool) (func() error, 
 	return e.r.startWrite(e.idx, p, off, e.durable(fua))
 }
 
-// WriteZeroes replicates zeroes as data: simple, and the secondary's disk
-// needs no special case (a sparse-aware frame is a later optimisation).
+// WriteZeroes replicates a range of zeroes: below FT as one DiskZero (the
+// partner punches a hole: its replica stays as sparse as the guest's disk,
+// and the initial sync of a mostly empty disk sends little), at FT as zero
+// data, held with its epoch like any write.
 func (e *diskExport) WriteZeroes(off, length int64, fua bool) error {
-	// Acknowledgements come in stream order: waiting for the last chunk
-	// waits for them all, one round trip for the whole range.
-	var wait func() error
-	for length > 0 {
-		n := min(length, diskChunk)
-		w, err := e.r.startWrite(e.idx, zeroChunk[:n], off, e.durable(fua))
-		if err != nil {
-			return err
-		}
-		wait, off, length = w, off+n, length-n
-	}
-	if wait == nil {
-		return nil
+	wait, err := e.r.startZero(e.idx, off, length, e.durable(fua))
+	if err != nil || wait == nil {
+		return err
 	}
 	return wait()
 }

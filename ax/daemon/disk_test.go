@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"os"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/axproject/ax/replication"
@@ -176,5 +177,47 @@ func TestReplicaDisksStageSpillsToJournal(t *testing.T) {
 	}
 	if at(0) != 'd' || r.depth().Records != 0 || r.stageBytes != 0 {
 		t.Fatalf("resume kept uncommitted epoch 8: reads %c, depth %+v, stage bytes %d", at(0), r.depth(), r.stageBytes)
+	}
+}
+
+// A zero range punches a hole in the replica below FT (the replica stays
+// sparse), is refused past the disk's end, and at FT, where zeroes must come
+// as writes held with their epoch.
+func TestReplicaDisksZeroPunchesHoles(t *testing.T) {
+	r, err := openReplicaDisks(t.TempDir(), []int64{4 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	r.SetLevel(replication.StreamLevelHA)
+	if err := r.Write(0, replication.DiskWrite{Offset: 0, Data: bytes.Repeat([]byte{7}, 4<<20)}); err != nil {
+		t.Fatal(err)
+	}
+	allocated := func() int64 {
+		var st syscall.Stat_t
+		if err := syscall.Stat(replicaDiskPath(r.dir, 0), &st); err != nil {
+			t.Fatal(err)
+		}
+		return st.Blocks * 512
+	}
+	full := allocated()
+	if err := r.Zero(replication.DiskZero{Offset: 1 << 20, Length: 2 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	if got := readDisk(t, r, 0, 1<<20, 2<<20); !bytes.Equal(got, make([]byte, 2<<20)) {
+		t.Fatal("the zeroed range does not read as zeroes")
+	}
+	if got := readDisk(t, r, 0, 3<<20, 1); got[0] != 7 {
+		t.Fatal("the zero range reached past its end")
+	}
+	if now := allocated(); now > full-(2<<20) {
+		t.Errorf("the replica holds %d bytes after 2 MiB were zeroed, %d before: no hole punched", now, full)
+	}
+	if err := r.Zero(replication.DiskZero{Offset: 3 << 20, Length: 2 << 20}); err == nil {
+		t.Error("a zero range past the disk's end was accepted")
+	}
+	r.SetLevel(replication.StreamLevelFT)
+	if err := r.Zero(replication.DiskZero{Offset: 0, Length: 4096}); err == nil {
+		t.Error("a zero range at FT was accepted")
 	}
 }

@@ -43,6 +43,16 @@ func (s *heldSink) Write(epoch uint64, w replication.DiskWrite) error {
 	s.mu.Unlock()
 	return nil
 }
+func (s *heldSink) Zero(z replication.DiskZero) error {
+	s.mu.Lock()
+	hold := s.hold
+	s.mu.Unlock()
+	<-hold
+	s.mu.Lock()
+	s.writes = append(s.writes, fmt.Sprintf("zero %d+%d", z.Offset, z.Length))
+	s.mu.Unlock()
+	return nil
+}
 func (s *heldSink) Commit(uint64) error   { return nil }
 func (s *heldSink) SetLevel(string) error { return nil }
 func (s *heldSink) seen() []string {
@@ -291,5 +301,39 @@ func TestDiskReplStopReleasesWaiters(t *testing.T) {
 	}
 	if err := child.WriteAt(block('b'), 4096, false); err == nil {
 		t.Fatal("a write after replication stopped was accepted")
+	}
+}
+
+// Below FT a range of zeroes goes to the partner as one zero range, however
+// long; at FT as zero data in chunks tagged with the epoch, like any write.
+func TestDiskExportZeroes(t *testing.T) {
+	sink := &heldSink{}
+	sink.holdWrites()
+	sink.release()
+	r, _ := newTestDiskRepl(t, sink)
+	child := &diskExport{r: r, idx: 0, size: 1 << 24, child: true}
+	if err := child.WriteZeroes(0, 3*diskChunk, true); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := fmt.Sprint(sink.seen()), fmt.Sprintf("[zero 0+%d]", 3*diskChunk); got != want {
+		t.Fatalf("below FT the partner received %s, want %s", got, want)
+	}
+	if _, err := r.setLevel(replication.StreamLevelFT, 4); err != nil {
+		t.Fatal(err)
+	}
+	if err := child.Trim(diskChunk, 2*diskChunk); err != nil {
+		t.Fatal(err)
+	}
+	r.nextEpoch(5)
+	if err := r.awaitBoundary(4); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for _, n := sink.last(); n < 3 && time.Now().Before(deadline); _, n = sink.last() {
+		time.Sleep(10 * time.Millisecond)
+	}
+	want := fmt.Sprintf("[zero 0+%d 4@%d:\x00 4@%d:\x00]", 3*diskChunk, diskChunk, 2*diskChunk)
+	if got := fmt.Sprint(sink.seen()); got != want {
+		t.Fatalf("at FT the partner received %q, want %q", got, want)
 	}
 }

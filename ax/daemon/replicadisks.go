@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"sync"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/axproject/ax/replication"
 )
 
@@ -120,6 +122,44 @@ func (r *replicaDisks) Write(epoch uint64, w replication.DiskWrite) error {
 	copy(data, w.Data)
 	r.stage = append(r.stage, stagedWrite{epoch: epoch, disk: w.Disk, off: int64(w.Offset), data: data, buf: buf})
 	r.stageBytes += int64(cap(*buf))
+	return nil
+}
+
+// Zero makes a range of a replica disk read as zeroes, at once (it comes
+// only below FT): a hole punched in the file keeps the replica as sparse as
+// the guest's disk; where the file system cannot punch, zeroes are written.
+func (r *replicaDisks) Zero(z replication.DiskZero) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.journal == nil {
+		return errDisksClosed
+	}
+	if int(z.Disk) >= len(r.files) {
+		return fmt.Errorf("disk zero range on disk %d of %d", z.Disk, len(r.files))
+	}
+	if end := z.Offset + z.Length; end > uint64(r.sizes[z.Disk]) {
+		return fmt.Errorf("disk zero range on disk %d at %d..%d beyond its %d bytes", z.Disk, z.Offset, end, r.sizes[z.Disk])
+	}
+	if r.level == replication.StreamLevelFT {
+		return fmt.Errorf("disk zero range on disk %d at level ft, where zeroes come as writes", z.Disk)
+	}
+	return zeroRange(r.files[z.Disk], int64(z.Offset), int64(z.Length))
+}
+
+// zeroRange punches a hole over n bytes of f at off, or writes zeroes there
+// when the file system cannot.
+func zeroRange(f *os.File, off, n int64) error {
+	err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+	if !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.ENOSYS) {
+		return err
+	}
+	for n > 0 {
+		k := min(n, int64(len(zeroChunk)))
+		if _, err := f.WriteAt(zeroChunk[:k], off); err != nil {
+			return err
+		}
+		off, n = off+k, n-k
+	}
 	return nil
 }
 

@@ -131,6 +131,9 @@ func TestIntegrationLevelChanges(t *testing.T) {
 			if sa.DiskMode != "quorum" {
 				t.Fatalf("at %s: disks replicated as %q, want quorum", level, sa.DiskMode)
 			}
+			if i == 0 {
+				sparseReplica(t, l, vm.Name, sa.DiskBytes)
+			}
 		}
 		if n := count(); n <= before {
 			t.Fatalf("the ledger stopped growing at level %s (%d records)", level, n)
@@ -155,6 +158,23 @@ func TestIntegrationLevelChanges(t *testing.T) {
 	}
 	acks, onDisk := verifyLedger(t, l, addr, record)
 	t.Logf("levels: %d acks, none lost; disk holds %d records, as memory", acks, onDisk)
+}
+
+// sparseReplica checks that the initial sync of the guest's mostly empty
+// 64 MiB disk sent its zeroes as zero ranges: little data on the stream
+// (sent bytes), and a replica on b as sparse as the guest's disk.
+func sparseReplica(t *testing.T, l *Lab, vm string, sent uint64) {
+	t.Helper()
+	path := filepath.Join(l.AxdStateDir(HostB), "replicas", vm, "disks", "disk0.raw")
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	if allocated := st.Blocks * 512; allocated > 16<<20 || sent > 16<<20 {
+		t.Fatalf("initial sync of a mostly empty 64 MiB disk: %d bytes sent, replica %s holds %d bytes of %d", sent, path, allocated, st.Size)
+	} else {
+		t.Logf("initial sync: %d bytes sent; replica holds %d bytes of %d", sent, allocated, st.Size)
+	}
 }
 
 // ledgerCount is how many records the guest's ledger holds (0 when it does
