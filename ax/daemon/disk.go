@@ -71,8 +71,8 @@ type diskRepl struct {
 	sentN    uint64        // the stream's ordered count just after the last of them
 	sentErr  error         // why the pump stopped, once it has
 	sentCh   chan struct{} // closed (and replaced) whenever sent moves
-	// boundaries: for each checkpoint taken, the writes queued before its
-	// pause ended — they must be on the stream before it.
+	// boundaries (under enqMu): for each checkpoint taken, the writes
+	// queued before its pause ended — they must be on the stream before it.
 	boundaries map[uint64]uint64
 
 	nChildren atomic.Int32 // len(children), for status
@@ -451,10 +451,10 @@ func (r *diskRepl) nextEpoch(epoch uint64) {
 // awaitBoundary returns once every write made before checkpoint epoch's
 // pause ended is on the stream.
 func (r *diskRepl) awaitBoundary(epoch uint64) error {
-	r.mu.Lock()
+	r.enqMu.Lock()
 	seq, ok := r.boundaries[epoch]
 	delete(r.boundaries, epoch)
-	r.mu.Unlock()
+	r.enqMu.Unlock()
 	if !ok {
 		return nil
 	}

@@ -716,9 +716,8 @@ func (d *Daemon) runFT(ctx context.Context, v *vmState, mon *qemu.QMP, sender *r
 	return err
 }
 
-// senderStream adapts a replication.Sender to the loop's Stream.
-// senderStream is the FT loop's stream: a checkpoint goes on it after every
-// disk write made before its pause.
+// senderStream adapts a replication.Sender to the FT loop's Stream: a
+// checkpoint goes on it after every disk write made before its pause.
 type senderStream struct {
 	s    *replication.Sender
 	disk *diskRepl

@@ -303,7 +303,7 @@ type request struct {
 // transmit serves requests until NBD_CMD_DISC, a protocol error or the end
 // of the connection. This goroutine reads and checks requests; a second one
 // calls the backend in order and replies, so the next request arrives while
-// the backend works on the previous one.
+// the backend works on the previous one (an AsyncBackend: transmitAsync).
 func (c *conn) transmit(b Backend) error {
 	if ab, ok := b.(AsyncBackend); ok {
 		return c.transmitAsync(ab)
