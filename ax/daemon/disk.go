@@ -86,8 +86,21 @@ type queuedWrite struct {
 	seq   uint64
 	epoch uint64
 	w     replication.DiskWrite
-	buf   *[]byte // the pooled copy w.Data lives in, if any
+	buf   *[]byte // the buffer w.Data lives in, if pooled
+	nbd   bool    // buf is the NBD server's (a taken write), not diskBufs'
 	zero  int64   // when set, no data: this many bytes from w.Offset read as zeroes
+}
+
+// free gives q's buffer back to its pool.
+func (q *queuedWrite) free() {
+	switch {
+	case q.buf == nil:
+	case q.nbd:
+		nbd.ReleaseBuffer(q.buf)
+	default:
+		diskBufs.Put(q.buf)
+	}
+	q.buf = nil
 }
 
 // lag is how many writes the partner has not acknowledged yet: on the
@@ -156,9 +169,7 @@ func (r *diskRepl) pump() {
 		} else {
 			n, err = r.sender.SendDiskWrite(q.epoch, q.w)
 		}
-		if q.buf != nil {
-			diskBufs.Put(q.buf)
-		}
+		q.free()
 		if err != nil {
 			return
 		}
@@ -179,9 +190,7 @@ func (r *diskRepl) enqueue(q queuedWrite) (uint64, error) {
 	defer r.enqMu.Unlock()
 	q.seq = r.queued + 1
 	if r.ctx.Err() != nil { // stopped: nothing will send it
-		if q.buf != nil {
-			diskBufs.Put(q.buf)
-		}
+		q.free()
 		return 0, errPumpStopped
 	}
 	select {
@@ -189,9 +198,7 @@ func (r *diskRepl) enqueue(q queuedWrite) (uint64, error) {
 		r.queued = q.seq
 		return q.seq, nil
 	case <-r.pumpDone:
-		if q.buf != nil {
-			diskBufs.Put(q.buf)
-		}
+		q.free()
 		return 0, r.pumpErr()
 	}
 }
@@ -472,13 +479,27 @@ func (r *diskRepl) awaitBoundary(epoch uint64) error {
 // not): it is on the stream, in order, before any later flush, level frame
 // or epoch switch.
 func (r *diskRepl) startWrite(idx uint32, p []byte, off int64, durable bool) (func() error, error) {
+	return r.queueWrite(idx, p, nil, off, durable)
+}
+
+// startTakenWrite is startWrite of a write whose buffer, the NBD server's,
+// the queue keeps instead of copying (at most diskChunk bytes); it is
+// released once sent.
+func (r *diskRepl) startTakenWrite(idx uint32, p *[]byte, off int64, durable bool) (func() error, error) {
+	return r.queueWrite(idx, *p, p, off, durable)
+}
+
+func (r *diskRepl) queueWrite(idx uint32, p []byte, taken *[]byte, off int64, durable bool) (func() error, error) {
 	r.mu.RLock()
 	wait, epoch := r.wait && durable, r.epoch
 	var seq uint64
 	for len(p) > 0 {
 		n := min(len(p), diskChunk)
 		q := queuedWrite{epoch: epoch, w: replication.DiskWrite{Disk: idx, Offset: uint64(off), Data: p[:n]}}
-		if &p[0] != &zeroChunk[0] {
+		switch {
+		case taken != nil:
+			q.buf, q.nbd = taken, true
+		case &p[0] != &zeroChunk[0]:
 			q.buf = diskBufs.Get().(*[]byte)
 			q.w.Data = (*q.buf)[:n]
 			copy(q.w.Data, p[:n])
@@ -596,6 +617,18 @@ func (e *diskExport) WriteAt(p []byte, off int64, fua bool) error {
 // round trips overlap.
 func (e *diskExport) WriteAtAsync(p []byte, off int64, fua bool) (func() error, error) {
 	return e.r.startWrite(e.idx, p, off, e.durable(fua))
+}
+
+var _ nbd.BufferTaker = (*diskExport)(nil)
+
+// TakeWrite queues the NBD server's own buffer rather than a copy of it;
+// a write larger than one DiskWrite is copied as usual.
+func (e *diskExport) TakeWrite(p *[]byte, off int64, fua bool) (func() error, error) {
+	if len(*p) > diskChunk {
+		defer nbd.ReleaseBuffer(p)
+		return e.WriteAtAsync(*p, off, fua)
+	}
+	return e.r.startTakenWrite(e.idx, p, off, e.durable(fua))
 }
 
 // WriteZeroes replicates a range of zeroes: below FT as one DiskZero (the

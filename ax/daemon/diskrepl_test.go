@@ -337,3 +337,27 @@ func TestDiskExportZeroes(t *testing.T) {
 		t.Fatalf("at FT the partner received %q, want %q", got, want)
 	}
 }
+
+// A write whose buffer the export takes from the NBD server reaches the
+// partner as written, like a copied one.
+func TestDiskExportTakenWrite(t *testing.T) {
+	sink := &heldSink{}
+	sink.holdWrites()
+	sink.release()
+	r, _ := newTestDiskRepl(t, sink)
+	child := &diskExport{r: r, idx: 0, size: 1 << 24, child: true}
+	small, large := block('s'), bytes.Repeat([]byte{'l'}, diskChunk+4096)
+	for _, p := range []*[]byte{&small, &large} {
+		wait, err := child.TakeWrite(p, 8192, true)
+		if err == nil && wait != nil {
+			err = wait()
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := fmt.Sprintf("[0@8192:s 0@8192:l 0@%d:l]", 8192+diskChunk)
+	if got := fmt.Sprint(sink.seen()); got != want {
+		t.Fatalf("the partner received %s, want %s", got, want)
+	}
+}

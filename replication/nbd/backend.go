@@ -49,6 +49,17 @@ type AsyncBackend interface {
 	WriteAtAsync(p []byte, off int64, fua bool) (wait func() error, err error)
 }
 
+// BufferTaker is an AsyncBackend that keeps a write's payload instead of
+// copying it: TakeWrite is handed the buffer (and owns it, error or not),
+// and gives it back with ReleaseBuffer once done with it.
+type BufferTaker interface {
+	AsyncBackend
+	TakeWrite(p *[]byte, off int64, fua bool) (wait func() error, err error)
+}
+
+// ReleaseBuffer gives back a payload buffer handed to a BufferTaker.
+func ReleaseBuffer(p *[]byte) { putBuf(p) }
+
 // Sentinel errors a Backend wraps to choose the NBD error value.
 var (
 	ErrNotSupported = errors.New("operation not supported")

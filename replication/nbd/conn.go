@@ -457,15 +457,23 @@ func (c *conn) transmitAsync(b AsyncBackend) error {
 		}
 		replied <- failed
 	}()
+	taker, _ := b.(BufferTaker)
 	rerr := c.readRequests(func(r request) error {
-		defer putBuf(r.payload)
+		defer func() { putBuf(r.payload) }()
 		if c.stopped.Load() {
 			return nil
 		}
 		var res outcome
 		if r.typ == cmdWrite && r.length > 0 {
 			c.srv.stats.writeRequests.Add(1)
-			res.wait, res.err = b.WriteAtAsync(*r.payload, int64(r.off), r.flags&cmdFlagFUA != 0)
+			fua := r.flags&cmdFlagFUA != 0
+			if taker != nil {
+				p := r.payload
+				r.payload = nil // the backend's now
+				res.wait, res.err = taker.TakeWrite(p, int64(r.off), fua)
+			} else {
+				res.wait, res.err = b.WriteAtAsync(*r.payload, int64(r.off), fua)
+			}
 		} else {
 			res = c.run(b, r)
 		}

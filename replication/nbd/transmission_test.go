@@ -7,6 +7,7 @@ import (
 	"io"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -487,5 +488,54 @@ func TestAsyncWritesOverlapAndReplyInOrder(t *testing.T) {
 	}
 	if st := srv.Stats(); st.WriteRequests != 3 || st.BackendErrors != 1 || st.BytesWritten != 1024 {
 		t.Fatalf("stats %+v", st)
+	}
+}
+
+// takingBackend keeps the buffers of the writes it is handed.
+type takingBackend struct {
+	*MemBackend
+	mu    sync.Mutex
+	taken []*[]byte
+}
+
+func (b *takingBackend) WriteAtAsync(p []byte, off int64, fua bool) (func() error, error) {
+	return nil, b.MemBackend.WriteAt(p, off, fua)
+}
+
+func (b *takingBackend) TakeWrite(p *[]byte, off int64, fua bool) (func() error, error) {
+	b.mu.Lock()
+	b.taken = append(b.taken, p)
+	b.mu.Unlock()
+	return nil, b.MemBackend.WriteAt(*p, off, fua)
+}
+
+// A BufferTaker is handed each write's buffer, and the server does not use
+// it again until the backend gives it back.
+func TestBufferTakerKeepsPayloads(t *testing.T) {
+	b := &takingBackend{MemBackend: NewMemBackend(testSize)}
+	srv := NewServer(nil)
+	if err := srv.AddExport("disk", b); err != nil {
+		t.Fatal(err)
+	}
+	c, done := pipe(t, srv)
+	c.connect("disk")
+	for i := range 4 {
+		c.request(cmdWrite, 0, uint64(i+1), uint64(i)*4096, 4096, pattern(4096, byte(i)))
+		if e, cookie, _ := c.reply(0); e != 0 || cookie != uint64(i+1) {
+			t.Fatalf("reply %d: cookie %d error %d", i, cookie, e)
+		}
+	}
+	c.disconnect()
+	if err := result(t, done); err != nil {
+		t.Fatal(err)
+	}
+	if len(b.taken) != 4 {
+		t.Fatalf("%d buffers taken, want 4", len(b.taken))
+	}
+	for i, p := range b.taken {
+		if !bytes.Equal(*p, pattern(4096, byte(i))) {
+			t.Errorf("taken buffer %d was overwritten while the backend held it", i)
+		}
+		ReleaseBuffer(p)
 	}
 }
