@@ -93,8 +93,8 @@ type DiskSink interface {
 	// Commit is called when checkpoint epoch has been applied, before the
 	// primary is told: the epoch's writes are applied now.
 	Commit(epoch uint64) error
-	// Zero makes a range read as zeroes, at once; it comes only below FT.
-	Zero(z DiskZero) error
+	// Zero makes a range read as zeroes, applied like a Write of epoch.
+	Zero(epoch uint64, z DiskZero) error
 	// SetLevel switches between applying at once and journaling.
 	SetLevel(level string) error
 }
@@ -105,10 +105,10 @@ func (s *Sender) SendDiskWrite(epoch uint64, d DiskWrite) (uint64, error) {
 	return s.sendOrdered(func() error { return s.w.WriteDiskWrite(epoch, d) }, len(d.Data))
 }
 
-// SendDiskZero puts a range that now reads as zeroes on the stream (below
-// FT only) and returns its ordered count, for WaitOrdered.
-func (s *Sender) SendDiskZero(z DiskZero) (uint64, error) {
-	return s.sendOrdered(func() error { return s.w.WriteFrame(z.Frame(0)) }, 0)
+// SendDiskZero puts a range that now reads as zeroes, made in epoch, on the
+// stream and returns its ordered count, for WaitOrdered.
+func (s *Sender) SendDiskZero(epoch uint64, z DiskZero) (uint64, error) {
+	return s.sendOrdered(func() error { return s.w.WriteFrame(z.Frame(epoch)) }, 0)
 }
 
 // sendOrdered writes one ordered frame, carrying diskBytes of guest data,

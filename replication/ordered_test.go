@@ -28,8 +28,8 @@ func (r *recordingSink) add(s string) error {
 func (r *recordingSink) Write(epoch uint64, w DiskWrite) error {
 	return r.add("write " + itoa(epoch) + " " + itoa(uint64(w.Disk)) + " " + itoa(w.Offset) + " " + string(w.Data))
 }
-func (r *recordingSink) Zero(z DiskZero) error {
-	return r.add("zero " + itoa(uint64(z.Disk)) + " " + itoa(z.Offset) + " " + itoa(z.Length))
+func (r *recordingSink) Zero(epoch uint64, z DiskZero) error {
+	return r.add("zero " + itoa(epoch) + " " + itoa(uint64(z.Disk)) + " " + itoa(z.Offset) + " " + itoa(z.Length))
 }
 func (r *recordingSink) Commit(epoch uint64) error { return r.add("commit " + itoa(epoch)) }
 func (r *recordingSink) SetLevel(l string) error   { return r.add("level " + l) }
@@ -92,7 +92,7 @@ func TestStreamDiskWritesOrdered(t *testing.T) {
 	if err != nil || n != 1 {
 		t.Fatalf("first write: n=%d err=%v", n, err)
 	}
-	if n, err = s.SendDiskZero(DiskZero{Disk: 0, Offset: 8192, Length: 1 << 20}); err != nil || n != 2 {
+	if n, err = s.SendDiskZero(0, DiskZero{Disk: 0, Offset: 8192, Length: 1 << 20}); err != nil || n != 2 {
 		t.Fatalf("zero range: n=%d err=%v", n, err)
 	}
 	if err := s.WaitOrdered(ctx, n); err != nil {
@@ -123,7 +123,7 @@ func TestStreamDiskWritesOrdered(t *testing.T) {
 	if s.OrderedPending() != 0 || s.DiskBytesSent() != 6 {
 		t.Fatalf("pending %d, disk bytes %d", s.OrderedPending(), s.DiskBytesSent())
 	}
-	want := []string{"write 0 0 4096 ha", "zero 0 8192 1048576", "level ft", "write 1 1 0 e1", "commit 1", "write 2 1 8 e2"}
+	want := []string{"write 0 0 4096 ha", "zero 0 0 8192 1048576", "level ft", "write 1 1 0 e1", "commit 1", "write 2 1 8 e2"}
 	if got := sink.snapshot(); strings.Join(got, "|") != strings.Join(want, "|") {
 		t.Fatalf("sink saw %q, want %q", got, want)
 	}

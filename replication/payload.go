@@ -304,8 +304,8 @@ func DecodeDiskWrite(f Frame) (DiskWrite, error) {
 }
 
 // DiskZero says a range of protected disk number Disk reads as zeroes from
-// now on: the guest wrote zeroes or discarded it. Below FT only: at FT
-// zeroes travel as DiskWrites, held like any write until their checkpoint.
+// now on: the guest wrote zeroes or discarded it. Like a DiskWrite it
+// belongs to the frame's epoch (at FT it waits for that checkpoint).
 type DiskZero struct {
 	Disk   uint32
 	Offset uint64

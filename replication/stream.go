@@ -521,7 +521,7 @@ func (s *Server) session(conn net.Conn, vm string) (bye, handover bool, err erro
 			if disks == nil {
 				return false, false, fmt.Errorf("replication: %s: a disk zero range but the VM has no protected disk", vm)
 			}
-			if err := disks.Zero(z); err != nil {
+			if err := disks.Zero(f.Epoch, z); err != nil {
 				return false, false, fmt.Errorf("replication: %s: %w", vm, err)
 			}
 			ordered++

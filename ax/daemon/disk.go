@@ -165,7 +165,7 @@ func (r *diskRepl) pump() {
 		}
 		var n uint64
 		if q.zero > 0 {
-			n, err = r.sender.SendDiskZero(replication.DiskZero{Disk: q.w.Disk, Offset: q.w.Offset, Length: uint64(q.zero)})
+			n, err = r.sender.SendDiskZero(q.epoch, replication.DiskZero{Disk: q.w.Disk, Offset: q.w.Offset, Length: uint64(q.zero)})
 		} else {
 			n, err = r.sender.SendDiskWrite(q.epoch, q.w)
 		}
@@ -534,37 +534,16 @@ func (r *diskRepl) partnerHas(seq uint64) func() error {
 // startWrite.
 func (r *diskRepl) startZero(idx uint32, off, length int64, durable bool) (func() error, error) {
 	r.mu.RLock()
-	if !r.wait {
-		// FT: zeroes go as writes. The level may change before they are
-		// queued; zero data is right at any level.
-		r.mu.RUnlock()
-		return r.startZeroData(idx, off, length, durable)
-	}
-	seq, err := r.enqueue(queuedWrite{w: replication.DiskWrite{Disk: idx, Offset: uint64(off)}, zero: length})
+	wait, epoch := r.wait && durable, r.epoch
+	seq, err := r.enqueue(queuedWrite{epoch: epoch, w: replication.DiskWrite{Disk: idx, Offset: uint64(off)}, zero: length})
 	r.mu.RUnlock()
 	if err != nil {
 		return nil, fmt.Errorf("replicate disk zeroes: %w", err)
 	}
-	if !durable {
+	if !wait {
 		return nil, nil
 	}
 	return r.partnerHas(seq), nil
-}
-
-// startZeroData replicates a range of zeroes as writes of zero data.
-func (r *diskRepl) startZeroData(idx uint32, off, length int64, durable bool) (func() error, error) {
-	// Acknowledgements come in stream order: waiting for the last chunk
-	// waits for them all, one round trip for the whole range.
-	var wait func() error
-	for length > 0 {
-		n := min(length, diskChunk)
-		w, err := r.startWrite(idx, zeroChunk[:n], off, durable)
-		if err != nil {
-			return nil, err
-		}
-		wait, off, length = w, off+n, length-n
-	}
-	return wait, nil
 }
 
 // flush waits until the partner has every write made so far, below FT.
@@ -631,10 +610,10 @@ func (e *diskExport) TakeWrite(p *[]byte, off int64, fua bool) (func() error, er
 	return e.r.startTakenWrite(e.idx, p, off, e.durable(fua))
 }
 
-// WriteZeroes replicates a range of zeroes: below FT as one DiskZero (the
-// partner punches a hole: its replica stays as sparse as the guest's disk,
-// and the initial sync of a mostly empty disk sends little), at FT as zero
-// data, held with its epoch like any write.
+// WriteZeroes replicates a range of zeroes as one DiskZero: the partner
+// punches a hole (at FT once its checkpoint commits), so its replica stays as
+// sparse as the guest's disk, the initial sync of a mostly empty disk sends
+// little, and a guest's fstrim does not send its free space as data.
 func (e *diskExport) WriteZeroes(off, length int64, fua bool) error {
 	wait, err := e.r.startZero(e.idx, off, length, e.durable(fua))
 	if err != nil || wait == nil {

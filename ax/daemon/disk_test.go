@@ -181,8 +181,9 @@ func TestReplicaDisksStageSpillsToJournal(t *testing.T) {
 }
 
 // A zero range punches a hole in the replica below FT (the replica stays
-// sparse), is refused past the disk's end, and at FT, where zeroes must come
-// as writes held with their epoch.
+// sparse) and is refused past the disk's end; at FT it is held like a write
+// until its checkpoint commits — staged, or journaled as zero data behind
+// writes already journaled — and dropped by a resume before that.
 func TestReplicaDisksZeroPunchesHoles(t *testing.T) {
 	r, err := openReplicaDisks(t.TempDir(), []int64{4 << 20})
 	if err != nil {
@@ -201,7 +202,7 @@ func TestReplicaDisksZeroPunchesHoles(t *testing.T) {
 		return st.Blocks * 512
 	}
 	full := allocated()
-	if err := r.Zero(replication.DiskZero{Offset: 1 << 20, Length: 2 << 20}); err != nil {
+	if err := r.Zero(0, replication.DiskZero{Offset: 1 << 20, Length: 2 << 20}); err != nil {
 		t.Fatal(err)
 	}
 	if got := readDisk(t, r, 0, 1<<20, 2<<20); !bytes.Equal(got, make([]byte, 2<<20)) {
@@ -213,11 +214,50 @@ func TestReplicaDisksZeroPunchesHoles(t *testing.T) {
 	if now := allocated(); now > full-(2<<20) {
 		t.Errorf("the replica holds %d bytes after 2 MiB were zeroed, %d before: no hole punched", now, full)
 	}
-	if err := r.Zero(replication.DiskZero{Offset: 3 << 20, Length: 2 << 20}); err == nil {
+	if err := r.Zero(0, replication.DiskZero{Offset: 3 << 20, Length: 2 << 20}); err == nil {
 		t.Error("a zero range past the disk's end was accepted")
 	}
 	r.SetLevel(replication.StreamLevelFT)
-	if err := r.Zero(replication.DiskZero{Offset: 0, Length: 4096}); err == nil {
-		t.Error("a zero range at FT was accepted")
+	if err := r.Zero(5, replication.DiskZero{Offset: 3 << 20, Length: 4096}); err != nil {
+		t.Fatal(err)
+	}
+	if got := readDisk(t, r, 0, 3<<20, 1); got[0] != 7 || len(r.stage) != 1 || r.stageBytes != 0 {
+		t.Fatalf("FT zero range: disk reads %d before its commit, stage %d entries / %d bytes", got[0], len(r.stage), r.stageBytes)
+	}
+	if err := r.Commit(5); err != nil {
+		t.Fatal(err)
+	}
+	if got := readDisk(t, r, 0, 3<<20, 4097); !bytes.Equal(got[:4096], make([]byte, 4096)) || got[4096] != 7 {
+		t.Fatal("the FT zero range was not applied at its commit, or reached past its end")
+	}
+	// Behind a journaled write, the range is journaled too, in order.
+	r.stageLimit = 0
+	if err := r.Write(6, replication.DiskWrite{Offset: 0, Data: []byte{9}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Zero(6, replication.DiskZero{Offset: 0, Length: 8192}); err != nil {
+		t.Fatal(err)
+	}
+	if len(r.stage) != 0 || r.journal.Depth().Records != 2 {
+		t.Fatalf("stage %d, journal %d; want 0 and 2", len(r.stage), r.journal.Depth().Records)
+	}
+	if err := r.Commit(6); err != nil {
+		t.Fatal(err)
+	}
+	if got := readDisk(t, r, 0, 0, 1); got[0] != 0 {
+		t.Fatalf("the zero range journaled after a write reads %d, want 0", got[0])
+	}
+	r.stageLimit = defaultStageLimit
+	if err := r.Zero(7, replication.DiskZero{Offset: 3 << 20, Length: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Zero(6, replication.DiskZero{Offset: 0, Length: 1}); err == nil {
+		t.Error("a zero range of a committed epoch was accepted")
+	}
+	if err := r.prepare(true); err != nil {
+		t.Fatal(err)
+	}
+	if got := readDisk(t, r, 0, 3<<20+8192, 1); got[0] != 7 {
+		t.Fatal("a resume applied the zero range of an uncommitted epoch")
 	}
 }

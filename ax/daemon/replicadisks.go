@@ -41,13 +41,15 @@ type replicaDisks struct {
 	committed  uint64 // the last FT epoch committed
 }
 
-// stagedWrite is one FT write held in memory until its checkpoint commits.
+// stagedWrite is one FT write held in memory until its checkpoint commits,
+// or a range to zero (zero set, no data).
 type stagedWrite struct {
 	epoch uint64
 	disk  uint32
 	off   int64
 	data  []byte // in buf
 	buf   *[]byte
+	zero  int64
 }
 
 // defaultStageLimit bounds the memory one VM's staged writes take: a
@@ -107,11 +109,8 @@ func (r *replicaDisks) Write(epoch uint64, w replication.DiskWrite) error {
 		_, err := r.files[w.Disk].WriteAt(w.Data, int64(w.Offset))
 		return err
 	}
-	if epoch <= r.committed {
-		return fmt.Errorf("%w: write of epoch %d, epoch %d already committed", replication.ErrJournalEpoch, epoch, r.committed)
-	}
-	if n := len(r.stage); n > 0 && epoch < r.stage[n-1].epoch {
-		return fmt.Errorf("%w: write of epoch %d after epoch %d", replication.ErrJournalEpoch, epoch, r.stage[n-1].epoch)
+	if err := r.checkEpoch(epoch); err != nil {
+		return err
 	}
 	buf := getStageBuf(len(w.Data))
 	if r.journal.Depth().Records > 0 || r.stageBytes+int64(cap(*buf)) > r.stageLimit {
@@ -125,10 +124,12 @@ func (r *replicaDisks) Write(epoch uint64, w replication.DiskWrite) error {
 	return nil
 }
 
-// Zero makes a range of a replica disk read as zeroes, at once (it comes
-// only below FT): a hole punched in the file keeps the replica as sparse as
-// the guest's disk; where the file system cannot punch, zeroes are written.
-func (r *replicaDisks) Zero(z replication.DiskZero) error {
+// Zero makes a range of a replica disk read as zeroes — at once, or at FT
+// when epoch commits: a hole punched in the file keeps the replica as sparse
+// as the guest's disk; where the file system cannot punch, zeroes are
+// written. At FT the range is staged (it takes no memory), or, behind
+// writes already journaled, journaled as zero data.
+func (r *replicaDisks) Zero(epoch uint64, z replication.DiskZero) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.journal == nil {
@@ -140,10 +141,24 @@ func (r *replicaDisks) Zero(z replication.DiskZero) error {
 	if end := z.Offset + z.Length; end > uint64(r.sizes[z.Disk]) {
 		return fmt.Errorf("disk zero range on disk %d at %d..%d beyond its %d bytes", z.Disk, z.Offset, end, r.sizes[z.Disk])
 	}
-	if r.level == replication.StreamLevelFT {
-		return fmt.Errorf("disk zero range on disk %d at level ft, where zeroes come as writes", z.Disk)
+	if r.level != replication.StreamLevelFT {
+		return zeroRange(r.files[z.Disk], int64(z.Offset), int64(z.Length))
 	}
-	return zeroRange(r.files[z.Disk], int64(z.Offset), int64(z.Length))
+	if err := r.checkEpoch(epoch); err != nil {
+		return err
+	}
+	if r.journal.Depth().Records == 0 {
+		r.stage = append(r.stage, stagedWrite{epoch: epoch, disk: z.Disk, off: int64(z.Offset), zero: int64(z.Length)})
+		return nil
+	}
+	for off, n := z.Offset, z.Length; n > 0; {
+		k := min(n, uint64(len(zeroChunk)), replication.JournalMaxWrite)
+		if err := r.journal.Append(epoch, replication.DiskWrite{Disk: z.Disk, Offset: off, Data: zeroChunk[:k]}); err != nil {
+			return err
+		}
+		off, n = off+k, n-k
+	}
+	return nil
 }
 
 // zeroRange punches a hole over n bytes of f at off, or writes zeroes there
@@ -159,6 +174,18 @@ func zeroRange(f *os.File, off, n int64) error {
 			return err
 		}
 		off, n = off+k, n-k
+	}
+	return nil
+}
+
+// checkEpoch refuses an FT write of an epoch already committed or older
+// than the newest staged one.
+func (r *replicaDisks) checkEpoch(epoch uint64) error {
+	if epoch <= r.committed {
+		return fmt.Errorf("%w: write of epoch %d, epoch %d already committed", replication.ErrJournalEpoch, epoch, r.committed)
+	}
+	if n := len(r.stage); n > 0 && epoch < r.stage[n-1].epoch {
+		return fmt.Errorf("%w: write of epoch %d after epoch %d", replication.ErrJournalEpoch, epoch, r.stage[n-1].epoch)
 	}
 	return nil
 }
@@ -194,6 +221,12 @@ func (r *replicaDisks) applyStage(epoch uint64) error {
 	n := 0
 	for ; n < len(r.stage) && r.stage[n].epoch <= epoch; n++ {
 		s := r.stage[n]
+		if s.zero > 0 {
+			if err := zeroRange(r.files[s.disk], s.off, s.zero); err != nil {
+				return fmt.Errorf("apply zero range of epoch %d to disk %d at offset %d: %w", s.epoch, s.disk, s.off, err)
+			}
+			continue
+		}
 		k, err := r.files[s.disk].WriteAt(s.data, s.off)
 		if err == nil && k < len(s.data) {
 			err = io.ErrShortWrite
@@ -209,8 +242,10 @@ func (r *replicaDisks) applyStage(epoch uint64) error {
 // dropStage forgets the first n staged writes.
 func (r *replicaDisks) dropStage(n int) {
 	for _, s := range r.stage[:n] {
-		r.stageBytes -= int64(cap(*s.buf))
-		putStageBuf(s.buf)
+		if s.buf != nil {
+			r.stageBytes -= int64(cap(*s.buf))
+			putStageBuf(s.buf)
+		}
 	}
 	r.stage = append(r.stage[:0], r.stage[n:]...)
 }
