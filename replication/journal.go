@@ -388,8 +388,9 @@ func (j *Journal) writeRecord(hdr, data []byte, sum uint32) error {
 	return err
 }
 
-// Sync makes everything appended durable; the secondary calls it before it
-// acknowledges a guest flush.
+// Sync makes everything appended durable. axd does not call it — a commit
+// syncs what it applies, and uncommitted writes die with a secondary that
+// crashes anyway — but a Sync'd journal recovers them all.
 func (j *Journal) Sync() error {
 	j.mu.Lock()
 	defer j.mu.Unlock()

@@ -11,6 +11,7 @@ import (
 	"github.com/axproject/ax/ax/qemu"
 	"github.com/axproject/ax/netbuffer"
 	"github.com/axproject/ax/replication"
+	"github.com/axproject/ax/replication/bufpool"
 	"github.com/axproject/ax/replication/nbd"
 )
 
@@ -70,7 +71,7 @@ type diskRepl struct {
 	sent     uint64        // writes the pump has put on the stream
 	sentN    uint64        // the stream's ordered count just after the last of them
 	sentErr  error         // why the pump stopped, once it has
-	sentCh   chan struct{} // closed (and replaced) whenever sent moves
+	sentCh   chan struct{} // made by a waiter, closed when sent moves
 	// boundaries (under enqMu): for each checkpoint taken, the writes
 	// queued before its pause ended — they must be on the stream before it.
 	boundaries map[uint64]uint64
@@ -86,20 +87,13 @@ type queuedWrite struct {
 	seq   uint64
 	epoch uint64
 	w     replication.DiskWrite
-	buf   *[]byte // the buffer w.Data lives in, if pooled
-	nbd   bool    // buf is the NBD server's (a taken write), not diskBufs'
+	buf   *[]byte // the bufpool buffer w.Data lives in, if any
 	zero  int64   // when set, no data: this many bytes from w.Offset read as zeroes
 }
 
-// free gives q's buffer back to its pool.
+// free gives q's buffer back to the pool.
 func (q *queuedWrite) free() {
-	switch {
-	case q.buf == nil:
-	case q.nbd:
-		nbd.ReleaseBuffer(q.buf)
-	default:
-		diskBufs.Put(q.buf)
-	}
+	bufpool.Put(q.buf)
 	q.buf = nil
 }
 
@@ -122,9 +116,6 @@ func (r *diskRepl) mode() string {
 	return "mirror"
 }
 
-// diskBufs are the queue's copies of guest writes.
-var diskBufs = sync.Pool{New: func() any { b := make([]byte, diskChunk); return &b }}
-
 func newDiskRepl(ctx context.Context, d *Daemon, vm string, sender *replication.Sender, mon *qemu.QMP, disks []qemu.Disk, sizes []int64) *diskRepl {
 	r := makeDiskRepl(ctx, d, vm, sender, mon, disks, sizes)
 	go r.pump()
@@ -135,7 +126,7 @@ func newDiskRepl(ctx context.Context, d *Daemon, vm string, sender *replication.
 func makeDiskRepl(ctx context.Context, d *Daemon, vm string, sender *replication.Sender, mon *qemu.QMP, disks []qemu.Disk, sizes []int64) *diskRepl {
 	ctx, cancel := context.WithCancel(ctx)
 	return &diskRepl{d: d, vm: vm, sender: sender, mon: mon, disks: disks, sizes: sizes, ctx: ctx, cancel: cancel, wait: true,
-		queue: make(chan queuedWrite, queueDepth), pumpDone: make(chan struct{}), sentCh: make(chan struct{}),
+		queue: make(chan queuedWrite, queueDepth), pumpDone: make(chan struct{}),
 		boundaries: map[uint64]uint64{}}
 }
 
@@ -175,8 +166,10 @@ func (r *diskRepl) pump() {
 		}
 		r.sentMu.Lock()
 		r.sent, r.sentN = q.seq, n
-		close(r.sentCh)
-		r.sentCh = make(chan struct{})
+		if r.sentCh != nil { // someone waits: the common write has no waiter
+			close(r.sentCh)
+			r.sentCh = nil
+		}
 		r.sentMu.Unlock()
 	}
 }
@@ -214,7 +207,11 @@ func (r *diskRepl) pumpErr() error {
 func (r *diskRepl) awaitSent(seq uint64) (uint64, error) {
 	for {
 		r.sentMu.Lock()
-		sent, n, ch, err := r.sent, r.sentN, r.sentCh, r.sentErr
+		sent, n, err := r.sent, r.sentN, r.sentErr
+		if sent < seq && err == nil && r.sentCh == nil {
+			r.sentCh = make(chan struct{})
+		}
+		ch := r.sentCh
 		r.sentMu.Unlock()
 		if sent >= seq {
 			if seq == 0 {
@@ -498,10 +495,10 @@ func (r *diskRepl) queueWrite(idx uint32, p []byte, taken *[]byte, off int64, du
 		q := queuedWrite{epoch: epoch, w: replication.DiskWrite{Disk: idx, Offset: uint64(off), Data: p[:n]}}
 		switch {
 		case taken != nil:
-			q.buf, q.nbd = taken, true
+			q.buf = taken
 		case &p[0] != &zeroChunk[0]:
-			q.buf = diskBufs.Get().(*[]byte)
-			q.w.Data = (*q.buf)[:n]
+			q.buf = bufpool.Get(n)
+			q.w.Data = *q.buf
 			copy(q.w.Data, p[:n])
 		}
 		p, off = p[n:], off+int64(n)
@@ -604,7 +601,7 @@ var _ nbd.BufferTaker = (*diskExport)(nil)
 // a write larger than one DiskWrite is copied as usual.
 func (e *diskExport) TakeWrite(p *[]byte, off int64, fua bool) (func() error, error) {
 	if len(*p) > diskChunk {
-		defer nbd.ReleaseBuffer(p)
+		defer bufpool.Put(p)
 		return e.WriteAtAsync(*p, off, fua)
 	}
 	return e.r.startTakenWrite(e.idx, p, off, e.durable(fua))

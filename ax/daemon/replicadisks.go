@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math/bits"
 	"os"
 	"path/filepath"
 	"sync"
@@ -12,6 +11,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/axproject/ax/replication"
+	"github.com/axproject/ax/replication/bufpool"
 )
 
 // Disk replication, secondary side.
@@ -112,14 +112,12 @@ func (r *replicaDisks) Write(epoch uint64, w replication.DiskWrite) error {
 	if err := r.checkEpoch(epoch); err != nil {
 		return err
 	}
-	buf := getStageBuf(len(w.Data))
-	if r.journal.Depth().Records > 0 || r.stageBytes+int64(cap(*buf)) > r.stageLimit {
-		putStageBuf(buf)
+	if r.journal.Depth().Records > 0 || r.stageBytes+int64(len(w.Data)) > r.stageLimit {
 		return r.journal.Append(epoch, w) // it checks the epoch order too
 	}
-	data := (*buf)[:len(w.Data)]
-	copy(data, w.Data)
-	r.stage = append(r.stage, stagedWrite{epoch: epoch, disk: w.Disk, off: int64(w.Offset), data: data, buf: buf})
+	buf := bufpool.Get(len(w.Data))
+	copy(*buf, w.Data)
+	r.stage = append(r.stage, stagedWrite{epoch: epoch, disk: w.Disk, off: int64(w.Offset), data: *buf, buf: buf})
 	r.stageBytes += int64(cap(*buf))
 	return nil
 }
@@ -244,7 +242,7 @@ func (r *replicaDisks) dropStage(n int) {
 	for _, s := range r.stage[:n] {
 		if s.buf != nil {
 			r.stageBytes -= int64(cap(*s.buf))
-			putStageBuf(s.buf)
+			bufpool.Put(s.buf)
 		}
 	}
 	r.stage = append(r.stage[:0], r.stage[n:]...)
@@ -341,22 +339,3 @@ func (r *replicaDisks) Close() error {
 	r.dropStage(len(r.stage))
 	return err
 }
-
-// Staged writes' buffers are pooled by power-of-two size class, 4 KiB to
-// replication.JournalMaxWrite.
-const stageMinShift = 12
-
-var stagePools [32]sync.Pool
-
-func stageClass(n int) int { return max(0, bits.Len(uint(n-1))-stageMinShift) }
-
-func getStageBuf(n int) *[]byte {
-	cl := stageClass(n)
-	if p, ok := stagePools[cl].Get().(*[]byte); ok {
-		return p
-	}
-	b := make([]byte, 1<<(cl+stageMinShift))
-	return &b
-}
-
-func putStageBuf(p *[]byte) { stagePools[stageClass(cap(*p))].Put(p) }

@@ -50,15 +50,12 @@ type AsyncBackend interface {
 }
 
 // BufferTaker is an AsyncBackend that keeps a write's payload instead of
-// copying it: TakeWrite is handed the buffer (and owns it, error or not),
-// and gives it back with ReleaseBuffer once done with it.
+// copying it: TakeWrite is handed the buffer, from bufpool (and owns it,
+// error or not), and gives it back with bufpool.Put once done with it.
 type BufferTaker interface {
 	AsyncBackend
 	TakeWrite(p *[]byte, off int64, fua bool) (wait func() error, err error)
 }
-
-// ReleaseBuffer gives back a payload buffer handed to a BufferTaker.
-func ReleaseBuffer(p *[]byte) { putBuf(p) }
 
 // Sentinel errors a Backend wraps to choose the NBD error value.
 var (

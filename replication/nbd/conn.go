@@ -8,11 +8,11 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math/bits"
 	"net"
-	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/axproject/ax/replication/bufpool"
 )
 
 // ErrUnknownExport is wrapped by the error of a connection that asked for an
@@ -297,7 +297,7 @@ type request struct {
 	typ, flags  uint16
 	cookie, off uint64
 	length      uint32
-	payload     *[]byte // NBD_CMD_WRITE data, from getBuf
+	payload     *[]byte // NBD_CMD_WRITE data, from bufpool
 }
 
 // transmit serves requests until NBD_CMD_DISC, a protocol error or the end
@@ -360,9 +360,9 @@ func (c *conn) readRequests(handle func(request) error) error {
 			return nil
 		}
 		if r.typ == cmdWrite && r.length > 0 {
-			r.payload = getBuf(int(r.length))
+			r.payload = bufpool.Get(int(r.length))
 			if err := c.readFull(*r.payload, false); err != nil {
-				putBuf(r.payload)
+				bufpool.Put(r.payload)
 				return fmt.Errorf("nbd transmission: NBD_CMD_WRITE of %d bytes at %d: read payload: %w", r.length, r.off, err)
 			}
 		}
@@ -414,9 +414,9 @@ func (c *conn) process(b Backend, queue <-chan request) error {
 			if failed = c.finish(r, res); failed != nil {
 				c.nc.Close()
 			}
-			putBuf(res.data)
+			bufpool.Put(res.data)
 		}
-		putBuf(r.payload)
+		bufpool.Put(r.payload)
 	}
 	return failed
 }
@@ -424,7 +424,7 @@ func (c *conn) process(b Backend, queue <-chan request) error {
 // outcome is what a request came to, or (wait set) a write still finishing.
 type outcome struct {
 	err  error
-	data *[]byte // a read's data, from getBuf
+	data *[]byte // a read's data, from bufpool
 	wait func() error
 }
 
@@ -452,14 +452,14 @@ func (c *conn) transmitAsync(b AsyncBackend) error {
 			} else if s.res.wait != nil {
 				s.res.wait() // started writes still finish before the connection is done
 			}
-			putBuf(s.res.data)
+			bufpool.Put(s.res.data)
 			pending.Add(-1)
 		}
 		replied <- failed
 	}()
 	taker, _ := b.(BufferTaker)
 	rerr := c.readRequests(func(r request) error {
-		defer func() { putBuf(r.payload) }()
+		defer func() { bufpool.Put(r.payload) }()
 		if c.stopped.Load() {
 			return nil
 		}
@@ -480,7 +480,7 @@ func (c *conn) transmitAsync(b AsyncBackend) error {
 		if res.wait == nil && pending.Load() == 0 {
 			// Nothing earlier is unanswered and the replier is idle: this
 			// goroutine may write the reply.
-			defer putBuf(res.data)
+			defer bufpool.Put(res.data)
 			return c.finish(r, res)
 		}
 		pending.Add(1)
@@ -501,11 +501,11 @@ func (c *conn) run(b Backend, r request) outcome {
 		if n == 0 {
 			break
 		}
-		buf := getBuf(int(n))
+		buf := bufpool.Get(int(n))
 		if res.err = b.ReadAt(*buf, off); res.err == nil {
 			res.data = buf
 		} else {
-			putBuf(buf)
+			bufpool.Put(buf)
 		}
 	case cmdWrite:
 		if n == 0 {
@@ -564,31 +564,4 @@ func (c *conn) reply(r request, errno uint32, data []byte) error {
 		return fmt.Errorf("nbd transmission: reply to %s: %w", commandName(r.typ), err)
 	}
 	return nil
-}
-
-// Payload buffers are pooled by power-of-two size class, 4 KiB to
-// MaxPayload, so a stream of 1 MiB mirror writes does not allocate.
-const minBufShift = 12
-
-var bufPools [maxPayloadShift - minBufShift + 1]sync.Pool
-
-func bufClass(n int) int {
-	return max(0, bits.Len(uint(n-1))-minBufShift)
-}
-
-func getBuf(n int) *[]byte {
-	cl := bufClass(n)
-	if p, ok := bufPools[cl].Get().(*[]byte); ok {
-		*p = (*p)[:n]
-		return p
-	}
-	b := make([]byte, n, 1<<(cl+minBufShift))
-	return &b
-}
-
-func putBuf(p *[]byte) {
-	if p == nil {
-		return
-	}
-	bufPools[bufClass(cap(*p))].Put(p)
 }

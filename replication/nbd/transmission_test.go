@@ -10,6 +10,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/axproject/ax/replication/bufpool"
 )
 
 func pattern(n int, seed byte) []byte {
@@ -536,6 +538,6 @@ func TestBufferTakerKeepsPayloads(t *testing.T) {
 		if !bytes.Equal(*p, pattern(4096, byte(i))) {
 			t.Errorf("taken buffer %d was overwritten while the backend held it", i)
 		}
-		ReleaseBuffer(p)
+		bufpool.Put(p)
 	}
 }
