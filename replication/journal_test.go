@@ -71,6 +71,16 @@ func sameJournalImages(a, b [2][]byte) bool {
 	return bytes.Equal(a[0], b[0]) && bytes.Equal(a[1], b[1])
 }
 
+// runOps runs ops on j, in order.
+func runOps(t testing.TB, j *Journal, ops []journalOp) {
+	t.Helper()
+	for _, op := range ops {
+		if err := op.run(j); err != nil {
+			t.Fatalf("%+v: %v", op, err)
+		}
+	}
+}
+
 func openTestJournal(t testing.TB, path string, ds journalTestDisks) *Journal {
 	t.Helper()
 	j, err := OpenJournal(path, ds.m())
@@ -221,11 +231,7 @@ func TestJournalCommitApplies(t *testing.T) {
 			ds := newJournalTestDisks()
 			path := filepath.Join(t.TempDir(), "journal")
 			j := openTestJournal(t, path, ds)
-			for _, op := range tt.ops {
-				if err := op.run(j); err != nil {
-					t.Fatalf("%+v: %v", op, err)
-				}
-			}
+			runOps(t, j, tt.ops)
 			m := modelJournal(tt.ops, false)
 			m.check(t, j, ds)
 			if err := j.Sync(); err != nil {
@@ -288,11 +294,7 @@ func TestJournalDiscard(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "journal")
 	j := openTestJournal(t, path, ds)
 	ops := []journalOp{jw(1, 0, 0, "aaaa"), jc(1), jw(2, 0, 0, "bb"), jw(3, 1, 0, "c")}
-	for _, op := range ops {
-		if err := op.run(j); err != nil {
-			t.Fatal(err)
-		}
-	}
+	runOps(t, j, ops)
 	n, err := j.Discard()
 	if err != nil || n != 2 {
 		t.Fatalf("Discard = %d, %v; want 2 records", n, err)
@@ -331,11 +333,7 @@ func TestJournalApplyAll(t *testing.T) {
 			ds := newJournalTestDisks()
 			path := filepath.Join(t.TempDir(), "journal")
 			j := openTestJournal(t, path, ds)
-			for _, op := range tt.ops {
-				if err := op.run(j); err != nil {
-					t.Fatal(err)
-				}
-			}
+			runOps(t, j, tt.ops)
 			newest := j.Committed()
 			if d := j.Depth(); d.Records > 0 {
 				newest = d.NewestEpoch
@@ -590,11 +588,7 @@ func TestJournalRejects(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			ds := newJournalTestDisks()
 			j := openTestJournal(t, filepath.Join(t.TempDir(), "journal"), ds)
-			for _, op := range tt.setup {
-				if err := op.run(j); err != nil {
-					t.Fatal(err)
-				}
-			}
+			runOps(t, j, tt.setup)
 			before := j.Depth()
 			err := tt.op(j)
 			if err == nil || tt.want != nil && !errors.Is(err, tt.want) {

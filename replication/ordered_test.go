@@ -56,16 +56,7 @@ func startDiskServer(t *testing.T, psk []byte, open func() (*Replica, error), si
 		Open:  func(string, []byte, net.Addr) (*Replica, error) { return open() },
 		Disks: func(string) DiskSink { return sink },
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() { defer wg.Done(); NewServer(psk, h, nil).Serve(ctx, ln) }()
-	t.Cleanup(func() { cancel(); wg.Wait() })
-	return ln.Addr().String()
+	return serveHandler(t, psk, h)
 }
 
 // Disk writes and level changes reach the sink in stream order, interleaved

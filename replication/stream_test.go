@@ -36,6 +36,13 @@ func startStreamServer(t *testing.T, psk []byte, ramSize int64) (string, *Replic
 		Committed: func(vm string, epoch uint64, m Marker) { commits <- m },
 		Ended:     func(vm string, bye, handover bool, err error) { ends <- streamEnd{bye, handover, err} },
 	}
+	return serveHandler(t, psk, h), rep, commits, ends
+}
+
+// serveHandler serves h on a loopback port until the test ends and returns
+// the address.
+func serveHandler(t *testing.T, psk []byte, h Handler) string {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -45,7 +52,7 @@ func startStreamServer(t *testing.T, psk []byte, ramSize int64) (string, *Replic
 	wg.Add(1)
 	go func() { defer wg.Done(); NewServer(psk, h, nil).Serve(ctx, ln) }()
 	t.Cleanup(func() { cancel(); wg.Wait() })
-	return ln.Addr().String(), rep, commits, ends
+	return ln.Addr().String()
 }
 
 func TestStreamSyncCheckpointAck(t *testing.T) {
