@@ -217,13 +217,14 @@ func verifyLedger(t *testing.T, l *Lab, addr, record string) (acks, onDisk int) 
 	return len(acked), tr.DiskRecords
 }
 
-// HA with the replication link cut while the client appends: once a
+// HA with the replication link cut while the client appends (a qcow2 disk
+// under AX's quorum node): once a
 // declares its partner lost (unprotected, with an alarm) the guest's flushes
 // no longer wait for it and the ledger keeps growing on a; when the link
 // returns the disks are synchronised again through a new quorum child. No
 // acked record is lost, and the disk holds what memory holds.
 func TestIntegrationDiskPartnerLost(t *testing.T) {
-	l, vm, bin := diskLab(t, "axpl", "raw", false)
+	l, vm, bin := diskLab(t, "axpl", "qcow2", false)
 	ctx := context.Background()
 	ca := l.Client(HostA)
 	addr := fmt.Sprintf("%s:%d", GuestIP, LedgerPort)
