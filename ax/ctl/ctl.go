@@ -131,8 +131,11 @@ func Main(ctx context.Context, socket string, args []string, out io.Writer) erro
 	case "events":
 		return events(ctx, c, *since, *follow, *jsonOut, out)
 	}
-	return fmt.Errorf("unknown command %q", cmd)
+	return fmt.Errorf("%w %q", ErrUnknownCommand, cmd)
 }
+
+// ErrUnknownCommand: the command is not one of axctl's.
+var ErrUnknownCommand = errors.New("unknown command")
 
 func define(ctx context.Context, c *api.Client, path string) error {
 	data, err := os.ReadFile(path)
@@ -180,21 +183,21 @@ func printStatus(out io.Writer, st *api.Status) {
 			apps = []string{"agent " + v.Agent}
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%s\t%.1f ms\t%d\t%s/s\t%s\t%s\t%s\t%s\n", v.Name, v.Level, v.Role, dash(v.Peer), v.State,
-			v.Epoch, age, v.PauseP50MS, v.DirtyPages, bytes(v.BytesPerSec), dash(v.Link), dash(v.Tracker), output, strings.Join(apps, " "))
+			v.Epoch, age, v.PauseP50MS, v.DirtyPages, sizeText(v.BytesPerSec), dash(v.Link), dash(v.Tracker), output, strings.Join(apps, " "))
 	}
 	tw.Flush()
 	for _, v := range st.VMs {
 		switch {
 		case v.Disks > 0 && v.Role == api.RolePrimary:
-			fmt.Fprintf(out, "disks %s: %d replicated (%s), %s sent, %d writes unacknowledged\n", v.Name, v.Disks, dash(v.DiskMode), bytes(float64(v.DiskBytes)), v.DiskLag)
+			fmt.Fprintf(out, "disks %s: %d replicated (%s), %s sent, %d writes unacknowledged\n", v.Name, v.Disks, dash(v.DiskMode), sizeText(float64(v.DiskBytes)), v.DiskLag)
 		case v.Role == api.RoleSecondary && (v.JournalWrites > 0 || v.Level == api.LevelFT):
-			fmt.Fprintf(out, "journal %s: %d writes (%s) wait for their checkpoint\n", v.Name, v.JournalWrites, bytes(float64(v.JournalBytes)))
+			fmt.Fprintf(out, "journal %s: %d writes (%s) wait for their checkpoint\n", v.Name, v.JournalWrites, sizeText(float64(v.JournalBytes)))
 		}
 	}
 	if r := st.Reservation; r != nil && len(r.Promises) > 0 {
 		fmt.Fprintf(out, "promised to partners' VMs: %d of %d vCPUs, %s of %s memory, %s of %s disk",
-			r.Reserved.VCPUs, r.Host.VCPUs, bytes(float64(r.Reserved.MemoryBytes)), bytes(float64(r.Host.MemoryBytes)),
-			bytes(float64(r.Reserved.DiskBytes)), bytes(float64(r.Host.DiskBytes)))
+			r.Reserved.VCPUs, r.Host.VCPUs, sizeText(float64(r.Reserved.MemoryBytes)), sizeText(float64(r.Host.MemoryBytes)),
+			sizeText(float64(r.Reserved.DiskBytes)), sizeText(float64(r.Host.DiskBytes)))
 		if len(r.Forced) > 0 {
 			fmt.Fprintf(out, " (forced beyond capacity: %s)", strings.Join(r.Forced, ", "))
 		}
@@ -224,7 +227,7 @@ func dash(s string) string {
 	return s
 }
 
-func bytes(b float64) string {
+func sizeText(b float64) string {
 	switch {
 	case b >= 1<<20:
 		return fmt.Sprintf("%.1f MiB", b/(1<<20))
@@ -266,7 +269,7 @@ func waitProtected(ctx context.Context, c *api.Client, vm, level string, out io.
 				frac := float64(v.DiskSyncDone) / float64(v.DiskSyncTotal)
 				n := int(frac * 30)
 				line = fmt.Sprintf("%s: disk sync [%s%s] %3.0f%% (%s of %s)", vm, strings.Repeat("#", n), strings.Repeat(".", 30-n), frac*100,
-					bytes(float64(v.DiskSyncDone)), bytes(float64(v.DiskSyncTotal)))
+					sizeText(float64(v.DiskSyncDone)), sizeText(float64(v.DiskSyncTotal)))
 			} else if v.SyncTotal > 0 {
 				frac := float64(v.SyncSent) / float64(v.SyncTotal)
 				n := int(frac * 30)

@@ -20,6 +20,7 @@ import (
 const usage = `usage: axctl [--socket PATH] <command> [flags]
 
 ` + ctl.Usage + `
+` + ctl.PKIUsage + `
   lab up|down|status|demo|bench             the single-machine lab (see: axctl lab help)
   help                                      this text`
 
@@ -57,8 +58,15 @@ func run(ctx context.Context, args []string, out, errOut io.Writer) error {
 	case "help", "-h", "--help":
 		fmt.Fprintln(out, usage)
 		return nil
-	case "status", "define", "protect", "unprotect", "failover", "events":
-		return ctl.Main(ctx, socket, args, out)
+	case "pki":
+		return ctl.PKI(args[1:], out)
 	}
-	return fmt.Errorf("unknown command %q\n%s", args[0], usage)
+	// Everything else is a command against axd; ctl knows which exist.
+	if err := ctl.Main(ctx, socket, args, out); err != nil {
+		if errors.Is(err, ctl.ErrUnknownCommand) {
+			return fmt.Errorf("%w\n%s", err, usage)
+		}
+		return err
+	}
+	return nil
 }
