@@ -136,7 +136,7 @@ func TestIntegrationCheckpointResume(t *testing.T) {
 	}
 	defer monb.Close()
 	t3 := time.Now()
-	if err := monb.LoadIncoming(tctx, "exec:cat "+dev); err != nil {
+	if err := qemu.LoadDeviceStateFile(tctx, monb, dev, filepath.Join(t.TempDir(), "incoming.sock")); err != nil {
 		t.Fatal(err)
 	}
 	if err := monb.Cont(tctx); err != nil {

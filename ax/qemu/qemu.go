@@ -7,6 +7,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"net"
+	"os"
 	"sync"
 	"time"
 
@@ -175,4 +178,45 @@ func (q *QMP) Close() error {
 	var err error
 	q.closed.Do(func() { err = q.mon.Disconnect() })
 	return err
+}
+
+// LoadDeviceStateFile feeds the committed device state in file dev to a QEMU
+// waiting with -incoming defer, through a unix socket AX listens on itself
+// (no exec: URI, so no shell ever sees a path). QEMU must be able to
+// reach sock: the caller picks a path in a directory of its own.
+func LoadDeviceStateFile(ctx context.Context, mon Monitor, dev, sock string) error {
+	f, err := os.Open(dev)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	os.Remove(sock)
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		return fmt.Errorf("device state socket: %w", err)
+	}
+	defer os.Remove(sock)
+	defer ln.Close()
+	fed := make(chan error, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			fed <- err
+			return
+		}
+		defer c.Close()
+		_, err = io.Copy(c, f)
+		fed <- err
+	}()
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stop()
+	if err := mon.LoadIncoming(ctx, "unix:"+sock); err != nil {
+		ln.Close()
+		<-fed
+		return err
+	}
+	if err := <-fed; err != nil {
+		return fmt.Errorf("feeding device state to QEMU: %w", err)
+	}
+	return nil
 }
