@@ -4,15 +4,21 @@ import (
 	"bufio"
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"sync"
 	"time"
+
+	"github.com/axproject/ax/ax/identity"
+	"github.com/axproject/ax/ax/names"
 )
 
-// DefaultTimeout bounds one call, dial included, when NewClient gets none.
+// DefaultTimeout bounds one call, waiting for the connection and dialling
+// included, when NewClient gets none.
 const DefaultTimeout = 2 * time.Second
 
 var (
@@ -54,31 +60,101 @@ type LeaseInfo struct {
 	Expired bool
 }
 
-// Client talks to a witness on behalf of one host. It is safe for concurrent
-// use; each call is one short TCP connection.
+// ClientConfig configures a client. Exactly one of Identity and PSK is set.
+type ClientConfig struct {
+	// Addr is the witness's host:port.
+	Addr string
+	// Identity selects TLS mode: this host's identity (role host); the
+	// holder is its certificate's name. Witness is the name the witness's
+	// certificate must carry (role witness).
+	Identity *identity.Identity
+	Witness  string
+	// PSK selects PSK mode: the pre-shared master key. Holder is this host's
+	// name, self-declared: any holder of the key can claim any name.
+	PSK    []byte
+	Holder string
+	// Timeout bounds each call (DefaultTimeout when <= 0).
+	Timeout time.Duration
+}
+
+// Client talks to a witness on behalf of one host over one connection, kept
+// open between calls and opened again after an error. It is safe for
+// concurrent use; calls take turns on the connection. Close it when done.
 type Client struct {
 	addr    string
-	psk     []byte
 	holder  string
+	pskKey  []byte      // PSK mode
+	tlsConf *tls.Config // TLS mode
 	timeout time.Duration
 	now     func() time.Time // time.Now; tests replace it
 	dialer  net.Dialer
+
+	turn chan struct{} // held by the call using the connection
+	// Guarded by turn:
+	conn  *clientConn
+	floor int64 // the witness's restart floor: timestamps go above it
+	dials int   // connections opened, for tests
+
+	mu     sync.Mutex // guards closed and open (Close may run during a call)
+	closed bool
+	open   net.Conn
 }
 
-// NewClient returns a client of the witness at addr (host:port) for the host
-// named holder. Timeout bounds each call, dial included (DefaultTimeout when
-// <= 0).
-func NewClient(addr string, psk []byte, holder string, timeout time.Duration) (*Client, error) {
-	if err := checkKey(psk); err != nil {
-		return nil, err
+type clientConn struct {
+	conn net.Conn
+	r    *bufio.Reader
+	key  []byte
+}
+
+// NewClient returns a client of the witness at cfg.Addr. It does not dial:
+// the first call does.
+func NewClient(cfg ClientConfig) (*Client, error) {
+	c := &Client{addr: cfg.Addr, timeout: cfg.Timeout, now: time.Now, turn: make(chan struct{}, 1)}
+	if c.timeout <= 0 {
+		c.timeout = DefaultTimeout
 	}
-	if err := checkName("holder", holder); err != nil {
-		return nil, fmt.Errorf("witness: new client: %w", err)
+	switch {
+	case cfg.Identity != nil && cfg.PSK != nil:
+		return nil, errors.New("witness: new client: both an identity and a pre-shared key given: configure one security mode")
+	case cfg.Identity != nil:
+		id := cfg.Identity
+		if id.Role() != identity.RoleHost {
+			return nil, fmt.Errorf("witness: new client: certificate %q has role %s: leases are held with a %s certificate", id.Name(), id.Role(), identity.RoleHost)
+		}
+		if cfg.Holder != "" && cfg.Holder != id.Name() {
+			return nil, fmt.Errorf("witness: new client: holder %q given, but in TLS mode the holder is the certificate's name %q: leave Holder empty", cfg.Holder, id.Name())
+		}
+		if err := names.Check("witness", cfg.Witness); err != nil {
+			return nil, fmt.Errorf("witness: new client: the witness's certificate name: %w", err)
+		}
+		c.holder = id.Name()
+		c.tlsConf = id.ClientConfig(identity.Want(cfg.Witness, identity.RoleWitness))
+	case cfg.PSK != nil:
+		if err := checkKey(cfg.PSK); err != nil {
+			return nil, err
+		}
+		if err := checkName("holder", cfg.Holder); err != nil {
+			return nil, fmt.Errorf("witness: new client: %w", err)
+		}
+		c.holder = cfg.Holder
+		c.pskKey = pskLineKey(cfg.PSK)
+	default:
+		return nil, errors.New("witness: new client: no identity and no pre-shared key: configure one security mode")
 	}
-	if timeout <= 0 {
-		timeout = DefaultTimeout
+	return c, nil
+}
+
+// Close closes the connection, interrupting a call in progress; later calls
+// fail. It is safe to call twice.
+func (c *Client) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.closed = true
+	if c.open != nil {
+		c.open.Close()
+		c.open = nil
 	}
-	return &Client{addr: addr, psk: append([]byte(nil), psk...), holder: holder, timeout: timeout, now: time.Now}, nil
+	return nil
 }
 
 // Renew asks for this host's lease on vm to be granted or extended.
@@ -92,7 +168,7 @@ func NewClient(addr string, psk []byte, holder string, timeout time.Duration) (*
 // *LeaseHeldError when another host holds the lease.
 func (c *Client) Renew(ctx context.Context, vm string) (expires time.Time, err error) {
 	start := c.now()
-	resp, err := c.call(ctx, opRenew, vm, start)
+	resp, err := c.call(ctx, opRenew, vm)
 	if err != nil {
 		return time.Time{}, err
 	}
@@ -101,7 +177,7 @@ func (c *Client) Renew(ctx context.Context, vm string) (expires time.Time, err e
 
 // Query returns the witness's view of vm's lease.
 func (c *Client) Query(ctx context.Context, vm string) (LeaseInfo, error) {
-	resp, err := c.call(ctx, opQuery, vm, c.now())
+	resp, err := c.call(ctx, opQuery, vm)
 	if err != nil {
 		return LeaseInfo{}, err
 	}
@@ -118,51 +194,234 @@ func (c *Client) Query(ctx context.Context, vm string) (LeaseInfo, error) {
 // and starts the VM only if it returns nil, then renews as the primary.
 // The error is a *LeaseHeldError when the lease is not free.
 func (c *Client) Takeover(ctx context.Context, vm string) error {
-	_, err := c.call(ctx, opTakeover, vm, c.now())
+	_, err := c.call(ctx, opTakeover, vm)
 	return err
 }
 
+// errFloor is a signed refusal of a timestamp at or below the witness's
+// restart floor; the request may be sent again above it.
+type errFloor struct{ floor int64 }
+
+func (e errFloor) Error() string {
+	return fmt.Sprintf("request timestamp not after the witness's restart floor %d", e.floor)
+}
+
 // call sends one request and returns the witness's authenticated, positive
-// answer to it.
-func (c *Client) call(ctx context.Context, op, vm string, now time.Time) (*response, error) {
+// answer to it. It waits for its turn on the connection, and sends again
+// once, at once, if the witness restarted and names a floor above the
+// request's timestamp, or if a reused connection turns out to be dead.
+func (c *Client) call(ctx context.Context, op, vm string) (*response, error) {
 	if err := checkName("vm", vm); err != nil {
 		return nil, fmt.Errorf("witness: %s: %w", op, err)
 	}
-	req := request{op: op, holder: c.holder, vm: vm, ts: now.UnixMilli()}
-	if _, err := rand.Read(req.nonce[:]); err != nil {
-		return nil, fmt.Errorf("witness: %s vm %q: nonce: %w", op, vm, err)
-	}
-	req.sign(c.psk)
-	line, err := req.encode()
-	if err != nil {
-		return nil, fmt.Errorf("witness: %s vm %q: encode: %w", op, vm, err)
-	}
-	if len(line) > MaxLineSize {
-		return nil, fmt.Errorf("witness: %s vm %q: request of %d bytes, more than %d", op, vm, len(line), MaxLineSize)
+	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	defer cancel()
+	select {
+	case c.turn <- struct{}{}:
+		defer func() { <-c.turn }()
+	case <-ctx.Done():
+		return nil, fmt.Errorf("witness %s: %s vm %q: waiting for the connection: %w", c.addr, op, vm, context.Cause(ctx))
 	}
 
-	resp, err := c.exchange(ctx, line)
+	floorRetried, connRetried := false, false
+	for {
+		resp, reused, err := c.attempt(ctx, op, vm)
+		var fl errFloor
+		switch {
+		case errors.As(err, &fl) && !floorRetried:
+			c.floor = max(c.floor, fl.floor)
+			floorRetried = true
+			continue
+		case err != nil && reused && !connRetried && ctx.Err() == nil && isConnErr(err):
+			// The witness closed an idle connection, or restarted: a
+			// request it never read is safe to send on a new one.
+			connRetried = true
+			continue
+		case errors.Is(err, ErrLeaseHeld):
+			return nil, err // says all, and callers match it
+		case err != nil:
+			return nil, fmt.Errorf("witness %s: %s vm %q: %w", c.addr, op, vm, err)
+		}
+		return resp, nil
+	}
+}
+
+// connErr marks an error of the connection itself (not of an answer).
+type connErr struct{ err error }
+
+func (e connErr) Error() string { return e.err.Error() }
+func (e connErr) Unwrap() error { return e.err }
+
+func isConnErr(err error) bool {
+	var ce connErr
+	return errors.As(err, &ce)
+}
+
+// attempt sends the request once; reused reports whether it went on a
+// connection opened by an earlier call. The caller holds the turn.
+func (c *Client) attempt(ctx context.Context, op, vm string) (_ *response, reused bool, err error) {
+	req := request{op: op, holder: c.holder, vm: vm, ts: max(c.now().UnixMilli(), c.floor+1)}
+	if _, err := rand.Read(req.nonce[:]); err != nil {
+		return nil, false, fmt.Errorf("nonce: %w", err)
+	}
+	reused = c.conn != nil
+	cc, err := c.connect(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("witness %s: %s vm %q: %w", c.addr, op, vm, err)
+		return nil, false, err
+	}
+	req.sign(cc.key)
+	line, err := req.encode()
+	if err != nil {
+		return nil, reused, fmt.Errorf("encode: %w", err)
+	}
+	if len(line) > MaxLineSize {
+		return nil, reused, fmt.Errorf("request of %d bytes, more than %d", len(line), MaxLineSize)
+	}
+	out, err := c.exchange(ctx, cc, line)
+	if err != nil {
+		c.drop() // its state is unknown: an answer may still be on its way
+		return nil, reused, err
+	}
+	resp, err := c.checkResponse(&req, cc.key, out)
+	if err != nil {
+		var fl errFloor
+		if !errors.As(err, &fl) && !errors.Is(err, ErrLeaseHeld) {
+			c.drop()
+		}
+		return nil, reused, err
+	}
+	return resp, reused, nil
+}
+
+// connect returns the open connection or opens one.
+func (c *Client) connect(ctx context.Context) (*clientConn, error) {
+	if c.conn != nil {
+		return c.conn, nil
+	}
+	c.mu.Lock()
+	closed := c.closed
+	c.mu.Unlock()
+	if closed {
+		return nil, fmt.Errorf("client closed: %w", net.ErrClosed)
+	}
+	var conn net.Conn
+	var key []byte
+	if c.tlsConf != nil {
+		d := tls.Dialer{NetDialer: &c.dialer, Config: c.tlsConf}
+		nc, err := d.DialContext(ctx, "tcp", c.addr)
+		if err != nil {
+			return nil, fmt.Errorf("connect: %w", ctxErr(ctx, err))
+		}
+		tc := nc.(*tls.Conn)
+		if key, err = tlsLineKey(tc.ConnectionState()); err != nil {
+			nc.Close()
+			return nil, err
+		}
+		conn = tc
+	} else {
+		nc, err := c.dialer.DialContext(ctx, "tcp", c.addr)
+		if err != nil {
+			return nil, fmt.Errorf("connect: %w", ctxErr(ctx, err))
+		}
+		conn, key = nc, c.pskKey
+	}
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		conn.Close()
+		return nil, fmt.Errorf("client closed: %w", net.ErrClosed)
+	}
+	c.open = conn
+	c.mu.Unlock()
+	c.dials++
+	c.conn = &clientConn{conn: conn, r: bufio.NewReaderSize(conn, MaxLineSize), key: key}
+	return c.conn, nil
+}
+
+// drop closes the connection; the next attempt opens another.
+func (c *Client) drop() {
+	if c.conn == nil {
+		return
+	}
+	c.conn.conn.Close()
+	c.mu.Lock()
+	if c.open == c.conn.conn {
+		c.open = nil
+	}
+	c.mu.Unlock()
+	c.conn = nil
+}
+
+// exchange writes line and reads one response line, within ctx.
+func (c *Client) exchange(ctx context.Context, cc *clientConn, line []byte) (_ []byte, err error) {
+	defer func() { err = ctxErr(ctx, err) }()
+	// The context alone ends the exchange, so that an I/O error it causes
+	// always finds ctx.Err set.
+	if err := cc.conn.SetDeadline(time.Time{}); err != nil {
+		return nil, connErr{err}
+	}
+	stop := context.AfterFunc(ctx, func() { cc.conn.SetDeadline(time.Unix(1, 0)) })
+	defer func() {
+		if !stop() {
+			// The context fired, maybe after the answer: its deadline
+			// could land on the next call, so the connection goes.
+			c.drop()
+		}
+	}()
+
+	if _, err := cc.conn.Write(line); err != nil {
+		return nil, connErr{fmt.Errorf("send: %w", err)}
+	}
+	out, err := cc.r.ReadSlice('\n')
+	if err != nil {
+		if errors.Is(err, bufio.ErrBufferFull) {
+			return nil, fmt.Errorf("response longer than %d bytes", MaxLineSize)
+		}
+		if errors.Is(err, io.EOF) {
+			return nil, connErr{errors.New("witness closed the connection without an answer (it does so on a request it cannot parse, after an idle minute, and to a client without TLS when it serves TLS)")}
+		}
+		var op *net.OpError
+		if errors.As(err, &op) && op.Op == "remote error" {
+			return nil, fmt.Errorf("the witness refused this host's certificate (is it a host certificate from the witness's CA?): %w", err)
+		}
+		return nil, connErr{fmt.Errorf("read response: %w", err)}
+	}
+	return out[:len(out)-1], nil
+}
+
+// ctxErr says so when the context caused an I/O error.
+func ctxErr(ctx context.Context, err error) error {
+	if err != nil && ctx.Err() != nil {
+		return fmt.Errorf("%w (%v)", context.Cause(ctx), err)
+	}
+	return err
+}
+
+// checkResponse decodes and authenticates the answer to req and turns a
+// refusal into an error: *LeaseHeldError, errFloor, or one that says why.
+func (c *Client) checkResponse(req *request, key, line []byte) (*response, error) {
+	var resp response
+	if err := decodeStrict(line, &resp); err != nil {
+		return nil, fmt.Errorf("malformed response: %w", err)
 	}
 	if resp.MAC == "" {
 		if resp.Code == codeAuth {
-			return nil, fmt.Errorf("witness %s: %s vm %q: %w: the witness rejected our request: check that this host and the witness use the same pre-shared key", c.addr, op, vm, ErrAuth)
+			return nil, fmt.Errorf("%w: the witness rejected our request: check that this host and the witness use the same pre-shared key", ErrAuth)
 		}
-		return nil, fmt.Errorf("witness %s: %s vm %q: %w: unsigned response", c.addr, op, vm, ErrAuth)
+		return nil, fmt.Errorf("%w: unsigned response", ErrAuth)
 	}
-	if !resp.verify(c.psk) {
-		return nil, fmt.Errorf("witness %s: %s vm %q: %w: response MAC is wrong (different pre-shared key, or not the witness)", c.addr, op, vm, ErrAuth)
+	if !resp.verify(key) {
+		return nil, fmt.Errorf("%w: response MAC is wrong (different pre-shared key, or not the witness)", ErrAuth)
 	}
 	if resp.Nonce != hex.EncodeToString(req.nonce[:]) {
-		return nil, fmt.Errorf("witness %s: %s vm %q: %w: response answers another request", c.addr, op, vm, ErrAuth)
+		return nil, fmt.Errorf("%w: response answers another request", ErrAuth)
 	}
 
 	if !resp.OK {
 		switch resp.Code {
 		case codeHeld, codeRestarted:
 			e := &LeaseHeldError{
-				VM:        vm,
+				VM:        req.vm,
 				Holder:    resp.Holder,
 				Remaining: time.Duration(resp.RemainingMS) * time.Millisecond,
 				Restarted: resp.Code == codeRestarted,
@@ -171,52 +430,15 @@ func (c *Client) call(ctx context.Context, op, vm string, now time.Time) (*respo
 				e.ExpiresAt = time.UnixMilli(resp.ExpiresAt)
 			}
 			return nil, e
+		case codeFloor:
+			if resp.Floor >= req.ts {
+				return nil, errFloor{resp.Floor}
+			}
 		}
-		return nil, fmt.Errorf("witness %s: %s vm %q: refused (%s): %s", c.addr, op, vm, resp.Code, resp.Error)
+		return nil, fmt.Errorf("refused (%s): %s", resp.Code, resp.Error)
 	}
-	if op != opQuery && resp.Holder != c.holder {
-		return nil, fmt.Errorf("witness %s: %s vm %q: granted to %q, not to us (%q)", c.addr, op, vm, resp.Holder, c.holder)
-	}
-	return resp, nil
-}
-
-// exchange dials, writes line and reads one response line.
-func (c *Client) exchange(ctx context.Context, line []byte) (_ *response, err error) {
-	ctx, cancel := context.WithTimeout(ctx, c.timeout)
-	defer cancel()
-	defer func() {
-		// An I/O error caused by the context says so.
-		if err != nil && ctx.Err() != nil {
-			err = fmt.Errorf("%w (%v)", context.Cause(ctx), err)
-		}
-	}()
-
-	conn, err := c.dialer.DialContext(ctx, "tcp", c.addr)
-	if err != nil {
-		return nil, err
-	}
-	defer conn.Close()
-	// The context alone ends the exchange, so that an I/O error it causes
-	// always finds ctx.Err set.
-	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
-	defer stop()
-
-	if _, err := conn.Write(line); err != nil {
-		return nil, fmt.Errorf("send: %w", err)
-	}
-	out, err := bufio.NewReaderSize(conn, MaxLineSize).ReadSlice('\n')
-	if err != nil {
-		if errors.Is(err, bufio.ErrBufferFull) {
-			return nil, fmt.Errorf("response longer than %d bytes", MaxLineSize)
-		}
-		if errors.Is(err, io.EOF) {
-			return nil, errors.New("witness closed the connection without an answer (it does so on a request it cannot parse)")
-		}
-		return nil, fmt.Errorf("read response: %w", err)
-	}
-	var resp response
-	if err := decodeStrict(out[:len(out)-1], &resp); err != nil {
-		return nil, fmt.Errorf("malformed response: %w", err)
+	if req.op != opQuery && resp.Holder != req.holder {
+		return nil, fmt.Errorf("granted to %q, not to us (%q)", resp.Holder, req.holder)
 	}
 	return &resp, nil
 }

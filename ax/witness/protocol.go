@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/hmac"
 	"crypto/sha256"
+	"crypto/tls"
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
@@ -12,25 +13,41 @@ import (
 	"io"
 	"time"
 	"unicode/utf8"
+
+	"github.com/axproject/ax/ax/identity"
 )
 
-// The protocol: over TCP, one JSON object per line in each direction.
+// The protocol: one JSON object per line in each direction, over TLS 1.3
+// (TLS mode) or plain TCP (PSK mode).
 //
 //	→ {"op":"renew","holder":"a","vm":"web1","ts":1700000000000,"nonce":"…","mac":"…"}
 //	← {"nonce":"…","ok":true,"holder":"a","expires_at":…,"remaining_ms":15000,"expired":false,"mac":"…"}
 //
-// The MACs are HMAC-SHA256 under the pre-shared key over a canonical binary
-// form of the decoded fields (see request.macInput, response.macInput), not
-// over the JSON bytes, so JSON's freedom in spacing and escaping cannot
-// change what is authenticated. A request carries its sender's time ("ts",
-// Unix milliseconds) and a random nonce; the witness rejects requests more
-// than MaxRequestAge away from its own clock and nonces it has seen within
-// that window, so a recorded request cannot be replayed. A response echoes
-// the request's nonce under its MAC, so it answers that request only.
+// The MACs are HMAC-SHA256 over a canonical binary form of the decoded fields
+// (see request.macInput, response.macInput), not over the JSON bytes, so
+// JSON's freedom in spacing and escaping cannot change what is authenticated.
+// The MAC key is, in TLS mode, exported from the connection's TLS session
+// (tlsExportLabel), so a line counts in its own session only; in PSK mode it
+// is identity.DeriveKey(psk, identity.PurposeWitness), a key no other use of
+// the pre-shared key shares. In TLS mode the holder is the client
+// certificate's name and a request naming another is refused; in PSK mode
+// the holder is whatever a key holder declares: any holder of the key can
+// speak for any host (documented, not fixable without identities).
+//
+// A request carries its sender's time ("ts", Unix milliseconds) and a random
+// nonce; the witness rejects requests more than MaxRequestAge away from its
+// own clock and nonces it has seen within that window, so a recorded request
+// cannot be replayed to a running witness. Across a restart the nonces are
+// gone; instead the witness persists, ahead of time, a bound on the
+// timestamps it may have accepted, and after a restart refuses any request
+// at or below it (code "floor", with the bound in "floor"), so nothing
+// recorded before the restart is granted after it. An honest client then
+// sends its timestamps above the floor. A response echoes the request's
+// nonce under its MAC, so it answers that request only.
 
 const (
 	// MinKeySize is the shortest pre-shared key accepted.
-	MinKeySize = 16
+	MinKeySize = identity.MinKeySize
 	// MaxNameLen bounds holder and VM names.
 	MaxNameLen = 255
 	// MaxLineSize bounds one request or response line, newline included. A
@@ -52,7 +69,14 @@ const (
 	codeRestarted = "restarted" // witness in its post-start grace
 	codeAuth      = "auth"      // request MAC wrong; this response is unsigned
 	codeReplay    = "replay"    // timestamp too far off, or nonce seen
-	codeBusy      = "busy"      // replay cache full
+	codeFloor     = "floor"     // timestamp at or below the restart floor ("floor")
+	codeHolder    = "holder"    // request names a holder the connection is not
+	codeBusy      = "busy"      // replay cache or lease table full
+	codeStore     = "store"     // the witness could not save its state
+
+	// tlsExportLabel names the line MAC key exported from a TLS session.
+	tlsExportLabel = "EXPORTER-ax-witness/2 line mac"
+	macKeySize     = 32
 )
 
 var (
@@ -64,9 +88,21 @@ var (
 
 func checkKey(psk []byte) error {
 	if len(psk) < MinKeySize {
-		return fmt.Errorf("%w: %d bytes, need at least %d (generate one with: head -c 32 /dev/urandom > KEYFILE)", ErrWeakKey, len(psk), MinKeySize)
+		return fmt.Errorf("%w: %d bytes, need at least %d (make one with: axctl pki psk KEYFILE)", ErrWeakKey, len(psk), MinKeySize)
 	}
 	return nil
+}
+
+// pskLineKey is the line MAC key of PSK mode.
+func pskLineKey(psk []byte) []byte { return identity.DeriveKey(psk, identity.PurposeWitness) }
+
+// tlsLineKey is the line MAC key of one TLS session, the same at both ends.
+func tlsLineKey(cs tls.ConnectionState) ([]byte, error) {
+	k, err := cs.ExportKeyingMaterial(tlsExportLabel, nil, macKeySize)
+	if err != nil {
+		return nil, fmt.Errorf("export line key from the TLS session: %w", err)
+	}
+	return k, nil
 }
 
 func checkName(what, s string) error {
@@ -151,7 +187,7 @@ func (r *request) wire() wireRequest {
 // requests and responses apart, then each field, strings length-prefixed.
 func (r *request) macInput() []byte {
 	b := make([]byte, 0, 64+len(r.op)+len(r.holder)+len(r.vm))
-	b = append(b, "ax-witness/1 request\x00"...)
+	b = append(b, "ax-witness/2 request\x00"...)
 	b = appendString(b, r.op)
 	b = appendString(b, r.holder)
 	b = appendString(b, r.vm)
@@ -159,10 +195,10 @@ func (r *request) macInput() []byte {
 	return append(b, r.nonce[:]...)
 }
 
-func (r *request) sign(psk []byte) { r.mac = sum(psk, r.macInput()) }
+func (r *request) sign(key []byte) { r.mac = sum(key, r.macInput()) }
 
-func (r *request) verify(psk []byte) bool {
-	m := sum(psk, r.macInput())
+func (r *request) verify(key []byte) bool {
+	m := sum(key, r.macInput())
 	return hmac.Equal(m[:], r.mac[:])
 }
 
@@ -193,9 +229,9 @@ func encodeLine(v any) ([]byte, error) {
 	return b.Bytes(), nil
 }
 
-func sum(psk, msg []byte) [macSize]byte {
+func sum(key, msg []byte) [macSize]byte {
 	var out [macSize]byte
-	m := hmac.New(sha256.New, psk)
+	m := hmac.New(sha256.New, key)
 	m.Write(msg)
 	m.Sum(out[:0])
 	return out
@@ -212,12 +248,14 @@ type response struct {
 	ExpiresAt   int64  `json:"expires_at,omitempty"` // Unix milliseconds, witness's clock
 	RemainingMS int64  `json:"remaining_ms"`
 	Expired     bool   `json:"expired"`
-	MAC         string `json:"mac,omitempty"`
+	// Floor is, with code "floor", the timestamp a request must exceed.
+	Floor int64  `json:"floor,omitempty"`
+	MAC   string `json:"mac,omitempty"`
 }
 
 func (r *response) macInput() []byte {
 	b := make([]byte, 0, 128+len(r.Error)+len(r.Holder))
-	b = append(b, "ax-witness/1 response\x00"...)
+	b = append(b, "ax-witness/2 response\x00"...)
 	b = appendString(b, r.Nonce)
 	b = appendBool(b, r.OK)
 	b = appendString(b, r.Code)
@@ -225,20 +263,21 @@ func (r *response) macInput() []byte {
 	b = appendString(b, r.Holder)
 	b = binary.BigEndian.AppendUint64(b, uint64(r.ExpiresAt))
 	b = binary.BigEndian.AppendUint64(b, uint64(r.RemainingMS))
-	return appendBool(b, r.Expired)
+	b = appendBool(b, r.Expired)
+	return binary.BigEndian.AppendUint64(b, uint64(r.Floor))
 }
 
-func (r *response) sign(psk []byte) {
-	m := sum(psk, r.macInput())
+func (r *response) sign(key []byte) {
+	m := sum(key, r.macInput())
 	r.MAC = hex.EncodeToString(m[:])
 }
 
-func (r *response) verify(psk []byte) bool {
+func (r *response) verify(key []byte) bool {
 	var got [macSize]byte
 	if decodeHex(got[:], r.MAC) != nil {
 		return false
 	}
-	want := sum(psk, r.macInput())
+	want := sum(key, r.macInput())
 	return hmac.Equal(got[:], want[:])
 }
 

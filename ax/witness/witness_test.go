@@ -20,6 +20,8 @@ const testTTL = 10 * time.Second
 var (
 	testKey  = []byte("0123456789abcdef0123456789abcdef")
 	otherKey = []byte("fedcba9876543210fedcba9876543210")
+	// testLineKey is the line MAC key PSK mode derives from testKey.
+	testLineKey = pskLineKey(testKey)
 )
 
 // fakeClock is the witness's and the clients' clock in these tests; the
@@ -44,23 +46,32 @@ func (c *fakeClock) Advance(d time.Duration) {
 }
 
 type testWitness struct {
-	t     *testing.T
-	srv   *Server
-	clock *fakeClock
-	addr  string
-	stop  func()
+	t        *testing.T
+	srv      *Server
+	clock    *fakeClock
+	addr     string
+	stop     func()
+	observer *Client
 }
 
-// startWitness serves a new witness on loopback; it stops at the end of the
-// test or when stop is called.
+// startWitness serves a new PSK-mode witness on loopback, keeping its
+// leases in memory; it stops at the end of the test or when stop is called.
 func startWitness(t *testing.T, clock *fakeClock) *testWitness {
 	t.Helper()
-	log := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug}))
-	srv, err := NewServer(testKey, testTTL, clock.Now, log)
+	return startWitnessWith(t, clock, ServerConfig{PSK: testKey}, "127.0.0.1:0")
+}
+
+// startWitnessWith serves a witness configured by cfg (its TTL, clock and
+// log filled in) on addr.
+func startWitnessWith(t *testing.T, clock *fakeClock, cfg ServerConfig, addr string) *testWitness {
+	t.Helper()
+	cfg.LeaseTTL, cfg.Now = testTTL, clock.Now
+	cfg.Log = slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug}))
+	srv, err := NewServer(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,17 +104,30 @@ func (w *testWitness) client(holder string) *Client {
 
 func (w *testWitness) clientWithKey(holder string, key []byte) *Client {
 	w.t.Helper()
-	c, err := NewClient(w.addr, key, holder, 5*time.Second)
-	if err != nil {
-		w.t.Fatal(err)
+	return newTestClient(w.t, ClientConfig{Addr: w.addr, PSK: key, Holder: holder}, w.clock)
+}
+
+// newTestClient returns a client on clock, closed at the end of the test.
+func newTestClient(t *testing.T, cfg ClientConfig, clock *fakeClock) *Client {
+	t.Helper()
+	if cfg.Timeout == 0 {
+		cfg.Timeout = 5 * time.Second
 	}
-	c.now = w.clock.Now
+	c, err := NewClient(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.now = clock.Now
+	t.Cleanup(func() { c.Close() })
 	return c
 }
 
 func (w *testWitness) query(vm string) LeaseInfo {
 	w.t.Helper()
-	info, err := w.client("observer").Query(context.Background(), vm)
+	if w.observer == nil {
+		w.observer = w.client("observer")
+	}
+	info, err := w.observer.Query(context.Background(), vm)
 	if err != nil {
 		w.t.Fatalf("query %s: %v", vm, err)
 	}
@@ -316,7 +340,7 @@ func TestClientRejectsForgedResponses(t *testing.T) {
 		}},
 		{"answer to another request", func(req request) response {
 			r := response{Nonce: strings.Repeat("ab", nonceSize), OK: true, Holder: req.holder, RemainingMS: 1e9}
-			r.sign(testKey)
+			r.sign(testLineKey)
 			return r
 		}},
 		{"unsigned success", func(req request) response {
@@ -324,16 +348,13 @@ func TestClientRejectsForgedResponses(t *testing.T) {
 		}},
 		{"tampered after signing", func(req request) response {
 			r := response{Nonce: hex.EncodeToString(req.nonce[:]), OK: true, Holder: req.holder, RemainingMS: 1000}
-			r.sign(testKey)
+			r.sign(testLineKey)
 			r.RemainingMS = 1e9
 			return r
 		}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			cl, err := NewClient(fakeWitness(t, c.reply), testKey, "a", 5*time.Second)
-			if err != nil {
-				t.Fatal(err)
-			}
+			cl := newTestClient(t, ClientConfig{Addr: fakeWitness(t, c.reply), PSK: testKey, Holder: "a"}, newFakeClock())
 			if _, err := cl.Renew(context.Background(), "web"); !errors.Is(err, ErrAuth) {
 				t.Fatalf("Renew = %v, want ErrAuth", err)
 			}
@@ -346,7 +367,7 @@ func rawRequest(t *testing.T, op, holder, vm string, ts time.Time, key []byte) [
 	t.Helper()
 	req := request{op: op, holder: holder, vm: vm, ts: ts.UnixMilli()}
 	rand.Read(req.nonce[:])
-	req.sign(key)
+	req.sign(pskLineKey(key))
 	line, err := req.encode()
 	if err != nil {
 		t.Fatal(err)
@@ -387,7 +408,7 @@ func TestReplayRejected(t *testing.T) {
 	// b takes a free lease; the lease runs out; a recorded copy of the
 	// request must not take it again.
 	line := rawRequest(t, opTakeover, "b", "web", w.clock.Now(), testKey)
-	if resp := send(t, w.addr, line); resp == nil || !resp.OK || !resp.verify(testKey) {
+	if resp := send(t, w.addr, line); resp == nil || !resp.OK || !resp.verify(testLineKey) {
 		t.Fatalf("first takeover: %+v", resp)
 	}
 	w.clock.Advance(testTTL + time.Second)
@@ -395,7 +416,7 @@ func TestReplayRejected(t *testing.T) {
 		t.Fatal("lease should have expired")
 	}
 	resp := send(t, w.addr, line)
-	if resp == nil || resp.OK || resp.Code != codeReplay || !resp.verify(testKey) {
+	if resp == nil || resp.OK || resp.Code != codeReplay || !resp.verify(testLineKey) {
 		t.Fatalf("replayed takeover: %+v, want a signed replay refusal", resp)
 	}
 	if info := w.query("web"); !info.Expired {
@@ -505,7 +526,7 @@ func TestConnectionServesSeveralLines(t *testing.T) {
 			t.Fatalf("request %d: %v", i, err)
 		}
 		var resp response
-		if err := json.Unmarshal(out, &resp); err != nil || !resp.OK || !resp.verify(testKey) {
+		if err := json.Unmarshal(out, &resp); err != nil || !resp.OK || !resp.verify(testLineKey) {
 			t.Fatalf("request %d: %s (%v)", i, out, err)
 		}
 	}
@@ -581,34 +602,34 @@ func TestTimeout(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close() // accepted by the kernel, never answered
-	c, err := NewClient(ln.Addr().String(), testKey, "a", 100*time.Millisecond)
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := newTestClient(t, ClientConfig{Addr: ln.Addr().String(), PSK: testKey, Holder: "a", Timeout: 100 * time.Millisecond}, newFakeClock())
 	if err := c.Takeover(context.Background(), "web"); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("Takeover against a silent witness: %v, want DeadlineExceeded", err)
 	}
 }
 
 func TestConstructorsCheck(t *testing.T) {
-	if _, err := NewServer([]byte("short"), testTTL, nil, nil); !errors.Is(err, ErrWeakKey) {
+	if _, err := NewServer(ServerConfig{PSK: []byte("short"), LeaseTTL: testTTL}); !errors.Is(err, ErrWeakKey) {
 		t.Errorf("NewServer with a short key: %v", err)
 	}
-	if _, err := NewServer(testKey, 0, nil, nil); err == nil {
+	if _, err := NewServer(ServerConfig{PSK: testKey}); err == nil {
 		t.Error("NewServer with a zero TTL succeeded")
 	}
-	if _, err := NewClient("x:1", []byte("short"), "a", 0); !errors.Is(err, ErrWeakKey) {
+	if _, err := NewServer(ServerConfig{LeaseTTL: testTTL}); err == nil {
+		t.Error("NewServer without a key or identity succeeded")
+	}
+	if _, err := NewClient(ClientConfig{Addr: "x:1", PSK: []byte("short"), Holder: "a"}); !errors.Is(err, ErrWeakKey) {
 		t.Errorf("NewClient with a short key: %v", err)
 	}
+	if _, err := NewClient(ClientConfig{Addr: "x:1", Holder: "a"}); err == nil {
+		t.Error("NewClient without a key or identity succeeded")
+	}
 	for _, h := range []string{"", "a\x00", strings.Repeat("h", MaxNameLen+1), "\xff"} {
-		if _, err := NewClient("x:1", testKey, h, 0); err == nil {
+		if _, err := NewClient(ClientConfig{Addr: "x:1", PSK: testKey, Holder: h}); err == nil {
 			t.Errorf("NewClient with holder %q succeeded", h)
 		}
 	}
-	c, err := NewClient("127.0.0.1:1", testKey, "a", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := newTestClient(t, ClientConfig{Addr: "127.0.0.1:1", PSK: testKey, Holder: "a"}, newFakeClock())
 	if _, err := c.Query(context.Background(), ""); err == nil {
 		t.Error("Query of an empty vm name succeeded")
 	}
