@@ -4,17 +4,26 @@ import (
 	"bytes"
 	"crypto/rand"
 	"errors"
+	"io"
 	"net"
 	"os"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/axproject/ax/ax/identity"
 )
 
 var (
 	testKey  = []byte("0123456789abcdef0123456789abcdef")
 	otherKey = []byte("fedcba9876543210fedcba9876543210")
+	// testStreamKey is the handshake key PSK mode derives from testKey:
+	// what a scripted peer holding testKey proves with.
+	testStreamKey  = identity.DeriveKey(testKey, identity.PurposeStream)
+	otherStreamKey = identity.DeriveKey(otherKey, identity.PurposeStream)
 )
+
+func pskOf(key []byte) Security { return Security{PSK: key} }
 
 // peer is a scripted end of a handshake: it sends what a test tells it and
 // records every frame the other end sends until that end closes.
@@ -96,15 +105,15 @@ type serverResult struct {
 	err error
 }
 
-// startServer runs ServerHandshake on one end of a pipe and returns a peer on
-// the other end and the handshake's result.
+// startServer runs ServerHandshake in PSK mode on one end of a pipe and
+// returns a peer on the other end and the handshake's result.
 func startServer(t *testing.T, psk []byte, timeout time.Duration) (*peer, <-chan serverResult) {
 	c, s := net.Pipe()
 	t.Cleanup(func() { s.Close() })
 	done := make(chan serverResult, 1)
 	go func() {
-		vm, err := ServerHandshake(s, psk, timeout)
-		done <- serverResult{vm, err}
+		a, err := ServerHandshake(s, pskOf(psk), nil, timeout)
+		done <- serverResult{a.VM, err}
 	}()
 	return newPeer(t, c), done
 }
@@ -114,33 +123,41 @@ func TestHandshake(t *testing.T) {
 	defer c.Close()
 	defer s.Close()
 	const timeout = 50 * time.Millisecond
-	done := make(chan serverResult, 1)
+	done := make(chan Authenticated, 1)
 	go func() {
-		vm, err := ServerHandshake(s, testKey, timeout)
-		done <- serverResult{vm, err}
+		a, err := ServerHandshake(s, pskOf(testKey), nil, timeout)
+		if err != nil {
+			t.Errorf("server: %v", err)
+		}
+		done <- a
 	}()
-	if err := ClientHandshake(c, testKey, "vm-1", timeout); err != nil {
+	cc, err := ClientHandshake(c, pskOf(testKey), "", "vm-1", timeout)
+	if err != nil {
 		t.Fatalf("client: %v", err)
 	}
-	res := <-done
-	if res.err != nil || res.vm != "vm-1" {
-		t.Fatalf("server: vm %q, %v", res.vm, res.err)
+	a := <-done
+	if a.VM != "vm-1" || a.Peer != "" || a.Conn == nil {
+		t.Fatalf("server: %+v", a)
 	}
 
 	// The handshake deadline is gone and no byte after it was consumed:
-	// frames sent right after the Welcome reach the stream's own Reader.
+	// frames sent right after the Welcome reach the stream's own Reader,
+	// through the record layer both ends put on the connection.
 	time.Sleep(2 * timeout)
 	go func() {
-		w := NewWriter(s, 0)
+		w := NewWriter(a.Conn, 0)
 		w.WriteFrame(Heartbeat{SentUnixNano: 1, LastCommitted: 2}.Frame())
 		w.Flush()
 	}()
-	f, err := NewReader(c, 0).ReadFrame()
+	f, err := NewReader(cc, 0).ReadFrame()
 	if err != nil {
 		t.Fatalf("first frame after the handshake: %v", err)
 	}
 	if hb, err := DecodeHeartbeat(f); err != nil || hb.LastCommitted != 2 {
 		t.Fatalf("first frame after the handshake: %+v, %v", hb, err)
+	}
+	if _, ok := cc.(*sealedConn); !ok {
+		t.Fatalf("client's stream is a %T, want sealed records", cc)
 	}
 }
 
@@ -152,25 +169,45 @@ func TestServerHandshakeRefuses(t *testing.T) {
 		cause   error // also wrapped, besides ErrAuth, when set
 	}{
 		{"wrong key", 0, func(p *peer) {
-			h := p.hello("vm-1", 1, 1)
+			h := p.hello("vm-1", 2, 2)
 			f, _ := p.recv()
 			c, _ := decodeChallenge(f)
-			p.send(response{MAC: proof(otherKey, "ax-client", &c.Nonce, &h.Nonce, "vm-1")}.frame())
+			p.send(response{MAC: proof(otherStreamKey, labelClientProof, h, c.Version, &c.Nonce, &h.Nonce)}.frame())
+		}, nil},
+		{"the master key instead of the stream key", 0, func(p *peer) {
+			h := p.hello("vm-1", 2, 2)
+			f, _ := p.recv()
+			c, _ := decodeChallenge(f)
+			p.send(response{MAC: proof(testKey, labelClientProof, h, c.Version, &c.Nonce, &h.Nonce)}.frame())
 		}, nil},
 		{"proof for another vm", 0, func(p *peer) {
-			h := p.hello("vm-1", 1, 1)
+			h := p.hello("vm-1", 2, 2)
 			f, _ := p.recv()
 			c, _ := decodeChallenge(f)
-			p.send(response{MAC: proof(testKey, "ax-client", &c.Nonce, &h.Nonce, "vm-2")}.frame())
+			h.VM = "vm-2"
+			p.send(response{MAC: proof(testStreamKey, labelClientProof, h, c.Version, &c.Nonce, &h.Nonce)}.frame())
+		}, nil},
+		{"proof over another version range", 0, func(p *peer) {
+			h := p.hello("vm-1", 2, 3)
+			f, _ := p.recv()
+			c, _ := decodeChallenge(f)
+			h.MaxVersion = 2 // what a relay that edited the hello would have the client prove
+			p.send(response{MAC: proof(testStreamKey, labelClientProof, h, c.Version, &c.Nonce, &h.Nonce)}.frame())
+		}, nil},
+		{"proof over another version", 0, func(p *peer) {
+			h := p.hello("vm-1", 2, 2)
+			f, _ := p.recv()
+			c, _ := decodeChallenge(f)
+			p.send(response{MAC: proof(testStreamKey, labelClientProof, h, 1, &c.Nonce, &h.Nonce)}.frame())
 		}, nil},
 		{"server's proof reflected", 0, func(p *peer) {
-			p.hello("vm-1", 1, 1)
+			p.hello("vm-1", 2, 2)
 			f, _ := p.recv()
 			c, _ := decodeChallenge(f)
 			p.send(response{MAC: c.MAC}.frame())
 		}, nil},
 		{"truncated response", 0, func(p *peer) {
-			p.hello("vm-1", 1, 1)
+			p.hello("vm-1", 2, 2)
 			p.recv()
 			wire := encode(p.t, response{}.frame())
 			p.sendRaw(wire[:HeaderSize+5])
@@ -178,7 +215,7 @@ func TestServerHandshakeRefuses(t *testing.T) {
 		}, nil},
 		{"closed before hello", 0, func(p *peer) { p.conn.Close() }, nil},
 		{"truncated hello", 0, func(p *peer) {
-			wire := encode(p.t, hello{MinVersion: 1, MaxVersion: 1, VM: "vm-1"}.frame())
+			wire := encode(p.t, hello{MinVersion: 2, MaxVersion: 2, VM: "vm-1"}.frame())
 			p.sendRaw(wire[:len(wire)-3])
 			p.conn.Close()
 		}, nil},
@@ -191,10 +228,21 @@ func TestServerHandshakeRefuses(t *testing.T) {
 			p.sendRaw(hdr) // and never the megabyte: refused on the header alone
 		}, ErrTooLarge},
 		{"hello with a 300-byte vm name", 0, func(p *peer) {
-			p.hello(strings.Repeat("v", 300), 1, 1)
+			p.hello(strings.Repeat("v", 300), 2, 2)
 		}, ErrMalformed},
+		{"hello with a 129-byte vm name", 0, func(p *peer) {
+			p.hello(strings.Repeat("v", 129), 2, 2)
+		}, ErrMalformed},
+		{"hello with a slash in the vm name", 0, func(p *peer) { p.hello("../etc/vm", 2, 2) }, ErrMalformed},
+		{"hello with vm name ..", 0, func(p *peer) { p.hello("..", 2, 2) }, ErrMalformed},
+		{"hello with a semicolon in the vm name", 0, func(p *peer) { p.hello("vm;reboot", 2, 2) }, ErrMalformed},
+		{"hello with a space in the vm name", 0, func(p *peer) { p.hello("vm 1", 2, 2) }, ErrMalformed},
+		{"hello with a leading dot", 0, func(p *peer) { p.hello(".vm", 2, 2) }, ErrMalformed},
+		{"hello with a leading dash", 0, func(p *peer) { p.hello("-vm", 2, 2) }, ErrMalformed},
+		{"hello with a comma (a QEMU option separator)", 0, func(p *peer) { p.hello("vm,file=x", 2, 2) }, ErrMalformed},
+		{"hello with an empty vm name", 0, func(p *peer) { p.hello("", 2, 2) }, ErrMalformed},
 		{"hello with a bad checksum", 0, func(p *peer) {
-			wire := encode(p.t, hello{MinVersion: 1, MaxVersion: 1, VM: "vm-1"}.frame())
+			wire := encode(p.t, hello{MinVersion: 2, MaxVersion: 2, VM: "vm-1"}.frame())
 			wire[len(wire)-1] ^= 1
 			p.sendRaw(wire)
 		}, ErrChecksum},
@@ -202,16 +250,19 @@ func TestServerHandshakeRefuses(t *testing.T) {
 			p.send(response{}.frame())
 		}, ErrUnexpectedType},
 		{"welcome instead of response", 0, func(p *peer) {
-			p.hello("vm-1", 1, 1)
+			p.hello("vm-1", 2, 2)
 			p.recv()
-			p.send(welcome{Version: 1}.frame())
+			p.send(welcome{Version: 2}.frame())
 		}, ErrUnexpectedType},
-		{"no common version", 0, func(p *peer) {
-			p.hello("vm-1", 2, 9)
+		{"no common version (newer)", 0, func(p *peer) {
+			p.hello("vm-1", 3, 9)
+		}, nil},
+		{"no common version (version 1, unprotected)", 0, func(p *peer) {
+			p.hello("vm-1", 1, 1)
 		}, nil},
 		{"silent client", 100 * time.Millisecond, func(p *peer) {}, os.ErrDeadlineExceeded},
 		{"client stalls after hello", 100 * time.Millisecond, func(p *peer) {
-			p.hello("vm-1", 1, 1)
+			p.hello("vm-1", 2, 2)
 			p.recv()
 		}, os.ErrDeadlineExceeded},
 	} {
@@ -258,10 +309,10 @@ func TestServerHandshakeRefuses(t *testing.T) {
 func TestServerHandshakeRefusesReplayedResponse(t *testing.T) {
 	// A client that knows the key; an eavesdropper records its messages.
 	p, done := startServer(t, testKey, 0)
-	h := p.hello("vm-1", 1, 1)
+	h := p.hello("vm-1", 2, 2)
 	f, _ := p.recv()
 	c, _ := decodeChallenge(f)
-	recorded := response{MAC: proof(testKey, "ax-client", &c.Nonce, &h.Nonce, "vm-1")}
+	recorded := response{MAC: proof(testStreamKey, labelClientProof, h, c.Version, &c.Nonce, &h.Nonce)}
 	p.send(recorded.frame())
 	if res := <-done; res.err != nil {
 		t.Fatalf("genuine client refused: %v", res.err)
@@ -287,35 +338,16 @@ func TestServerHandshakeRefusesReplayedResponse(t *testing.T) {
 	}
 }
 
-func TestServerHandshakeFuncUnknownVM(t *testing.T) {
-	c, s := net.Pipe()
-	done := make(chan serverResult, 1)
-	go func() {
-		vm, err := ServerHandshakeFunc(s, func(vm string) []byte {
-			if vm == "known" {
-				return testKey
-			}
-			return nil
-		}, 0)
-		done <- serverResult{vm, err}
-	}()
-	p := newPeer(t, c)
-	p.hello("stranger", 1, 1)
-	if res := <-done; !errors.Is(res.err, ErrAuth) {
-		t.Fatalf("unknown vm: %v, want ErrAuth", res.err)
-	}
-	if ts := types(p.rest()); len(ts) != 1 || ts[0] != TypeReject {
-		t.Fatalf("server sent %v, want only a Reject", ts)
-	}
-}
-
 // startClient runs ClientHandshake on one end of a pipe and returns a peer on
 // the other end and the handshake's error.
 func startClient(t *testing.T, psk []byte, timeout time.Duration) (*peer, <-chan error) {
 	c, s := net.Pipe()
 	t.Cleanup(func() { c.Close() })
 	done := make(chan error, 1)
-	go func() { done <- ClientHandshake(c, psk, "vm-1", timeout) }()
+	go func() {
+		_, err := ClientHandshake(c, pskOf(psk), "", "vm-1", timeout)
+		done <- err
+	}()
 	return newPeer(t, s), done
 }
 
@@ -327,10 +359,11 @@ func TestClientHandshakeRefuses(t *testing.T) {
 		f, _ := p.recv()
 		h, _ := decodeHello(f)
 		rand.Read(old.Nonce[:])
-		old.MAC = proof(testKey, "ax-server", &h.Nonce, &old.Nonce, "vm-1")
+		old.Version = 2
+		old.MAC = proof(testStreamKey, labelServerProof, h, 2, &h.Nonce, &old.Nonce)
 		p.send(old.frame())
 		p.recv()
-		p.send(welcome{Version: 1}.frame())
+		p.send(welcome{Version: 2}.frame())
 		if err := <-done; err != nil {
 			t.Fatalf("genuine server refused: %v", err)
 		}
@@ -342,28 +375,48 @@ func TestClientHandshakeRefuses(t *testing.T) {
 		cause   error
 	}{
 		{"server without the key", 0, func(p *peer, h hello) {
-			c := challenge{}
+			c := challenge{Version: 2}
 			rand.Read(c.Nonce[:])
-			c.MAC = proof(otherKey, "ax-server", &h.Nonce, &c.Nonce, h.VM)
+			c.MAC = proof(otherStreamKey, labelServerProof, h, 2, &h.Nonce, &c.Nonce)
 			p.send(c.frame())
 		}, nil},
 		{"server replays an old challenge", 0, func(p *peer, h hello) { p.send(old.frame()) }, nil},
 		{"server reflects the client's nonce", 0, func(p *peer, h hello) {
-			c := challenge{Nonce: h.Nonce}
-			c.MAC = proof(otherKey, "ax-server", &h.Nonce, &c.Nonce, h.VM)
+			c := challenge{Version: 2, Nonce: h.Nonce}
+			c.MAC = proof(otherStreamKey, labelServerProof, h, 2, &h.Nonce, &c.Nonce)
+			p.send(c.frame())
+		}, nil},
+		{"server proves over another version range", 0, func(p *peer, h hello) {
+			c := challenge{Version: 2}
+			rand.Read(c.Nonce[:])
+			h.MinVersion = 1 // the hello as a relay edited it
+			c.MAC = proof(testStreamKey, labelServerProof, h, 2, &h.Nonce, &c.Nonce)
+			p.send(c.frame())
+		}, nil},
+		{"challenge's version edited", 0, func(p *peer, h hello) {
+			c := challenge{Version: 2}
+			rand.Read(c.Nonce[:])
+			c.MAC = proof(testStreamKey, labelServerProof, h, 2, &h.Nonce, &c.Nonce)
+			c.Version = 1
+			p.send(c.frame())
+		}, nil},
+		{"server proves a version outside our range", 0, func(p *peer, h hello) {
+			c := challenge{Version: 7}
+			rand.Read(c.Nonce[:])
+			c.MAC = proof(testStreamKey, labelServerProof, h, 7, &h.Nonce, &c.Nonce)
 			p.send(c.frame())
 		}, nil},
 		{"server rejects", 0, func(p *peer, h hello) { p.send(rejectFrame()) }, nil},
 		{"server sends garbage", 0, func(p *peer, h hello) { p.sendRaw(bytes.Repeat([]byte{0xff}, 64)) }, ErrBadMagic},
 		{"server hangs up", 0, func(p *peer, h hello) { p.conn.Close() }, nil},
 		{"server never answers", 100 * time.Millisecond, func(p *peer, h hello) {}, os.ErrDeadlineExceeded},
-		{"server welcomes an unknown version", 0, func(p *peer, h hello) {
-			c := challenge{}
+		{"server welcomes another version than it proved", 0, func(p *peer, h hello) {
+			c := challenge{Version: 2}
 			rand.Read(c.Nonce[:])
-			c.MAC = proof(testKey, "ax-server", &h.Nonce, &c.Nonce, h.VM)
+			c.MAC = proof(testStreamKey, labelServerProof, h, 2, &h.Nonce, &c.Nonce)
 			p.send(c.frame())
 			p.recv()
-			p.send(welcome{Version: 7}.frame())
+			p.send(welcome{Version: 1}.frame())
 		}, nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -390,7 +443,8 @@ func TestClientHandshakeRefuses(t *testing.T) {
 				t.Errorf("client error = %v, want it to wrap %v", err2, tc.cause)
 			}
 			seen := p.rest()
-			if strings.HasPrefix(tc.name, "server without") || strings.Contains(tc.name, "replays") || strings.Contains(tc.name, "reflects") {
+			if strings.HasPrefix(tc.name, "server without") || strings.Contains(tc.name, "replays") || strings.Contains(tc.name, "reflects") ||
+				strings.Contains(tc.name, "another version range") || strings.Contains(tc.name, "edited") {
 				for _, f := range seen {
 					if f.Type == TypeResponse {
 						t.Error("client proved its key to a server that did not prove its own")
@@ -406,10 +460,10 @@ func TestHandshakeWrongKeyBothEnds(t *testing.T) {
 	c, s := net.Pipe()
 	done := make(chan serverResult, 1)
 	go func() {
-		vm, err := ServerHandshake(s, otherKey, 0)
-		done <- serverResult{vm, err}
+		a, err := ServerHandshake(s, pskOf(otherKey), nil, 0)
+		done <- serverResult{a.VM, err}
 	}()
-	if err := ClientHandshake(c, testKey, "vm-1", 0); !errors.Is(err, ErrAuth) {
+	if _, err := ClientHandshake(c, pskOf(testKey), "", "vm-1", 0); !errors.Is(err, ErrAuth) {
 		t.Fatalf("client: %v, want ErrAuth", err)
 	}
 	if res := <-done; !errors.Is(res.err, ErrAuth) {
@@ -418,13 +472,13 @@ func TestHandshakeWrongKeyBothEnds(t *testing.T) {
 }
 
 func TestHandshakeWeakKey(t *testing.T) {
-	for _, key := range [][]byte{nil, {}, []byte("fifteen bytes!!")} {
+	for _, key := range [][]byte{{}, []byte("fifteen bytes!!"), testKey[:31]} {
 		c, s := net.Pipe()
-		err := ClientHandshake(c, key, "vm-1", 0)
-		if !errors.Is(err, ErrWeakKey) || !strings.Contains(err.Error(), "at least 16") {
+		_, err := ClientHandshake(c, pskOf(key), "", "vm-1", 0)
+		if !errors.Is(err, ErrWeakKey) || !strings.Contains(err.Error(), "at least 32") {
 			t.Errorf("client with a %d-byte key: %v", len(key), err)
 		}
-		_, err = ServerHandshake(s, key, 0)
+		_, err = ServerHandshake(s, pskOf(key), nil, 0)
 		if !errors.Is(err, ErrWeakKey) {
 			t.Errorf("server with a %d-byte key: %v", len(key), err)
 		}
@@ -435,11 +489,45 @@ func TestHandshakeWeakKey(t *testing.T) {
 	}
 }
 
+// A name that is not a safe file name and QEMU word is refused before a
+// byte goes out.
 func TestClientHandshakeBadVMName(t *testing.T) {
-	for _, vm := range []string{"", strings.Repeat("x", MaxVMNameLen+1), "a\nb", "\xff"} {
-		c, _ := net.Pipe()
-		if err := ClientHandshake(c, testKey, vm, 0); err == nil {
+	for _, vm := range []string{"", strings.Repeat("x", MaxVMNameLen+1), "a\nb", "\xff", "a/b", "../../etc", "..", ".",
+		".hidden", "-rf", "vm;reboot", "vm 1", "vm,file=/etc/passwd", "vm$(id)", "vm\x00"} {
+		c, s := net.Pipe()
+		got := make(chan int, 1)
+		go func() {
+			n, _ := io.Copy(io.Discard, s)
+			got <- int(n)
+		}()
+		if _, err := ClientHandshake(c, pskOf(testKey), "", vm, 0); err == nil {
 			t.Errorf("vm name %q accepted", vm)
 		}
+		if n := <-got; n != 0 {
+			t.Errorf("vm name %q: %d bytes sent", vm, n)
+		}
+	}
+}
+
+func TestSecurityCheck(t *testing.T) {
+	_, ids := testPKI(t, "a", "w")
+	for _, tc := range []struct {
+		name string
+		sec  Security
+		want error // nil: accepted
+	}{
+		{"psk", Security{PSK: testKey}, nil},
+		{"tls", Security{Identity: ids["a"]}, nil},
+		{"nothing", Security{}, ErrSecurity},
+		{"both", Security{Identity: ids["a"], PSK: testKey}, ErrSecurity},
+		{"short psk", Security{PSK: testKey[:16]}, ErrWeakKey},
+		{"witness certificate", Security{Identity: ids["w"]}, ErrSecurity},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := tc.sec.Check()
+			if tc.want == nil && err != nil || tc.want != nil && !errors.Is(err, tc.want) {
+				t.Fatalf("Check() = %v, want %v", err, tc.want)
+			}
+		})
 	}
 }

@@ -11,13 +11,13 @@ import (
 // testdata/fuzz holds the same as a committed corpus.
 func fuzzSeeds(t testing.TB) [][]byte {
 	var h hello
-	h.MinVersion, h.MaxVersion, h.VM = 1, 1, "vm-1"
+	h.MinVersion, h.MaxVersion, h.VM = 2, 2, "vm-1"
 	pages, _ := AppendPages(nil, testPages(2, 3))
 	good := encode(t, Ack{Epoch: 3}.Frame())
 	badCRC := bytes.Clone(good)
 	badCRC[len(badCRC)-1] ^= 1
 	return [][]byte{
-		encode(t, h.frame(), challenge{}.frame(), response{}.frame(), welcome{Version: 1}.frame(), rejectFrame()),
+		encode(t, h.frame(), challenge{}.frame(), response{}.frame(), welcome{Version: 2}.frame(), rejectFrame()),
 		encode(t, Frame{Type: TypeSyncPages, Payload: pages}, SyncDone{RAMSize: 1 << 20, Pages: 2}.Frame()),
 		encode(t, checkpointFrames(t, 7, testPages(2, 0), []byte("device state"), 0)...),
 		encode(t, DiskWrite{Disk: 1, Offset: 4096, Data: []byte("sector")}.Frame(7), EpochBoundary{Epoch: 7}.Frame()),
@@ -129,6 +129,72 @@ func FuzzDecodePages(f *testing.F) {
 		again, err := AppendPages(nil, pages)
 		if err != nil || !bytes.Equal(again, payload) {
 			t.Fatalf("decoded pages re-encode differently: %v", err)
+		}
+	})
+}
+
+// sealedSeeds are record streams under testC2S: whole, cut, altered,
+// replayed, with impossible lengths; testdata/fuzz holds the same.
+func sealedSeeds(t testing.TB) [][]byte {
+	recs := sealRecords(t, testC2S, []byte("spec"), bytes.Repeat([]byte{7}, 3000), []byte("bye"))
+	all := bytes.Join(recs, nil)
+	flipped := bytes.Clone(all)
+	flipped[len(recs[0])+recordHeader+10] ^= 4
+	zero := bytes.Clone(recs[0])
+	le.PutUint32(zero, 0)
+	huge := bytes.Clone(recs[0])
+	le.PutUint32(huge, 1<<31)
+	return [][]byte{
+		all,
+		all[:len(all)-5],
+		flipped,
+		append(bytes.Clone(all), recs[1]...),
+		append(bytes.Clone(recs[0]), zero...),
+		huge,
+		encode(t, Frame{Type: TypeBye}),
+		{},
+	}
+}
+
+// FuzzSealedRecord feeds the record layer's reader what a relay on the
+// network might send. It must return only plaintext that was sealed under
+// the key — which the fuzzer cannot forge, so only prefixes of the seeds'
+// records — and refuse the rest with a typed error that closes the
+// connection.
+func FuzzSealedRecord(f *testing.F) {
+	for _, s := range sealedSeeds(f) {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		in := &bufConn{r: bytes.NewReader(data)}
+		c, err := newSealedConn(in, testC2S, testC2S)
+		if err != nil {
+			t.Fatal(err)
+		}
+		plain, err := io.ReadAll(c)
+		switch {
+		case err == nil, errors.Is(err, io.ErrUnexpectedEOF):
+		case errors.Is(err, ErrRecord):
+			if !in.closed {
+				t.Fatal("a refused record left the connection open")
+			}
+		default:
+			t.Fatalf("untyped error: %v", err)
+		}
+		// What opened re-seals, record by record, to the bytes it came from.
+		var chunks [][]byte
+		off, used := 0, 0
+		for range c.rseq {
+			n := int(le.Uint32(data[off:])) - recordTag
+			chunks = append(chunks, plain[used:used+n])
+			used += n
+			off += recordHeader + n + recordTag
+		}
+		if used != len(plain) {
+			t.Fatalf("%d bytes of plaintext from %d records of %d bytes", len(plain), c.rseq, used)
+		}
+		if again := bytes.Join(sealRecords(t, testC2S, chunks...), nil); !bytes.Equal(again, data[:off]) {
+			t.Fatal("accepted records re-seal differently")
 		}
 	})
 }

@@ -50,20 +50,20 @@ func itoa(v uint64) string {
 	}
 }
 
-func startDiskServer(t *testing.T, psk []byte, open func() (*Replica, error), sink DiskSink) string {
+func startDiskServer(t *testing.T, sec Security, open func() (*Replica, error), sink DiskSink) string {
 	t.Helper()
 	h := Handler{
-		Open:  func(string, []byte, net.Addr) (*Replica, error) { return open() },
+		Open:  func(string, string, []byte, net.Addr) (*Replica, error) { return open() },
 		Disks: func(string) DiskSink { return sink },
 	}
-	return serveHandler(t, psk, h)
+	return serveHandler(t, sec, nil, h)
 }
 
 // Disk writes and level changes reach the sink in stream order, interleaved
 // correctly with checkpoint commits, and WaitOrdered returns only once the
 // secondary has done them.
 func TestStreamDiskWritesOrdered(t *testing.T) {
-	psk := []byte("0123456789abcdef0123")
+	psk := Security{PSK: testKey}
 	const ramSize = 4 * PageSize
 	rep, err := OpenReplica(t.TempDir(), ramSize)
 	if err != nil {
@@ -72,7 +72,7 @@ func TestStreamDiskWritesOrdered(t *testing.T) {
 	defer rep.Close()
 	sink := &recordingSink{}
 	addr := startDiskServer(t, psk, func() (*Replica, error) { return rep, nil }, sink)
-	s, err := Dial(context.Background(), addr, psk, "vm1", []byte(`{}`), ramSize)
+	s, err := Dial(context.Background(), addr, psk, "", "vm1", []byte(`{}`), ramSize)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -128,11 +128,11 @@ func TestStreamDiskWritesOrdered(t *testing.T) {
 
 // A secondary that cannot take the VM says why, and Dial returns it.
 func TestStreamRefusal(t *testing.T) {
-	psk := []byte("0123456789abcdef0123")
+	psk := Security{PSK: testKey}
 	addr := startDiskServer(t, psk, func() (*Replica, error) {
 		return nil, errors.New("memory: 8 GiB asked, 2 GiB free (use --force)")
 	}, nil)
-	_, err := Dial(context.Background(), addr, psk, "vm1", []byte(`{}`), PageSize)
+	_, err := Dial(context.Background(), addr, psk, "", "vm1", []byte(`{}`), PageSize)
 	var refused *RefusedError
 	if !errors.As(err, &refused) || !errors.Is(err, ErrRefused) || !strings.Contains(refused.Reason, "8 GiB asked") {
 		t.Fatalf("refusal: %v", err)
@@ -142,7 +142,7 @@ func TestStreamRefusal(t *testing.T) {
 // A disk write for a VM without disks, or one the sink rejects, ends the
 // stream; WaitOrdered then fails instead of hanging.
 func TestStreamDiskWriteRejected(t *testing.T) {
-	psk := []byte("0123456789abcdef0123")
+	psk := Security{PSK: testKey}
 	for _, tc := range []struct {
 		name string
 		sink DiskSink
@@ -157,7 +157,7 @@ func TestStreamDiskWriteRejected(t *testing.T) {
 			}
 			defer rep.Close()
 			addr := startDiskServer(t, psk, func() (*Replica, error) { return rep, nil }, tc.sink)
-			s, err := Dial(context.Background(), addr, psk, "vm1", []byte(`{}`), PageSize)
+			s, err := Dial(context.Background(), addr, psk, "", "vm1", []byte(`{}`), PageSize)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -45,7 +45,8 @@ const streamIdleTimeout = 25 * HeartbeatInterval
 
 // Sender is the primary's end of a VM's replication stream.
 type Sender struct {
-	conn    net.Conn
+	conn    net.Conn // protected: TLS or sealed records
+	raw     net.Conn // the TCP connection under conn
 	ramSize int64
 
 	wmu   sync.Mutex // serialises writers: the epoch loop and the heartbeat
@@ -73,26 +74,58 @@ type Sender struct {
 // acceptTimeout bounds how long a secondary may take to open a replica.
 const acceptTimeout = 10 * time.Second
 
-// Dial connects to a secondary's replication address, authenticates with
-// psk for vm, sends the VM's spec and waits for the secondary to accept it.
-// A refusal is a *RefusedError with the secondary's reason.
-func Dial(ctx context.Context, addr string, psk []byte, vm string, spec []byte, ramSize int64) (*Sender, error) {
+// specTimeout bounds how long an authenticated primary may take to send the
+// VM's spec: it sends it right after the handshake.
+const specTimeout = 10 * time.Second
+
+// Dial connects to a secondary's replication address, secures and
+// authenticates the connection as sec says (in TLS mode the secondary's
+// certificate must name peer), asks for vm, sends the VM's spec and waits
+// for the secondary to accept it. A refusal is a *RefusedError with the
+// secondary's reason. Ctx bounds the whole of it.
+func Dial(ctx context.Context, addr string, sec Security, peer, vm string, spec []byte, ramSize int64) (*Sender, error) {
 	if len(spec) > MaxSpecSize {
 		return nil, fmt.Errorf("replication: spec of %d bytes exceeds %d", len(spec), MaxSpecSize)
 	}
+	if err := sec.Check(); err != nil {
+		return nil, err
+	}
 	var d net.Dialer
-	conn, err := d.DialContext(ctx, "tcp", addr)
+	raw, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("replication: dial %s: %w", addr, err)
 	}
-	if err := ClientHandshake(conn, psk, vm, DefaultHandshakeTimeout); err != nil {
-		conn.Close()
+	// Ctx ending wakes whatever waits on the connection; the stream
+	// itself outlives ctx.
+	stop := context.AfterFunc(ctx, func() { raw.SetDeadline(time.Unix(1, 0)) })
+	s, err := dial(raw, sec, peer, vm, spec, ramSize)
+	if !stop() && err == nil {
+		err = ctx.Err()
+		s.Close()
+	}
+	if err != nil {
+		raw.Close()
+		if ctx.Err() != nil {
+			err = fmt.Errorf("replication: dial %s: %w (%w)", addr, ctx.Err(), err)
+		}
 		return nil, err
 	}
-	s := &Sender{conn: conn, ramSize: ramSize, w: NewWriter(conn, 0), r: NewReader(conn, 0), acks: make(chan uint64, 64),
+	s.wg.Add(2)
+	go s.readAcks()
+	go s.heartbeat()
+	return s, nil
+}
+
+// dial runs the handshake on raw and offers the spec.
+func dial(raw net.Conn, sec Security, peer, vm string, spec []byte, ramSize int64) (*Sender, error) {
+	addr := raw.RemoteAddr()
+	conn, err := ClientHandshake(raw, sec, peer, vm, DefaultHandshakeTimeout)
+	if err != nil {
+		return nil, err
+	}
+	s := &Sender{conn: conn, raw: raw, ramSize: ramSize, w: NewWriter(conn, 0), r: NewReader(conn, 0), acks: make(chan uint64, 64),
 		done: make(chan struct{}), last: time.Now(), ackCh: make(chan struct{})}
 	if err := s.write(func() error { return s.w.WriteFrame(Frame{Type: TypeSpec, Payload: spec}) }, true); err != nil {
-		conn.Close()
 		return nil, err
 	}
 	conn.SetReadDeadline(time.Now().Add(acceptTimeout))
@@ -111,15 +144,11 @@ func Dial(ctx context.Context, addr string, psk []byte, vm string, spec []byte, 
 		}
 	}
 	if err != nil {
-		conn.Close()
 		if _, ok := err.(*RefusedError); !ok {
 			err = fmt.Errorf("replication: %s did not accept the VM: %w", addr, err)
 		}
 		return nil, err
 	}
-	s.wg.Add(2)
-	go s.readAcks()
-	go s.heartbeat()
 	return s, nil
 }
 
@@ -131,7 +160,9 @@ func (s *Sender) fail(err error) {
 	s.errMu.Unlock()
 	s.once.Do(func() {
 		close(s.done)
-		s.conn.Close()
+		// The TCP connection, not TLS's: closing TLS would first try to
+		// send a close alert, and block while TCP pushes back.
+		s.raw.Close()
 	})
 }
 
@@ -263,8 +294,9 @@ func (s *Sender) SendCheckpoint(epoch uint64, pfns []uint64, pages, deviceState 
 	}, true)
 }
 
-// Conn is the stream's connection (for socket options).
-func (s *Sender) Conn() net.Conn { return s.conn }
+// Conn is the stream's TCP connection, for socket options only: the
+// stream's bytes go through its protection, never directly.
+func (s *Sender) Conn() net.Conn { return s.raw }
 
 // Bye tells the secondary protection ended: it drops the replica.
 func (s *Sender) Bye() error {
@@ -295,9 +327,11 @@ func (s *Sender) Close() error {
 
 // Handler is what a secondary does with the streams it receives.
 type Handler struct {
-	// Open is called after authentication with the VM's spec; it returns
-	// the replica the stream fills. An error drops the connection.
-	Open func(vm string, spec []byte, remote net.Addr) (*Replica, error)
+	// Open is called after authentication with the VM's spec and the
+	// authenticated peer: the client certificate's host name in TLS mode,
+	// "" in PSK mode. It returns the replica the stream fills; an error
+	// drops the connection. The spec is the peer's word: check it.
+	Open func(vm, peer string, spec []byte, remote net.Addr) (*Replica, error)
 	// Synced is called when the initial sync has arrived.
 	Synced func(vm string)
 	// Disks returns where vm's disk writes go (called after Open); nil
@@ -312,32 +346,62 @@ type Handler struct {
 	Ended func(vm string, bye, handover bool, err error)
 }
 
+const (
+	// maxPreAuth bounds the connections a server holds before they
+	// authenticate; beyond it new ones are closed at once, so a flood
+	// costs a bounded number of goroutines and handshakes.
+	maxPreAuth = 16
+	// refusedLogEvery spaces out the warnings about refused peers, which
+	// anyone who can reach the port can trigger.
+	refusedLogEvery = 10 * time.Second
+)
+
 // Server is a secondary's end: it accepts authenticated replication streams
 // and applies them to replicas.
 type Server struct {
-	psk     []byte
+	sec     Security
+	allow   []string
 	handler Handler
 	log     *slog.Logger
 
+	// Tests shorten these.
+	handshakeTimeout, specTimeout time.Duration
+	preAuth                       chan struct{} // a slot per connection not yet authenticated
+	refusedLog, floodLog          *rateLimit
+
 	mu       sync.Mutex
-	sessions map[string]*session // vm → current stream
+	sessions map[string]*stream // vm → current stream
 }
 
-type session struct {
-	conn net.Conn
+type stream struct {
+	conn net.Conn      // the TCP connection, closed to end the stream
 	done chan struct{} // closed when the stream's handling ended
 }
 
-// NewServer returns a server authenticating peers with psk.
-func NewServer(psk []byte, h Handler, log *slog.Logger) *Server {
+// NewServer returns a server that protects and authenticates streams as
+// sec says; in TLS mode only the partner hosts in allow may connect. Serve
+// refuses settings that cannot work.
+func NewServer(sec Security, allow []string, h Handler, log *slog.Logger) *Server {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Server{psk: psk, handler: h, log: log, sessions: map[string]*session{}}
+	return &Server{sec: sec, allow: append([]string(nil), allow...), handler: h, log: log,
+		handshakeTimeout: DefaultHandshakeTimeout, specTimeout: specTimeout,
+		preAuth:    make(chan struct{}, maxPreAuth),
+		refusedLog: newRateLimit(refusedLogEvery), floodLog: newRateLimit(refusedLogEvery),
+		sessions: map[string]*stream{}}
 }
 
 // Serve accepts streams on ln until ctx ends.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	if err := s.sec.Check(); err != nil {
+		ln.Close()
+		return err
+	}
+	if s.sec.tls() && len(s.allow) == 0 {
+		ln.Close()
+		return fmt.Errorf("%w: no partner host is allowed to connect; list the partners", ErrSecurity)
+	}
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	stop := context.AfterFunc(ctx, func() {
@@ -357,26 +421,49 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 			}
 			return fmt.Errorf("replication: accept: %w", err)
 		}
+		select {
+		case s.preAuth <- struct{}{}:
+		default:
+			conn.Close()
+			if ok, suppressed := s.floodLog.allow(); ok {
+				s.log.Warn("replication: too many unauthenticated connections, closing new ones at once",
+					"remote", conn.RemoteAddr(), "limit", cap(s.preAuth), "suppressed", suppressed)
+			}
+			continue
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			s.serveConn(conn)
+			s.serveConn(ctx, conn)
 		}()
 	}
 }
 
-func (s *Server) serveConn(conn net.Conn) {
+func (s *Server) serveConn(ctx context.Context, conn net.Conn) {
 	defer conn.Close()
-	vm, err := ServerHandshake(conn, s.psk, DefaultHandshakeTimeout)
+	// Serve's stop closes the streams it knows; this one it does not know
+	// until the handshake is done.
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	a, err := serverHandshake(conn, s.sec, s.allow, s.handshakeTimeout)
+	stop()
+	<-s.preAuth
 	if err != nil {
-		s.log.Warn("replication peer refused", "remote", conn.RemoteAddr(), "err", err)
+		if ok, suppressed := s.refusedLog.allow(); ok {
+			s.log.Warn("replication peer refused", "remote", conn.RemoteAddr(), "err", err, "suppressed", suppressed)
+		}
 		return
 	}
+	vm := a.VM
 	// One stream per VM: a new one replaces the old (the primary
 	// reconnected) once the old one's handling has ended.
 	s.Drop(vm)
-	me := &session{conn: conn, done: make(chan struct{})}
+	me := &stream{conn: conn, done: make(chan struct{})}
 	s.mu.Lock()
+	if ctx.Err() != nil {
+		// Serve's stop has run, or runs after this and would miss us.
+		s.mu.Unlock()
+		return
+	}
 	s.sessions[vm] = me
 	s.mu.Unlock()
 	defer func() {
@@ -387,7 +474,7 @@ func (s *Server) serveConn(conn net.Conn) {
 		s.mu.Unlock()
 		close(me.done)
 	}()
-	bye, handover, err := s.session(conn, vm)
+	bye, handover, err := s.session(a)
 	if s.handler.Ended != nil {
 		s.handler.Ended(vm, bye, handover, err)
 	}
@@ -406,13 +493,16 @@ func (s *Server) Drop(vm string) {
 	<-ss.done
 }
 
-// session applies one stream. Any malformed or unexpected frame ends it;
-// a checkpoint is applied only when it arrived whole and verified.
-func (s *Server) session(conn net.Conn, vm string) (bye, handover bool, err error) {
+// session applies one authenticated stream. Any malformed or unexpected
+// frame ends it; a checkpoint is applied only when it arrived whole and
+// verified.
+func (s *Server) session(a Authenticated) (bye, handover bool, err error) {
+	conn, vm := a.Conn, a.VM
 	r := NewReader(conn, 0)
+	conn.SetReadDeadline(time.Now().Add(s.specTimeout))
 	f, err := r.ReadFrame()
 	if err != nil {
-		return false, false, err
+		return false, false, fmt.Errorf("replication: %s: read the VM's spec: %w", vm, err)
 	}
 	if f.Type != TypeSpec || len(f.Payload) == 0 || len(f.Payload) > MaxSpecSize {
 		return false, false, fmt.Errorf("replication: %s: expected the VM's spec, got %s", vm, f.Type)
@@ -428,7 +518,7 @@ func (s *Server) session(conn net.Conn, vm string) (bye, handover bool, err erro
 		}
 		return w.Flush()
 	}
-	rep, err := s.handler.Open(vm, spec, conn.RemoteAddr())
+	rep, err := s.handler.Open(vm, a.Peer, spec, conn.RemoteAddr())
 	if err != nil {
 		// The primary learns why; a refusal is not the stream's fault.
 		send(refuseFrame(err.Error()))
@@ -597,4 +687,34 @@ func (s *Server) session(conn net.Conn, vm string) (bye, handover bool, err erro
 			return false, false, fmt.Errorf("replication: %s: unexpected %s", vm, f.Type)
 		}
 	}
+}
+
+// rateLimit lets one of a run of repeated events through per interval and
+// counts the rest, for warnings a peer can trigger at will.
+type rateLimit struct {
+	every time.Duration
+	now   func() time.Time
+
+	mu         sync.Mutex
+	next       time.Time
+	suppressed int
+}
+
+func newRateLimit(every time.Duration) *rateLimit {
+	return &rateLimit{every: every, now: time.Now}
+}
+
+// allow says whether this event may be logged, and how many were
+// suppressed since the last one that was.
+func (l *rateLimit) allow() (ok bool, suppressed int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	now := l.now()
+	if now.Before(l.next) {
+		l.suppressed++
+		return false, 0
+	}
+	l.next = now.Add(l.every)
+	suppressed, l.suppressed = l.suppressed, 0
+	return true, suppressed
 }

@@ -3,6 +3,9 @@ package replication
 import (
 	"bytes"
 	"context"
+	"errors"
+	"io"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -16,7 +19,7 @@ type streamEnd struct {
 	err           error
 }
 
-func startStreamServer(t *testing.T, psk []byte, ramSize int64) (string, *Replica, chan Marker, chan streamEnd) {
+func startStreamServer(t *testing.T, mode securityMode, ramSize int64) (string, *Replica, chan Marker, chan streamEnd) {
 	t.Helper()
 	dir := t.TempDir()
 	rep, err := OpenReplica(filepath.Join(dir, "vm1"), ramSize)
@@ -27,21 +30,28 @@ func startStreamServer(t *testing.T, psk []byte, ramSize int64) (string, *Replic
 	commits := make(chan Marker, 16)
 	ends := make(chan streamEnd, 4)
 	h := Handler{
-		Open: func(vm string, spec []byte, _ net.Addr) (*Replica, error) {
-			if vm != "vm1" || string(spec) != `{"name":"vm1"}` {
-				t.Errorf("open %q %q", vm, spec)
+		Open: func(vm, peer string, spec []byte, _ net.Addr) (*Replica, error) {
+			if vm != "vm1" || peer != mode.authPeer || string(spec) != `{"name":"vm1"}` {
+				t.Errorf("open %q by %q: %q", vm, peer, spec)
 			}
 			return rep, nil
 		},
 		Committed: func(vm string, epoch uint64, m Marker) { commits <- m },
 		Ended:     func(vm string, bye, handover bool, err error) { ends <- streamEnd{bye, handover, err} },
 	}
-	return serveHandler(t, psk, h), rep, commits, ends
+	return serveHandler(t, mode.server, mode.allow, h), rep, commits, ends
 }
 
 // serveHandler serves h on a loopback port until the test ends and returns
 // the address.
-func serveHandler(t *testing.T, psk []byte, h Handler) string {
+func serveHandler(t *testing.T, sec Security, allow []string, h Handler) string {
+	t.Helper()
+	return serve(t, NewServer(sec, allow, h, nil))
+}
+
+// serve runs srv on a loopback port until the test ends and returns the
+// address.
+func serve(t *testing.T, srv *Server) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -50,18 +60,34 @@ func serveHandler(t *testing.T, psk []byte, h Handler) string {
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Add(1)
-	go func() { defer wg.Done(); NewServer(psk, h, nil).Serve(ctx, ln) }()
+	go func() {
+		defer wg.Done()
+		if err := srv.Serve(ctx, ln); err != nil {
+			t.Errorf("serve: %v", err)
+		}
+	}()
 	t.Cleanup(func() { cancel(); wg.Wait() })
 	return ln.Addr().String()
 }
 
+// pskMode is PSK mode on both ends, what most tests need.
+var pskMode = securityMode{name: "psk", client: Security{PSK: testKey}, server: Security{PSK: testKey}}
+
 func TestStreamSyncCheckpointAck(t *testing.T) {
-	psk := []byte("0123456789abcdef0123")
+	for _, mode := range securityModes(t) {
+		t.Run(mode.name, func(t *testing.T) { testStreamSyncCheckpointAck(t, mode) })
+	}
+}
+
+func testStreamSyncCheckpointAck(t *testing.T, mode securityMode) {
 	const ramSize = 16 * PageSize
-	addr, rep, commits, ends := startStreamServer(t, psk, ramSize)
-	s, err := Dial(context.Background(), addr, psk, "vm1", []byte(`{"name":"vm1"}`), ramSize)
+	addr, rep, commits, ends := startStreamServer(t, mode, ramSize)
+	s, err := Dial(context.Background(), addr, mode.client, mode.peer, "vm1", []byte(`{"name":"vm1"}`), ramSize)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if _, ok := s.Conn().(*net.TCPConn); !ok {
+		t.Errorf("Conn() is a %T, want the TCP connection for socket options", s.Conn())
 	}
 	defer s.Close()
 	page := func(b byte) []byte { return bytes.Repeat([]byte{b}, PageSize) }
@@ -104,17 +130,16 @@ func TestStreamSyncCheckpointAck(t *testing.T) {
 }
 
 func TestStreamRefusesWrongKey(t *testing.T) {
-	addr, _, _, _ := startStreamServer(t, []byte("0123456789abcdef0123"), PageSize)
-	_, err := Dial(context.Background(), addr, []byte("another-key-entirely"), "vm1", []byte(`{}`), PageSize)
-	if err == nil {
-		t.Fatal("dial with a wrong key succeeded")
+	addr, _, _, _ := startStreamServer(t, pskMode, PageSize)
+	_, err := Dial(context.Background(), addr, Security{PSK: otherKey}, "", "vm1", []byte(`{}`), PageSize)
+	if !errors.Is(err, ErrAuth) {
+		t.Fatalf("dial with a wrong key: %v, want ErrAuth", err)
 	}
 }
 
 func TestStreamDropsCheckpointBeforeSync(t *testing.T) {
-	psk := []byte("0123456789abcdef0123")
-	addr, rep, _, ends := startStreamServer(t, psk, 4*PageSize)
-	s, err := Dial(context.Background(), addr, psk, "vm1", []byte(`{"name":"vm1"}`), 4*PageSize)
+	addr, rep, _, ends := startStreamServer(t, pskMode, 4*PageSize)
+	s, err := Dial(context.Background(), addr, pskMode.client, "", "vm1", []byte(`{"name":"vm1"}`), 4*PageSize)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -130,5 +155,220 @@ func TestStreamDropsCheckpointBeforeSync(t *testing.T) {
 	}
 	if rep.Usable() {
 		t.Fatal("replica usable after a refused stream")
+	}
+}
+
+// An authenticated primary that never sends its spec is dropped.
+func TestServerSpecDeadline(t *testing.T) {
+	ends := make(chan streamEnd, 1)
+	srv := NewServer(pskMode.server, nil, Handler{
+		Open: func(string, string, []byte, net.Addr) (*Replica, error) {
+			t.Error("opened without a spec")
+			return nil, errors.New("no")
+		},
+		Ended: func(vm string, bye, handover bool, err error) { ends <- streamEnd{bye, handover, err} },
+	}, nil)
+	srv.specTimeout = 50 * time.Millisecond
+	addr := serve(t, srv)
+	raw, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	conn, err := ClientHandshake(raw, pskMode.client, "", "vm1", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case e := <-ends:
+		if !errors.Is(e.err, os.ErrDeadlineExceeded) {
+			t.Fatalf("end %+v, want a deadline", e)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("a silent primary is still held")
+	}
+	if _, err := conn.Read(make([]byte, 1)); err == nil {
+		t.Fatal("connection still open")
+	}
+}
+
+// logRecorder keeps the messages and attributes a logger was handed.
+type logRecorder struct {
+	mu      sync.Mutex
+	records []slog.Record
+}
+
+func (l *logRecorder) Enabled(context.Context, slog.Level) bool { return true }
+func (l *logRecorder) Handle(_ context.Context, r slog.Record) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.records = append(l.records, r.Clone())
+	return nil
+}
+func (l *logRecorder) WithAttrs([]slog.Attr) slog.Handler { return l }
+func (l *logRecorder) WithGroup(string) slog.Handler      { return l }
+
+// lines returns the messages logged with msg, each with its "suppressed"
+// count.
+func (l *logRecorder) lines(msg string) []int64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var out []int64
+	for _, r := range l.records {
+		if r.Message != msg {
+			continue
+		}
+		n := int64(-1)
+		r.Attrs(func(a slog.Attr) bool {
+			if a.Key == "suppressed" {
+				n = a.Value.Int64()
+			}
+			return true
+		})
+		out = append(out, n)
+	}
+	return out
+}
+
+// fakeClock is a time that moves only when told.
+type fakeClock struct {
+	mu  sync.Mutex
+	now time.Time
+}
+
+func (c *fakeClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.now
+}
+
+func (c *fakeClock) advance(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.now = c.now.Add(d)
+}
+
+// refusedConn connects, sends what no AX host sends, and returns once the
+// server has hung up.
+func refusedConn(t *testing.T, addr string) {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write([]byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	// EOF, or a reset for the bytes it did not read.
+	if _, err := io.Copy(io.Discard, c); errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("server did not hang up: %v", err)
+	}
+}
+
+// A peer that connects over and over gets one warning per interval, which
+// then says how many were left out.
+func TestServerRefusedLogRateLimited(t *testing.T) {
+	logs := &logRecorder{}
+	srv := NewServer(pskMode.server, nil, Handler{}, slog.New(logs))
+	clock := &fakeClock{now: time.Unix(1000, 0)}
+	srv.refusedLog.now = clock.Now
+	addr := serve(t, srv)
+	for range 50 {
+		refusedConn(t, addr)
+	}
+	if got := logs.lines("replication peer refused"); len(got) != 1 || got[0] != 0 {
+		t.Fatalf("50 refusals logged %v lines (suppressed counts), want one", got)
+	}
+	clock.advance(refusedLogEvery)
+	refusedConn(t, addr)
+	if got := logs.lines("replication peer refused"); len(got) != 2 || got[1] != 49 {
+		t.Fatalf("after the interval: %v, want a second line counting 49 suppressed", got)
+	}
+}
+
+func TestRateLimit(t *testing.T) {
+	clock := &fakeClock{now: time.Unix(1000, 0)}
+	l := newRateLimit(10 * time.Second)
+	l.now = clock.Now
+	for i, step := range []struct {
+		advance    time.Duration
+		ok         bool
+		suppressed int
+	}{
+		{0, true, 0},
+		{0, false, 0},
+		{9 * time.Second, false, 0},
+		{time.Second, true, 2},
+		{time.Second, false, 0},
+		{time.Hour, true, 1},
+		{time.Hour, true, 0},
+	} {
+		clock.advance(step.advance)
+		if ok, n := l.allow(); ok != step.ok || n != step.suppressed {
+			t.Fatalf("step %d: allow() = %v, %d; want %v, %d", i, ok, n, step.ok, step.suppressed)
+		}
+	}
+}
+
+// Beyond a few connections that have not authenticated, new ones are
+// closed at once; the slots come back when those handshakes end.
+func TestServerBoundsUnauthenticated(t *testing.T) {
+	logs := &logRecorder{}
+	rep, err := OpenReplica(t.TempDir(), PageSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rep.Close()
+	srv := NewServer(pskMode.server, nil, Handler{
+		Open: func(string, string, []byte, net.Addr) (*Replica, error) { return rep, nil },
+	}, slog.New(logs))
+	srv.preAuth = make(chan struct{}, 2)
+	srv.handshakeTimeout = time.Hour // the idle ones hold their slots
+	addr := serve(t, srv)
+
+	var idle []net.Conn
+	for range 2 {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		idle = append(idle, c)
+	}
+	// The server accepts in order: by the time it takes the next ones,
+	// both slots are held.
+	for range 3 {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		_, err = c.Read(make([]byte, 1))
+		c.Close()
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Fatal("a connection beyond the limit was held")
+		}
+	}
+	if got := logs.lines("replication: too many unauthenticated connections, closing new ones at once"); len(got) != 1 {
+		t.Errorf("flood warnings: %v, want one", got)
+	}
+	if _, err := Dial(context.Background(), addr, pskMode.client, "", "vm1", []byte(`{}`), PageSize); err == nil {
+		t.Fatal("dial succeeded while the slots were held")
+	}
+	for _, c := range idle {
+		c.Close()
+	}
+	// Their handshakes end with the connections; then a primary gets in.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		s, err := Dial(context.Background(), addr, pskMode.client, "", "vm1", []byte(`{}`), PageSize)
+		if err == nil {
+			s.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("slots not released: %v", err)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
