@@ -21,12 +21,15 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/axproject/ax/ax/api"
+	"github.com/axproject/ax/ax/identity"
+	"github.com/axproject/ax/ax/names"
 	"github.com/axproject/ax/ax/reserve"
 	"github.com/axproject/ax/ax/witness"
 	"github.com/axproject/ax/monitor"
 	"github.com/axproject/ax/monitor/agent"
 	"github.com/axproject/ax/netbuffer"
 	"github.com/axproject/ax/replication"
+	"github.com/axproject/ax/replication/heartbeat"
 	"github.com/axproject/ax/replication/nbd"
 )
 
@@ -47,7 +50,18 @@ type Config struct {
 	MgmtListen string // host:port, UDP heartbeats on the management network
 	Peers      map[string]Peer
 	Witness    string // host:port of the witness; "" runs without one (never promotes)
-	PSK        []byte
+	// Identity is this host's certificate (TLS mode: streams are TLS 1.3
+	// with mutual certificates, heartbeats and witness requests are bound
+	// to it). Without one, PSK is the lab's pre-shared key (PSK mode).
+	Identity *identity.Identity
+	PSK      []byte
+	// WitnessName is the witness's certificate name (TLS mode).
+	WitnessName string
+	// ImageDirs are where kernels and initrds a partner's spec names may
+	// live on this host; Bridges the bridges replicas' taps may join (none:
+	// any Linux bridge of this host).
+	ImageDirs []string
+	Bridges   []string
 	// MetricsListen serves /metrics; "" disables it.
 	MetricsListen string
 	// Epoch is the FT checkpoint interval.
@@ -88,8 +102,36 @@ func (c *Config) defaults() error {
 	if c.StateDir == "" {
 		c.StateDir = "/var/lib/ax"
 	}
-	if len(c.PSK) < replication.MinKeySize {
-		return fmt.Errorf("axd: the pre-shared key must be at least %d bytes (make one with: head -c 32 /dev/urandom | xxd -p -c 64 > /etc/ax/psk)", replication.MinKeySize)
+	if err := names.Check("host", c.Host); err != nil {
+		return fmt.Errorf("axd: --host: %w", err)
+	}
+	switch {
+	case c.Identity != nil && len(c.PSK) > 0:
+		return errors.New("axd: give a certificate (--cert, --key, --ca) or a pre-shared key (--psk-file), not both")
+	case c.Identity != nil:
+		if c.Identity.Name() != c.Host || c.Identity.Role() != identity.RoleHost {
+			return fmt.Errorf("axd: this host is %q but its certificate is %s %q (issue one with: axctl pki issue --name %s)", c.Host, c.Identity.Role(), c.Identity.Name(), c.Host)
+		}
+		if c.Witness != "" && c.WitnessName == "" {
+			return errors.New("axd: --witness-name is needed with a certificate: the name on the witness's certificate")
+		}
+	case len(c.PSK) < identity.MinKeySize:
+		return fmt.Errorf("axd: no certificate and no pre-shared key of at least %d bytes (production: --cert/--key/--ca from axctl pki; lab: --psk-file from axctl pki psk)", identity.MinKeySize)
+	}
+	for p := range c.Peers {
+		if err := names.Check("host", p); err != nil {
+			return fmt.Errorf("axd: --peer: %w", err)
+		}
+	}
+	for _, b := range c.Bridges {
+		if err := names.CheckInterface("bridge", b); err != nil {
+			return fmt.Errorf("axd: --bridge: %w", err)
+		}
+	}
+	for _, dir := range c.ImageDirs {
+		if err := names.CheckPath("image directory", dir); err != nil {
+			return fmt.Errorf("axd: --image-dir: %w", err)
+		}
 	}
 	if c.Epoch <= 0 {
 		c.Epoch = 50 * time.Millisecond
@@ -126,7 +168,7 @@ type Daemon struct {
 	reg     *prometheus.Registry
 
 	agentMetrics *agent.Metrics
-	hb           *replication.Heartbeats
+	hb           *heartbeat.Detector
 	repl         *replication.Server
 	wit          *witness.Client // nil without a witness
 	nbd          *nbd.Server     // primaries' disk mirrors write here
@@ -151,20 +193,30 @@ func New(cfg Config) (*Daemon, error) {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	d := &Daemon{cfg: cfg, log: cfg.Log, reg: reg, metrics: monitor.NewMetrics(reg), agentMetrics: agent.NewMetrics(reg), vms: map[string]*vmState{}}
-	hb, err := replication.NewHeartbeats(cfg.Host, cfg.PSK, cfg.SilenceTimeout, cfg.Log)
+	hb, err := heartbeat.New(cfg.Host, heartbeat.Security{Identity: cfg.Identity, PSK: cfg.PSK}, cfg.SilenceTimeout, cfg.Log)
 	if err != nil {
 		return nil, err
 	}
 	d.hb = hb
 	for name, p := range cfg.Peers {
-		hb.AddPeer(name, replication.PeerAddrs{Repl: p.Repl, Mgmt: p.Mgmt})
+		if err := hb.AddPeer(name, heartbeat.PeerAddrs{Repl: p.Repl, Mgmt: p.Mgmt}); err != nil {
+			return nil, fmt.Errorf("axd: peer %s: %w", name, err)
+		}
 	}
 	if cfg.Witness != "" {
-		if d.wit, err = witness.NewClient(cfg.Witness, cfg.PSK, cfg.Host, 300*time.Millisecond); err != nil {
+		wc := witness.ClientConfig{Addr: cfg.Witness, Identity: cfg.Identity, Witness: cfg.WitnessName, Timeout: 300 * time.Millisecond}
+		if cfg.Identity == nil {
+			wc.PSK, wc.Holder = cfg.PSK, cfg.Host
+		}
+		if d.wit, err = witness.NewClient(wc); err != nil {
 			return nil, fmt.Errorf("axd: witness: %w", err)
 		}
 	}
-	d.repl = replication.NewServer(cfg.PSK, replication.Handler{
+	partners := make([]string, 0, len(cfg.Peers))
+	for name := range cfg.Peers {
+		partners = append(partners, name)
+	}
+	d.repl = replication.NewServer(d.security(), partners, replication.Handler{
 		Open: d.openReplica, Synced: d.replicaSynced, Committed: d.replicaCommitted, Ended: d.streamEnded,
 		Disks: d.replicaDiskSink, Level: d.replicaLevel,
 	}, cfg.Log)
@@ -255,7 +307,12 @@ func (d *Daemon) Run(ctx context.Context, ready func()) error {
 	if metricsLn != nil {
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(d.reg, promhttp.HandlerOpts{}))
-		metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		// Whoever reaches the metrics address is not trusted: bounded
+		// connections, each with deadlines, so idle or slow clients cannot
+		// pile up.
+		metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
+			WriteTimeout: 30 * time.Second, IdleTimeout: 30 * time.Second, MaxHeaderBytes: 8 << 10}
+		metricsLn = limitListener(metricsLn, maxMetricsConns)
 		d.wg.Add(1)
 		go func() {
 			defer d.wg.Done()
@@ -295,7 +352,18 @@ func (d *Daemon) Run(ctx context.Context, ready func()) error {
 	}
 	d.stopAll()
 	d.wg.Wait()
+	if d.wit != nil {
+		d.wit.Close()
+	}
 	return runErr
+}
+
+// security is how this host's streams are protected.
+func (d *Daemon) security() replication.Security {
+	if d.cfg.Identity != nil {
+		return replication.Security{Identity: d.cfg.Identity}
+	}
+	return replication.Security{PSK: d.cfg.PSK}
 }
 
 // nbdSocket is where the local QEMUs' disk mirrors connect.

@@ -55,7 +55,7 @@ func TestDaemonAPI(t *testing.T) {
 	ram := filepath.Join(dir, "ram")
 	os.WriteFile(ram, make([]byte, 1<<20), 0o644)
 	sock := filepath.Join(dir, "axd.sock")
-	d, err := New(Config{Host: "a", Socket: sock, StateDir: filepath.Join(dir, "state"), PSK: []byte("0123456789abcdef0123"),
+	d, err := New(Config{Host: "a", Socket: sock, StateDir: filepath.Join(dir, "state"), PSK: []byte("0123456789abcdef0123456789abcdef"),
 		Peers: map[string]Peer{"b": {Repl: "127.0.0.1:1", Mgmt: "127.0.0.1:1"}}})
 	if err != nil {
 		t.Fatal(err)

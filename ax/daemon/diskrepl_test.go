@@ -74,7 +74,7 @@ func newTestDiskRepl(t testing.TB, sink replication.DiskSink) (*diskRepl, *repli
 // queued until the test starts it.
 func newTestDiskReplNoPump(t testing.TB, sink replication.DiskSink) (*diskRepl, *replication.Sender) {
 	t.Helper()
-	psk := []byte("0123456789abcdef0123")
+	sec := replication.Security{PSK: []byte("0123456789abcdef0123456789abcdef")}
 	const ramSize = 4 * replication.PageSize
 	rep, err := replication.OpenReplica(t.TempDir(), ramSize)
 	if err != nil {
@@ -82,7 +82,7 @@ func newTestDiskReplNoPump(t testing.TB, sink replication.DiskSink) (*diskRepl, 
 	}
 	t.Cleanup(func() { rep.Close() })
 	h := replication.Handler{
-		Open:  func(string, []byte, net.Addr) (*replication.Replica, error) { return rep, nil },
+		Open:  func(string, string, []byte, net.Addr) (*replication.Replica, error) { return rep, nil },
 		Disks: func(string) replication.DiskSink { return sink },
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -92,8 +92,8 @@ func newTestDiskReplNoPump(t testing.TB, sink replication.DiskSink) (*diskRepl, 
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Add(1)
-	go func() { defer wg.Done(); replication.NewServer(psk, h, nil).Serve(ctx, ln) }()
-	s, err := replication.Dial(ctx, ln.Addr().String(), psk, "vm1", []byte(`{}`), ramSize)
+	go func() { defer wg.Done(); replication.NewServer(sec, nil, h, nil).Serve(ctx, ln) }()
+	s, err := replication.Dial(ctx, ln.Addr().String(), sec, "b", "vm1", []byte(`{}`), ramSize)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -5,8 +5,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/axproject/ax/ax/api"
@@ -85,4 +87,46 @@ func reply(w http.ResponseWriter, v any, err error) {
 		v = struct{}{}
 	}
 	json.NewEncoder(w).Encode(v)
+}
+
+// maxMetricsConns bounds the /metrics connections served at once.
+const maxMetricsConns = 16
+
+// limitListener accepts at most n connections at once; beyond that a new
+// connection is closed at once (Prometheus retries at its next scrape), so
+// the accept loop never blocks behind idle clients.
+func limitListener(ln net.Listener, n int) net.Listener {
+	return &limitedListener{Listener: ln, slots: make(chan struct{}, n)}
+}
+
+type limitedListener struct {
+	net.Listener
+	slots chan struct{}
+}
+
+func (l *limitedListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		select {
+		case l.slots <- struct{}{}:
+			return &limitedConn{Conn: c, release: func() { <-l.slots }}, nil
+		default:
+			c.Close()
+		}
+	}
+}
+
+type limitedConn struct {
+	net.Conn
+	once    sync.Once
+	release func()
+}
+
+func (c *limitedConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(c.release)
+	return err
 }

@@ -34,49 +34,6 @@ const sharedRAMHelp = "start QEMU with -object memory-backend-file,id=mem0,size=
 	"-machine memory-backend=mem0 (libvirt: <memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>; " +
 	"Nova: [libvirt] file_backed_memory)"
 
-// checkSpec refuses a VM that cannot be protected at level: any level
-// needs a name and QMP; FT (and a VM defined without disks, which only FT
-// can protect whole) needs its RAM as a shared named file of its size.
-func checkSpec(s api.VMSpec, level string) error {
-	if s.Name == "" || len(s.Name) > replication.MaxVMNameLen {
-		return errors.New("a VM needs a name (1-255 bytes)")
-	}
-	if s.Guest.QMP == "" {
-		return fmt.Errorf("VM %s: no QMP socket given", s.Name)
-	}
-	for _, dk := range s.Guest.Disks {
-		if dk.Node == "" || dk.Path == "" {
-			return fmt.Errorf("VM %s: a disk needs its block node name and image path (got %+v)", s.Name, dk)
-		}
-		if dk.Format != "" && dk.Format != "raw" && dk.Format != "qcow2" {
-			return fmt.Errorf("VM %s: disk %s has format %q; AX protects raw and qcow2 disks", s.Name, dk.Node, dk.Format)
-		}
-	}
-	if level != api.LevelFT {
-		return nil
-	}
-	if s.Guest.RAMFile == "" {
-		return fmt.Errorf("VM %s: its RAM is not a shared named file: %s", s.Name, sharedRAMHelp)
-	}
-	fi, err := os.Stat(s.Guest.RAMFile)
-	if err != nil || !fi.Mode().IsRegular() {
-		return fmt.Errorf("VM %s: RAM file %s is not a regular file (%v): %s", s.Name, s.Guest.RAMFile, err, sharedRAMHelp)
-	}
-	if want := int64(s.Guest.RAMMiB) << 20; fi.Size() != want {
-		return fmt.Errorf("VM %s: RAM file %s is %d bytes but the VM has %d MiB", s.Name, s.Guest.RAMFile, fi.Size(), s.Guest.RAMMiB)
-	}
-	if s.PID > 0 {
-		// Select checks that QEMU maps the file shared: with share=off the
-		// guest's writes never reach it.
-		t, err := dirty.Select(dirty.ModeHash, s.PID, s.Guest.RAMFile, dirty.HashOptions{Size: fi.Size()})
-		if err != nil {
-			return fmt.Errorf("VM %s: %v: %s", s.Name, err, sharedRAMHelp)
-		}
-		t.Close()
-	}
-	return nil
-}
-
 // define registers or updates a local VM.
 func (d *Daemon) define(spec api.VMSpec) error {
 	level := api.LevelFT
@@ -429,7 +386,7 @@ func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 	ramSize := int64(spec.Guest.RAMMiB) << 20
 	payload, _ := json.Marshal(streamSpec{Primary: d.cfg.Host, Spec: spec, DiskSizes: sizes, Force: force})
 	dctx, cancel := context.WithTimeout(ctx, 12*time.Second)
-	sender, err := replication.Dial(dctx, peer.Repl, d.cfg.PSK, spec.Name, payload, ramSize)
+	sender, err := replication.Dial(dctx, peer.Repl, d.security(), peerName, spec.Name, payload, ramSize)
 	cancel()
 	report(err)
 	if err != nil {

@@ -14,37 +14,32 @@ import (
 	"time"
 
 	"github.com/axproject/ax/ax/api"
+	"github.com/axproject/ax/ax/names"
 	"github.com/axproject/ax/ax/qemu"
 	"github.com/axproject/ax/ax/reserve"
 	"github.com/axproject/ax/ax/witness"
 	"github.com/axproject/ax/replication"
 )
 
-// openReplica is called when a primary's stream is authenticated: it
-// registers the VM as a secondary here and opens its replica.
-func (d *Daemon) openReplica(name string, payload []byte, remote net.Addr) (*replication.Replica, error) {
+// openReplica is called when a primary's stream is authenticated: it checks
+// the VM's spec against this host's policy, promises the capacity, then
+// registers the VM as a secondary here and opens its replica. peer is the
+// primary's name from its certificate ("" in PSK mode). Nothing is
+// registered before every check passed.
+func (d *Daemon) openReplica(name, peer string, payload []byte, remote net.Addr) (_ *replication.Replica, err error) {
 	var ss streamSpec
 	if err := json.Unmarshal(payload, &ss); err != nil {
 		return nil, fmt.Errorf("replica %s: bad spec: %w", name, err)
 	}
-	if ss.Spec.Name != name || ss.Primary == "" || ss.Spec.Guest.RAMMiB <= 0 {
-		return nil, fmt.Errorf("replica %s: spec names VM %q from host %q with %d MiB", name, ss.Spec.Name, ss.Primary, ss.Spec.Guest.RAMMiB)
+	spec, err := d.adoptSpec(name, peer, ss)
+	if err != nil {
+		return nil, err
 	}
-	if _, ok := d.cfg.Peers[ss.Primary]; !ok {
-		return nil, fmt.Errorf("replica %s: primary %q is not one of this host's peers", name, ss.Primary)
+	ss.Spec = spec
+	dir, err := names.Join(filepath.Join(d.cfg.StateDir, "replicas"), "vm", name)
+	if err != nil {
+		return nil, err
 	}
-	d.mu.Lock()
-	v, ok := d.vms[name]
-	if ok && v.role() != api.RoleSecondary {
-		d.mu.Unlock()
-		return nil, fmt.Errorf("replica %s: the VM runs here (%s); refusing to overwrite it", name, v.role())
-	}
-	if !ok {
-		v = &vmState{name: name, consoleOffset: -1}
-		d.vms[name] = v
-	}
-	d.mu.Unlock()
-	dir := filepath.Join(d.cfg.StateDir, "replicas", name)
 	ramSize := int64(ss.Spec.Guest.RAMMiB) << 20
 	if len(ss.DiskSizes) != len(ss.Spec.Guest.Disks) {
 		return nil, fmt.Errorf("replica %s: %d disks but %d sizes", name, len(ss.Spec.Guest.Disks), len(ss.DiskSizes))
@@ -56,13 +51,43 @@ func (d *Daemon) openReplica(name string, payload []byte, remote net.Addr) (*rep
 		}
 		need.DiskBytes += n
 	}
+	d.mu.Lock()
+	v, ok := d.vms[name]
+	d.mu.Unlock()
+	if ok && v.role() != api.RoleSecondary {
+		return nil, fmt.Errorf("replica %s: the VM runs here (%s); refusing to overwrite it", name, v.role())
+	}
 	// A soft reservation: this host promises to be able to run the VM.
 	if err := d.book.Promise(name, reserve.Capacity{VCPUs: need.VCPUs, MemoryBytes: need.MemoryBytes, DiskBytes: need.DiskBytes}, ss.Force); err != nil {
 		return nil, fmt.Errorf("%s cannot promise to run %s: %w", d.cfg.Host, name, err)
 	}
+	d.mu.Lock()
+	if v, ok = d.vms[name]; ok && v.role() != api.RoleSecondary {
+		d.mu.Unlock()
+		d.book.Release(name)
+		return nil, fmt.Errorf("replica %s: the VM runs here (%s); refusing to overwrite it", name, v.role())
+	}
+	if !ok {
+		v = &vmState{name: name, consoleOffset: -1, roleV: api.RoleSecondary, level: api.LevelNone, state: "syncing"}
+		d.vms[name] = v
+	}
+	d.mu.Unlock()
 	d.reservationMetrics()
+	defer func() {
+		if err == nil || ok {
+			return
+		}
+		// A VM first seen by this stream leaves no trace of a failed open:
+		// a retry (say with --force) starts from nothing.
+		d.mu.Lock()
+		if d.vms[name] == v {
+			delete(d.vms, name)
+		}
+		d.mu.Unlock()
+		d.book.Release(name)
+		d.reservationMetrics()
+	}()
 	var rep *replication.Replica
-	var err error
 	var oldDisks *replicaDisks
 	v.set(func(v *vmState) { rep, oldDisks = v.replica, v.replicaDisks })
 	if oldDisks != nil {
@@ -181,7 +206,9 @@ func (d *Daemon) streamEnded(name string, bye, handover bool, err error) {
 		}
 		d.book.Release(name)
 		d.reservationMetrics()
-		os.RemoveAll(filepath.Join(d.cfg.StateDir, "replicas", name))
+		if dir, err := names.Join(filepath.Join(d.cfg.StateDir, "replicas"), "vm", name); err == nil {
+			os.RemoveAll(dir)
+		}
 		d.mu.Lock()
 		if d.vms[name] == v {
 			delete(d.vms, name)
@@ -317,7 +344,10 @@ func (d *Daemon) promote(ctx context.Context, v *vmState) error {
 	if !resume && !haReady {
 		return errors.New("the replica is not usable (no committed checkpoint, disks not in sync)")
 	}
-	dir := filepath.Join(d.cfg.StateDir, "vms", v.name)
+	dir, err := names.Join(filepath.Join(d.cfg.StateDir, "vms"), "vm", v.name)
+	if err != nil {
+		return err
+	}
 	os.RemoveAll(dir)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
@@ -392,7 +422,7 @@ func (d *Daemon) promote(ctx context.Context, v *vmState) error {
 	defer cancel()
 	how := "restarted " + v.name + " from its replicated disks (HA)"
 	if resume {
-		if err := mon.LoadIncoming(qctx, "exec:cat "+dev); err != nil {
+		if err := qemu.LoadDeviceStateFile(qctx, mon, dev, filepath.Join(dir, "incoming.sock")); err != nil {
 			return fmt.Errorf("load device state of epoch %d: %w", epoch, err)
 		}
 		if err := mon.Cont(qctx); err != nil {
@@ -471,10 +501,24 @@ func (d *Daemon) reservationMetrics() {
 	}
 }
 
-// plugTap creates the replica's tap and joins it to the host bridge.
+// plugTap creates the replica's tap and joins it to the host bridge. An
+// existing interface of that name is used only if it is a tap.
 func plugTap(ctx context.Context, tap, bridge string) error {
 	if tap == "" {
 		return nil
+	}
+	if err := names.CheckInterface("tap", tap); err != nil {
+		return err
+	}
+	if bridge != "" {
+		if err := names.CheckInterface("bridge", bridge); err != nil {
+			return err
+		}
+	}
+	if _, err := net.InterfaceByName(tap); err == nil {
+		if _, err := os.Stat(filepath.Join("/sys/class/net", tap, "tun_flags")); err != nil {
+			return fmt.Errorf("interface %s exists on this host and is not a tap: refusing to plug it into a bridge", tap)
+		}
 	}
 	run := func(args ...string) error {
 		out, err := exec.CommandContext(ctx, "ip", args...).CombinedOutput()

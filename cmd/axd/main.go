@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/axproject/ax/ax/daemon"
+	"github.com/axproject/ax/ax/identity"
 	"github.com/axproject/ax/ax/witness"
 )
 
@@ -48,15 +49,23 @@ func run(ctx context.Context, args []string) error {
 	witnessMode := fs.Bool("witness", false, "run as the witness (lease arbiter) instead of a host daemon")
 	listen := fs.String("listen", "", "witness: address to serve leases on")
 	ttl := fs.Duration("lease-ttl", time.Second, "witness: lease length; hosts use the same value")
-	pskFile := fs.String("psk-file", "/etc/ax/psk", "file holding the pre-shared key shared by partners and the witness")
+	pskFile := fs.String("psk-file", "", "PSK mode (the lab): file holding the pre-shared key shared by partners and the witness (mode 0600; axctl pki psk FILE makes one)")
+	var files identity.Files
+	fs.StringVar(&files.CA, "ca", "/etc/ax/pki/ca.crt", "TLS mode: the AX CA's certificate")
+	fs.StringVar(&files.Cert, "cert", "", "TLS mode: this host's (or the witness's) certificate, from axctl pki issue")
+	fs.StringVar(&files.Key, "key", "", "TLS mode: its private key (mode 0600)")
+	witnessState := fs.String("witness-state", "/var/lib/ax/witness.json", "witness: file keeping leases and replay protection across restarts")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
-	fs.StringVar(&cfg.Host, "host", "", "this host's name, as its partners know it")
+	fs.StringVar(&cfg.Host, "host", "", "this host's name, as its partners know it (TLS mode: default the certificate's name)")
 	fs.StringVar(&cfg.Socket, "socket", "/run/ax/axd.sock", "local API socket for axctl")
 	fs.StringVar(&cfg.StateDir, "state-dir", "/var/lib/ax", "replicas and runtime files (tmpfs recommended)")
 	fs.StringVar(&cfg.ReplListen, "repl-listen", "", "address on the dedicated replication link (TCP streams, UDP heartbeats)")
 	fs.StringVar(&cfg.MgmtListen, "mgmt-listen", "", "address on the management network (UDP heartbeats)")
 	fs.Var(peers, "peer", "a partner host: NAME=REPL_HOST:PORT,MGMT_HOST:PORT (repeatable)")
 	fs.StringVar(&cfg.Witness, "witness-addr", "", "the witness's address (without one, replicas never promote)")
+	fs.StringVar(&cfg.WitnessName, "witness-name", "", "TLS mode: the name on the witness's certificate")
+	fs.Var((*listFlag)(&cfg.ImageDirs), "image-dir", "a directory kernels and initrds named by partners' VM specs may come from (repeatable)")
+	fs.Var((*listFlag)(&cfg.Bridges), "bridge", "a bridge replicas' taps may join (repeatable; none: any bridge of this host)")
 	fs.StringVar(&cfg.MetricsListen, "metrics", "", "address to serve Prometheus /metrics on")
 	fs.DurationVar(&cfg.Epoch, "epoch", 50*time.Millisecond, "FT checkpoint interval")
 	fs.StringVar(&cfg.Tracker, "tracker", "auto", "dirty-page tracker: auto, hash or soft-dirty")
@@ -72,15 +81,35 @@ func run(ctx context.Context, args []string) error {
 		return fmt.Errorf("--log-level: %w", err)
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
-	psk, err := readPSK(*pskFile)
-	if err != nil {
-		return err
+	var psk []byte
+	var id *identity.Identity
+	switch {
+	case files.Cert != "" && *pskFile != "":
+		return errors.New("give --cert/--key (TLS mode) or --psk-file (PSK mode), not both")
+	case files.Cert != "":
+		if files.Key == "" {
+			return errors.New("--cert needs --key")
+		}
+		var err error
+		if id, err = identity.Load(files); err != nil {
+			return err
+		}
+	case *pskFile != "":
+		var err error
+		if psk, err = identity.ReadKeyFile(*pskFile); err != nil {
+			return err
+		}
+	default:
+		return errors.New("no identity: give --cert, --key and --ca (make them with axctl pki init / axctl pki issue), or --psk-file for the lab's PSK mode")
 	}
 	if *witnessMode {
 		if *listen == "" {
 			return errors.New("--witness needs --listen ADDR")
 		}
-		srv, err := witness.NewServer(psk, *ttl, time.Now, log)
+		if id != nil && id.Role() != identity.RoleWitness {
+			return fmt.Errorf("--witness needs a witness certificate; %s is a %s's (issue one with: axctl pki issue --role witness --name NAME)", files.Cert, id.Role())
+		}
+		srv, err := witness.NewServer(witness.ServerConfig{Identity: id, PSK: psk, LeaseTTL: *ttl, StateFile: *witnessState, Log: log})
 		if err != nil {
 			return err
 		}
@@ -92,7 +121,10 @@ func run(ctx context.Context, args []string) error {
 		notifyReady()
 		return srv.Serve(ctx, ln)
 	}
-	cfg.Peers, cfg.PSK, cfg.LeaseTTL, cfg.Log = peers, psk, *ttl, log
+	cfg.Peers, cfg.PSK, cfg.Identity, cfg.LeaseTTL, cfg.Log = peers, psk, id, *ttl, log
+	if cfg.Host == "" && id != nil {
+		cfg.Host = id.Name()
+	}
 	d, err := daemon.New(cfg)
 	if err != nil {
 		return err
@@ -100,14 +132,11 @@ func run(ctx context.Context, args []string) error {
 	return d.Run(ctx, notifyReady)
 }
 
-// readPSK reads a key file: hex (as written by the lab and the docs) or raw.
-func readPSK(path string) ([]byte, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("pre-shared key: %w (make one with: head -c 32 /dev/urandom | xxd -p -c 64 > %s)", err, path)
-	}
-	return []byte(strings.TrimSpace(string(data))), nil
-}
+// listFlag is a repeatable string flag.
+type listFlag []string
+
+func (l *listFlag) String() string     { return strings.Join(*l, ",") }
+func (l *listFlag) Set(s string) error { *l = append(*l, s); return nil }
 
 // notifyReady tells systemd (Type=notify) that axd serves.
 func notifyReady() {

@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/axproject/ax/ax/api"
+	"github.com/axproject/ax/ax/identity"
+	"github.com/axproject/ax/test/image"
 )
 
 // Ports of AX's services on the lab hosts.
@@ -44,13 +46,30 @@ type DaemonConfig struct {
 	Axd   string        // path of the axd binary
 	Epoch time.Duration // FT epoch; default axd's
 	Extra []string      // more flags for both hosts' axd
+	// PSK runs the daemons in PSK mode (one pre-shared key) instead of
+	// TLS mode with a certificate per host from the lab's own CA.
+	PSK bool
 }
 
-// StartDaemons starts the witness on w and axd on a and b, each knowing the
-// other as its partner, and waits until they serve.
-func (l *Lab) StartDaemons(ctx context.Context, cfg DaemonConfig) error {
-	if err := l.loadState(); err != nil {
-		return err
+// PKIDir holds the lab's CA and the hosts' and witness's certificates.
+func (l *Lab) PKIDir() string { return filepath.Join(l.StateDir, "pki") }
+
+// ensureIdentities makes the lab's CA, a certificate for a and b and one
+// for the witness w, and the PSK, once per lab.
+func (l *Lab) ensureIdentities() error {
+	dir := l.PKIDir()
+	if _, err := os.Stat(identity.CAPath(dir)); err != nil {
+		if err := identity.NewCA(dir, "ax-lab-ca", 24*time.Hour*30); err != nil {
+			return err
+		}
+		for _, h := range []string{HostA, HostB} {
+			if err := identity.Issue(dir, dir, h, identity.RoleHost, 24*time.Hour*30); err != nil {
+				return err
+			}
+		}
+		if err := identity.Issue(dir, dir, HostW, identity.RoleWitness, 24*time.Hour*30); err != nil {
+			return err
+		}
 	}
 	psk := filepath.Join(l.StateDir, "psk")
 	if _, err := os.Stat(psk); err != nil {
@@ -60,8 +79,34 @@ func (l *Lab) StartDaemons(ctx context.Context, cfg DaemonConfig) error {
 			return err
 		}
 	}
+	return nil
+}
+
+// identityArgs are the flags giving host h its identity.
+func (l *Lab) identityArgs(h string, cfg DaemonConfig) []string {
+	if cfg.PSK {
+		return []string{"--psk-file", filepath.Join(l.StateDir, "psk")}
+	}
+	dir := l.PKIDir()
+	args := []string{"--ca", identity.CAPath(dir), "--cert", identity.CertPath(dir, h), "--key", identity.KeyPath(dir, h)}
+	if h != HostW {
+		args = append(args, "--witness-name", HostW)
+	}
+	return args
+}
+
+// StartDaemons starts the witness on w and axd on a and b, each knowing the
+// other as its partner, and waits until they serve.
+func (l *Lab) StartDaemons(ctx context.Context, cfg DaemonConfig) error {
+	if err := l.loadState(); err != nil {
+		return err
+	}
+	if err := l.ensureIdentities(); err != nil {
+		return fmt.Errorf("lab identities: %w", err)
+	}
 	witness := fmt.Sprintf("%s:%d", HostAddrs[HostW].Mgmt, WitnessPort)
-	if err := l.startProc(ctx, HostW, "axd-witness", cfg.Axd, "--witness", "--listen", witness, "--psk-file", psk); err != nil {
+	wargs := append([]string{"--witness", "--listen", witness, "--witness-state", filepath.Join(l.StateDir, "witness-state.json")}, l.identityArgs(HostW, cfg)...)
+	if err := l.startProc(ctx, HostW, "axd-witness", cfg.Axd, wargs...); err != nil {
 		return err
 	}
 	for _, h := range []string{HostA, HostB} {
@@ -95,8 +140,24 @@ func (l *Lab) StartAxd(ctx context.Context, h string, cfg DaemonConfig) error {
 		"--peer", fmt.Sprintf("%s=%s:%d,%s:%d", other, HostAddrs[other].Repl, ReplPort, HostAddrs[other].Mgmt, MgmtPort),
 		"--witness-addr", fmt.Sprintf("%s:%d", HostAddrs[HostW].Mgmt, WitnessPort),
 		"--metrics", MetricsAddr(h),
-		"--psk-file", filepath.Join(l.StateDir, "psk"),
+		"--bridge", PublicBridge,
+		"--image-dir", image.DefaultCacheDir,
 	}
+	// The guests' own kernels (--kernel) may live elsewhere: the lab's
+	// hosts allow the directories its guests boot from.
+	dirs := map[string]bool{}
+	for _, vm := range l.state.VMs {
+		for _, f := range []string{vm.Spec.Kernel, vm.Spec.Initrd} {
+			if f != "" && !dirs[filepath.Dir(f)] {
+				dirs[filepath.Dir(f)] = true
+				args = append(args, "--image-dir", filepath.Dir(f))
+			}
+		}
+	}
+	if err := l.ensureIdentities(); err != nil {
+		return fmt.Errorf("lab identities: %w", err)
+	}
+	args = append(args, l.identityArgs(h, cfg)...)
 	if cfg.Epoch > 0 {
 		args = append(args, "--epoch", cfg.Epoch.String())
 	}
