@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/axproject/ax/ax/api"
@@ -328,7 +329,7 @@ func (d *Daemon) checkSecondary(ctx context.Context, v *vmState) {
 // committed device state loaded, resumed, its MAC announced on the network —
 // and its disks as of that checkpoint. Otherwise, with disks in sync (HA):
 // the guest boots afresh from its replicated disks.
-func (d *Daemon) promote(ctx context.Context, v *vmState) error {
+func (d *Daemon) promote(ctx context.Context, v *vmState) (err error) {
 	t0 := time.Now()
 	d.repl.Drop(v.name) // nothing more is applied once promotion starts
 	var spec api.VMSpec
@@ -407,6 +408,15 @@ func (d *Daemon) promote(ctx context.Context, v *vmState) error {
 	if err != nil {
 		return err
 	}
+	defer func() {
+		if err != nil {
+			// A promotion that failed leaves no QEMU behind: it would hold
+			// the tap and the RAM file of the next attempt.
+			if kerr := killAndWait(pid, 5*time.Second); kerr != nil {
+				err = fmt.Errorf("%w; and the failed attempt's QEMU (pid %d) could not be stopped: %v", err, pid, kerr)
+			}
+		}
+	}()
 	var mon *qemu.QMP
 	for i := 0; ; i++ {
 		if mon, err = qemu.Dial(g.QMP, time.Second); err == nil {
@@ -538,4 +548,23 @@ func plugTap(ctx context.Context, tap, bridge string) error {
 		}
 	}
 	return run("link", "set", tap, "up")
+}
+
+// killAndWait kills process pid and waits until it is gone.
+func killAndWait(pid int, timeout time.Duration) error {
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+		return err
+	}
+	deadline := time.Now().Add(timeout)
+	for {
+		// Launch reaps its child; a zombie not yet reaped is gone too.
+		data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil || strings.Contains(string(data), ") Z ") {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("pid %d still there %s after SIGKILL", pid, timeout)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }

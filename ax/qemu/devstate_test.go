@@ -13,8 +13,8 @@ import (
 	"time"
 )
 
-// incomingFake is a Monitor whose LoadIncoming reads a unix: URI the way
-// QEMU does and records what it got.
+// incomingFake is a Monitor whose LoadIncoming serves a unix: URI the way
+// QEMU does (it listens, the source connects) and records what it got.
 type incomingFake struct {
 	Monitor
 	uri  string
@@ -31,7 +31,12 @@ func (f *incomingFake) LoadIncoming(ctx context.Context, uri string) error {
 	if !ok {
 		return errors.New("not a unix: URI")
 	}
-	c, err := net.Dial("unix", path)
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return err
+	}
+	defer ln.Close()
+	c, err := ln.Accept()
 	if err != nil {
 		return err
 	}

@@ -180,10 +180,11 @@ func (q *QMP) Close() error {
 	return err
 }
 
-// LoadDeviceStateFile feeds the committed device state in file dev to a QEMU
-// waiting with -incoming defer, through a unix socket AX listens on itself
-// (no exec: URI, so no shell ever sees a path). QEMU must be able to
-// reach sock: the caller picks a path in a directory of its own.
+// LoadDeviceStateFile feeds the committed device state in file dev to a
+// QEMU waiting with -incoming defer, over a unix socket: migrate-incoming
+// with a unix: URI makes QEMU listen on sock, and AX connects and writes the
+// file (no exec: URI, so no shell ever sees a path). sock must be a path in
+// a directory of the caller's own; a stale socket there is removed first.
 func LoadDeviceStateFile(ctx context.Context, mon Monitor, dev, sock string) error {
 	f, err := os.Open(dev)
 	if err != nil {
@@ -191,32 +192,40 @@ func LoadDeviceStateFile(ctx context.Context, mon Monitor, dev, sock string) err
 	}
 	defer f.Close()
 	os.Remove(sock)
-	ln, err := net.Listen("unix", sock)
-	if err != nil {
-		return fmt.Errorf("device state socket: %w", err)
-	}
 	defer os.Remove(sock)
-	defer ln.Close()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	fed := make(chan error, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			fed <- err
-			return
-		}
-		defer c.Close()
-		_, err = io.Copy(c, f)
-		fed <- err
-	}()
-	stop := context.AfterFunc(ctx, func() { ln.Close() })
-	defer stop()
-	if err := mon.LoadIncoming(ctx, "unix:"+sock); err != nil {
-		ln.Close()
-		<-fed
-		return err
+	go func() { fed <- feedSocket(ctx, sock, f) }()
+	loadErr := mon.LoadIncoming(ctx, "unix:"+sock)
+	cancel() // a feeder still waiting for QEMU's socket gives up
+	feedErr := <-fed
+	if loadErr != nil {
+		return loadErr
 	}
-	if err := <-fed; err != nil {
-		return fmt.Errorf("feeding device state to QEMU: %w", err)
+	if feedErr != nil {
+		return fmt.Errorf("feeding device state to QEMU: %w", feedErr)
 	}
 	return nil
+}
+
+// feedSocket connects to the unix socket QEMU listens on once it has taken
+// migrate-incoming, then writes r to it and closes.
+func feedSocket(ctx context.Context, sock string, r io.Reader) error {
+	var d net.Dialer
+	for {
+		c, err := d.DialContext(ctx, "unix", sock)
+		if err == nil {
+			defer c.Close()
+			stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Unix(1, 0)) })
+			defer stop()
+			_, err = io.Copy(c, r)
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("QEMU never listened on %s: %w", sock, err)
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
 }

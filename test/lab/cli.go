@@ -39,6 +39,8 @@ flags (up, demo):
   --guest-bin DIR   where ax-workload is (default: beside axctl)
   --no-guest        (up) create hosts and networks only
   --keep            (demo) leave the lab up at the end
+  --psk             (up, demo, bench-ft, bench-disk) daemons in PSK mode (one pre-shared key)
+                    instead of TLS mode with the lab's CA
   --records N       (demo) ledger records to append (default 100)
   --rate N          (demo) appends per second (default 50)
   --run-for D       (demo) protected running time before host a is killed (default 10s)
@@ -50,7 +52,7 @@ type labFlags struct {
 	prefix, kernel, modules, accel, guestBin, cacheDir string
 	ram, diskMiB                                       int
 	dirty                                              float64
-	noGuest, keep, json                                bool
+	noGuest, keep, json, psk                           bool
 	records, runs                                      int
 	rate                                               float64
 	runFor, window                                     time.Duration
@@ -75,6 +77,7 @@ func Main(ctx context.Context, args []string, out io.Writer, log *slog.Logger) e
 	fs.Float64Var(&f.dirty, "dirty", 0, "")
 	fs.BoolVar(&f.noGuest, "no-guest", false, "")
 	fs.BoolVar(&f.keep, "keep", false, "")
+	fs.BoolVar(&f.psk, "psk", false, "")
 	fs.BoolVar(&f.json, "json", false, "")
 	fs.IntVar(&f.records, "records", 100, "")
 	fs.IntVar(&f.runs, "runs", 3, "")
@@ -200,7 +203,7 @@ func startDaemons(ctx context.Context, l *Lab, f labFlags, vm *VM) error {
 	if err != nil {
 		return err
 	}
-	if err := l.StartDaemons(ctx, DaemonConfig{Axd: axd}); err != nil {
+	if err := l.StartDaemons(ctx, DaemonConfig{Axd: axd, PSK: f.psk}); err != nil {
 		return err
 	}
 	return l.DefineGuest(ctx, vm)
