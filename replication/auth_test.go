@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/rand"
 	"errors"
+	"github.com/axproject/ax/ax/identity/identitytest"
 	"io"
 	"net"
 	"os"
@@ -510,7 +511,7 @@ func TestClientHandshakeBadVMName(t *testing.T) {
 }
 
 func TestSecurityCheck(t *testing.T) {
-	_, ids := testPKI(t, "a", "w")
+	_, ids := identitytest.PKI(t, "a", "w")
 	for _, tc := range []struct {
 		name string
 		sec  Security

@@ -3,6 +3,7 @@ package replication
 import (
 	"bytes"
 	"context"
+	"github.com/axproject/ax/ax/identity/identitytest"
 	"io"
 	"net"
 	"sync"
@@ -122,7 +123,7 @@ func BenchmarkStreamSecurity(b *testing.B) {
 		checkpoint = 16 << 20
 		ramSize    = checkpoint
 	)
-	_, ids := testPKI(b, "pa", "sb")
+	_, ids := identitytest.PKI(b, "pa", "sb")
 	modes := []securityMode{
 		{name: "plain", client: Security{PSK: testKey, plain: true}, server: Security{PSK: testKey, plain: true}},
 		{name: "psk", client: Security{PSK: testKey}, server: Security{PSK: testKey}},

@@ -13,32 +13,8 @@ import (
 	"time"
 
 	"github.com/axproject/ax/ax/identity"
+	"github.com/axproject/ax/ax/identity/identitytest"
 )
-
-// testPKI makes a CA and identities for the names given ("w" is a witness).
-func testPKI(t testing.TB, hosts ...string) (dir string, ids map[string]*identity.Identity) {
-	t.Helper()
-	dir = t.TempDir()
-	if err := identity.NewCA(dir, "test-ca", time.Hour); err != nil {
-		t.Fatal(err)
-	}
-	ids = map[string]*identity.Identity{}
-	for _, h := range hosts {
-		role := identity.RoleHost
-		if h == "w" {
-			role = identity.RoleWitness
-		}
-		if err := identity.Issue(dir, dir, h, role, time.Hour); err != nil {
-			t.Fatal(err)
-		}
-		id, err := identity.Load(identity.Files{CA: identity.CAPath(dir), Cert: identity.CertPath(dir, h), Key: identity.KeyPath(dir, h)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		ids[h] = id
-	}
-	return dir, ids
-}
 
 // tcpPair returns both ends of a loopback TCP connection: TLS needs the
 // kernel's buffering, which net.Pipe lacks.
@@ -299,8 +275,8 @@ func TestSealKeysDiffer(t *testing.T) {
 }
 
 func TestTLSHandshake(t *testing.T) {
-	_, ids := testPKI(t, "a", "b", "c", "x", "w")
-	_, foreign := testPKI(t, "a")
+	_, ids := identitytest.PKI(t, "a", "b", "c", "x", "w")
+	_, foreign := identitytest.PKI(t, "a")
 	// rawTLS is a client that skips ClientHandshake's own checks, as a
 	// hostile one would.
 	rawTLS := func(id *identity.Identity, server string) func(net.Conn) error {
@@ -571,7 +547,7 @@ type securityMode struct {
 }
 
 func securityModes(t *testing.T) []securityMode {
-	_, ids := testPKI(t, "pa", "sb")
+	_, ids := identitytest.PKI(t, "pa", "sb")
 	return []securityMode{
 		{name: "plain", client: Security{PSK: testKey, plain: true}, server: Security{PSK: testKey, plain: true}},
 		{name: "psk", client: Security{PSK: testKey}, server: Security{PSK: testKey}},
@@ -836,7 +812,7 @@ func TestRelayEditsVersionRange(t *testing.T) {
 // Dial refuses a secondary that is not the partner asked for, and a
 // secondary refuses a primary not on its list, before any Open.
 func TestStreamTLSRefusals(t *testing.T) {
-	_, ids := testPKI(t, "pa", "sb", "pc", "sx")
+	_, ids := identitytest.PKI(t, "pa", "sb", "pc", "sx")
 	for _, tc := range []struct {
 		name   string
 		server Security

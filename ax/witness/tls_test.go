@@ -13,26 +13,12 @@ import (
 	"time"
 
 	"github.com/axproject/ax/ax/identity"
+	"github.com/axproject/ax/ax/identity/identitytest"
 )
 
 // testCA makes a CA and, for each name, an identity of the role given.
 func testCA(t testing.TB, roles map[string]identity.Role) map[string]*identity.Identity {
-	t.Helper()
-	dir := t.TempDir()
-	if err := identity.NewCA(dir, "test-ca", time.Hour); err != nil {
-		t.Fatal(err)
-	}
-	ids := map[string]*identity.Identity{}
-	for name, role := range roles {
-		if err := identity.Issue(dir, dir, name, role, time.Hour); err != nil {
-			t.Fatal(err)
-		}
-		id, err := identity.Load(identity.Files{CA: identity.CAPath(dir), Cert: identity.CertPath(dir, name), Key: identity.KeyPath(dir, name)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		ids[name] = id
-	}
+	_, ids := identitytest.PKIRoles(t, roles)
 	return ids
 }
 

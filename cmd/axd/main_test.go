@@ -11,23 +11,12 @@ import (
 
 	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/ax/identity"
+	"github.com/axproject/ax/ax/identity/identitytest"
 	"github.com/axproject/ax/ax/witness"
 )
 
 func pki(t *testing.T) string {
-	t.Helper()
-	dir := t.TempDir()
-	if err := identity.NewCA(dir, "ca", time.Hour); err != nil {
-		t.Fatal(err)
-	}
-	for _, h := range []string{"a", "b"} {
-		if err := identity.Issue(dir, dir, h, identity.RoleHost, time.Hour); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := identity.Issue(dir, dir, "w", identity.RoleWitness, time.Hour); err != nil {
-		t.Fatal(err)
-	}
+	dir, _ := identitytest.PKI(t, "a", "b", "w")
 	return dir
 }
 

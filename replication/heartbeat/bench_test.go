@@ -2,6 +2,7 @@ package heartbeat
 
 import (
 	"bytes"
+	"github.com/axproject/ax/ax/identity/identitytest"
 	"testing"
 	"time"
 )
@@ -11,8 +12,8 @@ import (
 // "foreign CA" are the dearest an attacker without a key can make each
 // datagram; "replay" and "unknown peer" stop at the cheap checks.
 func BenchmarkVerify(b *testing.B) {
-	_, ids := testPKI(b, "a", "b")
-	_, other := testPKI(b, "a")
+	_, ids := identitytest.PKI(b, "a", "b")
+	_, other := identitytest.PKI(b, "a")
 	now := time.Now()
 	p := packet{path: PathRepl, from: "a", to: "b", seq: 1 << 62, sent: now.UnixNano()}
 	signed := mustSign(b, ids["a"], p)

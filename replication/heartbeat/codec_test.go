@@ -19,34 +19,10 @@ import (
 	"time"
 
 	"github.com/axproject/ax/ax/identity"
+	"github.com/axproject/ax/ax/identity/identitytest"
 )
 
 var testPSK = bytes.Repeat([]byte("k"), identity.MinKeySize)
-
-// testPKI makes a CA and identities for the names given ("w" is a witness).
-func testPKI(t testing.TB, hosts ...string) (dir string, ids map[string]*identity.Identity) {
-	t.Helper()
-	dir = t.TempDir()
-	if err := identity.NewCA(dir, "test-ca", time.Hour); err != nil {
-		t.Fatal(err)
-	}
-	ids = map[string]*identity.Identity{}
-	for _, h := range hosts {
-		role := identity.RoleHost
-		if h == "w" {
-			role = identity.RoleWitness
-		}
-		if err := identity.Issue(dir, dir, h, role, time.Hour); err != nil {
-			t.Fatal(err)
-		}
-		id, err := identity.Load(identity.Files{CA: identity.CAPath(dir), Cert: identity.CertPath(dir, h), Key: identity.KeyPath(dir, h)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		ids[h] = id
-	}
-	return dir, ids
-}
 
 func pskKey() []byte { return identity.DeriveKey(testPSK, identity.PurposeHeartbeat) }
 
@@ -60,7 +36,7 @@ func mustSign(t testing.TB, id *identity.Identity, p packet) []byte {
 }
 
 func TestCodecRoundTrip(t *testing.T) {
-	_, ids := testPKI(t, "a")
+	_, ids := identitytest.PKI(t, "a")
 	now := time.Now().UnixNano()
 	long := strings.Repeat("h", 128)
 	for _, tc := range []struct {
@@ -107,7 +83,7 @@ func TestCodecRoundTrip(t *testing.T) {
 }
 
 func TestDecodeRejects(t *testing.T) {
-	_, ids := testPKI(t, "a")
+	_, ids := identitytest.PKI(t, "a")
 	base := packet{path: PathRepl, from: "a", to: "b", seq: 7, sent: 1}
 	psk := sealPSK(pskKey(), base)
 	signed := mustSign(t, ids["a"], base)
@@ -157,7 +133,7 @@ func TestDecodeRejects(t *testing.T) {
 // TestNewRefusesFatCertificate: a certificate that would push a heartbeat
 // past one datagram is refused when the detector is made, not on the wire.
 func TestNewRefusesFatCertificate(t *testing.T) {
-	dir, _ := testPKI(t)
+	dir, _ := identitytest.PKI(t)
 	ca, err := tls.LoadX509KeyPair(identity.CAPath(dir), filepath.Join(dir, "ca.key"))
 	if err != nil {
 		t.Fatal(err)

@@ -2,6 +2,7 @@ package heartbeat
 
 import (
 	"bytes"
+	"github.com/axproject/ax/ax/identity/identitytest"
 	"testing"
 	"time"
 )
@@ -9,7 +10,7 @@ import (
 // FuzzDecodeHeartbeat feeds arbitrary datagrams to the decoder and to both
 // kinds of receiver. testdata/fuzz holds a committed corpus of the same kind.
 func FuzzDecodeHeartbeat(f *testing.F) {
-	_, ids := testPKI(f, "a", "b")
+	_, ids := identitytest.PKI(f, "a", "b")
 	// A fixed clock keeps the PSK seeds the same bytes in every fuzzing
 	// process, so "accepted" can be checked against them.
 	now := time.Unix(1_700_000_000, 0)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"github.com/axproject/ax/ax/identity/identitytest"
 	"net"
 	"sync"
 	"testing"
@@ -37,7 +38,7 @@ func mustNew(t testing.TB, host string, sec Security, peers ...string) *Detector
 }
 
 func TestNew(t *testing.T) {
-	_, ids := testPKI(t, "a", "w")
+	_, ids := identitytest.PKI(t, "a", "w")
 	for _, tc := range []struct {
 		name string
 		host string
@@ -71,8 +72,8 @@ func TestNew(t *testing.T) {
 // TestHandle feeds single datagrams to a detector for host b whose
 // partners are a and w: each refused one must change nothing.
 func TestHandle(t *testing.T) {
-	_, ids := testPKI(t, "a", "b", "c", "w")
-	_, other := testPKI(t, "a")
+	_, ids := identitytest.PKI(t, "a", "b", "c", "w")
+	_, other := identitytest.PKI(t, "a")
 	now := time.Now()
 	seq := uint64(1000)
 	pkt := func(path Path, from string) packet {
@@ -168,7 +169,7 @@ func TestHandle(t *testing.T) {
 
 // TestHandleEveryFlippedBit: no single-bit change of a datagram is accepted.
 func TestHandleEveryFlippedBit(t *testing.T) {
-	_, ids := testPKI(t, "a", "b")
+	_, ids := identitytest.PKI(t, "a", "b")
 	now := time.Now()
 	p := packet{path: PathMgmt, heardYou: true, from: "a", to: "b", seq: 5, sent: now.UnixNano()}
 	for _, tc := range []struct {
@@ -243,7 +244,7 @@ func runDetector(t *testing.T, d *Detector, repl, mgmt string) (stop func()) {
 }
 
 func TestLoopbackBothPaths(t *testing.T) {
-	_, ids := testPKI(t, "a", "b")
+	_, ids := identitytest.PKI(t, "a", "b")
 	for _, tc := range []struct {
 		name   string
 		aS, bS Security
@@ -280,7 +281,7 @@ func TestLoopbackBothPaths(t *testing.T) {
 // TestPathIsTheSocket: over real sockets, a datagram counts for the path of
 // the socket it arrived on, and one that names the other path is refused.
 func TestPathIsTheSocket(t *testing.T) {
-	_, ids := testPKI(t, "a", "b")
+	_, ids := identitytest.PKI(t, "a", "b")
 	repl, mgmt := freeUDP(t), freeUDP(t)
 	d := mustNew(t, "b", Security{Identity: ids["b"]}, "a")
 	runDetector(t, d, repl, mgmt)
