@@ -10,7 +10,6 @@ import (
 	"github.com/mdlayher/vsock"
 
 	"github.com/axproject/ax/ax/api"
-	"github.com/axproject/ax/ax/qemu"
 	"github.com/axproject/ax/monitor/agent"
 )
 
@@ -77,7 +76,9 @@ func (d *Daemon) agentAction(a agent.Action) {
 	case agent.RestartVM:
 		var spec api.VMSpec
 		v.set(func(v *vmState) { spec = v.spec })
-		mon, err := qemu.Dial(spec.Guest.QMP, 2*time.Second)
+		cctx, ccancel := context.WithTimeout(d.ctx, 2*time.Second)
+		mon, err := d.cfg.Hypervisor.Domain(spec.Guest).Control(cctx)
+		ccancel()
 		if err == nil {
 			ctx, cancel := context.WithTimeout(d.ctx, 5*time.Second)
 			err = mon.Reset(ctx)

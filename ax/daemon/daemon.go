@@ -21,6 +21,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/axproject/ax/ax/api"
+	"github.com/axproject/ax/ax/hv"
 	"github.com/axproject/ax/ax/identity"
 	"github.com/axproject/ax/ax/names"
 	"github.com/axproject/ax/ax/reserve"
@@ -89,7 +90,9 @@ type Config struct {
 	// guarantee that clients never see output a failover undoes; tests use
 	// it as the control that shows their check can fail.
 	OutputCommit bool
-	Log          *slog.Logger
+	// Hypervisor runs and controls this host's VMs (nil: QEMU over QMP).
+	Hypervisor hv.Driver
+	Log        *slog.Logger
 }
 
 func (c *Config) defaults() error {
@@ -156,6 +159,9 @@ func (c *Config) defaults() error {
 	}
 	if c.Log == nil {
 		c.Log = slog.New(slog.DiscardHandler)
+	}
+	if c.Hypervisor == nil {
+		c.Hypervisor = &hv.QMP{}
 	}
 	return nil
 }
@@ -229,7 +235,6 @@ func (d *Daemon) Run(ctx context.Context, ready func()) error {
 	if err := os.MkdirAll(d.cfg.StateDir, 0o755); err != nil {
 		return fmt.Errorf("axd: state directory: %w", err)
 	}
-	d.ctx = ctx
 	host, err := reserve.HostCapacity(d.cfg.StateDir)
 	if err != nil {
 		return fmt.Errorf("axd: measuring this host's capacity: %w", err)
@@ -273,6 +278,9 @@ func (d *Daemon) Run(ctx context.Context, ready func()) error {
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	// Ends with Run however it ends, so what lives as long as axd (a fence
+	// being retried, say) stops before Run waits for it.
+	d.ctx = ctx
 	errc := make(chan error, 4)
 	d.wg.Add(1)
 	go func() {

@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/axproject/ax/ax/hv"
 	"github.com/axproject/ax/ax/qemu"
 	"github.com/axproject/ax/netbuffer"
 	"github.com/axproject/ax/replication"
@@ -42,7 +43,7 @@ type diskRepl struct {
 	d      *Daemon
 	vm     string
 	sender *replication.Sender
-	mon    *qemu.QMP
+	mon    hv.Block
 	disks  []qemu.Disk
 	sizes  []int64
 	ctx    context.Context
@@ -116,14 +117,14 @@ func (r *diskRepl) mode() string {
 	return "mirror"
 }
 
-func newDiskRepl(ctx context.Context, d *Daemon, vm string, sender *replication.Sender, mon *qemu.QMP, disks []qemu.Disk, sizes []int64) *diskRepl {
+func newDiskRepl(ctx context.Context, d *Daemon, vm string, sender *replication.Sender, mon hv.Block, disks []qemu.Disk, sizes []int64) *diskRepl {
 	r := makeDiskRepl(ctx, d, vm, sender, mon, disks, sizes)
 	go r.pump()
 	return r
 }
 
 // makeDiskRepl is newDiskRepl without the pump.
-func makeDiskRepl(ctx context.Context, d *Daemon, vm string, sender *replication.Sender, mon *qemu.QMP, disks []qemu.Disk, sizes []int64) *diskRepl {
+func makeDiskRepl(ctx context.Context, d *Daemon, vm string, sender *replication.Sender, mon hv.Block, disks []qemu.Disk, sizes []int64) *diskRepl {
 	ctx, cancel := context.WithCancel(ctx)
 	return &diskRepl{d: d, vm: vm, sender: sender, mon: mon, disks: disks, sizes: sizes, ctx: ctx, cancel: cancel, wait: true,
 		queue: make(chan queuedWrite, queueDepth), pumpDone: make(chan struct{}),
@@ -246,7 +247,7 @@ func exportName(vm, node string) string      { return vm + "/" + node }
 func childExportName(vm, node string) string { return vm + "/" + node + "/child" }
 
 // diskSizes asks QEMU for the size the guest sees of each disk.
-func diskSizes(ctx context.Context, mon *qemu.QMP, disks []qemu.Disk) ([]int64, error) {
+func diskSizes(ctx context.Context, mon hv.Block, disks []qemu.Disk) ([]int64, error) {
 	sizes := make([]int64, len(disks))
 	for i, dk := range disks {
 		n, err := mon.NodeSize(ctx, dk.Node)

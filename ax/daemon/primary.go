@@ -13,7 +13,7 @@ import (
 	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/ax/dirty"
 	"github.com/axproject/ax/ax/ft"
-	"github.com/axproject/ax/ax/qemu"
+	"github.com/axproject/ax/ax/hv"
 	"github.com/axproject/ax/ax/witness"
 	"github.com/axproject/ax/netbuffer"
 	"github.com/axproject/ax/replication"
@@ -263,13 +263,16 @@ func (d *Daemon) unprotect(name string) error {
 	cancel()
 	<-done
 	var gate *netbuffer.Gate
+	var fencing bool
 	v.set(func(v *vmState) {
+		fencing = v.state == stateFencing
 		v.roleV, v.level, v.peer, v.state, v.alarm, v.cancel = api.RoleLocal, api.LevelNone, "", "running", "", nil
 		gate, v.gate = v.gate, nil
 	})
 	// The secondary has dropped its replica (bye): what is held can go,
-	// then nothing stays attached.
-	closeGate(gate, true)
+	// then nothing stays attached — unless a fence was under way: the
+	// partner may have taken over, so what is held must never be seen.
+	closeGate(gate, !fencing)
 	d.metrics.Forget(name)
 	d.metrics.SetLevel(name, api.RoleLocal, api.LevelNone)
 	d.event(name, "unprotect", "protection ended; the partner drops its replica")
@@ -322,7 +325,7 @@ func (d *Daemon) runPrimary(ctx context.Context, v *vmState) {
 			return
 		}
 		v.set(func(v *vmState) {
-			if v.state != "fenced" {
+			if v.state != stateFenced && v.state != stateFencing {
 				v.state, v.alarm = "unprotected", err.Error()
 			}
 		})
@@ -338,7 +341,9 @@ func (d *Daemon) runPrimary(ctx context.Context, v *vmState) {
 			return
 		case <-time.After(d.cfg.SilenceTimeout + 2*d.cfg.StaleAfter + 500*time.Millisecond):
 		}
-		if fenced := v.status().State == "fenced"; fenced {
+		// A fence (done or still being tried) ends protection for good:
+		// the guest's output must never be let out from here on.
+		if st := v.status().State; st == stateFenced || st == stateFencing || ctx.Err() != nil {
 			<-ctx.Done()
 			return
 		}
@@ -369,7 +374,9 @@ func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 		}
 	}
 	peer := d.cfg.Peers[peerName]
-	mon, err := qemu.Dial(spec.Guest.QMP, 2*time.Second)
+	cctx, ccancel := context.WithTimeout(ctx, 2*time.Second)
+	mon, err := d.cfg.Hypervisor.Domain(spec.Guest).Control(cctx)
+	ccancel()
 	if err != nil {
 		err = fmt.Errorf("QEMU of %s: %w", spec.Name, err)
 		report(err)
@@ -544,7 +551,7 @@ func (d *Daemon) leaveFT(ctx context.Context, v *vmState, sender *replication.Se
 
 // runFT synchronises memory and checkpoints on the stream until it fails,
 // ctx ends, a planned failover finishes, or the level goes to HA (*toHA).
-func (d *Daemon) runFT(ctx context.Context, v *vmState, mon *qemu.QMP, sender *replication.Sender, dr *diskRepl,
+func (d *Daemon) runFT(ctx context.Context, v *vmState, mon hv.Control, sender *replication.Sender, dr *diskRepl,
 	spec api.VMSpec, peerName string, pending *chan error) error {
 	if err := checkSpec(spec, api.LevelFT); err != nil {
 		return err
@@ -735,7 +742,7 @@ func (d *Daemon) guardPrimary(ctx context.Context, v *vmState) {
 			case errors.Is(err, witness.ErrLeaseHeld):
 				// The partner took the VM over: this copy must never run again.
 				d.setWitness(true)
-				d.fence(v, "the witness says "+err.Error())
+				d.fenceUntilPaused(v, "the witness says "+err.Error())
 				return
 			default:
 				d.setWitness(false)
@@ -760,37 +767,127 @@ func (d *Daemon) guardPrimary(ctx context.Context, v *vmState) {
 		// silence from both partner and witness.
 		if witness.DecidePrimary(obs) == witness.Fence &&
 			(!obs.OwnLeaseValid || (!silentSince.IsZero() && time.Since(silentSince) >= d.cfg.FenceAfter)) {
-			d.fence(v, "neither the partner nor the witness can be reached")
+			d.fenceUntilPaused(v, "neither the partner nor the witness can be reached")
 			return
 		}
 	}
 }
 
+// Fence states: fencing while the guest is not yet verified paused (an
+// alarm says why), fenced once it is.
+const (
+	stateFencing = "fencing"
+	stateFenced  = "fenced"
+)
+
+// fenceRetry is how often a fence that did not happen is tried again.
+const fenceRetry = 50 * time.Millisecond
+
+// fenceUntilPaused fences the VM and tries again until its guest is
+// verified paused, the VM stops being a primary here, or axd stops.
+func (d *Daemon) fenceUntilPaused(v *vmState, why string) {
+	t := time.NewTicker(fenceRetry)
+	defer t.Stop()
+	for !d.fence(v, why) {
+		select {
+		case <-d.ctx.Done():
+			return
+		case <-t.C:
+		}
+		if v.role() != api.RolePrimary {
+			return // unprotected meanwhile: the operator took it back
+		}
+	}
+}
+
 // fence pauses the VM's guest and stops its protection: another host may
-// run it now.
-func (d *Daemon) fence(v *vmState, why string) {
+// run it now. It reports whether the guest was verified paused. Until it is,
+// the VM is left fencing with an alarm and its output held (what is held is
+// discarded, never released), for the caller to try again.
+func (d *Daemon) fence(v *vmState, why string) bool {
 	var spec api.VMSpec
 	var cancel context.CancelFunc
+	var done chan struct{}
 	var gate *netbuffer.Gate
+	var first bool
 	v.set(func(v *vmState) {
-		spec, cancel, gate = v.spec, v.cancel, v.gate
-		v.gate = nil
-		v.state, v.alarm = "fenced", "fenced: "+why
+		spec, cancel, done, gate = v.spec, v.cancel, v.done, v.gate
+		first = v.state != stateFencing
+		v.state = stateFencing
+		if first {
+			v.alarm = "fencing: " + why
+		}
 	})
-	if mon, err := qemu.Dial(spec.Guest.QMP, time.Second); err == nil {
-		ctx, c := context.WithTimeout(context.Background(), 2*time.Second)
-		mon.Stop(ctx)
-		c()
-		mon.Close()
+	d.metrics.Protected.WithLabelValues(v.name).Set(0)
+	if gate != nil && first {
+		// From now on nothing goes out until the guest is paused; once it
+		// is, the gate goes and the guest has no output to send.
+		if err := gate.Hold(); err != nil {
+			d.log.Warn("holding output while fencing", "vm", v.name, "err", err)
+		}
 	}
-	// Output not covered by a committed checkpoint must never be seen:
-	// the partner may resume the guest from before it.
-	closeGate(gate, false)
+	// Checkpoints end first: the FT loop resumes the guest after each of
+	// its pauses, and it holds the VM's one QMP connection.
 	if cancel != nil {
 		cancel()
 	}
-	d.metrics.Protected.WithLabelValues(v.name).Set(0)
+	if done != nil {
+		select {
+		case <-done:
+		case <-time.After(2 * time.Second):
+		}
+	}
+	if err := d.pauseGuest(spec); err != nil {
+		alarm := "fence failed: " + err.Error() + " (retrying; the guest may still run, its output is held)"
+		changed := false
+		v.set(func(v *vmState) {
+			v.state = stateFencing // over a state a last commit may have set
+			changed, v.alarm = v.alarm != alarm, alarm
+		})
+		if gate != nil {
+			if err := gate.Discard(); err != nil {
+				d.log.Warn("discarding output while fencing", "vm", v.name, "err", err)
+			}
+		}
+		// Tried every tick: an event only when the reason changes.
+		if changed {
+			d.event(v.name, "alarm", fmt.Sprintf("fence failed: %v (why fence: %s); retrying until the guest is paused", err, why))
+		}
+		return false
+	}
+	v.set(func(v *vmState) {
+		gate, v.gate = v.gate, nil
+		v.state, v.alarm = stateFenced, "fenced: "+why
+	})
+	// Output not covered by a committed checkpoint must never be seen:
+	// the partner may resume the guest from before it.
+	closeGate(gate, false)
 	d.event(v.name, "fenced", "guest paused to prevent split brain: "+why)
+	return true
+}
+
+// pauseGuest stops the guest's vCPUs and checks QEMU says it is paused.
+func (d *Daemon) pauseGuest(spec api.VMSpec) error {
+	cctx, ccancel := context.WithTimeout(context.Background(), time.Second)
+	mon, err := d.cfg.Hypervisor.Domain(spec.Guest).Control(cctx)
+	ccancel()
+	if err != nil {
+		return fmt.Errorf("cannot reach QEMU: %w", err)
+	}
+	defer mon.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if err := mon.Stop(ctx); err != nil {
+		return fmt.Errorf("stop: %w", err)
+	}
+	st, err := mon.Status(ctx)
+	if err != nil {
+		return fmt.Errorf("checking that the guest is paused: %w", err)
+	}
+	if st != "paused" {
+		return fmt.Errorf("QEMU reports the guest %q after stop, not paused", st)
+	}
+	return nil
 }
 
 // plannedFailover moves a protected VM to its secondary: a final checkpoint
@@ -819,11 +916,22 @@ func (d *Daemon) plannedFailover(ctx context.Context, name string) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
-	mon, merr := qemu.Dial(spec.Guest.QMP, time.Second)
+	// The FT loop leaves the guest paused and lets go of QMP as it ends.
+	cctx, ccancel := context.WithTimeout(ctx, 10*time.Second)
+	mon, merr := d.cfg.Hypervisor.Domain(spec.Guest).Control(cctx)
+	ccancel()
+	if merr == nil {
+		defer mon.Close()
+	}
+	resume := func() error {
+		if merr != nil {
+			return merr
+		}
+		return mon.Cont(ctx)
+	}
 	if r.err != nil {
-		if merr == nil {
-			mon.Cont(ctx)
-			mon.Close()
+		if err := resume(); err != nil {
+			return fmt.Errorf("planned failover of %s: %w; and the guest could not be resumed here: %v", name, r.err, err)
 		}
 		return fmt.Errorf("planned failover of %s: %w (the guest runs on here)", name, r.err)
 	}
@@ -833,25 +941,26 @@ func (d *Daemon) plannedFailover(ctx context.Context, name string) error {
 	// failed handover can resume here.
 	deadline := time.Now().Add(10 * time.Second)
 	tookOver := d.wit == nil
-	for !tookOver && time.Now().Before(deadline) {
+	for !tookOver && time.Now().Before(deadline) && ctx.Err() == nil {
 		if li, err := d.wit.Query(ctx, name); err == nil && li.Holder == peer {
 			tookOver = true
 			break
 		}
-		time.Sleep(100 * time.Millisecond)
+		select {
+		case <-ctx.Done():
+		case <-time.After(100 * time.Millisecond):
+		}
 	}
 	if !tookOver {
 		// The partner did not take over: resume here rather than lose the VM.
 		v.set(func(v *vmState) { v.handingOver = false })
-		if merr == nil {
-			mon.Cont(ctx)
-			mon.Close()
+		if err := resume(); err != nil {
+			return fmt.Errorf("planned failover of %s: %s did not take over within 10 s, and the guest could not be resumed here: %v", name, peer, err)
 		}
 		return fmt.Errorf("planned failover of %s: %s did not take over within 10 s; the guest resumed here", name, peer)
 	}
 	if merr == nil {
 		mon.Quit(ctx)
-		mon.Close()
 	}
 	var gate *netbuffer.Gate
 	v.set(func(v *vmState) { gate, v.gate = v.gate, nil })

@@ -7,14 +7,12 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sort"
-	"strings"
-	"syscall"
 	"time"
 
 	"github.com/axproject/ax/ax/api"
+	"github.com/axproject/ax/ax/hv"
 	"github.com/axproject/ax/ax/names"
 	"github.com/axproject/ax/ax/qemu"
 	"github.com/axproject/ax/ax/reserve"
@@ -353,6 +351,11 @@ func (d *Daemon) promote(ctx context.Context, v *vmState) (err error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
+	defer func() {
+		if err != nil {
+			d.keepFailedAttempt(v.name, dir)
+		}
+	}()
 	g := spec.Guest
 	g.QMP = filepath.Join(dir, "qmp.sock")
 	g.Console = filepath.Join(dir, "console.log")
@@ -401,10 +404,12 @@ func (d *Daemon) promote(ctx context.Context, v *vmState) (err error) {
 		}
 		g.Incoming = false
 	}
-	if err := plugTap(ctx, g.Tap, spec.Bridge); err != nil {
+	dom := d.cfg.Hypervisor.Domain(g)
+	if err := dom.PlugTap(ctx, spec.Bridge); err != nil {
 		return err
 	}
-	pid, err := qemu.Launch(g, filepath.Join(dir, "qemu.log"))
+	logPath := filepath.Join(dir, "qemu.log")
+	proc, err := dom.Start(ctx, logPath)
 	if err != nil {
 		return err
 	}
@@ -412,20 +417,14 @@ func (d *Daemon) promote(ctx context.Context, v *vmState) (err error) {
 		if err != nil {
 			// A promotion that failed leaves no QEMU behind: it would hold
 			// the tap and the RAM file of the next attempt.
-			if kerr := killAndWait(pid, 5*time.Second); kerr != nil {
-				err = fmt.Errorf("%w; and the failed attempt's QEMU (pid %d) could not be stopped: %v", err, pid, kerr)
+			if kerr := proc.Kill(); kerr != nil {
+				err = fmt.Errorf("%w; and the failed attempt's QEMU (pid %d) could not be stopped: %v", err, proc.PID(), kerr)
 			}
 		}
 	}()
-	var mon *qemu.QMP
-	for i := 0; ; i++ {
-		if mon, err = qemu.Dial(g.QMP, time.Second); err == nil {
-			break
-		}
-		if i > 200 {
-			return fmt.Errorf("QEMU for the replica did not open its QMP socket: %w (see %s)", err, filepath.Join(dir, "qemu.log"))
-		}
-		time.Sleep(10 * time.Millisecond)
+	mon, err := controlStarted(ctx, dom, proc, logPath)
+	if err != nil {
+		return err
 	}
 	defer mon.Close()
 	qctx, cancel := context.WithTimeout(ctx, 20*time.Second)
@@ -444,7 +443,7 @@ func (d *Daemon) promote(ctx context.Context, v *vmState) (err error) {
 		how = fmt.Sprintf("resumed %s from epoch %d", v.name, epoch)
 	}
 	g.Incoming = false
-	spec.Guest, spec.PID = g, pid
+	spec.Guest, spec.PID = g, proc.PID()
 	v.set(func(v *vmState) {
 		v.spec, v.roleV, v.level, v.state, v.alarm, v.peer, v.promoting = spec, api.RoleLocal, api.LevelNone, "running", "", "", false
 		v.replica, v.replicaDisks = nil, nil
@@ -511,60 +510,44 @@ func (d *Daemon) reservationMetrics() {
 	}
 }
 
-// plugTap creates the replica's tap and joins it to the host bridge. An
-// existing interface of that name is used only if it is a tap.
-func plugTap(ctx context.Context, tap, bridge string) error {
-	if tap == "" {
-		return nil
-	}
-	if err := names.CheckInterface("tap", tap); err != nil {
-		return err
-	}
-	if bridge != "" {
-		if err := names.CheckInterface("bridge", bridge); err != nil {
-			return err
-		}
-	}
-	if _, err := net.InterfaceByName(tap); err == nil {
-		if _, err := os.Stat(filepath.Join("/sys/class/net", tap, "tun_flags")); err != nil {
-			return fmt.Errorf("interface %s exists on this host and is not a tap: refusing to plug it into a bridge", tap)
-		}
-	}
-	run := func(args ...string) error {
-		out, err := exec.CommandContext(ctx, "ip", args...).CombinedOutput()
-		if err != nil {
-			return fmt.Errorf("ip %s: %s", strings.Join(args, " "), strings.TrimSpace(string(out)))
-		}
-		return nil
-	}
-	if _, err := net.InterfaceByName(tap); err != nil {
-		if err := run("tuntap", "add", "dev", tap, "mode", "tap"); err != nil {
-			return err
-		}
-	}
-	if bridge != "" {
-		if err := run("link", "set", tap, "master", bridge); err != nil {
-			return err
-		}
-	}
-	return run("link", "set", tap, "up")
-}
+// startedQMPWait is how long a QEMU just started has to open its QMP socket.
+var startedQMPWait = 5 * time.Second
 
-// killAndWait kills process pid and waits until it is gone.
-func killAndWait(pid int, timeout time.Duration) error {
-	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
-		return err
-	}
-	deadline := time.Now().Add(timeout)
+// controlStarted connects to the monitor of a QEMU just started, which
+// opens its QMP socket a moment after it runs.
+func controlStarted(ctx context.Context, dom hv.Domain, proc hv.Process, logPath string) (hv.Control, error) {
+	deadline := time.Now().Add(startedQMPWait)
 	for {
-		// Launch reaps its child; a zombie not yet reaped is gone too.
-		data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-		if err != nil || strings.Contains(string(data), ") Z ") {
-			return nil
+		cctx, cancel := context.WithTimeout(ctx, time.Second)
+		mon, err := dom.Control(cctx)
+		cancel()
+		if err == nil {
+			return mon, nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("pid %d still there %s after SIGKILL", pid, timeout)
+			return nil, fmt.Errorf("QEMU for the replica did not open its QMP socket: %w (see %s)", err, logPath)
 		}
-		time.Sleep(5 * time.Millisecond)
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("waiting for QEMU's QMP socket: %w", ctx.Err())
+		case <-proc.Done():
+			return nil, fmt.Errorf("QEMU for the replica exited at start (see %s)", logPath)
+		case <-time.After(10 * time.Millisecond):
+		}
 	}
+}
+
+// keepFailedAttempt moves a failed promotion's directory aside, to
+// <dir>.failed, for diagnosis: the next attempt starts afresh in dir, and
+// only the last failed attempt is kept.
+func (d *Daemon) keepFailedAttempt(vm, dir string) {
+	failed := dir + ".failed"
+	if err := os.RemoveAll(failed); err != nil {
+		d.log.Warn("removing an older failed promotion", "vm", vm, "dir", failed, "err", err)
+	}
+	if err := os.Rename(dir, failed); err != nil {
+		d.log.Warn("keeping the failed promotion's files", "vm", vm, "dir", dir, "err", err)
+		return
+	}
+	d.log.Info("the failed promotion's files are kept", "vm", vm, "dir", failed)
 }

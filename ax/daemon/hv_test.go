@@ -1,0 +1,530 @@
+package daemon
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/axproject/ax/ax/api"
+	"github.com/axproject/ax/ax/hv/hvtest"
+	"github.com/axproject/ax/ax/names"
+	"github.com/axproject/ax/ax/qemu"
+	"github.com/axproject/ax/ax/reserve"
+	"github.com/axproject/ax/monitor/agent"
+	"github.com/axproject/ax/replication"
+)
+
+// fakeHost is host "b" of a pair with "a", its hypervisor the recording
+// fake: no root, no QEMU.
+func fakeHost(t *testing.T, capacity reserve.Capacity) (*Daemon, *hvtest.Fake) {
+	t.Helper()
+	dir := t.TempDir()
+	fake := hvtest.New()
+	d, err := New(Config{Host: "b", StateDir: filepath.Join(dir, "state"), PSK: []byte("0123456789abcdef0123456789abcdef"),
+		Peers:     map[string]Peer{"a": {Repl: "127.0.0.1:1", Mgmt: "127.0.0.1:1"}},
+		ImageDirs: []string{"/var/cache/ax/lab"}, Bridges: []string{"br-pub"}, Hypervisor: fake})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.book, err = reserve.OpenBook(filepath.Join(dir, "reservations.json"), capacity, nil); err != nil {
+		t.Fatal(err)
+	}
+	return d, fake
+}
+
+var plenty = reserve.Capacity{VCPUs: 8, MemoryBytes: 8 << 30, DiskBytes: 8 << 30}
+
+// events returns the texts of d's events of kind.
+func events(d *Daemon, kind string) []string {
+	var out []string
+	for _, e := range d.eventsSince(0) {
+		if e.Kind == kind {
+			out = append(out, e.Text)
+		}
+	}
+	return out
+}
+
+func sameCalls(t *testing.T, what string, got, want []string) {
+	t.Helper()
+	if !slices.Equal(got, want) {
+		t.Errorf("%s: the hypervisor was asked\n  %q\nwant\n  %q", what, got, want)
+	}
+}
+
+// protectedPrimary registers vm1 here as a primary whose protection ctx is
+// returned.
+func protectedPrimary(d *Daemon) (*vmState, context.Context) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	close(done) // no stream runs
+	v := &vmState{name: "vm1", roleV: api.RolePrimary, level: api.LevelFT, peer: "a", state: "protected", consoleOffset: -1,
+		spec:   api.VMSpec{Name: "vm1", Guest: qemu.Guest{Name: "vm1", QMP: "/run/ax/vm1.qmp"}},
+		cancel: cancel, done: done, finish: make(chan chan finishResult)}
+	d.vms["vm1"] = v
+	return v, ctx
+}
+
+func TestFence(t *testing.T) {
+	verified := []string{"vm1 dial", "vm1 stop", "vm1 status", "vm1 close"}
+	cases := []struct {
+		name  string
+		setup func(*hvtest.Fake)
+		calls []string
+		why   string // what the alarm says when the fence failed
+	}{
+		{"paused and verified", func(*hvtest.Fake) {}, verified, ""},
+		{"QMP unreachable", func(f *hvtest.Fake) { f.Fail(hvtest.OpDial, errors.New("connection refused")) },
+			[]string{"vm1 dial"}, "connection refused"},
+		{"stop refused", func(f *hvtest.Fake) { f.Fail(hvtest.OpStop, errors.New("qmp stop: timeout")) },
+			[]string{"vm1 dial", "vm1 stop", "vm1 close"}, "stop"},
+		{"still running after stop", func(f *hvtest.Fake) { f.SetStatus("vm1", "running") }, verified, `"running" after stop`},
+		{"status unknown", func(f *hvtest.Fake) { f.Fail(hvtest.OpStatus, errors.New("qmp query-status: EOF")) }, verified, "query-status"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			d, fake := fakeHost(t, plenty)
+			v, protection := protectedPrimary(d)
+			c.setup(fake)
+			ok := d.fence(v, "neither the partner nor the witness can be reached")
+			sameCalls(t, "fence", fake.Calls(), c.calls)
+			if protection.Err() == nil {
+				t.Error("protection still runs after a fence")
+			}
+			st := v.status()
+			if c.why == "" {
+				if !ok || st.State != "fenced" || len(events(d, "fenced")) != 1 || len(events(d, "alarm")) != 0 {
+					t.Fatalf("fence: ok %v, state %q, events %+v", ok, st.State, d.eventsSince(0))
+				}
+				return
+			}
+			// A fence that did not happen is never reported as done.
+			if ok || st.State == "fenced" || len(events(d, "fenced")) != 0 {
+				t.Fatalf("failed fence reported done: ok %v, state %q, events %+v", ok, st.State, d.eventsSince(0))
+			}
+			if st.State != stateFencing || !strings.Contains(st.Alarm, "fence failed") || !strings.Contains(st.Alarm, c.why) {
+				t.Errorf("state %q alarm %q, want fencing with an alarm saying %q", st.State, st.Alarm, c.why)
+			}
+			alarms := events(d, "alarm")
+			if len(alarms) != 1 || !strings.HasPrefix(alarms[0], "fence failed: ") {
+				t.Errorf("alarm events %q", alarms)
+			}
+			// Tried again on the next tick: the same failure is not
+			// announced again.
+			if d.fence(v, "neither the partner nor the witness can be reached") {
+				t.Fatal("second attempt succeeded with the fault still there")
+			}
+			if n := len(events(d, "alarm")); n != 1 {
+				t.Errorf("%d alarm events after a repeated failure, want 1", n)
+			}
+			// The fault goes: the retry pauses the guest and says so.
+			fake.Fail(hvtest.OpDial, nil)
+			fake.Fail(hvtest.OpStop, nil)
+			fake.Fail(hvtest.OpStatus, nil)
+			fake.SetStatus("vm1", "")
+			fake.Reset()
+			if !d.fence(v, "neither the partner nor the witness can be reached") {
+				t.Fatal("retry without the fault did not fence")
+			}
+			sameCalls(t, "retry", fake.Calls(), verified)
+			if st := v.status(); st.State != "fenced" || fake.State("vm1") != "paused" || len(events(d, "fenced")) != 1 {
+				t.Errorf("after the retry: state %q, guest %q, events %+v", st.State, fake.State("vm1"), d.eventsSince(0))
+			}
+		})
+	}
+}
+
+// committedReplica opens vm1's replica on d with one committed checkpoint
+// whose device state is dev.
+func committedReplica(t *testing.T, d *Daemon, ramSize int64, dev []byte) *replication.Replica {
+	t.Helper()
+	dir, err := names.Join(filepath.Join(d.cfg.StateDir, "replicas"), "vm", "vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep, err := replication.OpenReplica(dir, ramSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rep.Close() })
+	if dev == nil {
+		return rep
+	}
+	if err := rep.BeginSync(); err != nil {
+		t.Fatal(err)
+	}
+	if err := rep.FinishSync(replication.SyncDone{RAMSize: uint64(ramSize)}); err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	page := replication.Page{PFN: 1, Data: bytes.Repeat([]byte{7}, replication.PageSize)}
+	if err := replication.NewWriter(&buf, 0).WriteCheckpoint(1, []replication.Page{page}, dev); err != nil {
+		t.Fatal(err)
+	}
+	r := replication.NewReader(&buf, 0)
+	a := rep.NewAssembler(0)
+	for {
+		f, err := r.ReadFrame()
+		if err == io.EOF {
+			t.Fatal("no checkpoint assembled")
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		cp, err := a.Add(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if cp != nil {
+			if err := rep.Apply(cp); err != nil {
+				t.Fatal(err)
+			}
+			break
+		}
+	}
+	if !rep.Usable() {
+		t.Fatal("replica not usable after its checkpoint")
+	}
+	return rep
+}
+
+// replicaHere registers vm1 as a secondary holding rep, promised here.
+func replicaHere(t *testing.T, d *Daemon, rep *replication.Replica, level string) *vmState {
+	t.Helper()
+	spec := goodSpec()
+	spec.Guest.RAMMiB, spec.Guest.Disks = 1, nil
+	spec, err := d.adoptSpec("vm1", "a", streamSpec{Primary: "a", Spec: spec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := &vmState{name: "vm1", roleV: api.RoleSecondary, level: level, state: "ready", peer: "a", consoleOffset: -1,
+		spec: spec, replica: rep, haReady: true, promoting: true}
+	d.vms["vm1"] = v
+	if err := d.book.Promise("vm1", reserve.Capacity{VCPUs: 1, MemoryBytes: 1 << 20}, false); err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+func TestPromote(t *testing.T) {
+	const ram = 1 << 20
+	dev := []byte("device state of epoch 1")
+	cases := []struct {
+		name     string
+		level    string
+		dev      []byte // nil: no committed checkpoint
+		calls    []string
+		incoming bool
+		how      string
+	}{
+		{"FT resumes the committed checkpoint", api.LevelFT, dev,
+			[]string{"vm1 plug " + replicaTap("vm1") + " br-pub", "vm1 start", "vm1 dial", "vm1 load", "vm1 cont", "vm1 announce", "vm1 close"},
+			true, "resumed vm1 from epoch 1"},
+		{"HA boots from the disks", api.LevelHA, nil,
+			[]string{"vm1 plug " + replicaTap("vm1") + " br-pub", "vm1 start", "vm1 dial", "vm1 close"},
+			false, "restarted vm1 from its replicated disks (HA)"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			d, fake := fakeHost(t, plenty)
+			rep := committedReplica(t, d, ram, c.dev)
+			v := replicaHere(t, d, rep, c.level)
+			if err := d.promote(context.Background(), v); err != nil {
+				t.Fatal(err)
+			}
+			sameCalls(t, "promote", fake.Calls(), c.calls)
+			g, ok := fake.Started("vm1")
+			dir := filepath.Join(d.cfg.StateDir, "vms", "vm1")
+			if !ok || g.Incoming != c.incoming || g.QMP != filepath.Join(dir, "qmp.sock") || g.Tap != replicaTap("vm1") {
+				t.Errorf("started %+v", g)
+			}
+			if c.incoming {
+				if g.RAMFile != rep.RAMPath() {
+					t.Errorf("resumed over %s, want the replica's RAM %s", g.RAMFile, rep.RAMPath())
+				}
+				if got := fake.Loaded("vm1"); !bytes.Equal(got, c.dev) {
+					t.Errorf("device state loaded %q, want %q", got, c.dev)
+				}
+			} else if g.RAMFile == rep.RAMPath() || fake.Loaded("vm1") != nil {
+				t.Errorf("a fresh boot used the replica's memory or device state: %+v", g)
+			}
+			if fake.State("vm1") != "running" {
+				t.Errorf("guest %q, want running", fake.State("vm1"))
+			}
+			st := v.status()
+			if st.Role != api.RoleLocal || st.State != "running" || st.Level != api.LevelNone {
+				t.Errorf("after promotion: %+v", st)
+			}
+			v.set(func(v *vmState) {
+				if v.spec.PID == 0 || v.spec.Guest.Incoming || v.replica != nil || v.promoting {
+					t.Errorf("registered as %+v", v.spec)
+				}
+			})
+			if _, promised := d.book.Promises()["vm1"]; promised {
+				t.Error("the promise was not released: the VM runs here now")
+			}
+			if ev := events(d, "promoted"); len(ev) != 1 || !strings.Contains(ev[0], c.how) {
+				t.Errorf("promoted events %q, want %q", ev, c.how)
+			}
+		})
+	}
+}
+
+func TestPromoteFailsAfterLaunch(t *testing.T) {
+	const ram = 1 << 20
+	d, fake := fakeHost(t, plenty)
+	rep := committedReplica(t, d, ram, []byte("dev"))
+	v := replicaHere(t, d, rep, api.LevelFT)
+	dir := filepath.Join(d.cfg.StateDir, "vms", "vm1")
+	failed := dir + ".failed"
+	cases := []struct {
+		name  string
+		op    hvtest.Op
+		calls []string
+	}{
+		{"device state not loaded", hvtest.OpLoad, []string{"vm1 start", "vm1 dial", "vm1 load", "vm1 close", "vm1 kill"}},
+		{"guest not resumed", hvtest.OpCont, []string{"vm1 start", "vm1 dial", "vm1 load", "vm1 cont", "vm1 close", "vm1 kill"}},
+		{"QMP never answers", hvtest.OpDial, nil},
+	}
+	defer func(w time.Duration) { startedQMPWait = w }(startedQMPWait)
+	startedQMPWait = 0 // one try
+	for i, c := range cases {
+		fake.Reset()
+		fake.Fail(c.op, errors.New("injected"))
+		err := d.promote(context.Background(), v)
+		fake.Fail(c.op, nil)
+		if err == nil || !strings.Contains(err.Error(), "injected") {
+			t.Fatalf("%s: promote: %v", c.name, err)
+		}
+		calls := fake.Calls()[1:] // after the tap
+		if c.calls != nil {
+			sameCalls(t, c.name, calls, c.calls)
+		} else if calls[len(calls)-1] != "vm1 kill" {
+			t.Errorf("%s: the QEMU was not killed: %q", c.name, calls)
+		}
+		if fake.State("vm1") != "killed" {
+			t.Errorf("%s: QEMU left %q", c.name, fake.State("vm1"))
+		}
+		// The attempt's files are kept aside, only the last attempt's.
+		if _, err := os.Stat(dir); !os.IsNotExist(err) {
+			t.Errorf("%s: the failed attempt's directory is still in the way: %v", c.name, err)
+		}
+		if _, err := os.Stat(filepath.Join(failed, "devstate")); err != nil {
+			t.Errorf("%s: the failed attempt's files were not kept: %v", c.name, err)
+		}
+		if i > 0 {
+			if _, err := os.Stat(filepath.Join(failed, "older")); !os.IsNotExist(err) {
+				t.Errorf("%s: an older failed attempt was kept: %v", c.name, err)
+			}
+		}
+		os.WriteFile(filepath.Join(failed, "older"), nil, 0o600)
+		if st := v.status(); st.Role != api.RoleSecondary {
+			t.Errorf("%s: a failed promotion changed the role: %+v", c.name, st)
+		}
+	}
+	// The replica is intact: the next attempt resumes the VM.
+	fake.Reset()
+	if err := d.promote(context.Background(), v); err != nil {
+		t.Fatalf("promotion after failures: %v", err)
+	}
+	if fake.State("vm1") != "running" || v.role() != api.RoleLocal {
+		t.Errorf("after the retry: guest %q, role %q", fake.State("vm1"), v.role())
+	}
+}
+
+func TestPromoteKillFails(t *testing.T) {
+	d, fake := fakeHost(t, plenty)
+	v := replicaHere(t, d, committedReplica(t, d, 1<<20, []byte("dev")), api.LevelFT)
+	fake.Fail(hvtest.OpCont, errors.New("injected"))
+	fake.Fail(hvtest.OpKill, errors.New("still there"))
+	err := d.promote(context.Background(), v)
+	if err == nil || !strings.Contains(err.Error(), "could not be stopped") || !strings.Contains(err.Error(), "injected") {
+		t.Errorf("promote: %v", err)
+	}
+}
+
+func TestPromoteFailsBeforeLaunch(t *testing.T) {
+	d, fake := fakeHost(t, plenty)
+	v := replicaHere(t, d, committedReplica(t, d, 1<<20, []byte("dev")), api.LevelFT)
+	for _, op := range []hvtest.Op{hvtest.OpPlug, hvtest.OpStart} {
+		fake.Reset()
+		fake.Fail(op, errors.New("injected"))
+		if err := d.promote(context.Background(), v); err == nil || !strings.Contains(err.Error(), "injected") {
+			t.Errorf("%s failing: promote: %v", op, err)
+		}
+		fake.Fail(op, nil)
+		if slices.Contains(fake.Calls(), "vm1 kill") || slices.Contains(fake.Calls(), "vm1 dial") {
+			t.Errorf("%s failing: %q", op, fake.Calls())
+		}
+	}
+}
+
+// The documented answer to a capacity refusal is the same protect with
+// --force: it must succeed, with nothing left of the refused attempt.
+func TestOpenReplicaForceAfterRefusal(t *testing.T) {
+	d, _ := fakeHost(t, reserve.Capacity{VCPUs: 4, MemoryBytes: 1 << 20, DiskBytes: 1 << 30})
+	spec := goodSpec()
+	spec.Guest.RAMMiB = 4 // more than this host has
+	payload := func(force bool) []byte {
+		b, err := json.Marshal(streamSpec{Primary: "a", Spec: spec, DiskSizes: []int64{1 << 20}, Force: force})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	_, err := d.openReplica("vm1", "a", payload(false), nil)
+	if !errors.Is(err, reserve.ErrOverCommitted) {
+		t.Fatalf("over capacity: %v", err)
+	}
+	if _, ok := d.vms["vm1"]; ok {
+		t.Fatal("a refused replica stays registered")
+	}
+	if _, ok := d.book.Promises()["vm1"]; ok {
+		t.Fatal("a refused replica stays promised")
+	}
+	rep, err := d.openReplica("vm1", "a", payload(true), nil)
+	if err != nil {
+		t.Fatalf("--force after a refusal: %v", err)
+	}
+	v := d.vms["vm1"]
+	t.Cleanup(func() {
+		rep.Close()
+		v.set(func(v *vmState) {
+			if v.replicaDisks != nil {
+				v.replicaDisks.Close()
+			}
+		})
+	})
+	if st := v.status(); st.Role != api.RoleSecondary || st.State != "syncing" {
+		t.Errorf("registered as %+v", st)
+	}
+	if p, ok := d.book.Promises()["vm1"]; !ok || !p.Forced {
+		t.Errorf("promise %+v %v, want a forced one", p, ok)
+	}
+}
+
+func TestPlannedFailover(t *testing.T) {
+	cases := []struct {
+		name    string
+		finish  finishResult
+		fail    hvtest.Op
+		calls   []string
+		err     string // "" the VM moved
+		running bool   // the guest runs here afterwards
+	}{
+		{"handed over", finishResult{epoch: 7}, "", []string{"vm1 dial", "vm1 quit", "vm1 close"}, "", false},
+		{"final checkpoint failed: resumed here", finishResult{err: errors.New("partner lost")}, "",
+			[]string{"vm1 dial", "vm1 cont", "vm1 close"}, "the guest runs on here", true},
+		{"final checkpoint failed and resume failed", finishResult{err: errors.New("partner lost")}, hvtest.OpCont,
+			[]string{"vm1 dial", "vm1 cont", "vm1 close"}, "could not be resumed", false},
+		{"final checkpoint failed, QMP unreachable", finishResult{err: errors.New("partner lost")}, hvtest.OpDial,
+			[]string{"vm1 dial"}, "could not be resumed", false},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			d, fake := fakeHost(t, plenty)
+			v, protection := protectedPrimary(d)
+			if c.fail != "" {
+				fake.Fail(c.fail, errors.New("injected"))
+			}
+			// The FT loop's part: take the final checkpoint, leave the guest paused.
+			loop := make(chan struct{})
+			go func() {
+				defer close(loop)
+				reply := <-v.finish
+				if mon, err := fake.Domain(v.spec.Guest).Control(context.Background()); err == nil {
+					mon.Stop(context.Background())
+					mon.Close()
+				}
+				fake.Reset()
+				reply <- c.finish
+			}()
+			err := d.plannedFailover(context.Background(), "vm1")
+			<-loop
+			sameCalls(t, "failover", fake.Calls(), c.calls)
+			if c.err == "" {
+				if err != nil {
+					t.Fatal(err)
+				}
+				if _, ok := d.vms["vm1"]; ok || protection.Err() == nil || fake.State("vm1") != "quit" {
+					t.Errorf("after handing over: registered %v, protection %v, guest %q", ok, protection.Err(), fake.State("vm1"))
+				}
+				if ev := events(d, "moved"); len(ev) != 1 {
+					t.Errorf("moved events %q", ev)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), c.err) || !strings.Contains(err.Error(), "partner lost") {
+				t.Fatalf("failover: %v, want it to say %q", err, c.err)
+			}
+			if _, ok := d.vms["vm1"]; !ok {
+				t.Error("the VM was unregistered although it did not move")
+			}
+			if got := fake.State("vm1") == "running"; got != c.running {
+				t.Errorf("guest %q", fake.State("vm1"))
+			}
+		})
+	}
+}
+
+func TestAgentRestartVM(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		fail  hvtest.Op
+		calls []string
+		event string
+	}{
+		{"reset", "", []string{"vm1 dial", "vm1 reset", "vm1 close"}, "restarted the VM"},
+		{"QMP unreachable", hvtest.OpDial, []string{"vm1 dial"}, "restart-vm for web failed"},
+		{"reset refused", hvtest.OpReset, []string{"vm1 dial", "vm1 reset", "vm1 close"}, "restart-vm for web failed"},
+	} {
+		d, fake := fakeHost(t, plenty)
+		d.ctx = context.Background()
+		d.vms["vm1"] = &vmState{name: "vm1", roleV: api.RoleLocal, spec: api.VMSpec{Name: "vm1", Guest: qemu.Guest{Name: "vm1", QMP: "/q"}}}
+		if c.fail != "" {
+			fake.Fail(c.fail, errors.New("injected"))
+		}
+		d.agentAction(agent.Action{VM: "vm1", Kind: agent.RestartVM, Check: "web", Reason: "web failed 3 checks"})
+		sameCalls(t, c.name, fake.Calls(), c.calls)
+		if ev := events(d, "app-action"); len(ev) != 1 || !strings.Contains(ev[0], c.event) {
+			t.Errorf("%s: events %q, want %q", c.name, ev, c.event)
+		}
+	}
+}
+
+// The protect path reaches QEMU through the hypervisor and lets go of it
+// when the partner cannot be reached.
+func TestProtectOnceClosesQMP(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		fail  hvtest.Op
+		calls []string
+		want  string
+	}{
+		{"partner unreachable", "", []string{"vm1 dial", "vm1 close"}, "replication link to a"},
+		{"QEMU unreachable", hvtest.OpDial, []string{"vm1 dial"}, "QEMU of vm1"},
+	} {
+		d, fake := fakeHost(t, plenty)
+		v, _ := protectedPrimary(d)
+		v.accepted = make(chan error, 1)
+		if c.fail != "" {
+			fake.Fail(c.fail, errors.New("injected"))
+		}
+		err := d.protectOnce(context.Background(), v)
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: %v, want %q", c.name, err, c.want)
+		}
+		if got := <-v.accepted; got == nil {
+			t.Errorf("%s: protect was told the partner accepted", c.name)
+		}
+		sameCalls(t, c.name, fake.Calls(), c.calls)
+	}
+}

@@ -1,0 +1,327 @@
+// Package hvtest is a recording fake of the hypervisor seam (ax/hv) for
+// unit tests: it remembers what was asked, in order, and answers as told.
+package hvtest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strings"
+	"sync"
+
+	"github.com/axproject/ax/ax/hv"
+	"github.com/axproject/ax/ax/qemu"
+)
+
+// Op names one thing the fake can be asked; Fail makes it fail.
+type Op string
+
+const (
+	OpDial     Op = "dial"     // Domain.Control
+	OpStart    Op = "start"    // Domain.Start
+	OpPlug     Op = "plug"     // Domain.PlugTap
+	OpKill     Op = "kill"     // Process.Kill
+	OpStop     Op = "stop"     // Monitor.Stop
+	OpCont     Op = "cont"     // Monitor.Cont
+	OpStatus   Op = "status"   // Monitor.Status
+	OpSave     Op = "save"     // Monitor.SaveDeviceState
+	OpLoad     Op = "load"     // Monitor.LoadIncoming
+	OpAnnounce Op = "announce" // Monitor.Announce
+	OpReset    Op = "reset"    // Monitor.Reset
+	OpQuit     Op = "quit"     // Monitor.Quit
+	OpClose    Op = "close"    // Monitor.Close
+	OpBlock    Op = "block"    // every block operation
+)
+
+// Fake is a hv.Driver that records every call as "VM op [args]" and keeps
+// a run state per VM: "running" once dialed (a VM axd did not start runs),
+// "inmigrate" after starting with Incoming, "paused" after a load or stop,
+// "running" after cont. Safe for concurrent use.
+type Fake struct {
+	mu      sync.Mutex
+	calls   []string
+	fail    map[Op]error
+	pinned  map[string]string // VM → what Status answers regardless
+	state   map[string]string
+	started map[string]qemu.Guest
+	loaded  map[string][]byte
+	pid     int
+}
+
+var _ hv.Driver = (*Fake)(nil)
+
+// New returns a fake where everything succeeds.
+func New() *Fake {
+	return &Fake{fail: map[Op]error{}, pinned: map[string]string{}, state: map[string]string{},
+		started: map[string]qemu.Guest{}, loaded: map[string][]byte{}, pid: 4000}
+}
+
+// Fail makes every later op fail with err (recorded all the same); a nil
+// err makes it succeed again.
+func (f *Fake) Fail(op Op, err error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err == nil {
+		delete(f.fail, op)
+		return
+	}
+	f.fail[op] = err
+}
+
+// SetStatus pins what Status answers for vm ("" unpins: the state follows
+// the commands again).
+func (f *Fake) SetStatus(vm, status string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if status == "" {
+		delete(f.pinned, vm)
+		return
+	}
+	f.pinned[vm] = status
+}
+
+// Calls returns what was asked so far, in order.
+func (f *Fake) Calls() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]string(nil), f.calls...)
+}
+
+// Reset forgets the calls recorded so far.
+func (f *Fake) Reset() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls = nil
+}
+
+// State is vm's run state as the commands left it.
+func (f *Fake) State(vm string) string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.state[vm]
+}
+
+// Started returns the guest description vm was last started with.
+func (f *Fake) Started(vm string) (qemu.Guest, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	g, ok := f.started[vm]
+	return g, ok
+}
+
+// Loaded returns the device state fed to vm by its last load.
+func (f *Fake) Loaded(vm string) []byte {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.loaded[vm]
+}
+
+// record notes a call and returns the error it was told to give.
+func (f *Fake) record(vm string, op Op, args ...string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls = append(f.calls, strings.Join(append([]string{vm, string(op)}, args...), " "))
+	if err := f.fail[op]; err != nil {
+		return fmt.Errorf("fake %s of %s: %w", op, vm, err)
+	}
+	return nil
+}
+
+func (f *Fake) setState(vm, st string) {
+	f.mu.Lock()
+	f.state[vm] = st
+	f.mu.Unlock()
+}
+
+// Domain returns the fake's VM named by g.
+func (f *Fake) Domain(g qemu.Guest) hv.Domain { return &domain{f: f, g: g} }
+
+type domain struct {
+	f *Fake
+	g qemu.Guest
+}
+
+func (d *domain) Name() string { return d.g.Name }
+
+func (d *domain) Control(ctx context.Context) (hv.Control, error) {
+	if err := d.f.record(d.g.Name, OpDial); err != nil {
+		return nil, err
+	}
+	d.f.mu.Lock()
+	if d.f.state[d.g.Name] == "" {
+		d.f.state[d.g.Name] = "running"
+	}
+	d.f.mu.Unlock()
+	return &control{f: d.f, vm: d.g.Name}, nil
+}
+
+func (d *domain) Start(ctx context.Context, logPath string) (hv.Process, error) {
+	if err := d.f.record(d.g.Name, OpStart); err != nil {
+		return nil, err
+	}
+	d.f.mu.Lock()
+	defer d.f.mu.Unlock()
+	d.f.started[d.g.Name] = d.g
+	d.f.state[d.g.Name] = "running"
+	if d.g.Incoming {
+		d.f.state[d.g.Name] = "inmigrate"
+	}
+	d.f.pid++
+	return &process{f: d.f, vm: d.g.Name, pid: d.f.pid, done: make(chan struct{})}, nil
+}
+
+func (d *domain) PlugTap(ctx context.Context, bridge string) error {
+	if d.g.Tap == "" {
+		return nil
+	}
+	return d.f.record(d.g.Name, OpPlug, d.g.Tap, bridge)
+}
+
+// process is a started fake VM; Kill ends it once.
+type process struct {
+	f    *Fake
+	vm   string
+	pid  int
+	once sync.Once
+	done chan struct{}
+	err  error
+}
+
+func (p *process) PID() int              { return p.pid }
+func (p *process) Done() <-chan struct{} { return p.done }
+
+func (p *process) Kill() error {
+	p.once.Do(func() {
+		if p.err = p.f.record(p.vm, OpKill); p.err == nil {
+			p.f.setState(p.vm, "killed")
+			close(p.done)
+		}
+	})
+	return p.err
+}
+
+// control is a connection to a fake VM's monitor.
+type control struct {
+	f  *Fake
+	vm string
+}
+
+func (c *control) Stop(ctx context.Context) error {
+	if err := c.f.record(c.vm, OpStop); err != nil {
+		return err
+	}
+	c.f.setState(c.vm, "paused")
+	return nil
+}
+
+func (c *control) Cont(ctx context.Context) error {
+	if err := c.f.record(c.vm, OpCont); err != nil {
+		return err
+	}
+	c.f.setState(c.vm, "running")
+	return nil
+}
+
+func (c *control) SaveDeviceState(ctx context.Context, path string) error {
+	if err := c.f.record(c.vm, OpSave); err != nil {
+		return err
+	}
+	return os.WriteFile(path, []byte("device state of "+c.vm), 0o600)
+}
+
+func (c *control) Status(ctx context.Context) (string, error) {
+	if err := c.f.record(c.vm, OpStatus); err != nil {
+		return "", err
+	}
+	c.f.mu.Lock()
+	defer c.f.mu.Unlock()
+	if st, ok := c.f.pinned[c.vm]; ok {
+		return st, nil
+	}
+	return c.f.state[c.vm], nil
+}
+
+// LoadIncoming does what QEMU does with a unix: URI: listen there, take
+// one connection and read the device state to its end.
+func (c *control) LoadIncoming(ctx context.Context, uri string) error {
+	if err := c.f.record(c.vm, OpLoad); err != nil {
+		return err
+	}
+	path, ok := strings.CutPrefix(uri, "unix:")
+	if !ok {
+		return fmt.Errorf("fake load of %s: only unix: URIs, not %q", c.vm, uri)
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return err
+	}
+	defer ln.Close()
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stop()
+	conn, err := ln.Accept()
+	if err != nil {
+		return errors.Join(fmt.Errorf("fake load of %s: nobody fed the device state", c.vm), ctx.Err(), err)
+	}
+	defer conn.Close()
+	data, err := io.ReadAll(conn)
+	if err != nil {
+		return err
+	}
+	c.f.mu.Lock()
+	c.f.loaded[c.vm] = data
+	c.f.state[c.vm] = "paused"
+	c.f.mu.Unlock()
+	return nil
+}
+
+func (c *control) Announce(ctx context.Context) error { return c.f.record(c.vm, OpAnnounce) }
+func (c *control) Reset(ctx context.Context) error    { return c.f.record(c.vm, OpReset) }
+
+func (c *control) Quit(ctx context.Context) error {
+	if err := c.f.record(c.vm, OpQuit); err != nil {
+		return err
+	}
+	c.f.setState(c.vm, "quit")
+	return nil
+}
+
+func (c *control) Close() error { return c.f.record(c.vm, OpClose) }
+
+func (c *control) AddNBDTarget(ctx context.Context, node, socket, export string) error {
+	return c.f.record(c.vm, OpBlock, "add-nbd", node, export)
+}
+
+func (c *control) DeleteNode(ctx context.Context, node string) error {
+	return c.f.record(c.vm, OpBlock, "delete", node)
+}
+
+func (c *control) Mirror(ctx context.Context, job, device, target string) error {
+	return c.f.record(c.vm, OpBlock, "mirror", job, device, target)
+}
+
+func (c *control) BlockJobs(ctx context.Context) ([]qemu.BlockJob, error) {
+	return nil, c.f.record(c.vm, OpBlock, "jobs")
+}
+
+func (c *control) CancelJob(ctx context.Context, job string, force bool) error {
+	return c.f.record(c.vm, OpBlock, "cancel", job, fmt.Sprint(force))
+}
+
+func (c *control) NodeSize(ctx context.Context, node string) (int64, error) {
+	return 0, c.f.record(c.vm, OpBlock, "size", node)
+}
+
+func (c *control) NodeDriver(ctx context.Context, node string) (string, error) {
+	return "quorum", c.f.record(c.vm, OpBlock, "driver", node)
+}
+
+func (c *control) AddQuorumChild(ctx context.Context, parent, node string) error {
+	return c.f.record(c.vm, OpBlock, "add-child", parent, node)
+}
+
+func (c *control) RemoveQuorumChild(ctx context.Context, parent, node string) error {
+	return c.f.record(c.vm, OpBlock, "remove-child", parent, node)
+}
