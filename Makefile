@@ -16,11 +16,12 @@ help: ## list the targets
 deps: ## install the Debian packages the lab and tests need (idempotent)
 	@sh test/deps.sh
 
-build: ## build axctl and the guest workloads into bin/
-	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/ ./cmd/... ./test/cmd/...
+build: ## build axd, axctl (with the lab) and the guest workloads into bin/
+	CGO_ENABLED=0 $(GO) build -trimpath -tags lab -o $(BIN)/ ./cmd/... ./test/cmd/...
 
 vet: ## go vet and gofmt check
 	$(GO) vet ./...
+	$(GO) vet -tags lab ./cmd/axctl
 	@test -z "$$(gofmt -l .)" || { echo "gofmt needed:"; gofmt -l .; exit 1; }
 
 test: deps build vet generate-check ## everything CI runs: unit, lab and guest-kernel tests (as root)

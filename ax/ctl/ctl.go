@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -17,40 +18,140 @@ import (
 	"github.com/axproject/ax/ax/api"
 )
 
-// Usage lists the commands.
-const Usage = `  status [--json]                           VMs, levels, roles, epochs, links, witness
-  define SPEC.json                          register a VM (QMP socket, RAM file, tap) with axd
-  protect VM --level ft|ha --peer HOST [--force] [--no-wait] [--spec SPEC.json]
-                                            protect a VM; shows initial-sync progress
-  level VM none|ha|ft [--peer HOST] [--force] [--no-wait]
-                                            change a VM's level without restarting it
-  unprotect VM                              stop protecting; the partner drops its replica
-  failover VM                               planned switch of a protected VM to its partner
-  events [--since N] [--follow] [--json]    what axd did and saw
-global: --socket PATH (or AX_SOCKET; default /run/ax/axd.sock)`
+// command is one of axctl's commands against axd: the table below makes
+// both the usage text and the dispatch, so the two cannot drift.
+type command struct {
+	name, args, help string
+	// nargs is how many positional arguments it takes (-1: any), what
+	// says what they are when the count is wrong.
+	nargs int
+	what  string
+	run   func(ctx context.Context, e *env, pos []string) error
+}
+
+// env is what a command runs with: the API client, its output and flags.
+type env struct {
+	c                       *api.Client
+	out                     io.Writer
+	jsonOut, noWait, follow bool
+	force                   bool
+	level, peer, specFile   string
+	since                   uint64
+}
+
+var commands = []command{
+	{name: "status", args: "[--json]", help: "VMs, levels, roles, epochs, links, witness", nargs: 0, what: "no arguments",
+		run: func(ctx context.Context, e *env, _ []string) error {
+			st, err := e.c.Status(ctx)
+			if err != nil {
+				return err
+			}
+			if e.jsonOut {
+				return writeJSON(e.out, st)
+			}
+			printStatus(e.out, st)
+			return nil
+		}},
+	{name: "define", args: "SPEC.json", help: "register a VM (QMP socket, RAM file, tap) with axd", nargs: 1, what: "a spec file",
+		run: func(ctx context.Context, e *env, pos []string) error { return define(ctx, e.c, pos[0]) }},
+	{name: "protect", args: "VM --level ft|ha --peer HOST [--force] [--no-wait] [--spec SPEC.json]", help: "protect a VM; shows initial-sync progress",
+		nargs: 1, what: "a VM name",
+		run: func(ctx context.Context, e *env, pos []string) error {
+			if e.level == "" || (e.peer == "" && e.level != api.LevelNone) {
+				return errors.New("protect: give --level ft|ha|none and --peer HOST")
+			}
+			if e.specFile != "" {
+				if err := define(ctx, e.c, e.specFile); err != nil {
+					return err
+				}
+			}
+			if err := e.c.Protect(ctx, pos[0], api.ProtectRequest{Level: e.level, Peer: e.peer, Force: e.force}); err != nil {
+				return err
+			}
+			if e.noWait || e.level == api.LevelNone {
+				return nil
+			}
+			return waitProtected(ctx, e.c, pos[0], e.level, e.out)
+		}},
+	{name: "level", args: "VM none|ha|ft [--peer HOST] [--force] [--no-wait]", help: "change a VM's level without restarting it",
+		nargs: 2, what: "a VM name and a level (none, ha or ft)",
+		run: func(ctx context.Context, e *env, pos []string) error {
+			lv := pos[1]
+			if lv != api.LevelNone && lv != api.LevelHA && lv != api.LevelFT {
+				return fmt.Errorf("level: unknown level %q: use none, ha or ft", lv)
+			}
+			if err := e.c.Level(ctx, pos[0], api.ProtectRequest{Level: lv, Peer: e.peer, Force: e.force}); err != nil {
+				return err
+			}
+			if e.noWait || lv == api.LevelNone {
+				fmt.Fprintf(e.out, "%s: level %s\n", pos[0], lv)
+				return nil
+			}
+			return waitProtected(ctx, e.c, pos[0], lv, e.out)
+		}},
+	{name: "unprotect", args: "VM", help: "stop protecting; the partner drops its replica", nargs: 1, what: "a VM name",
+		run: func(ctx context.Context, e *env, pos []string) error { return e.c.Unprotect(ctx, pos[0]) }},
+	{name: "failover", args: "VM", help: "planned switch of a protected VM to its partner", nargs: 1, what: "a VM name",
+		run: func(ctx context.Context, e *env, pos []string) error { return e.c.Failover(ctx, pos[0]) }},
+	{name: "events", args: "[--since N] [--follow] [--json]", help: "what axd did and saw", nargs: 0, what: "no arguments",
+		run: func(ctx context.Context, e *env, _ []string) error {
+			return events(ctx, e.c, e.since, e.follow, e.jsonOut, e.out)
+		}},
+}
+
+// Usage lists the commands, from the table.
+func Usage() string {
+	var b strings.Builder
+	for _, c := range commands {
+		line := c.name
+		if c.args != "" {
+			line += " " + c.args
+		}
+		if len(line) <= 41 {
+			fmt.Fprintf(&b, "  %-41s %s\n", line, c.help)
+		} else {
+			fmt.Fprintf(&b, "  %s\n  %-41s %s\n", line, "", c.help)
+		}
+	}
+	return strings.TrimSuffix(b.String(), "\n")
+}
+
+// Commands are the names of the commands against axd, in usage order.
+func Commands() []string {
+	names := make([]string, len(commands))
+	for i, c := range commands {
+		names[i] = c.name
+	}
+	return names
+}
 
 // Main runs one command against the axd at socket.
 func Main(ctx context.Context, socket string, args []string, out io.Writer) error {
 	if len(args) == 0 {
 		return errors.New("no command")
 	}
-	c := api.NewClient(socket)
-	cmd, rest := args[0], args[1:]
-	fs := flag.NewFlagSet(cmd, flag.ContinueOnError)
+	name, rest := args[0], args[1:]
+	i := slices.IndexFunc(commands, func(c command) bool { return c.name == name })
+	if i < 0 {
+		return fmt.Errorf("%w %q", ErrUnknownCommand, name)
+	}
+	cmd := commands[i]
+	e := &env{c: api.NewClient(socket), out: out}
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
-	jsonOut := fs.Bool("json", false, "machine-readable output")
-	level := fs.String("level", "", "availability level: ft, ha or none")
-	peer := fs.String("peer", "", "partner host")
-	noWait := fs.Bool("no-wait", false, "return at once")
-	specFile := fs.String("spec", "", "VM spec file to define first")
-	since := fs.Uint64("since", 0, "events after this sequence number")
-	follow := fs.Bool("follow", false, "keep printing new events")
-	force := fs.Bool("force", false, "let the partner promise capacity it does not have free")
+	fs.BoolVar(&e.jsonOut, "json", false, "machine-readable output")
+	fs.StringVar(&e.level, "level", "", "availability level: ft, ha or none")
+	fs.StringVar(&e.peer, "peer", "", "partner host")
+	fs.BoolVar(&e.noWait, "no-wait", false, "return at once")
+	fs.StringVar(&e.specFile, "spec", "", "VM spec file to define first")
+	fs.Uint64Var(&e.since, "since", 0, "events after this sequence number")
+	fs.BoolVar(&e.follow, "follow", false, "keep printing new events")
+	fs.BoolVar(&e.force, "force", false, "let the partner promise capacity it does not have free")
 	// Flags may follow the VM name: parse around positional arguments.
 	var pos []string
 	for len(rest) > 0 {
 		if err := fs.Parse(rest); err != nil {
-			return fmt.Errorf("%s: %v", cmd, err)
+			return fmt.Errorf("%s: %v", name, err)
 		}
 		rest = fs.Args()
 		if len(rest) > 0 {
@@ -58,80 +159,10 @@ func Main(ctx context.Context, socket string, args []string, out io.Writer) erro
 			rest = rest[1:]
 		}
 	}
-	need := func(n int, what string) error {
-		if len(pos) != n {
-			return fmt.Errorf("%s: want %s", cmd, what)
-		}
-		return nil
+	if cmd.nargs >= 0 && len(pos) != cmd.nargs {
+		return fmt.Errorf("%s: want %s", name, cmd.what)
 	}
-	switch cmd {
-	case "status":
-		if err := need(0, "no arguments"); err != nil {
-			return err
-		}
-		st, err := c.Status(ctx)
-		if err != nil {
-			return err
-		}
-		if *jsonOut {
-			return writeJSON(out, st)
-		}
-		printStatus(out, st)
-		return nil
-	case "define":
-		if err := need(1, "a spec file"); err != nil {
-			return err
-		}
-		return define(ctx, c, pos[0])
-	case "protect":
-		if err := need(1, "a VM name"); err != nil {
-			return err
-		}
-		if *level == "" || (*peer == "" && *level != api.LevelNone) {
-			return errors.New("protect: give --level ft|ha|none and --peer HOST")
-		}
-		if *specFile != "" {
-			if err := define(ctx, c, *specFile); err != nil {
-				return err
-			}
-		}
-		if err := c.Protect(ctx, pos[0], api.ProtectRequest{Level: *level, Peer: *peer, Force: *force}); err != nil {
-			return err
-		}
-		if *noWait || *level == api.LevelNone {
-			return nil
-		}
-		return waitProtected(ctx, c, pos[0], *level, out)
-	case "level":
-		if err := need(2, "a VM name and a level (none, ha or ft)"); err != nil {
-			return err
-		}
-		lv := pos[1]
-		if lv != api.LevelNone && lv != api.LevelHA && lv != api.LevelFT {
-			return fmt.Errorf("level: unknown level %q: use none, ha or ft", lv)
-		}
-		if err := c.Level(ctx, pos[0], api.ProtectRequest{Level: lv, Peer: *peer, Force: *force}); err != nil {
-			return err
-		}
-		if *noWait || lv == api.LevelNone {
-			fmt.Fprintf(out, "%s: level %s\n", pos[0], lv)
-			return nil
-		}
-		return waitProtected(ctx, c, pos[0], lv, out)
-	case "unprotect":
-		if err := need(1, "a VM name"); err != nil {
-			return err
-		}
-		return c.Unprotect(ctx, pos[0])
-	case "failover":
-		if err := need(1, "a VM name"); err != nil {
-			return err
-		}
-		return c.Failover(ctx, pos[0])
-	case "events":
-		return events(ctx, c, *since, *follow, *jsonOut, out)
-	}
-	return fmt.Errorf("%w %q", ErrUnknownCommand, cmd)
+	return cmd.run(ctx, e, pos)
 }
 
 // ErrUnknownCommand: the command is not one of axctl's.

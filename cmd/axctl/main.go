@@ -1,5 +1,7 @@
 // Command axctl is the operator's command line for AX: it talks to the
-// local axd, and drives the single-machine lab (axctl lab …).
+// local axd, makes identities (axctl pki …) and, when built with the lab
+// tag (make build), drives the single-machine lab (axctl lab …); the axctl
+// a host installs is built without it and links no test code.
 package main
 
 import (
@@ -14,15 +16,15 @@ import (
 	"syscall"
 
 	"github.com/axproject/ax/ax/ctl"
-	"github.com/axproject/ax/test/lab"
 )
 
-const usage = `usage: axctl [--socket PATH] <command> [flags]
+var usage = `usage: axctl [--socket PATH] <command> [flags]
 
-` + ctl.Usage + `
+` + ctl.Usage() + `
 ` + ctl.PKIUsage + `
   lab up|down|status|demo|bench             the single-machine lab (see: axctl lab help)
-  help                                      this text`
+  help                                      this text
+global: --socket PATH (or AX_SOCKET; default /run/ax/axd.sock)`
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -54,7 +56,7 @@ func run(ctx context.Context, args []string, out, errOut io.Writer) error {
 	}
 	switch args[0] {
 	case "lab":
-		return lab.Main(ctx, args[1:], out, log)
+		return labMain(ctx, args[1:], out, log)
 	case "help", "-h", "--help":
 		fmt.Fprintln(out, usage)
 		return nil

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/axproject/ax/ax/api"
+	"github.com/axproject/ax/ax/ctl"
 )
 
 // fakeAxd answers the local API as axd would, records each request, and
@@ -69,6 +70,7 @@ func TestEveryDocumentedCommandDispatches(t *testing.T) {
 	spec := filepath.Join(dir, "vm1.json")
 	os.WriteFile(spec, []byte(`{"name":"vm1","guest":{"qmp":"/run/vm1.qmp"}}`), 0o600)
 
+	var tested []string
 	for _, tc := range []struct {
 		line string
 		call string
@@ -86,6 +88,7 @@ func TestEveryDocumentedCommandDispatches(t *testing.T) {
 		{"events", "GET /v1/events"},
 		{"events --since 3 --json", "GET /v1/events"},
 	} {
+		tested = append(tested, tc.line)
 		var out bytes.Buffer
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		err := run(ctx, append([]string{"--socket", sock}, strings.Fields(tc.line)...), &out, &out)
@@ -96,6 +99,16 @@ func TestEveryDocumentedCommandDispatches(t *testing.T) {
 		}
 		if got := fake.last(); got != tc.call {
 			t.Errorf("axctl %s: last API call %q, want %q", tc.line, got, tc.call)
+		}
+	}
+	// Every command of the table has a line above.
+	for _, name := range ctl.Commands() {
+		found := false
+		for _, tc := range tested {
+			found = found || strings.Fields(tc)[0] == name
+		}
+		if !found {
+			t.Errorf("command %q is not exercised here", name)
 		}
 	}
 	// Each command axctl help names is one of the lines above (or lab/pki/help).
