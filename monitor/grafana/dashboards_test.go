@@ -130,12 +130,13 @@ func TestDrillDown(t *testing.T) {
 	}
 	found := false
 	for _, v := range vm.Templating.List {
-		if v.Name == "vm" && v.Type == "query" && strings.Contains(string(v.Query), "label_values(ax_vm_level, vm)") {
+		// The host variable narrows the VMs offered to those on the chosen hosts.
+		if v.Name == "vm" && v.Type == "query" && strings.Contains(string(v.Query), `label_values(ax_vm_level{instance=~\"$host\"}, vm)`) {
 			found = true
 		}
 	}
 	if !found {
-		t.Error("the per-VM dashboard has no vm variable over ax_vm_level")
+		t.Error("the per-VM dashboard has no vm variable over ax_vm_level of the chosen hosts")
 	}
 	for _, p := range vm.Panels {
 		for _, tg := range p.Targets {
@@ -159,6 +160,73 @@ func TestProvisioning(t *testing.T) {
 		s := string(b)
 		if !strings.Contains(s, "apiVersion: 1") || strings.Contains(s, "\t") {
 			t.Errorf("%s: want apiVersion 1 and no tabs", f)
+		}
+	}
+}
+
+// TestHostVariable checks that a fleet can be filtered per host: both
+// dashboards have a host variable over the scrape's instance label, and
+// every metric the overview queries is narrowed to the chosen hosts.
+func TestHostVariable(t *testing.T) {
+	ds := load(t)
+	for f, d := range ds {
+		var host, vm = -1, -1
+		for i, v := range d.Templating.List {
+			switch v.Name {
+			case "host":
+				host = i
+				if v.Type != "query" || !strings.Contains(string(v.Query), "label_values(ax_witness_reachable, instance)") {
+					t.Errorf("%s: host variable is %s over %s, want a query of every axd's instance", f, v.Type, v.Query)
+				}
+			case "vm":
+				vm = i
+			}
+		}
+		if host < 0 {
+			t.Errorf("%s: no host variable", f)
+		}
+		if vm >= 0 && host > vm {
+			t.Errorf("%s: host variable after vm; the vm variable depends on it", f)
+		}
+	}
+	overview, ok := ds[filepath.Join("dashboards", "ax-overview.json")]
+	if !ok {
+		t.Fatal("no overview dashboard")
+	}
+	selector := regexp.MustCompile(`\bax_[a-z0-9_]+(\{[^}]*\})?`)
+	n := 0
+	for _, p := range overview.Panels {
+		for _, tg := range p.Targets {
+			for _, s := range selector.FindAllString(tg.Expr, -1) {
+				n++
+				if !strings.Contains(s, `instance=~"$host"`) {
+					t.Errorf("overview panel %q is not filtered by host: %s in %s", p.Title, s, tg.Expr)
+				}
+			}
+		}
+	}
+	if n == 0 {
+		t.Error("the overview queries no ax_ metric")
+	}
+}
+
+// TestPromisesShown checks that output commit and the partner's promised
+// capacity, what AX promises, are on both dashboards.
+func TestPromisesShown(t *testing.T) {
+	want := []string{"ax_output_held_frames", "ax_output_held_bytes", "ax_output_release_delay_seconds_bucket",
+		"ax_output_dropped_frames", "ax_reserved_capacity", "ax_host_capacity"}
+	for f, d := range load(t) {
+		var all strings.Builder
+		for _, p := range d.Panels {
+			for _, tg := range p.Targets {
+				all.WriteString(tg.Expr)
+				all.WriteByte('\n')
+			}
+		}
+		for _, m := range want {
+			if !regexp.MustCompile(`\b` + m + `\b`).MatchString(all.String()) {
+				t.Errorf("%s: no panel queries %s", f, m)
+			}
 		}
 	}
 }

@@ -40,7 +40,7 @@ func TestRulesPromtool(t *testing.T) {
 // the dashboards fail here rather than in front of an operator.
 func TestDashboardQueriesParse(t *testing.T) {
 	testenv.RequireCommand(t, "promtool", promtoolHow)
-	vars := strings.NewReplacer("$__rate_interval", "1m", "$__range", "3h", "$__interval", "15s", "$vm", "vm1")
+	vars := strings.NewReplacer("$__rate_interval", "1m", "$__range", "3h", "$__interval", "15s", "$vm", "vm1", "$host", "a:9400")
 	var b strings.Builder
 	b.WriteString("groups:\n  - name: dashboards\n    rules:\n")
 	n := 0
