@@ -34,7 +34,7 @@ func (d *Daemon) startAgent(v *vmState) {
 	m, err := agent.NewMonitor(agent.Config{
 		VM: v.name, Policy: pol, Metrics: d.agentMetrics, Log: d.log.With("vm", v.name),
 		Events:   func(kind, text string) { d.event(v.name, kind, text) },
-		Actuator: agent.ActuatorFunc(func(a agent.Action) { go d.agentAction(a) }),
+		Actuator: agent.ActuatorFunc(func(a agent.Action) { d.wg.Go(func() { d.agentAction(a) }) }),
 	})
 	if err != nil {
 		d.event(v.name, "agent", "cannot monitor the agent: "+err.Error())

@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/axproject/ax/ax/api"
@@ -50,13 +51,13 @@ func (d *Daemon) define(spec api.VMSpec) error {
 			return fmt.Errorf("VM %s is %s here; unprotect it before redefining it", spec.Name, r)
 		}
 		v.set(func(v *vmState) { v.spec = spec })
-		go d.startAgent(v)
+		d.wg.Go(func() { d.startAgent(v) })
 		return nil
 	}
 	v := &vmState{name: spec.Name, spec: spec, level: api.LevelNone, roleV: api.RoleLocal, state: "running", consoleOffset: -1}
 	d.vms[spec.Name] = v
 	d.metrics.SetLevel(spec.Name, api.RoleLocal, api.LevelNone)
-	go d.startAgent(v)
+	d.wg.Go(func() { d.startAgent(v) })
 	return nil
 }
 
@@ -404,11 +405,14 @@ func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 	}
 	defer sender.Close()
 	setUserTimeout(sender)
+	// The guard closes the stream when the replication path goes silent:
+	// a cut link must not leave anything blocked on a TCP write. It ends
+	// with this stream (scancel runs before the wait).
+	var guard sync.WaitGroup
+	defer guard.Wait()
 	sctx, scancel := context.WithCancel(ctx)
 	defer scancel()
-	// The guard closes the stream when the replication path goes silent:
-	// a cut link must not leave anything blocked on a TCP write.
-	go func() {
+	guard.Go(func() {
 		t := time.NewTicker(100 * time.Millisecond)
 		defer t.Stop()
 		for {
@@ -422,7 +426,7 @@ func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 				return
 			}
 		}
-	}()
+	})
 	dr := newDiskRepl(sctx, d, spec.Name, sender, mon, spec.Guest.Disks, sizes)
 	defer dr.stop()
 	v.set(func(v *vmState) { v.state, v.alarm, v.disks, v.diskBytesSeen = "syncing", "", dr, 0 })
