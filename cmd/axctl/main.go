@@ -22,6 +22,7 @@ var usage = `usage: axctl [--socket PATH] <command> [flags]
 
 ` + ctl.Usage() + `
 ` + ctl.PKIUsage + `
+` + ctl.DoctorUsage + `
   lab up|down|status|demo|bench             the single-machine lab (see: axctl lab help)
   help                                      this text
 global: --socket PATH (or AX_SOCKET; default /run/ax/axd.sock)`
@@ -62,6 +63,8 @@ func run(ctx context.Context, args []string, out, errOut io.Writer) error {
 		return nil
 	case "pki":
 		return ctl.PKI(args[1:], out)
+	case "doctor":
+		return ctl.Doctor(ctx, args[1:], out)
 	}
 	// Everything else is a command against axd; ctl knows which exist.
 	if err := ctl.Main(ctx, socket, args, out); err != nil {

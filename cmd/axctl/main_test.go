@@ -122,13 +122,21 @@ func TestEveryDocumentedCommandDispatches(t *testing.T) {
 			continue
 		}
 		switch f[0] {
-		case "status", "define", "protect", "level", "unprotect", "failover", "events", "pki", "lab", "help":
+		case "status", "define", "protect", "level", "unprotect", "failover", "events", "pki", "doctor", "lab", "help":
 		default:
 			t.Errorf("help documents %q, which this test does not run", f[0])
 		}
 	}
 
-	for _, bad := range []string{"levels vm1 ha", "level vm1 max", "level vm1", "protect vm1", "frobnicate"} {
+	// doctor needs no axd and no root: what it cannot probe it reports unknown.
+	if doc := new(bytes.Buffer); run(context.Background(), []string{"doctor"}, doc, doc) != nil || !strings.Contains(doc.String(), "summary:") {
+		t.Errorf("axctl doctor printed no table:\n%s", doc)
+	}
+	if doc := new(bytes.Buffer); run(context.Background(), []string{"doctor", "--json"}, doc, doc) != nil || !json.Valid(doc.Bytes()) {
+		t.Errorf("axctl doctor --json printed no JSON report:\n%s", doc)
+	}
+
+	for _, bad := range []string{"doctor --peer b", "levels vm1 ha", "level vm1 max", "level vm1", "protect vm1", "frobnicate"} {
 		if err := run(context.Background(), append([]string{"--socket", sock}, strings.Fields(bad)...), &bytes.Buffer{}, &bytes.Buffer{}); err == nil {
 			t.Errorf("axctl %s succeeded", bad)
 		}
