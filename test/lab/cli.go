@@ -36,6 +36,9 @@ flags (up, demo):
   --accel MODE      auto, kvm or tcg (default auto: kvm only where it really works)
   --ram MIB         guest RAM (default 256)
   --dirty MIBPS     memory dirtier rate in the guest (default 0: off; demo: 4)
+  --disk MIB        give the guest a virtio-blk disk its ledger keeps its records on, so
+                    they survive an HA failover (default 0: a memory-only ledger)
+  --disk-format F   raw (default) or qcow2
   --guest-bin DIR   where ax-workload is (default: beside axctl)
   --no-guest        (up) create hosts and networks only
   --keep            (demo) leave the lab up at the end
@@ -51,6 +54,7 @@ flags (up, demo):
 type labFlags struct {
 	prefix, kernel, modules, accel, guestBin, cacheDir string
 	ram, diskMiB                                       int
+	diskFormat                                         string
 	dirty                                              float64
 	noGuest, keep, json, psk                           bool
 	records, runs                                      int
@@ -74,6 +78,8 @@ func Main(ctx context.Context, args []string, out io.Writer, log *slog.Logger) e
 	fs.StringVar(&f.guestBin, "guest-bin", "", "")
 	fs.StringVar(&f.cacheDir, "cache-dir", image.DefaultCacheDir, "")
 	fs.IntVar(&f.ram, "ram", 256, "")
+	fs.IntVar(&f.diskMiB, "disk", 0, "")
+	fs.StringVar(&f.diskFormat, "disk-format", "raw", "")
 	fs.Float64Var(&f.dirty, "dirty", 0, "")
 	fs.BoolVar(&f.noGuest, "no-guest", false, "")
 	fs.BoolVar(&f.keep, "keep", false, "")
@@ -98,6 +104,14 @@ func Main(ctx context.Context, args []string, out io.Writer, log *slog.Logger) e
 	fs.Visit(func(fl *flag.Flag) { dirtySet = dirtySet || fl.Name == "dirty" })
 	if cmd == "demo" && !dirtySet {
 		f.dirty = 4 // the demo runs the memory dirtier unless told otherwise
+	}
+	if f.diskMiB < 0 || f.diskMiB > 1<<20 {
+		return fmt.Errorf("lab %s: --disk takes a size in MiB (0: no disk), not %d", cmd, f.diskMiB)
+	}
+	switch f.diskFormat {
+	case "raw", "qcow2":
+	default:
+		return fmt.Errorf("lab %s: --disk-format must be raw or qcow2, not %q", cmd, f.diskFormat)
 	}
 	switch f.accel {
 	case "auto", "kvm", "tcg":
@@ -231,7 +245,8 @@ func bootGuest(ctx context.Context, l *Lab, f labFlags, icfg image.Config, out i
 	if err != nil {
 		return nil, err
 	}
-	vm, err := l.StartGuest(ctx, GuestConfig{Kernel: img.Kernel, Initrd: img.Initrd, Accel: f.accel, RAMMiB: f.ram, Dirty: f.dirty, DiskMiB: f.diskMiB})
+	vm, err := l.StartGuest(ctx, GuestConfig{Kernel: img.Kernel, Initrd: img.Initrd, Accel: f.accel, RAMMiB: f.ram, Dirty: f.dirty,
+		DiskMiB: f.diskMiB, DiskFormat: f.diskFormat})
 	if err != nil {
 		return nil, err
 	}

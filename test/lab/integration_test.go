@@ -235,6 +235,7 @@ func TestIntegrationCLISideBySide(t *testing.T) {
 	requireLab(t)
 	ctx := context.Background()
 	bin := guestBinaries(t)
+	axdBinary(t) // up starts the daemons: axd beside the guest binaries
 	testImage(t) // build once before the two labs race for it
 	log := slog.New(slog.DiscardHandler)
 	prefixes := []string{"itx", "ity"}
@@ -248,7 +249,13 @@ func TestIntegrationCLISideBySide(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			var out strings.Builder
-			errs[i] = Main(ctx, []string{"up", "--prefix", p, "--guest-bin", bin}, &out, log)
+			args := []string{"up", "--prefix", p, "--guest-bin", bin}
+			if i == 0 {
+				// The README's way to try HA by hand: a guest whose ledger
+				// lives on a disk.
+				args = append(args, "--disk", "32", "--disk-format", "qcow2")
+			}
+			errs[i] = Main(ctx, args, &out, log)
 		}()
 	}
 	wg.Wait()
@@ -278,6 +285,15 @@ func TestIntegrationCLISideBySide(t *testing.T) {
 		s, _ := l.State()
 		if err := l.pingLedger(ctx, fmt.Sprintf("%s:%d", s.VMs[0].IP, LedgerPort)); err != nil {
 			t.Errorf("lab %s guest not serving: %v", p, err)
+		}
+		disks := s.VMs[0].Spec.Disks
+		switch {
+		case p == "itx" && (len(disks) != 1 || disks[0].Format != "qcow2"):
+			t.Errorf("lab %s up --disk 32 --disk-format qcow2: guest disks %+v", p, disks)
+		case p == "itx" && !strings.Contains(s.VMs[0].Spec.Append, "ax.disk"):
+			t.Errorf("lab %s: the ledger is not told to use its disk: %q", p, s.VMs[0].Spec.Append)
+		case p != "itx" && len(disks) != 0:
+			t.Errorf("lab %s up without --disk has disks %+v", p, disks)
 		}
 	}
 }
