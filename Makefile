@@ -8,7 +8,7 @@ GUESTPKGS ?= github.com/axproject/ax/ax/dirty github.com/axproject/ax/monitor/ag
 GOTEST    := $(GO) test -count=1 -timeout 40m
 
 .DEFAULT_GOAL := help
-.PHONY: help deps build test test-unit test-guest-kernel generate-check demo lab-up lab-down lab-status bench generate vet clean clean-cache
+.PHONY: help deps build deb test test-unit test-guest-kernel generate-check demo lab-up lab-down lab-status bench generate vet clean clean-cache
 
 help: ## list the targets
 	@awk 'BEGIN{FS=":.*## "} /^[a-z-]+:.*## /{printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -18,6 +18,9 @@ deps: ## install the Debian packages the lab and tests need (idempotent)
 
 build: ## build axd, axctl (with the lab) and the guest workloads into bin/
 	CGO_ENABLED=0 $(GO) build -trimpath -tags lab -o $(BIN)/ ./cmd/... ./test/cmd/...
+
+deb: ## the Debian package bin/ax_<version>_<arch>.deb (axd, axctl without the lab, ax-agent, units; no keys)
+	GO=$(GO) sh package/build-deb.sh $(BIN)
 
 vet: ## go vet and gofmt check
 	$(GO) vet ./...
