@@ -18,15 +18,20 @@ import (
 	"github.com/axproject/ax/ax/api"
 )
 
-// command is one of axctl's commands against axd: the table below makes
-// both the usage text and the dispatch, so the two cannot drift.
+// command is one of axctl's commands: the table below makes both the
+// usage text and the dispatch, so the two cannot drift.
 type command struct {
 	name, args, help string
 	// nargs is how many positional arguments it takes (-1: any), what
 	// says what they are when the count is wrong.
 	nargs int
 	what  string
-	run   func(ctx context.Context, e *env, pos []string) error
+	// run is a command against axd, with the shared flags parsed.
+	run func(ctx context.Context, e *env, pos []string) error
+	// local is a command that needs no axd and parses its own arguments;
+	// usage is then its help text, verbatim.
+	local func(ctx context.Context, args []string, out io.Writer) error
+	usage string
 }
 
 // env is what a command runs with: the API client, its output and flags.
@@ -97,26 +102,38 @@ var commands = []command{
 		run: func(ctx context.Context, e *env, _ []string) error {
 			return events(ctx, e.c, e.since, e.follow, e.jsonOut, e.out)
 		}},
+	{name: "pki", usage: PKIUsage, local: func(_ context.Context, args []string, out io.Writer) error { return PKI(args, out) }},
+	{name: "doctor", usage: DoctorUsage, local: Doctor},
 }
+
+// usageOf is a command's help text.
+func (c command) usageOf() string {
+	if c.usage != "" {
+		return c.usage
+	}
+	line := c.name
+	if c.args != "" {
+		line += " " + c.args
+	}
+	if len(line) <= 41 {
+		return fmt.Sprintf("  %-41s %s", line, c.help)
+	}
+	return fmt.Sprintf("  %s\n  %-41s %s", line, "", c.help)
+}
+
+// isHelp: the argument asks for a command's help.
+func isHelp(arg string) bool { return arg == "help" || arg == "-h" || arg == "--help" }
 
 // Usage lists the commands, from the table.
 func Usage() string {
 	var b strings.Builder
 	for _, c := range commands {
-		line := c.name
-		if c.args != "" {
-			line += " " + c.args
-		}
-		if len(line) <= 41 {
-			fmt.Fprintf(&b, "  %-41s %s\n", line, c.help)
-		} else {
-			fmt.Fprintf(&b, "  %s\n  %-41s %s\n", line, "", c.help)
-		}
+		b.WriteString(c.usageOf() + "\n")
 	}
 	return strings.TrimSuffix(b.String(), "\n")
 }
 
-// Commands are the names of the commands against axd, in usage order.
+// Commands are the names of the commands, in usage order.
 func Commands() []string {
 	names := make([]string, len(commands))
 	for i, c := range commands {
@@ -125,7 +142,7 @@ func Commands() []string {
 	return names
 }
 
-// Main runs one command against the axd at socket.
+// Main runs one command (against the axd at socket, for those that need it).
 func Main(ctx context.Context, socket string, args []string, out io.Writer) error {
 	if len(args) == 0 {
 		return errors.New("no command")
@@ -136,6 +153,13 @@ func Main(ctx context.Context, socket string, args []string, out io.Writer) erro
 		return fmt.Errorf("%w %q", ErrUnknownCommand, name)
 	}
 	cmd := commands[i]
+	if len(rest) > 0 && isHelp(rest[0]) {
+		fmt.Fprintln(out, cmd.usageOf())
+		return nil
+	}
+	if cmd.local != nil {
+		return cmd.local(ctx, rest, out)
+	}
 	e := &env{c: api.NewClient(socket), out: out}
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(io.Discard)

@@ -13,7 +13,8 @@ import (
 	"github.com/axproject/ax/ax/identity"
 )
 
-// PKIUsage lists the identity commands (they need no axd).
+// PKIUsage lists the identity commands (they need no axd); `axctl pki help`
+// prints it.
 const PKIUsage = `  pki init [--dir DIR] [--name CA] [--days N]
                                             make the CA that signs AX identities (DIR default /etc/ax/pki)
   pki issue --name NAME [--role host|witness] [--dir DIR] [--out DIR] [--days N]

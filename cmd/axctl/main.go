@@ -21,8 +21,6 @@ import (
 var usage = `usage: axctl [--socket PATH] <command> [flags]
 
 ` + ctl.Usage() + `
-` + ctl.PKIUsage + `
-` + ctl.DoctorUsage + `
   lab up|down|status|demo|bench             the single-machine lab (see: axctl lab help)
   help                                      this text
 global: --socket PATH (or AX_SOCKET; default /run/ax/axd.sock)`
@@ -61,12 +59,8 @@ func run(ctx context.Context, args []string, out, errOut io.Writer) error {
 	case "help", "-h", "--help":
 		fmt.Fprintln(out, usage)
 		return nil
-	case "pki":
-		return ctl.PKI(args[1:], out)
-	case "doctor":
-		return ctl.Doctor(ctx, args[1:], out)
 	}
-	// Everything else is a command against axd; ctl knows which exist.
+	// Everything else is one of ctl's commands; ctl knows which exist.
 	if err := ctl.Main(ctx, socket, args, out); err != nil {
 		if errors.Is(err, ctl.ErrUnknownCommand) {
 			return fmt.Errorf("%w\n%s", err, usage)
