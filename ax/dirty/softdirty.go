@@ -401,6 +401,37 @@ func (b bitmap) takeRange(dst []uint64, lo, hi int) []uint64 {
 // without CONFIG_MEM_SOFT_DIRTY accepts the clear but never sets the bit.
 func SoftDirtyAvailable() bool { return softDirtyProbe() == nil }
 
+// PagemapScanProbe asks the PAGEMAP_SCAN ioctl for the soft-dirty bit of a
+// page of this process's own: nil when the tracker can use it, unix.ENOTTY
+// when the kernel lacks the ioctl (before 6.7), unix.EINVAL when it lacks
+// the soft-dirty category.
+func PagemapScanProbe() error {
+	mem, err := unix.Mmap(-1, 0, PageSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	if err != nil {
+		return fmt.Errorf("map a probe page: %w", err)
+	}
+	defer unix.Munmap(mem)
+	mem[0] = 1
+	f, err := os.Open("/proc/self/pagemap")
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	regions := make([]pageRegion, 1)
+	start := uint64(uintptr(unsafe.Pointer(&mem[0])))
+	arg := pmScanArg{
+		size: uint64(unsafe.Sizeof(pmScanArg{})), start: start, end: start + PageSize,
+		vec: uint64(uintptr(unsafe.Pointer(&regions[0]))), vecLen: 1,
+		categoryMask: pageIsSoftDirty, returnMask: pageIsSoftDirty,
+	}
+	_, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), uintptr(pagemapScan), uintptr(unsafe.Pointer(&arg)))
+	runtime.KeepAlive(regions) // the kernel writes through arg.vec, which the collector does not see
+	if errno != 0 {
+		return errno
+	}
+	return nil
+}
+
 // softDirtyProbe says why soft-dirty tracking does not work, or nil.
 var softDirtyProbe = sync.OnceValue(func() error {
 	// A shared tmpfs page, as guest RAM is.

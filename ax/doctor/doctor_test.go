@@ -555,7 +555,7 @@ func TestPagemapScanProbe(t *testing.T) {
 	if k.major, k.minor, err = parseVersion(rel); err != nil {
 		t.Skip(err)
 	}
-	err = pagemapScan()
+	err = dirty.PagemapScanProbe()
 	if k.atLeast(6, 7) && errors.Is(err, unix.ENOTTY) || !k.atLeast(6, 7) && !errors.Is(err, unix.ENOTTY) {
 		t.Errorf("PAGEMAP_SCAN on %s: %v", rel, err)
 	}

@@ -12,11 +12,9 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"runtime"
 	"strconv"
 	"strings"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -76,7 +74,7 @@ func Real() *Host {
 		KernelRelease: kernelRelease,
 		KernelConfig:  kernelConfig,
 		SoftDirty:     dirty.SoftDirtyAvailable,
-		PagemapScan:   pagemapScan,
+		PagemapScan:   dirty.PagemapScanProbe,
 		ChecksumKfunc: netbuffer.CompletesChecksums,
 		OpenDevice: func(path string) error {
 			f, err := os.OpenFile(path, os.O_RDWR, 0)
@@ -183,55 +181,6 @@ func parseKernelConfig(r io.Reader) (map[string]string, error) {
 		return nil, fmt.Errorf("read kernel config: %w", err)
 	}
 	return cfg, nil
-}
-
-// The PAGEMAP_SCAN ioctl of <linux/fs.h> (Linux 6.7+); ax/dirty uses it
-// and keeps its definition unexported, so the probe repeats the few
-// constants it needs.
-type pmScanArg struct {
-	size, flags, start, end, walkEnd, vec, vecLen, maxPages uint64
-	categoryInverted, categoryMask, categoryAnyofMask       uint64
-	returnMask                                              uint64
-}
-
-type pageRegion struct{ start, end, categories uint64 }
-
-const (
-	pagemapScanIoctl = 3<<30 | uint(unsafe.Sizeof(pmScanArg{}))<<16 | 'f'<<8 | 16 // _IOWR('f', 16, struct pm_scan_arg)
-	pageIsSoftDirty  = 1 << 7
-)
-
-// pagemapScan asks, as ax/dirty's soft-dirty tracker does, for the
-// soft-dirty bit of a page of this process's own.
-func pagemapScan() error {
-	mem, err := unix.Mmap(-1, 0, os.Getpagesize(), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
-	if err != nil {
-		return fmt.Errorf("map a probe page: %w", err)
-	}
-	defer unix.Munmap(mem)
-	mem[0] = 1
-	f, err := os.Open("/proc/self/pagemap")
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	regions := make([]pageRegion, 1)
-	start := uint64(uintptr(unsafe.Pointer(&mem[0])))
-	arg := pmScanArg{
-		size:         uint64(unsafe.Sizeof(pmScanArg{})),
-		start:        start,
-		end:          start + uint64(len(mem)),
-		vec:          uint64(uintptr(unsafe.Pointer(&regions[0]))),
-		vecLen:       uint64(len(regions)),
-		categoryMask: pageIsSoftDirty,
-		returnMask:   pageIsSoftDirty,
-	}
-	_, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), uintptr(pagemapScanIoctl), uintptr(unsafe.Pointer(&arg)))
-	runtime.KeepAlive(regions) // the kernel writes through arg.vec, which the collector does not see
-	if errno != 0 {
-		return errno
-	}
-	return nil
 }
 
 // maxQMPLine bounds one line of QEMU's answers (query-commands is some

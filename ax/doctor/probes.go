@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/axproject/ax/ax/qemu"
 )
 
 // kernelFacts are what several kernel rows need.
@@ -202,9 +204,8 @@ func vsockCheck(h *Host, k kernelFacts) Check {
 	return c
 }
 
-// kvmCheck is the lab launcher's rule: /dev/kvm alone is not enough,
-// nested setups expose one whose guests never start, so the CPU must
-// also advertise hardware virtualisation.
+// kvmCheck: /dev/kvm and the CPU's hardware virtualisation
+// (qemu.HardwareVirt, the lab launcher's rule too).
 func kvmCheck(h *Host) Check {
 	c := Check{What: "KVM usable (/dev/kvm and vmx/svm)"}
 	cpuinfo, err := h.ReadFile("/proc/cpuinfo")
@@ -212,19 +213,7 @@ func kvmCheck(h *Host) Check {
 		c.Status, c.Why = Unknown, err.Error()
 		return c
 	}
-	flag := ""
-	for _, line := range strings.Split(string(cpuinfo), "\n") {
-		if strings.HasPrefix(line, "flags") {
-			if _, flags, ok := strings.Cut(line, ":"); ok {
-				for _, f := range strings.Fields(flags) {
-					if f == "vmx" || f == "svm" {
-						flag = f
-					}
-				}
-			}
-			break
-		}
-	}
+	flag := qemu.HardwareVirt(cpuinfo)
 	if flag == "" {
 		c.Status, c.Why = No, "the CPU advertises neither vmx nor svm: guests would run under TCG, as the lab does: too slow for production"
 		c.Fix = "enable VT-x/AMD-V in the firmware, or nested virtualisation on the outer hypervisor (kvm_intel nested=1)"

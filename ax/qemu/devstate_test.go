@@ -81,3 +81,17 @@ func TestLoadDeviceStateFileFeedsASocketNotAShell(t *testing.T) {
 		t.Error("a missing device state file was fed")
 	}
 }
+
+func TestHardwareVirt(t *testing.T) {
+	for _, tc := range []struct{ cpuinfo, want string }{
+		{"processor\t: 0\nflags\t\t: fpu vme vmx sse2\n", "vmx"},
+		{"flags\t\t: fpu svm lm\n", "svm"},
+		{"flags\t\t: fpu sse2 hypervisor\nflags\t\t: vmx\n", ""}, // only the first CPU's line counts
+		{"model name\t: vmx-like\nflags\t\t: fpu\n", ""},
+		{"", ""},
+	} {
+		if got := HardwareVirt([]byte(tc.cpuinfo)); got != tc.want {
+			t.Errorf("HardwareVirt(%q) = %q, want %q", tc.cpuinfo, got, tc.want)
+		}
+	}
+}

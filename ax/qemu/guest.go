@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"strings"
 	"syscall"
 )
 
@@ -136,4 +137,23 @@ func Launch(g Guest, logPath string) (int, error) {
 	pid := cmd.Process.Pid
 	go cmd.Wait() // reap it if it ends while we run
 	return pid, nil
+}
+
+// HardwareVirt returns the CPU flag ("vmx" or "svm") in /proc/cpuinfo's
+// text that lets KVM run guests, or "" without one: a /dev/kvm node alone
+// is not enough, nested setups expose one whose guests never start.
+func HardwareVirt(cpuinfo []byte) string {
+	for _, line := range strings.Split(string(cpuinfo), "\n") {
+		if !strings.HasPrefix(line, "flags") {
+			continue
+		}
+		_, flags, _ := strings.Cut(line, ":")
+		for _, f := range strings.Fields(flags) {
+			if f == "vmx" || f == "svm" {
+				return f
+			}
+		}
+		return ""
+	}
+	return ""
 }

@@ -34,20 +34,10 @@ func DetectAccel() string {
 	}
 	f.Close()
 	cpuinfo, err := os.ReadFile("/proc/cpuinfo")
-	if err != nil {
+	if err != nil || qemu.HardwareVirt(cpuinfo) == "" {
 		return "tcg"
 	}
-	for _, line := range strings.Split(string(cpuinfo), "\n") {
-		if strings.HasPrefix(line, "flags") {
-			for _, fl := range strings.Fields(line) {
-				if fl == "vmx" || fl == "svm" {
-					return "kvm"
-				}
-			}
-			break
-		}
-	}
-	return "tcg"
+	return "kvm"
 }
 
 // GuestConfig chooses a lab guest's image and behaviour.
