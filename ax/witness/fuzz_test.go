@@ -85,7 +85,11 @@ func FuzzDecodeRequest(f *testing.F) {
 // key derivation or the MAC input changes, they must be signed again, or the
 // fuzzer would start from nothing but refusals.
 func TestSignedSeeds(t *testing.T) {
-	for _, name := range []string{"renew_signed", "takeover_signed", "query_signed", "query_holder", "unicode_names", "case_folded_keys", "duplicate_key"} {
+	// A signed request naming a holder outside the safe alphabet is refused.
+	if _, err := decodeRequest(readSeed(t, filepath.Join("testdata", "fuzz", "FuzzDecodeRequest", "unicode_names"))); err == nil {
+		t.Error("the unicode_names seed decoded: non-ASCII holder names must be refused")
+	}
+	for _, name := range []string{"renew_signed", "takeover_signed", "query_signed", "query_holder", "case_folded_keys", "duplicate_key"} {
 		t.Run(name, func(t *testing.T) {
 			line := readSeed(t, filepath.Join("testdata", "fuzz", "FuzzDecodeRequest", name))
 			req, err := decodeRequest(line)

@@ -1,6 +1,8 @@
 package witness
 
 import (
+	"github.com/axproject/ax/ax/names"
+
 	"bytes"
 	"crypto/hmac"
 	"crypto/sha256"
@@ -12,7 +14,6 @@ import (
 	"fmt"
 	"io"
 	"time"
-	"unicode/utf8"
 
 	"github.com/axproject/ax/ax/identity"
 )
@@ -48,8 +49,8 @@ import (
 const (
 	// MinKeySize is the shortest pre-shared key accepted.
 	MinKeySize = identity.MinKeySize
-	// MaxNameLen bounds holder and VM names.
-	MaxNameLen = 255
+	// MaxNameLen bounds holder and VM names (names.Check's alphabet too).
+	MaxNameLen = names.MaxLen
 	// MaxLineSize bounds one request or response line, newline included. A
 	// longer line drops the connection.
 	MaxLineSize = 4096
@@ -105,20 +106,7 @@ func tlsLineKey(cs tls.ConnectionState) ([]byte, error) {
 	return k, nil
 }
 
-func checkName(what, s string) error {
-	if len(s) == 0 || len(s) > MaxNameLen {
-		return fmt.Errorf("%s name of %d bytes, want 1..%d", what, len(s), MaxNameLen)
-	}
-	if !utf8.ValidString(s) {
-		return fmt.Errorf("%s name %q is not valid UTF-8", what, s)
-	}
-	for _, r := range s {
-		if r < 0x20 || r == 0x7f {
-			return fmt.Errorf("%s name %q contains a control character", what, s)
-		}
-	}
-	return nil
-}
+func checkName(what, s string) error { return names.Check(what, s) }
 
 // wireRequest is a request line as JSON.
 type wireRequest struct {

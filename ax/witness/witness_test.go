@@ -579,20 +579,26 @@ func TestRestartGraceHolderRenews(t *testing.T) {
 	}
 }
 
-// TestLongestNamesFit checks that the longest names, made of the characters
-// that grow most when escaped, keep requests and refusals within MaxLineSize.
+// TestLongestNamesFit checks that the longest names keep requests and
+// refusals within MaxLineSize, and that names outside the safe alphabet
+// (which JSON would escape, or a path would misread) are refused.
 func TestLongestNamesFit(t *testing.T) {
 	w := startWitnessPastGrace(t)
 	ctx := context.Background()
-	vm := strings.Repeat(`"`, MaxNameLen)
-	a := w.client(strings.Repeat(`\`, MaxNameLen))
-	b := w.client(strings.Repeat("\u2028", MaxNameLen/3))
+	vm := strings.Repeat("v", MaxNameLen)
+	a := w.client(strings.Repeat("a", MaxNameLen))
+	b := w.client(strings.Repeat("b", MaxNameLen))
 	if _, err := a.Renew(ctx, vm); err != nil {
 		t.Fatal(err)
 	}
 	wantHeld(t, b.Takeover(ctx, vm), a.holder)
 	if info := w.query(vm); info.Holder != a.holder {
 		t.Fatalf("holder %q", info.Holder)
+	}
+	for _, bad := range []string{`"`, `\`, "\u2028", "../vm", "v;id", strings.Repeat("v", MaxNameLen+1)} {
+		if _, err := a.Renew(ctx, bad); err == nil {
+			t.Errorf("renew of vm %q accepted", bad)
+		}
 	}
 }
 
