@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 
+	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/ax/doctor"
 )
 
@@ -39,7 +40,7 @@ type peerFlags []doctor.Peer
 
 func (p *peerFlags) String() string { return fmt.Sprint(*p) }
 func (p *peerFlags) Set(s string) error {
-	peer, err := doctor.ParsePeer(s)
+	peer, err := api.ParsePeer(s)
 	if err != nil {
 		return err
 	}
@@ -73,7 +74,7 @@ func parseDoctor(args []string) (doctor.Config, bool, error) {
 	case tls && (cfg.Identity.Cert == "" || cfg.Identity.Key == ""):
 		return cfg, false, errors.New("doctor: TLS mode needs both --cert and --key")
 	case cfg.WitnessAddr != "":
-		if err := doctor.CheckAddr(cfg.WitnessAddr); err != nil {
+		if err := api.CheckAddr(cfg.WitnessAddr); err != nil {
 			return cfg, false, fmt.Errorf("doctor: --witness-addr: %w", err)
 		}
 	}

@@ -12,6 +12,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/ax/identity"
 )
 
@@ -46,27 +47,8 @@ type Report struct {
 	Unknown int     `json:"unknown"`
 }
 
-// Peer is a partner host as axd's --peer names it.
-type Peer struct {
-	Name string `json:"name"`
-	Repl string `json:"repl"` // HOST:PORT on the replication link (TCP streams, UDP heartbeats)
-	Mgmt string `json:"mgmt"` // HOST:PORT on the management network (UDP heartbeats)
-}
-
-// ParsePeer reads NAME=REPL_HOST:PORT,MGMT_HOST:PORT, axd's --peer.
-func ParsePeer(s string) (Peer, error) {
-	name, addrs, ok := strings.Cut(s, "=")
-	repl, mgmt, ok2 := strings.Cut(addrs, ",")
-	if !ok || !ok2 || name == "" || repl == "" || mgmt == "" {
-		return Peer{}, fmt.Errorf("peer %q: want NAME=REPL_HOST:PORT,MGMT_HOST:PORT", s)
-	}
-	for _, a := range []string{repl, mgmt} {
-		if _, _, err := splitHostPort(a); err != nil {
-			return Peer{}, fmt.Errorf("peer %q: %w", s, err)
-		}
-	}
-	return Peer{Name: name, Repl: repl, Mgmt: mgmt}, nil
-}
+// Peer is a partner host to probe.
+type Peer = api.Peer
 
 // Config says what to probe beyond the host itself.
 type Config struct {

@@ -6,9 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"net"
 	"slices"
-	"strconv"
 	"strings"
 	"time"
 
@@ -397,23 +395,4 @@ func reachChecks(ctx context.Context, h *Host, cfg Config) []Check {
 			"is axd --witness running there with --listen "+cfg.WitnessAddr+"? is a firewall in the way?")
 	}
 	return out
-}
-
-// CheckAddr checks that addr is HOST:PORT with a numeric port.
-func CheckAddr(addr string) error {
-	_, _, err := splitHostPort(addr)
-	return err
-}
-
-// splitHostPort checks an address is HOST:PORT with a numeric port.
-func splitHostPort(addr string) (string, int, error) {
-	host, p, err := net.SplitHostPort(addr)
-	if err != nil {
-		return "", 0, fmt.Errorf("address %q: want HOST:PORT: %w", addr, err)
-	}
-	port, err := strconv.Atoi(p)
-	if err != nil || port <= 0 || port > 65535 {
-		return "", 0, fmt.Errorf("address %q: port %q is not a number from 1 to 65535", addr, p)
-	}
-	return host, port, nil
 }

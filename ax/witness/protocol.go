@@ -1,8 +1,6 @@
 package witness
 
 import (
-	"github.com/axproject/ax/ax/names"
-
 	"bytes"
 	"crypto/hmac"
 	"crypto/sha256"
@@ -16,6 +14,7 @@ import (
 	"time"
 
 	"github.com/axproject/ax/ax/identity"
+	"github.com/axproject/ax/ax/names"
 )
 
 // The protocol: one JSON object per line in each direction, over TLS 1.3

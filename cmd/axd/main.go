@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/ax/daemon"
 	"github.com/axproject/ax/ax/identity"
 	"github.com/axproject/ax/ax/witness"
@@ -33,12 +34,11 @@ type peerFlag map[string]daemon.Peer
 
 func (p peerFlag) String() string { return fmt.Sprint(map[string]daemon.Peer(p)) }
 func (p peerFlag) Set(s string) error {
-	name, addrs, ok := strings.Cut(s, "=")
-	repl, mgmt, ok2 := strings.Cut(addrs, ",")
-	if !ok || !ok2 || name == "" || repl == "" || mgmt == "" {
-		return errors.New("want NAME=REPL_HOST:PORT,MGMT_HOST:PORT")
+	peer, err := api.ParsePeer(s)
+	if err != nil {
+		return err
 	}
-	p[name] = daemon.Peer{Repl: repl, Mgmt: mgmt}
+	p[peer.Name] = daemon.Peer{Repl: peer.Repl, Mgmt: peer.Mgmt}
 	return nil
 }
 
