@@ -9,6 +9,8 @@ import (
 	"net"
 	"sync"
 	"time"
+
+	"github.com/axproject/ax/ax/ratelog"
 )
 
 // MaxSpecSize bounds the VM spec a primary sends after the handshake.
@@ -367,7 +369,7 @@ type Server struct {
 	// Tests shorten these.
 	handshakeTimeout, specTimeout time.Duration
 	preAuth                       chan struct{} // a slot per connection not yet authenticated
-	refusedLog, floodLog          *rateLimit
+	refusedLog, floodLog          *ratelog.Limiter
 
 	mu       sync.Mutex
 	sessions map[string]*stream // vm → current stream
@@ -388,7 +390,7 @@ func NewServer(sec Security, allow []string, h Handler, log *slog.Logger) *Serve
 	return &Server{sec: sec, allow: append([]string(nil), allow...), handler: h, log: log,
 		handshakeTimeout: DefaultHandshakeTimeout, specTimeout: specTimeout,
 		preAuth:    make(chan struct{}, maxPreAuth),
-		refusedLog: newRateLimit(refusedLogEvery), floodLog: newRateLimit(refusedLogEvery),
+		refusedLog: ratelog.New(refusedLogEvery), floodLog: ratelog.New(refusedLogEvery),
 		sessions: map[string]*stream{}}
 }
 
@@ -425,7 +427,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		case s.preAuth <- struct{}{}:
 		default:
 			conn.Close()
-			if ok, suppressed := s.floodLog.allow(); ok {
+			if ok, suppressed := s.floodLog.Allow(); ok {
 				s.log.Warn("replication: too many unauthenticated connections, closing new ones at once",
 					"remote", conn.RemoteAddr(), "limit", cap(s.preAuth), "suppressed", suppressed)
 			}
@@ -448,7 +450,7 @@ func (s *Server) serveConn(ctx context.Context, conn net.Conn) {
 	stop()
 	<-s.preAuth
 	if err != nil {
-		if ok, suppressed := s.refusedLog.allow(); ok {
+		if ok, suppressed := s.refusedLog.Allow(); ok {
 			s.log.Warn("replication peer refused", "remote", conn.RemoteAddr(), "err", err, "suppressed", suppressed)
 		}
 		return
@@ -687,34 +689,4 @@ func (s *Server) session(a Authenticated) (bye, handover bool, err error) {
 			return false, false, fmt.Errorf("replication: %s: unexpected %s", vm, f.Type)
 		}
 	}
-}
-
-// rateLimit lets one of a run of repeated events through per interval and
-// counts the rest, for warnings a peer can trigger at will.
-type rateLimit struct {
-	every time.Duration
-	now   func() time.Time
-
-	mu         sync.Mutex
-	next       time.Time
-	suppressed int
-}
-
-func newRateLimit(every time.Duration) *rateLimit {
-	return &rateLimit{every: every, now: time.Now}
-}
-
-// allow says whether this event may be logged, and how many were
-// suppressed since the last one that was.
-func (l *rateLimit) allow() (ok bool, suppressed int) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	now := l.now()
-	if now.Before(l.next) {
-		l.suppressed++
-		return false, 0
-	}
-	l.next = now.Add(l.every)
-	suppressed, l.suppressed = l.suppressed, 0
-	return true, suppressed
 }

@@ -271,7 +271,7 @@ func TestServerRefusedLogRateLimited(t *testing.T) {
 	logs := &logRecorder{}
 	srv := NewServer(pskMode.server, nil, Handler{}, slog.New(logs))
 	clock := &fakeClock{now: time.Unix(1000, 0)}
-	srv.refusedLog.now = clock.Now
+	srv.refusedLog.Now = clock.Now
 	addr := serve(t, srv)
 	for range 50 {
 		refusedConn(t, addr)
@@ -283,30 +283,6 @@ func TestServerRefusedLogRateLimited(t *testing.T) {
 	refusedConn(t, addr)
 	if got := logs.lines("replication peer refused"); len(got) != 2 || got[1] != 49 {
 		t.Fatalf("after the interval: %v, want a second line counting 49 suppressed", got)
-	}
-}
-
-func TestRateLimit(t *testing.T) {
-	clock := &fakeClock{now: time.Unix(1000, 0)}
-	l := newRateLimit(10 * time.Second)
-	l.now = clock.Now
-	for i, step := range []struct {
-		advance    time.Duration
-		ok         bool
-		suppressed int
-	}{
-		{0, true, 0},
-		{0, false, 0},
-		{9 * time.Second, false, 0},
-		{time.Second, true, 2},
-		{time.Second, false, 0},
-		{time.Hour, true, 1},
-		{time.Hour, true, 0},
-	} {
-		clock.advance(step.advance)
-		if ok, n := l.allow(); ok != step.ok || n != step.suppressed {
-			t.Fatalf("step %d: allow() = %v, %d; want %v, %d", i, ok, n, step.ok, step.suppressed)
-		}
 	}
 }
 

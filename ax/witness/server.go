@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/axproject/ax/ax/identity"
+	"github.com/axproject/ax/ax/ratelog"
 )
 
 const (
@@ -90,9 +91,7 @@ type Server struct {
 	inserted int // nonces remembered since the last sweep
 	saves    int // state writes, for tests
 
-	warnMu     sync.Mutex
-	warnNext   time.Time
-	suppressed int
+	warnings *ratelog.Limiter
 }
 
 type lease struct {
@@ -109,13 +108,14 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		return nil, fmt.Errorf("witness: lease TTL %s, want > 0", cfg.LeaseTTL)
 	}
 	s := &Server{
-		ttl:    cfg.LeaseTTL,
-		path:   cfg.StateFile,
-		now:    cfg.Now,
-		log:    cfg.Log,
-		budget: newBudget(),
-		leases: make(map[string]lease),
-		nonces: make(map[[nonceSize]byte]time.Time),
+		warnings: ratelog.New(warnEvery),
+		ttl:      cfg.LeaseTTL,
+		path:     cfg.StateFile,
+		now:      cfg.Now,
+		log:      cfg.Log,
+		budget:   newBudget(),
+		leases:   make(map[string]lease),
+		nonces:   make(map[[nonceSize]byte]time.Time),
 	}
 	switch {
 	case cfg.Identity != nil && cfg.PSK != nil:
@@ -553,18 +553,12 @@ func refusal(code, msg string) *response { return &response{Code: code, Error: m
 // warn logs at most one warning per warnEvery, counting the ones it drops:
 // rejected requests come from the network, and a flood must not flood the log.
 func (s *Server) warn(msg string, args ...any) {
-	s.warnMu.Lock()
-	now := time.Now()
-	if now.Before(s.warnNext) {
-		s.suppressed++
-		s.warnMu.Unlock()
+	ok, suppressed := s.warnings.Allow()
+	if !ok {
 		return
 	}
-	s.warnNext = now.Add(warnEvery)
-	if s.suppressed > 0 {
-		args = append(args, "suppressed_since_last", s.suppressed)
-		s.suppressed = 0
+	if suppressed > 0 {
+		args = append(args, "suppressed_since_last", suppressed)
 	}
-	s.warnMu.Unlock()
 	s.log.Warn(msg, args...)
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/axproject/ax/ax/identity"
 	"github.com/axproject/ax/ax/names"
+	"github.com/axproject/ax/ax/ratelog"
 )
 
 // Every is how often a heartbeat is sent to each partner on each path.
@@ -78,22 +79,19 @@ type Detector struct {
 
 	signFailed bool // logged once; only Run's goroutine sends
 
-	mu      sync.Mutex
-	peers   map[string][3]*net.UDPAddr // by Path; resolved once, in AddPeer
-	heard   map[string]*peerHeard
-	seq     uint64
-	rejects rejectCount
+	mu    sync.Mutex
+	peers map[string][3]*net.UDPAddr // by Path; resolved once, in AddPeer
+	heard map[string]*peerHeard
+	seq   uint64
+	// rejected counts refused datagrams; rejectLog spaces out the warning.
+	rejected  uint64
+	rejectLog *ratelog.Limiter
 }
 
 type peerHeard struct {
 	last    [3]time.Time // by Path
 	lastSeq [3]uint64    // by Path
 	hearsMe time.Time    // last datagram saying the peer hears us
-}
-
-type rejectCount struct {
-	total, sinceLog uint64
-	logged          time.Time
 }
 
 // New prepares heartbeats for host; timeout is how long silence on a path
@@ -111,7 +109,7 @@ func New(host string, sec Security, timeout time.Duration, log *slog.Logger) (*D
 	}
 	// Sequence numbers start from the clock so a restarted sender is not
 	// taken for a replay of its earlier self.
-	d := &Detector{host: host, timeout: timeout, log: log, peers: map[string][3]*net.UDPAddr{},
+	d := &Detector{host: host, timeout: timeout, log: log, peers: map[string][3]*net.UDPAddr{}, rejectLog: ratelog.New(rejectLogEvery),
 		heard: map[string]*peerHeard{}, seq: uint64(time.Now().UnixNano())}
 	switch {
 	case sec.Identity != nil && sec.PSK != nil:
@@ -321,7 +319,7 @@ func (d *Detector) receive(ctx context.Context, c *net.UDPConn, path Path) {
 		}
 		now := time.Now()
 		if err := d.handle(path, buf[:n], now); err != nil {
-			d.noteReject(path, from, err, now)
+			d.noteReject(path, from, err)
 		}
 	}
 }
@@ -402,18 +400,13 @@ func (d *Detector) authenticate(p packet, signed []byte) error {
 	return nil
 }
 
-// noteReject counts a refused datagram and logs the count at most once per
-// rejectLogEvery.
-func (d *Detector) noteReject(path Path, from netip.AddrPort, err error, now time.Time) {
+// noteReject counts a refused datagram and logs at most once per
+// rejectLogEvery how many were refused.
+func (d *Detector) noteReject(path Path, from netip.AddrPort, err error) {
 	d.mu.Lock()
-	d.rejects.total++
-	d.rejects.sinceLog++
-	if now.Sub(d.rejects.logged) < rejectLogEvery {
-		d.mu.Unlock()
-		return
-	}
-	n := d.rejects.sinceLog
-	d.rejects.sinceLog, d.rejects.logged = 0, now
+	d.rejected++
 	d.mu.Unlock()
-	d.log.Warn("heartbeat datagrams refused", "count", n, "path", path, "last_source", from.String(), "last_reason", err)
+	if ok, held := d.rejectLog.Allow(); ok {
+		d.log.Warn("heartbeat datagrams refused", "count", held+1, "path", path, "last_source", from.String(), "last_reason", err)
+	}
 }

@@ -285,7 +285,7 @@ func TestPathIsTheSocket(t *testing.T) {
 	repl, mgmt := freeUDP(t), freeUDP(t)
 	d := mustNew(t, "b", Security{Identity: ids["b"]}, "a")
 	runDetector(t, d, repl, mgmt)
-	rejected := func() uint64 { d.mu.Lock(); defer d.mu.Unlock(); return d.rejects.total }
+	rejected := func() uint64 { d.mu.Lock(); defer d.mu.Unlock(); return d.rejected }
 	send := func(addr string, p packet) {
 		t.Helper()
 		p.from, p.to, p.sent = "a", "b", time.Now().UnixNano()
