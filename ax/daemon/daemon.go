@@ -25,6 +25,7 @@ import (
 	"github.com/axproject/ax/ax/identity"
 	"github.com/axproject/ax/ax/names"
 	"github.com/axproject/ax/ax/reserve"
+	"github.com/axproject/ax/ax/vm"
 	"github.com/axproject/ax/ax/witness"
 	"github.com/axproject/ax/monitor"
 	"github.com/axproject/ax/monitor/agent"
@@ -92,6 +93,9 @@ type Config struct {
 	OutputCommit bool
 	// Hypervisor runs and controls this host's VMs (nil: QEMU over QMP).
 	Hypervisor hv.Driver
+	// Store keeps each VM's protection state across axd's restarts (nil:
+	// files in StateDir/state).
+	Store vm.Store
 	Log        *slog.Logger
 }
 
@@ -179,6 +183,7 @@ type Daemon struct {
 	wit          *witness.Client // nil without a witness
 	nbd          *nbd.Server     // primaries' disk mirrors write here
 	book         *reserve.Book   // capacity promised to partners' VMs
+	store        vm.Store        // written at every change of a VM's state
 
 	mu      sync.Mutex
 	vms     map[string]*vmState
@@ -204,6 +209,11 @@ func New(cfg Config) (*Daemon, error) {
 		return nil, err
 	}
 	d.hb = hb
+	if d.store = cfg.Store; d.store == nil {
+		if d.store, err = vm.NewFileStore(filepath.Join(cfg.StateDir, "state")); err != nil {
+			return nil, fmt.Errorf("axd: %w", err)
+		}
+	}
 	for name, p := range cfg.Peers {
 		if err := hb.AddPeer(name, heartbeat.PeerAddrs{Repl: p.Repl, Mgmt: p.Mgmt}); err != nil {
 			return nil, fmt.Errorf("axd: peer %s: %w", name, err)
@@ -458,8 +468,9 @@ func (d *Daemon) setWitness(ok bool) {
 	d.metrics.Witness.Set(b2f(ok))
 }
 
-// watch runs the failure detector: every 50 ms it updates peer metrics and
-// lets each VM decide (secondaries: promote?; primaries: fence?).
+// watch updates peer and per-VM metrics every 50 ms, and probes the witness
+// when no lease traffic shows whether it is reachable. The decisions are
+// per VM: guardPrimary (fence?) and watchReplica (promote?).
 func (d *Daemon) watch(ctx context.Context) {
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
@@ -500,7 +511,8 @@ func (d *Daemon) watch(ctx context.Context) {
 		for _, v := range vms {
 			switch v.role() {
 			case api.RoleSecondary:
-				d.checkSecondary(ctx, v)
+				// Each replica decides in its own watcher (watchReplica):
+				// one slow witness call holds up no other VM.
 				if readGates {
 					d.journalMetrics(v)
 				}

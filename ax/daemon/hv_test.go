@@ -18,6 +18,7 @@ import (
 	"github.com/axproject/ax/ax/names"
 	"github.com/axproject/ax/ax/qemu"
 	"github.com/axproject/ax/ax/reserve"
+	"github.com/axproject/ax/ax/vm"
 	"github.com/axproject/ax/monitor/agent"
 	"github.com/axproject/ax/replication"
 )
@@ -37,6 +38,13 @@ func fakeHost(t *testing.T, capacity reserve.Capacity) (*Daemon, *hvtest.Fake) {
 	if d.book, err = reserve.OpenBook(filepath.Join(dir, "reservations.json"), capacity, nil); err != nil {
 		t.Fatal(err)
 	}
+	// What Run would do: goroutines d starts end with this context.
+	ctx, cancel := context.WithCancel(context.Background())
+	d.ctx = ctx
+	t.Cleanup(func() {
+		cancel()
+		d.wg.Wait()
+	})
 	return d, fake
 }
 
@@ -66,9 +74,10 @@ func protectedPrimary(d *Daemon) (*vmState, context.Context) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	close(done) // no stream runs
-	v := &vmState{name: "vm1", roleV: api.RolePrimary, level: api.LevelFT, peer: "a", state: "protected", consoleOffset: -1,
-		spec:   api.VMSpec{Name: "vm1", Guest: qemu.Guest{Name: "vm1", QMP: "/run/ax/vm1.qmp"}},
-		cancel: cancel, done: done, finish: make(chan chan finishResult)}
+	v := newVM("vm1", vm.Protected)
+	v.level, v.peer = api.LevelFT, "a"
+	v.spec = api.VMSpec{Name: "vm1", Guest: qemu.Guest{Name: "vm1", QMP: "/run/ax/vm1.qmp"}}
+	v.cancel, v.done, v.finish = cancel, done, make(chan chan finishResult)
 	d.vms["vm1"] = v
 	return v, ctx
 }
@@ -110,7 +119,7 @@ func TestFence(t *testing.T) {
 			if ok || st.State == "fenced" || len(events(d, "fenced")) != 0 {
 				t.Fatalf("failed fence reported done: ok %v, state %q, events %+v", ok, st.State, d.eventsSince(0))
 			}
-			if st.State != stateFencing || !strings.Contains(st.Alarm, "fence failed") || !strings.Contains(st.Alarm, c.why) {
+			if st.State != vm.Fencing.String() || !strings.Contains(st.Alarm, "fence failed") || !strings.Contains(st.Alarm, c.why) {
 				t.Errorf("state %q alarm %q, want fencing with an alarm saying %q", st.State, st.Alarm, c.why)
 			}
 			alarms := events(d, "alarm")
@@ -205,8 +214,9 @@ func replicaHere(t *testing.T, d *Daemon, rep *replication.Replica, level string
 	if err != nil {
 		t.Fatal(err)
 	}
-	v := &vmState{name: "vm1", roleV: api.RoleSecondary, level: level, state: "ready", peer: "a", consoleOffset: -1,
-		spec: spec, replica: rep, haReady: true, promoting: true}
+	// Promoting: checkSecondary has decided, promote runs.
+	v := newVM("vm1", vm.Promoting)
+	v.level, v.peer, v.spec, v.replica, v.haReady = level, "a", spec, rep, true
 	d.vms["vm1"] = v
 	if err := d.book.Promise("vm1", reserve.Capacity{VCPUs: 1, MemoryBytes: 1 << 20}, false); err != nil {
 		t.Fatal(err)
@@ -264,7 +274,7 @@ func TestPromote(t *testing.T) {
 				t.Errorf("after promotion: %+v", st)
 			}
 			v.set(func(v *vmState) {
-				if v.spec.PID == 0 || v.spec.Guest.Incoming || v.replica != nil || v.promoting {
+				if v.spec.PID == 0 || v.spec.Guest.Incoming || v.replica != nil || v.st != vm.Running {
 					t.Errorf("registered as %+v", v.spec)
 				}
 			})
@@ -488,7 +498,9 @@ func TestAgentRestartVM(t *testing.T) {
 	} {
 		d, fake := fakeHost(t, plenty)
 		d.ctx = context.Background()
-		d.vms["vm1"] = &vmState{name: "vm1", roleV: api.RoleLocal, spec: api.VMSpec{Name: "vm1", Guest: qemu.Guest{Name: "vm1", QMP: "/q"}}}
+		v := newVM("vm1", vm.Running)
+		v.spec = api.VMSpec{Name: "vm1", Guest: qemu.Guest{Name: "vm1", QMP: "/q"}}
+		d.vms["vm1"] = v
 		if c.fail != "" {
 			fake.Fail(c.fail, errors.New("injected"))
 		}

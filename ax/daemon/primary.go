@@ -15,6 +15,7 @@ import (
 	"github.com/axproject/ax/ax/dirty"
 	"github.com/axproject/ax/ax/ft"
 	"github.com/axproject/ax/ax/hv"
+	"github.com/axproject/ax/ax/vm"
 	"github.com/axproject/ax/ax/witness"
 	"github.com/axproject/ax/netbuffer"
 	"github.com/axproject/ax/replication"
@@ -54,7 +55,8 @@ func (d *Daemon) define(spec api.VMSpec) error {
 		d.wg.Go(func() { d.startAgent(v) })
 		return nil
 	}
-	v := &vmState{name: spec.Name, spec: spec, level: api.LevelNone, roleV: api.RoleLocal, state: "running", consoleOffset: -1}
+	v := newVM(spec.Name, vm.Running)
+	v.spec = spec
 	d.vms[spec.Name] = v
 	d.metrics.SetLevel(spec.Name, api.RoleLocal, api.LevelNone)
 	d.wg.Go(func() { d.startAgent(v) })
@@ -92,26 +94,27 @@ func (d *Daemon) protect(name string, req api.ProtectRequest) error {
 	}
 	var accepted chan error
 	v.set(func(v *vmState) {
-		if v.roleV != api.RoleLocal {
-			err = fmt.Errorf("VM %s is already %s (level %s); unprotect it first", name, v.roleV, v.level)
+		if v.st != vm.Running {
+			err = fmt.Errorf("VM %s is already %s (level %s); unprotect it first", name, v.st.Role(), v.level)
 			return
 		}
 		if err = checkSpec(v.spec, req.Level); err != nil {
 			return
 		}
-		if v.nextEpoch == 0 {
-			v.nextEpoch = 1
-		}
 		if req.Level == api.LevelFT {
-			if err = d.attachGate(v); err != nil {
-				return
-			}
+			err = d.attachGate(v)
 		}
+	})
+	if err != nil {
+		return err
+	}
+	_, ok := d.fire(v, vm.Protect, fmt.Sprintf("protecting %s at level %s towards %s", name, req.Level, req.Peer), func(v *vmState) {
 		ctx, cancel := context.WithCancel(d.ctx)
-		v.roleV, v.level, v.peer, v.state, v.alarm, v.force = api.RolePrimary, req.Level, req.Peer, "syncing", "", req.Force
-		v.cancel, v.done, v.finish = cancel, make(chan struct{}), make(chan chan finishResult)
+		v.level, v.peer, v.force = req.Level, req.Peer, req.Force
+		v.cancel, v.done, v.guardDone, v.finish = cancel, make(chan struct{}), make(chan struct{}), make(chan chan finishResult)
 		v.levelCh, v.accepted = make(chan levelReq), make(chan error, 1)
-		v.epoch, v.committed, v.lastCommit, v.pauses, v.syncSent, v.syncTotal = 0, 0, time.Time{}, nil, 0, 0
+		v.epochs.Reset()
+		v.lastCommit, v.pauses, v.syncSent, v.syncTotal = time.Time{}, nil, 0, 0
 		v.scans, v.devSaves, v.dirtyTotal, v.sent = nil, nil, 0, 0
 		v.diskSyncDone, v.diskSyncTotal = 0, 0
 		accepted = v.accepted
@@ -123,14 +126,13 @@ func (d *Daemon) protect(name string, req api.ProtectRequest) error {
 		}()
 		go func() {
 			defer d.wg.Done()
+			defer close(v.guardDone)
 			d.guardPrimary(ctx, v)
 		}()
 	})
-	if err != nil {
-		return err
+	if !ok {
+		return fmt.Errorf("VM %s is already protected (a concurrent request); unprotect it first", name)
 	}
-	d.metrics.SetLevel(name, api.RolePrimary, req.Level)
-	d.event(name, "protect", fmt.Sprintf("protecting %s at level %s towards %s", name, req.Level, req.Peer))
 	select {
 	case err = <-accepted:
 	case <-time.After(15 * time.Second):
@@ -153,7 +155,7 @@ func (d *Daemon) attachGate(v *vmState) error {
 		return fmt.Errorf("VM %s has no tap in its spec: FT must hold its network output there", v.name)
 	}
 	vm := v.name
-	g, err := netbuffer.Attach(v.spec.Guest.Tap, &netbuffer.Config{FirstEpoch: v.nextEpoch, Log: d.log.With("vm", vm),
+	g, err := netbuffer.Attach(v.spec.Guest.Tap, &netbuffer.Config{FirstEpoch: v.epochs.Next(), Log: d.log.With("vm", vm),
 		Observer: func(delay time.Duration) { d.metrics.ReleaseDelay.WithLabelValues(vm).Observe(delay.Seconds()) }})
 	if err != nil {
 		return fmt.Errorf("VM %s: cannot hold its output on tap %s: %w", vm, v.spec.Guest.Tap, err)
@@ -178,7 +180,7 @@ func (d *Daemon) setLevel(ctx context.Context, name string, req api.ProtectReque
 	}
 	var role, cur, peer string
 	var ch chan levelReq
-	v.set(func(v *vmState) { role, cur, peer, ch = v.roleV, v.level, v.peer, v.levelCh })
+	v.set(func(v *vmState) { role, cur, peer, ch = v.st.Role(), v.level, v.peer, v.levelCh })
 	switch {
 	case role == api.RoleSecondary:
 		return fmt.Errorf("VM %s is a replica here; change its level on its primary %s", name, peer)
@@ -250,48 +252,31 @@ func (d *Daemon) unprotect(name string) error {
 		return err
 	}
 	var cancel context.CancelFunc
-	var done chan struct{}
+	var done, guardDone chan struct{}
 	v.set(func(v *vmState) {
-		if v.roleV == api.RoleSecondary {
+		switch {
+		case v.st.Role() == api.RoleSecondary:
 			err = fmt.Errorf("VM %s is a replica here; unprotect it on its primary %s", name, v.peer)
-			return
+		case v.st == vm.HandingOver:
+			err = fmt.Errorf("VM %s is being handed over to %s; see axctl events", name, v.peer)
 		}
-		cancel, done = v.cancel, v.done
+		cancel, done, guardDone = v.cancel, v.done, v.guardDone
 	})
 	if err != nil || cancel == nil {
 		return err
 	}
 	cancel()
 	<-done
-	var gate *netbuffer.Gate
-	var fencing bool
-	v.set(func(v *vmState) {
-		fencing = v.state == stateFencing
-		v.roleV, v.level, v.peer, v.state, v.alarm, v.cancel = api.RoleLocal, api.LevelNone, "", "running", "", nil
-		gate, v.gate = v.gate, nil
+	// The secondary has dropped its replica (bye): what is held can go —
+	// unless a fence was under way: the partner may have taken over, so
+	// what is held must never be seen (the transition decides).
+	d.fire(v, vm.Unprotect, "protection ended; the partner drops its replica", func(v *vmState) {
+		v.level, v.peer, v.cancel = api.LevelNone, "", nil
 	})
-	// The secondary has dropped its replica (bye): what is held can go,
-	// then nothing stays attached — unless a fence was under way: the
-	// partner may have taken over, so what is held must never be seen.
-	closeGate(gate, !fencing)
-	d.metrics.Forget(name)
-	d.metrics.SetLevel(name, api.RoleLocal, api.LevelNone)
-	d.event(name, "unprotect", "protection ended; the partner drops its replica")
+	// The guard ends at its next tick; a fence it was retrying stops
+	// with the primary role (the operator took the VM back).
+	<-guardDone
 	return nil
-}
-
-// closeGate releases (or, when the guest must never be seen again,
-// discards) what a gate holds, and detaches it.
-func closeGate(g *netbuffer.Gate, release bool) {
-	if g == nil {
-		return
-	}
-	if release {
-		g.Open()
-	} else {
-		g.Discard()
-	}
-	g.Detach()
 }
 
 // stopAll ends every primary's loop (daemon shutdown); guests keep running.
@@ -317,7 +302,7 @@ func (d *Daemon) stopAll() {
 // runPrimary keeps a VM protected: connect, sync, checkpoint; on any
 // failure report the VM unprotected, and retry until protection ends.
 func (d *Daemon) runPrimary(ctx context.Context, v *vmState) {
-	for attempt := 0; ; attempt++ {
+	for {
 		err := d.protectOnce(ctx, v)
 		if errors.Is(err, ft.ErrFinished) {
 			return
@@ -325,15 +310,8 @@ func (d *Daemon) runPrimary(ctx context.Context, v *vmState) {
 		if ctx.Err() != nil {
 			return
 		}
-		v.set(func(v *vmState) {
-			if v.state != stateFenced && v.state != stateFencing {
-				v.state, v.alarm = "unprotected", err.Error()
-			}
-		})
-		d.metrics.Protected.WithLabelValues(v.name).Set(0)
-		if attempt == 0 || attempt%30 == 0 {
-			d.event(v.name, "alarm", "FT protection lost: "+err.Error())
-		}
+		// Repeated failures for the same reason are logged once.
+		d.fire(v, vm.Lost, "protection lost: "+err.Error(), nil)
 		// The guest runs on unprotected: let its output out — but only
 		// once the secondary must have marked its replica stale, so it
 		// can never resume the guest from before that output.
@@ -343,17 +321,10 @@ func (d *Daemon) runPrimary(ctx context.Context, v *vmState) {
 		case <-time.After(d.cfg.SilenceTimeout + 2*d.cfg.StaleAfter + 500*time.Millisecond):
 		}
 		// A fence (done or still being tried) ends protection for good:
-		// the guest's output must never be let out from here on.
-		if st := v.status().State; st == stateFenced || st == stateFencing || ctx.Err() != nil {
+		// the transition refuses, and the guest's output is never let out.
+		if _, ok := d.fire(v, vm.LossSettled, "", nil); !ok || ctx.Err() != nil {
 			<-ctx.Done()
 			return
-		}
-		var gate *netbuffer.Gate
-		v.set(func(v *vmState) { gate = v.gate })
-		if gate != nil {
-			if err := gate.Open(); err != nil {
-				d.log.Warn("opening the output gate", "vm", v.name, "err", err)
-			}
 		}
 	}
 }
@@ -429,7 +400,9 @@ func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 	})
 	dr := newDiskRepl(sctx, d, spec.Name, sender, mon, spec.Guest.Disks, sizes)
 	defer dr.stop()
-	v.set(func(v *vmState) { v.state, v.alarm, v.disks, v.diskBytesSeen = "syncing", "", dr, 0 })
+	if _, ok := d.fire(v, vm.StreamStarted, "", func(v *vmState) { v.disks, v.diskBytesSeen = dr, 0 }); !ok {
+		return fmt.Errorf("VM %s is %s: protection does not resume", spec.Name, v.state())
+	}
 	defer v.set(func(v *vmState) { v.disks = nil })
 	if len(spec.Guest.Disks) > 0 {
 		if err := dr.start(ctx); err != nil {
@@ -463,9 +436,7 @@ func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 		var level string
 		v.set(func(v *vmState) { level = v.level })
 		if level != api.LevelFT {
-			v.set(func(v *vmState) { v.state, v.alarm = "protected", "" })
-			d.metrics.Protected.WithLabelValues(spec.Name).Set(1)
-			d.event(spec.Name, "protected", fmt.Sprintf("disks in sync on %s: HA protection active", peerName))
+			d.fire(v, vm.Covered, fmt.Sprintf("disks in sync on %s: HA protection active", peerName), nil)
 			if pending != nil {
 				pending <- nil
 				pending = nil
@@ -483,7 +454,7 @@ func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 						r.reply <- nil
 						continue
 					}
-					v.set(func(v *vmState) { v.level, v.state = api.LevelFT, "syncing" })
+					d.fire(v, vm.StreamStarted, "", func(v *vmState) { v.level = api.LevelFT })
 					d.event(spec.Name, "level", "level ha → ft: synchronising memory")
 					pending = r.reply
 					break wait
@@ -501,20 +472,18 @@ func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 			sender.Bye()
 			return ctx.Err()
 		case errors.As(err, &change):
-			if err := d.leaveFT(ctx, v, sender, dr); err != nil {
+			if err := d.leaveFT(ctx, v, sender, dr, "level ft → ha: output released, checkpoints stopped; the disks stay replicated"); err != nil {
 				change.reply <- err
 				return err
 			}
-			d.event(spec.Name, "level", "level ft → ha: output released, checkpoints stopped; the disks stay replicated")
 			pending = change.reply
 		case err != nil && sender.Err() == nil:
 			// FT itself failed while the stream is fine: the VM stays
 			// protected at HA rather than not at all.
-			if lerr := d.leaveFT(ctx, v, sender, dr); lerr != nil {
+			if lerr := d.leaveFT(ctx, v, sender, dr, "FT stopped: output released, the disks stay replicated"); lerr != nil {
 				return lerr
 			}
-			v.set(func(v *vmState) { v.alarm = "FT failed, protected at ha: " + err.Error() })
-			d.event(spec.Name, "alarm", "FT failed ("+err.Error()+"); the VM stays protected at level ha")
+			d.fire(v, vm.Degraded, "FT failed, the VM stays protected at level ha: "+err.Error(), nil)
 			if pending != nil {
 				pending <- fmt.Errorf("FT could not start (%v); the VM stays at level ha", err)
 				pending = nil
@@ -534,7 +503,7 @@ func (*toHA) Error() string { return "level change to ha" }
 // again, the partner drops its memory replica and applies what it
 // journaled, and only then is held output released — the partner can no
 // longer resume the guest from before it.
-func (d *Daemon) leaveFT(ctx context.Context, v *vmState, sender *replication.Sender, dr *diskRepl) error {
+func (d *Daemon) leaveFT(ctx context.Context, v *vmState, sender *replication.Sender, dr *diskRepl, why string) error {
 	n, err := dr.setLevel(replication.StreamLevelHA, 0)
 	if err == nil {
 		err = sender.WaitOrdered(ctx, n)
@@ -542,13 +511,12 @@ func (d *Daemon) leaveFT(ctx context.Context, v *vmState, sender *replication.Se
 	if err != nil {
 		return err
 	}
-	var gate *netbuffer.Gate
-	v.set(func(v *vmState) {
-		gate, v.gate = v.gate, nil
-		v.level = api.LevelHA
-		v.committed, v.lastCommit = 0, time.Time{}
-	})
-	closeGate(gate, true)
+	if _, ok := d.fire(v, vm.LeftFT, why, func(v *vmState) {
+		v.level, v.lastCommit = api.LevelHA, time.Time{}
+		v.epochs.Reset()
+	}); !ok {
+		return fmt.Errorf("VM %s is %s: its output stays held", v.name, v.state())
+	}
 	d.metrics.SetLevel(v.name, api.RolePrimary, api.LevelHA)
 	return nil
 }
@@ -576,14 +544,12 @@ func (d *Daemon) runFT(ctx context.Context, v *vmState, mon hv.Control, sender *
 		return err
 	}
 	defer ram.Close()
-	v.set(func(v *vmState) {
-		v.state, v.syncSent, v.syncTotal = "syncing", 0, 0
-		if err == nil {
-			err = d.attachGate(v)
-		}
-	})
+	v.set(func(v *vmState) { err = d.attachGate(v) })
 	if err != nil {
 		return err
+	}
+	if _, ok := d.fire(v, vm.StreamStarted, "", func(v *vmState) { v.syncSent, v.syncTotal = 0, 0 }); !ok {
+		return fmt.Errorf("VM %s is %s: FT does not start", spec.Name, v.state())
 	}
 	stateDir := filepath.Join(d.cfg.StateDir, "vms", spec.Name)
 	os.MkdirAll(stateDir, 0o755)
@@ -603,16 +569,13 @@ func (d *Daemon) runFT(ctx context.Context, v *vmState, mon hv.Control, sender *
 			lastSent = n
 		},
 		Commit: func(epoch uint64, latency time.Duration) {
-			first := false
-			v.set(func(v *vmState) {
-				first = v.state == "syncing"
-				v.committed, v.lastCommit, v.state, v.alarm = epoch, time.Now(), "protected", ""
-				d.metrics.ReplLag.WithLabelValues(spec.Name).Set(float64(v.epoch - epoch))
-			})
+			v.epochs.Committed(epoch)
+			taken, _ := v.epochs.Status()
+			d.metrics.ReplLag.WithLabelValues(spec.Name).Set(float64(taken - epoch))
 			d.metrics.CommitLatency.WithLabelValues(spec.Name).Observe(latency.Seconds())
-			d.metrics.Protected.WithLabelValues(spec.Name).Set(1)
-			if first {
-				d.event(spec.Name, "protected", fmt.Sprintf("replica on %s committed epoch %d: FT protection active", peerName, epoch))
+			tr, _ := d.fire(v, vm.Covered, fmt.Sprintf("replica on %s committed epoch %d: FT protection active", peerName, epoch),
+				func(v *vmState) { v.lastCommit = time.Now() })
+			if tr.Changed() {
 				if *pending != nil {
 					*pending <- nil
 					*pending = nil
@@ -622,7 +585,8 @@ func (d *Daemon) runFT(ctx context.Context, v *vmState, mon hv.Control, sender *
 	}
 	var gate *netbuffer.Gate
 	var first uint64
-	v.set(func(v *vmState) { gate, first = v.gate, v.nextEpoch })
+	v.set(func(v *vmState) { gate = v.gate })
+	first = v.epochs.Start()
 	if gate != nil {
 		// Hold again from here: output from now on is covered by the
 		// first checkpoint of this stream.
@@ -640,7 +604,7 @@ func (d *Daemon) runFT(ctx context.Context, v *vmState, mon hv.Control, sender *
 	}
 	loop := ft.NewLoop(ft.Config{Interval: d.cfg.Epoch, StateDir: stateDir, Console: spec.Guest.Console, FirstEpoch: first},
 		mon, tracker, ram, &senderStream{s: sender, disk: dr}, diskEpochGate{gate: gate, disk: dr}, obs, d.log.With("vm", spec.Name))
-	defer func() { v.set(func(v *vmState) { v.nextEpoch = loop.Taken() + 2 }) }()
+	defer func() { v.epochs.Ended(loop.Taken()) }()
 	lctx, lcancel := context.WithCancel(ctx)
 	defer lcancel()
 	handedOver := make(chan struct{})
@@ -727,9 +691,9 @@ func (d *Daemon) guardPrimary(ctx context.Context, v *vmState) {
 			return
 		case <-t.C:
 		}
-		peer, handingOver := "", false
-		v.set(func(v *vmState) { peer, handingOver = v.peer, v.handingOver })
-		if handingOver {
+		peer, st := "", vm.Gone
+		v.set(func(v *vmState) { peer, st = v.peer, v.st })
+		if st == vm.HandingOver {
 			// Planned failover: the lease is left to expire for the partner;
 			// this copy stays paused until it has taken over.
 			continue
@@ -777,13 +741,6 @@ func (d *Daemon) guardPrimary(ctx context.Context, v *vmState) {
 	}
 }
 
-// Fence states: fencing while the guest is not yet verified paused (an
-// alarm says why), fenced once it is.
-const (
-	stateFencing = "fencing"
-	stateFenced  = "fenced"
-)
-
 // fenceRetry is how often a fence that did not happen is tried again.
 const fenceRetry = 50 * time.Millisecond
 
@@ -805,30 +762,19 @@ func (d *Daemon) fenceUntilPaused(v *vmState, why string) {
 }
 
 // fence pauses the VM's guest and stops its protection: another host may
-// run it now. It reports whether the guest was verified paused. Until it is,
-// the VM is left fencing with an alarm and its output held (what is held is
-// discarded, never released), for the caller to try again.
+// run it now. It reports whether the guest was verified paused (or the VM no
+// longer needs fencing: fenced already, or no longer a primary here). Until
+// it is, the VM is left fencing with an alarm and its output held (what is
+// held is discarded, never released), for the caller to try again.
 func (d *Daemon) fence(v *vmState, why string) bool {
 	var spec api.VMSpec
 	var cancel context.CancelFunc
 	var done chan struct{}
-	var gate *netbuffer.Gate
-	var first bool
-	v.set(func(v *vmState) {
-		spec, cancel, done, gate = v.spec, v.cancel, v.done, v.gate
-		first = v.state != stateFencing
-		v.state = stateFencing
-		if first {
-			v.alarm = "fencing: " + why
-		}
-	})
-	d.metrics.Protected.WithLabelValues(v.name).Set(0)
-	if gate != nil && first {
-		// From now on nothing goes out until the guest is paused; once it
-		// is, the gate goes and the guest has no output to send.
-		if err := gate.Hold(); err != nil {
-			d.log.Warn("holding output while fencing", "vm", v.name, "err", err)
-		}
+	// From now on nothing goes out until the guest is paused; once it is,
+	// the gate goes and the guest has no output to send.
+	if _, ok := d.fire(v, vm.Fence, "fencing: "+why, func(v *vmState) { spec, cancel, done = v.spec, v.cancel, v.done }); !ok {
+		st := v.state()
+		return st == vm.Fenced || st.Role() != api.RolePrimary
 	}
 	// Checkpoints end first: the FT loop resumes the guest after each of
 	// its pauses, and it holds the VM's one QMP connection.
@@ -842,31 +788,13 @@ func (d *Daemon) fence(v *vmState, why string) bool {
 		}
 	}
 	if err := d.pauseGuest(spec); err != nil {
-		alarm := "fence failed: " + err.Error() + " (retrying; the guest may still run, its output is held)"
-		changed := false
-		v.set(func(v *vmState) {
-			v.state = stateFencing // over a state a last commit may have set
-			changed, v.alarm = v.alarm != alarm, alarm
-		})
-		if gate != nil {
-			if err := gate.Discard(); err != nil {
-				d.log.Warn("discarding output while fencing", "vm", v.name, "err", err)
-			}
-		}
 		// Tried every tick: an event only when the reason changes.
-		if changed {
-			d.event(v.name, "alarm", fmt.Sprintf("fence failed: %v (why fence: %s); retrying until the guest is paused", err, why))
-		}
+		d.fire(v, vm.FenceFailed, fmt.Sprintf("fence failed: %v (retrying until the guest is paused; it may still run, its output is held; why fence: %s)", err, why), nil)
 		return false
 	}
-	v.set(func(v *vmState) {
-		gate, v.gate = v.gate, nil
-		v.state, v.alarm = stateFenced, "fenced: "+why
-	})
 	// Output not covered by a committed checkpoint must never be seen:
 	// the partner may resume the guest from before it.
-	closeGate(gate, false)
-	d.event(v.name, "fenced", "guest paused to prevent split brain: "+why)
+	d.fire(v, vm.Paused, "guest paused to prevent split brain: "+why, nil)
 	return true
 }
 
@@ -902,10 +830,11 @@ func (d *Daemon) plannedFailover(ctx context.Context, name string) error {
 		return err
 	}
 	var finish chan chan finishResult
-	var state, peer string
+	var state vm.State
+	var peer string
 	var spec api.VMSpec
-	v.set(func(v *vmState) { finish, state, peer, spec = v.finish, v.state, v.peer, v.spec })
-	if v.role() != api.RolePrimary || state != "protected" {
+	v.set(func(v *vmState) { finish, state, peer, spec = v.finish, v.st, v.peer, v.spec })
+	if state != vm.Protected {
 		return fmt.Errorf("VM %s is not a protected primary here (state %q); a planned failover needs a committed replica", name, state)
 	}
 	reply := make(chan finishResult, 1)
@@ -939,8 +868,13 @@ func (d *Daemon) plannedFailover(ctx context.Context, name string) error {
 		}
 		return fmt.Errorf("planned failover of %s: %w (the guest runs on here)", name, r.err)
 	}
-	v.set(func(v *vmState) { v.handingOver = true })
-	d.event(name, "handover", fmt.Sprintf("final checkpoint %d committed on %s; handing over", r.epoch, peer))
+	if _, ok := d.fire(v, vm.HandOver, fmt.Sprintf("final checkpoint %d committed on %s; handing over", r.epoch, peer), nil); !ok {
+		err := fmt.Errorf("planned failover of %s: the VM became %s meanwhile", name, v.state())
+		if rerr := resume(); rerr != nil {
+			return fmt.Errorf("%w; and the guest could not be resumed here: %v", err, rerr)
+		}
+		return err
+	}
 	// Keep the paused copy until the partner holds the VM's lease, so a
 	// failed handover can resume here.
 	deadline := time.Now().Add(10 * time.Second)
@@ -957,7 +891,7 @@ func (d *Daemon) plannedFailover(ctx context.Context, name string) error {
 	}
 	if !tookOver {
 		// The partner did not take over: resume here rather than lose the VM.
-		v.set(func(v *vmState) { v.handingOver = false })
+		d.fire(v, vm.HandOverFailed, fmt.Sprintf("%s did not take over within 10 s; the guest resumes here", peer), nil)
 		if err := resume(); err != nil {
 			return fmt.Errorf("planned failover of %s: %s did not take over within 10 s, and the guest could not be resumed here: %v", name, peer, err)
 		}
@@ -966,23 +900,14 @@ func (d *Daemon) plannedFailover(ctx context.Context, name string) error {
 	if merr == nil {
 		mon.Quit(ctx)
 	}
-	var gate *netbuffer.Gate
-	v.set(func(v *vmState) { gate, v.gate = v.gate, nil })
-	closeGate(gate, false) // everything up to the final checkpoint was released on its commit
-	d.unprotectLocal(v)
+	var cancel context.CancelFunc
+	d.fire(v, vm.Moved, fmt.Sprintf("VM %s now runs on %s", name, peer), func(v *vmState) { cancel, v.cancel = v.cancel, nil })
+	if cancel != nil {
+		cancel()
+	}
 	d.stopAgent(v)
 	d.mu.Lock()
 	delete(d.vms, name)
 	d.mu.Unlock()
-	d.metrics.Forget(name)
-	d.event(name, "moved", fmt.Sprintf("VM %s now runs on %s", name, peer))
 	return nil
-}
-
-func (d *Daemon) unprotectLocal(v *vmState) {
-	var cancel context.CancelFunc
-	v.set(func(v *vmState) { cancel = v.cancel })
-	if cancel != nil {
-		cancel()
-	}
 }

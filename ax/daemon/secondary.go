@@ -16,6 +16,7 @@ import (
 	"github.com/axproject/ax/ax/names"
 	"github.com/axproject/ax/ax/qemu"
 	"github.com/axproject/ax/ax/reserve"
+	"github.com/axproject/ax/ax/vm"
 	"github.com/axproject/ax/ax/witness"
 	"github.com/axproject/ax/replication"
 )
@@ -53,21 +54,24 @@ func (d *Daemon) openReplica(name, peer string, payload []byte, remote net.Addr)
 	d.mu.Lock()
 	v, ok := d.vms[name]
 	d.mu.Unlock()
-	if ok && v.role() != api.RoleSecondary {
+	if ok && runsHere(v) {
 		return nil, fmt.Errorf("replica %s: the VM runs here (%s); refusing to overwrite it", name, v.role())
+	}
+	if ok && v.state() == vm.Promoting {
+		return nil, fmt.Errorf("replica %s: being promoted here; refusing a new stream", name)
 	}
 	// A soft reservation: this host promises to be able to run the VM.
 	if err := d.book.Promise(name, reserve.Capacity{VCPUs: need.VCPUs, MemoryBytes: need.MemoryBytes, DiskBytes: need.DiskBytes}, ss.Force); err != nil {
 		return nil, fmt.Errorf("%s cannot promise to run %s: %w", d.cfg.Host, name, err)
 	}
 	d.mu.Lock()
-	if v, ok = d.vms[name]; ok && v.role() != api.RoleSecondary {
+	if v, ok = d.vms[name]; ok && runsHere(v) {
 		d.mu.Unlock()
 		d.book.Release(name)
 		return nil, fmt.Errorf("replica %s: the VM runs here (%s); refusing to overwrite it", name, v.role())
 	}
 	if !ok {
-		v = &vmState{name: name, consoleOffset: -1, roleV: api.RoleSecondary, level: api.LevelNone, state: "syncing"}
+		v = newVM(name, vm.Gone) // until its replica is open
 		d.vms[name] = v
 	}
 	d.mu.Unlock()
@@ -110,13 +114,21 @@ func (d *Daemon) openReplica(name, peer string, payload []byte, remote net.Addr)
 			return nil, err
 		}
 	}
-	v.set(func(v *vmState) {
+	detail := fmt.Sprintf("receiving %s from %s (%s), %d disks", name, ss.Primary, remote, len(ss.DiskSizes))
+	if _, ok := d.fire(v, vm.ReplicaOpened, detail, func(v *vmState) {
 		v.spec, v.replica, v.peer, v.replicaDisks = ss.Spec, rep, ss.Primary, disks
-		v.roleV, v.level, v.state, v.alarm = api.RoleSecondary, api.LevelNone, "syncing", ""
-		v.committed, v.epoch, v.handover, v.promoting, v.stale, v.streamEndedAt, v.haReady = 0, 0, false, false, false, time.Time{}, false
-	})
+		v.level, v.epochs, v.streamEndedAt, v.haReady = api.LevelNone, &vm.Epochs{}, time.Time{}, false
+		if !v.watched {
+			v.watched = true
+			d.wg.Go(func() { d.watchReplica(v) })
+		}
+	}); !ok {
+		if disks != nil {
+			disks.Close()
+		}
+		return nil, fmt.Errorf("replica %s: it is %s here; refusing a new stream", name, v.state())
+	}
 	d.metrics.SetLevel(name, api.RoleSecondary, api.LevelNone)
-	d.event(name, "replica", fmt.Sprintf("receiving %s from %s (%s), %d disks", name, ss.Primary, remote, len(ss.DiskSizes)))
 	return rep, nil
 }
 
@@ -142,30 +154,21 @@ func (d *Daemon) replicaLevel(name, level string) {
 	if err != nil {
 		return
 	}
-	first := false
-	v.set(func(v *vmState) {
-		first = !v.haReady
-		v.haReady, v.level = true, level
-		if level == api.LevelHA {
-			v.state, v.committed = "ready", 0
-		} else {
-			v.state = "syncing"
-		}
-	})
+	v.set(func(v *vmState) { v.haReady, v.level = true, level })
 	d.metrics.SetLevel(name, api.RoleSecondary, level)
-	switch {
-	case level == api.LevelHA && first:
-		d.event(name, "ready", "disks in sync: ready to restart the VM here (HA)")
-	case level == api.LevelHA:
+	if level != api.LevelHA {
+		d.fire(v, vm.ReplicaLevelFT, "level ft: disk writes journaled until their checkpoint commits", nil)
+		return
+	}
+	tr, _ := d.fire(v, vm.ReplicaReady, "disks in sync: ready to restart the VM here (HA)", func(v *vmState) { v.epochs.Reset() })
+	if !tr.Changed() {
 		d.event(name, "level", "level ha: memory replica dropped, disk writes applied as they come")
-	default:
-		d.event(name, "level", "level ft: disk writes journaled until their checkpoint commits")
 	}
 }
 
 func (d *Daemon) replicaSynced(name string) {
 	if v, err := d.vm(name); err == nil {
-		v.set(func(v *vmState) { v.state = "synced" })
+		d.fire(v, vm.MemorySynced, "", nil)
 	}
 }
 
@@ -174,15 +177,11 @@ func (d *Daemon) replicaCommitted(name string, epoch uint64, m replication.Marke
 	if err != nil {
 		return
 	}
-	first := false
-	v.set(func(v *vmState) {
-		first = v.state != "ready"
-		v.epoch, v.committed, v.lastCommit, v.state, v.consoleOffset = epoch, epoch, time.Now(), "ready", m.ConsoleOffset
-		v.level = api.LevelFT
+	v.epochs.Took(epoch)
+	v.epochs.Committed(epoch)
+	d.fire(v, vm.ReplicaReady, fmt.Sprintf("replica committed epoch %d: ready to take over", epoch), func(v *vmState) {
+		v.lastCommit, v.consoleOffset, v.level = time.Now(), m.ConsoleOffset, api.LevelFT
 	})
-	if first {
-		d.event(name, "ready", fmt.Sprintf("replica committed epoch %d: ready to take over", epoch))
-	}
 }
 
 // streamEnded: bye drops the replica; handover promotes at once; a lost
@@ -196,7 +195,12 @@ func (d *Daemon) streamEnded(name string, bye, handover bool, err error) {
 	case bye:
 		var rep *replication.Replica
 		var disks *replicaDisks
-		v.set(func(v *vmState) { rep, disks = v.replica, v.replicaDisks; v.replica, v.replicaDisks = nil, nil })
+		if _, ok := d.fire(v, vm.Released, "primary ended protection; replica dropped", func(v *vmState) {
+			rep, disks = v.replica, v.replicaDisks
+			v.replica, v.replicaDisks = nil, nil
+		}); !ok {
+			return // being promoted: the replica is the VM's now
+		}
 		if rep != nil {
 			rep.Close()
 		}
@@ -213,15 +217,12 @@ func (d *Daemon) streamEnded(name string, bye, handover bool, err error) {
 			delete(d.vms, name)
 		}
 		d.mu.Unlock()
-		d.metrics.Forget(name)
-		d.event(name, "released", "primary ended protection; replica dropped")
 	case handover:
-		v.set(func(v *vmState) { v.handover = true })
-		d.event(name, "handover", "primary handed the VM over; taking over")
+		d.fire(v, vm.HandedOver, "primary handed the VM over; taking over", nil)
 	default:
 		promoting := false
 		v.set(func(v *vmState) {
-			promoting = v.promoting
+			promoting = v.st == vm.Promoting
 			if !promoting {
 				v.streamEndedAt = time.Now()
 			}
@@ -232,21 +233,51 @@ func (d *Daemon) streamEnded(name string, bye, handover bool, err error) {
 	}
 }
 
+// runsHere reports whether v is a VM running on this host (not a replica).
+func runsHere(v *vmState) bool {
+	r := v.role()
+	return r == api.RoleLocal || r == api.RolePrimary
+}
+
+// watchReplica lets a replica decide every 50 ms whether to promote, until
+// the VM is no longer a secondary here (promoted, or dropped) or axd stops.
+// Each replica has its own: a slow witness call for one holds up no other.
+func (d *Daemon) watchReplica(v *vmState) {
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-d.ctx.Done():
+			return
+		case <-t.C:
+		}
+		v.mu.Lock()
+		if v.st.Role() != api.RoleSecondary {
+			// Under the lock that ReplicaOpened starts watchers under: a
+			// new stream either sees this one ending or keeps it.
+			v.watched = false
+			v.mu.Unlock()
+			return
+		}
+		v.mu.Unlock()
+		d.checkSecondary(d.ctx, v)
+	}
+}
+
 // checkSecondary decides whether to promote a replica: only when the
 // primary is silent on both paths for PromoteAfter (or handed over) and the
 // witness lets this host take its lease.
 func (d *Daemon) checkSecondary(ctx context.Context, v *vmState) {
 	var peer string
 	var rep *replication.Replica
-	var promoting, handover, haReady bool
-	stale := false
-	v.set(func(v *vmState) {
-		peer, rep, promoting, handover, stale, haReady = v.peer, v.replica, v.promoting, v.handover, v.stale, v.haReady
-	})
+	var haReady bool
+	var st vm.State
+	v.set(func(v *vmState) { peer, rep, st, haReady = v.peer, v.replica, v.st, v.haReady })
 	// Promotable: a committed checkpoint (FT), or disks in sync (HA).
-	if promoting || stale || rep == nil || !(rep.Usable() || haReady) {
+	if st == vm.Promoting || st == vm.Stale || rep == nil || !(rep.Usable() || haReady) {
 		return
 	}
+	handover := st == vm.TakingOver
 	pv := d.hb.View(peer)
 	if !handover {
 		// The replication link is down but the primary is alive: it runs
@@ -260,14 +291,7 @@ func (d *Daemon) checkSecondary(ctx context.Context, v *vmState) {
 		v.set(func(v *vmState) { ended = v.streamEndedAt })
 		runsOn := !ended.IsZero() && pv.LastHeard.After(ended.Add(d.cfg.StaleAfter))
 		if runsOn || (!pv.ReplHeard && pv.MgmtHeard && pv.ReplAge > d.cfg.SilenceTimeout+d.cfg.StaleAfter) {
-			stale := false
-			v.set(func(v *vmState) {
-				stale = v.stale
-				v.stale, v.state, v.alarm = true, "stale", "the primary runs on without this replica: unusable until resynchronised"
-			})
-			if !stale {
-				d.event(v.name, "stale", "the primary runs on without this replica (link down or stream lost): it will not be resumed")
-			}
+			d.fire(v, vm.RanOn, "the primary runs on without this replica (link down or stream lost): it will not be resumed until resynchronised", nil)
 			return
 		}
 		if pv.ReplHeard || pv.MgmtHeard {
@@ -311,13 +335,14 @@ func (d *Daemon) checkSecondary(ctx context.Context, v *vmState) {
 		}
 		return
 	}
-	v.set(func(v *vmState) { v.promoting, v.state = true, "promoting" })
+	if _, ok := d.fire(v, vm.Promote, fmt.Sprintf("this host holds the lease of %s now: starting it from the replica", v.name), nil); !ok {
+		return
+	}
 	d.wg.Add(1)
 	go func() {
 		defer d.wg.Done()
 		if err := d.promote(ctx, v); err != nil {
-			v.set(func(v *vmState) { v.promoting, v.state, v.alarm = false, "failed", "promotion failed: "+err.Error() })
-			d.event(v.name, "alarm", "promotion failed: "+err.Error())
+			d.fire(v, vm.PromoteFailed, "promotion failed: "+err.Error(), nil)
 		}
 	}()
 }
@@ -444,8 +469,10 @@ func (d *Daemon) promote(ctx context.Context, v *vmState) (err error) {
 	}
 	g.Incoming = false
 	spec.Guest, spec.PID = g, proc.PID()
-	v.set(func(v *vmState) {
-		v.spec, v.roleV, v.level, v.state, v.alarm, v.peer, v.promoting = spec, api.RoleLocal, api.LevelNone, "running", "", "", false
+	d.metrics.Failovers.WithLabelValues(v.name).Inc()
+	d.fire(v, vm.Promoted, fmt.Sprintf("%s of %s in %.0f ms; it runs here unprotected (re-protect with: axctl level %s ha|ft --peer HOST)",
+		how, peer, float64(time.Since(t0).Microseconds())/1000, v.name), func(v *vmState) {
+		v.spec, v.level, v.peer = spec, api.LevelNone, ""
 		v.replica, v.replicaDisks = nil, nil
 	})
 	rep.Close()
@@ -453,10 +480,6 @@ func (d *Daemon) promote(ctx context.Context, v *vmState) (err error) {
 	d.book.Release(v.name)
 	d.reservationMetrics()
 	d.startAgent(v)
-	d.metrics.Failovers.WithLabelValues(v.name).Inc()
-	d.metrics.SetLevel(v.name, api.RoleLocal, api.LevelNone)
-	d.event(v.name, "promoted", fmt.Sprintf("%s of %s in %.0f ms; it runs here unprotected (re-protect with: axctl level %s ha|ft --peer HOST)",
-		how, peer, float64(time.Since(t0).Microseconds())/1000, v.name))
 	return nil
 }
 

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/axproject/ax/ax/api"
+	"github.com/axproject/ax/ax/vm"
 	"github.com/axproject/ax/monitor/agent"
 	"github.com/axproject/ax/netbuffer"
 	"github.com/axproject/ax/replication"
@@ -16,22 +17,24 @@ import (
 type vmState struct {
 	name string
 
-	mu      sync.Mutex
-	spec    api.VMSpec
-	level   string
-	roleV   string
-	peer    string
-	state   string
+	mu    sync.Mutex
+	spec  api.VMSpec
+	level string
+	peer  string
+	// st is the protection state; only Daemon.fire changes it, and the
+	// alarm with it.
+	st      vm.State
 	alarm   string
 	tracker string
+	// epochs numbers the VM's checkpoints (the primary's, or on a
+	// secondary those it received).
+	epochs *vm.Epochs
 
 	// primary
 	cancel      context.CancelFunc
-	done        chan struct{}
+	done        chan struct{} // closed when runPrimary returned
+	guardDone   chan struct{} // closed when guardPrimary returned
 	finish      chan chan finishResult // planned failover request
-	handingOver bool
-	epoch       uint64
-	committed   uint64
 	lastCommit  time.Time
 	pause       time.Duration
 	pauses      []time.Duration // recent, for the median
@@ -55,10 +58,8 @@ type vmState struct {
 	consoleOffset int64
 	silentSince   time.Time
 	lastTakeover  time.Time
-	waitNoted     bool
-	promoting     bool
-	handover      bool
-	stale         bool // the primary ran on without this replica: never resume it
+	waitNoted     bool // the wait for the witness is in the event log
+	watched       bool // a watchReplica runs for it
 	streamEndedAt time.Time
 
 	// primary: level changes and the first stream's answer
@@ -74,9 +75,13 @@ type vmState struct {
 	replicaDisks *replicaDisks
 	haReady      bool
 
-	// primary: the output gate, attached while protected
-	gate      *netbuffer.Gate
-	nextEpoch uint64 // first epoch of the next stream (epochs only grow)
+	// primary: the output gate, attached while protected at FT
+	gate *netbuffer.Gate
+}
+
+// newVM returns a VM in state st.
+func newVM(name string, st vm.State) *vmState {
+	return &vmState{name: name, st: st, level: api.LevelNone, consoleOffset: -1, epochs: &vm.Epochs{}}
 }
 
 type finishResult struct {
@@ -87,7 +92,13 @@ type finishResult struct {
 func (v *vmState) role() string {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	return v.roleV
+	return v.st.Role()
+}
+
+func (v *vmState) state() vm.State {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.st
 }
 
 func (v *vmState) set(fn func(v *vmState)) {
@@ -100,14 +111,15 @@ func (v *vmState) status() api.VMStatus {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	s := api.VMStatus{
-		Name: v.name, Level: v.level, Role: v.roleV, Peer: v.peer, State: v.state, Alarm: v.alarm,
-		Tracker: v.tracker, Epoch: v.epoch, Committed: v.committed, LastCommit: v.lastCommit,
+		Name: v.name, Level: v.level, Role: v.st.Role(), Peer: v.peer, State: v.st.String(), Alarm: v.alarm,
+		Tracker: v.tracker, LastCommit: v.lastCommit,
 		PauseMS: ms(v.pause), DirtyPages: v.dirty, BytesPerSec: v.rate,
 		SyncSent: v.syncSent, SyncTotal: v.syncTotal, ConsoleOffset: v.consoleOffset, Console: v.spec.Guest.Console,
 	}
 	if !v.lastCommit.IsZero() {
 		s.CommitAgeMS = ms(time.Since(v.lastCommit))
 	}
+	s.Epoch, s.Committed = v.epochs.Status()
 	s.PauseP50MS, s.PauseP99MS = quantile(v.pauses, 0.5), quantile(v.pauses, 0.99)
 	s.ScanP50MS, s.DevSaveP50MS = quantile(v.scans, 0.5), quantile(v.devSaves, 0.5)
 	s.DirtyTotal, s.BytesTotal = v.dirtyTotal, v.sent
@@ -155,7 +167,8 @@ func keep(w []time.Duration, d time.Duration) []time.Duration {
 func (v *vmState) notePause(epoch uint64, pause, scan, devSave time.Duration, dirty, bytes int) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	v.epoch, v.pause, v.dirty = epoch, pause, dirty
+	v.epochs.Took(epoch)
+	v.pause, v.dirty = pause, dirty
 	v.pauses, v.scans, v.devSaves = keep(v.pauses, pause), keep(v.scans, scan), keep(v.devSaves, devSave)
 	v.dirtyTotal += uint64(dirty)
 	v.sent += uint64(bytes)

@@ -1,0 +1,201 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/axproject/ax/ax/api"
+	"github.com/axproject/ax/ax/hv/hvtest"
+	"github.com/axproject/ax/ax/vm"
+)
+
+// freePort returns a loopback address no one listens on now, for TCP and UDP.
+func freePort(t *testing.T) string {
+	t.Helper()
+	for range 20 {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := l.Addr().String()
+		l.Close()
+		if u, err := net.ListenPacket("udp", addr); err == nil {
+			u.Close()
+			return addr
+		}
+	}
+	t.Fatal("no free loopback port")
+	return ""
+}
+
+// pair runs hosts a and b on loopback, each with its own recording fake
+// hypervisor: real streams, heartbeats and replicas, no QEMU, no root.
+type pair struct {
+	a, b         *Daemon
+	fakeA, fakeB *hvtest.Fake
+	storeA       *vm.MemoryStore
+	dir          string
+}
+
+func runPair(t *testing.T) *pair {
+	t.Helper()
+	p := &pair{dir: t.TempDir(), fakeA: hvtest.New(), fakeB: hvtest.New(), storeA: &vm.MemoryStore{}}
+	psk := []byte("0123456789abcdef0123456789abcdef")
+	replA, mgmtA, replB, mgmtB := freePort(t), freePort(t), freePort(t), freePort(t)
+	start := func(host string, repl, mgmt string, peer string, peerAddr Peer, fake *hvtest.Fake, store vm.Store) *Daemon {
+		d, err := New(Config{Host: host, Socket: filepath.Join(p.dir, host+".sock"), StateDir: filepath.Join(p.dir, host),
+			ReplListen: repl, MgmtListen: mgmt, PSK: psk, Peers: map[string]Peer{peer: peerAddr},
+			ImageDirs: []string{"/var/cache/ax/lab"}, Bridges: []string{"br-pub"}, Tracker: "hash",
+			Hypervisor: fake, Store: store})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		ready, done := make(chan struct{}), make(chan error, 1)
+		go func() { done <- d.Run(ctx, func() { close(ready) }) }()
+		t.Cleanup(func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Errorf("axd %s: %v", host, err)
+			}
+		})
+		select {
+		case <-ready:
+		case err := <-done:
+			t.Fatalf("axd %s: %v", host, err)
+		}
+		return d
+	}
+	p.a = start("a", replA, mgmtA, "b", Peer{Repl: replB, Mgmt: mgmtB}, p.fakeA, p.storeA)
+	p.b = start("b", replB, mgmtB, "a", Peer{Repl: replA, Mgmt: mgmtA}, p.fakeB, nil)
+	return p
+}
+
+// defineVM defines vm1 on a: 1 MiB of RAM in a file, no disks.
+func (p *pair) defineVM(t *testing.T) {
+	t.Helper()
+	spec := goodSpec()
+	spec.Tracker = "hash"
+	spec.Guest.RAMMiB, spec.Guest.Disks = 1, nil
+	spec.Guest.RAMFile = filepath.Join(p.dir, "vm1.ram")
+	if err := os.WriteFile(spec.Guest.RAMFile, make([]byte, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.a.define(spec); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// status returns vm1's status on d (zero if d does not know it).
+func vm1(d *Daemon) api.VMStatus {
+	for _, s := range d.status().VMs {
+		if s.Name == "vm1" {
+			return s
+		}
+	}
+	return api.VMStatus{}
+}
+
+// until waits for cond, failing with what was last seen after 30 s.
+func until(t *testing.T, what string, cond func() bool, seen func() string) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within 30 s; last seen %s", what, seen())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func both(p *pair) func() string {
+	return func() string { return fmt.Sprintf("a %+v\nb %+v", vm1(p.a), vm1(p.b)) }
+}
+
+// Protect, change level both ways and unprotect, against the fake: the
+// states each host goes through, what the hypervisor was asked, what the
+// store kept.
+func TestProtectAndChangeLevel(t *testing.T) {
+	p := runPair(t)
+	p.defineVM(t)
+	ctx := context.Background()
+
+	if err := p.a.protect("vm1", api.ProtectRequest{Level: api.LevelHA, Peer: "b"}); err != nil {
+		t.Fatal(err)
+	}
+	until(t, "HA protection", func() bool {
+		a, b := vm1(p.a), vm1(p.b)
+		return a.State == "protected" && a.Level == api.LevelHA && b.Role == api.RoleSecondary && b.State == "ready"
+	}, both(p))
+	if recs, _ := p.storeA.Load(); len(recs) != 1 || recs[0].State != "protected" || recs[0].Role != api.RolePrimary || recs[0].Peer != "b" {
+		t.Errorf("store after protect: %+v", recs)
+	}
+	if err := p.a.protect("vm1", api.ProtectRequest{Level: api.LevelFT, Peer: "b"}); err == nil || !strings.Contains(err.Error(), "already primary") {
+		t.Errorf("protecting twice: %v", err)
+	}
+
+	// ha → ft: memory synchronised, checkpoints taken with the guest
+	// paused and resumed by the hypervisor, committed on b.
+	if err := p.a.setLevel(ctx, "vm1", api.ProtectRequest{Level: api.LevelFT}); err != nil {
+		t.Fatal(err)
+	}
+	until(t, "FT protection", func() bool {
+		a, b := vm1(p.a), vm1(p.b)
+		return a.State == "protected" && a.Level == api.LevelFT && a.Committed >= 3 && b.State == "ready" && b.Level == api.LevelFT
+	}, both(p))
+	calls := strings.Join(p.fakeA.Calls(), ",")
+	if !strings.Contains(calls, "vm1 stop,vm1 save,vm1 cont") {
+		t.Errorf("checkpoints did not pause, save and resume the guest: %s", calls)
+	}
+	if p.fakeA.State("vm1") != "running" {
+		t.Errorf("guest %q between checkpoints", p.fakeA.State("vm1"))
+	}
+
+	// ft → ha: checkpoints stop, the VM stays protected.
+	if err := p.a.setLevel(ctx, "vm1", api.ProtectRequest{Level: api.LevelHA}); err != nil {
+		t.Fatal(err)
+	}
+	until(t, "back at HA", func() bool {
+		a, b := vm1(p.a), vm1(p.b)
+		return a.State == "protected" && a.Level == api.LevelHA && a.Output == "not held" && b.Level == api.LevelHA
+	}, both(p))
+	p.fakeA.Reset()
+	time.Sleep(200 * time.Millisecond) // four checkpoint intervals
+	if calls := p.fakeA.Calls(); len(calls) != 0 {
+		t.Errorf("the hypervisor is still driven at HA: %q", calls)
+	}
+
+	if err := p.a.setLevel(ctx, "vm1", api.ProtectRequest{Level: api.LevelNone}); err != nil {
+		t.Fatal(err)
+	}
+	until(t, "unprotected", func() bool {
+		return vm1(p.a).State == "running" && vm1(p.a).Role == api.RoleLocal && vm1(p.b).Name == ""
+	}, both(p))
+	if recs, _ := p.storeA.Load(); len(recs) != 1 || recs[0].State != "running" || recs[0].NextEpoch < 4 {
+		t.Errorf("store after unprotect: %+v (the next epoch must be above those used)", recs)
+	}
+	kinds := map[string]int{}
+	for _, e := range p.a.eventsSince(0) {
+		kinds[e.Kind]++
+	}
+	if kinds["protect"] != 1 || kinds["protected"] != 2 || kinds["unprotect"] != 1 || kinds["level"] < 2 || kinds["alarm"] != 0 {
+		t.Errorf("events on a: %v\n%+v", kinds, p.a.eventsSince(0))
+	}
+	// The epochs of a new protection start above every epoch used.
+	var next uint64
+	v, _ := p.a.vm("vm1")
+	next = v.epochs.Next()
+	if err := p.a.protect("vm1", api.ProtectRequest{Level: api.LevelFT, Peer: "b"}); err != nil {
+		t.Fatal(err)
+	}
+	until(t, "FT again", func() bool { a := vm1(p.a); return a.State == "protected" && a.Committed > 0 }, both(p))
+	if c := vm1(p.a).Committed; c < next {
+		t.Errorf("re-protected at epoch %d, below %d", c, next)
+	}
+}
