@@ -17,9 +17,19 @@ import (
 	"github.com/axproject/ax/ax/names"
 )
 
-// DefaultTimeout bounds one call, waiting for the connection and dialling
+// DefaultTimeout bounds one call, waiting for a free connection and dialling
 // included, when NewClient gets none.
 const DefaultTimeout = 2 * time.Second
+
+// DefaultMaxConns is how many connections a client keeps open at most when
+// NewClient gets no number: one each for as many calls at once.
+const DefaultMaxConns = 4
+
+// maxClientConns caps ClientConfig.MaxConns below the witness's limit per
+// holder (maxConnsPerHolder), where a holder's new connection closes its
+// oldest: the spare lets a client open a replacement before the witness has
+// seen the connection it replaces close, without losing one in use.
+const maxClientConns = maxConnsPerHolder - 1
 
 var (
 	// ErrLeaseHeld is matched (errors.Is) by every *LeaseHeldError.
@@ -73,46 +83,74 @@ type ClientConfig struct {
 	// name, self-declared: any holder of the key can claim any name.
 	PSK    []byte
 	Holder string
-	// Timeout bounds each call (DefaultTimeout when <= 0).
+	// Timeout bounds each call, waiting for a free connection included
+	// (DefaultTimeout when <= 0).
 	Timeout time.Duration
+	// MaxConns bounds the connections open at once, and so the calls in
+	// progress at once: each call has a connection to itself, so that a
+	// slow answer about one VM holds up no call about another
+	// (DefaultMaxConns when <= 0; more than 7 count as 7, below the
+	// witness's limit of 8 per holder).
+	MaxConns int
 }
 
-// Client talks to a witness on behalf of one host over one connection, kept
-// open between calls and opened again after an error. It is safe for
-// concurrent use; calls take turns on the connection. Close it when done.
+// Client talks to a witness on behalf of one host. It is safe for concurrent
+// use: calls run concurrently, each on a connection of its own, on up to
+// MaxConns connections kept open between calls; a call that finds them all
+// in use waits for one. A connection whose exchange failed is closed, and a
+// later call opens another. Close the client when done.
 type Client struct {
-	addr    string
-	holder  string
-	pskKey  []byte      // PSK mode
-	tlsConf *tls.Config // TLS mode
-	timeout time.Duration
-	now     func() time.Time // time.Now; tests replace it
-	dialer  net.Dialer
+	addr     string
+	holder   string
+	pskKey   []byte      // PSK mode
+	tlsConf  *tls.Config // TLS mode
+	timeout  time.Duration
+	maxConns int
+	now      func() time.Time // time.Now; tests replace it
+	dialer   net.Dialer
 
-	turn chan struct{} // held by the call using the connection
-	// Guarded by turn:
-	conn  *clientConn
-	floor int64 // the witness's restart floor: timestamps go above it
-	dials int   // connections opened, for tests
-
-	mu     sync.Mutex // guards closed and open (Close may run during a call)
+	mu     sync.Mutex // guards the fields below; never held during I/O
 	closed bool
-	open   net.Conn
+	idle   []*clientConn            // open and free, the most recently used last
+	conns  map[*clientConn]struct{} // open, idle or in use: Close closes them
+	open   int                      // conns and those being dialled, at most maxConns
+	freed  chan struct{}            // closed, and replaced, when a connection may be free
+	floor  int64                    // the witness's restart floor: timestamps go above it
+	dials  int                      // connections opened, for tests
 }
 
+// clientConn is one connection to the witness. Only the call that took it
+// from the pool uses it, until it puts it back.
 type clientConn struct {
 	conn net.Conn
 	r    *bufio.Reader
-	key  []byte
+	key  []byte // line MAC key: in TLS mode, this connection's own
+	// broken marks a connection whose state is unknown (an exchange failed,
+	// or its context fired: an answer may still be on its way). It goes
+	// back to no pool: the call closes it.
+	broken bool
 }
 
-// NewClient returns a client of the witness at cfg.Addr. It does not dial:
-// the first call does.
+// NewClient returns a client of the witness at cfg.Addr that runs calls
+// concurrently on up to cfg.MaxConns connections. It does not dial: the
+// first call does, and each call that finds no idle connection while fewer
+// than MaxConns are open.
 func NewClient(cfg ClientConfig) (*Client, error) {
-	c := &Client{addr: cfg.Addr, timeout: cfg.Timeout, now: time.Now, turn: make(chan struct{}, 1)}
+	c := &Client{
+		addr:     cfg.Addr,
+		timeout:  cfg.Timeout,
+		maxConns: cfg.MaxConns,
+		now:      time.Now,
+		conns:    make(map[*clientConn]struct{}),
+		freed:    make(chan struct{}),
+	}
 	if c.timeout <= 0 {
 		c.timeout = DefaultTimeout
 	}
+	if c.maxConns <= 0 {
+		c.maxConns = DefaultMaxConns
+	}
+	c.maxConns = min(c.maxConns, maxClientConns)
 	switch {
 	case cfg.Identity != nil && cfg.PSK != nil:
 		return nil, errors.New("witness: new client: both an identity and a pre-shared key given: configure one security mode")
@@ -144,15 +182,18 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 	return c, nil
 }
 
-// Close closes the connection, interrupting a call in progress; later calls
-// fail. It is safe to call twice.
+// Close closes every connection, interrupting the calls in progress and
+// those waiting for a connection; later calls fail. It is safe to call twice.
 func (c *Client) Close() error {
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	c.closed = true
-	if c.open != nil {
-		c.open.Close()
-		c.open = nil
+	conns := c.conns
+	c.conns = make(map[*clientConn]struct{})
+	c.idle = nil
+	c.wake()
+	c.mu.Unlock()
+	for cc := range conns {
+		cc.conn.Close()
 	}
 	return nil
 }
@@ -207,29 +248,43 @@ func (e errFloor) Error() string {
 }
 
 // call sends one request and returns the witness's authenticated, positive
-// answer to it. It waits for its turn on the connection, and sends again
-// once, at once, if the witness restarted and names a floor above the
-// request's timestamp, or if a reused connection turns out to be dead.
+// answer to it. It takes a connection of its own for the call (waiting for
+// one if all MaxConns are in use), and sends again once, at once, if the
+// witness restarted and names a floor above the request's timestamp, or if a
+// reused connection turns out to be dead.
 func (c *Client) call(ctx context.Context, op, vm string) (*response, error) {
 	if err := checkName("vm", vm); err != nil {
 		return nil, fmt.Errorf("witness: %s: %w", op, err)
 	}
 	ctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
-	select {
-	case c.turn <- struct{}{}:
-		defer func() { <-c.turn }()
-	case <-ctx.Done():
-		return nil, fmt.Errorf("witness %s: %s vm %q: waiting for the connection: %w", c.addr, op, vm, context.Cause(ctx))
-	}
 
+	var cc *clientConn
+	defer func() {
+		if cc != nil {
+			c.put(cc)
+		}
+	}()
 	floorRetried, connRetried := false, false
 	for {
-		resp, reused, err := c.attempt(ctx, op, vm)
+		reused := cc != nil // kept after a floor refusal
+		if cc == nil {
+			var err error
+			// After a dead reused connection, a new one: the idle
+			// ones are likely dead too.
+			if cc, reused, err = c.get(ctx, connRetried); err != nil {
+				return nil, fmt.Errorf("witness %s: %s vm %q: %w", c.addr, op, vm, err)
+			}
+		}
+		resp, err := c.attempt(ctx, cc, op, vm)
+		if cc.broken {
+			c.put(cc)
+			cc = nil
+		}
 		var fl errFloor
 		switch {
 		case errors.As(err, &fl) && !floorRetried:
-			c.floor = max(c.floor, fl.floor)
+			c.raiseFloor(fl.floor)
 			floorRetried = true
 			continue
 		case err != nil && reused && !connRetried && ctx.Err() == nil && isConnErr(err):
@@ -257,53 +312,129 @@ func isConnErr(err error) bool {
 	return errors.As(err, &ce)
 }
 
-// attempt sends the request once; reused reports whether it went on a
-// connection opened by an earlier call. The caller holds the turn.
-func (c *Client) attempt(ctx context.Context, op, vm string) (_ *response, reused bool, err error) {
-	req := request{op: op, holder: c.holder, vm: vm, ts: max(c.now().UnixMilli(), c.floor+1)}
+// attempt sends the request once on cc and reads the answer. It marks cc
+// broken when the connection's state is no longer known.
+func (c *Client) attempt(ctx context.Context, cc *clientConn, op, vm string) (*response, error) {
+	c.mu.Lock()
+	floor := c.floor
+	c.mu.Unlock()
+	req := request{op: op, holder: c.holder, vm: vm, ts: max(c.now().UnixMilli(), floor+1)}
 	if _, err := rand.Read(req.nonce[:]); err != nil {
-		return nil, false, fmt.Errorf("nonce: %w", err)
-	}
-	reused = c.conn != nil
-	cc, err := c.connect(ctx)
-	if err != nil {
-		return nil, false, err
+		return nil, fmt.Errorf("nonce: %w", err)
 	}
 	req.sign(cc.key)
 	line, err := req.encode()
 	if err != nil {
-		return nil, reused, fmt.Errorf("encode: %w", err)
+		return nil, fmt.Errorf("encode: %w", err)
 	}
 	if len(line) > MaxLineSize {
-		return nil, reused, fmt.Errorf("request of %d bytes, more than %d", len(line), MaxLineSize)
+		return nil, fmt.Errorf("request of %d bytes, more than %d", len(line), MaxLineSize)
 	}
-	out, err := c.exchange(ctx, cc, line)
+	out, err := cc.exchange(ctx, line)
 	if err != nil {
-		c.drop() // its state is unknown: an answer may still be on its way
-		return nil, reused, err
+		cc.broken = true // an answer may still be on its way
+		return nil, err
 	}
 	resp, err := c.checkResponse(&req, cc.key, out)
 	if err != nil {
 		var fl errFloor
 		if !errors.As(err, &fl) && !errors.Is(err, ErrLeaseHeld) {
-			c.drop()
+			cc.broken = true
 		}
-		return nil, reused, err
+		return nil, err
 	}
-	return resp, reused, nil
+	return resp, nil
 }
 
-// connect returns the open connection or opens one.
-func (c *Client) connect(ctx context.Context) (*clientConn, error) {
-	if c.conn != nil {
-		return c.conn, nil
-	}
+// raiseFloor records the witness's restart floor, shared by all connections:
+// the witness has one.
+func (c *Client) raiseFloor(floor int64) {
 	c.mu.Lock()
-	closed := c.closed
-	c.mu.Unlock()
-	if closed {
-		return nil, fmt.Errorf("client closed: %w", net.ErrClosed)
+	defer c.mu.Unlock()
+	c.floor = max(c.floor, floor)
+}
+
+var errClientClosed = fmt.Errorf("client closed: %w", net.ErrClosed)
+
+// get returns a connection for one call: the idle one used last, or a new
+// one while fewer than maxConns are open, or the first to come back. fresh
+// skips the idle ones, and closes the one idle longest if they fill the
+// pool: the caller found a reused connection dead, and the witness has
+// likely closed the others too (it restarted, or they idled past its
+// timeout). reused reports a connection opened by an earlier call.
+func (c *Client) get(ctx context.Context, fresh bool) (cc *clientConn, reused bool, err error) {
+	for {
+		c.mu.Lock()
+		if c.closed {
+			c.mu.Unlock()
+			return nil, false, errClientClosed
+		}
+		if n := len(c.idle); n > 0 && !fresh {
+			cc = c.idle[n-1]
+			c.idle = c.idle[:n-1]
+			c.mu.Unlock()
+			return cc, true, nil
+		}
+		var stale *clientConn
+		if c.open >= c.maxConns && len(c.idle) > 0 {
+			stale = c.idle[0]
+			c.idle = c.idle[1:]
+			delete(c.conns, stale)
+			c.open--
+		}
+		if c.open < c.maxConns {
+			c.open++ // the slot is this call's while it dials
+			c.mu.Unlock()
+			if stale != nil {
+				stale.conn.Close()
+			}
+			cc, err := c.dial(ctx)
+			if err != nil {
+				c.mu.Lock()
+				c.open--
+				c.wake()
+				c.mu.Unlock()
+				return nil, false, err
+			}
+			return cc, false, nil
+		}
+		freed := c.freed
+		c.mu.Unlock()
+		select {
+		case <-freed:
+		case <-ctx.Done():
+			return nil, false, fmt.Errorf("waited for a connection, all %d in use by other calls (ClientConfig.MaxConns): %w", c.maxConns, context.Cause(ctx))
+		}
 	}
+}
+
+// put ends a call's use of cc: back to the pool, or closed if it is broken
+// or the client is. Either way a waiting call may go on.
+func (c *Client) put(cc *clientConn) {
+	c.mu.Lock()
+	keep := !cc.broken && !c.closed
+	if keep {
+		c.idle = append(c.idle, cc)
+	} else {
+		delete(c.conns, cc)
+		c.open--
+	}
+	c.wake()
+	c.mu.Unlock()
+	if !keep {
+		cc.conn.Close()
+	}
+}
+
+// wake tells the calls waiting for a connection to look again; c.mu is held.
+func (c *Client) wake() {
+	close(c.freed)
+	c.freed = make(chan struct{})
+}
+
+// dial opens a connection and adds it to the client's; the caller has
+// counted it in c.open.
+func (c *Client) dial(ctx context.Context) (*clientConn, error) {
 	var conn net.Conn
 	var key []byte
 	if c.tlsConf != nil {
@@ -325,35 +456,21 @@ func (c *Client) connect(ctx context.Context) (*clientConn, error) {
 		}
 		conn, key = nc, c.pskKey
 	}
+	cc := &clientConn{conn: conn, r: bufio.NewReaderSize(conn, MaxLineSize), key: key}
 	c.mu.Lock()
 	if c.closed {
 		c.mu.Unlock()
 		conn.Close()
-		return nil, fmt.Errorf("client closed: %w", net.ErrClosed)
+		return nil, errClientClosed
 	}
-	c.open = conn
-	c.mu.Unlock()
+	c.conns[cc] = struct{}{}
 	c.dials++
-	c.conn = &clientConn{conn: conn, r: bufio.NewReaderSize(conn, MaxLineSize), key: key}
-	return c.conn, nil
-}
-
-// drop closes the connection; the next attempt opens another.
-func (c *Client) drop() {
-	if c.conn == nil {
-		return
-	}
-	c.conn.conn.Close()
-	c.mu.Lock()
-	if c.open == c.conn.conn {
-		c.open = nil
-	}
 	c.mu.Unlock()
-	c.conn = nil
+	return cc, nil
 }
 
 // exchange writes line and reads one response line, within ctx.
-func (c *Client) exchange(ctx context.Context, cc *clientConn, line []byte) (_ []byte, err error) {
+func (cc *clientConn) exchange(ctx context.Context, line []byte) (_ []byte, err error) {
 	defer func() { err = ctxErr(ctx, err) }()
 	// The context alone ends the exchange, so that an I/O error it causes
 	// always finds ctx.Err set.
@@ -365,7 +482,7 @@ func (c *Client) exchange(ctx context.Context, cc *clientConn, line []byte) (_ [
 		if !stop() {
 			// The context fired, maybe after the answer: its deadline
 			// could land on the next call, so the connection goes.
-			c.drop()
+			cc.broken = true
 		}
 	}()
 

@@ -9,11 +9,11 @@ import (
 	"testing"
 )
 
-// TestClientOneConnection checks that concurrent calls share one
-// connection and each gets its own answer.
+// TestClientOneConnection checks that concurrent calls on a client of one
+// connection (MaxConns 1) take turns on it and each gets its own answer.
 func TestClientOneConnection(t *testing.T) {
 	w := startWitnessPastGrace(t)
-	a := w.client("a")
+	a := newTestClient(t, ClientConfig{Addr: w.addr, PSK: testKey, Holder: "a", MaxConns: 1}, w.clock)
 	ctx := context.Background()
 	const callers, calls = 8, 20
 	errs := make(chan error, callers*calls)
