@@ -16,7 +16,6 @@ import (
 	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/ax/hv/hvtest"
 	"github.com/axproject/ax/ax/names"
-	"github.com/axproject/ax/ax/qemu"
 	"github.com/axproject/ax/ax/reserve"
 	"github.com/axproject/ax/monitor/agent"
 	"github.com/axproject/ax/replication"
@@ -67,7 +66,7 @@ func protectedPrimary(d *Daemon) (*vmState, context.Context) {
 	done := make(chan struct{})
 	close(done) // no stream runs
 	v := &vmState{name: "vm1", roleV: api.RolePrimary, level: api.LevelFT, peer: "a", state: "protected", consoleOffset: -1,
-		spec:   api.VMSpec{Name: "vm1", Guest: qemu.Guest{Name: "vm1", QMP: "/run/ax/vm1.qmp"}},
+		spec:   api.VMSpec{Name: "vm1", Guest: api.Guest{Name: "vm1", QEMU: api.QEMU{QMP: "/run/ax/vm1.qmp"}}},
 		cancel: cancel, done: done, finish: make(chan chan finishResult)}
 	d.vms["vm1"] = v
 	return v, ctx
@@ -264,7 +263,7 @@ func TestPromote(t *testing.T) {
 				t.Errorf("after promotion: %+v", st)
 			}
 			v.set(func(v *vmState) {
-				if v.spec.PID == 0 || v.spec.Guest.Incoming || v.replica != nil || v.promoting {
+				if v.spec.PID == 0 || v.replica != nil || v.promoting {
 					t.Errorf("registered as %+v", v.spec)
 				}
 			})
@@ -488,7 +487,7 @@ func TestAgentRestartVM(t *testing.T) {
 	} {
 		d, fake := fakeHost(t, plenty)
 		d.ctx = context.Background()
-		d.vms["vm1"] = &vmState{name: "vm1", roleV: api.RoleLocal, spec: api.VMSpec{Name: "vm1", Guest: qemu.Guest{Name: "vm1", QMP: "/q"}}}
+		d.vms["vm1"] = &vmState{name: "vm1", roleV: api.RoleLocal, spec: api.VMSpec{Name: "vm1", Guest: api.Guest{Name: "vm1", QEMU: api.QEMU{QMP: "/q"}}}}
 		if c.fail != "" {
 			fake.Fail(c.fail, errors.New("injected"))
 		}
