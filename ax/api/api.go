@@ -2,11 +2,7 @@
 // Unix socket, its request and status types, and the client axctl uses.
 package api
 
-import (
-	"time"
-
-	"github.com/axproject/ax/ax/qemu"
-)
+import "time"
 
 // DefaultSocket is where axd listens for axctl.
 const DefaultSocket = "/run/ax/axd.sock"
@@ -25,13 +21,14 @@ const (
 	RoleLocal     = "local"     // runs here, unprotected
 )
 
-// VMSpec describes a VM to axd: how to reach its QEMU and, for the partner,
-// how to start its replica.
+// VMSpec describes a VM to axd: how to reach it and, for the partner, how
+// to start its replica.
 type VMSpec struct {
 	Name string `json:"name"`
-	// PID of the VM's QEMU (for soft-dirty tracking and liveness); 0 if unknown.
-	PID   int        `json:"pid"`
-	Guest qemu.Guest `json:"guest"`
+	// PID of the VM's hypervisor process (for soft-dirty tracking and
+	// liveness); 0 if unknown.
+	PID   int   `json:"pid"`
+	Guest Guest `json:"guest"`
 	// Bridge is the host bridge the VM's tap joins; the partner plugs the
 	// replica's tap into its bridge of the same name.
 	Bridge string `json:"bridge"`

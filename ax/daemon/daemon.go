@@ -96,7 +96,7 @@ type Config struct {
 	// Store keeps each VM's protection state across axd's restarts (nil:
 	// files in StateDir/state).
 	Store vm.Store
-	Log        *slog.Logger
+	Log   *slog.Logger
 }
 
 func (c *Config) defaults() error {

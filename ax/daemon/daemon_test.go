@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/axproject/ax/ax/api"
-	"github.com/axproject/ax/ax/qemu"
 )
 
 func TestCheckSpecRefusesUnsharedRAM(t *testing.T) {
@@ -21,16 +20,16 @@ func TestCheckSpecRefusesUnsharedRAM(t *testing.T) {
 		spec api.VMSpec
 		want []string
 	}{
-		{"no RAM file", api.VMSpec{Name: "vm", Guest: qemu.Guest{QMP: "/q", RAMMiB: 1}},
+		{"no RAM file", api.VMSpec{Name: "vm", Guest: api.Guest{RAMMiB: 1, QEMU: api.QEMU{QMP: "/q"}}},
 			[]string{"not a shared named file", "memory-backend-file", "share=on", "<memoryBacking>", "file_backed_memory"}},
-		{"RAM file missing", api.VMSpec{Name: "vm", Guest: qemu.Guest{QMP: "/q", RAMMiB: 1, RAMFile: filepath.Join(dir, "none")}},
+		{"RAM file missing", api.VMSpec{Name: "vm", Guest: api.Guest{RAMMiB: 1, RAMFile: filepath.Join(dir, "none"), QEMU: api.QEMU{QMP: "/q"}}},
 			[]string{"not a regular file", "share=on"}},
-		{"wrong size", api.VMSpec{Name: "vm", Guest: qemu.Guest{QMP: "/q", RAMMiB: 2, RAMFile: ram}},
+		{"wrong size", api.VMSpec{Name: "vm", Guest: api.Guest{RAMMiB: 2, RAMFile: ram, QEMU: api.QEMU{QMP: "/q"}}},
 			[]string{"1048576 bytes but the VM has 2 MiB"}},
-		{"no QMP", api.VMSpec{Name: "vm", Guest: qemu.Guest{RAMMiB: 1, RAMFile: ram}}, []string{"no QMP socket"}},
-		{"no name", api.VMSpec{Guest: qemu.Guest{QMP: "/q", RAMMiB: 1, RAMFile: ram}}, []string{"needs a name"}},
+		{"no QMP", api.VMSpec{Name: "vm", Guest: api.Guest{RAMMiB: 1, RAMFile: ram}}, []string{"no QMP socket"}},
+		{"no name", api.VMSpec{Guest: api.Guest{RAMMiB: 1, RAMFile: ram, QEMU: api.QEMU{QMP: "/q"}}}, []string{"needs a name"}},
 		// This test process does not map the file: QEMU with share=off would not either.
-		{"not mapped shared", api.VMSpec{Name: "vm", PID: os.Getpid(), Guest: qemu.Guest{QMP: "/q", RAMMiB: 1, RAMFile: ram}},
+		{"not mapped shared", api.VMSpec{Name: "vm", PID: os.Getpid(), Guest: api.Guest{RAMMiB: 1, RAMFile: ram, QEMU: api.QEMU{QMP: "/q"}}},
 			[]string{"share=on"}},
 	}
 	for _, c := range cases {
@@ -45,7 +44,7 @@ func TestCheckSpecRefusesUnsharedRAM(t *testing.T) {
 			}
 		}
 	}
-	if err := checkSpec(api.VMSpec{Name: "vm", Guest: qemu.Guest{QMP: "/q", RAMMiB: 1, RAMFile: ram}}, api.LevelFT); err != nil {
+	if err := checkSpec(api.VMSpec{Name: "vm", Guest: api.Guest{RAMMiB: 1, RAMFile: ram, QEMU: api.QEMU{QMP: "/q"}}}, api.LevelFT); err != nil {
 		t.Errorf("good spec refused: %v", err)
 	}
 }
@@ -78,7 +77,7 @@ func TestDaemonAPI(t *testing.T) {
 		t.Fatal("not ready")
 	}
 	c := api.NewClient(sock)
-	spec := api.VMSpec{Name: "vm1", Guest: qemu.Guest{QMP: filepath.Join(dir, "qmp"), RAMMiB: 1, RAMFile: ram}}
+	spec := api.VMSpec{Name: "vm1", Guest: api.Guest{RAMMiB: 1, RAMFile: ram, QEMU: api.QEMU{QMP: filepath.Join(dir, "qmp")}}}
 	if err := c.Define(ctx, spec); err != nil {
 		t.Fatal(err)
 	}

@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/ax/hv"
 	"github.com/axproject/ax/ax/qemu"
 	"github.com/axproject/ax/netbuffer"
@@ -25,7 +26,7 @@ import (
 // the data is on the partner.
 //
 // Once a disk is in sync, a disk whose guest-facing node is a quorum node
-// (as qemu.Guest sets disks up) moves from the mirror to a second quorum
+// (as the QMP driver sets disks up) moves from the mirror to a second quorum
 // child reading the same kind of export: QEMU then writes the disk and the
 // export in parallel and sends the guest's flushes to the export too. A
 // write through the child completes as soon as it is on the stream; a flush
@@ -44,7 +45,7 @@ type diskRepl struct {
 	vm     string
 	sender *replication.Sender
 	mon    hv.Block
-	disks  []qemu.Disk
+	disks  []api.Disk
 	sizes  []int64
 	ctx    context.Context
 	// cancel ends ctx: stop first releases writes and flushes waiting for
@@ -117,14 +118,14 @@ func (r *diskRepl) mode() string {
 	return "mirror"
 }
 
-func newDiskRepl(ctx context.Context, d *Daemon, vm string, sender *replication.Sender, mon hv.Block, disks []qemu.Disk, sizes []int64) *diskRepl {
+func newDiskRepl(ctx context.Context, d *Daemon, vm string, sender *replication.Sender, mon hv.Block, disks []api.Disk, sizes []int64) *diskRepl {
 	r := makeDiskRepl(ctx, d, vm, sender, mon, disks, sizes)
 	go r.pump()
 	return r
 }
 
 // makeDiskRepl is newDiskRepl without the pump.
-func makeDiskRepl(ctx context.Context, d *Daemon, vm string, sender *replication.Sender, mon hv.Block, disks []qemu.Disk, sizes []int64) *diskRepl {
+func makeDiskRepl(ctx context.Context, d *Daemon, vm string, sender *replication.Sender, mon hv.Block, disks []api.Disk, sizes []int64) *diskRepl {
 	ctx, cancel := context.WithCancel(ctx)
 	return &diskRepl{d: d, vm: vm, sender: sender, mon: mon, disks: disks, sizes: sizes, ctx: ctx, cancel: cancel, wait: true,
 		queue: make(chan queuedWrite, queueDepth), pumpDone: make(chan struct{}),
@@ -247,7 +248,7 @@ func exportName(vm, node string) string      { return vm + "/" + node }
 func childExportName(vm, node string) string { return vm + "/" + node + "/child" }
 
 // diskSizes asks QEMU for the size the guest sees of each disk.
-func diskSizes(ctx context.Context, mon hv.Block, disks []qemu.Disk) ([]int64, error) {
+func diskSizes(ctx context.Context, mon hv.Block, disks []api.Disk) ([]int64, error) {
 	sizes := make([]int64, len(disks))
 	for i, dk := range disks {
 		n, err := mon.NodeSize(ctx, dk.Node)

@@ -16,7 +16,6 @@ import (
 	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/ax/hv/hvtest"
 	"github.com/axproject/ax/ax/names"
-	"github.com/axproject/ax/ax/qemu"
 	"github.com/axproject/ax/ax/reserve"
 	"github.com/axproject/ax/ax/vm"
 	"github.com/axproject/ax/monitor/agent"
@@ -76,7 +75,7 @@ func protectedPrimary(d *Daemon) (*vmState, context.Context) {
 	close(done) // no stream runs
 	v := newVM("vm1", vm.Protected)
 	v.level, v.peer = api.LevelFT, "a"
-	v.spec = api.VMSpec{Name: "vm1", Guest: qemu.Guest{Name: "vm1", QMP: "/run/ax/vm1.qmp"}}
+	v.spec = api.VMSpec{Name: "vm1", Guest: api.Guest{Name: "vm1", QEMU: api.QEMU{QMP: "/run/ax/vm1.qmp"}}}
 	v.cancel, v.done, v.finish = cancel, done, make(chan chan finishResult)
 	d.vms["vm1"] = v
 	return v, ctx
@@ -274,7 +273,7 @@ func TestPromote(t *testing.T) {
 				t.Errorf("after promotion: %+v", st)
 			}
 			v.set(func(v *vmState) {
-				if v.spec.PID == 0 || v.spec.Guest.Incoming || v.replica != nil || v.st != vm.Running {
+				if v.spec.PID == 0 || v.replica != nil || v.st != vm.Running {
 					t.Errorf("registered as %+v", v.spec)
 				}
 			})
@@ -499,7 +498,7 @@ func TestAgentRestartVM(t *testing.T) {
 		d, fake := fakeHost(t, plenty)
 		d.ctx = context.Background()
 		v := newVM("vm1", vm.Running)
-		v.spec = api.VMSpec{Name: "vm1", Guest: qemu.Guest{Name: "vm1", QMP: "/q"}}
+		v.spec = api.VMSpec{Name: "vm1", Guest: api.Guest{Name: "vm1", QEMU: api.QEMU{QMP: "/q"}}}
 		d.vms["vm1"] = v
 		if c.fail != "" {
 			fake.Fail(c.fail, errors.New("injected"))

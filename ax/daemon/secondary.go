@@ -393,7 +393,7 @@ func (d *Daemon) promote(ctx context.Context, v *vmState) (err error) {
 			return fmt.Errorf("replica disks: %w", err)
 		}
 		disks.Close()
-		g.Disks = append([]qemu.Disk(nil), g.Disks...)
+		g.Disks = append([]api.Disk(nil), g.Disks...)
 		for i := range g.Disks {
 			// The disks move out of the replica directory: they are the
 			// running VM's now.
@@ -415,7 +415,7 @@ func (d *Daemon) promote(ctx context.Context, v *vmState) (err error) {
 		if err := os.WriteFile(dev, data, 0o600); err != nil {
 			return err
 		}
-		g.RAMFile, g.Incoming = rep.RAMPath(), true
+		g.RAMFile = rep.RAMPath()
 	} else {
 		// A fresh boot gets fresh memory beside the replica's.
 		g.RAMFile = filepath.Join(filepath.Dir(rep.RAMPath()), "boot-ram")
@@ -427,14 +427,17 @@ func (d *Daemon) promote(ctx context.Context, v *vmState) (err error) {
 		if err != nil {
 			return fmt.Errorf("memory for the restarted VM: %w", err)
 		}
-		g.Incoming = false
 	}
 	dom := d.cfg.Hypervisor.Domain(g)
 	if err := dom.PlugTap(ctx, spec.Bridge); err != nil {
 		return err
 	}
 	logPath := filepath.Join(dir, "qemu.log")
-	proc, err := dom.Start(ctx, logPath)
+	start := dom.Start
+	if resume {
+		start = dom.StartIncoming
+	}
+	proc, err := start(ctx, logPath)
 	if err != nil {
 		return err
 	}
@@ -467,7 +470,6 @@ func (d *Daemon) promote(ctx context.Context, v *vmState) (err error) {
 		}
 		how = fmt.Sprintf("resumed %s from epoch %d", v.name, epoch)
 	}
-	g.Incoming = false
 	spec.Guest, spec.PID = g, proc.PID()
 	d.metrics.Failovers.WithLabelValues(v.name).Inc()
 	d.fire(v, vm.Promoted, fmt.Sprintf("%s of %s in %.0f ms; it runs here unprotected (re-protect with: axctl level %s ha|ft --peer HOST)",

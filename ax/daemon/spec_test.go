@@ -6,16 +6,17 @@ import (
 	"testing"
 
 	"github.com/axproject/ax/ax/api"
-	"github.com/axproject/ax/ax/qemu"
 )
 
 func goodSpec() api.VMSpec {
-	return api.VMSpec{Name: "vm1", Bridge: "br-pub", Policy: "notify", Tracker: "auto", Guest: qemu.Guest{
-		Name: "vm1", RAMMiB: 256, RAMFile: "/dev/shm/ax-lab-ax/vm1.ram", QMP: "/run/ax-lab/ax/vm1.qmp",
-		Console: "/run/ax-lab/ax/vm1.console", Agent: "/run/ax-lab/ax/vm1.agent", PIDFile: "/run/ax-lab/ax/vm1.pid",
-		Tap: "tap-vm1", MAC: "52:54:00:a7:00:01", Kernel: "/var/cache/ax/lab/images/k1/vmlinuz", Initrd: "/var/cache/ax/lab/images/k1/initrd",
-		Append: "console=ttyS0 quiet ax.ip=10.77.0.10/24", Accel: "tcg",
-		Disks: []qemu.Disk{{Node: "disk0", Path: "/dev/shm/ax-lab-ax/vm1.disk0", Format: "raw"}},
+	return api.VMSpec{Name: "vm1", Bridge: "br-pub", Policy: "notify", Tracker: "auto", Guest: api.Guest{
+		Name: "vm1", RAMMiB: 256, RAMFile: "/dev/shm/ax-lab-ax/vm1.ram",
+		Console: "/run/ax-lab/ax/vm1.console", Agent: "/run/ax-lab/ax/vm1.agent",
+		Tap: "tap-vm1", MAC: "52:54:00:a7:00:01",
+		Boot: api.Boot{Kernel: "/var/cache/ax/lab/images/k1/vmlinuz", Initrd: "/var/cache/ax/lab/images/k1/initrd",
+			Append: "console=ttyS0 quiet ax.ip=10.77.0.10/24"},
+		QEMU:  api.QEMU{QMP: "/run/ax-lab/ax/vm1.qmp", PIDFile: "/run/ax-lab/ax/vm1.pid", Accel: "tcg"},
+		Disks: []api.Disk{{Node: "disk0", Path: "/dev/shm/ax-lab-ax/vm1.disk0", Format: "raw"}},
 	}}
 }
 

@@ -31,23 +31,23 @@ type vmState struct {
 	epochs *vm.Epochs
 
 	// primary
-	cancel      context.CancelFunc
-	done        chan struct{} // closed when runPrimary returned
-	guardDone   chan struct{} // closed when guardPrimary returned
-	finish      chan chan finishResult // planned failover request
-	lastCommit  time.Time
-	pause       time.Duration
-	pauses      []time.Duration // recent, for the median
-	scans       []time.Duration
-	devSaves    []time.Duration
-	dirtyTotal  uint64
-	dirty       int
-	sent        uint64
-	rateAt      time.Time
-	rateBytes   uint64
-	rate        float64
-	syncSent    int
-	syncTotal   int
+	cancel     context.CancelFunc
+	done       chan struct{}          // closed when runPrimary returned
+	guardDone  chan struct{}          // closed when guardPrimary returned
+	finish     chan chan finishResult // planned failover request
+	lastCommit time.Time
+	pause      time.Duration
+	pauses     []time.Duration // recent, for the median
+	scans      []time.Duration
+	devSaves   []time.Duration
+	dirtyTotal uint64
+	dirty      int
+	sent       uint64
+	rateAt     time.Time
+	rateBytes  uint64
+	rate       float64
+	syncSent   int
+	syncTotal  int
 
 	// in-guest agent of a VM running here
 	agent       *agent.Monitor

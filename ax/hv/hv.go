@@ -7,6 +7,7 @@ package hv
 import (
 	"context"
 
+	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/ax/qemu"
 )
 
@@ -15,7 +16,7 @@ import (
 type Driver interface {
 	// Domain returns the VM that g describes. Nothing is dialed or started
 	// until one of its methods is called.
-	Domain(g qemu.Guest) Domain
+	Domain(g api.Guest) Domain
 }
 
 // Domain is one VM of this host, running or to be started.
@@ -29,6 +30,11 @@ type Domain interface {
 	// logPath, and returns once it runs (not once its monitor answers).
 	// The process outlives axd; the handle only kills it.
 	Start(ctx context.Context, logPath string) (Process, error)
+	// StartIncoming starts the VM's hypervisor process as Start does, but
+	// to resume a replica rather than boot: its RAM file already holds the
+	// guest's memory, and it waits, paused, for the device state that
+	// Control's LoadIncoming feeds it.
+	StartIncoming(ctx context.Context, logPath string) (Process, error)
 	// PlugTap makes the VM's tap exist, joins it to bridge ("": none) and
 	// sets it up. An interface of that name that is not a tap is refused.
 	PlugTap(ctx context.Context, bridge string) error

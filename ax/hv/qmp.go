@@ -12,12 +12,14 @@ import (
 
 	"github.com/digitalocean/go-qemu/qmp"
 
+	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/ax/qemu"
 )
 
 // QMP drives QEMU processes over their QMP unix sockets: the socket is the
-// one the guest description names, and Start runs QEMU with the command
-// line qemu.Guest.Args builds. The zero value is ready to use.
+// one the guest description names (api.QEMU), and Start runs QEMU with the
+// command line qemu.Guest.Args builds for it. The zero value is ready to
+// use.
 type QMP struct {
 	// Binary is the emulator Start runs (default qemu.Binary).
 	Binary string
@@ -32,11 +34,11 @@ type QMP struct {
 var _ Driver = (*QMP)(nil)
 
 // Domain returns the QEMU that g describes.
-func (q *QMP) Domain(g qemu.Guest) Domain { return &qmpDomain{drv: q, g: g} }
+func (q *QMP) Domain(g api.Guest) Domain { return &qmpDomain{drv: q, g: g} }
 
 type qmpDomain struct {
 	drv *QMP
-	g   qemu.Guest
+	g   api.Guest
 }
 
 func (d *qmpDomain) Name() string { return d.g.Name }
@@ -84,6 +86,17 @@ func (d *qmpDomain) Control(ctx context.Context) (Control, error) {
 
 // Start runs QEMU in its own session, so that it outlives axd.
 func (d *qmpDomain) Start(ctx context.Context, logPath string) (Process, error) {
+	return d.start(ctx, qemu.GuestFor(d.g), logPath)
+}
+
+// StartIncoming runs QEMU with -incoming defer.
+func (d *qmpDomain) StartIncoming(ctx context.Context, logPath string) (Process, error) {
+	g := qemu.GuestFor(d.g)
+	g.Incoming = true
+	return d.start(ctx, g, logPath)
+}
+
+func (d *qmpDomain) start(ctx context.Context, g qemu.Guest, logPath string) (Process, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
@@ -93,14 +106,14 @@ func (d *qmpDomain) Start(ctx context.Context, logPath string) (Process, error) 
 	}
 	logf, err := os.Create(logPath)
 	if err != nil {
-		return nil, fmt.Errorf("QEMU log of %s: %w", d.g.Name, err)
+		return nil, fmt.Errorf("QEMU log of %s: %w", g.Name, err)
 	}
 	defer logf.Close()
-	cmd := exec.Command(bin, d.g.Args()...)
+	cmd := exec.Command(bin, g.Args()...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start %s for %s: %w", bin, d.g.Name, err)
+		return nil, fmt.Errorf("start %s for %s: %w", bin, g.Name, err)
 	}
 	timeout := d.drv.KillTimeout
 	if timeout <= 0 {

@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/axproject/ax/ax/qemu"
+	"github.com/axproject/ax/ax/api"
 )
 
 // qmpServer is a QEMU's QMP socket as far as Control needs one: it greets
@@ -96,7 +96,7 @@ func TestQMPControl(t *testing.T) {
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "qmp.sock")
 	srv := startQMPServer(t, sock, false)
-	dom := (&QMP{}).Domain(qemu.Guest{Name: "vm1", QMP: sock})
+	dom := (&QMP{}).Domain(api.Guest{Name: "vm1", QEMU: api.QEMU{QMP: sock}})
 	if dom.Name() != "vm1" {
 		t.Errorf("name %q", dom.Name())
 	}
@@ -131,13 +131,13 @@ func TestQMPControlFails(t *testing.T) {
 	startQMPServer(t, mute, true)
 	cases := []struct {
 		name string
-		g    qemu.Guest
+		g    api.Guest
 		want string
 	}{
-		{"no socket in the spec", qemu.Guest{Name: "vm1"}, "no QMP socket"},
-		{"no QEMU listening", qemu.Guest{Name: "vm1", QMP: filepath.Join(dir, "none.sock")}, "none.sock"},
+		{"no socket in the spec", api.Guest{Name: "vm1"}, "no QMP socket"},
+		{"no QEMU listening", api.Guest{Name: "vm1", QEMU: api.QEMU{QMP: filepath.Join(dir, "none.sock")}}, "none.sock"},
 		// The dial succeeds; the greeting never comes.
-		{"QMP held by another client", qemu.Guest{Name: "vm1", QMP: mute}, "no greeting"},
+		{"QMP held by another client", api.Guest{Name: "vm1", QEMU: api.QEMU{QMP: mute}}, "no greeting"},
 	}
 	for _, c := range cases {
 		ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
@@ -169,7 +169,7 @@ func alive(pid int) bool { return syscall.Kill(pid, 0) == nil }
 func TestQMPStartAndKill(t *testing.T) {
 	drv := &QMP{Binary: fakeQEMU(t, `exec sleep 1000`)}
 	dir := t.TempDir()
-	g := qemu.Guest{Name: "vm1", QMP: filepath.Join(dir, "qmp.sock"), RAMMiB: 1, Accel: "tcg"}
+	g := api.Guest{Name: "vm1", RAMMiB: 1, QEMU: api.QEMU{QMP: filepath.Join(dir, "qmp.sock"), Accel: "tcg"}}
 	logPath := filepath.Join(dir, "qemu.log")
 	p, err := drv.Domain(g).Start(context.Background(), logPath)
 	if err != nil {
@@ -198,20 +198,35 @@ func TestQMPStartAndKill(t *testing.T) {
 func TestQMPStartedProcessEnds(t *testing.T) {
 	drv := &QMP{Binary: fakeQEMU(t, `echo "started with $*"; exit 3`)}
 	dir := t.TempDir()
-	g := qemu.Guest{Name: "vm1", QMP: filepath.Join(dir, "qmp.sock"), RAMMiB: 1, Accel: "tcg"}
-	logPath := filepath.Join(dir, "qemu.log")
-	p, err := drv.Domain(g).Start(context.Background(), logPath)
-	if err != nil {
-		t.Fatal(err)
+	g := api.Guest{Name: "vm1", RAMMiB: 1, QEMU: api.QEMU{QMP: filepath.Join(dir, "qmp.sock"), Accel: "tcg"}}
+	dom := drv.Domain(g)
+	cases := []struct {
+		name     string
+		start    func(context.Context, string) (Process, error)
+		incoming bool
+	}{
+		{"boot", dom.Start, false},
+		{"replica", dom.StartIncoming, true},
 	}
-	<-p.Done()
-	if err := p.Kill(); err != nil {
-		t.Errorf("Kill of a process that ended: %v", err)
-	}
-	// Its command line is QEMU's for g, its output in the log.
-	out, err := os.ReadFile(logPath)
-	if err != nil || !strings.Contains(string(out), "-qmp unix:"+g.QMP) {
-		t.Errorf("log %q, %v", out, err)
+	for _, c := range cases {
+		logPath := filepath.Join(dir, c.name+".log")
+		p, err := c.start(context.Background(), logPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		<-p.Done()
+		if err := p.Kill(); err != nil {
+			t.Errorf("%s: Kill of a process that ended: %v", c.name, err)
+		}
+		// Its command line is QEMU's for g, its output in the log; only a
+		// replica waits for device state.
+		out, err := os.ReadFile(logPath)
+		if err != nil || !strings.Contains(string(out), "-qmp unix:"+g.QMP) {
+			t.Errorf("%s: log %q, %v", c.name, out, err)
+		}
+		if got := strings.Contains(string(out), "-incoming defer"); got != c.incoming {
+			t.Errorf("%s: -incoming defer on the command line: %v, want %v (%q)", c.name, got, c.incoming, out)
+		}
 	}
 }
 
@@ -226,14 +241,14 @@ func TestQMPStartFails(t *testing.T) {
 		{"log not writable", fakeQEMU(t, "exit 0"), filepath.Join(t.TempDir(), "no", "dir", "log"), "QEMU log"},
 	}
 	for _, c := range cases {
-		_, err := (&QMP{Binary: c.binary}).Domain(qemu.Guest{Name: "vm1"}).Start(context.Background(), c.logPath)
+		_, err := (&QMP{Binary: c.binary}).Domain(api.Guest{Name: "vm1"}).Start(context.Background(), c.logPath)
 		if err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%s: %v, want %q", c.name, err, c.want)
 		}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	if _, err := (&QMP{}).Domain(qemu.Guest{Name: "vm1"}).Start(ctx, filepath.Join(t.TempDir(), "log")); !errors.Is(err, context.Canceled) {
+	if _, err := (&QMP{}).Domain(api.Guest{Name: "vm1"}).Start(ctx, filepath.Join(t.TempDir(), "log")); !errors.Is(err, context.Canceled) {
 		t.Errorf("cancelled start: %v", err)
 	}
 }

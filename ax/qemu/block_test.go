@@ -66,7 +66,7 @@ func TestIntegrationQuorumChild(t *testing.T) {
 	qmpSock := filepath.Join(dir, "qmp.sock")
 	d := Disk{Node: "disk0", Path: img, Format: "raw"}
 	args := append([]string{"-machine", "none", "-nodefaults", "-display", "none",
-		"-qmp", "unix:" + qmpSock + ",server=on,wait=off"}, d.blockdevArgs()...)
+		"-qmp", "unix:" + qmpSock + ",server=on,wait=off"}, blockdevArgs(d)...)
 	cmd := exec.Command(Binary, args...)
 	var log bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &log, &log

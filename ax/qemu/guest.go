@@ -2,10 +2,9 @@ package qemu
 
 import (
 	"fmt"
-	"os"
-	"os/exec"
 	"strings"
-	"syscall"
+
+	"github.com/axproject/ax/ax/api"
 )
 
 // Binary is the emulator AX starts for replicas.
@@ -14,54 +13,51 @@ const Binary = "qemu-system-x86_64"
 // AgentPortName is the virtio-serial port the in-guest agent opens.
 const AgentPortName = "org.axproject.agent.0"
 
-// Guest is everything needed to start a VM's QEMU — and, on the partner
-// host, an identical one that resumes from a replica. Production hosts get it
-// from libvirt's domain; the lab fills it in.
+// Guest is the QEMU launcher's input: everything needed to start a VM's
+// QEMU — and, on the partner host, an identical one that resumes from a
+// replica. axd keeps the hypervisor-neutral api.Guest and makes this one
+// with GuestFor when the QMP driver starts a VM.
 type Guest struct {
-	Name    string `json:"name"`
-	RAMMiB  int    `json:"ram_mib"`
-	RAMFile string `json:"ram_file"` // shared named file on tmpfs (memory-backend-file, share=on)
-	QMP     string `json:"qmp"`      // QMP unix socket
-	Console string `json:"console"`  // serial console log
-	Agent   string `json:"agent"`    // virtio-serial agent unix socket
-	PIDFile string `json:"pid_file"`
-	Tap     string `json:"tap"`
-	MAC     string `json:"mac"`
-	Kernel  string `json:"kernel"`
-	Initrd  string `json:"initrd"`
-	Append  string `json:"append"` // kernel command line
-	Accel   string `json:"accel"`  // "kvm" or "tcg"
+	Name     string
+	RAMMiB   int
+	RAMFile  string // shared named file on tmpfs (memory-backend-file, share=on)
+	QMP      string // QMP unix socket
+	Console  string // serial console log
+	Agent    string // virtio-serial agent unix socket
+	PIDFile  string
+	Tap      string
+	MAC      string
+	Kernel   string
+	Initrd   string
+	Append   string // kernel command line
+	Accel    string // "kvm" or "tcg"
+	VsockCID uint32 // a vhost-vsock device with this context ID, when set (hosts without /dev/vhost-vsock leave it 0)
+	Disks    []Disk // virtio-blk disks, in order (vda, vdb, …)
 	// Incoming starts QEMU waiting for device state (-incoming defer), to
 	// resume a replica whose RAM file already holds the guest's memory.
-	Incoming bool `json:"incoming"`
-	// VsockCID, when set, gives the guest a vhost-vsock device with this
-	// context ID (the agent's preferred transport); hosts without
-	// /dev/vhost-vsock use the virtio-serial port only.
-	VsockCID uint32 `json:"vsock_cid,omitempty"`
-	// Disks are the guest's virtio-blk disks, in order (vda, vdb, …).
-	Disks []Disk `json:"disks,omitempty"`
+	Incoming bool
 }
 
-// Disk is one guest disk: an image file opened as a block node the guest's
-// virtio-blk device uses. AX mirrors the node to the partner, which keeps a
-// raw replica of what the guest sees.
-type Disk struct {
-	// Node is the block node's name; the device refers to it, and it is
-	// the same on the partner so device state loads there.
-	Node   string `json:"node"`
-	Path   string `json:"path"`
-	Format string `json:"format"` // raw or qcow2
-	// Plain attaches the device straight to the format node, as libvirt
-	// does, instead of through a quorum node: replication then keeps QEMU's
-	// write-blocking mirror, where every guest write waits for the partner.
-	Plain bool `json:"plain,omitempty"`
+// Disk is one guest disk as the spec gives it; QEMU opens it with
+// blockdevArgs.
+type Disk = api.Disk
+
+// GuestFor is the QEMU that runs g, booting (set Incoming to resume a
+// replica instead).
+func GuestFor(g api.Guest) Guest {
+	return Guest{
+		Name: g.Name, RAMMiB: g.RAMMiB, RAMFile: g.RAMFile, QMP: g.QMP,
+		Console: g.Console, Agent: g.Agent, PIDFile: g.PIDFile, Tap: g.Tap, MAC: g.MAC,
+		Kernel: g.Kernel, Initrd: g.Initrd, Append: g.Append, Accel: g.Accel,
+		VsockCID: g.VsockCID, Disks: append([]Disk(nil), g.Disks...),
+	}
 }
 
 // blockdevArgs are the disk's block nodes. The device sits on a quorum node
 // of one child, the disk itself: reads go to it alone (fifo), and
 // replication adds its NBD target as a second child while the guest runs
 // (AddQuorumChild). A Plain disk has no quorum node.
-func (d Disk) blockdevArgs() []string {
+func blockdevArgs(d Disk) []string {
 	format := d.Format
 	if format == "" {
 		format = "raw"
@@ -105,7 +101,7 @@ func (g Guest) Args() []string {
 		"-pidfile", g.PIDFile,
 	}
 	for i, d := range g.Disks {
-		args = append(args, d.blockdevArgs()...)
+		args = append(args, blockdevArgs(d)...)
 		args = append(args, "-device", fmt.Sprintf("virtio-blk-pci,drive=%s,id=vd%d", d.Node, i))
 	}
 	if g.Accel == "kvm" {
@@ -118,25 +114,6 @@ func (g Guest) Args() []string {
 		args = append(args, "-incoming", "defer", "-global", "migration.send-configuration=off")
 	}
 	return args
-}
-
-// Launch starts QEMU for g in its own session (it outlives the caller),
-// its output to logPath, and returns its PID.
-func Launch(g Guest, logPath string) (int, error) {
-	logf, err := os.Create(logPath)
-	if err != nil {
-		return 0, fmt.Errorf("qemu log: %w", err)
-	}
-	defer logf.Close()
-	cmd := exec.Command(Binary, g.Args()...)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := cmd.Start(); err != nil {
-		return 0, fmt.Errorf("start %s: %w", Binary, err)
-	}
-	pid := cmd.Process.Pid
-	go cmd.Wait() // reap it if it ends while we run
-	return pid, nil
 }
 
 // HardwareVirt returns the CPU flag ("vmx" or "svm") in /proc/cpuinfo's

@@ -30,7 +30,7 @@ const (
 	// maxAuthConns bounds authenticated connections; more are refused.
 	maxAuthConns = 1024
 	// maxConnsPerHolder bounds one holder's authenticated connections; a
-	// new one evicts its oldest. A host needs one (Client keeps one open).
+	// new one evicts its oldest. A host needs one (Client keeps at most DefaultMaxConns..7 open).
 	maxConnsPerHolder = 8
 	// authIdleTimeout closes an authenticated connection that sends no
 	// complete line for so long. axd probes the witness every second.

@@ -25,26 +25,6 @@ func TestOpenValidatesPrefix(t *testing.T) {
 	}
 }
 
-func TestGuestArgsUseSharedNamedRAM(t *testing.T) {
-	g := GuestSpec{Name: "vm1", RAMMiB: 256, RAMFile: "/dev/shm/x.ram", QMP: "/q", Console: "/c", Agent: "/a",
-		PIDFile: "/p", Tap: "tap0", MAC: "52:54:00:00:00:01", Kernel: "/k", Initrd: "/i", Append: "console=ttyS0", Accel: "tcg"}
-	args := strings.Join(g.Args(), " ")
-	for _, want := range []string{
-		"memory-backend-file,id=mem0,size=256M,mem-path=/dev/shm/x.ram,share=on",
-		"pc,accel=tcg,memory-backend=mem0",
-		"-qmp unix:/q,server=on,wait=off",
-		"tap,id=net0,ifname=tap0,script=no,downscript=no",
-		"name=" + AgentPortName,
-	} {
-		if !strings.Contains(args, want) {
-			t.Errorf("args lack %q:\n%s", want, args)
-		}
-	}
-	if strings.Contains(args, "-cpu host") {
-		t.Error("tcg guest with -cpu host")
-	}
-}
-
 func TestLastTick(t *testing.T) {
 	p := filepath.Join(t.TempDir(), "console.log")
 	os.WriteFile(p, []byte("boot noise\nAXTICK 1\nAXTICK 2\r\n[ 1.0] kernel says hi\nAXTICK 17\nAXTICK 1x\n"), 0o644)

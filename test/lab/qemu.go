@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/ax/qemu"
 )
 
@@ -20,9 +21,6 @@ const QEMUBinary = qemu.Binary
 
 // AgentPortName is the virtio-serial port the in-guest agent opens.
 const AgentPortName = qemu.AgentPortName
-
-// GuestSpec is the lab's name for the QEMU description AX replicates.
-type GuestSpec = qemu.Guest
 
 // DetectAccel returns "kvm" when KVM can really run guests here, else "tcg".
 // A /dev/kvm node alone is not enough: nested setups expose one whose guests
@@ -54,7 +52,7 @@ type GuestConfig struct {
 	Console string  // console log path; default in the VM's state directory
 	// RAMFile, when set, is an existing RAM file to use (a replica).
 	RAMFile string
-	// Incoming starts QEMU with -incoming defer (see GuestSpec.Incoming).
+	// Incoming starts QEMU with -incoming defer (see qemu.Guest.Incoming).
 	Incoming bool
 	// Cmdline is appended to the guest kernel's command line (e.g. ax.flood=1).
 	Cmdline string
@@ -117,20 +115,20 @@ func (l *Lab) StartGuest(ctx context.Context, cfg GuestConfig) (*VM, error) {
 		}
 	}
 	ipAddr := fmt.Sprintf("10.77.0.%d", 9+cfg.Index)
-	spec := GuestSpec{
-		Name:     cfg.Name,
-		RAMMiB:   cfg.RAMMiB,
-		RAMFile:  filepath.Join(l.ShmDir, cfg.Name+"-"+cfg.Host+".ram"),
-		QMP:      filepath.Join(dir, "qmp.sock"),
-		Console:  cfg.Console,
-		Agent:    filepath.Join(dir, "agent.sock"),
-		PIDFile:  filepath.Join(dir, "qemu.pid"),
-		Tap:      fmt.Sprintf("tap-%s", cfg.Name),
-		MAC:      fmt.Sprintf("52:54:00:a7:00:%02x", cfg.Index),
-		Kernel:   cfg.Kernel,
-		Initrd:   cfg.Initrd,
-		Accel:    cfg.Accel,
-		Incoming: cfg.Incoming,
+	spec := api.Guest{
+		Name:    cfg.Name,
+		RAMMiB:  cfg.RAMMiB,
+		RAMFile: filepath.Join(l.ShmDir, cfg.Name+"-"+cfg.Host+".ram"),
+		Console: cfg.Console,
+		Agent:   filepath.Join(dir, "agent.sock"),
+		Tap:     fmt.Sprintf("tap-%s", cfg.Name),
+		MAC:     fmt.Sprintf("52:54:00:a7:00:%02x", cfg.Index),
+		Boot:    api.Boot{Kernel: cfg.Kernel, Initrd: cfg.Initrd},
+		QEMU: api.QEMU{
+			QMP:     filepath.Join(dir, "qmp.sock"),
+			PIDFile: filepath.Join(dir, "qemu.pid"),
+			Accel:   cfg.Accel,
+		},
 	}
 	if cfg.RAMFile != "" {
 		spec.RAMFile = cfg.RAMFile
@@ -147,7 +145,7 @@ func (l *Lab) StartGuest(ctx context.Context, cfg GuestConfig) (*VM, error) {
 		if err != nil {
 			return nil, err
 		}
-		spec.Disks = []qemu.Disk{d}
+		spec.Disks = []api.Disk{d}
 		spec.Append += " ax.disk=/dev/vda"
 	}
 	if cfg.Cmdline != "" {
@@ -160,7 +158,9 @@ func (l *Lab) StartGuest(ctx context.Context, cfg GuestConfig) (*VM, error) {
 	if err := ip(ctx, "-n", ns, "link", "set", spec.Tap, "master", PublicBridge, "up"); err != nil {
 		return nil, err
 	}
-	pid, err := l.startLogged(cfg.Host, "qemu "+cfg.Name+"@"+cfg.Host, filepath.Join(dir, "qemu.log"), QEMUBinary, spec.Args()...)
+	launch := qemu.GuestFor(spec)
+	launch.Incoming = cfg.Incoming
+	pid, err := l.startLogged(cfg.Host, "qemu "+cfg.Name+"@"+cfg.Host, filepath.Join(dir, "qemu.log"), QEMUBinary, launch.Args()...)
 	if err != nil {
 		return nil, err
 	}
@@ -279,7 +279,7 @@ func (l *Lab) vsockCID(index int) uint32 {
 }
 
 // makeDisk creates a guest's empty disk image on the lab's tmpfs.
-func (l *Lab) makeDisk(ctx context.Context, cfg GuestConfig) (qemu.Disk, error) {
+func (l *Lab) makeDisk(ctx context.Context, cfg GuestConfig) (api.Disk, error) {
 	format := cfg.DiskFormat
 	if format == "" {
 		format = "raw"
@@ -294,15 +294,15 @@ func (l *Lab) makeDisk(ctx context.Context, cfg GuestConfig) (qemu.Disk, error) 
 			f.Close()
 		}
 		if err != nil {
-			return qemu.Disk{}, fmt.Errorf("guest disk: %w", err)
+			return api.Disk{}, fmt.Errorf("guest disk: %w", err)
 		}
 	case "qcow2":
 		out, err := exec.CommandContext(ctx, "qemu-img", "create", "-q", "-f", "qcow2", path, fmt.Sprintf("%dM", cfg.DiskMiB)).CombinedOutput()
 		if err != nil {
-			return qemu.Disk{}, fmt.Errorf("guest disk: qemu-img create: %v: %s (qemu-img is in Debian's qemu-utils)", err, strings.TrimSpace(string(out)))
+			return api.Disk{}, fmt.Errorf("guest disk: qemu-img create: %v: %s (qemu-img is in Debian's qemu-utils)", err, strings.TrimSpace(string(out)))
 		}
 	default:
-		return qemu.Disk{}, fmt.Errorf("guest disk: format %q: use raw or qcow2", format)
+		return api.Disk{}, fmt.Errorf("guest disk: format %q: use raw or qcow2", format)
 	}
-	return qemu.Disk{Node: "disk0", Path: path, Format: format, Plain: cfg.DiskPlain}, nil
+	return api.Disk{Node: "disk0", Path: path, Format: format, Plain: cfg.DiskPlain}, nil
 }

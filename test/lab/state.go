@@ -10,6 +10,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/axproject/ax/ax/api"
 )
 
 // State is what a lab made, written to disk before each object is made, so
@@ -49,9 +51,10 @@ type VM struct {
 	MAC     string `json:"mac"`
 	IP      string `json:"ip"`
 	Accel   string `json:"accel"`
-	// Spec is the QEMU configuration, so the same guest can be started
-	// elsewhere (the replica's QEMU on the partner host).
-	Spec GuestSpec `json:"spec"`
+	// Spec is the guest as axd is told of it (DefineGuest), so the same
+	// guest can be started elsewhere (the replica's QEMU on the partner
+	// host).
+	Spec api.Guest `json:"spec"`
 }
 
 func (s *State) save() error {

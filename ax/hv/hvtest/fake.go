@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/ax/hv"
 	"github.com/axproject/ax/ax/qemu"
 )
@@ -21,7 +22,7 @@ type Op string
 
 const (
 	OpDial     Op = "dial"     // Domain.Control
-	OpStart    Op = "start"    // Domain.Start
+	OpStart    Op = "start"    // Domain.Start and Domain.StartIncoming
 	OpPlug     Op = "plug"     // Domain.PlugTap
 	OpKill     Op = "kill"     // Process.Kill
 	OpStop     Op = "stop"     // Monitor.Stop
@@ -38,7 +39,7 @@ const (
 
 // Fake is a hv.Driver that records every call as "VM op [args]" and keeps
 // a run state per VM: "running" once dialed (a VM axd did not start runs),
-// "inmigrate" after starting with Incoming, "paused" after a load or stop,
+// "inmigrate" after StartIncoming, "paused" after a load or stop,
 // "running" after cont. Safe for concurrent use.
 type Fake struct {
 	mu      sync.Mutex
@@ -46,7 +47,7 @@ type Fake struct {
 	fail    map[Op]error
 	pinned  map[string]string // VM → what Status answers regardless
 	state   map[string]string
-	started map[string]qemu.Guest
+	started map[string]Launch
 	loaded  map[string][]byte
 	pid     int
 }
@@ -56,7 +57,7 @@ var _ hv.Driver = (*Fake)(nil)
 // New returns a fake where everything succeeds.
 func New() *Fake {
 	return &Fake{fail: map[Op]error{}, pinned: map[string]string{}, state: map[string]string{},
-		started: map[string]qemu.Guest{}, loaded: map[string][]byte{}, pid: 4000}
+		started: map[string]Launch{}, loaded: map[string][]byte{}, pid: 4000}
 }
 
 // Fail makes every later op fail with err (recorded all the same); a nil
@@ -104,8 +105,15 @@ func (f *Fake) State(vm string) string {
 	return f.state[vm]
 }
 
-// Started returns the guest description vm was last started with.
-func (f *Fake) Started(vm string) (qemu.Guest, bool) {
+// Launch is how the fake was asked to start a VM.
+type Launch struct {
+	api.Guest
+	// Incoming: by StartIncoming, to resume a replica.
+	Incoming bool
+}
+
+// Started returns how vm was last started.
+func (f *Fake) Started(vm string) (Launch, bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	g, ok := f.started[vm]
@@ -137,11 +145,11 @@ func (f *Fake) setState(vm, st string) {
 }
 
 // Domain returns the fake's VM named by g.
-func (f *Fake) Domain(g qemu.Guest) hv.Domain { return &domain{f: f, g: g} }
+func (f *Fake) Domain(g api.Guest) hv.Domain { return &domain{f: f, g: g} }
 
 type domain struct {
 	f *Fake
-	g qemu.Guest
+	g api.Guest
 }
 
 func (d *domain) Name() string { return d.g.Name }
@@ -159,14 +167,22 @@ func (d *domain) Control(ctx context.Context) (hv.Control, error) {
 }
 
 func (d *domain) Start(ctx context.Context, logPath string) (hv.Process, error) {
+	return d.start(false)
+}
+
+func (d *domain) StartIncoming(ctx context.Context, logPath string) (hv.Process, error) {
+	return d.start(true)
+}
+
+func (d *domain) start(incoming bool) (hv.Process, error) {
 	if err := d.f.record(d.g.Name, OpStart); err != nil {
 		return nil, err
 	}
 	d.f.mu.Lock()
 	defer d.f.mu.Unlock()
-	d.f.started[d.g.Name] = d.g
+	d.f.started[d.g.Name] = Launch{Guest: d.g, Incoming: incoming}
 	d.f.state[d.g.Name] = "running"
-	if d.g.Incoming {
+	if incoming {
 		d.f.state[d.g.Name] = "inmigrate"
 	}
 	d.f.pid++
