@@ -30,7 +30,8 @@ const (
 	// maxAuthConns bounds authenticated connections; more are refused.
 	maxAuthConns = 1024
 	// maxConnsPerHolder bounds one holder's authenticated connections; a
-	// new one evicts its oldest. A host needs one (Client keeps at most DefaultMaxConns..7 open).
+	// new one evicts its oldest. A host's Client keeps up to
+	// DefaultMaxConns (at most 7) open, so it is never evicted from one in use.
 	maxConnsPerHolder = 8
 	// authIdleTimeout closes an authenticated connection that sends no
 	// complete line for so long. axd probes the witness every second.
