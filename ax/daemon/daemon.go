@@ -245,6 +245,12 @@ func (d *Daemon) Run(ctx context.Context, ready func()) error {
 	if err := os.MkdirAll(d.cfg.StateDir, 0o755); err != nil {
 		return fmt.Errorf("axd: state directory: %w", err)
 	}
+	// What this host's VMs were doing before axd started; a record axd
+	// cannot read stops it rather than let it guess.
+	recs, err := d.store.Load()
+	if err != nil {
+		return fmt.Errorf("axd: %w", err)
+	}
 	host, err := reserve.HostCapacity(d.cfg.StateDir)
 	if err != nil {
 		return fmt.Errorf("axd: measuring this host's capacity: %w", err)
@@ -353,6 +359,7 @@ func (d *Daemon) Run(ctx context.Context, ready func()) error {
 		d.serveVsockAgents(ctx, port)
 	}()
 	d.event("", "start", fmt.Sprintf("axd on %s started (epoch %s, tracker %s, witness %q)", d.cfg.Host, d.cfg.Epoch, d.cfg.Tracker, d.cfg.Witness))
+	d.restore(recs)
 	if ready != nil {
 		ready()
 	}

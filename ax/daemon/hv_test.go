@@ -70,15 +70,16 @@ func sameCalls(t *testing.T, what string, got, want []string) {
 // protectedPrimary registers vm1 here as a primary whose protection ctx is
 // returned.
 func protectedPrimary(d *Daemon) (*vmState, context.Context) {
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	close(done) // no stream runs
 	v := newVM("vm1", vm.Protected)
 	v.level, v.peer = api.LevelFT, "a"
 	v.spec = api.VMSpec{Name: "vm1", Guest: api.Guest{Name: "vm1", QEMU: api.QEMU{QMP: "/run/ax/vm1.qmp"}}}
-	v.cancel, v.done, v.finish = cancel, done, make(chan chan finishResult)
+	v.finish = make(chan chan finishResult)
+	// No stream runs (it ends at once); the guard waits for the end.
+	ctxs := make(chan context.Context, 1)
+	v.prot = startProtection(d.ctx, &d.wg, func(ctx context.Context) { ctxs <- ctx },
+		func(ctx context.Context, _ <-chan struct{}) { <-ctx.Done() })
 	d.vms["vm1"] = v
-	return v, ctx
+	return v, <-ctxs
 }
 
 func TestFence(t *testing.T) {

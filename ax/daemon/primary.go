@@ -51,13 +51,20 @@ func (d *Daemon) define(spec api.VMSpec) error {
 		if r := v.role(); r != api.RoleLocal {
 			return fmt.Errorf("VM %s is %s here; unprotect it before redefining it", spec.Name, r)
 		}
-		v.set(func(v *vmState) { v.spec = spec })
+		var rec vm.Record
+		v.set(func(v *vmState) { v.spec, rec = spec, v.record() })
+		if err := d.store.Save(rec); err != nil {
+			d.log.Warn("state store", "vm", spec.Name, "err", err)
+		}
 		d.wg.Go(func() { d.startAgent(v) })
 		return nil
 	}
 	v := newVM(spec.Name, vm.Running)
 	v.spec = spec
 	d.vms[spec.Name] = v
+	if err := d.store.Save(v.record()); err != nil {
+		d.log.Warn("state store", "vm", spec.Name, "err", err)
+	}
 	d.metrics.SetLevel(spec.Name, api.RoleLocal, api.LevelNone)
 	d.wg.Go(func() { d.startAgent(v) })
 	return nil
@@ -109,26 +116,16 @@ func (d *Daemon) protect(name string, req api.ProtectRequest) error {
 		return err
 	}
 	_, ok := d.fire(v, vm.Protect, fmt.Sprintf("protecting %s at level %s towards %s", name, req.Level, req.Peer), func(v *vmState) {
-		ctx, cancel := context.WithCancel(d.ctx)
 		v.level, v.peer, v.force = req.Level, req.Peer, req.Force
-		v.cancel, v.done, v.guardDone, v.finish = cancel, make(chan struct{}), make(chan struct{}), make(chan chan finishResult)
+		v.finish = make(chan chan finishResult)
 		v.levelCh, v.accepted = make(chan levelReq), make(chan error, 1)
 		v.epochs.Reset()
 		v.lastCommit, v.pauses, v.syncSent, v.syncTotal = time.Time{}, nil, 0, 0
 		v.scans, v.devSaves, v.dirtyTotal, v.sent = nil, nil, 0, 0
 		v.diskSyncDone, v.diskSyncTotal = 0, 0
 		accepted = v.accepted
-		d.wg.Add(2)
-		go func() {
-			defer d.wg.Done()
-			defer close(v.done)
-			d.runPrimary(ctx, v)
-		}()
-		go func() {
-			defer d.wg.Done()
-			defer close(v.guardDone)
-			d.guardPrimary(ctx, v)
-		}()
+		v.prot = startProtection(d.ctx, &d.wg, func(ctx context.Context) { d.runPrimary(ctx, v) },
+			func(ctx context.Context, closing <-chan struct{}) { d.guardPrimary(ctx, v, closing) })
 	})
 	if !ok {
 		return fmt.Errorf("VM %s is already protected (a concurrent request); unprotect it first", name)
@@ -251,8 +248,7 @@ func (d *Daemon) unprotect(name string) error {
 	if err != nil {
 		return err
 	}
-	var cancel context.CancelFunc
-	var done, guardDone chan struct{}
+	var prot *protection
 	v.set(func(v *vmState) {
 		switch {
 		case v.st.Role() == api.RoleSecondary:
@@ -260,33 +256,33 @@ func (d *Daemon) unprotect(name string) error {
 		case v.st == vm.HandingOver:
 			err = fmt.Errorf("VM %s is being handed over to %s; see axctl events", name, v.peer)
 		}
-		cancel, done, guardDone = v.cancel, v.done, v.guardDone
+		prot = v.prot
 	})
-	if err != nil || cancel == nil {
+	if err != nil {
 		return err
 	}
-	cancel()
-	<-done
-	// The secondary has dropped its replica (bye): what is held can go —
-	// unless a fence was under way: the partner may have taken over, so
-	// what is held must never be seen (the transition decides).
+	// The stream says bye (the secondary drops its replica); a fence the
+	// guard was retrying stops: the operator takes the VM back.
+	if prot != nil {
+		prot.Close()
+	}
+	// What is held can go now — unless a fence was under way: the partner
+	// may have taken over, so what is held must never be seen (the
+	// transition decides).
 	d.fire(v, vm.Unprotect, "protection ended; the partner drops its replica", func(v *vmState) {
-		v.level, v.peer, v.cancel = api.LevelNone, "", nil
+		v.level, v.peer, v.prot = api.LevelNone, "", nil
 	})
-	// The guard ends at its next tick; a fence it was retrying stops
-	// with the primary role (the operator took the VM back).
-	<-guardDone
 	return nil
 }
 
 // stopAll ends every primary's loop (daemon shutdown); guests keep running.
 func (d *Daemon) stopAll() {
 	d.mu.Lock()
-	var cancels []context.CancelFunc
+	var prots []*protection
 	for _, v := range d.vms {
 		v.mu.Lock()
-		if v.cancel != nil {
-			cancels = append(cancels, v.cancel)
+		if v.prot != nil {
+			prots = append(prots, v.prot)
 		}
 		if v.replica != nil {
 			v.replica.Close()
@@ -294,8 +290,8 @@ func (d *Daemon) stopAll() {
 		v.mu.Unlock()
 	}
 	d.mu.Unlock()
-	for _, c := range cancels {
-		c()
+	for _, p := range prots {
+		p.stop() // Run waits for them
 	}
 }
 
@@ -562,7 +558,9 @@ func (d *Daemon) runFT(ctx context.Context, v *vmState, mon hv.Control, sender *
 			}
 		},
 		Epoch: func(e ft.EpochStats) {
-			v.notePause(e.Epoch, e.Pause, e.Scan, e.DevSave, e.DirtyPages, e.Bytes)
+			if v.notePause(e.Epoch, e.Pause, e.Scan, e.DevSave, e.DirtyPages, e.Bytes) {
+				d.saveRecord(v) // once per block of epochs
+			}
 			d.metrics.ObservePause(spec.Name, e.Pause, e.DirtyPages)
 			n := sender.BytesSent()
 			d.metrics.BytesSent.WithLabelValues(spec.Name).Add(float64(n - lastSent))
@@ -678,7 +676,7 @@ func setUserTimeout(s *replication.Sender) {
 // guardPrimary renews the VM's witness lease and fences the VM (pauses its
 // guest) when this host can reach neither its partner nor the witness, so
 // that the partner can never run the VM at the same time.
-func (d *Daemon) guardPrimary(ctx context.Context, v *vmState) {
+func (d *Daemon) guardPrimary(ctx context.Context, v *vmState, closing <-chan struct{}) {
 	name := v.name
 	var leaseUntil time.Time
 	var lastRenew time.Time
@@ -710,7 +708,7 @@ func (d *Daemon) guardPrimary(ctx context.Context, v *vmState) {
 			case errors.Is(err, witness.ErrLeaseHeld):
 				// The partner took the VM over: this copy must never run again.
 				d.setWitness(true)
-				d.fenceUntilPaused(v, "the witness says "+err.Error())
+				d.fenceUntilPaused(v, "the witness says "+err.Error(), closing)
 				return
 			default:
 				d.setWitness(false)
@@ -735,7 +733,7 @@ func (d *Daemon) guardPrimary(ctx context.Context, v *vmState) {
 		// silence from both partner and witness.
 		if witness.DecidePrimary(obs) == witness.Fence &&
 			(!obs.OwnLeaseValid || (!silentSince.IsZero() && time.Since(silentSince) >= d.cfg.FenceAfter)) {
-			d.fenceUntilPaused(v, "neither the partner nor the witness can be reached")
+			d.fenceUntilPaused(v, "neither the partner nor the witness can be reached", closing)
 			return
 		}
 	}
@@ -745,13 +743,16 @@ func (d *Daemon) guardPrimary(ctx context.Context, v *vmState) {
 const fenceRetry = 50 * time.Millisecond
 
 // fenceUntilPaused fences the VM and tries again until its guest is
-// verified paused, the VM stops being a primary here, or axd stops.
-func (d *Daemon) fenceUntilPaused(v *vmState, why string) {
+// verified paused, the VM stops being a primary here, its protection is
+// closed (the operator took it back), or axd stops.
+func (d *Daemon) fenceUntilPaused(v *vmState, why string, closing <-chan struct{}) {
 	t := time.NewTicker(fenceRetry)
 	defer t.Stop()
 	for !d.fence(v, why) {
 		select {
 		case <-d.ctx.Done():
+			return
+		case <-closing:
 			return
 		case <-t.C:
 		}
@@ -768,24 +769,17 @@ func (d *Daemon) fenceUntilPaused(v *vmState, why string) {
 // held is discarded, never released), for the caller to try again.
 func (d *Daemon) fence(v *vmState, why string) bool {
 	var spec api.VMSpec
-	var cancel context.CancelFunc
-	var done chan struct{}
+	var prot *protection
 	// From now on nothing goes out until the guest is paused; once it is,
 	// the gate goes and the guest has no output to send.
-	if _, ok := d.fire(v, vm.Fence, "fencing: "+why, func(v *vmState) { spec, cancel, done = v.spec, v.cancel, v.done }); !ok {
+	if _, ok := d.fire(v, vm.Fence, "fencing: "+why, func(v *vmState) { spec, prot = v.spec, v.prot }); !ok {
 		st := v.state()
 		return st == vm.Fenced || st.Role() != api.RolePrimary
 	}
 	// Checkpoints end first: the FT loop resumes the guest after each of
 	// its pauses, and it holds the VM's one QMP connection.
-	if cancel != nil {
-		cancel()
-	}
-	if done != nil {
-		select {
-		case <-done:
-		case <-time.After(2 * time.Second):
-		}
+	if prot != nil {
+		prot.stopStream(2 * time.Second)
 	}
 	if err := d.pauseGuest(spec); err != nil {
 		// Tried every tick: an event only when the reason changes.
@@ -900,10 +894,10 @@ func (d *Daemon) plannedFailover(ctx context.Context, name string) error {
 	if merr == nil {
 		mon.Quit(ctx)
 	}
-	var cancel context.CancelFunc
-	d.fire(v, vm.Moved, fmt.Sprintf("VM %s now runs on %s", name, peer), func(v *vmState) { cancel, v.cancel = v.cancel, nil })
-	if cancel != nil {
-		cancel()
+	var prot *protection
+	d.fire(v, vm.Moved, fmt.Sprintf("VM %s now runs on %s", name, peer), func(v *vmState) { prot, v.prot = v.prot, nil })
+	if prot != nil {
+		prot.Close()
 	}
 	d.stopAgent(v)
 	d.mu.Lock()

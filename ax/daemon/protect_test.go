@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -39,42 +40,57 @@ func freePort(t *testing.T) string {
 type pair struct {
 	a, b         *Daemon
 	fakeA, fakeB *hvtest.Fake
-	storeA       *vm.MemoryStore
 	dir          string
+	cfg          map[string]Config
+	stop         map[string]func()
 }
 
 func runPair(t *testing.T) *pair {
 	t.Helper()
-	p := &pair{dir: t.TempDir(), fakeA: hvtest.New(), fakeB: hvtest.New(), storeA: &vm.MemoryStore{}}
+	p := &pair{dir: t.TempDir(), fakeA: hvtest.New(), fakeB: hvtest.New(),
+		cfg: map[string]Config{}, stop: map[string]func(){}}
 	psk := []byte("0123456789abcdef0123456789abcdef")
 	replA, mgmtA, replB, mgmtB := freePort(t), freePort(t), freePort(t), freePort(t)
-	start := func(host string, repl, mgmt string, peer string, peerAddr Peer, fake *hvtest.Fake, store vm.Store) *Daemon {
-		d, err := New(Config{Host: host, Socket: filepath.Join(p.dir, host+".sock"), StateDir: filepath.Join(p.dir, host),
+	host := func(host string, repl, mgmt string, peer string, peerAddr Peer, fake *hvtest.Fake) Config {
+		return Config{Host: host, Socket: filepath.Join(p.dir, host+".sock"), StateDir: filepath.Join(p.dir, host),
 			ReplListen: repl, MgmtListen: mgmt, PSK: psk, Peers: map[string]Peer{peer: peerAddr},
-			ImageDirs: []string{"/var/cache/ax/lab"}, Bridges: []string{"br-pub"}, Tracker: "hash",
-			Hypervisor: fake, Store: store})
-		if err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithCancel(context.Background())
-		ready, done := make(chan struct{}), make(chan error, 1)
-		go func() { done <- d.Run(ctx, func() { close(ready) }) }()
-		t.Cleanup(func() {
-			cancel()
-			if err := <-done; err != nil {
-				t.Errorf("axd %s: %v", host, err)
-			}
-		})
-		select {
-		case <-ready:
-		case err := <-done:
-			t.Fatalf("axd %s: %v", host, err)
-		}
-		return d
+			ImageDirs: []string{"/var/cache/ax/lab"}, Bridges: []string{"br-pub"}, Tracker: "hash", Hypervisor: fake}
 	}
-	p.a = start("a", replA, mgmtA, "b", Peer{Repl: replB, Mgmt: mgmtB}, p.fakeA, p.storeA)
-	p.b = start("b", replB, mgmtB, "a", Peer{Repl: replA, Mgmt: mgmtA}, p.fakeB, nil)
+	p.cfg["a"] = host("a", replA, mgmtA, "b", Peer{Repl: replB, Mgmt: mgmtB}, p.fakeA)
+	p.cfg["b"] = host("b", replB, mgmtB, "a", Peer{Repl: replA, Mgmt: mgmtA}, p.fakeB)
+	p.a = p.start(t, "a")
+	p.b = p.start(t, "b")
 	return p
+}
+
+// start runs axd on host h (again, after stop: same state directory).
+func (p *pair) start(t *testing.T, h string) *Daemon {
+	t.Helper()
+	d, err := New(p.cfg[h])
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	ready, done := make(chan struct{}), make(chan error, 1)
+	go func() { done <- d.Run(ctx, func() { close(ready) }) }()
+	stopped := false
+	p.stop[h] = func() {
+		if stopped {
+			return
+		}
+		stopped = true
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("axd %s: %v", h, err)
+		}
+	}
+	t.Cleanup(p.stop[h])
+	select {
+	case <-ready:
+	case err := <-done:
+		t.Fatalf("axd %s: %v", h, err)
+	}
+	return d
 }
 
 // defineVM defines vm1 on a: 1 MiB of RAM in a file, no disks.
@@ -125,6 +141,13 @@ func TestProtectAndChangeLevel(t *testing.T) {
 	p := runPair(t)
 	p.defineVM(t)
 	ctx := context.Background()
+	store := func() []vm.Record {
+		recs, err := p.a.store.Load()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return recs
+	}
 
 	if err := p.a.protect("vm1", api.ProtectRequest{Level: api.LevelHA, Peer: "b"}); err != nil {
 		t.Fatal(err)
@@ -133,7 +156,7 @@ func TestProtectAndChangeLevel(t *testing.T) {
 		a, b := vm1(p.a), vm1(p.b)
 		return a.State == "protected" && a.Level == api.LevelHA && b.Role == api.RoleSecondary && b.State == "ready"
 	}, both(p))
-	if recs, _ := p.storeA.Load(); len(recs) != 1 || recs[0].State != "protected" || recs[0].Role != api.RolePrimary || recs[0].Peer != "b" {
+	if recs := store(); len(recs) != 1 || recs[0].State != "protected" || recs[0].Role != api.RolePrimary || recs[0].Peer != "b" {
 		t.Errorf("store after protect: %+v", recs)
 	}
 	if err := p.a.protect("vm1", api.ProtectRequest{Level: api.LevelFT, Peer: "b"}); err == nil || !strings.Contains(err.Error(), "already primary") {
@@ -177,7 +200,7 @@ func TestProtectAndChangeLevel(t *testing.T) {
 	until(t, "unprotected", func() bool {
 		return vm1(p.a).State == "running" && vm1(p.a).Role == api.RoleLocal && vm1(p.b).Name == ""
 	}, both(p))
-	if recs, _ := p.storeA.Load(); len(recs) != 1 || recs[0].State != "running" || recs[0].NextEpoch < 4 {
+	if recs := store(); len(recs) != 1 || recs[0].State != "running" || recs[0].NextEpoch < 4 {
 		t.Errorf("store after unprotect: %+v (the next epoch must be above those used)", recs)
 	}
 	kinds := map[string]int{}
@@ -197,5 +220,55 @@ func TestProtectAndChangeLevel(t *testing.T) {
 	until(t, "FT again", func() bool { a := vm1(p.a); return a.State == "protected" && a.Committed > 0 }, both(p))
 	if c := vm1(p.a).Committed; c < next {
 		t.Errorf("re-protected at epoch %d, below %d", c, next)
+	}
+}
+
+// axd restarted on the primary (stopped, started again on the same state
+// directory) finds its VM, still running, and protects it again by itself
+// at its level; a VM whose hypervisor no longer runs it is forgotten.
+func TestRestartResumesProtection(t *testing.T) {
+	p := runPair(t)
+	p.defineVM(t)
+	if err := p.a.protect("vm1", api.ProtectRequest{Level: api.LevelFT, Peer: "b"}); err != nil {
+		t.Fatal(err)
+	}
+	until(t, "FT protection", func() bool { a := vm1(p.a); return a.State == "protected" && a.Committed > 2 }, both(p))
+	before := vm1(p.a).Committed
+	var next uint64
+	p.stop["a"]()
+	v, _ := p.a.vm("vm1")
+	next = v.epochs.Next()
+	until(t, "b drops the replica of a stopped axd", func() bool { return vm1(p.b).Name == "" }, both(p))
+
+	p.a = p.start(t, "a")
+	until(t, "protected again after the restart", func() bool {
+		a, b := vm1(p.a), vm1(p.b)
+		return a.Role == api.RolePrimary && a.Level == api.LevelFT && a.State == "protected" && b.State == "ready"
+	}, both(p))
+	if c := vm1(p.a).Committed; c < next || c <= before {
+		t.Errorf("after the restart epoch %d committed, want above %d and %d", c, before, next)
+	}
+	restored := false
+	for _, e := range p.a.eventsSince(0) {
+		restored = restored || (e.Kind == "restore" && strings.Contains(e.Text, "level ft towards b"))
+	}
+	if !restored {
+		t.Errorf("no restore event: %+v", p.a.eventsSince(0))
+	}
+
+	// The VM's QEMU went away while axd was down: nothing to restore.
+	p.stop["a"]()
+	p.fakeA.Fail(hvtest.OpDial, errors.New("connection refused"))
+	p.a = p.start(t, "a")
+	until(t, "forgotten", func() bool {
+		for _, e := range p.a.eventsSince(0) {
+			if e.Kind == "forget" && strings.Contains(e.Text, "connection refused") {
+				return true
+			}
+		}
+		return false
+	}, func() string { return fmt.Sprintf("%+v", p.a.eventsSince(0)) })
+	if recs, err := p.a.store.Load(); err != nil || len(recs) != 0 || vm1(p.a).Name != "" {
+		t.Errorf("a VM whose QEMU is gone stays: %+v %v %+v", recs, err, vm1(p.a))
 	}
 }

@@ -1,6 +1,8 @@
 package daemon
 
 import (
+	"context"
+	"fmt"
 	"time"
 
 	"github.com/axproject/ax/ax/api"
@@ -51,8 +53,7 @@ func (d *Daemon) fire(v *vmState, e vm.Event, detail string, also func(v *vmStat
 		v.gate = nil
 	}
 	level := v.level
-	rec := vm.Record{VM: v.name, State: to.String(), Role: to.Role(), Level: level, Peer: v.peer,
-		NextEpoch: v.epochs.Next(), Alarm: v.alarm, Updated: time.Now()}
+	rec := v.record()
 	v.mu.Unlock()
 
 	d.applyOutput(v.name, gate, act)
@@ -113,5 +114,80 @@ func (d *Daemon) observe(tr vm.Transition, level string, alarmChanged bool, rec 
 	}
 	if err != nil {
 		d.log.Warn("state store", "vm", tr.VM, "err", err)
+	}
+}
+
+// record is what the state store keeps of v (v.mu held).
+func (v *vmState) record() vm.Record {
+	spec := v.spec
+	return vm.Record{Version: vm.RecordVersion, VM: v.name, State: v.st.String(), Role: v.st.Role(), Level: v.level,
+		Peer: v.peer, NextEpoch: v.epochs.Floor(), Alarm: v.alarm, Updated: time.Now(), Spec: &spec}
+}
+
+// saveRecord writes v's record to the state store.
+func (d *Daemon) saveRecord(v *vmState) {
+	v.mu.Lock()
+	rec := v.record()
+	v.mu.Unlock()
+	if err := d.store.Save(rec); err != nil {
+		d.log.Warn("state store", "vm", v.name, "err", err)
+	}
+}
+
+// restore re-registers the VMs the state store kept from before axd
+// started, each whose hypervisor still runs it (the others are gone: the
+// host restarted, or it failed over and its copy here was killed):
+// a local VM as it was defined; a primary defined and protected again at
+// its level towards its partner (a new stream: memory and disks are
+// synchronised again), its epochs above those it used — should the partner
+// have taken it over meanwhile, the witness refuses this host the lease and
+// the guard fences this copy; a VM whose fence was under way or done stays
+// fenced and unprotected, the fence retried until its guest is verified
+// paused. Replicas come back when their primary's stream reconnects.
+func (d *Daemon) restore(recs []vm.Record) {
+	for _, r := range recs {
+		if r.Spec == nil || r.Spec.Name != r.VM || (r.Role != api.RoleLocal && r.Role != api.RolePrimary) {
+			continue
+		}
+		d.wg.Go(func() { d.restoreVM(r) })
+	}
+}
+
+func (d *Daemon) restoreVM(r vm.Record) {
+	ctx, cancel := context.WithTimeout(d.ctx, 2*time.Second)
+	mon, err := d.cfg.Hypervisor.Domain(r.Spec.Guest).Control(ctx)
+	cancel()
+	if err != nil {
+		d.event(r.VM, "forget", fmt.Sprintf("%s was %s here before axd started, but its hypervisor does not answer (%v): forgotten", r.VM, r.State, err))
+		if err := d.store.Delete(r.VM); err != nil {
+			d.log.Warn("state store", "vm", r.VM, "err", err)
+		}
+		return
+	}
+	mon.Close()
+	if err := d.define(*r.Spec); err != nil {
+		d.event(r.VM, "alarm", fmt.Sprintf("not restored after axd started: %v", err))
+		return
+	}
+	v, err := d.vm(r.VM)
+	if err != nil {
+		return
+	}
+	fenced := r.State == vm.Fencing.String() || r.State == vm.Fenced.String()
+	v.set(func(v *vmState) {
+		v.epochs = vm.RestoreEpochs(r.NextEpoch)
+		if fenced {
+			// Not a transition: the VM was fencing before axd started.
+			v.st, v.level, v.peer, v.alarm = vm.Fencing, r.Level, r.Peer, "fencing (from before axd restarted): "+r.Alarm
+		}
+	})
+	switch {
+	case fenced:
+		d.fenceUntilPaused(v, "it was fencing or fenced before axd restarted", nil)
+	case r.Role == api.RolePrimary:
+		d.event(r.VM, "restore", fmt.Sprintf("restoring protection of %s at level %s towards %s", r.VM, r.Level, r.Peer))
+		if err := d.protect(r.VM, api.ProtectRequest{Level: r.Level, Peer: r.Peer}); err != nil {
+			d.fire(v, vm.Degraded, "protection not resumed after axd restarted: "+err.Error(), nil)
+		}
 	}
 }

@@ -31,9 +31,7 @@ type vmState struct {
 	epochs *vm.Epochs
 
 	// primary
-	cancel     context.CancelFunc
-	done       chan struct{}          // closed when runPrimary returned
-	guardDone  chan struct{}          // closed when guardPrimary returned
+	prot       *protection            // its stream loop and guard, while it is a primary
 	finish     chan chan finishResult // planned failover request
 	lastCommit time.Time
 	pause      time.Duration
@@ -163,11 +161,12 @@ func keep(w []time.Duration, d time.Duration) []time.Duration {
 	return w
 }
 
-// notePause records one checkpoint's pause and size.
-func (v *vmState) notePause(epoch uint64, pause, scan, devSave time.Duration, dirty, bytes int) {
+// notePause records one checkpoint's pause and size. It reports whether
+// the VM's record must be saved (the epochs' stored floor rose).
+func (v *vmState) notePause(epoch uint64, pause, scan, devSave time.Duration, dirty, bytes int) (save bool) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	v.epochs.Took(epoch)
+	save = v.epochs.Took(epoch)
 	v.pause, v.dirty = pause, dirty
 	v.pauses, v.scans, v.devSaves = keep(v.pauses, pause), keep(v.scans, scan), keep(v.devSaves, devSave)
 	v.dirtyTotal += uint64(dirty)
@@ -178,4 +177,5 @@ func (v *vmState) notePause(epoch uint64, pause, scan, devSave time.Duration, di
 		}
 		v.rateAt, v.rateBytes = now, v.sent
 	}
+	return save
 }

@@ -12,11 +12,22 @@ type Epochs struct {
 	next      uint64 // first epoch of the next stream
 	taken     uint64 // last checkpoint taken
 	committed uint64 // last checkpoint the partner acknowledged
+	// floor is what the state store holds: above every epoch taken (and
+	// the one the gate tags next), so that after a crash the next stream
+	// starts above them all. Raised a block at a time.
+	floor uint64
 }
 
+// epochBlock is how far the stored floor is raised at a time: one store
+// write per 4096 checkpoints (about 3.5 minutes at 50 ms).
+const epochBlock = 4096
+
 // RestoreEpochs returns the counter of a VM whose next stream must start at
-// next or above (from the state store, after a restart).
-func RestoreEpochs(next uint64) *Epochs { return &Epochs{next: max(next, 1)} }
+// floor or above (the state store's Floor, after a restart or a crash).
+func RestoreEpochs(floor uint64) *Epochs {
+	floor = max(floor, 1)
+	return &Epochs{next: floor, floor: floor}
+}
 
 // Start returns the first epoch of a new stream.
 func (e *Epochs) Start() uint64 {
@@ -26,11 +37,24 @@ func (e *Epochs) Start() uint64 {
 	return e.next
 }
 
-// Took records that checkpoint n was taken.
-func (e *Epochs) Took(n uint64) {
+// Took records that checkpoint n was taken. It reports whether Floor rose,
+// so the record holding it must be written again.
+func (e *Epochs) Took(n uint64) (save bool) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	e.taken = max(e.taken, n)
+	if n+2 > e.floor {
+		e.floor = n + 2 + epochBlock
+		return true
+	}
+	return false
+}
+
+// Floor is the first epoch a stream may use after a crash (for the store).
+func (e *Epochs) Floor() uint64 {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return max(e.next, e.floor, 1)
 }
 
 // Committed records that the partner committed checkpoint n.
@@ -66,7 +90,7 @@ func (e *Epochs) Reset() {
 	e.taken, e.committed = 0, 0
 }
 
-// Next returns the first epoch the next stream may use (for the store).
+// Next returns the first epoch the next stream may use.
 func (e *Epochs) Next() uint64 {
 	e.mu.Lock()
 	defer e.mu.Unlock()

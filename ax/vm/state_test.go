@@ -139,4 +139,21 @@ func TestEpochsOnlyGrow(t *testing.T) {
 	if got := RestoreEpochs(42).Start(); got != 42 {
 		t.Fatalf("restored counter starts at %d", got)
 	}
+	// The stored floor stays above every epoch taken, rising a block at a
+	// time: after a crash a stream starts above all of them.
+	f := RestoreEpochs(10)
+	if !f.Took(10) || f.Floor() != 12+epochBlock {
+		t.Fatalf("floor %d after taking 10", f.Floor())
+	}
+	for n := uint64(11); n < 10+epochBlock; n++ {
+		if f.Took(n) {
+			t.Fatalf("floor written again at %d, within the block", n)
+		}
+	}
+	if !f.Took(11+epochBlock) || f.Floor() <= 11+epochBlock+1 {
+		t.Fatalf("floor %d did not rise past epoch %d", f.Floor(), 11+epochBlock)
+	}
+	if RestoreEpochs(f.Floor()).Start() <= 11+epochBlock+1 {
+		t.Fatal("a restored counter starts at or below an epoch taken")
+	}
 }

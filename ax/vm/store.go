@@ -12,23 +12,32 @@ import (
 	"sync"
 	"time"
 
+	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/ax/durable"
 	"github.com/axproject/ax/ax/names"
 )
+
+// RecordVersion is the format of the records this axd writes. It refuses
+// records of a later format rather than guess what they mean.
+const RecordVersion = 1
 
 // Record is what axd keeps of one VM across its own restarts: enough to
 // know, after a crash, what the VM was doing here and which epochs it must
 // never reuse.
 type Record struct {
-	VM    string `json:"vm"`
-	State string `json:"state"` // State.String(), for people reading the file
-	Role  string `json:"role"`
-	Level string `json:"level"`
-	Peer  string `json:"peer,omitempty"`
+	Version int    `json:"version"`
+	VM      string `json:"vm"`
+	State   string `json:"state"` // State.String(), for people reading the file
+	Role    string `json:"role"`
+	Level   string `json:"level"`
+	Peer    string `json:"peer,omitempty"`
 	// NextEpoch is the first epoch a new stream of this VM may use.
 	NextEpoch uint64    `json:"next_epoch,omitempty"`
 	Alarm     string    `json:"alarm,omitempty"`
 	Updated   time.Time `json:"updated"`
+	// Spec is the VM as it was defined here (as adopted from the partner,
+	// for a replica).
+	Spec *api.VMSpec `json:"spec,omitempty"`
 }
 
 // Store keeps the records of this host's VMs. axd writes one at each
@@ -50,6 +59,9 @@ type MemoryStore struct {
 func (m *MemoryStore) Save(r Record) error {
 	if err := names.Check("VM", r.VM); err != nil {
 		return err
+	}
+	if r.Version == 0 {
+		r.Version = RecordVersion
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -101,6 +113,9 @@ func (f *FileStore) path(vm string) (string, error) {
 }
 
 func (f *FileStore) Save(r Record) error {
+	if r.Version == 0 {
+		r.Version = RecordVersion
+	}
 	if err := names.Check("VM", r.VM); err != nil {
 		return fmt.Errorf("state store: %w", err)
 	}
@@ -179,6 +194,9 @@ func (f *FileStore) Load() ([]Record, error) {
 		}
 		if err := names.Check("VM", r.VM); err != nil {
 			return nil, fmt.Errorf("state store: %s: %w", path, err)
+		}
+		if r.Version > RecordVersion || r.Version < 1 {
+			return nil, fmt.Errorf("state store: %s is of format %d; this axd reads format %d (written by another axd version: upgrade axd, or move the file away to start without it)", path, r.Version, RecordVersion)
 		}
 		out = append(out, r)
 	}

@@ -4,6 +4,7 @@ import (
 	"github.com/axproject/ax/ax/api"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -11,8 +12,9 @@ import (
 
 func testStore(t *testing.T, s Store) {
 	t.Helper()
-	a := Record{VM: "vm-a", State: Protected.String(), Role: api.RolePrimary, Level: "ft", Peer: "b", NextEpoch: 9, Updated: time.Unix(100, 0).UTC()}
-	b := Record{VM: "vm-b", State: Ready.String(), Role: api.RoleSecondary, Level: "ha", Peer: "a", Updated: time.Unix(200, 0).UTC()}
+	a := Record{Version: RecordVersion, VM: "vm-a", State: Protected.String(), Role: api.RolePrimary, Level: "ft", Peer: "b", NextEpoch: 9, Updated: time.Unix(100, 0).UTC(),
+		Spec: &api.VMSpec{Name: "vm-a", Bridge: "br0", Guest: api.Guest{RAMMiB: 256, Disks: []api.Disk{{Node: "disk0", Path: "/d", Format: "raw"}}}}}
+	b := Record{Version: RecordVersion, VM: "vm-b", State: Ready.String(), Role: api.RoleSecondary, Level: "ha", Peer: "a", Updated: time.Unix(200, 0).UTC()}
 	for _, r := range []Record{b, a} {
 		if err := s.Save(r); err != nil {
 			t.Fatal(err)
@@ -26,7 +28,7 @@ func testStore(t *testing.T, s Store) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(got) != 2 || got[0] != a || got[1] != b {
+	if len(got) != 2 || !reflect.DeepEqual(got[0], a) || !reflect.DeepEqual(got[1], b) {
 		t.Fatalf("loaded %+v, want %+v and %+v", got, a, b)
 	}
 	if err := s.Delete("vm-b"); err != nil {
@@ -80,6 +82,8 @@ func TestFileStoreRefusesBadRecords(t *testing.T) {
 		"torn":          {"vm1.json", `{"vm":"vm1","sta`, "move it away"},
 		"renamed":       {"vm2.json", `{"vm":"vm1"}`, `holds VM "vm1"`},
 		"unsafe inside": {"x.json", `{"vm":"../x"}`, `holds VM "../x"`},
+		"newer":         {"vm3.json", `{"version":2,"vm":"vm3"}`, "is of format 2; this axd reads format 1"},
+		"unversioned":   {"vm4.json", `{"vm":"vm4"}`, "is of format 0"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			dir := t.TempDir()
