@@ -395,7 +395,13 @@ func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 		}
 	})
 	dr := newDiskRepl(sctx, d, spec.Name, sender, mon, spec.Guest.Disks, sizes)
-	defer dr.stop()
+	defer func() {
+		dr.stop()
+		// The pump ends once the stream is closed (a write to a partner
+		// that is gone fails then): it is waited for, not left behind.
+		sender.Close()
+		<-dr.pumpDone
+	}()
 	if _, ok := d.fire(v, vm.StreamStarted, "", func(v *vmState) { v.disks, v.diskBytesSeen = dr, 0 }); !ok {
 		return fmt.Errorf("VM %s is %s: protection does not resume", spec.Name, v.state())
 	}
