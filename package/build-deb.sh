@@ -38,7 +38,7 @@ root="$stage/ax"
 install -d -m 0755 "$root/DEBIAN" "$root/usr/sbin" "$root/usr/bin" "$root/lib/systemd/system" \
 	"$root/etc/default" "$root/usr/share/doc/ax" "$root/usr/share/lintian/overrides"
 
-build() { CGO_ENABLED=0 $GO build -trimpath -ldflags='-s -w' -o "$1" "$2"; }
+build() { CGO_ENABLED=0 $GO build -trimpath -ldflags="-s -w -X main.version=$version" -o "$1" "$2"; }
 build "$root/usr/sbin/axd" ./cmd/axd
 build "$root/usr/bin/axctl" ./cmd/axctl
 build "$root/usr/bin/ax-agent" ./cmd/ax-agent

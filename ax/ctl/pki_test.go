@@ -64,4 +64,13 @@ func TestPKICommands(t *testing.T) {
 	if after, _ := os.ReadFile(psk); !bytes.Equal(before, after) {
 		t.Error("the key changed")
 	}
+	// As the README says on a fresh host: axctl pki psk /etc/ax/psk, with
+	// no /etc/ax yet. The directory made is private.
+	fresh := filepath.Join(dir, "etc", "ax", "psk")
+	if err := run("psk", fresh); err != nil {
+		t.Fatalf("psk into a new directory: %v", err)
+	}
+	if fi, err := os.Stat(filepath.Dir(fresh)); err != nil || fi.Mode().Perm() != 0o700 {
+		t.Errorf("made %s with %v (%v), want mode 0700", filepath.Dir(fresh), fi.Mode(), err)
+	}
 }

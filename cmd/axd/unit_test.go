@@ -2,19 +2,21 @@ package main
 
 import (
 	"bytes"
+	"fmt"
 	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"testing"
 )
 
-// The Debian package (package/build-deb.sh, which make deb runs) holds the
-// programs, units, defaults and docs; its units pass systemd-analyze verify;
-// it carries no key material and no test code; lintian finds no error.
-func TestDebianPackage(t *testing.T) {
+// builtDeb builds the package once for every test that needs it (make deb's
+// script), and returns its path; it skips in -short mode or without the tools.
+func builtDeb(t *testing.T) string {
+	t.Helper()
 	if testing.Short() {
 		t.Skip("short: building the package compiles three programs (about 20 s)")
 	}
@@ -23,16 +25,47 @@ func TestDebianPackage(t *testing.T) {
 			t.Skipf("%s is not installed: the package cannot be built here", tool)
 		}
 	}
-	out := t.TempDir()
-	built, err := exec.Command("sh", "../../package/build-deb.sh", out).Output()
-	if err != nil {
-		t.Fatalf("package/build-deb.sh: %v\n%s", err, stderrOf(err))
+	debBuild.once.Do(func() {
+		if debBuild.dir, debBuild.err = os.MkdirTemp("", "ax-deb-"); debBuild.err != nil {
+			return
+		}
+		built, err := exec.Command("sh", "../../package/build-deb.sh", debBuild.dir).Output()
+		if err != nil {
+			debBuild.err = fmt.Errorf("package/build-deb.sh: %v\n%s", err, stderrOf(err))
+			return
+		}
+		debBuild.path = strings.TrimSpace(string(built))
+	})
+	if debBuild.err != nil {
+		t.Fatal(debBuild.err)
 	}
-	deb := strings.TrimSpace(string(built))
-	if filepath.Dir(deb) != out || !regexp.MustCompile(`^ax_[0-9][A-Za-z0-9.+~]*_[a-z0-9]+\.deb$`).MatchString(filepath.Base(deb)) {
-		t.Fatalf("build-deb.sh made %q, want %s/ax_VERSION_ARCH.deb", deb, out)
+	deb := debBuild.path
+	if filepath.Dir(deb) != debBuild.dir || !regexp.MustCompile(`^ax_[0-9][A-Za-z0-9.+~]*_[a-z0-9]+\.deb$`).MatchString(filepath.Base(deb)) {
+		t.Fatalf("build-deb.sh made %q, want %s/ax_VERSION_ARCH.deb", deb, debBuild.dir)
 	}
-	root := filepath.Join(out, "root")
+	return deb
+}
+
+var debBuild struct {
+	once      sync.Once
+	dir, path string
+	err       error
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if debBuild.dir != "" {
+		os.RemoveAll(debBuild.dir)
+	}
+	os.Exit(code)
+}
+
+// The Debian package (package/build-deb.sh, which make deb runs) holds the
+// programs, units, defaults and docs; its units pass systemd-analyze verify;
+// it carries no key material and no test code; lintian finds no error.
+func TestDebianPackage(t *testing.T) {
+	deb := builtDeb(t)
+	root := filepath.Join(t.TempDir(), "root")
 	dpkgDeb(t, "-x", deb, root)
 
 	t.Run("fields", func(t *testing.T) {
