@@ -1,11 +1,13 @@
-// Package durable holds the two file-system calls that make a write or a
-// rename survive a crash, shared by every store that replaces files.
+// Package durable holds the file-system calls that make a write or a rename
+// survive a crash, and the durable replacement of a whole file built on
+// them, shared by every store that replaces files.
 package durable
 
 import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"syscall"
 )
 
@@ -49,4 +51,47 @@ func SyncDir(dir string) error {
 		return nil
 	}
 	return err
+}
+
+// TempSuffix marks ReplaceFile's temporary files: PATH + TempSuffix + a
+// random part, beside PATH. A crash can leave one behind; it is never PATH.
+const TempSuffix = ".tmp-"
+
+// ReplaceFile replaces path with data durably: a temporary file beside it
+// (mode perm), fdatasync, rename over path, then the directory synced — so
+// a crash leaves the old file or the new one, never a mix of both.
+func ReplaceFile(path string, data []byte, perm os.FileMode) (err error) {
+	dir, base := filepath.Split(path)
+	if dir == "" {
+		dir = "."
+	}
+	f, err := os.CreateTemp(dir, base+TempSuffix+"*")
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			f.Close()
+			os.Remove(f.Name())
+		}
+	}()
+	if err := f.Chmod(perm); err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		return err
+	}
+	if err := Fdatasync(f); err != nil {
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(f.Name(), path); err != nil {
+		return err
+	}
+	if err := SyncDir(dir); err != nil {
+		return fmt.Errorf("sync %s: %w", dir, err)
+	}
+	return nil
 }

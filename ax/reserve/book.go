@@ -259,25 +259,7 @@ func (b *Book) save(promises map[string]Promise) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
-	f, err := os.CreateTemp(dir, filepath.Base(b.path)+".*.tmp")
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(append(data, '\n'))
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(f.Name(), b.path)
-	}
-	if err != nil {
-		os.Remove(f.Name())
-		return err
-	}
-	return durable.SyncDir(dir)
+	return durable.ReplaceFile(b.path, append(data, '\n'), 0o600)
 }
 
 // Promises returns a copy of the promises, by guest.

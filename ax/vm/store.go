@@ -90,9 +90,9 @@ func (m *MemoryStore) Load() ([]Record, error) {
 	return out, nil
 }
 
-// FileStore keeps one JSON file per VM in a directory. A record is written
-// to a temporary file, flushed and renamed over the old one, so a crash
-// leaves either the old record or the new, never a torn one.
+// FileStore keeps one JSON file per VM in a directory. A record replaces
+// the old one durably (durable.ReplaceFile), so a crash leaves either the
+// old record or the new, never a torn one.
 type FileStore struct {
 	dir string
 	mu  sync.Mutex // one writer at a time per store
@@ -129,25 +129,7 @@ func (f *FileStore) Save(r Record) error {
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	tmp, err := os.CreateTemp(f.dir, ".tmp-*")
-	if err != nil {
-		return fmt.Errorf("state store: %w", err)
-	}
-	defer os.Remove(tmp.Name()) // after the rename, a no-op
-	_, err = tmp.Write(append(b, '\n'))
-	if err == nil {
-		err = durable.Fdatasync(tmp)
-	}
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp.Name(), path)
-	}
-	if err == nil {
-		err = durable.SyncDir(f.dir)
-	}
-	if err != nil {
+	if err := durable.ReplaceFile(path, append(b, '\n'), 0o600); err != nil {
 		return fmt.Errorf("state store: saving %s: %w", r.VM, err)
 	}
 	return nil

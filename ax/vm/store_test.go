@@ -2,6 +2,7 @@ package vm
 
 import (
 	"github.com/axproject/ax/ax/api"
+	"github.com/axproject/ax/ax/durable"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -71,7 +72,7 @@ func TestFileStore(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Leftovers of an interrupted save are not records.
-	os.WriteFile(filepath.Join(dir, ".tmp-123"), []byte("{"), 0o600)
+	os.WriteFile(filepath.Join(dir, "vm-a.json"+durable.TempSuffix+"123"), []byte("{"), 0o600)
 	if got, err := s.Load(); err != nil || len(got) != 2 {
 		t.Fatalf("with a temporary left over: %+v %v", got, err)
 	}

@@ -130,20 +130,7 @@ func startGatedWitness(t *testing.T, holds func(vm string) bool) (*testWitness, 
 		t.Fatal(err)
 	}
 	g := newGate(holds)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx, gatedListener{ln, g}) }()
-	var once sync.Once
-	stop := func() {
-		once.Do(func() {
-			cancel()
-			if err := <-done; err != nil {
-				t.Errorf("Serve: %v", err)
-			}
-		})
-	}
-	t.Cleanup(stop)
-	return &testWitness{t: t, srv: srv, clock: clock, addr: ln.Addr().String(), stop: stop}, g
+	return serveWitness(t, srv, clock, gatedListener{ln, g}), g
 }
 
 // vmOf returns the VM a held request line names.

@@ -152,46 +152,20 @@ func loadState(path string) (st savedState, found bool, err error) {
 // saveState replaces path with st durably: a temporary file beside it,
 // fdatasync, rename, then the directory synced, so a crash leaves the old
 // file or the new one, never a mix.
-func saveState(path string, st savedState) (err error) {
+func saveState(path string, st savedState) error {
 	data, err := encodeState(st)
 	if err != nil {
 		return fmt.Errorf("witness: encode state: %w", err)
 	}
-	dir, base := filepath.Split(path)
-	if dir == "" {
-		dir = "."
-	}
-	f, err := os.CreateTemp(dir, base+tempSuffix+"*")
-	if err != nil {
+	if err := durable.ReplaceFile(path, data, 0o600); err != nil {
 		return fmt.Errorf("witness: save state: %w", err)
-	}
-	defer func() {
-		if err != nil {
-			f.Close()
-			os.Remove(f.Name())
-		}
-	}()
-	if _, err := f.Write(data); err != nil {
-		return fmt.Errorf("witness: save state: %w", err)
-	}
-	if err := durable.Fdatasync(f); err != nil {
-		return fmt.Errorf("witness: save state: %w", err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("witness: save state: %w", err)
-	}
-	if err := os.Rename(f.Name(), path); err != nil {
-		return fmt.Errorf("witness: save state: %w", err)
-	}
-	if err := durable.SyncDir(dir); err != nil {
-		return fmt.Errorf("witness: save state: sync %s: %w", dir, err)
 	}
 	return nil
 }
 
 // tempSuffix marks saveState's temporary files; removeTemps clears those a
 // crash left behind.
-const tempSuffix = ".tmp-"
+const tempSuffix = durable.TempSuffix
 
 func removeTemps(path string) {
 	dir, base := filepath.Split(path)

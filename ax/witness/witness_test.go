@@ -75,6 +75,12 @@ func startWitnessWith(t *testing.T, clock *fakeClock, cfg ServerConfig, addr str
 	if err != nil {
 		t.Fatal(err)
 	}
+	return serveWitness(t, srv, clock, ln)
+}
+
+// serveWitness serves srv on ln until the end of the test or stop.
+func serveWitness(t *testing.T, srv *Server, clock *fakeClock, ln net.Listener) *testWitness {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(ctx, ln) }()
