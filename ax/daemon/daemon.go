@@ -93,6 +93,10 @@ type Config struct {
 	OutputCommit bool
 	// Hypervisor runs and controls this host's VMs (nil: QEMU over QMP).
 	Hypervisor hv.Driver
+	// GuardExe is the program each primary's guard process runs (axd's own
+	// binary, with --guard-pid): it stops the guest when axd stops renewing
+	// the VM's lease. "" starts none.
+	GuardExe string
 	// Store keeps each VM's protection state across axd's restarts (nil:
 	// files in StateDir/state).
 	Store vm.Store

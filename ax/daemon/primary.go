@@ -8,17 +8,21 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"time"
 
 	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/ax/dirty"
 	"github.com/axproject/ax/ax/ft"
+	"github.com/axproject/ax/ax/guard"
 	"github.com/axproject/ax/ax/hv"
+	"github.com/axproject/ax/ax/names"
 	"github.com/axproject/ax/ax/vm"
 	"github.com/axproject/ax/ax/witness"
 	"github.com/axproject/ax/netbuffer"
 	"github.com/axproject/ax/replication"
+	"github.com/axproject/ax/replication/heartbeat"
 )
 
 // streamSpec is what a primary tells its secondary about a VM.
@@ -687,6 +691,16 @@ func (d *Daemon) guardPrimary(ctx context.Context, v *vmState, closing <-chan st
 	var leaseUntil time.Time
 	var lastRenew time.Time
 	var silentSince time.Time
+	// The guard process stops the guest should this goroutine (or axd)
+	// stop renewing the lease in time.
+	g := d.startGuard(v)
+	if g != nil {
+		defer func() {
+			if err := g.Close(); err != nil {
+				d.log.Warn("guard process", "vm", name, "err", err)
+			}
+		}()
+	}
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
 	for {
@@ -700,6 +714,9 @@ func (d *Daemon) guardPrimary(ctx context.Context, v *vmState, closing <-chan st
 		if st == vm.HandingOver {
 			// Planned failover: the lease is left to expire for the partner;
 			// this copy stays paused until it has taken over.
+			if g != nil {
+				g.Disarm()
+			}
 			continue
 		}
 		if d.wit != nil && time.Since(lastRenew) >= d.cfg.LeaseTTL/4 {
@@ -742,6 +759,60 @@ func (d *Daemon) guardPrimary(ctx context.Context, v *vmState, closing <-chan st
 			d.fenceUntilPaused(v, "neither the partner nor the witness can be reached", closing)
 			return
 		}
+		if g != nil {
+			d.armGuard(v, g, leaseUntil, pv.HearsMe)
+		}
+	}
+}
+
+// startGuard starts the guard process of a primary (nil without a witness:
+// no one takes the VM over then; without QEMU's pid; or when this axd
+// starts none).
+func (d *Daemon) startGuard(v *vmState) *guard.Handle {
+	var pid int
+	v.set(func(v *vmState) { pid = v.spec.PID })
+	if d.cfg.GuardExe == "" || d.wit == nil || pid <= 0 {
+		return nil
+	}
+	dir, err := names.Join(filepath.Join(d.cfg.StateDir, "vms"), "vm", v.name)
+	if err == nil {
+		err = os.MkdirAll(dir, 0o755)
+	}
+	var g *guard.Handle
+	if err == nil {
+		g, err = guard.Start(d.cfg.GuardExe, []string{"--guard-pid", strconv.Itoa(pid), "--guard-margin", guardMargin(d.cfg.LeaseTTL).String()},
+			filepath.Join(dir, "guard.log"))
+	}
+	if err != nil {
+		d.fire(v, vm.Degraded, "no guard process (the guest would not be stopped if axd died): "+err.Error(), nil)
+		return nil
+	}
+	return g
+}
+
+// guardMargin is how long before the deadline a guard stops the guest: for
+// its timer's jitter. axd itself fences earlier (a fifth of the TTL).
+func guardMargin(ttl time.Duration) time.Duration { return ttl / 20 }
+
+// armGuard tells the guard the earliest moment the partner could run the
+// VM: when the lease this host holds ends — or, while the witness cannot be
+// reached but the partner says it hears this host, PromoteAfter of silence
+// from now (less two heartbeats), which is as long as the partner would
+// wait after this host's last heartbeat.
+func (d *Daemon) armGuard(v *vmState, g *guard.Handle, leaseUntil time.Time, hearsMe bool) {
+	now := guard.Monotonic()
+	var deadline time.Duration
+	if left := time.Until(leaseUntil); left > 0 {
+		deadline = now + left
+	}
+	if hearsMe {
+		deadline = max(deadline, now+d.cfg.PromoteAfter-2*heartbeat.Every)
+	}
+	if deadline == 0 {
+		return // nothing held yet: the last deadline stands
+	}
+	if err := g.Arm(deadline); err != nil {
+		d.fire(v, vm.Degraded, "the guard process is gone (the guest would not be stopped if axd died): "+err.Error(), nil)
 	}
 }
 
@@ -788,6 +859,13 @@ func (d *Daemon) fence(v *vmState, why string) bool {
 		prot.stopStream(2 * time.Second)
 	}
 	if err := d.pauseGuest(spec); err != nil {
+		if spec.PID > 0 {
+			if stopped, _ := guard.Stopped(spec.PID); stopped {
+				// The guard was quicker: QEMU is stopped whole.
+				d.fire(v, vm.Paused, "guest stopped by its guard process (SIGSTOP) to prevent split brain: "+why, nil)
+				return true
+			}
+		}
 		// Tried every tick: an event only when the reason changes.
 		d.fire(v, vm.FenceFailed, fmt.Sprintf("fence failed: %v (retrying until the guest is paused; it may still run, its output is held; why fence: %s)", err, why), nil)
 		return false

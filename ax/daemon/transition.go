@@ -2,11 +2,15 @@ package daemon
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"syscall"
 	"time"
 
 	"github.com/axproject/ax/ax/api"
+	"github.com/axproject/ax/ax/guard"
 	"github.com/axproject/ax/ax/vm"
+	"github.com/axproject/ax/ax/witness"
 	"github.com/axproject/ax/netbuffer"
 )
 
@@ -154,6 +158,11 @@ func (d *Daemon) restore(recs []vm.Record) {
 }
 
 func (d *Daemon) restoreVM(r vm.Record) {
+	if r.Role == api.RolePrimary && r.Spec.PID > 0 {
+		if stopped, _ := guard.Stopped(r.Spec.PID); stopped && !d.resumeGuarded(r) {
+			return
+		}
+	}
 	ctx, cancel := context.WithTimeout(d.ctx, 2*time.Second)
 	mon, err := d.cfg.Hypervisor.Domain(r.Spec.Guest).Control(ctx)
 	cancel()
@@ -189,5 +198,39 @@ func (d *Daemon) restoreVM(r vm.Record) {
 		if err := d.protect(r.VM, api.ProtectRequest{Level: r.Level, Peer: r.Peer}); err != nil {
 			d.fire(v, vm.Degraded, "protection not resumed after axd restarted: "+err.Error(), nil)
 		}
+	}
+}
+
+// resumeGuarded decides about a primary whose guard stopped its QEMU while
+// axd was away: if the witness still gives this host the VM's lease, no one
+// took it over and the guest continues (true); if the partner holds it, the
+// partner runs the VM and this copy is killed; if the witness cannot say,
+// the guest stays stopped with an alarm.
+func (d *Daemon) resumeGuarded(r vm.Record) bool {
+	pid := r.Spec.PID
+	var err error
+	if d.wit != nil {
+		ctx, cancel := context.WithTimeout(d.ctx, 2*time.Second)
+		_, err = d.wit.Renew(ctx, r.VM)
+		cancel()
+	}
+	switch {
+	case err == nil:
+		if err := syscall.Kill(pid, syscall.SIGCONT); err != nil {
+			d.event(r.VM, "alarm", fmt.Sprintf("its guard stopped %s while axd was away; resuming QEMU (pid %d) failed: %v", r.VM, pid, err))
+			return false
+		}
+		d.event(r.VM, "restore", fmt.Sprintf("its guard stopped %s while axd was away; the lease is still this host's: resumed", r.VM))
+		return true
+	case errors.Is(err, witness.ErrLeaseHeld):
+		syscall.Kill(pid, syscall.SIGKILL)
+		d.event(r.VM, "forget", fmt.Sprintf("%s was taken over by its partner while axd was away (its guard had stopped it here): this copy (QEMU pid %d) is killed", r.VM, pid))
+		if err := d.store.Delete(r.VM); err != nil {
+			d.log.Warn("state store", "vm", r.VM, "err", err)
+		}
+		return false
+	default:
+		d.event(r.VM, "alarm", fmt.Sprintf("its guard stopped %s while axd was away, and the witness cannot say who holds it now (%v): left stopped; resume it (kill -CONT %d) only once sure the partner does not run it", r.VM, err, pid))
+		return false
 	}
 }

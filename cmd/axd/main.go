@@ -17,6 +17,7 @@ import (
 
 	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/ax/daemon"
+	"github.com/axproject/ax/ax/guard"
 	"github.com/axproject/ax/ax/identity"
 	"github.com/axproject/ax/ax/witness"
 )
@@ -73,6 +74,8 @@ func run(ctx context.Context, args []string) error {
 	fs.DurationVar(&cfg.Epoch, "epoch", 50*time.Millisecond, "FT checkpoint interval")
 	fs.StringVar(&cfg.Tracker, "tracker", "auto", "dirty-page tracker: auto, hash or soft-dirty")
 	showVersion := fs.Bool("version", false, "print axd's version and exit")
+	guardPID := fs.Int("guard-pid", 0, "run as the guard of a primary's QEMU of this pid (axd starts its guards itself; lines on stdin)")
+	guardMargin := fs.Duration("guard-margin", 50*time.Millisecond, "guard: stop the guest this long before the deadline axd gave")
 	fs.BoolVar(&cfg.OutputCommit, "output-commit", true, "hold FT guests' network output until its checkpoint commits (off only for tests: clients may then see output a failover undoes)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -89,6 +92,11 @@ func run(ctx context.Context, args []string) error {
 		return fmt.Errorf("--log-level: %w", err)
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	if *guardPID > 0 {
+		// Not ended by axd's signals: only by axd's word, or the guest's end.
+		signal.Ignore(os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
+		return guard.Run(os.Stdin, *guardPID, *guardMargin, log)
+	}
 	var psk []byte
 	var id *identity.Identity
 	switch {
@@ -130,6 +138,9 @@ func run(ctx context.Context, args []string) error {
 		return srv.Serve(ctx, ln)
 	}
 	cfg.Peers, cfg.PSK, cfg.Identity, cfg.LeaseTTL, cfg.Log = peers, psk, id, *ttl, log
+	if exe, err := os.Executable(); err == nil {
+		cfg.GuardExe = exe // each primary's guard is this binary with --guard-pid
+	}
 	if cfg.Host == "" && id != nil {
 		cfg.Host = id.Name()
 	}

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -391,5 +392,69 @@ func TestIntegrationFTPrimaryIsolated(t *testing.T) {
 	}
 	if err := l.pingLedger(ctx, fmt.Sprintf("%s:%d", vm.IP, LedgerPort)); err != nil {
 		t.Fatalf("ledger on b: %v", err)
+	}
+}
+
+// TestIntegrationFTAxdKilled: only axd dies on the primary (SIGKILL); its
+// QEMU runs on. The VM's guard process stops that guest before the lease
+// can end, and only then does b take over — never two guests running. axd
+// started again on a finds its guest stopped and the lease b's: it kills
+// that copy and forgets the VM.
+func TestIntegrationFTAxdKilled(t *testing.T) {
+	l, vm, _, cfg := ftLab(t, "itaxk")
+	ctx := context.Background()
+	ca, cb := l.Client(HostA), l.Client(HostB)
+	if err := l.protectAndWait(ctx, ca, vm.Name, HostB); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * time.Second)
+	axd := 0
+	for _, p := range l.state.Procs {
+		if p.Name == "axd-"+HostA {
+			axd = p.PID
+		}
+	}
+	if axd == 0 {
+		t.Fatal("no axd on a in the lab's state")
+	}
+	if err := syscall.Kill(axd, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	killed := time.Now()
+	// Sampled every 20 ms: is a's QEMU stopped, does b run the guest?
+	var stoppedAt, runningAt time.Duration
+	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline) && runningAt == 0; time.Sleep(20 * time.Millisecond) {
+		if _, st, err := procStat(vm.PID); err == nil && st == 'T' && stoppedAt == 0 {
+			stoppedAt = time.Since(killed)
+		}
+		if s, err := l.vmStatus(ctx, cb, vm.Name); err == nil && s.Role == api.RoleLocal && s.State == "running" {
+			runningAt = time.Since(killed)
+		}
+	}
+	t.Logf("axd on a killed: its guest stopped after %.2f s, b running after %.2f s", stoppedAt.Seconds(), runningAt.Seconds())
+	switch {
+	case runningAt == 0:
+		t.Fatalf("b did not take over within 20 s:%s", l.eventsText(ctx, cb))
+	case stoppedAt == 0 || stoppedAt > runningAt:
+		t.Fatalf("b ran the guest (%.2f s) while a's still ran (stopped at %.2f s)", runningAt.Seconds(), stoppedAt.Seconds())
+	}
+	if _, st, err := procStat(vm.PID); err != nil || st != 'T' {
+		t.Fatalf("a's QEMU state %c (%v) after b took over, want stopped", st, err)
+	}
+	if err := l.pingLedger(ctx, fmt.Sprintf("%s:%d", vm.IP, LedgerPort)); err != nil {
+		t.Fatalf("ledger on b: %v", err)
+	}
+
+	if err := l.StartAxd(ctx, HostA, cfg); err != nil {
+		t.Fatal(err)
+	}
+	if err := waitDead(vm.PID, 15*time.Second); err != nil {
+		t.Fatalf("the old copy on a after axd came back: %v%s", err, l.eventsText(ctx, ca))
+	}
+	if s, err := l.vmStatus(ctx, ca, vm.Name); err == nil {
+		t.Errorf("a still knows the VM b runs: %+v", s)
+	}
+	if !strings.Contains(l.eventsText(ctx, ca), "taken over by its partner while axd was away") {
+		t.Errorf("a's events say nothing of the copy it killed:%s", l.eventsText(ctx, ca))
 	}
 }

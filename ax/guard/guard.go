@@ -1,0 +1,218 @@
+// Package guard is the process that stops a primary's guest when axd can no
+// longer: started by axd for each protected VM, it outlives axd (a crash,
+// a kill), and knows the moment from which the partner could run the VM —
+// axd tells it after every tick of its failure detector. If that moment
+// comes near and axd has not pushed it further, the guard stops QEMU
+// (SIGSTOP: no QMP connection needed, nothing the hung axd holds) and checks
+// that it is stopped, so that when the witness hands the VM's lease to the
+// partner the old copy no longer runs.
+//
+// axd talks to its guard over the guard's standard input, one line at a
+// time: "arm NS" (stop the guest by CLOCK_MONOTONIC nanoseconds NS, less
+// the margin, unless armed again later), "disarm" (nothing to enforce: a
+// planned failover pauses the guest itself) and "exit". When axd's end of
+// the pipe closes (axd died), an armed guard keeps its deadline, enforces
+// it, and exits; a disarmed one exits at once.
+package guard
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Monotonic returns CLOCK_MONOTONIC now, the clock axd and its guards share.
+func Monotonic() time.Duration {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		panic(err) // CLOCK_MONOTONIC exists on every Linux
+	}
+	return time.Duration(ts.Nano())
+}
+
+// Stopped reports whether process pid is stopped by a signal (its state in
+// /proc is T): its vCPUs do not run.
+func Stopped(pid int) (bool, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false, err
+	}
+	// pid (comm) state ...: comm may hold spaces and parentheses.
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 || i+2 >= len(s) {
+		return false, fmt.Errorf("guard: cannot parse /proc/%d/stat", pid)
+	}
+	return s[i+2] == 'T', nil
+}
+
+// Stop stops process pid with SIGSTOP and checks it is stopped.
+func Stop(pid int) error {
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		return fmt.Errorf("SIGSTOP %d: %w", pid, err)
+	}
+	// The state changes once the kernel delivered the signal.
+	for range 100 {
+		if st, err := Stopped(pid); err != nil {
+			return err
+		} else if st {
+			return nil
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return fmt.Errorf("process %d is not stopped after SIGSTOP", pid)
+}
+
+// Run is the guard of process pid: it reads axd's lines from r and stops
+// pid once an armed deadline, less margin, has passed. It returns when told
+// to exit, when r ends and nothing is armed, or once it stopped the guest
+// (or the guest's process is gone).
+func Run(r io.Reader, pid int, margin time.Duration, log *slog.Logger) error {
+	type line struct {
+		text string
+		err  error
+	}
+	lines := make(chan line)
+	go func() {
+		sc := bufio.NewScanner(r)
+		for sc.Scan() {
+			lines <- line{text: sc.Text()}
+		}
+		err := sc.Err()
+		if err == nil {
+			err = io.EOF
+		}
+		lines <- line{err: err}
+	}()
+	var deadline time.Duration // CLOCK_MONOTONIC; 0: disarmed
+	axdGone := false
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	arm := func() {
+		timer.Stop()
+		if deadline > 0 {
+			timer.Reset(max(deadline-margin-Monotonic(), 0))
+		}
+	}
+	for {
+		select {
+		case l := <-lines:
+			if l.err != nil {
+				axdGone = true
+				if deadline == 0 {
+					return nil
+				}
+				log.Warn("guard: axd is gone; the guest stops unless the lease is renewed", "pid", pid,
+					"in", (deadline - margin - Monotonic()).String())
+				lines = nil // nothing more comes
+				continue
+			}
+			switch f := strings.Fields(l.text); {
+			case len(f) == 2 && f[0] == "arm":
+				ns, err := strconv.ParseInt(f[1], 10, 64)
+				if err != nil || ns <= 0 {
+					return fmt.Errorf("guard: bad line %q", l.text)
+				}
+				deadline = time.Duration(ns)
+				arm()
+			case len(f) == 1 && f[0] == "disarm":
+				deadline = 0
+				arm()
+			case len(f) == 1 && f[0] == "exit":
+				return nil
+			default:
+				return fmt.Errorf("guard: bad line %q", l.text)
+			}
+		case <-timer.C:
+			if deadline == 0 {
+				continue
+			}
+			if now := Monotonic(); now < deadline-margin {
+				arm() // re-armed meanwhile
+				continue
+			}
+			err := Stop(pid)
+			if errors.Is(err, syscall.ESRCH) {
+				return nil // no guest left to stop
+			}
+			if err != nil {
+				log.Error("guard: stopping the guest failed; retrying", "pid", pid, "err", err)
+				timer.Reset(5 * time.Millisecond)
+				continue
+			}
+			log.Warn("guard: guest stopped (SIGSTOP): axd did not renew its lease in time", "pid", pid, "axd_gone", axdGone)
+			return nil
+		}
+	}
+}
+
+// Handle is axd's end of a guard process.
+type Handle struct {
+	cmd *exec.Cmd
+	w   io.WriteCloser
+	err error // the first write error
+}
+
+// Start starts a guard for process pid: exe run with args (axd's own
+// binary, in guard mode). The guard gets its own process group, so that
+// signals to axd's do not reach it, and writes its log to logPath.
+func Start(exe string, args []string, logPath string) (*Handle, error) {
+	cmd := exec.Command(exe, args...)
+	w, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, err
+	}
+	logf, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	defer logf.Close() // the child has its own copy
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("guard: %w", err)
+	}
+	return &Handle{cmd: cmd, w: w}, nil
+}
+
+// PID is the guard's process ID.
+func (h *Handle) PID() int { return h.cmd.Process.Pid }
+
+func (h *Handle) send(line string) error {
+	if h.err != nil {
+		return h.err
+	}
+	if _, err := io.WriteString(h.w, line+"\n"); err != nil {
+		h.err = fmt.Errorf("guard %d: %w", h.PID(), err)
+	}
+	return h.err
+}
+
+// Arm tells the guard to stop the guest by deadline (CLOCK_MONOTONIC).
+func (h *Handle) Arm(deadline time.Duration) error {
+	return h.send("arm " + strconv.FormatInt(int64(deadline), 10))
+}
+
+// Disarm tells the guard there is nothing to enforce for now.
+func (h *Handle) Disarm() error { return h.send("disarm") }
+
+// Close tells the guard to exit and waits for it.
+func (h *Handle) Close() error {
+	h.send("exit")
+	h.w.Close()
+	err := h.cmd.Wait()
+	if h.err != nil && err == nil {
+		err = h.err
+	}
+	return err
+}
