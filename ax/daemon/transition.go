@@ -202,35 +202,54 @@ func (d *Daemon) restoreVM(r vm.Record) {
 }
 
 // resumeGuarded decides about a primary whose guard stopped its QEMU while
-// axd was away: if the witness still gives this host the VM's lease, no one
-// took it over and the guest continues (true); if the partner holds it, the
-// partner runs the VM and this copy is killed; if the witness cannot say,
-// the guest stays stopped with an alarm.
+// axd was away. The witness remembers who last held the VM's lease, even
+// once it lapsed (a promoted VM runs on unprotected and renews nothing): if
+// that is still this host, no one took the VM over and the guest continues
+// (true); if it is the partner, the partner runs the VM and this copy is
+// killed; if the witness cannot say, the guest stays stopped with an alarm.
 func (d *Daemon) resumeGuarded(r vm.Record) bool {
 	pid := r.Spec.PID
-	var err error
+	holder, err := "", errors.New("no witness configured")
 	if d.wit != nil {
 		ctx, cancel := context.WithTimeout(d.ctx, 2*time.Second)
-		_, err = d.wit.Renew(ctx, r.VM)
+		var li witness.LeaseInfo
+		if li, err = d.wit.Query(ctx, r.VM); err == nil {
+			holder = li.Holder
+			if holder == d.cfg.Host {
+				// Ours: hold it again before the guest runs.
+				_, err = d.wit.Renew(ctx, r.VM)
+				if errors.Is(err, witness.ErrLeaseHeld) {
+					holder = "" // taken meanwhile: decide again below
+					var held *witness.LeaseHeldError
+					if errors.As(err, &held) {
+						holder = held.Holder
+					}
+				}
+			}
+		}
 		cancel()
 	}
 	switch {
-	case err == nil:
+	case holder == d.cfg.Host && err == nil:
 		if err := syscall.Kill(pid, syscall.SIGCONT); err != nil {
 			d.event(r.VM, "alarm", fmt.Sprintf("its guard stopped %s while axd was away; resuming QEMU (pid %d) failed: %v", r.VM, pid, err))
 			return false
 		}
-		d.event(r.VM, "restore", fmt.Sprintf("its guard stopped %s while axd was away; the lease is still this host's: resumed", r.VM))
+		d.event(r.VM, "restore", fmt.Sprintf("its guard stopped %s while axd was away; no one took it over (the lease is still this host's): resumed", r.VM))
 		return true
-	case errors.Is(err, witness.ErrLeaseHeld):
+	case holder != "" && holder != d.cfg.Host:
 		syscall.Kill(pid, syscall.SIGKILL)
-		d.event(r.VM, "forget", fmt.Sprintf("%s was taken over by its partner while axd was away (its guard had stopped it here): this copy (QEMU pid %d) is killed", r.VM, pid))
+		d.event(r.VM, "forget", fmt.Sprintf("%s was taken over by %s while axd was away (its guard had stopped it here): this copy (QEMU pid %d) is killed", r.VM, holder, pid))
 		if err := d.store.Delete(r.VM); err != nil {
 			d.log.Warn("state store", "vm", r.VM, "err", err)
 		}
 		return false
 	default:
-		d.event(r.VM, "alarm", fmt.Sprintf("its guard stopped %s while axd was away, and the witness cannot say who holds it now (%v): left stopped; resume it (kill -CONT %d) only once sure the partner does not run it", r.VM, err, pid))
+		why := "it names no holder"
+		if err != nil {
+			why = err.Error()
+		}
+		d.event(r.VM, "alarm", fmt.Sprintf("its guard stopped %s while axd was away, and the witness cannot say who runs it now (%s): left stopped; resume it (kill -CONT %d) only once sure the partner does not run it", r.VM, why, pid))
 		return false
 	}
 }

@@ -402,9 +402,21 @@ func TestIntegrationFTPrimaryIsolated(t *testing.T) {
 // that copy and forgets the VM.
 func TestIntegrationFTAxdKilled(t *testing.T) {
 	l, vm, _, cfg := ftLab(t, "itaxk")
+	axdKilledTrial(t, l, vm, cfg, api.LevelFT)
+}
+
+// TestIntegrationHAAxdKilled: the same at HA, where b restarts the guest
+// from its replicated disk — the guard stands between the two copies there
+// too.
+func TestIntegrationHAAxdKilled(t *testing.T) {
+	l, vm, _, cfg := labWithGuest(t, "ithak", GuestConfig{Dirty: 1, DiskMiB: 64, DiskFormat: "raw"})
+	axdKilledTrial(t, l, vm, cfg, api.LevelHA)
+}
+
+func axdKilledTrial(t *testing.T, l *Lab, vm *VM, cfg DaemonConfig, level string) {
 	ctx := context.Background()
 	ca, cb := l.Client(HostA), l.Client(HostB)
-	if err := l.protectAndWait(ctx, ca, vm.Name, HostB); err != nil {
+	if err := l.protectLevelAndWait(ctx, ca, vm.Name, HostB, level); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(2 * time.Second)
@@ -421,27 +433,35 @@ func TestIntegrationFTAxdKilled(t *testing.T) {
 		t.Fatal(err)
 	}
 	killed := time.Now()
-	// Sampled every 20 ms: is a's QEMU stopped, does b run the guest?
+	// Sampled every 20 ms: is a's QEMU stopped, does b run the guest (at
+	// HA: has it started it)?
 	var stoppedAt, runningAt time.Duration
 	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline) && runningAt == 0; time.Sleep(20 * time.Millisecond) {
 		if _, st, err := procStat(vm.PID); err == nil && st == 'T' && stoppedAt == 0 {
 			stoppedAt = time.Since(killed)
 		}
-		if s, err := l.vmStatus(ctx, cb, vm.Name); err == nil && s.Role == api.RoleLocal && s.State == "running" {
+		if s, err := l.vmStatus(ctx, cb, vm.Name); err == nil && (s.Role == api.RoleLocal || s.State == "promoting") {
 			runningAt = time.Since(killed)
 		}
 	}
-	t.Logf("axd on a killed: its guest stopped after %.2f s, b running after %.2f s", stoppedAt.Seconds(), runningAt.Seconds())
+	t.Logf("axd on a killed at %s: its guest stopped after %.2f s, b starting it after %.2f s", level, stoppedAt.Seconds(), runningAt.Seconds())
 	switch {
 	case runningAt == 0:
 		t.Fatalf("b did not take over within 20 s:%s", l.eventsText(ctx, cb))
 	case stoppedAt == 0 || stoppedAt > runningAt:
-		t.Fatalf("b ran the guest (%.2f s) while a's still ran (stopped at %.2f s)", runningAt.Seconds(), stoppedAt.Seconds())
+		t.Fatalf("b started the guest (%.2f s) while a's still ran (stopped at %.2f s)", runningAt.Seconds(), stoppedAt.Seconds())
 	}
 	if _, st, err := procStat(vm.PID); err != nil || st != 'T' {
 		t.Fatalf("a's QEMU state %c (%v) after b took over, want stopped", st, err)
 	}
-	if err := l.pingLedger(ctx, fmt.Sprintf("%s:%d", vm.IP, LedgerPort)); err != nil {
+	ledger := fmt.Sprintf("%s:%d", vm.IP, LedgerPort)
+	var err error
+	for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+		if err = l.pingLedger(ctx, ledger); err == nil {
+			break
+		}
+	}
+	if err != nil {
 		t.Fatalf("ledger on b: %v", err)
 	}
 
@@ -454,7 +474,72 @@ func TestIntegrationFTAxdKilled(t *testing.T) {
 	if s, err := l.vmStatus(ctx, ca, vm.Name); err == nil {
 		t.Errorf("a still knows the VM b runs: %+v", s)
 	}
-	if !strings.Contains(l.eventsText(ctx, ca), "taken over by its partner while axd was away") {
+	if !strings.Contains(l.eventsText(ctx, ca), "was taken over by "+HostB+" while axd was away") {
 		t.Errorf("a's events say nothing of the copy it killed:%s", l.eventsText(ctx, ca))
+	}
+}
+
+// TestIntegrationFTAxdKilledNoTakeover: axd dies on the primary while its
+// partner's axd is down too, so no one can take the VM over. The guard
+// stops the guest before the lease ends all the same; axd started again
+// finds the lease still a's, resumes the guest, and protects it again once
+// b is back.
+func TestIntegrationFTAxdKilledNoTakeover(t *testing.T) {
+	l, vm, _, cfg := ftLab(t, "itaxn")
+	ctx := context.Background()
+	ca := l.Client(HostA)
+	if err := l.protectAndWait(ctx, ca, vm.Name, HostB); err != nil {
+		t.Fatal(err)
+	}
+	axdPID := func(h string) int {
+		pid := 0
+		for _, p := range l.state.Procs {
+			if p.Name == "axd-"+h {
+				pid = p.PID // the last one started
+			}
+		}
+		if pid == 0 {
+			t.Fatalf("no axd on %s in the lab's state", h)
+		}
+		return pid
+	}
+	if err := syscall.Kill(axdPID(HostB), syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	// a runs on unprotected (the witness answers it), then its axd dies.
+	waitVM(t, l, ca, vm.Name, 10*time.Second, "a notices b is gone", func(s api.VMStatus) bool { return s.State == "unprotected" })
+	if err := syscall.Kill(axdPID(HostA), syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	killed := time.Now()
+	for {
+		if _, st, err := procStat(vm.PID); err == nil && st == 'T' {
+			break
+		}
+		if time.Since(killed) > 5*time.Second {
+			t.Fatal("a's guard did not stop the guest within 5 s of axd's death")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Logf("guest stopped %.2f s after axd died", time.Since(killed).Seconds())
+
+	if err := l.StartAxd(ctx, HostA, cfg); err != nil {
+		t.Fatal(err)
+	}
+	waitVM(t, l, ca, vm.Name, 10*time.Second, "a restores the VM", func(s api.VMStatus) bool { return s.Role == api.RolePrimary })
+	if _, st, err := procStat(vm.PID); err != nil || st == 'T' || st == 'Z' {
+		t.Fatalf("a's QEMU state %c (%v) after axd came back with the lease still a's, want running%s", st, err, l.eventsText(ctx, ca))
+	}
+	if !strings.Contains(l.eventsText(ctx, ca), "no one took it over") {
+		t.Errorf("a's events do not say why the guest resumed:%s", l.eventsText(ctx, ca))
+	}
+	if err := l.StartAxd(ctx, HostB, cfg); err != nil {
+		t.Fatal(err)
+	}
+	waitVM(t, l, ca, vm.Name, 90*time.Second, "protected again at FT", func(s api.VMStatus) bool {
+		return s.Level == api.LevelFT && s.State == "protected" && s.Committed > 0
+	})
+	if err := l.pingLedger(ctx, fmt.Sprintf("%s:%d", vm.IP, LedgerPort)); err != nil {
+		t.Fatalf("ledger on a: %v", err)
 	}
 }
