@@ -235,7 +235,9 @@ func Next(s State, e Event) (to State, act Actions, ok bool) {
 			return Running, ClearAlarm | DiscardOutput | DetachOutput | Log, true
 		}
 	case Fence:
-		if primaryLive {
+		// Also while handing over: a handover whose lease was released and
+		// cannot be taken back must not resume the guest here.
+		if primaryLive || s == HandingOver {
 			return Fencing, SetAlarm | HoldOutput, true
 		}
 		if s == Fencing {

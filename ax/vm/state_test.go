@@ -18,7 +18,7 @@ var allowed = map[State]map[Event]State{
 		Unprotect: Running, Fence: Fencing},
 	Fencing:     {Degraded: Fencing, Unprotect: Running, Fence: Fencing, FenceFailed: Fencing, Paused: Fenced},
 	Fenced:      {Degraded: Fenced, Unprotect: Running},
-	HandingOver: {Degraded: HandingOver, HandOverFailed: Protected, Moved: Gone},
+	HandingOver: {Degraded: HandingOver, HandOverFailed: Protected, Moved: Gone, Fence: Fencing},
 	Gone:        {ReplicaOpened: ReplicaSyncing},
 	ReplicaSyncing: {ReplicaOpened: ReplicaSyncing, MemorySynced: ReplicaSynced, ReplicaReady: Ready, ReplicaLevelFT: ReplicaSyncing,
 		HandedOver: TakingOver, RanOn: Stale, Promote: Promoting, Released: Gone, Degraded: ReplicaSyncing},

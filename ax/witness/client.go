@@ -239,6 +239,15 @@ func (c *Client) Takeover(ctx context.Context, vm string) error {
 	return err
 }
 
+// Release gives up this host's lease of vm now, so that the partner's next
+// Takeover succeeds without waiting for it to expire: a planned handover
+// calls it once the guest here is verified paused and stops renewing. It
+// is refused (a *LeaseHeldError) when another host holds the lease.
+func (c *Client) Release(ctx context.Context, vm string) error {
+	_, err := c.call(ctx, opRelease, vm)
+	return err
+}
+
 // errFloor is a signed refusal of a timestamp at or below the witness's
 // restart floor; the request may be sent again above it.
 type errFloor struct{ floor int64 }

@@ -63,6 +63,7 @@ const (
 	opRenew    = "renew"
 	opQuery    = "query"
 	opTakeover = "takeover"
+	opRelease  = "release"
 
 	// Response codes; empty when ok.
 	codeHeld      = "held"      // another holder's lease is valid
@@ -134,7 +135,7 @@ func decodeRequest(line []byte) (request, error) {
 	}
 	r := request{op: w.Op, holder: w.Holder, vm: w.VM, ts: w.TS}
 	switch r.op {
-	case opRenew, opTakeover:
+	case opRenew, opTakeover, opRelease:
 		if err := checkName("holder", r.holder); err != nil {
 			return request{}, fmt.Errorf("%w: %s: %v", errMalformed, r.op, err)
 		}

@@ -398,6 +398,8 @@ func (s *Server) handle(req *request, from string) *response {
 		resp, grant = s.renew(req, now)
 	case opTakeover:
 		resp, grant = s.takeover(req, now)
+	case opRelease:
+		resp, grant = s.release(req, now)
 	default:
 		resp = s.query(req, now)
 	}
@@ -514,6 +516,25 @@ func (s *Server) takeover(req *request, now time.Time) (resp *response, grant *l
 		expires = l.expires
 	}
 	return granted(req.holder, expires, now), &lease{holder: req.holder, expires: expires}
+}
+
+// release ends req.holder's lease of the VM now, for a planned handover:
+// the partner's next takeover succeeds at once instead of after the TTL.
+// The holder is kept, expired, so that Query still names who held it last.
+// Releasing a lease that another host holds is refused; releasing one that
+// lapsed, or that no one holds, changes nothing. A release lost with a
+// witness restart only delays the partner: the saved expiry stands.
+func (s *Server) release(req *request, now time.Time) (resp *response, grant *lease) {
+	l, ok := s.leases[req.vm]
+	switch {
+	case ok && l.holder != req.holder && now.Before(l.expires):
+		s.log.Info("witness: release refused, lease held by another host", "vm", req.vm, "holder", req.holder, "held_by", l.holder, "until", l.expires)
+		return heldBy(l, now), nil
+	case !ok || l.holder != req.holder || !now.Before(l.expires):
+		return &response{OK: true, Holder: req.holder, Expired: true}, nil
+	}
+	s.log.Info("witness: lease released by its holder", "vm", req.vm, "holder", req.holder, "was_until", l.expires)
+	return &response{OK: true, Holder: req.holder, Expired: true, ExpiresAt: now.UnixMilli()}, &lease{holder: req.holder, expires: now}
 }
 
 func (s *Server) query(req *request, now time.Time) *response {

@@ -245,6 +245,47 @@ func TestTakeover(t *testing.T) {
 	}
 }
 
+func TestRelease(t *testing.T) {
+	w := startWitnessPastGrace(t)
+	ctx := context.Background()
+	a, b := w.client("a"), w.client("b")
+	if _, err := a.Renew(ctx, "web"); err != nil {
+		t.Fatal(err)
+	}
+	// Only the holder can give a lease up.
+	wantHeld(t, b.Release(ctx, "web"), "a")
+	wantHeld(t, b.Takeover(ctx, "web"), "a")
+	// Released: the partner takes over at once, well within the TTL.
+	w.clock.Advance(time.Second)
+	if err := a.Release(ctx, "web"); err != nil {
+		t.Fatal(err)
+	}
+	if info := w.query("web"); info.Holder != "a" || !info.Expired {
+		t.Fatalf("after release: %+v, want a named as the last holder, expired", info)
+	}
+	if err := b.Takeover(ctx, "web"); err != nil {
+		t.Fatalf("takeover right after the holder released: %v", err)
+	}
+	// The old holder can neither renew nor release the partner's lease.
+	_, err := a.Renew(ctx, "web")
+	wantHeld(t, err, "b")
+	wantHeld(t, a.Release(ctx, "web"), "b")
+	if info := w.query("web"); info.Holder != "b" || info.Expired {
+		t.Fatalf("after the old holder's refused release: %+v", info)
+	}
+	// A lease no one holds, or one that lapsed, releases as a no-op.
+	if err := a.Release(ctx, "db"); err != nil {
+		t.Fatalf("release of a free lease: %v", err)
+	}
+	w.clock.Advance(testTTL)
+	if err := a.Release(ctx, "web"); err != nil {
+		t.Fatalf("release of another's lapsed lease: %v", err)
+	}
+	if info := w.query("web"); info.Holder != "b" {
+		t.Fatalf("a no-op release changed the holder: %+v", info)
+	}
+}
+
 func TestConcurrentTakeoversOneWins(t *testing.T) {
 	w := startWitnessPastGrace(t)
 	ctx := context.Background()
