@@ -17,6 +17,8 @@ type Metrics struct {
 	CommitLatency *prometheus.HistogramVec
 	ReplLag       *prometheus.GaugeVec
 	Failovers     *prometheus.CounterVec
+	Unprotected   *prometheus.GaugeVec
+	UnprotectedS  *prometheus.CounterVec
 	Level         *prometheus.GaugeVec
 	Protected     *prometheus.GaugeVec
 	SyncProgress  *prometheus.GaugeVec
@@ -59,6 +61,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "ax_replication_lag_epochs", Help: "Checkpoints taken but not yet committed."}, []string{"vm"}),
 		Failovers: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "ax_failovers_total", Help: "VMs this host took over from a failed or departing partner."}, []string{"vm"}),
+		Unprotected: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "ax_vm_unprotected_seconds", Help: "How long a VM declared FT or HA has run here without a partner able to take it over (0 while protected)."}, []string{"vm"}),
+		UnprotectedS: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "ax_vm_unprotected_seconds_total", Help: "Time a VM declared FT or HA spent unprotected here, summed over the gaps that ended."}, []string{"vm"}),
 		Level: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "ax_vm_level", Help: "Availability level asked for the VM: 0 none, 1 HA, 2 FT."}, []string{"vm", "role"}),
 		Protected: prometheus.NewGaugeVec(prometheus.GaugeOpts{
@@ -95,7 +101,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	}
 	reg.MustRegister(m.DiskBytes, m.DiskLag, m.DiskSync, m.JournalBytes, m.JournalWrites, m.Reserved, m.Capacity)
 	reg.MustRegister(m.Epochs, m.Pause, m.DirtyPages, m.BytesSent, m.CommitLatency, m.ReplLag,
-		m.Failovers, m.Level, m.Protected, m.SyncProgress, m.PeerHeard, m.Witness,
+		m.Failovers, m.Unprotected, m.UnprotectedS, m.Level, m.Protected, m.SyncProgress, m.PeerHeard, m.Witness,
 		m.HeldFrames, m.HeldBytes, m.ReleaseDelay, m.OutputDrops)
 	return m
 }
@@ -131,7 +137,7 @@ func (m *Metrics) ObservePause(vm string, pause time.Duration, dirty int) {
 func (m *Metrics) Forget(vm string) {
 	for _, v := range []interface {
 		DeletePartialMatch(prometheus.Labels) int
-	}{m.Epochs, m.Pause, m.DirtyPages, m.BytesSent, m.CommitLatency, m.ReplLag, m.Level, m.Protected, m.SyncProgress,
+	}{m.Epochs, m.Pause, m.DirtyPages, m.BytesSent, m.CommitLatency, m.ReplLag, m.Level, m.Protected, m.SyncProgress, m.Unprotected,
 		m.HeldFrames, m.HeldBytes, m.ReleaseDelay, m.OutputDrops, m.DiskBytes, m.DiskLag, m.DiskSync, m.JournalBytes, m.JournalWrites} {
 		v.DeletePartialMatch(prometheus.Labels{"vm": vm})
 	}

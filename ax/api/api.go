@@ -101,6 +101,13 @@ type VMStatus struct {
 	Link          string    `json:"link"`            // replication link: up, down
 	Witness       string    `json:"witness"`         // reachable, unreachable, none
 	Alarm         string    `json:"alarm,omitempty"` // why the VM is not protected, if it is not
+	// Declared is the level the operator declared (ft, ha, none) towards
+	// DeclaredPeer; it outlives failovers, and axd protects the VM again by
+	// itself while it runs below it. UnprotectedS is how long the VM has
+	// been below it (0 while protected). Not shown for a replica.
+	Declared     string  `json:"declared,omitempty"`
+	DeclaredPeer string  `json:"declared_peer,omitempty"`
+	UnprotectedS float64 `json:"unprotected_s,omitempty"`
 	// Output is the guest's network output: "held" until its checkpoint
 	// commits, "open" (unprotected, passing), or "not held" (no gate).
 	Output     string `json:"output"`

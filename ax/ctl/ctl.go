@@ -262,6 +262,10 @@ func printStatus(out io.Writer, st *api.Status) {
 		if v.Alarm != "" {
 			fmt.Fprintf(out, "ALARM %s: %s\n", v.Name, v.Alarm)
 		}
+		if v.UnprotectedS > 0 && v.Declared != "" && v.Declared != api.LevelNone {
+			fmt.Fprintf(out, "UNPROTECTED %s: declared %s, not protected for %.1f s; axd protects it again by itself when %s (or another partner) can take the replica\n",
+				v.Name, v.Declared, v.UnprotectedS, dash(v.DeclaredPeer))
+		}
 	}
 }
 

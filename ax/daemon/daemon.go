@@ -189,12 +189,15 @@ type Daemon struct {
 	book         *reserve.Book   // capacity promised to partners' VMs
 	store        vm.Store        // written at every change of a VM's state
 
-	mu      sync.Mutex
-	vms     map[string]*vmState
-	events  []api.Event
-	seq     uint64
-	witOK   bool
-	witSeen time.Time
+	mu  sync.Mutex
+	vms map[string]*vmState
+	// restoring: the VMs the state store kept, while axd decides about
+	// them after its start; a partner's stream for one waits for that.
+	restoring map[string]bool
+	events    []api.Event
+	seq       uint64
+	witOK     bool
+	witSeen   time.Time
 
 	wg  sync.WaitGroup
 	ctx context.Context
@@ -531,6 +534,12 @@ func (d *Daemon) watch(ctx context.Context) {
 				if readGates {
 					d.gateMetrics(v)
 					d.diskMetrics(v)
+					d.intentMetrics(v)
+				}
+			case api.RoleLocal:
+				d.reprotect(v)
+				if readGates {
+					d.intentMetrics(v)
 				}
 			}
 		}

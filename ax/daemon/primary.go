@@ -89,6 +89,13 @@ func (d *Daemon) vm(name string) (*vmState, error) {
 // after a while if the partner cannot be reached (protection then starts
 // when it can, with an alarm meanwhile).
 func (d *Daemon) protect(name string, req api.ProtectRequest) error {
+	return d.protectAs(name, req, false)
+}
+
+// protectAs protects a VM running here; auto says axd does it by itself
+// (the declared level, intent.go), so a refusal keeps the declared level
+// for the next attempt instead of ending it as the operator's would.
+func (d *Daemon) protectAs(name string, req api.ProtectRequest, auto bool) error {
 	v, err := d.vm(name)
 	if err != nil {
 		return err
@@ -121,6 +128,7 @@ func (d *Daemon) protect(name string, req api.ProtectRequest) error {
 	}
 	_, ok := d.fire(v, vm.Protect, fmt.Sprintf("protecting %s at level %s towards %s", name, req.Level, req.Peer), func(v *vmState) {
 		v.level, v.peer, v.force = req.Level, req.Peer, req.Force
+		v.declared, v.declaredPeer = req.Level, req.Peer
 		v.finish = make(chan chan finishResult)
 		v.levelCh, v.accepted = make(chan levelReq), make(chan error, 1)
 		v.epochs.Reset()
@@ -139,7 +147,13 @@ func (d *Daemon) protect(name string, req api.ProtectRequest) error {
 	case <-time.After(15 * time.Second):
 	}
 	if errors.Is(err, replication.ErrRefused) {
+		var since time.Time
+		v.set(func(v *vmState) { since = v.unprotectedSince })
 		d.unprotect(name)
+		if auto {
+			v.set(func(v *vmState) { v.declared, v.declaredPeer, v.unprotectedSince = req.Level, req.Peer, since })
+			d.saveRecord(v)
+		}
 		return fmt.Errorf("VM %s stays unprotected: %w", name, err)
 	}
 	return nil
@@ -188,7 +202,7 @@ func (d *Daemon) setLevel(ctx context.Context, name string, req api.ProtectReque
 	case req.Level != api.LevelNone && req.Level != api.LevelHA && req.Level != api.LevelFT:
 		return fmt.Errorf("unknown level %q: use none, ha or ft", req.Level)
 	case role == api.RoleLocal && req.Level == api.LevelNone:
-		return nil
+		return d.unprotect(name) // ends a declared level it runs below
 	case role == api.RoleLocal:
 		if req.Peer == "" {
 			return fmt.Errorf("VM %s is not protected: name the partner (--peer HOST)", name)
@@ -219,7 +233,8 @@ func (d *Daemon) setLevel(ctx context.Context, name string, req api.ProtectReque
 	case <-time.After(2 * time.Second):
 		// No stream runs now (the partner is unreachable): the new level
 		// is what the next one starts at.
-		v.set(func(v *vmState) { v.level = req.Level })
+		v.set(func(v *vmState) { v.level, v.declared = req.Level, req.Level })
+		d.saveRecord(v)
 		d.metrics.SetLevel(name, api.RolePrimary, req.Level)
 		d.event(name, "level", fmt.Sprintf("level of %s set to %s; it applies when %s is reachable again", name, req.Level, peer))
 		return nil
@@ -234,6 +249,8 @@ func (d *Daemon) setLevel(ctx context.Context, name string, req api.ProtectReque
 	if err != nil {
 		return fmt.Errorf("VM %s: %w", name, err)
 	}
+	v.set(func(v *vmState) { v.declared = req.Level })
+	d.saveRecord(v)
 	d.metrics.SetLevel(name, api.RolePrimary, req.Level)
 	return nil
 }
@@ -253,8 +270,18 @@ func (d *Daemon) unprotect(name string) error {
 		return err
 	}
 	var prot *protection
+	var dropped string
+	var local bool
 	v.set(func(v *vmState) {
 		switch {
+		case v.st == vm.Running:
+			local = true
+			// Not protected: what ends is the declared level axd would
+			// protect it at again by itself.
+			if v.declared != api.LevelNone {
+				dropped = v.declared
+			}
+			v.declared, v.declaredPeer, v.unprotectedSince = api.LevelNone, "", time.Time{}
 		case v.st.Role() == api.RoleSecondary:
 			err = fmt.Errorf("VM %s is a replica here; unprotect it on its primary %s", name, v.peer)
 		case v.st == vm.HandingOver:
@@ -264,6 +291,14 @@ func (d *Daemon) unprotect(name string) error {
 	})
 	if err != nil {
 		return err
+	}
+	if local {
+		if dropped != "" {
+			d.saveRecord(v)
+			d.metrics.Unprotected.DeletePartialMatch(map[string]string{"vm": name})
+			d.event(name, "unprotect", fmt.Sprintf("%s is no longer declared %s: axd will not protect it again by itself", name, dropped))
+		}
+		return nil
 	}
 	// The stream says bye (the secondary drops its replica); a fence the
 	// guard was retrying stops: the operator takes the VM back.
@@ -275,6 +310,7 @@ func (d *Daemon) unprotect(name string) error {
 	// transition decides).
 	d.fire(v, vm.Unprotect, "protection ended; the partner drops its replica", func(v *vmState) {
 		v.level, v.peer, v.prot = api.LevelNone, "", nil
+		v.declared, v.declaredPeer = api.LevelNone, ""
 	})
 	return nil
 }
@@ -953,6 +989,16 @@ func (d *Daemon) plannedFailover(ctx context.Context, name string) error {
 		}
 		return err
 	}
+	// The guest is paused here and its lease no longer renewed: give the
+	// lease up, so that the partner takes over at once rather than when the
+	// lease expires. Should that fail, it takes over at the expiry.
+	if d.wit != nil {
+		rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		if err := d.wit.Release(rctx, name); err != nil {
+			d.event(name, "handover", fmt.Sprintf("the witness did not take the lease back (%v): %s takes over when it expires", err, peer))
+		}
+		cancel()
+	}
 	// Keep the paused copy until the partner holds the VM's lease, so a
 	// failed handover can resume here.
 	deadline := time.Now().Add(10 * time.Second)
@@ -965,6 +1011,23 @@ func (d *Daemon) plannedFailover(ctx context.Context, name string) error {
 		select {
 		case <-ctx.Done():
 		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	if !tookOver {
+		// The lease is free: the guest resumes here only once it is this
+		// host's again; if the partner holds it after all, the VM moved.
+		tctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+		err := d.wit.Takeover(tctx, name)
+		cancel()
+		var held *witness.LeaseHeldError
+		switch {
+		case errors.As(err, &held) && held.Holder == peer:
+			tookOver = true
+		case err != nil:
+			why := fmt.Sprintf("%s did not take over within 10 s, and the lease given up for it could not be taken back (%v): the guest stays paused here", peer, err)
+			d.fire(v, vm.Fence, why, nil)
+			d.wg.Go(func() { d.fenceUntilPaused(v, why, nil) })
+			return fmt.Errorf("planned failover of %s: %s", name, why)
 		}
 	}
 	if !tookOver {

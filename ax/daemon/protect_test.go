@@ -45,7 +45,7 @@ type pair struct {
 	stop         map[string]func()
 }
 
-func runPair(t *testing.T) *pair {
+func runPair(t *testing.T, opts ...func(host string, c *Config)) *pair {
 	t.Helper()
 	p := &pair{dir: t.TempDir(), fakeA: hvtest.New(), fakeB: hvtest.New(),
 		cfg: map[string]Config{}, stop: map[string]func(){}}
@@ -58,6 +58,13 @@ func runPair(t *testing.T) *pair {
 	}
 	p.cfg["a"] = host("a", replA, mgmtA, "b", Peer{Repl: replB, Mgmt: mgmtB}, p.fakeA)
 	p.cfg["b"] = host("b", replB, mgmtB, "a", Peer{Repl: replA, Mgmt: mgmtA}, p.fakeB)
+	for _, h := range []string{"a", "b"} {
+		c := p.cfg[h]
+		for _, o := range opts {
+			o(h, &c)
+		}
+		p.cfg[h] = c
+	}
 	p.a = p.start(t, "a")
 	p.b = p.start(t, "b")
 	return p

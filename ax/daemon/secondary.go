@@ -53,7 +53,13 @@ func (d *Daemon) openReplica(name, peer string, payload []byte, remote net.Addr)
 	}
 	d.mu.Lock()
 	v, ok := d.vms[name]
+	restoring := d.restoring[name]
 	d.mu.Unlock()
+	if restoring {
+		// Its copy here (if any) is being decided about: resumed, or killed
+		// because the partner took it over. The partner asks again.
+		return nil, fmt.Errorf("replica %s: axd on %s just started and is still restoring what it ran of it; try again", name, d.cfg.Host)
+	}
 	if ok && runsHere(v) {
 		return nil, fmt.Errorf("replica %s: the VM runs here (%s); refusing to overwrite it", name, v.role())
 	}
@@ -472,11 +478,24 @@ func (d *Daemon) promote(ctx context.Context, v *vmState) (err error) {
 	}
 	spec.Guest, spec.PID = g, proc.PID()
 	d.metrics.Failovers.WithLabelValues(v.name).Inc()
-	d.fire(v, vm.Promoted, fmt.Sprintf("%s of %s in %.0f ms; it runs here unprotected (re-protect with: axctl level %s ha|ft --peer HOST)",
-		how, peer, float64(time.Since(t0).Microseconds())/1000, v.name), func(v *vmState) {
+	// The level the primary protected the VM at stays declared: axd
+	// protects it again by itself, towards the old primary once it is back
+	// (intent.go). The gap began when the primary was lost.
+	lost := t0
+	v.set(func(v *vmState) {
+		if !v.streamEndedAt.IsZero() && v.streamEndedAt.Before(t0) {
+			lost = v.streamEndedAt
+		}
+	})
+	d.fire(v, vm.Promoted, fmt.Sprintf("%s of %s in %.0f ms; it runs here unprotected until it is protected again at its declared level %s (axd does it as soon as %s or another partner can take the replica; axctl level %s none ends that)",
+		how, peer, float64(time.Since(t0).Microseconds())/1000, level, peer, v.name), func(v *vmState) {
 		v.spec, v.level, v.peer = spec, api.LevelNone, ""
 		v.replica, v.replicaDisks = nil, nil
+		v.declared, v.declaredPeer = level, peer
+		v.reprotectAt, v.reprotectWait, v.reprotectErr = time.Time{}, 0, ""
 	})
+	v.set(func(v *vmState) { v.unprotectedSince = lost })
+	d.saveRecord(v)
 	rep.Close()
 	// The promise is kept: the VM runs here now.
 	d.book.Release(v.name)

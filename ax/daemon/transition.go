@@ -50,6 +50,7 @@ func (d *Daemon) fire(v *vmState, e vm.Event, detail string, also func(v *vmStat
 	if also != nil {
 		also(v)
 	}
+	gap := v.trackIntent(tr)
 	// The gate changes in the same step as the state: nothing can see the
 	// new state with the old gate.
 	gate := v.gate
@@ -62,7 +63,33 @@ func (d *Daemon) fire(v *vmState, e vm.Event, detail string, also func(v *vmStat
 
 	d.applyOutput(v.name, gate, act)
 	d.observe(tr, level, alarmChanged, rec)
+	if gap > 0 {
+		d.metrics.UnprotectedS.WithLabelValues(v.name).Add(gap.Seconds())
+		d.event(v.name, "reprotected", fmt.Sprintf("%s is protected at its declared level %s again, after %.1f s unprotected", v.name, level, gap.Seconds()))
+	}
 	return tr, true
+}
+
+// trackIntent keeps the time a VM with a declared level spends below it
+// (v.mu held): the gap opens when protection is lost (the stream, a fence;
+// a failover and an axd restart open it where they happen) and closes,
+// reported, when the VM is protected again. A first sync, or a level
+// change's, opens none: the VM was not protected before, or still is at
+// its disks' level.
+func (v *vmState) trackIntent(tr vm.Transition) (closed time.Duration) {
+	switch {
+	case tr.To.Role() == api.RoleSecondary || tr.To == vm.Gone || v.declared == api.LevelNone || v.declared == "":
+		v.unprotectedSince = time.Time{}
+	case tr.To == vm.Protected:
+		if !v.unprotectedSince.IsZero() {
+			closed = max(time.Since(v.unprotectedSince), time.Nanosecond)
+		}
+		v.unprotectedSince = time.Time{}
+	case tr.To == vm.Syncing:
+	case v.unprotectedSince.IsZero():
+		v.unprotectedSince = time.Now()
+	}
+	return closed
 }
 
 // applyOutput does to the VM's output gate what a transition requires.
@@ -125,7 +152,8 @@ func (d *Daemon) observe(tr vm.Transition, level string, alarmChanged bool, rec 
 func (v *vmState) record() vm.Record {
 	spec := v.spec
 	return vm.Record{Version: vm.RecordVersion, VM: v.name, State: v.st.String(), Role: v.st.Role(), Level: v.level,
-		Peer: v.peer, NextEpoch: v.epochs.Floor(), Alarm: v.alarm, Updated: time.Now(), Spec: &spec}
+		Peer: v.peer, NextEpoch: v.epochs.Floor(), Alarm: v.alarm, Declared: v.declared, DeclaredPeer: v.declaredPeer,
+		UnprotectedSince: v.unprotectedSince, Updated: time.Now(), Spec: &spec}
 }
 
 // saveRecord writes v's record to the state store.
@@ -153,7 +181,20 @@ func (d *Daemon) restore(recs []vm.Record) {
 		if r.Spec == nil || r.Spec.Name != r.VM || (r.Role != api.RoleLocal && r.Role != api.RolePrimary) {
 			continue
 		}
-		d.wg.Go(func() { d.restoreVM(r) })
+		d.mu.Lock()
+		if d.restoring == nil {
+			d.restoring = map[string]bool{}
+		}
+		d.restoring[r.VM] = true
+		d.mu.Unlock()
+		d.wg.Go(func() {
+			defer func() {
+				d.mu.Lock()
+				delete(d.restoring, r.VM)
+				d.mu.Unlock()
+			}()
+			d.restoreVM(r)
+		})
 	}
 }
 
@@ -185,6 +226,9 @@ func (d *Daemon) restoreVM(r vm.Record) {
 	fenced := r.State == vm.Fencing.String() || r.State == vm.Fenced.String()
 	v.set(func(v *vmState) {
 		v.epochs = vm.RestoreEpochs(r.NextEpoch)
+		if r.Declared == api.LevelFT || r.Declared == api.LevelHA {
+			v.declared, v.declaredPeer, v.unprotectedSince = r.Declared, r.DeclaredPeer, r.UnprotectedSince
+		}
 		if fenced {
 			// Not a transition: the VM was fencing before axd started.
 			v.st, v.level, v.peer, v.alarm = vm.Fencing, r.Level, r.Peer, "fencing (from before axd restarted): "+r.Alarm
@@ -194,6 +238,14 @@ func (d *Daemon) restoreVM(r vm.Record) {
 	case fenced:
 		d.fenceUntilPaused(v, "it was fencing or fenced before axd restarted", nil)
 	case r.Role == api.RolePrimary:
+		// Its protection lapsed while axd was away: the gap runs from now
+		// (or from when it was lost before) until the new stream covers it.
+		v.set(func(v *vmState) {
+			v.declared, v.declaredPeer, v.unprotectedSince = r.Level, r.Peer, r.UnprotectedSince
+			if v.unprotectedSince.IsZero() {
+				v.unprotectedSince = time.Now()
+			}
+		})
 		d.event(r.VM, "restore", fmt.Sprintf("restoring protection of %s at level %s towards %s", r.VM, r.Level, r.Peer))
 		if err := d.protect(r.VM, api.ProtectRequest{Level: r.Level, Peer: r.Peer}); err != nil {
 			d.fire(v, vm.Degraded, "protection not resumed after axd restarted: "+err.Error(), nil)

@@ -75,11 +75,24 @@ type vmState struct {
 
 	// primary: the output gate, attached while protected at FT
 	gate *netbuffer.Gate
+
+	// intent: the level the operator declared (ft, ha, or none) towards
+	// declaredPeer. It outlives failovers: while the VM runs here below
+	// it, axd protects it again by itself (intent.go). unprotectedSince is
+	// when a VM so declared last stopped being protected (zero while it is,
+	// or when none is declared).
+	declared         string
+	declaredPeer     string
+	unprotectedSince time.Time
+	reprotecting     bool          // an attempt runs
+	reprotectAt      time.Time     // the next attempt, not before
+	reprotectWait    time.Duration // after a failed attempt
+	reprotectErr     string        // the last attempt's failure, logged once
 }
 
 // newVM returns a VM in state st.
 func newVM(name string, st vm.State) *vmState {
-	return &vmState{name: name, st: st, level: api.LevelNone, consoleOffset: -1, epochs: &vm.Epochs{}}
+	return &vmState{name: name, st: st, level: api.LevelNone, declared: api.LevelNone, consoleOffset: -1, epochs: &vm.Epochs{}}
 }
 
 type finishResult struct {
@@ -113,6 +126,12 @@ func (v *vmState) status() api.VMStatus {
 		Tracker: v.tracker, LastCommit: v.lastCommit,
 		PauseMS: ms(v.pause), DirtyPages: v.dirty, BytesPerSec: v.rate,
 		SyncSent: v.syncSent, SyncTotal: v.syncTotal, ConsoleOffset: v.consoleOffset, Console: v.spec.Guest.Console,
+	}
+	if v.st.Role() != api.RoleSecondary {
+		s.Declared, s.DeclaredPeer = v.declared, v.declaredPeer
+		if !v.unprotectedSince.IsZero() {
+			s.UnprotectedS = time.Since(v.unprotectedSince).Seconds()
+		}
 	}
 	if !v.lastCommit.IsZero() {
 		s.CommitAgeMS = ms(time.Since(v.lastCommit))

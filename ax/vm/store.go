@@ -32,9 +32,16 @@ type Record struct {
 	Level   string `json:"level"`
 	Peer    string `json:"peer,omitempty"`
 	// NextEpoch is the first epoch a new stream of this VM may use.
-	NextEpoch uint64    `json:"next_epoch,omitempty"`
-	Alarm     string    `json:"alarm,omitempty"`
-	Updated   time.Time `json:"updated"`
+	NextEpoch uint64 `json:"next_epoch,omitempty"`
+	Alarm     string `json:"alarm,omitempty"`
+	// Declared is the level the operator declared for the VM, towards
+	// DeclaredPeer: it outlives failovers, and axd protects the VM again by
+	// itself while it runs here below it. UnprotectedSince is when a VM so
+	// declared last stopped being protected (zero while it is).
+	Declared         string    `json:"declared,omitempty"`
+	DeclaredPeer     string    `json:"declared_peer,omitempty"`
+	UnprotectedSince time.Time `json:"unprotected_since,omitzero"`
+	Updated          time.Time `json:"updated"`
 	// Spec is the VM as it was defined here (as adopted from the partner,
 	// for a replica).
 	Spec *api.VMSpec `json:"spec,omitempty"`

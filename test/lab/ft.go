@@ -337,7 +337,11 @@ func (l *Lab) protectLevelAndWait(ctx context.Context, c *api.Client, vm, peer, 
 	}
 	if s.Role != api.RolePrimary || s.Level != level {
 		if err := c.Level(ctx, vm, api.ProtectRequest{Level: level, Peer: peer}); err != nil {
-			return err
+			// After a failover axd protects the VM again at its declared
+			// level by itself: it may have begun since the status above.
+			if s, serr := l.vmStatus(ctx, c, vm); serr != nil || s.Role != api.RolePrimary || s.Level != level || s.Peer != peer {
+				return err
+			}
 		}
 	}
 	deadline := time.Now().Add(90 * time.Second)

@@ -169,6 +169,13 @@ func TestIntegrationFTFailoverTrials(t *testing.T) {
 		if err := l.RecoverHost(ctx, from, dcfg); err != nil {
 			t.Fatalf("trial %d: recover %s: %v", i, from, err)
 		}
+		// Declared FT, the VM is protected again towards the host that
+		// came back, with no command.
+		back := time.Now()
+		waitVM(t, l, l.Client(to), vm.Name, 120*time.Second, "FT protection towards the returned host, by itself", func(s api.VMStatus) bool {
+			return s.Role == api.RolePrimary && s.Level == api.LevelFT && s.Peer == from && s.State == "protected"
+		})
+		t.Logf("trial %d: %s protected again towards %s %.1f s after its axd started", i, vm.Name, from, time.Since(back).Seconds())
 		from, to = to, from
 	}
 	t.Logf("failover times: %v", failovers)
@@ -308,8 +315,8 @@ func TestIntegrationFTPlannedFailover(t *testing.T) {
 	var err error
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
 		sb, err = l.vmStatus(ctx, cb, vm.Name)
-		if err == nil && sb.Role == api.RoleLocal && sb.State == "running" {
-			break
+		if err == nil && (sb.Role == api.RoleLocal || sb.Role == api.RolePrimary) {
+			break // b runs it (and may be protecting it again already)
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("on b: %+v %v\nevents on b: %s", sb, err, l.eventsText(ctx, cb))
@@ -343,6 +350,21 @@ func TestIntegrationFTPlannedFailover(t *testing.T) {
 	if err := l.pingLedger(ctx, fmt.Sprintf("%s:%d", vm.IP, LedgerPort)); err != nil {
 		t.Fatalf("ledger on b: %v", err)
 	}
+	// Declared FT, the VM is protected again in the other direction with
+	// no command, and b says how long it ran unprotected.
+	waitVM(t, l, cb, vm.Name, 120*time.Second, "FT protection b→a by itself", func(s api.VMStatus) bool {
+		return s.Role == api.RolePrimary && s.Level == api.LevelFT && s.Peer == HostA && s.State == "protected"
+	})
+	t.Logf("protected again b→a %.2f s after the failover request", time.Since(t0).Seconds())
+	if sa, err := l.vmStatus(ctx, ca, vm.Name); err != nil || sa.Role != api.RoleSecondary || sa.State != "ready" {
+		t.Errorf("a after b protected vm1 again: %+v %v", sa, err)
+	}
+	events := l.eventsText(ctx, cb)
+	i := strings.Index(events, "declared level ft again, after ")
+	if i < 0 {
+		t.Fatalf("b's events do not say how long vm1 ran unprotected:%s", events)
+	}
+	t.Logf("b: %s", strings.SplitN(events[i:], "\n", 2)[0])
 }
 
 func waitDead(pid int, timeout time.Duration) error {
@@ -471,8 +493,10 @@ func axdKilledTrial(t *testing.T, l *Lab, vm *VM, cfg DaemonConfig, level string
 	if err := waitDead(vm.PID, 15*time.Second); err != nil {
 		t.Fatalf("the old copy on a after axd came back: %v%s", err, l.eventsText(ctx, ca))
 	}
-	if s, err := l.vmStatus(ctx, ca, vm.Name); err == nil {
-		t.Errorf("a still knows the VM b runs: %+v", s)
+	// a may hold vm1's replica again by now (b protects it again at its
+	// declared level), never a copy of its own.
+	if s, err := l.vmStatus(ctx, ca, vm.Name); err == nil && s.Role != api.RoleSecondary {
+		t.Errorf("a still runs the VM b runs: %+v", s)
 	}
 	if !strings.Contains(l.eventsText(ctx, ca), "was taken over by "+HostB+" while axd was away") {
 		t.Errorf("a's events say nothing of the copy it killed:%s", l.eventsText(ctx, ca))

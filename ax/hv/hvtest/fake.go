@@ -50,6 +50,7 @@ type Fake struct {
 	started map[string]Launch
 	loaded  map[string][]byte
 	pid     int
+	noPIDs  bool
 }
 
 var _ hv.Driver = (*Fake)(nil)
@@ -58,6 +59,15 @@ var _ hv.Driver = (*Fake)(nil)
 func New() *Fake {
 	return &Fake{fail: map[Op]error{}, pinned: map[string]string{}, state: map[string]string{},
 		started: map[string]Launch{}, loaded: map[string][]byte{}, pid: 4000}
+}
+
+// NoPIDs makes the processes started from now on answer pid 0, as a
+// process whose pid is not known: for tests of axd where the pid would be
+// looked up in /proc (the dirty tracker of a promoted VM protected again).
+func (f *Fake) NoPIDs() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.noPIDs = true
 }
 
 // Fail makes every later op fail with err (recorded all the same); a nil
@@ -186,7 +196,11 @@ func (d *domain) start(incoming bool) (hv.Process, error) {
 		d.f.state[d.g.Name] = "inmigrate"
 	}
 	d.f.pid++
-	return &process{f: d.f, vm: d.g.Name, pid: d.f.pid, done: make(chan struct{})}, nil
+	pid := d.f.pid
+	if d.f.noPIDs {
+		pid = 0
+	}
+	return &process{f: d.f, vm: d.g.Name, pid: pid, done: make(chan struct{})}, nil
 }
 
 func (d *domain) PlugTap(ctx context.Context, bridge string) error {

@@ -1,0 +1,99 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/axproject/ax/ax/api"
+	"github.com/axproject/ax/ax/witness"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+)
+
+// withWitness serves a witness (PSK mode, the pair's key) on loopback for
+// the pair, its lease ttl long and its restart grace already over.
+func withWitness(t *testing.T, ttl time.Duration) func(string, *Config) {
+	t.Helper()
+	// The witness starts with its clock behind, so that the grace after its
+	// start (one TTL) is over once the clock is put right.
+	var skew atomic.Int64
+	skew.Store(int64(-ttl - 4*time.Second))
+	w, err := witness.NewServer(witness.ServerConfig{PSK: []byte("0123456789abcdef0123456789abcdef"), LeaseTTL: ttl,
+		Now: func() time.Time { return time.Now().Add(time.Duration(skew.Load())) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	skew.Store(0)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); w.Serve(ctx, ln) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return func(_ string, c *Config) { c.Witness, c.LeaseTTL = ln.Addr().String(), ttl }
+}
+
+// A planned failover hands the lease over (the partner need not wait for it
+// to expire), and the VM, declared FT, is protected again in the other
+// direction without any command; the time it ran unprotected is reported.
+// Declaring it none then ends that.
+func TestPlannedFailoverReprotects(t *testing.T) {
+	// A lease longer than the 10 s a planned failover waits for the
+	// partner: the handover succeeds only if the lease is given up.
+	p := runPair(t, withWitness(t, 16*time.Second))
+	p.defineVM(t)
+	p.fakeB.NoPIDs() // the promoted VM's memory is tracked by its RAM file
+	if err := p.a.protect("vm1", api.ProtectRequest{Level: api.LevelFT, Peer: "b"}); err != nil {
+		t.Fatal(err)
+	}
+	until(t, "FT protection a→b", func() bool {
+		a, b := vm1(p.a), vm1(p.b)
+		return a.State == "protected" && a.Committed > 2 && b.State == "ready"
+	}, both(p))
+	if a := vm1(p.a); a.Declared != api.LevelFT || a.DeclaredPeer != "b" || a.UnprotectedS != 0 {
+		t.Fatalf("a declares %q towards %q, unprotected %.1f s", a.Declared, a.DeclaredPeer, a.UnprotectedS)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := p.a.plannedFailover(ctx, "vm1"); err != nil {
+		t.Fatalf("planned failover: %v\nb: %+v", err, p.b.eventsSince(0))
+	}
+	until(t, "FT protection b→a, by itself", func() bool {
+		a, b := vm1(p.a), vm1(p.b)
+		return b.Role == api.RolePrimary && b.Level == api.LevelFT && b.Peer == "a" && b.State == "protected" && a.State == "ready"
+	}, func() string {
+		return fmt.Sprintf("%s\nb: %+v\na: %+v", both(p)(), p.b.eventsSince(0), p.a.eventsSince(0))
+	})
+	b := vm1(p.b)
+	if b.Declared != api.LevelFT || b.DeclaredPeer != "a" || b.UnprotectedS != 0 {
+		t.Errorf("b declares %q towards %q, unprotected %.1f s", b.Declared, b.DeclaredPeer, b.UnprotectedS)
+	}
+	var gap string
+	for _, e := range p.b.eventsSince(0) {
+		if e.Kind == "reprotected" {
+			gap = e.Text
+		}
+	}
+	if !strings.Contains(gap, "declared level ft again, after") {
+		t.Errorf("no event says how long vm1 ran unprotected: %+v", p.b.eventsSince(0))
+	}
+	if n := testutil.ToFloat64(p.b.metrics.UnprotectedS.WithLabelValues("vm1")); n <= 0 {
+		t.Errorf("ax_vm_unprotected_seconds_total %v, want the gap counted", n)
+	}
+
+	// Declared none: protection ends and does not come back by itself.
+	if err := p.b.setLevel(ctx, "vm1", api.ProtectRequest{Level: api.LevelNone}); err != nil {
+		t.Fatal(err)
+	}
+	until(t, "unprotected", func() bool { return vm1(p.b).Role == api.RoleLocal && vm1(p.a).Name == "" }, both(p))
+	time.Sleep(3 * reprotectFirst / 2)
+	if b := vm1(p.b); b.Role != api.RoleLocal || b.Declared != api.LevelNone {
+		t.Errorf("after level none: %s, declared %q", b.Role, b.Declared)
+	}
+}
