@@ -1,0 +1,227 @@
+package lab
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/axproject/ax/ax/api"
+	"github.com/axproject/ax/test/workload"
+)
+
+// axdPID is the pid of axd on host h, as the lab recorded it.
+func axdPID(t *testing.T, l *Lab, h string) int {
+	t.Helper()
+	if err := l.loadState(); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range l.state.Procs {
+		if p.Name == "axd-"+h {
+			return p.PID
+		}
+	}
+	t.Fatalf("no axd on %s in the lab's state", h)
+	return 0
+}
+
+// TestIntegrationAxdRestart: axd restarted the way `systemctl restart`
+// does it (SIGTERM, then started again) on the primary, then on the
+// secondary, at FT with the ledger client appending all along: no
+// failover, protection back by itself each time, no acknowledged record
+// lost, the client's connection never reset.
+func TestIntegrationAxdRestart(t *testing.T) {
+	l, vm, bin, cfg := ftLab(t, "itrst")
+	ctx := context.Background()
+	ca, cb := l.Client(HostA), l.Client(HostB)
+	if err := l.protectAndWait(ctx, ca, vm.Name, HostB); err != nil {
+		t.Fatal(err)
+	}
+	record := filepath.Join(l.StateDir, "restart.rec")
+	addr := fmt.Sprintf("%s:%d", vm.IP, LedgerPort)
+	client, err := l.StartClient(ctx, bin, addr, 20, record)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Stop()
+	time.Sleep(3 * time.Second)
+	for _, h := range []string{HostA, HostB} {
+		pid := axdPID(t, l, h)
+		t0 := time.Now()
+		if err := syscall.Kill(pid, syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		if err := waitDead(pid, 30*time.Second); err != nil {
+			t.Fatalf("axd on %s after SIGTERM: %v", h, err)
+		}
+		stopped := time.Since(t0)
+		if err := l.StartAxd(ctx, h, cfg); err != nil {
+			t.Fatal(err)
+		}
+		waitVM(t, l, ca, vm.Name, 180*time.Second, "FT protection back after the restart of axd on "+h, func(s api.VMStatus) bool {
+			return s.Role == api.RolePrimary && s.Level == api.LevelFT && s.Peer == HostB && s.State == "protected"
+		})
+		t.Logf("axd on %s: stopped %.2f s after SIGTERM, VM protected again %.2f s after SIGTERM", h, stopped.Seconds(), time.Since(t0).Seconds())
+		if s, err := l.vmStatus(ctx, cb, vm.Name); err != nil || s.Role != api.RoleSecondary {
+			t.Fatalf("b after the restart on %s: %+v %v", h, s, err)
+		}
+		time.Sleep(3 * time.Second) // the client appends on the protected VM
+	}
+	summary := client.Stop()
+	t.Logf("client: %s", summary)
+	if !strings.Contains(summary, " reconnects=0") {
+		t.Errorf("the client's connection was reset across the restarts: %s", summary)
+	}
+	if events := l.eventsText(ctx, cb); strings.Contains(events, " promote ") {
+		t.Errorf("b promoted the VM across a restart of axd:%s", events)
+	}
+	acks, err := workload.ReadRecord(record)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var recs []string
+	if err := l.InNetns(HostC, func() error {
+		recs, err = workload.List(ctx, addr, 10*time.Second)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	v := workload.Verify(acks, recs)
+	t.Logf("acked %d, in the ledger %d, missing %d", len(acks), len(recs), len(v.Missing))
+	if len(acks) == 0 || len(v.Missing) > 0 {
+		t.Fatalf("%d acknowledged records, %d missing from the ledger", len(acks), len(v.Missing))
+	}
+}
+
+// qemuPIDs are the QEMU processes running in host h's network namespace.
+func qemuPIDs(l *Lab, h string) ([]int, error) {
+	var ns unix.Stat_t
+	if err := unix.Stat("/run/netns/"+l.Netns(h), &ns); err != nil {
+		return nil, err
+	}
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil, err
+	}
+	var pids []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		comm, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
+		if err != nil || !strings.HasPrefix(string(comm), "qemu-system") {
+			continue
+		}
+		var st unix.Stat_t
+		if unix.Stat(fmt.Sprintf("/proc/%d/ns/net", pid), &st) == nil && st.Ino == ns.Ino && st.Dev == ns.Dev {
+			pids = append(pids, pid)
+		}
+	}
+	return pids, nil
+}
+
+// TestIntegrationFTAxdKilledTrials: axd SIGKILLed on the primary at FT at
+// a random moment, with the ledger client appending and both hosts sampled
+// every 20 ms — is a QEMU on the old primary still running (not stopped by
+// its guard), does the partner run the VM. Each trial: never both, no
+// acknowledged record lost, the partner runs the VM; axd started again on
+// the old primary kills its stopped copy, and the VM, declared FT, is
+// protected back towards it with no command — the next trial kills the
+// other way. AX_AXD_TRIALS sets the number of trials (default 10).
+func TestIntegrationFTAxdKilledTrials(t *testing.T) {
+	l, vm, bin, cfg := ftLab(t, "itaxt")
+	ctx := context.Background()
+	trials := 10
+	if n, err := strconv.Atoi(os.Getenv("AX_AXD_TRIALS")); err == nil {
+		trials = n
+	}
+	addr := fmt.Sprintf("%s:%d", vm.IP, LedgerPort)
+	from, to := HostA, HostB
+	if err := l.protectAndWait(ctx, l.Client(from), vm.Name, to); err != nil {
+		t.Fatal(err)
+	}
+	for i := 1; i <= trials; i++ {
+		cf, ct := l.Client(from), l.Client(to)
+		waitVM(t, l, cf, vm.Name, 180*time.Second, "FT protection "+from+"→"+to, func(s api.VMStatus) bool {
+			return s.Role == api.RolePrimary && s.Level == api.LevelFT && s.Peer == to && s.State == "protected"
+		})
+		record := filepath.Join(l.StateDir, fmt.Sprintf("axdkill%d.rec", i))
+		client, err := l.StartClient(ctx, bin, addr, 20, record)
+		if err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(2*time.Second + time.Duration(rand.Int64N(int64(4*time.Second))))
+		old, err := qemuPIDs(l, from)
+		if err != nil || len(old) != 1 {
+			client.Stop()
+			t.Fatalf("trial %d: QEMU on %s: %v %v", i, from, old, err)
+		}
+		if err := syscall.Kill(axdPID(t, l, from), syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		killed := time.Now()
+		var stoppedAt, runningAt time.Duration
+		for deadline := killed.Add(30 * time.Second); time.Now().Before(deadline) && runningAt == 0; time.Sleep(20 * time.Millisecond) {
+			_, st, err := procStat(old[0])
+			stopped := err != nil || st == 'T' || st == 'Z'
+			if stopped && stoppedAt == 0 {
+				stoppedAt = time.Since(killed)
+			}
+			if s, err := l.vmStatus(ctx, ct, vm.Name); err == nil && (s.Role != api.RoleSecondary || s.State == "promoting") {
+				runningAt = time.Since(killed)
+				if !stopped {
+					client.Stop()
+					t.Fatalf("trial %d: %s runs the VM (%s) while %s's QEMU (pid %d) still runs", i, to, s.State, from, old[0])
+				}
+			}
+		}
+		if runningAt == 0 {
+			client.Stop()
+			t.Fatalf("trial %d: %s did not take over within 30 s:%s", i, to, l.eventsText(ctx, ct))
+		}
+		for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+			if err = l.pingLedger(ctx, addr); err == nil || time.Now().After(deadline) {
+				break
+			}
+		}
+		if err != nil {
+			client.Stop()
+			t.Fatalf("trial %d: ledger on %s: %v", i, to, err)
+		}
+		time.Sleep(2 * time.Second) // the client reconnects and appends there
+		client.Stop()
+		acks, err := workload.ReadRecord(record)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var recs []string
+		if err := l.InNetns(HostC, func() error {
+			recs, err = workload.List(ctx, addr, 10*time.Second)
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		v := workload.Verify(acks, recs)
+		t.Logf("trial %d %s→%s: axd killed, guest stopped after %.2f s, %s running it after %.2f s; acked %d, missing %d",
+			i, from, to, stoppedAt.Seconds(), to, runningAt.Seconds(), len(acks), len(v.Missing))
+		if len(acks) == 0 || len(v.Missing) > 0 {
+			t.Fatalf("trial %d: %d acknowledged records, %d missing after the takeover: output escaped before its checkpoint committed", i, len(acks), len(v.Missing))
+		}
+		if err := l.StartAxd(ctx, from, cfg); err != nil {
+			t.Fatal(err)
+		}
+		if err := waitDead(old[0], 15*time.Second); err != nil {
+			t.Fatalf("trial %d: the old copy on %s after its axd came back: %v%s", i, from, err, l.eventsText(ctx, cf))
+		}
+		from, to = to, from
+	}
+}
