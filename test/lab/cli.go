@@ -27,6 +27,8 @@ const cliUsage = `usage: axctl lab <command> [flags]
   bench    time lab up, guest boot to first ack and teardown over --runs cycles
   bench-ft FT's pause, epochs/s, guest slowdown, bytes per page, failover time
   bench-disk guest disk write throughput and latency at none, HA and FT
+  bench-restart axd restarted (primary, secondary) → protected again; planned failover
+           → running on the partner and protected back; axd killed → guest stopped
 
 flags (all commands):
   --prefix NAME     lab name; labs with different prefixes run side by side (default ax)
@@ -47,7 +49,7 @@ flags (up, demo):
   --records N       (demo) ledger records to append (default 100)
   --rate N          (demo) appends per second (default 50)
   --run-for D       (demo) protected running time before host a is killed (default 10s)
-  --runs N          (bench) cycles to time (default 3)
+  --runs N          (bench, bench-restart) cycles to time (default 3)
   --window D        (bench-ft) length of each measuring window (default 8s)
   --json            (status) machine-readable output`
 
@@ -146,6 +148,11 @@ func Main(ctx context.Context, args []string, out io.Writer, log *slog.Logger) e
 		return Bench(ctx, l, f, f.runs, out, log)
 	case "bench-disk":
 		return BenchDisk(ctx, l, f, out, log)
+	case "bench-restart":
+		if !dirtySet {
+			f.dirty = 4
+		}
+		return BenchRestart(ctx, l, f, max(f.runs, 1), out, log)
 	case "bench-ft":
 		if !dirtySet {
 			f.dirty = 4

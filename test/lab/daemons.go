@@ -19,6 +19,7 @@ import (
 	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/ax/identity"
 	"github.com/axproject/ax/test/image"
+	"golang.org/x/sys/unix"
 )
 
 // Ports of AX's services on the lab hosts.
@@ -368,4 +369,50 @@ rule_files:
 	err := l.startProc(ctx, HostW, "prometheus", "prometheus", "--config.file="+conf,
 		"--storage.tsdb.path="+filepath.Join(dir, "data"), "--web.listen-address="+addr)
 	return addr, err
+}
+
+// AxdPID is the pid of the axd running on host h, as the lab recorded it
+// (the last one started: an axd killed and started again stays listed).
+func (l *Lab) AxdPID(h string) (int, error) {
+	if err := l.loadState(); err != nil {
+		return 0, err
+	}
+	pid := 0
+	for _, p := range l.state.Procs {
+		if p.Name == "axd-"+h && !isZombie(p.PID) {
+			pid = p.PID
+		}
+	}
+	if pid == 0 {
+		return 0, fmt.Errorf("no axd runs on %s in the lab's state", h)
+	}
+	return pid, nil
+}
+
+// qemuPIDs are the QEMU processes running in host h's network namespace.
+func qemuPIDs(l *Lab, h string) ([]int, error) {
+	var ns unix.Stat_t
+	if err := unix.Stat("/run/netns/"+l.Netns(h), &ns); err != nil {
+		return nil, err
+	}
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil, err
+	}
+	var pids []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		comm, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
+		if err != nil || !strings.HasPrefix(string(comm), "qemu-system") {
+			continue
+		}
+		var st unix.Stat_t
+		if unix.Stat(fmt.Sprintf("/proc/%d/ns/net", pid), &st) == nil && st.Ino == ns.Ino && st.Dev == ns.Dev {
+			pids = append(pids, pid)
+		}
+	}
+	return pids, nil
 }

@@ -326,7 +326,7 @@ func TestIntegrationFTPlannedFailover(t *testing.T) {
 	if _, err := l.vmStatus(ctx, ca, vm.Name); err == nil {
 		t.Error("a still lists the VM after handing it over")
 	}
-	if err := waitDead(vm.PID, 5*time.Second); err != nil {
+	if err := waitGone(vm.PID, 5*time.Second); err != nil {
 		t.Errorf("the old QEMU on a: %v", err)
 	}
 	var post []byte
@@ -365,17 +365,6 @@ func TestIntegrationFTPlannedFailover(t *testing.T) {
 		t.Fatalf("b's events do not say how long vm1 ran unprotected:%s", events)
 	}
 	t.Logf("b: %s", strings.SplitN(events[i:], "\n", 2)[0])
-}
-
-func waitDead(pid int, timeout time.Duration) error {
-	deadline := time.Now().Add(timeout)
-	for time.Now().Before(deadline) {
-		if isZombie(pid) {
-			return nil
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	return fmt.Errorf("pid %d still runs", pid)
 }
 
 // TestIntegrationFTPrimaryIsolated: host a stays alive but loses every link
@@ -490,7 +479,7 @@ func axdKilledTrial(t *testing.T, l *Lab, vm *VM, cfg DaemonConfig, level string
 	if err := l.StartAxd(ctx, HostA, cfg); err != nil {
 		t.Fatal(err)
 	}
-	if err := waitDead(vm.PID, 15*time.Second); err != nil {
+	if err := waitGone(vm.PID, 15*time.Second); err != nil {
 		t.Fatalf("the old copy on a after axd came back: %v%s", err, l.eventsText(ctx, ca))
 	}
 	// a may hold vm1's replica again by now (b protects it again at its

@@ -12,8 +12,6 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/test/workload"
 )
@@ -21,16 +19,11 @@ import (
 // axdPID is the pid of axd on host h, as the lab recorded it.
 func axdPID(t *testing.T, l *Lab, h string) int {
 	t.Helper()
-	if err := l.loadState(); err != nil {
+	pid, err := l.AxdPID(h)
+	if err != nil {
 		t.Fatal(err)
 	}
-	for _, p := range l.state.Procs {
-		if p.Name == "axd-"+h {
-			return p.PID
-		}
-	}
-	t.Fatalf("no axd on %s in the lab's state", h)
-	return 0
+	return pid
 }
 
 // TestIntegrationAxdRestart: axd restarted the way `systemctl restart`
@@ -59,7 +52,7 @@ func TestIntegrationAxdRestart(t *testing.T) {
 		if err := syscall.Kill(pid, syscall.SIGTERM); err != nil {
 			t.Fatal(err)
 		}
-		if err := waitDead(pid, 30*time.Second); err != nil {
+		if err := waitGone(pid, 30*time.Second); err != nil {
 			t.Fatalf("axd on %s after SIGTERM: %v", h, err)
 		}
 		stopped := time.Since(t0)
@@ -99,34 +92,6 @@ func TestIntegrationAxdRestart(t *testing.T) {
 	if len(acks) == 0 || len(v.Missing) > 0 {
 		t.Fatalf("%d acknowledged records, %d missing from the ledger", len(acks), len(v.Missing))
 	}
-}
-
-// qemuPIDs are the QEMU processes running in host h's network namespace.
-func qemuPIDs(l *Lab, h string) ([]int, error) {
-	var ns unix.Stat_t
-	if err := unix.Stat("/run/netns/"+l.Netns(h), &ns); err != nil {
-		return nil, err
-	}
-	ents, err := os.ReadDir("/proc")
-	if err != nil {
-		return nil, err
-	}
-	var pids []int
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		comm, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
-		if err != nil || !strings.HasPrefix(string(comm), "qemu-system") {
-			continue
-		}
-		var st unix.Stat_t
-		if unix.Stat(fmt.Sprintf("/proc/%d/ns/net", pid), &st) == nil && st.Ino == ns.Ino && st.Dev == ns.Dev {
-			pids = append(pids, pid)
-		}
-	}
-	return pids, nil
 }
 
 // TestIntegrationFTAxdKilledTrials: axd SIGKILLed on the primary at FT at
@@ -219,7 +184,7 @@ func TestIntegrationFTAxdKilledTrials(t *testing.T) {
 		if err := l.StartAxd(ctx, from, cfg); err != nil {
 			t.Fatal(err)
 		}
-		if err := waitDead(old[0], 15*time.Second); err != nil {
+		if err := waitGone(old[0], 15*time.Second); err != nil {
 			t.Fatalf("trial %d: the old copy on %s after its axd came back: %v%s", i, from, err, l.eventsText(ctx, cf))
 		}
 		from, to = to, from

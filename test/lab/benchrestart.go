@@ -1,0 +1,185 @@
+package lab
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"syscall"
+	"time"
+
+	"github.com/axproject/ax/ax/api"
+)
+
+// leaseTTL is the lab witness's lease length (axd's default).
+const leaseTTL = time.Second
+
+// BenchRestart reports, on the lab guest at FT, what axd's restarts and
+// crashes cost, measured in one run: a restart of axd (SIGTERM, started
+// again, as systemctl restart does) on the primary and on the secondary →
+// protected again; a planned failover → the guest running on the partner
+// (against the lease TTL it no longer waits for) and protected back the
+// other way with no command; axd SIGKILLed on the primary → its guest
+// stopped by the guard (against the lease TTL) and running on the partner.
+func BenchRestart(ctx context.Context, l *Lab, f labFlags, runs int, out io.Writer, log *slog.Logger) (err error) {
+	vm, down, err := benchLab(ctx, l, f, log)
+	if err != nil {
+		return err
+	}
+	defer down(&err)
+	axd, err := f.binary("axd")
+	if err != nil {
+		return err
+	}
+	cfg := DaemonConfig{Axd: axd, PSK: f.psk}
+	primary, secondary := HostA, HostB
+	if err := l.protectAndWait(ctx, l.Client(primary), vm.Name, secondary); err != nil {
+		return err
+	}
+	protected := func(h, peer string, within time.Duration) error {
+		c := l.Client(h)
+		for deadline := time.Now().Add(within); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+			if s, err := l.vmStatus(ctx, c, vm.Name); err == nil && s.Role == api.RolePrimary &&
+				s.Level == api.LevelFT && s.Peer == peer && s.State == "protected" {
+				return nil
+			}
+		}
+		return fmt.Errorf("%s not FT-protected on %s towards %s within %s:%s", vm.Name, h, peer, within, l.eventsText(ctx, c))
+	}
+	restart := func(h string) (time.Duration, error) {
+		pid, err := l.AxdPID(h)
+		if err != nil {
+			return 0, err
+		}
+		t0 := time.Now()
+		if err := syscall.Kill(pid, syscall.SIGTERM); err != nil {
+			return 0, err
+		}
+		if err := waitGone(pid, 30*time.Second); err != nil {
+			return 0, err
+		}
+		if err := l.StartAxd(ctx, h, cfg); err != nil {
+			return 0, err
+		}
+		if err := protected(primary, secondary, 3*time.Minute); err != nil {
+			return 0, err
+		}
+		return time.Since(t0), nil
+	}
+	var onPrimary, onSecondary []time.Duration
+	for range runs {
+		d, err := restart(primary)
+		if err != nil {
+			return fmt.Errorf("restart of axd on the primary: %w", err)
+		}
+		onPrimary = append(onPrimary, d)
+		time.Sleep(2 * time.Second)
+		if d, err = restart(secondary); err != nil {
+			return fmt.Errorf("restart of axd on the secondary: %w", err)
+		}
+		onSecondary = append(onSecondary, d)
+		time.Sleep(2 * time.Second)
+	}
+
+	// Planned failovers, there and back.
+	var handover, back []time.Duration
+	for range 2 {
+		t0 := time.Now()
+		if err := l.Client(primary).Failover(ctx, vm.Name); err != nil {
+			return fmt.Errorf("planned failover: %w", err)
+		}
+		to := l.Client(secondary)
+		for deadline := t0.Add(30 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+			if s, err := l.vmStatus(ctx, to, vm.Name); err == nil && s.Role != api.RoleSecondary {
+				break
+			}
+			if time.Now().After(deadline) {
+				return fmt.Errorf("planned failover: the guest does not run on %s", secondary)
+			}
+		}
+		handover = append(handover, time.Since(t0))
+		primary, secondary = secondary, primary
+		if err := protected(primary, secondary, 3*time.Minute); err != nil {
+			return err
+		}
+		back = append(back, time.Since(t0))
+		time.Sleep(2 * time.Second)
+	}
+
+	// axd killed on the primary: the guard stops its guest, the partner
+	// takes over; axd started again kills its stopped copy and the VM is
+	// protected back towards it.
+	old, err := qemuPIDs(l, primary)
+	if err != nil || len(old) != 1 {
+		return fmt.Errorf("QEMU on %s: %v %v", primary, old, err)
+	}
+	pid, err := l.AxdPID(primary)
+	if err != nil {
+		return err
+	}
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		return err
+	}
+	killed := time.Now()
+	var stoppedAt, runningAt time.Duration
+	for deadline := killed.Add(30 * time.Second); time.Now().Before(deadline) && runningAt == 0; time.Sleep(10 * time.Millisecond) {
+		if _, st, err := procStat(old[0]); (err != nil || st == 'T') && stoppedAt == 0 {
+			stoppedAt = time.Since(killed)
+		}
+		if s, err := l.vmStatus(ctx, l.Client(secondary), vm.Name); err == nil && (s.Role != api.RoleSecondary || s.State == "promoting") {
+			runningAt = time.Since(killed)
+		}
+	}
+	if runningAt == 0 || stoppedAt == 0 || stoppedAt > runningAt {
+		return fmt.Errorf("axd killed: guest stopped after %s, partner running it after %s", stoppedAt, runningAt)
+	}
+	t0 := time.Now()
+	if err := l.StartAxd(ctx, primary, cfg); err != nil {
+		return err
+	}
+	if err := protected(secondary, primary, 3*time.Minute); err != nil {
+		return err
+	}
+	backAfterKill := time.Since(t0)
+
+	fmt.Fprintf(out, "axd restarts and crashes, guest at FT (%d MiB, memory dirtier %g MiB/s), lease TTL %s:\n", vm.RAMMiB, f.dirty, leaseTTL)
+	fmt.Fprintf(out, "  restart of axd on the primary → protected again   %s s (median %.2f s)\n", durations(onPrimary), medianSeconds(onPrimary))
+	fmt.Fprintf(out, "  restart of axd on the secondary → protected again %s s (median %.2f s)\n", durations(onSecondary), medianSeconds(onSecondary))
+	fmt.Fprintf(out, "  planned failover → guest running on the partner   %s s = %.2f × lease TTL (the lease is handed over, not waited for)\n",
+		durations(handover), medianSeconds(handover)/leaseTTL.Seconds())
+	fmt.Fprintf(out, "  planned failover → protected back the other way   %s s, no command\n", durations(back))
+	fmt.Fprintf(out, "  axd SIGKILLed → guest stopped by its guard        %.2f s = %.2f × lease TTL (partner running it after %.2f s)\n",
+		stoppedAt.Seconds(), stoppedAt.Seconds()/leaseTTL.Seconds(), runningAt.Seconds())
+	fmt.Fprintf(out, "  killed axd started again → protected back         %.2f s\n", backAfterKill.Seconds())
+	return nil
+}
+
+func medianSeconds(ds []time.Duration) float64 {
+	v := make([]float64, len(ds))
+	for i, d := range ds {
+		v[i] = d.Seconds()
+	}
+	return median(v)
+}
+
+// waitGone waits until pid has exited (or is a zombie).
+func waitGone(pid int, timeout time.Duration) error {
+	for deadline := time.Now().Add(timeout); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if isZombie(pid) {
+			return nil
+		}
+	}
+	return fmt.Errorf("pid %d still runs after %s", pid, timeout)
+}
+
+// durations lists ds in seconds, "a / b / c".
+func durations(ds []time.Duration) string {
+	out := ""
+	for i, d := range ds {
+		if i > 0 {
+			out += " / "
+		}
+		out += secs(d)
+	}
+	return out
+}
