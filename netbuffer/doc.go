@@ -50,8 +50,9 @@
 // PinDir in a later process adopts the gate (Gate.Adopted): it loads the
 // pins, checks that they belong together and to this tap, loads
 // ax_release with the pinned mark, and reads the ring buffer from where
-// the last reader stopped, so the frames captured meanwhile are held with
-// their epochs and go out with the Release of their epoch, in order. The
+// the last reader stopped before it returns, so the frames captured
+// meanwhile are held with their epochs (and counted in Stats) and go out
+// with the Release of their epoch, in order. The
 // adopted gate is shut, at the pinned epoch, which NextEpoch cannot go
 // back from. Pins it cannot adopt (another tap, an unknown format, pieces
 // missing or not matching) fail with ErrNotAdoptable and are left as they

@@ -121,6 +121,7 @@ const (
 	opRelease op = iota
 	opDiscard
 	opOpen
+	opDrain
 )
 
 type request struct {
@@ -262,9 +263,14 @@ func (g *Gate) adopt() error {
 	if err := g.start(); err != nil {
 		return err
 	}
+	// Read in what was captured while no process held the gate, so that
+	// it is held, and counted in Stats, when Attach returns.
+	if err := g.do(request{op: opDrain}); err != nil {
+		return err
+	}
 	g.pins.owned = true
 	g.log.Info("netbuffer: adopted a pinned gate", "pins", g.pins.dir, "epoch", g.state.Epoch,
-		"ring_bytes_waiting", g.rd.AvailableBytes(), "left_before", pg.meta.left)
+		"held_frames", g.heldFrames.Load(), "left_before", pg.meta.left)
 	return nil
 }
 

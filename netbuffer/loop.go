@@ -106,6 +106,8 @@ func (g *Gate) handle(r request) error {
 		g.drops[userDiscarded].Add(uint64(frames))
 		g.setHeld()
 		return nil
+	case opDrain:
+		return nil // serve drained the ring buffer
 	case opOpen:
 		relErr := g.releaseUpTo(math.MaxUint64)
 		if err := g.setOpen(true); err != nil {
