@@ -23,24 +23,23 @@ const (
 
 // attachment is the gate program's hold on the tap's ingress.
 type attachment interface {
+	// detach removes the program from the tap.
 	detach() error
+	// close lets go of the attachment's descriptors: a pinned attachment
+	// stays on the tap, holding it; any other goes.
+	close() error
 }
 
 // attachIngress attaches prog at the tap's ingress, with tcx unless
 // forceClsact or the kernel lacks it. nl works in the tap's namespace.
 func attachIngress(nl *netlink.Handle, prog *ebpf.Program, ifindex int, forceClsact bool) (attachment, Mode, error) {
 	if !forceClsact {
-		l, err := link.AttachTCX(link.TCXOptions{
-			Interface: ifindex,
-			Program:   prog,
-			Attach:    ebpf.AttachTCXIngress,
-			Anchor:    link.Head(), // before anything that might redirect the guest's frames
-		})
+		a, err := attachTCX(prog, ifindex)
 		if err == nil {
-			return &tcxAttachment{l}, ModeTCX, nil
+			return a, ModeTCX, nil
 		}
 		if !errors.Is(err, ebpf.ErrNotSupported) {
-			return nil, "", fmt.Errorf("attach tcx ingress: %w", err)
+			return nil, "", err
 		}
 	}
 	a, err := attachClsact(nl, prog, ifindex)
@@ -50,9 +49,57 @@ func attachIngress(nl *netlink.Handle, prog *ebpf.Program, ifindex int, forceCls
 	return a, ModeClsact, nil
 }
 
-type tcxAttachment struct{ l link.Link }
+// attachPinned attaches prog with tcx and pins the link at path, where it
+// holds the tap after this process has gone. A cls_bpf filter outlives its
+// process too, but nothing names it to a later one: pinned gates are tcx
+// only.
+func attachPinned(prog *ebpf.Program, ifindex int, path string) (*tcxAttachment, error) {
+	a, err := attachTCX(prog, ifindex)
+	if errors.Is(err, ebpf.ErrNotSupported) {
+		return nil, fmt.Errorf("a pinned gate needs tcx (Linux ≥ 6.6): %w", err)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := a.l.Pin(path); err != nil {
+		return nil, errors.Join(fmt.Errorf("pin tcx link: %w", err), a.l.Close())
+	}
+	a.pinned = true
+	return a, nil
+}
 
-func (a *tcxAttachment) detach() error { return a.l.Close() }
+func attachTCX(prog *ebpf.Program, ifindex int) (*tcxAttachment, error) {
+	l, err := link.AttachTCX(link.TCXOptions{
+		Interface: ifindex,
+		Program:   prog,
+		Attach:    ebpf.AttachTCXIngress,
+		Anchor:    link.Head(), // before anything that might redirect the guest's frames
+	})
+	if err != nil {
+		return nil, fmt.Errorf("attach tcx ingress: %w", err)
+	}
+	return &tcxAttachment{l: l}, nil
+}
+
+type tcxAttachment struct {
+	l      link.Link
+	pinned bool
+}
+
+func (a *tcxAttachment) detach() error {
+	if !a.pinned {
+		return a.l.Close()
+	}
+	// A pinned link outlives its descriptor: unpin it, and detach it in
+	// case some other process has it open too.
+	err := a.l.Unpin()
+	if derr := a.l.Detach(); derr != nil && !errors.Is(derr, ebpf.ErrNotSupported) {
+		err = errors.Join(err, derr)
+	}
+	return errors.Join(err, a.l.Close())
+}
+
+func (a *tcxAttachment) close() error { return a.l.Close() }
 
 // The gate's filter: first on ingress, all protocols.
 const (
@@ -102,6 +149,10 @@ func attachClsact(nl *netlink.Handle, prog *ebpf.Program, ifindex int) (*clsactA
 	}
 	return a, nil
 }
+
+// close is detach: a filter that stayed would hold the tap with nobody to
+// release its frames.
+func (a *clsactAttachment) close() error { return a.detach() }
 
 func (a *clsactAttachment) detach() error {
 	err := a.nl.FilterDel(a.filter)

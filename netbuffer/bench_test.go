@@ -114,3 +114,61 @@ func BenchmarkHeldMemory(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkAttach times what a restarted axd waits for before it holds a
+// VM's output again: making a gate (Attach, then Detach; unpinned and
+// pinned) against adopting a pinned one (Leave, then Attach), side by
+// side. For adopt-1000, Attach also reads in 1000 frames captured while no
+// process held the gate.
+func BenchmarkAttach(b *testing.B) {
+	discard := slog.New(slog.DiscardHandler)
+	setup := func(b *testing.B) (*lab, *netbuffer.Config) {
+		l := newLab(b, false)
+		requireTCX(b)
+		return l, &netbuffer.Config{PinDir: pinDir(b), Log: discard}
+	}
+	for _, pinned := range []bool{false, true} {
+		name := "new"
+		if pinned {
+			name = "new-pinned"
+		}
+		b.Run(name, func(b *testing.B) {
+			_, cfg := setup(b)
+			if !pinned {
+				cfg.PinDir = ""
+			}
+			for b.Loop() {
+				g, err := netbuffer.Attach(tapName, cfg)
+				must(b, err)
+				must(b, g.Detach())
+			}
+		})
+	}
+	for _, waiting := range []int{0, 1000} {
+		name := "adopt"
+		if waiting > 0 {
+			name = fmt.Sprintf("adopt-%d", waiting)
+		}
+		b.Run(name, func(b *testing.B) {
+			l, cfg := setup(b)
+			fs := frames(waiting, "waiting")
+			g, err := netbuffer.Attach(tapName, cfg)
+			must(b, err)
+			for b.Loop() {
+				must(b, g.Leave())
+				b.StopTimer()
+				l.send(b, fs...)
+				b.StartTimer()
+				g, err = netbuffer.Attach(tapName, cfg)
+				must(b, err)
+				if held := g.Stats().HeldFrames; !g.Adopted() || held != waiting {
+					b.Fatalf("adopted %v, holding %d frames; want true, %d", g.Adopted(), held, waiting)
+				}
+				b.StopTimer()
+				must(b, g.Discard())
+				b.StartTimer()
+			}
+			must(b, g.Detach())
+		})
+	}
+}

@@ -25,4 +25,54 @@
 //
 // The FT loop drives a Gate through ft.OutputGate: NextEpoch while the
 // guest is paused, Release when the secondary acknowledges a checkpoint.
+//
+// # Outliving the process
+//
+// An unpinned gate is held by its process: when that ends, however it
+// ends, its tcx link closes and the guest's output flows unheld (a clsact
+// filter stays, and holds everything for nobody). A gate attached with
+// Config.PinDir, a directory on a bpffs (EnsureBPFFS mounts
+// one at /sys/fs/bpf), fails closed instead. It is pinned there under fixed
+// names:
+//
+//	link       the tcx link that holds ax_gate at the tap's ingress
+//	ax_state   the epoch and the open flag
+//	ax_frames  the ring buffer of captured frames
+//	ax_drops   ax_gate's drop counters
+//	meta       an array of uint64 made by this package: format version,
+//	           the tap's ifindex and network namespace, release mark,
+//	           largest frame, ring buffer size, frames dropped on leaving
+//
+// When the process ends (Leave, a crash, SIGKILL) the kernel keeps holding:
+// ax_gate goes on capturing the guest's frames into the ring buffer,
+// tagged with the epoch of the moment, and once the ring is full it drops
+// them, counted (DropRingFull); nothing passes. Attach with the same
+// PinDir in a later process adopts the gate (Gate.Adopted): it loads the
+// pins, checks that they belong together and to this tap, loads
+// ax_release with the pinned mark, and reads the ring buffer from where
+// the last reader stopped before it returns, so the frames captured
+// meanwhile are held with their epochs (and counted in Stats) and go out
+// with the Release of their epoch, in order. The
+// adopted gate is shut, at the pinned epoch, which NextEpoch cannot go
+// back from. Pins it cannot adopt (another tap, an unknown format, pieces
+// missing or not matching) fail with ErrNotAdoptable and are left as they
+// are; Unpin removes them. One Gate at a time holds a pinned gate (a lock
+// on PinDir that ends with its process): another fails with ErrInUse.
+//
+// What survives the process: the hold on the tap, the frames in the ring
+// buffer, the epoch, the kernel's drop counts and those of Leave. What does
+// not: the frames the process had read into its memory (after a crash they
+// are not even counted; Leave counts them as DropLeft), never released, so
+// the guest's transport sends them again; the process's own counters; and
+// an open gate stays open if its process dies without Leave (Leave and
+// adoption shut it). Nothing survives the tap: when QEMU exits and the
+// tap goes, the link holds nothing and the pins are stale (Unpin them).
+// Pins live in memory, so nothing survives a reboot either.
+//
+// Detach of a pinned gate removes it and its pins: the tap's frames pass.
+//
+// Pinned gates take tcx (Linux ≥ 6.6): Attach refuses PinDir with
+// Config.ForceClsact, or where only clsact works. A cls_bpf filter would
+// outlive its process too, but only as a black hole that no later process
+// finds by name to adopt.
 package netbuffer

@@ -30,13 +30,21 @@ type Config struct {
 	// MaxFrames bounds the number of held frames. Default 65536.
 	MaxFrames int
 	// RingBytes is the size of the kernel ring buffer that carries frames
-	// to the gate, rounded up to a power of two. Default 4 MiB.
+	// to the gate, rounded up to a power of two. Default 4 MiB. An adopted
+	// gate keeps its own. With PinDir it also bounds what is held while no
+	// process holds the gate.
 	RingBytes int
 	// FirstEpoch tags the output before the first NextEpoch. Default 1,
-	// the FT loop's first checkpoint.
+	// the FT loop's first checkpoint. An adopted gate keeps its own.
 	FirstEpoch uint64
 	// ForceClsact attaches with clsact and cls_bpf even where tcx works.
+	// It cannot go with PinDir.
 	ForceClsact bool
+	// PinDir, if set, is a directory on a bpffs (such as
+	// /sys/fs/bpf/ax/HOST/VM; made 0700 if missing) where the gate is
+	// pinned, so that it keeps holding the tap after this process ends, and
+	// where a later Attach adopts it (see Leave). Pinned gates need tcx.
+	PinDir string
 	// Log receives warnings (rate-limited); default slog.Default().
 	Log *slog.Logger
 	// Observer, if set, is called for every released frame with the time
@@ -51,7 +59,7 @@ const (
 	defaultRingBytes = 4 << 20
 )
 
-// ErrDetached is returned by a gate's methods after Detach.
+// ErrDetached is returned by a gate's methods after Detach or Leave.
 var ErrDetached = errors.New("netbuffer: gate detached")
 
 // Gate holds a VM's output until the checkpoint that covers it commits.
@@ -77,6 +85,8 @@ type Gate struct {
 	att      attachment
 	anchor   *anchor // nil: every re-injection run waits for RCU
 	rd       *ringbuf.Reader
+	pins     *pins // nil: not pinned
+	adopted  bool
 
 	stateMu sync.Mutex
 	state   bpf.GateGateState
@@ -84,6 +94,8 @@ type Gate struct {
 	reqs      chan request
 	started   bool          // the loop was started
 	done      chan struct{} // closed when the loop has ended
+	leaving   atomic.Bool   // what the loop holds at its end is left, not discarded
+	leftNow   int           // frames the loop held at its end, set before done closes
 	closeOnce sync.Once
 	closeErr  error
 	finalMu   sync.Mutex
@@ -109,6 +121,7 @@ const (
 	opRelease op = iota
 	opDiscard
 	opOpen
+	opDrain
 )
 
 type request struct {
@@ -119,7 +132,9 @@ type request struct {
 
 // Attach shuts a gate on the guest-facing tap ifname: from now on its
 // frames are held until released. The caller must be in the tap's network
-// namespace; Release may later be called from anywhere.
+// namespace; Release may later be called from anywhere. With
+// Config.PinDir, Attach adopts the gate pinned there for this tap if there
+// is one, and pins a new one there otherwise (see the package comment).
 func Attach(ifname string, cfg *Config) (*Gate, error) {
 	runtime.LockOSThread() // one namespace for the lookup and the attach
 	defer runtime.UnlockOSThread()
@@ -138,18 +153,41 @@ func attach(ifindex int, cfg *Config) (*Gate, error) {
 	g.cfg.setDefaults()
 	g.log = g.cfg.Log.With("ifindex", ifindex)
 	g.q = newQueue(chunkSize(g.cfg.MaxBytes))
+	if g.cfg.PinDir != "" && g.cfg.ForceClsact {
+		return nil, errors.New("netbuffer: a pinned gate (Config.PinDir) needs tcx; drop ForceClsact or PinDir")
+	}
 	if err := g.setup(); err != nil {
-		err = errors.Join(err, g.teardown())
+		// An adoption that failed leaves the pinned gate as it found it.
+		err = errors.Join(err, g.teardown(g.adopted))
 		return nil, fmt.Errorf("netbuffer: attach to ifindex %d: %w", ifindex, err)
 	}
 	return g, nil
 }
 
-// setup loads and attaches; on error, teardown undoes what it did.
+// setup adopts the gate pinned in PinDir, or makes a new one; on error,
+// teardown undoes what it did.
 func (g *Gate) setup() (err error) {
 	if g.ns, err = netns.Get(); err != nil {
 		return fmt.Errorf("network namespace: %w", err)
 	}
+	if g.cfg.PinDir != "" {
+		if g.pins, err = openPins(g.cfg.PinDir); err != nil {
+			return err
+		}
+		found, err := g.pins.found()
+		if err != nil {
+			return err
+		}
+		if found {
+			g.adopted = true
+			return g.adopt()
+		}
+	}
+	return g.create()
+}
+
+// create loads and attaches a new gate, pinned if PinDir is set.
+func (g *Gate) create() (err error) {
 	var markBuf [4]byte
 	if _, err := rand.Read(markBuf[:]); err != nil {
 		return err
@@ -161,21 +199,92 @@ func (g *Gate) setup() (err error) {
 	if g.maxFrame, err = g.probeMaxFrame(); err != nil {
 		return err
 	}
+	if err := g.loadGate(mark); err != nil {
+		return err
+	}
+	g.state.Epoch = g.cfg.FirstEpoch
+	if err := g.objs.AxState.Update(uint32(0), &g.state, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("set epoch: %w", err)
+	}
+	if g.pins != nil {
+		m := meta{ifindex: g.ifindex, mark: mark, maxFrame: g.maxFrame, ringBytes: g.cfg.RingBytes}
+		if m.netns, err = nsInode(g.ns); err != nil {
+			return err
+		}
+		if err := g.pins.pinNew(&g.objs, m); err != nil {
+			return err
+		}
+	}
+	if err := g.start(); err != nil {
+		return err
+	}
+
+	// Last, so that nothing before can fail with the guest's frames held.
+	if g.pins != nil {
+		g.att, err = attachPinned(g.objs.AxGate, g.ifindex, g.pins.path(pinLink))
+		g.mode = ModeTCX
+		return err
+	}
+	if g.nl, err = netlink.NewHandleAt(g.ns, unix.NETLINK_ROUTE); err != nil {
+		return fmt.Errorf("netlink: %w", err)
+	}
+	if g.att, g.mode, err = attachIngress(g.nl, g.objs.AxGate, g.ifindex, g.cfg.ForceClsact); err != nil {
+		return err
+	}
+	return nil
+}
+
+// adopt takes over the gate an earlier process pinned in PinDir: the link
+// holding the tap, the maps, and the frames the ring buffer holds, which
+// the loop reads in with their epochs. The gate is shut at its epoch.
+func (g *Gate) adopt() error {
+	pg, err := g.pins.load(g.ifindex, g.ns)
+	if err != nil {
+		return err
+	}
+	g.att, g.mode = &tcxAttachment{l: pg.link, pinned: true}, ModeTCX
+	g.objs.GateMaps = pg.maps
+	g.maxFrame, g.cfg.RingBytes = pg.meta.maxFrame, pg.meta.ringBytes
+	g.drops[userLeft].Store(pg.meta.left)
+	if err := g.loadRelease(pg.meta.mark); err != nil {
+		return err
+	}
+	if err := g.objs.AxState.Lookup(uint32(0), &g.state); err != nil {
+		return fmt.Errorf("read the gate's state: %w", err)
+	}
+	if g.state.Open != 0 {
+		// Left open by a process that ended without Leave.
+		g.log.Warn("netbuffer: the pinned gate was open: shutting it", "pins", g.pins.dir)
+		g.state.Open = 0
+		if err := g.objs.AxState.Update(uint32(0), &g.state, ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("shut the gate: %w", err)
+		}
+	}
+	if err := g.start(); err != nil {
+		return err
+	}
+	// Read in what was captured while no process held the gate, so that
+	// it is held, and counted in Stats, when Attach returns.
+	if err := g.do(request{op: opDrain}); err != nil {
+		return err
+	}
+	g.pins.owned = true
+	g.log.Info("netbuffer: adopted a pinned gate", "pins", g.pins.dir, "epoch", g.state.Epoch,
+		"held_frames", g.heldFrames.Load(), "left_before", pg.meta.left)
+	return nil
+}
+
+// start sets up re-injection and starts the loop, which reads the ring
+// buffer from where the last reader stopped.
+func (g *Gate) start() (err error) {
 	if !noAnchor {
 		var aerr error
 		if g.anchor, aerr = newAnchor(g.rel.AxRelease); aerr != nil {
 			g.log.Warn("netbuffer: re-injection will wait for RCU at every batch (slower)", "err", aerr)
 		}
 	}
-	if err := g.loadGate(mark); err != nil {
-		return err
-	}
 	if !CompletesChecksums() {
 		g.log.Warn("netbuffer: this kernel cannot tell partial checksums (Linux < 6.3): the guest must not offload them (virtio-net csum=off)")
-	}
-	g.state.Epoch = g.cfg.FirstEpoch
-	if err := g.objs.AxState.Update(uint32(0), &g.state, ebpf.UpdateAny); err != nil {
-		return fmt.Errorf("set epoch: %w", err)
 	}
 	if g.batch, err = mmapBatch(g.rel.AxBatch); err != nil {
 		return err
@@ -188,18 +297,7 @@ func (g *Gate) setup() (err error) {
 	ready := make(chan error, 1)
 	g.started = true
 	go g.loop(ready)
-	if err := <-ready; err != nil {
-		return err
-	}
-
-	// Last, so that nothing before can fail with the guest's frames held.
-	if g.nl, err = netlink.NewHandleAt(g.ns, unix.NETLINK_ROUTE); err != nil {
-		return fmt.Errorf("netlink: %w", err)
-	}
-	if g.att, g.mode, err = attachIngress(g.nl, g.objs.AxGate, g.ifindex, g.cfg.ForceClsact); err != nil {
-		return err
-	}
-	return nil
+	return <-ready
 }
 
 func (c *Config) setDefaults() {
@@ -246,6 +344,10 @@ func (g *Gate) Anchored() bool { return g.anchor != nil }
 // MaxFrame is the longest frame the gate can hold and re-inject; longer
 // ones are dropped (DropTooBig).
 func (g *Gate) MaxFrame() int { return g.maxFrame }
+
+// Adopted reports whether Attach adopted a gate pinned in Config.PinDir by
+// an earlier process, rather than making a new one.
+func (g *Gate) Adopted() bool { return g.adopted }
 
 // NextEpoch tags the frames captured from now on with epoch. The FT loop
 // calls it while the guest is paused, so that every frame belongs to the
@@ -354,10 +456,13 @@ func (g *Gate) do(r request) error {
 // Detach removes the gate from the tap: frames flow normally again. What
 // is still held is discarded (release it first if it should go out). Every
 // kernel object the gate made is gone afterwards: the link or filter, the
-// clsact qdisc if the gate added it, programs and maps. Safe to call twice.
+// clsact qdisc if the gate added it, programs and maps, and a pinned gate's
+// pins, whichever process made them. Safe to call twice; after Leave it
+// does nothing (the pins hold the tap: adopt the gate and Detach it, or
+// Unpin).
 func (g *Gate) Detach() error {
 	g.closeOnce.Do(func() {
-		if err := g.teardown(); err != nil {
+		if err := g.teardown(false); err != nil {
 			g.closeErr = fmt.Errorf("netbuffer: detach: %w", err)
 		}
 	})
@@ -367,18 +472,41 @@ func (g *Gate) Detach() error {
 // Close is Detach.
 func (g *Gate) Close() error { return g.Detach() }
 
-// teardown undoes whatever attach did, in reverse.
-func (g *Gate) teardown() error {
+// Leave ends this process's hold on a pinned gate without detaching it,
+// for a later process to adopt (Attach with the same PinDir): its goroutine
+// stops and its descriptors close, and the pinned gate keeps holding the
+// tap, shut even if it was open: ax_gate captures the guest's frames into
+// the ring buffer until it is full, then drops them, counted. The frames
+// this process held in memory are dropped (DropLeft): they were never
+// released, so none got out early, and the guest's transport sends them
+// again. Safe to call twice; after Leave (or Detach) the gate's methods
+// return ErrDetached. A gate that is not pinned cannot be left: Detach it.
+func (g *Gate) Leave() error {
+	if g.pins == nil {
+		return errors.New("netbuffer: leave: the gate is not pinned (Config.PinDir), so leaving would let its frames pass: Detach it instead")
+	}
+	g.closeOnce.Do(func() {
+		if err := g.teardown(true); err != nil {
+			g.closeErr = fmt.Errorf("netbuffer: leave: %w", err)
+		}
+	})
+	return g.closeErr
+}
+
+// teardown undoes whatever attach did, in reverse. With keep a pinned gate
+// stays in the kernel, holding the tap, and only this process lets go.
+func (g *Gate) teardown(keep bool) error {
 	var errs []error
 	// Stop capturing first: from here on the tap's frames pass.
-	if g.att != nil {
+	if g.att != nil && !keep {
 		if err := g.att.detach(); err != nil {
 			errs = append(errs, err)
 		}
 	}
 	g.kernelDrops() // keep the final counts for Stats
 	if g.rd != nil {
-		errs = append(errs, g.rd.Close()) // ends the loop, which discards what it holds
+		g.leaving.Store(keep)
+		errs = append(errs, g.rd.Close()) // ends the loop, which drops what it holds
 	}
 	if g.started {
 		<-g.done
@@ -393,6 +521,12 @@ func (g *Gate) teardown() error {
 	// closed (and maybe reused) descriptor.
 	g.stateMu.Lock()
 	g.finalMu.Lock()
+	if keep && g.started {
+		errs = append(errs, g.handOver())
+	}
+	if g.att != nil && keep {
+		errs = append(errs, g.att.close())
+	}
 	if g.objs.AxGate != nil || g.objs.AxFrames != nil {
 		errs = append(errs, g.objs.Close())
 	}
@@ -405,11 +539,32 @@ func (g *Gate) teardown() error {
 	}
 	g.finalMu.Unlock()
 	g.stateMu.Unlock()
+	if g.pins != nil {
+		errs = append(errs, g.pins.close(!keep))
+	}
 	if g.nl != nil {
 		g.nl.Close()
 	}
 	if g.ns.IsOpen() {
 		errs = append(errs, g.ns.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// handOver leaves the pinned gate ready for the next process: shut, and
+// with the frames this one dropped on leaving counted. It runs under
+// stateMu, after the loop has ended.
+func (g *Gate) handOver() error {
+	var errs []error
+	if g.state.Open != 0 {
+		g.state.Open = 0
+		if err := g.objs.AxState.Update(uint32(0), &g.state, ebpf.UpdateAny); err != nil {
+			errs = append(errs, fmt.Errorf("shut the gate before leaving it (it may let frames pass): %w", err))
+		}
+	}
+	if g.leftNow > 0 {
+		errs = append(errs, g.pins.addLeft(g.leftNow))
+		g.log.Warn("netbuffer: left the pinned gate, dropping the frames held in memory", "frames", g.leftNow, "pins", g.pins.dir)
 	}
 	return errors.Join(errs...)
 }

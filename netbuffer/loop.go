@@ -42,7 +42,12 @@ func (g *Gate) loop(ready chan<- error) {
 			g.serve(&rec)
 		case errors.Is(err, os.ErrClosed):
 			frames, _ := g.q.clear()
-			g.drops[userDiscarded].Add(uint64(frames))
+			if g.leaving.Load() {
+				g.leftNow = frames
+				g.drops[userLeft].Add(uint64(frames))
+			} else {
+				g.drops[userDiscarded].Add(uint64(frames))
+			}
 			g.setHeld()
 			return
 		default:
@@ -101,6 +106,8 @@ func (g *Gate) handle(r request) error {
 		g.drops[userDiscarded].Add(uint64(frames))
 		g.setHeld()
 		return nil
+	case opDrain:
+		return nil // serve drained the ring buffer
 	case opOpen:
 		relErr := g.releaseUpTo(math.MaxUint64)
 		if err := g.setOpen(true); err != nil {

@@ -29,6 +29,10 @@ const (
 	DropDiscarded DropReason = "discarded"
 	// DropMalformed: a ring buffer record did not parse (a bug).
 	DropMalformed DropReason = "malformed"
+	// DropLeft: held in memory by a process when it left a pinned gate
+	// (Leave), hence never released; counted by the gate that left and by
+	// the gates that adopt it later.
+	DropLeft DropReason = "left"
 )
 
 // kernelReasons maps ax_gate's drop counters to reasons.
@@ -40,16 +44,21 @@ var kernelReasons = [...]DropReason{
 }
 
 // userReasons are counted by the gate itself.
-var userReasons = [...]DropReason{DropFull, DropInject, DropDiscarded, DropMalformed}
+var userReasons = [...]DropReason{DropFull, DropInject, DropDiscarded, DropMalformed, DropLeft}
 
 const (
 	userFull = iota
 	userInject
 	userDiscarded
 	userMalformed
+	userLeft
 )
 
 // Stats is a snapshot of a gate's counters; counters count since Attach.
+// An adopted gate's drops counted by the kernel (DropRingFull, DropTooBig,
+// DropGSO, DropCopy) and DropLeft count since the gate was first attached,
+// across the processes that held it and the time none did; its other
+// counters count since it was adopted.
 type Stats struct {
 	Epoch          uint64 // tag of frames captured now
 	Open           bool   // passing everything
@@ -62,7 +71,7 @@ type Stats struct {
 	Dropped        map[DropReason]uint64
 }
 
-// Stats returns the gate's counters. It works after Detach too.
+// Stats returns the gate's counters. It works after Detach and Leave too.
 func (g *Gate) Stats() Stats {
 	g.stateMu.Lock()
 	st := Stats{Epoch: g.state.Epoch, Open: g.state.Open != 0}
@@ -95,7 +104,7 @@ type kernelCounts struct {
 func (g *Gate) kernelDrops() kernelCounts {
 	g.finalMu.Lock()
 	defer g.finalMu.Unlock()
-	if g.objs.AxDrops == nil || g.detached() {
+	if g.objs.AxDrops == nil || g.rel.AxReleaseFail == nil || g.detached() {
 		return g.final
 	}
 	var out kernelCounts
