@@ -91,6 +91,11 @@ type Config struct {
 	// guarantee that clients never see output a failover undoes; tests use
 	// it as the control that shows their check can fail.
 	OutputCommit bool
+	// BPFDir is the bpffs directory where FT guests' output gates are
+	// pinned, so that they keep holding while no axd runs (a restart, a
+	// crash) and the next axd adopts them ("": /sys/fs/bpf/ax/HOST;
+	// "none": not pinned — an axd that dies lets the output through).
+	BPFDir string
 	// Hypervisor runs and controls this host's VMs (nil: QEMU over QMP).
 	Hypervisor hv.Driver
 	// GuardExe is the program each primary's guard process runs (axd's own
@@ -115,6 +120,9 @@ func (c *Config) defaults() error {
 	}
 	if err := names.Check("host", c.Host); err != nil {
 		return fmt.Errorf("axd: --host: %w", err)
+	}
+	if c.BPFDir == "" {
+		c.BPFDir = filepath.Join("/sys/fs/bpf/ax", c.Host)
 	}
 	switch {
 	case c.Identity != nil && len(c.PSK) > 0:
@@ -188,6 +196,8 @@ type Daemon struct {
 	nbd          *nbd.Server     // primaries' disk mirrors write here
 	book         *reserve.Book   // capacity promised to partners' VMs
 	store        vm.Store        // written at every change of a VM's state
+	pinGates     bool            // FT output gates are pinned in cfg.BPFDir
+	pinErr       error           // why not, when they could be
 
 	mu  sync.Mutex
 	vms map[string]*vmState
@@ -366,6 +376,13 @@ func (d *Daemon) Run(ctx context.Context, ready func()) error {
 		d.serveVsockAgents(ctx, port)
 	}()
 	d.event("", "start", fmt.Sprintf("axd on %s started (epoch %s, tracker %s, witness %q)", d.cfg.Host, d.cfg.Epoch, d.cfg.Tracker, d.cfg.Witness))
+	if d.cfg.OutputCommit && d.cfg.BPFDir != "none" {
+		if d.pinErr = netbuffer.EnsureBPFFS(d.cfg.BPFDir); d.pinErr == nil {
+			d.pinGates = true
+		} else {
+			d.event("", "alarm", fmt.Sprintf("FT output gates are not pinned (%v): should axd stop or crash, an FT guest's output passes unheld until it is back", d.pinErr))
+		}
+	}
 	d.restore(recs)
 	if ready != nil {
 		ready()

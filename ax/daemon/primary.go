@@ -170,13 +170,49 @@ func (d *Daemon) attachGate(v *vmState) error {
 		return fmt.Errorf("VM %s has no tap in its spec: FT must hold its network output there", v.name)
 	}
 	vm := v.name
-	g, err := netbuffer.Attach(v.spec.Guest.Tap, &netbuffer.Config{FirstEpoch: v.epochs.Next(), Log: d.log.With("vm", vm),
-		Observer: func(delay time.Duration) { d.metrics.ReleaseDelay.WithLabelValues(vm).Observe(delay.Seconds()) }})
+	cfg := &netbuffer.Config{FirstEpoch: v.epochs.Next(), Log: d.log.With("vm", vm),
+		Observer: func(delay time.Duration) { d.metrics.ReleaseDelay.WithLabelValues(vm).Observe(delay.Seconds()) }}
+	cfg.PinDir = d.gatePins(vm)
+	g, err := netbuffer.Attach(v.spec.Guest.Tap, cfg)
+	if errors.Is(err, netbuffer.ErrNotAdoptable) {
+		// Pins that do not fit this tap (made for another one, or torn by
+		// a crash): attach afresh.
+		d.log.Warn("output gate: pins of an earlier gate not adopted; replacing them", "vm", vm, "err", err)
+		if uerr := netbuffer.Unpin(cfg.PinDir); uerr == nil {
+			g, err = netbuffer.Attach(v.spec.Guest.Tap, cfg)
+		}
+	}
 	if err != nil {
 		return fmt.Errorf("VM %s: cannot hold its output on tap %s: %w", vm, v.spec.Guest.Tap, err)
 	}
+	if g.Adopted() {
+		st := g.Stats()
+		d.event(vm, "gate", fmt.Sprintf("adopted the output gate an earlier axd left pinned: %d frames it held while no axd ran are held until the next checkpoint commits", st.HeldFrames))
+	}
 	v.gate = g
 	return nil
+}
+
+// gatePins is where VM's output gate is pinned ("" when gates are not).
+func (d *Daemon) gatePins(vm string) string {
+	if !d.pinGates {
+		return ""
+	}
+	dir, err := names.Join(d.cfg.BPFDir, "vm", vm)
+	if err != nil {
+		return ""
+	}
+	return dir
+}
+
+// unpinGate removes what an earlier axd left pinned of VM's gate, when the
+// VM no longer runs here (its copy was killed, or is gone).
+func (d *Daemon) unpinGate(vm string) {
+	if dir := d.gatePins(vm); dir != "" {
+		if err := netbuffer.Unpin(dir); err != nil {
+			d.log.Warn("output gate: removing its pins", "vm", vm, "err", err)
+		}
+	}
 }
 
 // levelReq asks a primary's stream to change level; the answer comes when
@@ -316,13 +352,18 @@ func (d *Daemon) unprotect(name string) error {
 }
 
 // stopAll ends every primary's loop (daemon shutdown); guests keep running.
+// Pinned output gates are left holding for the next axd to adopt.
 func (d *Daemon) stopAll() {
 	d.mu.Lock()
 	var prots []*protection
+	var gates []*netbuffer.Gate
 	for _, v := range d.vms {
 		v.mu.Lock()
 		if v.prot != nil {
 			prots = append(prots, v.prot)
+		}
+		if v.gate != nil && d.gatePins(v.name) != "" {
+			gates = append(gates, v.gate)
 		}
 		if v.replica != nil {
 			v.replica.Close()
@@ -332,6 +373,11 @@ func (d *Daemon) stopAll() {
 	d.mu.Unlock()
 	for _, p := range prots {
 		p.stop() // Run waits for them
+	}
+	for _, g := range gates {
+		if err := g.Leave(); err != nil {
+			d.log.Warn("output gate: leaving it pinned", "err", err)
+		}
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"syscall"
 	"time"
 
@@ -177,6 +178,7 @@ func (d *Daemon) saveRecord(v *vmState) {
 // fenced and unprotected, the fence retried until its guest is verified
 // paused. Replicas come back when their primary's stream reconnects.
 func (d *Daemon) restore(recs []vm.Record) {
+	d.unpinStale(recs)
 	for _, r := range recs {
 		if r.Spec == nil || r.Spec.Name != r.VM || (r.Role != api.RoleLocal && r.Role != api.RolePrimary) {
 			continue
@@ -208,6 +210,7 @@ func (d *Daemon) restoreVM(r vm.Record) {
 	mon, err := d.cfg.Hypervisor.Domain(r.Spec.Guest).Control(ctx)
 	cancel()
 	if err != nil {
+		d.unpinGate(r.VM)
 		d.event(r.VM, "forget", fmt.Sprintf("%s was %s here before axd started, but its hypervisor does not answer (%v): forgotten", r.VM, r.State, err))
 		if err := d.store.Delete(r.VM); err != nil {
 			d.log.Warn("state store", "vm", r.VM, "err", err)
@@ -237,6 +240,7 @@ func (d *Daemon) restoreVM(r vm.Record) {
 	switch {
 	case fenced:
 		d.fenceUntilPaused(v, "it was fencing or fenced before axd restarted", nil)
+		d.unpinGate(r.VM) // what it held is discarded, as a fence does
 	case r.Role == api.RolePrimary:
 		// Its protection lapsed while axd was away: the gap runs from now
 		// (or from when it was lost before) until the new stream covers it.
@@ -249,6 +253,29 @@ func (d *Daemon) restoreVM(r vm.Record) {
 		d.event(r.VM, "restore", fmt.Sprintf("restoring protection of %s at level %s towards %s", r.VM, r.Level, r.Peer))
 		if err := d.protect(r.VM, api.ProtectRequest{Level: r.Level, Peer: r.Peer}); err != nil {
 			d.fire(v, vm.Degraded, "protection not resumed after axd restarted: "+err.Error(), nil)
+		}
+	}
+}
+
+// unpinStale removes the pinned output gates of VMs that no record names
+// as a primary here: nothing will adopt them.
+func (d *Daemon) unpinStale(recs []vm.Record) {
+	if !d.pinGates {
+		return
+	}
+	ents, err := os.ReadDir(d.cfg.BPFDir)
+	if err != nil {
+		return
+	}
+	keep := map[string]bool{}
+	for _, r := range recs {
+		if r.Role == api.RolePrimary {
+			keep[r.VM] = true
+		}
+	}
+	for _, e := range ents {
+		if !keep[e.Name()] {
+			d.unpinGate(e.Name())
 		}
 	}
 }
@@ -291,6 +318,7 @@ func (d *Daemon) resumeGuarded(r vm.Record) bool {
 		return true
 	case holder != "" && holder != d.cfg.Host:
 		syscall.Kill(pid, syscall.SIGKILL)
+		d.unpinGate(r.VM) // what it held is never to be seen: the partner resumed from before it
 		d.event(r.VM, "forget", fmt.Sprintf("%s was taken over by %s while axd was away (its guard had stopped it here): this copy (QEMU pid %d) is killed", r.VM, holder, pid))
 		if err := d.store.Delete(r.VM); err != nil {
 			d.log.Warn("state store", "vm", r.VM, "err", err)

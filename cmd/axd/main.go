@@ -76,6 +76,7 @@ func run(ctx context.Context, args []string) error {
 	showVersion := fs.Bool("version", false, "print axd's version and exit")
 	guardPID := fs.Int("guard-pid", 0, "run as the guard of a primary's QEMU of this pid (axd starts its guards itself; lines on stdin)")
 	guardMargin := fs.Duration("guard-margin", 50*time.Millisecond, "guard: stop the guest this long before the deadline axd gave")
+	fs.StringVar(&cfg.BPFDir, "bpf-dir", "", "bpffs directory where FT output gates are pinned so they hold while axd restarts or after it crashed (default /sys/fs/bpf/ax/HOST; none: not pinned)")
 	fs.BoolVar(&cfg.OutputCommit, "output-commit", true, "hold FT guests' network output until its checkpoint commits (off only for tests: clients may then see output a failover undoes)")
 	if err := fs.Parse(args); err != nil {
 		return err

@@ -39,6 +39,13 @@ func (l *Lab) Client(h string) *api.Client { return api.NewClient(l.Socket(h)) }
 // AxdStateDir is host h's axd state directory (replicas live here, on tmpfs).
 func (l *Lab) AxdStateDir(h string) string { return filepath.Join(l.ShmDir, "axd-"+h) }
 
+// BPFDir is where host h's axd pins its FT output gates: per lab and host,
+// as labs with other prefixes run side by side on one bpffs.
+func (l *Lab) BPFDir(h string) string { return filepath.Join(bpfRoot, l.Prefix, h) }
+
+// bpfRoot holds the labs' pinned gates (removed with each lab).
+const bpfRoot = "/sys/fs/bpf/ax-lab"
+
 // MetricsAddr is where host h's axd serves /metrics (inside the lab).
 func MetricsAddr(h string) string { return fmt.Sprintf("%s:%d", HostAddrs[h].Mgmt, MetricsPort) }
 
@@ -143,6 +150,12 @@ func (l *Lab) StartAxd(ctx context.Context, h string, cfg DaemonConfig) error {
 		"--metrics", MetricsAddr(h),
 		"--bridge", PublicBridge,
 		"--image-dir", image.DefaultCacheDir,
+		"--bpf-dir", l.BPFDir(h),
+	}
+	if !contains(l.state.Files, filepath.Dir(l.BPFDir(h))) {
+		if err := l.recordFile(filepath.Dir(l.BPFDir(h))); err != nil {
+			return err
+		}
 	}
 	// The guests' own kernels (--kernel) may live elsewhere: the lab's
 	// hosts allow the directories its guests boot from.
