@@ -108,9 +108,27 @@ func TestIntegrationFTAxdKilledTrials(t *testing.T) {
 	if n, err := strconv.Atoi(os.Getenv("AX_AXD_TRIALS")); err == nil {
 		trials = n
 	}
-	axdKillTrials(t, l, vm, bin, cfg, trials, func(i, acked, missing int) bool {
+	axdKillTrials(t, l, vm, bin, cfg, api.LevelFT, trials, func(i, acked, missing int) bool {
 		if acked == 0 || missing > 0 {
 			t.Fatalf("trial %d: %d acknowledged records, %d missing after the takeover: output escaped before its checkpoint committed", i, acked, missing)
+		}
+		return true
+	})
+}
+
+// TestIntegrationHAAxdKilledTrials: the same at HA, the ledger keeping its
+// records on the guest's disk: the partner boots the guest afresh from its
+// replicated disk, never while the old copy runs, and every acknowledged
+// record is there. AX_AXD_TRIALS sets the number of trials (default 10).
+func TestIntegrationHAAxdKilledTrials(t *testing.T) {
+	l, vm, bin, cfg := labWithGuest(t, "ithat", GuestConfig{Dirty: 1, DiskMiB: 64, DiskFormat: "raw"})
+	trials := 10
+	if n, err := strconv.Atoi(os.Getenv("AX_AXD_TRIALS")); err == nil {
+		trials = n
+	}
+	axdKillTrials(t, l, vm, bin, cfg, api.LevelHA, trials, func(i, acked, missing int) bool {
+		if acked == 0 || missing > 0 {
+			t.Fatalf("trial %d: %d acknowledged records, %d missing after the restart from the replicated disk", i, acked, missing)
 		}
 		return true
 	})
@@ -123,7 +141,7 @@ func TestIntegrationFTAxdKilledTrials(t *testing.T) {
 func TestIntegrationFTAxdKilledUnpinned(t *testing.T) {
 	l, vm, bin, cfg := ftLabWith(t, "itaxu", "--bpf-dir", "none")
 	lost := 0
-	axdKillTrials(t, l, vm, bin, cfg, 6, func(i, acked, missing int) bool {
+	axdKillTrials(t, l, vm, bin, cfg, api.LevelFT, 6, func(i, acked, missing int) bool {
 		lost += missing
 		return missing == 0 // one trial that lost records is enough
 	})
@@ -136,17 +154,17 @@ func TestIntegrationFTAxdKilledUnpinned(t *testing.T) {
 // TestIntegrationFTAxdKilledTrials), alternating a→b and b→a; after each it
 // calls check with the acknowledged and missing record counts, and stops
 // when check returns false.
-func axdKillTrials(t *testing.T, l *Lab, vm *VM, bin string, cfg DaemonConfig, trials int, check func(i, acked, missing int) bool) {
+func axdKillTrials(t *testing.T, l *Lab, vm *VM, bin string, cfg DaemonConfig, level string, trials int, check func(i, acked, missing int) bool) {
 	ctx := context.Background()
 	addr := fmt.Sprintf("%s:%d", vm.IP, LedgerPort)
 	from, to := HostA, HostB
-	if err := l.protectAndWait(ctx, l.Client(from), vm.Name, to); err != nil {
+	if err := l.protectLevelAndWait(ctx, l.Client(from), vm.Name, to, level); err != nil {
 		t.Fatal(err)
 	}
 	for i := 1; i <= trials; i++ {
 		cf, ct := l.Client(from), l.Client(to)
-		waitVM(t, l, cf, vm.Name, 180*time.Second, "FT protection "+from+"→"+to, func(s api.VMStatus) bool {
-			return s.Role == api.RolePrimary && s.Level == api.LevelFT && s.Peer == to && s.State == "protected"
+		waitVM(t, l, cf, vm.Name, 180*time.Second, level+" protection "+from+"→"+to, func(s api.VMStatus) bool {
+			return s.Role == api.RolePrimary && s.Level == level && s.Peer == to && s.State == "protected"
 		})
 		record := filepath.Join(l.StateDir, fmt.Sprintf("axdkill%d.rec", i))
 		client, err := l.StartClient(ctx, bin, addr, 20, record)
@@ -205,8 +223,8 @@ func axdKillTrials(t *testing.T, l *Lab, vm *VM, bin string, cfg DaemonConfig, t
 			t.Fatal(err)
 		}
 		v := workload.Verify(acks, recs)
-		t.Logf("trial %d %s→%s: axd killed, guest stopped after %.2f s, %s running it after %.2f s; acked %d, missing %d",
-			i, from, to, stoppedAt.Seconds(), to, runningAt.Seconds(), len(acks), len(v.Missing))
+		t.Logf("%s trial %d %s→%s: axd killed, guest stopped after %.2f s, %s running it after %.2f s; acked %d, missing %d",
+			level, i, from, to, stoppedAt.Seconds(), to, runningAt.Seconds(), len(acks), len(v.Missing))
 		if !check(i, len(acks), len(v.Missing)) {
 			return
 		}
