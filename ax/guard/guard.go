@@ -11,8 +11,13 @@
 // time: "arm NS" (stop the guest by CLOCK_MONOTONIC nanoseconds NS, less
 // the margin, unless armed again later), "disarm" (nothing to enforce: a
 // planned failover pauses the guest itself) and "exit". When axd's end of
-// the pipe closes (axd died), an armed guard keeps its deadline, enforces
-// it, and exits; a disarmed one exits at once.
+// the pipe closes without "exit" (axd died), an armed guard stops the guest
+// at once, without waiting for the deadline: with axd gone, nothing the
+// guest does from then on is replicated — at HA its disk writes complete on
+// the local disk alone (axd served the partner's quorum child), at FT no
+// checkpoint covers it — and the partner may resume the VM from before
+// them. An axd that comes back finds the guest stopped and resumes it if no
+// one took the VM over. A disarmed guard just exits.
 package guard
 
 import (
@@ -112,9 +117,12 @@ func Run(r io.Reader, pid int, margin time.Duration, log *slog.Logger) error {
 				if deadline == 0 {
 					return nil
 				}
-				log.Warn("guard: axd is gone; the guest stops unless the lease is renewed", "pid", pid,
-					"in", (deadline - margin - Monotonic()).String())
+				log.Warn("guard: axd is gone; stopping the guest now (what it does unreplicated could be undone by a takeover)", "pid", pid,
+					"deadline_in", (deadline - margin - Monotonic()).String())
 				lines = nil // nothing more comes
+				deadline = Monotonic() // due now
+				timer.Stop()
+				timer.Reset(0)
 				continue
 			}
 			switch f := strings.Fields(l.text); {
@@ -150,7 +158,11 @@ func Run(r io.Reader, pid int, margin time.Duration, log *slog.Logger) error {
 				timer.Reset(5 * time.Millisecond)
 				continue
 			}
-			log.Warn("guard: guest stopped (SIGSTOP): axd did not renew its lease in time", "pid", pid, "axd_gone", axdGone)
+			why := "axd did not renew its lease in time"
+			if axdGone {
+				why = "axd is gone"
+			}
+			log.Warn("guard: guest stopped (SIGSTOP): "+why, "pid", pid)
 			return nil
 		}
 	}

@@ -100,24 +100,22 @@ func TestGuardRenewedNeverStops(t *testing.T) {
 	}
 }
 
-// axd gone while armed: the deadline still holds and is enforced. Gone
-// while disarmed (a planned failover): the guard just ends.
+// axd gone while armed: the guest is stopped at once, well before the
+// deadline (what it would do unreplicated could be undone by a takeover).
+// Gone while disarmed (a planned failover): the guard just ends.
 func TestGuardAfterAxdIsGone(t *testing.T) {
 	t.Run("armed", func(t *testing.T) {
 		pid := guest(t)
 		w, done := run(t, pid, 50*time.Millisecond)
-		say(t, w, arm(200*time.Millisecond))
+		say(t, w, arm(time.Hour))
 		w.Close()
 		select {
 		case err := <-done:
-			t.Fatalf("guard returned (%v) before its deadline", err)
-		case <-time.After(50 * time.Millisecond):
-		}
-		if stopped(t, pid) {
-			t.Fatal("stopped before the deadline")
-		}
-		if err := <-done; err != nil || !stopped(t, pid) {
-			t.Fatalf("after the deadline: %v, stopped %v", err, stopped(t, pid))
+			if err != nil || !stopped(t, pid) {
+				t.Fatalf("guard of a gone axd: %v, stopped %v", err, stopped(t, pid))
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("the guard of a gone axd waits for its deadline (an hour away) instead of stopping the guest")
 		}
 	})
 	t.Run("disarmed", func(t *testing.T) {

@@ -19,8 +19,10 @@ const leaseTTL = time.Second
 // again, as systemctl restart does) on the primary and on the secondary →
 // protected again; a planned failover → the guest running on the partner
 // (against the lease TTL it no longer waits for) and protected back the
-// other way with no command; axd SIGKILLed on the primary → its guest
-// stopped by the guard (against the lease TTL) and running on the partner.
+// other way with no command; axd SIGKILLed, then hung (SIGSTOP), on the
+// primary → its guest stopped by the guard (at once; before the lease
+// ends), running on the partner, and protected back once axd is started
+// again.
 func BenchRestart(ctx context.Context, l *Lab, f labFlags, runs int, out io.Writer, log *slog.Logger) (err error) {
 	vm, down, err := benchLab(ctx, l, f, log)
 	if err != nil {
@@ -106,41 +108,56 @@ func BenchRestart(ctx context.Context, l *Lab, f labFlags, runs int, out io.Writ
 		time.Sleep(2 * time.Second)
 	}
 
-	// axd killed on the primary: the guard stops its guest, the partner
-	// takes over; axd started again kills its stopped copy and the VM is
-	// protected back towards it.
-	old, err := qemuPIDs(l, primary)
-	if err != nil || len(old) != 1 {
-		return fmt.Errorf("QEMU on %s: %v %v", primary, old, err)
-	}
-	pid, err := l.AxdPID(primary)
-	if err != nil {
-		return err
-	}
-	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
-		return err
-	}
-	killed := time.Now()
-	var stoppedAt, runningAt time.Duration
-	for deadline := killed.Add(30 * time.Second); time.Now().Before(deadline) && runningAt == 0; time.Sleep(10 * time.Millisecond) {
-		if _, st, err := procStat(old[0]); (err != nil || st == 'T') && stoppedAt == 0 {
-			stoppedAt = time.Since(killed)
+	// axd killed on the primary (its guard stops the guest at once), then
+	// axd hung on the new primary (SIGSTOP: its guard's pipe stays open,
+	// its renewals stop: the guard stops the guest before the lease ends).
+	// Each time the partner takes over; axd started again kills the stopped
+	// copy and the VM is protected back towards it.
+	type crash struct{ stopped, running, back time.Duration }
+	var crashes []crash
+	for _, sig := range []syscall.Signal{syscall.SIGKILL, syscall.SIGSTOP} {
+		old, err := qemuPIDs(l, primary)
+		if err != nil || len(old) != 1 {
+			return fmt.Errorf("QEMU on %s: %v %v", primary, old, err)
 		}
-		if s, err := l.vmStatus(ctx, l.Client(secondary), vm.Name); err == nil && (s.Role != api.RoleSecondary || s.State == "promoting") {
-			runningAt = time.Since(killed)
+		pid, err := l.AxdPID(primary)
+		if err != nil {
+			return err
 		}
+		if err := syscall.Kill(pid, sig); err != nil {
+			return err
+		}
+		t0 := time.Now()
+		var c crash
+		for deadline := t0.Add(30 * time.Second); time.Now().Before(deadline) && c.running == 0; time.Sleep(10 * time.Millisecond) {
+			if _, st, err := procStat(old[0]); (err != nil || st == 'T') && c.stopped == 0 {
+				c.stopped = time.Since(t0)
+			}
+			if s, err := l.vmStatus(ctx, l.Client(secondary), vm.Name); err == nil && (s.Role != api.RoleSecondary || s.State == "promoting") {
+				c.running = time.Since(t0)
+			}
+		}
+		if c.running == 0 || c.stopped == 0 || c.stopped > c.running {
+			return fmt.Errorf("axd %s: guest stopped after %s, partner running it after %s", sig, c.stopped, c.running)
+		}
+		if sig == syscall.SIGSTOP {
+			syscall.Kill(pid, syscall.SIGKILL)
+			if err := waitGone(pid, 10*time.Second); err != nil {
+				return err
+			}
+		}
+		t1 := time.Now()
+		if err := l.StartAxd(ctx, primary, cfg); err != nil {
+			return err
+		}
+		if err := protected(secondary, primary, 3*time.Minute); err != nil {
+			return err
+		}
+		c.back = time.Since(t1)
+		crashes = append(crashes, c)
+		primary, secondary = secondary, primary
+		time.Sleep(2 * time.Second)
 	}
-	if runningAt == 0 || stoppedAt == 0 || stoppedAt > runningAt {
-		return fmt.Errorf("axd killed: guest stopped after %s, partner running it after %s", stoppedAt, runningAt)
-	}
-	t0 := time.Now()
-	if err := l.StartAxd(ctx, primary, cfg); err != nil {
-		return err
-	}
-	if err := protected(secondary, primary, 3*time.Minute); err != nil {
-		return err
-	}
-	backAfterKill := time.Since(t0)
 
 	fmt.Fprintf(out, "axd restarts and crashes, guest at FT (%d MiB, memory dirtier %g MiB/s), lease TTL %s:\n", vm.RAMMiB, f.dirty, leaseTTL)
 	fmt.Fprintf(out, "  restart of axd on the primary → protected again   %s s (median %.2f s)\n", durations(onPrimary), medianSeconds(onPrimary))
@@ -148,9 +165,11 @@ func BenchRestart(ctx context.Context, l *Lab, f labFlags, runs int, out io.Writ
 	fmt.Fprintf(out, "  planned failover → guest running on the partner   %s s = %.2f × lease TTL (the lease is handed over, not waited for)\n",
 		durations(handover), medianSeconds(handover)/leaseTTL.Seconds())
 	fmt.Fprintf(out, "  planned failover → protected back the other way   %s s, no command\n", durations(back))
-	fmt.Fprintf(out, "  axd SIGKILLed → guest stopped by its guard        %.2f s = %.2f × lease TTL (partner running it after %.2f s)\n",
-		stoppedAt.Seconds(), stoppedAt.Seconds()/leaseTTL.Seconds(), runningAt.Seconds())
-	fmt.Fprintf(out, "  killed axd started again → protected back         %.2f s\n", backAfterKill.Seconds())
+	for i, what := range []string{"axd SIGKILLed", "axd hung (SIGSTOP)"} {
+		c := crashes[i]
+		fmt.Fprintf(out, "  %-19s → guest stopped by its guard %.2f s = %.2f × lease TTL; partner running it after %.2f s; axd started again → protected back %.2f s\n",
+			what, c.stopped.Seconds(), c.stopped.Seconds()/leaseTTL.Seconds(), c.running.Seconds(), c.back.Seconds())
+	}
 	return nil
 }
 
