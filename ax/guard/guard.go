@@ -119,7 +119,7 @@ func Run(r io.Reader, pid int, margin time.Duration, log *slog.Logger) error {
 				}
 				log.Warn("guard: axd is gone; stopping the guest now (what it does unreplicated could be undone by a takeover)", "pid", pid,
 					"deadline_in", (deadline - margin - Monotonic()).String())
-				lines = nil // nothing more comes
+				lines = nil            // nothing more comes
 				deadline = Monotonic() // due now
 				timer.Stop()
 				timer.Reset(0)
