@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"syscall"
 	"time"
 
@@ -181,11 +182,17 @@ func medianSeconds(ds []time.Duration) float64 {
 	return median(v)
 }
 
-// waitGone waits until pid has exited (or is a zombie).
+// waitGone waits until process pid has exited: gone, or a zombie whose
+// threads have all ended (a group leader turns zombie before the other
+// threads finish exiting, and the process's sockets close only with the
+// last of them).
 func waitGone(pid int, timeout time.Duration) error {
 	for deadline := time.Now().Add(timeout); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
 		if isZombie(pid) {
-			return nil
+			tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+			if err != nil || len(tasks) <= 1 {
+				return nil
+			}
 		}
 	}
 	return fmt.Errorf("pid %d still runs after %s", pid, timeout)

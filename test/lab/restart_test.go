@@ -76,21 +76,10 @@ func TestIntegrationAxdRestart(t *testing.T) {
 	if events := l.eventsText(ctx, cb); strings.Contains(events, " promote ") {
 		t.Errorf("b promoted the VM across a restart of axd:%s", events)
 	}
-	acks, err := workload.ReadRecord(record)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var recs []string
-	if err := l.InNetns(HostC, func() error {
-		recs, err = workload.List(ctx, addr, 10*time.Second)
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	v := workload.Verify(acks, recs)
-	t.Logf("acked %d, in the ledger %d, missing %d", len(acks), len(recs), len(v.Missing))
-	if len(acks) == 0 || len(v.Missing) > 0 {
-		t.Fatalf("%d acknowledged records, %d missing from the ledger", len(acks), len(v.Missing))
+	acked, missing := ledgerLoss(t, l, record, addr)
+	t.Logf("acked %d, missing %d", acked, missing)
+	if acked == 0 || missing > 0 {
+		t.Fatalf("%d acknowledged records, %d missing from the ledger", acked, missing)
 	}
 }
 
@@ -209,21 +198,10 @@ func axdKillTrials(t *testing.T, l *Lab, vm *VM, bin string, cfg DaemonConfig, l
 		}
 		time.Sleep(2 * time.Second) // the client reconnects and appends there
 		client.Stop()
-		acks, err := workload.ReadRecord(record)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var recs []string
-		if err := l.InNetns(HostC, func() error {
-			recs, err = workload.List(ctx, addr, 10*time.Second)
-			return err
-		}); err != nil {
-			t.Fatal(err)
-		}
-		v := workload.Verify(acks, recs)
+		acked, missing := ledgerLoss(t, l, record, addr)
 		t.Logf("%s trial %d %s→%s: axd killed, guest stopped after %.2f s, %s running it after %.2f s; acked %d, missing %d",
-			level, i, from, to, stoppedAt.Seconds(), to, runningAt.Seconds(), len(acks), len(v.Missing))
-		if !check(i, len(acks), len(v.Missing)) {
+			level, i, from, to, stoppedAt.Seconds(), to, runningAt.Seconds(), acked, missing)
+		if !check(i, acked, missing) {
 			return
 		}
 		if err := l.StartAxd(ctx, from, cfg); err != nil {
@@ -234,4 +212,23 @@ func axdKillTrials(t *testing.T, l *Lab, vm *VM, bin string, cfg DaemonConfig, l
 		}
 		from, to = to, from
 	}
+}
+
+// ledgerLoss compares the acknowledgements the ledger client recorded in
+// record with what the ledger at addr holds: how many were acknowledged,
+// how many of those are missing.
+func ledgerLoss(t *testing.T, l *Lab, record, addr string) (acked, missing int) {
+	t.Helper()
+	acks, err := workload.ReadRecord(record)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var recs []string
+	if err := l.InNetns(HostC, func() error {
+		recs, err = workload.List(context.Background(), addr, 10*time.Second)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return len(acks), len(workload.Verify(acks, recs).Missing)
 }
