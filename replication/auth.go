@@ -46,8 +46,8 @@ import (
 // Protocol versions this package speaks. Version 2 binds the offered
 // versions into the proofs and protects the stream; version 1 did neither.
 const (
-	MinProtocolVersion uint8 = 2
-	ProtocolVersion    uint8 = 2
+	MinProtocolVersion uint8 = 3
+	ProtocolVersion    uint8 = 3
 )
 
 const (

@@ -170,19 +170,19 @@ func TestServerHandshakeRefuses(t *testing.T) {
 		cause   error // also wrapped, besides ErrAuth, when set
 	}{
 		{"wrong key", 0, func(p *peer) {
-			h := p.hello("vm-1", 2, 2)
+			h := p.hello("vm-1", ProtocolVersion, ProtocolVersion)
 			f, _ := p.recv()
 			c, _ := decodeChallenge(f)
 			p.send(response{MAC: proof(otherStreamKey, labelClientProof, h, c.Version, &c.Nonce, &h.Nonce)}.frame())
 		}, nil},
 		{"the master key instead of the stream key", 0, func(p *peer) {
-			h := p.hello("vm-1", 2, 2)
+			h := p.hello("vm-1", ProtocolVersion, ProtocolVersion)
 			f, _ := p.recv()
 			c, _ := decodeChallenge(f)
 			p.send(response{MAC: proof(testKey, labelClientProof, h, c.Version, &c.Nonce, &h.Nonce)}.frame())
 		}, nil},
 		{"proof for another vm", 0, func(p *peer) {
-			h := p.hello("vm-1", 2, 2)
+			h := p.hello("vm-1", ProtocolVersion, ProtocolVersion)
 			f, _ := p.recv()
 			c, _ := decodeChallenge(f)
 			h.VM = "vm-2"
@@ -196,19 +196,19 @@ func TestServerHandshakeRefuses(t *testing.T) {
 			p.send(response{MAC: proof(testStreamKey, labelClientProof, h, c.Version, &c.Nonce, &h.Nonce)}.frame())
 		}, nil},
 		{"proof over another version", 0, func(p *peer) {
-			h := p.hello("vm-1", 2, 2)
+			h := p.hello("vm-1", ProtocolVersion, ProtocolVersion)
 			f, _ := p.recv()
 			c, _ := decodeChallenge(f)
 			p.send(response{MAC: proof(testStreamKey, labelClientProof, h, 1, &c.Nonce, &h.Nonce)}.frame())
 		}, nil},
 		{"server's proof reflected", 0, func(p *peer) {
-			p.hello("vm-1", 2, 2)
+			p.hello("vm-1", ProtocolVersion, ProtocolVersion)
 			f, _ := p.recv()
 			c, _ := decodeChallenge(f)
 			p.send(response{MAC: c.MAC}.frame())
 		}, nil},
 		{"truncated response", 0, func(p *peer) {
-			p.hello("vm-1", 2, 2)
+			p.hello("vm-1", ProtocolVersion, ProtocolVersion)
 			p.recv()
 			wire := encode(p.t, response{}.frame())
 			p.sendRaw(wire[:HeaderSize+5])
@@ -216,7 +216,7 @@ func TestServerHandshakeRefuses(t *testing.T) {
 		}, nil},
 		{"closed before hello", 0, func(p *peer) { p.conn.Close() }, nil},
 		{"truncated hello", 0, func(p *peer) {
-			wire := encode(p.t, hello{MinVersion: 2, MaxVersion: 2, VM: "vm-1"}.frame())
+			wire := encode(p.t, hello{MinVersion: ProtocolVersion, MaxVersion: ProtocolVersion, VM: "vm-1"}.frame())
 			p.sendRaw(wire[:len(wire)-3])
 			p.conn.Close()
 		}, nil},
@@ -229,21 +229,21 @@ func TestServerHandshakeRefuses(t *testing.T) {
 			p.sendRaw(hdr) // and never the megabyte: refused on the header alone
 		}, ErrTooLarge},
 		{"hello with a 300-byte vm name", 0, func(p *peer) {
-			p.hello(strings.Repeat("v", 300), 2, 2)
+			p.hello(strings.Repeat("v", 300), ProtocolVersion, ProtocolVersion)
 		}, ErrMalformed},
 		{"hello with a 129-byte vm name", 0, func(p *peer) {
-			p.hello(strings.Repeat("v", 129), 2, 2)
+			p.hello(strings.Repeat("v", 129), ProtocolVersion, ProtocolVersion)
 		}, ErrMalformed},
-		{"hello with a slash in the vm name", 0, func(p *peer) { p.hello("../etc/vm", 2, 2) }, ErrMalformed},
-		{"hello with vm name ..", 0, func(p *peer) { p.hello("..", 2, 2) }, ErrMalformed},
-		{"hello with a semicolon in the vm name", 0, func(p *peer) { p.hello("vm;reboot", 2, 2) }, ErrMalformed},
-		{"hello with a space in the vm name", 0, func(p *peer) { p.hello("vm 1", 2, 2) }, ErrMalformed},
-		{"hello with a leading dot", 0, func(p *peer) { p.hello(".vm", 2, 2) }, ErrMalformed},
-		{"hello with a leading dash", 0, func(p *peer) { p.hello("-vm", 2, 2) }, ErrMalformed},
-		{"hello with a comma (a QEMU option separator)", 0, func(p *peer) { p.hello("vm,file=x", 2, 2) }, ErrMalformed},
-		{"hello with an empty vm name", 0, func(p *peer) { p.hello("", 2, 2) }, ErrMalformed},
+		{"hello with a slash in the vm name", 0, func(p *peer) { p.hello("../etc/vm", ProtocolVersion, ProtocolVersion) }, ErrMalformed},
+		{"hello with vm name ..", 0, func(p *peer) { p.hello("..", ProtocolVersion, ProtocolVersion) }, ErrMalformed},
+		{"hello with a semicolon in the vm name", 0, func(p *peer) { p.hello("vm;reboot", ProtocolVersion, ProtocolVersion) }, ErrMalformed},
+		{"hello with a space in the vm name", 0, func(p *peer) { p.hello("vm 1", ProtocolVersion, ProtocolVersion) }, ErrMalformed},
+		{"hello with a leading dot", 0, func(p *peer) { p.hello(".vm", ProtocolVersion, ProtocolVersion) }, ErrMalformed},
+		{"hello with a leading dash", 0, func(p *peer) { p.hello("-vm", ProtocolVersion, ProtocolVersion) }, ErrMalformed},
+		{"hello with a comma (a QEMU option separator)", 0, func(p *peer) { p.hello("vm,file=x", ProtocolVersion, ProtocolVersion) }, ErrMalformed},
+		{"hello with an empty vm name", 0, func(p *peer) { p.hello("", ProtocolVersion, ProtocolVersion) }, ErrMalformed},
 		{"hello with a bad checksum", 0, func(p *peer) {
-			wire := encode(p.t, hello{MinVersion: 2, MaxVersion: 2, VM: "vm-1"}.frame())
+			wire := encode(p.t, hello{MinVersion: ProtocolVersion, MaxVersion: ProtocolVersion, VM: "vm-1"}.frame())
 			wire[len(wire)-1] ^= 1
 			p.sendRaw(wire)
 		}, ErrChecksum},
@@ -251,9 +251,9 @@ func TestServerHandshakeRefuses(t *testing.T) {
 			p.send(response{}.frame())
 		}, ErrUnexpectedType},
 		{"welcome instead of response", 0, func(p *peer) {
-			p.hello("vm-1", 2, 2)
+			p.hello("vm-1", ProtocolVersion, ProtocolVersion)
 			p.recv()
-			p.send(welcome{Version: 2}.frame())
+			p.send(welcome{Version: ProtocolVersion}.frame())
 		}, ErrUnexpectedType},
 		{"no common version (newer)", 0, func(p *peer) {
 			p.hello("vm-1", 3, 9)
@@ -263,7 +263,7 @@ func TestServerHandshakeRefuses(t *testing.T) {
 		}, nil},
 		{"silent client", 100 * time.Millisecond, func(p *peer) {}, os.ErrDeadlineExceeded},
 		{"client stalls after hello", 100 * time.Millisecond, func(p *peer) {
-			p.hello("vm-1", 2, 2)
+			p.hello("vm-1", ProtocolVersion, ProtocolVersion)
 			p.recv()
 		}, os.ErrDeadlineExceeded},
 	} {
@@ -310,7 +310,7 @@ func TestServerHandshakeRefuses(t *testing.T) {
 func TestServerHandshakeRefusesReplayedResponse(t *testing.T) {
 	// A client that knows the key; an eavesdropper records its messages.
 	p, done := startServer(t, testKey, 0)
-	h := p.hello("vm-1", 2, 2)
+	h := p.hello("vm-1", ProtocolVersion, ProtocolVersion)
 	f, _ := p.recv()
 	c, _ := decodeChallenge(f)
 	recorded := response{MAC: proof(testStreamKey, labelClientProof, h, c.Version, &c.Nonce, &h.Nonce)}
@@ -360,11 +360,11 @@ func TestClientHandshakeRefuses(t *testing.T) {
 		f, _ := p.recv()
 		h, _ := decodeHello(f)
 		rand.Read(old.Nonce[:])
-		old.Version = 2
-		old.MAC = proof(testStreamKey, labelServerProof, h, 2, &h.Nonce, &old.Nonce)
+		old.Version = ProtocolVersion
+		old.MAC = proof(testStreamKey, labelServerProof, h, ProtocolVersion, &h.Nonce, &old.Nonce)
 		p.send(old.frame())
 		p.recv()
-		p.send(welcome{Version: 2}.frame())
+		p.send(welcome{Version: ProtocolVersion}.frame())
 		if err := <-done; err != nil {
 			t.Fatalf("genuine server refused: %v", err)
 		}
@@ -376,28 +376,28 @@ func TestClientHandshakeRefuses(t *testing.T) {
 		cause   error
 	}{
 		{"server without the key", 0, func(p *peer, h hello) {
-			c := challenge{Version: 2}
+			c := challenge{Version: ProtocolVersion}
 			rand.Read(c.Nonce[:])
-			c.MAC = proof(otherStreamKey, labelServerProof, h, 2, &h.Nonce, &c.Nonce)
+			c.MAC = proof(otherStreamKey, labelServerProof, h, ProtocolVersion, &h.Nonce, &c.Nonce)
 			p.send(c.frame())
 		}, nil},
 		{"server replays an old challenge", 0, func(p *peer, h hello) { p.send(old.frame()) }, nil},
 		{"server reflects the client's nonce", 0, func(p *peer, h hello) {
-			c := challenge{Version: 2, Nonce: h.Nonce}
-			c.MAC = proof(otherStreamKey, labelServerProof, h, 2, &h.Nonce, &c.Nonce)
+			c := challenge{Version: ProtocolVersion, Nonce: h.Nonce}
+			c.MAC = proof(otherStreamKey, labelServerProof, h, ProtocolVersion, &h.Nonce, &c.Nonce)
 			p.send(c.frame())
 		}, nil},
 		{"server proves over another version range", 0, func(p *peer, h hello) {
-			c := challenge{Version: 2}
+			c := challenge{Version: ProtocolVersion}
 			rand.Read(c.Nonce[:])
 			h.MinVersion = 1 // the hello as a relay edited it
-			c.MAC = proof(testStreamKey, labelServerProof, h, 2, &h.Nonce, &c.Nonce)
+			c.MAC = proof(testStreamKey, labelServerProof, h, ProtocolVersion, &h.Nonce, &c.Nonce)
 			p.send(c.frame())
 		}, nil},
 		{"challenge's version edited", 0, func(p *peer, h hello) {
-			c := challenge{Version: 2}
+			c := challenge{Version: ProtocolVersion}
 			rand.Read(c.Nonce[:])
-			c.MAC = proof(testStreamKey, labelServerProof, h, 2, &h.Nonce, &c.Nonce)
+			c.MAC = proof(testStreamKey, labelServerProof, h, ProtocolVersion, &h.Nonce, &c.Nonce)
 			c.Version = 1
 			p.send(c.frame())
 		}, nil},
@@ -412,9 +412,9 @@ func TestClientHandshakeRefuses(t *testing.T) {
 		{"server hangs up", 0, func(p *peer, h hello) { p.conn.Close() }, nil},
 		{"server never answers", 100 * time.Millisecond, func(p *peer, h hello) {}, os.ErrDeadlineExceeded},
 		{"server welcomes another version than it proved", 0, func(p *peer, h hello) {
-			c := challenge{Version: 2}
+			c := challenge{Version: ProtocolVersion}
 			rand.Read(c.Nonce[:])
-			c.MAC = proof(testStreamKey, labelServerProof, h, 2, &h.Nonce, &c.Nonce)
+			c.MAC = proof(testStreamKey, labelServerProof, h, ProtocolVersion, &h.Nonce, &c.Nonce)
 			p.send(c.frame())
 			p.recv()
 			p.send(welcome{Version: 1}.frame())

@@ -59,6 +59,8 @@ const (
 	TypeAccept                               // secondary → primary: the spec is accepted, the replica is open
 	TypeRefuse                               // secondary → primary: the spec is refused, with the reason
 	TypeDiskZero                             // primary → secondary: a guest disk range reads as zeroes (below FT)
+	TypeBase                                 // secondary → primary, after Accept: hashes of the pages the replica holds
+	TypeSyncBegin                            // primary → secondary: an initial sync starts, on the base or from zeros
 
 	typeLimit // first invalid value
 )
@@ -88,6 +90,8 @@ var frameTypeNames = [...]string{
 	TypeAccept:          "Accept",
 	TypeRefuse:          "Refuse",
 	TypeDiskZero:        "DiskZero",
+	TypeBase:            "Base",
+	TypeSyncBegin:       "SyncBegin",
 }
 
 // Valid reports whether t is a frame type this version of the protocol knows.

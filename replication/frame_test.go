@@ -80,7 +80,8 @@ func TestFrameTypeString(t *testing.T) {
 		{TypeAck, "Ack"},
 		{0, "FrameType(0)"},
 		{TypeDiskZero, "DiskZero"},
-		{typeLimit, "FrameType(25)"},
+		{TypeSyncBegin, "SyncBegin"},
+		{typeLimit, "FrameType(27)"},
 		{255, "FrameType(255)"},
 	} {
 		if got := tc.t.String(); got != tc.want {

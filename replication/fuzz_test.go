@@ -17,7 +17,7 @@ func fuzzSeeds(t testing.TB) [][]byte {
 	badCRC := bytes.Clone(good)
 	badCRC[len(badCRC)-1] ^= 1
 	return [][]byte{
-		encode(t, h.frame(), challenge{}.frame(), response{}.frame(), welcome{Version: 2}.frame(), rejectFrame()),
+		encode(t, h.frame(), challenge{}.frame(), response{}.frame(), welcome{Version: ProtocolVersion}.frame(), rejectFrame()),
 		encode(t, Frame{Type: TypeSyncPages, Payload: pages}, SyncDone{RAMSize: 1 << 20, Pages: 2}.Frame()),
 		encode(t, checkpointFrames(t, 7, testPages(2, 0), []byte("device state"), 0)...),
 		encode(t, DiskWrite{Disk: 1, Offset: 4096, Data: []byte("sector")}.Frame(7), EpochBoundary{Epoch: 7}.Frame()),

@@ -394,3 +394,62 @@ func DecodeAck(f Frame) (Ack, error) {
 	a := Ack{Epoch: le.Uint64(f.Payload)}
 	return a, expectEpoch(f, a.Epoch)
 }
+
+// The base: what the secondary's replica RAM holds when a stream opens, as
+// one xxh3 hash per page (PageHash), so that the primary's initial sync
+// sends only the pages that differ (dirty.PageHash, the hash tracker's own).
+// The Accept frame's payload is the
+// number of pages (8 bytes); Base frames follow with the hashes, each
+// starting with the frame number of its first page, in order.
+
+// maxBaseHashes is how many hashes one Base frame carries.
+const maxBaseHashes = (MaxPayload - 8) / 8
+
+func acceptFrame(pages uint64) Frame {
+	return Frame{Type: TypeAccept, Payload: le.AppendUint64(nil, pages)}
+}
+
+// decodeAccept returns the number of pages whose hashes follow.
+func decodeAccept(f Frame, ramSize int64) (uint64, error) {
+	if err := expect(f, TypeAccept, 8); err != nil {
+		return 0, err
+	}
+	n := le.Uint64(f.Payload)
+	if n != 0 && n != uint64(ramSize/PageSize) {
+		return 0, frameErr(ErrMalformed, "base of %d pages for %d bytes of RAM", n, ramSize)
+	}
+	return n, nil
+}
+
+// baseFrames encodes hashes as Base frames.
+func baseFrames(hashes []uint64) []Frame {
+	var fs []Frame
+	for first := 0; first < len(hashes); first += maxBaseHashes {
+		chunk := hashes[first:min(first+maxBaseHashes, len(hashes))]
+		p := le.AppendUint64(make([]byte, 0, 8+8*len(chunk)), uint64(first))
+		for _, h := range chunk {
+			p = le.AppendUint64(p, h)
+		}
+		fs = append(fs, Frame{Type: TypeBase, Payload: p})
+	}
+	return fs
+}
+
+// decodeBase appends the hashes of Base frame f to base, which must hold
+// exactly the pages before f's first; total is how many there are in all.
+func decodeBase(f Frame, base []uint64, total uint64) ([]uint64, error) {
+	if f.Type != TypeBase {
+		return base, frameErr(ErrUnexpectedType, "%s frame where Base was expected", f.Type)
+	}
+	if len(f.Payload) < 16 || len(f.Payload)%8 != 0 {
+		return base, frameErr(ErrMalformed, "Base payload of %d bytes", len(f.Payload))
+	}
+	first, n := le.Uint64(f.Payload), uint64(len(f.Payload)/8-1)
+	if first != uint64(len(base)) || n > total-first {
+		return base, frameErr(ErrMalformed, "Base frame of pages %d+%d after %d of %d", first, n, len(base), total)
+	}
+	for i := uint64(0); i < n; i++ {
+		base = append(base, le.Uint64(f.Payload[8+8*i:]))
+	}
+	return base, nil
+}

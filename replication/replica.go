@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"sync"
 
+	"github.com/axproject/ax/ax/dirty"
 	"github.com/axproject/ax/ax/durable"
 )
 
@@ -255,11 +256,43 @@ func (r *Replica) usableLocked() error {
 	return nil
 }
 
+// PageHashes returns the hash (dirty.PageHash) of every page the replica's RAM
+// file holds now: the base a primary's initial sync compares its guest's
+// RAM with, to send only the pages that differ (BeginSyncOnBase).
+func (r *Replica) PageHashes() ([]uint64, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if err := r.usableLocked(); err != nil {
+		return nil, err
+	}
+	const chunk = 256 * PageSize
+	buf := make([]byte, chunk)
+	hashes := make([]uint64, 0, r.ramSize/PageSize)
+	for off := int64(0); off < r.ramSize; off += chunk {
+		b := buf[:min(chunk, r.ramSize-off)]
+		if _, err := r.ram.ReadAt(b, off); err != nil {
+			return nil, fmt.Errorf("replication: hash the replica of %s: %w", r.dir, err)
+		}
+		for p := 0; p < len(b); p += PageSize {
+			hashes = append(hashes, dirty.PageHash(b[p:p+PageSize]))
+		}
+	}
+	return hashes, nil
+}
+
 // BeginSync starts an initial sync: it discards the replica's content — a
 // committed replica too: the stream it would have continued from is gone —
 // and zeroes the RAM, so pages the primary skips as never written read as
 // zeros. The replica is not usable until FinishSync and the first Apply.
-func (r *Replica) BeginSync() error {
+func (r *Replica) BeginSync() error { return r.beginSync(false) }
+
+// BeginSyncOnBase starts an initial sync over what the RAM file holds: the
+// primary was given its PageHashes and sends only the pages that differ,
+// so the file is kept as it is (nothing else wrote it since). The replica
+// is not usable until FinishSync and the first Apply.
+func (r *Replica) BeginSyncOnBase() error { return r.beginSync(true) }
+
+func (r *Replica) beginSync(onBase bool) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if err := r.usableLocked(); err != nil {
@@ -270,8 +303,10 @@ func (r *Replica) BeginSync() error {
 		return fmt.Errorf("replication: begin sync of %s: %w", r.dir, err)
 	}
 	err := os.Remove(r.path(devStateFile))
-	if err == nil || errors.Is(err, fs.ErrNotExist) {
+	if (err == nil || errors.Is(err, fs.ErrNotExist)) && !onBase {
 		err = zero(r.ram, r.ramSize)
+	} else if errors.Is(err, fs.ErrNotExist) {
+		err = nil
 	}
 	if err != nil {
 		r.torn = true

@@ -262,7 +262,7 @@ func TestSealKeysDiffer(t *testing.T) {
 		"other client nonce": other(func(a *authenticated) { a.clientNonce[5] ^= 1 }),
 		"other server nonce": other(func(a *authenticated) { a.serverNonce[5] ^= 1 }),
 		"other vm":           other(func(a *authenticated) { a.vm = "vm2" }),
-		"other version":      other(func(a *authenticated) { a.version = 3 }),
+		"other version":      other(func(a *authenticated) { a.version = ProtocolVersion + 1 }),
 		"other key":          deriveSealKey(otherStreamKey, labelClientToServer, testAuth),
 	}
 	seen := map[[sealKeySize]byte]string{}

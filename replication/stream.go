@@ -56,6 +56,7 @@ type Sender struct {
 	last  time.Time // last write
 	sent  uint64    // bytes handed to the writer
 	pages uint64    // initial-sync pages sent
+	base  []uint64  // the replica's page hashes when the stream opened
 
 	ordered   uint64 // ordered frames (disk writes, levels) sent
 	diskBytes uint64 // disk write bytes sent
@@ -136,6 +137,7 @@ func dial(raw net.Conn, sec Security, peer, vm string, spec []byte, ramSize int6
 	if err == nil {
 		switch f.Type {
 		case TypeAccept:
+			err = s.readBase(f, conn)
 		case TypeRefuse:
 			var refused *RefusedError
 			if refused, err = decodeRefuse(f); err == nil {
@@ -152,6 +154,42 @@ func dial(raw net.Conn, sec Security, peer, vm string, spec []byte, ramSize int6
 		return nil, err
 	}
 	return s, nil
+}
+
+// readBase reads the hashes of the replica's pages that follow accept.
+func (s *Sender) readBase(accept Frame, conn net.Conn) error {
+	n, err := decodeAccept(accept, s.ramSize)
+	if err != nil || n == 0 {
+		return err
+	}
+	base := make([]uint64, 0, n)
+	for uint64(len(base)) < n {
+		conn.SetReadDeadline(time.Now().Add(acceptTimeout))
+		f, err := s.r.ReadFrame()
+		if err != nil {
+			return err
+		}
+		if base, err = decodeBase(f, base, n); err != nil {
+			return err
+		}
+	}
+	conn.SetReadDeadline(time.Time{})
+	s.base = base
+	return nil
+}
+
+// TakeBase returns the hash (dirty.PageHash) of every page the secondary's
+// replica held when the stream opened: the stream's first initial sync
+// need send only the pages of the guest's RAM that hash otherwise (the
+// replica keeps the others). Only the first sync of a stream starts from
+// it — leaving FT zeroes the replica, and a later FT phase sends every
+// data page — so it returns nil after the first call.
+func (s *Sender) TakeBase() []uint64 {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	b := s.base
+	s.base = nil
+	return b
 }
 
 func (s *Sender) fail(err error) {
@@ -270,6 +308,21 @@ func (s *Sender) SendSync(pfns []uint64, pages []byte) error {
 		s.pages += uint64(len(ps))
 		s.sent += uint64(len(pages))
 		return s.w.WritePages(TypeSyncPages, 0, ps)
+	}, true)
+}
+
+// BeginSync starts an initial sync: onBase, over what the replica held
+// when the stream opened (TakeBase: only pages that differ are sent), or
+// from zeros. A sync on the base is refused by the secondary once its
+// replica changed since the stream opened.
+func (s *Sender) BeginSync(onBase bool) error {
+	var p byte
+	if onBase {
+		p = 1
+	}
+	return s.write(func() error {
+		s.pages = 0
+		return s.w.WriteFrame(Frame{Type: TypeSyncBegin, Payload: []byte{p}})
 	}, true)
 }
 
@@ -530,8 +583,20 @@ func (s *Server) session(a Authenticated) (bye, handover bool, err error) {
 	if s.handler.Disks != nil {
 		disks = s.handler.Disks(vm)
 	}
-	if err := send(Frame{Type: TypeAccept}); err != nil {
+	// The base: the primary's initial sync sends only the pages whose
+	// hashes differ from what the replica holds now.
+	base, err := rep.PageHashes()
+	if err != nil {
+		send(refuseFrame(err.Error()))
 		return false, false, err
+	}
+	if err := send(acceptFrame(uint64(len(base)))); err != nil {
+		return false, false, err
+	}
+	for _, f := range baseFrames(base) {
+		if err := send(f); err != nil {
+			return false, false, err
+		}
 	}
 	// Ordered frames done, and how many of them the primary was told of.
 	var ordered, acked uint64
@@ -545,6 +610,9 @@ func (s *Server) session(a Authenticated) (bye, handover bool, err error) {
 	var asm *CheckpointAssembler
 	var marker Marker
 	syncing := false
+	// The replica holds what was hashed for the primary: a sync may start
+	// on it until anything changed it.
+	onBase := true
 	for {
 		if err := ackOrdered(); err != nil {
 			return false, false, err
@@ -555,6 +623,22 @@ func (s *Server) session(a Authenticated) (bye, handover bool, err error) {
 			return false, false, err
 		}
 		switch {
+		case f.Type == TypeSyncBegin:
+			if asm != nil || len(f.Payload) != 1 || f.Payload[0] > 1 {
+				return false, false, fmt.Errorf("replication: %s: malformed or late SyncBegin", vm)
+			}
+			if f.Payload[0] == 1 {
+				if !onBase {
+					return false, false, fmt.Errorf("replication: %s: a sync on the base after the replica changed", vm)
+				}
+				err = rep.BeginSyncOnBase()
+			} else {
+				err = rep.BeginSync()
+			}
+			if err != nil {
+				return false, false, err
+			}
+			syncing, onBase = true, false
 		case f.Type == TypeSyncPages:
 			if asm != nil {
 				return false, false, fmt.Errorf("replication: %s: sync pages after the sync ended", vm)
@@ -563,7 +647,7 @@ func (s *Server) session(a Authenticated) (bye, handover bool, err error) {
 				if err := rep.BeginSync(); err != nil {
 					return false, false, err
 				}
-				syncing = true
+				syncing, onBase = true, false
 			}
 			pages, err := DecodePages(f)
 			if err != nil {
@@ -581,6 +665,7 @@ func (s *Server) session(a Authenticated) (bye, handover bool, err error) {
 				if err := rep.BeginSync(); err != nil {
 					return false, false, err
 				}
+				onBase = false
 			}
 			if err := rep.FinishSync(d); err != nil {
 				return false, false, err
@@ -634,7 +719,7 @@ func (s *Server) session(a Authenticated) (bye, handover bool, err error) {
 				if err := rep.BeginSync(); err != nil {
 					return false, false, err
 				}
-				asm, syncing = nil, true
+				asm, syncing, onBase = nil, true, false
 			}
 			if s.handler.Level != nil {
 				s.handler.Level(vm, lc.Level)

@@ -692,7 +692,7 @@ func (d *Daemon) runFT(ctx context.Context, v *vmState, mon hv.Control, sender *
 	if _, err := dr.setLevel(replication.StreamLevelFT, first); err != nil {
 		return err
 	}
-	loop := ft.NewLoop(ft.Config{Interval: d.cfg.Epoch, StateDir: stateDir, Console: spec.Guest.Console, FirstEpoch: first},
+	loop := ft.NewLoop(ft.Config{Interval: d.cfg.Epoch, StateDir: stateDir, Console: spec.Guest.Console, FirstEpoch: first, Base: sender.TakeBase()},
 		mon, tracker, ram, &senderStream{s: sender, disk: dr}, diskEpochGate{gate: gate, disk: dr}, obs, d.log.With("vm", spec.Name))
 	defer func() { v.epochs.Ended(loop.Taken()) }()
 	lctx, lcancel := context.WithCancel(ctx)
@@ -746,6 +746,7 @@ type senderStream struct {
 }
 
 func (a *senderStream) SendSync(pfns []uint64, pages []byte) error { return a.s.SendSync(pfns, pages) }
+func (a *senderStream) BeginSync(onBase bool) error                { return a.s.BeginSync(onBase) }
 func (a *senderStream) SyncDone() error                            { return a.s.SyncDone() }
 func (a *senderStream) SendCheckpoint(cp *ft.Checkpoint) error {
 	if a.disk != nil {

@@ -21,6 +21,10 @@ type HashOptions struct {
 	Size int64
 }
 
+// PageHash is the hash the tracker keeps of a page (xxh3 of its PageSize
+// bytes); a replica's base is made of the same (replication).
+func PageHash(page []byte) uint64 { return xxh3.Hash(page) }
+
 // HashTracker finds written pages by keeping an xxh3 hash of every page of
 // the RAM file and comparing on each Scan. It works on every kernel and
 // sees writes made by any process; its cost grows with the RAM's size,
@@ -71,7 +75,7 @@ func NewHashTracker(path string, opts HashOptions) (*HashTracker, error) {
 	t := &HashTracker{
 		file:   f,
 		hashes: make([]uint64, f.npages),
-		zero:   xxh3.Hash(make([]byte, PageSize)),
+		zero:   PageHash(make([]byte, PageSize)),
 	}
 	for i := range t.hashes {
 		t.hashes[i] = t.zero // what a hole holds; the first Scan reports the data pages anyway
@@ -162,7 +166,7 @@ func (t *HashTracker) scanPages(w *hashWorker, all bool) {
 			}
 		}
 		for p := start; p < end; p++ {
-			h := xxh3.Hash(mem[p*PageSize : (p+1)*PageSize])
+			h := PageHash(mem[p*PageSize : (p+1)*PageSize])
 			if h != hashes[p] || all {
 				hashes[p] = h
 				w.dirty = append(w.dirty, uint64(p))
@@ -170,6 +174,22 @@ func (t *HashTracker) scanPages(w *hashWorker, all bool) {
 		}
 		pos = end
 	}
+}
+
+// SetBaseline makes hashes (one xxh3 per page, as Scan computes them) the
+// content last reported, before the first Scan: that Scan then reports the
+// pages that differ from it — a replica already holding hashes needs only
+// those — instead of every data page. len(hashes) must be the page count.
+func (t *HashTracker) SetBaseline(hashes []uint64) error {
+	if t.scanned {
+		return errors.New("dirty: hash tracker: a baseline is set before the first scan")
+	}
+	if len(hashes) != len(t.hashes) {
+		return fmt.Errorf("dirty: hash tracker: baseline of %d pages for %d", len(hashes), len(t.hashes))
+	}
+	copy(t.hashes, hashes)
+	t.scanned = true
+	return nil
 }
 
 // Close unmaps the file and closes it. It is safe to call more than once.
@@ -189,7 +209,7 @@ func (t *HashTracker) Close() error {
 func (t *HashTracker) Rebase(pfns []uint64, pages []byte) {
 	for i, pfn := range pfns {
 		if pfn < uint64(len(t.hashes)) {
-			t.hashes[pfn] = xxh3.Hash(pages[i*PageSize : (i+1)*PageSize])
+			t.hashes[pfn] = PageHash(pages[i*PageSize : (i+1)*PageSize])
 		}
 	}
 }

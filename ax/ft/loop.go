@@ -36,6 +36,10 @@ type Checkpoint struct {
 // Stream carries a VM's checkpoints to its secondary, in order. Sends block
 // while the link is slow: that is the loop's backpressure.
 type Stream interface {
+	// BeginSync starts the initial synchronisation: onBase says the pages
+	// not sent are those the replica holds already (Config.Base); without
+	// it the replica starts from zeros.
+	BeginSync(onBase bool) error
 	// SendSync sends initial-synchronisation pages taken while the VM runs.
 	SendSync(pfns []uint64, pages []byte) error
 	// SyncDone ends the initial synchronisation.
@@ -65,6 +69,12 @@ type rebaser interface {
 	Rebase(pfns []uint64, pages []byte)
 }
 
+// baseliner is implemented by trackers that can start from the content the
+// replica holds (hashing): their first scan reports only what differs.
+type baseliner interface {
+	SetBaseline(hashes []uint64) error
+}
+
 // Config tunes the loop.
 type Config struct {
 	Interval    time.Duration // checkpoint period, pause to pause; default 50 ms
@@ -77,6 +87,11 @@ type Config struct {
 	SyncRounds int
 	// SyncBatch is the number of pages per initial-sync frame; default 256.
 	SyncBatch int
+	// Base is what the secondary's replica holds, one hash per page
+	// (dirty.PageHash), when it keeps that content for the initial
+	// sync: only the pages whose hash differs are sent. nil: the replica
+	// starts from zeros, and every data page is sent.
+	Base []uint64
 	// FirstEpoch is the first checkpoint's epoch (default 1). Epochs only
 	// grow over a VM's protection, across reconnections, because the
 	// output gate's tags do.
@@ -381,6 +396,20 @@ func (l *Loop) take(ctx context.Context, stayPaused bool) (cp *Checkpoint, st Ep
 	return cp, st, nil
 }
 
+// differingPages appends to dst every page of the RAM whose hash is not
+// base's for it.
+func (l *Loop) differingPages(dst, base []uint64, page []byte) ([]uint64, error) {
+	for pfn := uint64(0); pfn < l.ram.Pages(); pfn++ {
+		if err := l.ram.ReadPage(pfn, page); err != nil {
+			return dst, err
+		}
+		if dirty.PageHash(page) != base[pfn] {
+			dst = append(dst, pfn)
+		}
+	}
+	return dst, nil
+}
+
 // initialSync copies the RAM to the secondary while the VM runs: a first
 // round of every data page, then rounds of pages dirtied meanwhile, until
 // the dirty set stops shrinking. The first checkpoint, taken paused, sends
@@ -391,10 +420,33 @@ func (l *Loop) initialSync(ctx context.Context) error {
 	total, sent := 0, 0
 	prev := -1
 	buf := make([]byte, l.cfg.SyncBatch*PageSize)
+	base := l.cfg.Base
+	if err := l.stream.BeginSync(base != nil); err != nil {
+		return fmt.Errorf("ft: initial sync: %w", err)
+	}
+	if base != nil {
+		if uint64(len(base)) != l.ram.Pages() {
+			return fmt.Errorf("ft: the replica's base has %d pages, the guest %d", len(base), l.ram.Pages())
+		}
+		if bl, ok := l.tracker.(baseliner); ok {
+			if err := bl.SetBaseline(base); err != nil {
+				return fmt.Errorf("ft: initial sync: %w", err)
+			}
+			base = nil // the tracker's first scan compares
+		}
+	}
 	for round := 0; round < l.cfg.SyncRounds; round++ {
 		var err error
 		if pfns, err = l.tracker.Scan(pfns[:0]); err != nil {
 			return fmt.Errorf("ft: initial sync scan: %w", err)
+		}
+		if round == 0 && base != nil {
+			// A tracker that cannot compare (soft-dirty) started tracking
+			// with that scan; the first round sends every page, data or
+			// not, whose content is not what the replica holds.
+			if pfns, err = l.differingPages(pfns[:0], base, buf[:PageSize]); err != nil {
+				return err
+			}
 		}
 		if round == 0 {
 			total = len(pfns)

@@ -85,6 +85,7 @@ type fakeStream struct {
 	cps      []*Checkpoint
 	acks     chan uint64
 	autoAck  bool
+	onBase   bool
 	sent     chan struct{}
 	err      error
 }
@@ -98,7 +99,8 @@ func (s *fakeStream) SendSync(pfns []uint64, pages []byte) error {
 	s.syncPFNs = append(s.syncPFNs, pfns...)
 	return nil
 }
-func (s *fakeStream) SyncDone() error { s.done = true; return nil }
+func (s *fakeStream) BeginSync(onBase bool) error { s.onBase = onBase; return nil }
+func (s *fakeStream) SyncDone() error             { s.done = true; return nil }
 func (s *fakeStream) SendCheckpoint(cp *Checkpoint) error {
 	s.mu.Lock()
 	s.cps = append(s.cps, cp)

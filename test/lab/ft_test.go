@@ -238,6 +238,7 @@ func TestIntegrationFTReplicationLinkCut(t *testing.T) {
 	if err := l.protectAndWait(ctx, ca, vm.Name, HostB); err != nil {
 		t.Fatal(err)
 	}
+	first, _ := l.vmStatus(ctx, ca, vm.Name) // its initial sync: every data page
 	time.Sleep(2 * time.Second)
 	tickBefore, _ := LastTick(vm.Console)
 	if err := l.SetLink(ctx, HostA, ReplLink, false); err != nil {
@@ -293,6 +294,14 @@ func TestIntegrationFTReplicationLinkCut(t *testing.T) {
 	}
 	if sb, err := l.vmStatus(ctx, cb, vm.Name); err != nil || sb.State != "ready" {
 		t.Fatalf("b after the link returned: %+v %v", sb, err)
+	}
+	// The resynchronisation started from what b's replica held: only the
+	// pages the guest changed since travelled again.
+	again, _ := l.vmStatus(ctx, ca, vm.Name)
+	t.Logf("initial sync %d pages; resync after the cut %d pages (%.3f of it; the guest has %d)",
+		first.SyncSent, again.SyncSent, float64(again.SyncSent)/float64(first.SyncSent), vm.RAMMiB<<8)
+	if first.SyncSent == 0 || again.SyncSent*2 > first.SyncSent {
+		t.Errorf("the resync sent %d pages, the first sync %d: not incremental", again.SyncSent, first.SyncSent)
 	}
 }
 
