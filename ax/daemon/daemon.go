@@ -197,7 +197,6 @@ type Daemon struct {
 	book         *reserve.Book   // capacity promised to partners' VMs
 	store        vm.Store        // written at every change of a VM's state
 	pinGates     bool            // FT output gates are pinned in cfg.BPFDir
-	pinErr       error           // why not, when they could be
 
 	mu  sync.Mutex
 	vms map[string]*vmState
@@ -377,10 +376,10 @@ func (d *Daemon) Run(ctx context.Context, ready func()) error {
 	}()
 	d.event("", "start", fmt.Sprintf("axd on %s started (epoch %s, tracker %s, witness %q)", d.cfg.Host, d.cfg.Epoch, d.cfg.Tracker, d.cfg.Witness))
 	if d.cfg.OutputCommit && d.cfg.BPFDir != "none" {
-		if d.pinErr = netbuffer.EnsureBPFFS(d.cfg.BPFDir); d.pinErr == nil {
-			d.pinGates = true
+		if err := netbuffer.EnsureBPFFS(d.cfg.BPFDir); err != nil {
+			d.event("", "alarm", fmt.Sprintf("FT output gates are not pinned (%v): should axd stop or crash, an FT guest's output passes unheld until it is back", err))
 		} else {
-			d.event("", "alarm", fmt.Sprintf("FT output gates are not pinned (%v): should axd stop or crash, an FT guest's output passes unheld until it is back", d.pinErr))
+			d.pinGates = true
 		}
 	}
 	d.restore(recs)

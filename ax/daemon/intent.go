@@ -33,8 +33,7 @@ func (d *Daemon) reprotect(v *vmState) {
 	var level, want string
 	due := false
 	v.set(func(v *vmState) {
-		if v.st != vm.Running || (v.declared != api.LevelFT && v.declared != api.LevelHA) ||
-			v.reprotecting || time.Now().Before(v.reprotectAt) {
+		if v.st != vm.Running || !v.declaresLevel() || v.reprotecting || time.Now().Before(v.reprotectAt) {
 			return
 		}
 		level, want, due = v.declared, v.declaredPeer, true
@@ -88,11 +87,11 @@ func (d *Daemon) reachablePeer(want string) string {
 // intentMetrics exports how long v has run below its declared level.
 func (d *Daemon) intentMetrics(v *vmState) {
 	var since time.Time
-	var declared bool
+	var counted bool
 	v.set(func(v *vmState) {
-		since, declared = v.unprotectedSince, v.declared == api.LevelFT || v.declared == api.LevelHA
+		since, counted = v.unprotectedSince, v.declaresLevel() && v.st.Role() != api.RoleSecondary
 	})
-	if !declared || v.role() == api.RoleSecondary {
+	if !counted {
 		return
 	}
 	gap := 0.0

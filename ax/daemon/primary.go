@@ -147,13 +147,7 @@ func (d *Daemon) protectAs(name string, req api.ProtectRequest, auto bool) error
 	case <-time.After(15 * time.Second):
 	}
 	if errors.Is(err, replication.ErrRefused) {
-		var since time.Time
-		v.set(func(v *vmState) { since = v.unprotectedSince })
-		d.unprotect(name)
-		if auto {
-			v.set(func(v *vmState) { v.declared, v.declaredPeer, v.unprotectedSince = req.Level, req.Peer, since })
-			d.saveRecord(v)
-		}
+		d.endProtection(name, auto)
 		return fmt.Errorf("VM %s stays unprotected: %w", name, err)
 	}
 	return nil
@@ -299,8 +293,14 @@ func peerNames(p map[string]Peer) []string {
 	return n
 }
 
-// unprotect stops a primary's protection; the secondary drops its replica.
-func (d *Daemon) unprotect(name string) error {
+// unprotect stops a primary's protection, and ends the level the operator
+// declared for it; the secondary drops its replica.
+func (d *Daemon) unprotect(name string) error { return d.endProtection(name, false) }
+
+// endProtection stops a primary's protection; keepIntent keeps its declared
+// level, for axd to protect it again by itself (a refused attempt of its
+// own), where the operator's unprotect ends it.
+func (d *Daemon) endProtection(name string, keepIntent bool) error {
 	v, err := d.vm(name)
 	if err != nil {
 		return err
@@ -314,10 +314,10 @@ func (d *Daemon) unprotect(name string) error {
 			local = true
 			// Not protected: what ends is the declared level axd would
 			// protect it at again by itself.
-			if v.declared != api.LevelNone {
+			if v.declaresLevel() && !keepIntent {
 				dropped = v.declared
+				v.declared, v.declaredPeer, v.unprotectedSince = api.LevelNone, "", time.Time{}
 			}
-			v.declared, v.declaredPeer, v.unprotectedSince = api.LevelNone, "", time.Time{}
 		case v.st.Role() == api.RoleSecondary:
 			err = fmt.Errorf("VM %s is a replica here; unprotect it on its primary %s", name, v.peer)
 		case v.st == vm.HandingOver:
@@ -346,7 +346,9 @@ func (d *Daemon) unprotect(name string) error {
 	// transition decides).
 	d.fire(v, vm.Unprotect, "protection ended; the partner drops its replica", func(v *vmState) {
 		v.level, v.peer, v.prot = api.LevelNone, "", nil
-		v.declared, v.declaredPeer = api.LevelNone, ""
+		if !keepIntent {
+			v.declared, v.declaredPeer = api.LevelNone, ""
+		}
 	})
 	return nil
 }
@@ -362,7 +364,7 @@ func (d *Daemon) stopAll() {
 		if v.prot != nil {
 			prots = append(prots, v.prot)
 		}
-		if v.gate != nil && d.gatePins(v.name) != "" {
+		if v.gate != nil && d.pinGates {
 			gates = append(gates, v.gate)
 		}
 		if v.replica != nil {

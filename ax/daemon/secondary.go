@@ -481,21 +481,17 @@ func (d *Daemon) promote(ctx context.Context, v *vmState) (err error) {
 	// The level the primary protected the VM at stays declared: axd
 	// protects it again by itself, towards the old primary once it is back
 	// (intent.go). The gap began when the primary was lost.
-	lost := t0
-	v.set(func(v *vmState) {
-		if !v.streamEndedAt.IsZero() && v.streamEndedAt.Before(t0) {
-			lost = v.streamEndedAt
-		}
-	})
 	d.fire(v, vm.Promoted, fmt.Sprintf("%s of %s in %.0f ms; it runs here unprotected until it is protected again at its declared level %s (axd does it as soon as %s or another partner can take the replica; axctl level %s none ends that)",
 		how, peer, float64(time.Since(t0).Microseconds())/1000, level, peer, v.name), func(v *vmState) {
 		v.spec, v.level, v.peer = spec, api.LevelNone, ""
 		v.replica, v.replicaDisks = nil, nil
 		v.declared, v.declaredPeer = level, peer
 		v.reprotectAt, v.reprotectWait, v.reprotectErr = time.Time{}, 0, ""
+		v.unprotectedSince = t0
+		if !v.streamEndedAt.IsZero() && v.streamEndedAt.Before(t0) {
+			v.unprotectedSince = v.streamEndedAt
+		}
 	})
-	v.set(func(v *vmState) { v.unprotectedSince = lost })
-	d.saveRecord(v)
 	rep.Close()
 	// The promise is kept: the VM runs here now.
 	d.book.Release(v.name)

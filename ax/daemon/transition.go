@@ -79,7 +79,7 @@ func (d *Daemon) fire(v *vmState, e vm.Event, detail string, also func(v *vmStat
 // its disks' level.
 func (v *vmState) trackIntent(tr vm.Transition) (closed time.Duration) {
 	switch {
-	case tr.To.Role() == api.RoleSecondary || tr.To == vm.Gone || v.declared == api.LevelNone || v.declared == "":
+	case tr.To.Role() == api.RoleSecondary || tr.To == vm.Gone || !v.declaresLevel():
 		v.unprotectedSince = time.Time{}
 	case tr.To == vm.Protected:
 		if !v.unprotectedSince.IsZero() {
@@ -229,8 +229,18 @@ func (d *Daemon) restoreVM(r vm.Record) {
 	fenced := r.State == vm.Fencing.String() || r.State == vm.Fenced.String()
 	v.set(func(v *vmState) {
 		v.epochs = vm.RestoreEpochs(r.NextEpoch)
-		if r.Declared == api.LevelFT || r.Declared == api.LevelHA {
-			v.declared, v.declaredPeer, v.unprotectedSince = r.Declared, r.DeclaredPeer, r.UnprotectedSince
+		v.declared, v.declaredPeer, v.unprotectedSince = r.Declared, r.DeclaredPeer, r.UnprotectedSince
+		if r.Role == api.RolePrimary && !fenced {
+			// Its protection lapsed while axd was away: the gap runs from
+			// now (or from when it was lost before) until the new stream
+			// covers it. Protect declares its level again.
+			v.declared = r.Level
+			if v.unprotectedSince.IsZero() {
+				v.unprotectedSince = time.Now()
+			}
+		}
+		if !v.declaresLevel() {
+			v.declared, v.declaredPeer, v.unprotectedSince = api.LevelNone, "", time.Time{}
 		}
 		if fenced {
 			// Not a transition: the VM was fencing before axd started.
@@ -242,14 +252,6 @@ func (d *Daemon) restoreVM(r vm.Record) {
 		d.fenceUntilPaused(v, "it was fencing or fenced before axd restarted", nil)
 		d.unpinGate(r.VM) // what it held is discarded, as a fence does
 	case r.Role == api.RolePrimary:
-		// Its protection lapsed while axd was away: the gap runs from now
-		// (or from when it was lost before) until the new stream covers it.
-		v.set(func(v *vmState) {
-			v.declared, v.declaredPeer, v.unprotectedSince = r.Level, r.Peer, r.UnprotectedSince
-			if v.unprotectedSince.IsZero() {
-				v.unprotectedSince = time.Now()
-			}
-		})
 		d.event(r.VM, "restore", fmt.Sprintf("restoring protection of %s at level %s towards %s", r.VM, r.Level, r.Peer))
 		if err := d.protect(r.VM, api.ProtectRequest{Level: r.Level, Peer: r.Peer}); err != nil {
 			d.fire(v, vm.Degraded, "protection not resumed after axd restarted: "+err.Error(), nil)

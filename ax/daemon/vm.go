@@ -90,6 +90,12 @@ type vmState struct {
 	reprotectErr     string        // the last attempt's failure, logged once
 }
 
+// declaresLevel reports whether an operator declared v FT or HA (v.mu
+// held): axd then keeps it protected, and counts the time it is not.
+func (v *vmState) declaresLevel() bool {
+	return v.declared == api.LevelFT || v.declared == api.LevelHA
+}
+
 // newVM returns a VM in state st.
 func newVM(name string, st vm.State) *vmState {
 	return &vmState{name: name, st: st, level: api.LevelNone, declared: api.LevelNone, consoleOffset: -1, epochs: &vm.Epochs{}}
