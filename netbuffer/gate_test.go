@@ -39,7 +39,7 @@ func forEachMode(t *testing.T, f func(t *testing.T, l *lab, cfg netbuffer.Config
 	}
 }
 
-func attach(t *testing.T, l *lab, cfg netbuffer.Config) *netbuffer.Gate {
+func attach(t testing.TB, l *lab, cfg netbuffer.Config) *netbuffer.Gate {
 	t.Helper()
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.NewTextHandler(t.Output(), nil))

@@ -34,18 +34,7 @@ func pinnedLab(t *testing.T) (*lab, string) {
 func attachPinned(t testing.TB, dir string, cfg netbuffer.Config) *netbuffer.Gate {
 	t.Helper()
 	cfg.PinDir = dir
-	if cfg.Log == nil {
-		cfg.Log = slog.New(slog.NewTextHandler(t.Output(), nil))
-	}
-	g, err := netbuffer.Attach(tapName, &cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { g.Detach() })
-	if g.Mode() != netbuffer.ModeTCX {
-		t.Fatalf("a pinned gate attached with %s", g.Mode())
-	}
-	return g
+	return attach(t, nil, cfg) // tcx, as a pinned gate must be
 }
 
 // pinned lists the gate's pins in dir.

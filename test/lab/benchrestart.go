@@ -128,19 +128,11 @@ func BenchRestart(ctx context.Context, l *Lab, f labFlags, runs int, out io.Writ
 		if err := syscall.Kill(pid, sig); err != nil {
 			return err
 		}
-		t0 := time.Now()
-		var c crash
-		for deadline := t0.Add(30 * time.Second); time.Now().Before(deadline) && c.running == 0; time.Sleep(10 * time.Millisecond) {
-			if _, st, err := procStat(old[0]); (err != nil || st == 'T') && c.stopped == 0 {
-				c.stopped = time.Since(t0)
-			}
-			if s, err := l.vmStatus(ctx, l.Client(secondary), vm.Name); err == nil && (s.Role != api.RoleSecondary || s.State == "promoting") {
-				c.running = time.Since(t0)
-			}
+		tk, err := l.watchTakeover(ctx, vm.Name, old[0], secondary, time.Now(), 30*time.Second)
+		if err != nil {
+			return fmt.Errorf("axd %s: %w", sig, err)
 		}
-		if c.running == 0 || c.stopped == 0 || c.stopped > c.running {
-			return fmt.Errorf("axd %s: guest stopped after %s, partner running it after %s", sig, c.stopped, c.running)
-		}
+		c := crash{stopped: tk.Stopped, running: tk.Running}
 		if sig == syscall.SIGSTOP {
 			syscall.Kill(pid, syscall.SIGKILL)
 			if err := waitGone(pid, 10*time.Second); err != nil {

@@ -429,3 +429,31 @@ func qemuPIDs(l *Lab, h string) ([]int, error) {
 	}
 	return pids, nil
 }
+
+// Takeover is when, after axd on a primary stopped working, its guest's
+// QEMU was stopped (or gone) and the partner ran the VM (promoting counts).
+type Takeover struct{ Stopped, Running time.Duration }
+
+// watchTakeover samples every 10 ms from t0, for up to within, whether the
+// old primary's QEMU pid is stopped and whether host to runs vm; it returns
+// once to runs it — an error if the old QEMU still ran then, or if to never
+// took over.
+func (l *Lab) watchTakeover(ctx context.Context, vm string, pid int, to string, t0 time.Time, within time.Duration) (Takeover, error) {
+	var tk Takeover
+	c := l.Client(to)
+	for deadline := t0.Add(within); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		_, st, err := procStat(pid)
+		stopped := err != nil || st == 'T' || st == 'Z'
+		if stopped && tk.Stopped == 0 {
+			tk.Stopped = time.Since(t0)
+		}
+		if s, err := l.vmStatus(ctx, c, vm); err == nil && (s.Role != api.RoleSecondary || s.State == "promoting") {
+			tk.Running = time.Since(t0)
+			if !stopped {
+				return tk, fmt.Errorf("%s runs %s (%s) while the old primary's QEMU (pid %d) still runs", to, vm, s.State, pid)
+			}
+			return tk, nil
+		}
+	}
+	return tk, fmt.Errorf("%s did not take %s over within %s:%s", to, vm, within, l.eventsText(ctx, c))
+}

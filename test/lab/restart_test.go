@@ -149,7 +149,7 @@ func axdKillTrials(t *testing.T, l *Lab, vm *VM, bin string, cfg DaemonConfig, l
 		t.Fatal(err)
 	}
 	for i := 1; i <= trials; i++ {
-		cf, ct := l.Client(from), l.Client(to)
+		cf := l.Client(from)
 		waitVM(t, l, cf, vm.Name, 180*time.Second, level+" protection "+from+"→"+to, func(s api.VMStatus) bool {
 			return s.Role == api.RolePrimary && s.Level == level && s.Peer == to && s.State == "protected"
 		})
@@ -167,25 +167,10 @@ func axdKillTrials(t *testing.T, l *Lab, vm *VM, bin string, cfg DaemonConfig, l
 		if err := syscall.Kill(axdPID(t, l, from), syscall.SIGKILL); err != nil {
 			t.Fatal(err)
 		}
-		killed := time.Now()
-		var stoppedAt, runningAt time.Duration
-		for deadline := killed.Add(30 * time.Second); time.Now().Before(deadline) && runningAt == 0; time.Sleep(20 * time.Millisecond) {
-			_, st, err := procStat(old[0])
-			stopped := err != nil || st == 'T' || st == 'Z'
-			if stopped && stoppedAt == 0 {
-				stoppedAt = time.Since(killed)
-			}
-			if s, err := l.vmStatus(ctx, ct, vm.Name); err == nil && (s.Role != api.RoleSecondary || s.State == "promoting") {
-				runningAt = time.Since(killed)
-				if !stopped {
-					client.Stop()
-					t.Fatalf("trial %d: %s runs the VM (%s) while %s's QEMU (pid %d) still runs", i, to, s.State, from, old[0])
-				}
-			}
-		}
-		if runningAt == 0 {
+		tk, err := l.watchTakeover(ctx, vm.Name, old[0], to, time.Now(), 30*time.Second)
+		if err != nil {
 			client.Stop()
-			t.Fatalf("trial %d: %s did not take over within 30 s:%s", i, to, l.eventsText(ctx, ct))
+			t.Fatalf("trial %d: %v", i, err)
 		}
 		for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(200 * time.Millisecond) {
 			if err = l.pingLedger(ctx, addr); err == nil || time.Now().After(deadline) {
@@ -200,7 +185,7 @@ func axdKillTrials(t *testing.T, l *Lab, vm *VM, bin string, cfg DaemonConfig, l
 		client.Stop()
 		acked, missing := ledgerLoss(t, l, record, addr)
 		t.Logf("%s trial %d %s→%s: axd killed, guest stopped after %.2f s, %s running it after %.2f s; acked %d, missing %d",
-			level, i, from, to, stoppedAt.Seconds(), to, runningAt.Seconds(), acked, missing)
+			level, i, from, to, tk.Stopped.Seconds(), to, tk.Running.Seconds(), acked, missing)
 		if !check(i, acked, missing) {
 			return
 		}
