@@ -61,6 +61,7 @@ const (
 	TypeDiskZero                             // primary → secondary: a guest disk range reads as zeroes (below FT)
 	TypeBase                                 // secondary → primary, after Accept: hashes of the pages the replica holds
 	TypeSyncBegin                            // primary → secondary: an initial sync starts, on the base or from zeros
+	TypeRestart                              // primary → secondary: axd restarts, keep the replica, no takeover for D; echoed back when understood
 
 	typeLimit // first invalid value
 )
@@ -92,6 +93,7 @@ var frameTypeNames = [...]string{
 	TypeDiskZero:        "DiskZero",
 	TypeBase:            "Base",
 	TypeSyncBegin:       "SyncBegin",
+	TypeRestart:         "Restart",
 }
 
 // Valid reports whether t is a frame type this version of the protocol knows.

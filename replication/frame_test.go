@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"math"
 	"testing"
@@ -81,7 +82,8 @@ func TestFrameTypeString(t *testing.T) {
 		{0, "FrameType(0)"},
 		{TypeDiskZero, "DiskZero"},
 		{TypeSyncBegin, "SyncBegin"},
-		{typeLimit, "FrameType(27)"},
+		{TypeRestart, "Restart"},
+		{typeLimit, fmt.Sprintf("FrameType(%d)", uint8(typeLimit))},
 		{255, "FrameType(255)"},
 	} {
 		if got := tc.t.String(); got != tc.want {

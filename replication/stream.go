@@ -65,13 +65,15 @@ type Sender struct {
 	ackedN uint64        // ordered frames the secondary acknowledged
 	ackCh  chan struct{} // closed and replaced when ackedN grows
 
-	r     *Reader
-	acks  chan uint64
-	done  chan struct{}
-	errMu sync.Mutex
-	err   error
-	once  sync.Once
-	wg    sync.WaitGroup
+	r    *Reader
+	acks chan uint64
+	done chan struct{}
+	// restartEcho is closed when the secondary echoed a Restart.
+	restartEcho chan struct{}
+	errMu       sync.Mutex
+	err         error
+	once        sync.Once
+	wg          sync.WaitGroup
 }
 
 // acceptTimeout bounds how long a secondary may take to open a replica.
@@ -127,7 +129,7 @@ func dial(raw net.Conn, sec Security, peer, vm string, spec []byte, ramSize int6
 		return nil, err
 	}
 	s := &Sender{conn: conn, raw: raw, ramSize: ramSize, w: NewWriter(conn, 0), r: NewReader(conn, 0), acks: make(chan uint64, 64),
-		done: make(chan struct{}), last: time.Now(), ackCh: make(chan struct{})}
+		done: make(chan struct{}), last: time.Now(), ackCh: make(chan struct{}), restartEcho: make(chan struct{})}
 	if err := s.write(func() error { return s.w.WriteFrame(Frame{Type: TypeSpec, Payload: spec}) }, true); err != nil {
 		return nil, err
 	}
@@ -271,6 +273,15 @@ func (s *Sender) readAcks() {
 				s.fail(err)
 				return
 			}
+		case TypeRestart:
+			// The secondary understood: nothing more comes on this stream.
+			if _, err := decodeRestart(f); err != nil {
+				s.fail(err)
+				return
+			}
+			close(s.restartEcho)
+			s.fail(errors.New("replication: stream ended for axd's restart"))
+			return
 		default:
 			s.fail(fmt.Errorf("replication: unexpected %s from the secondary", f.Type))
 			return
@@ -397,7 +408,8 @@ type Handler struct {
 	// Level is called when the primary changes the VM's level on the stream.
 	Level func(vm, level string)
 	// Ended is called when the stream ends: bye (protection ended on
-	// purpose), handover (planned switch) or neither (connection lost).
+	// purpose), handover (planned switch) or neither (connection lost;
+	// err is a *RestartingError when the primary's axd restarts).
 	Ended func(vm string, bye, handover bool, err error)
 }
 
@@ -765,6 +777,15 @@ func (s *Server) session(a Authenticated) (bye, handover bool, err error) {
 			}
 		case f.Type == TypeBye:
 			return true, false, nil
+		case f.Type == TypeRestart:
+			grace, err := decodeRestart(f)
+			if err != nil {
+				return false, false, err
+			}
+			// A new stream of the VM (the restarted primary) waits for
+			// this one's Ended, which hears of the restart.
+			send(f)
+			return false, false, &RestartingError{For: grace}
 		case f.Type == TypeHandover:
 			if c, _ := rep.Committed(); c != f.Epoch {
 				return false, false, fmt.Errorf("replication: %s: handover after epoch %d but %d is committed", vm, f.Epoch, c)

@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -102,6 +103,12 @@ type Config struct {
 	// binary, with --guard-pid): it stops the guest when axd stops renewing
 	// the VM's lease. "" starts none.
 	GuardExe string
+	// RestartGrace is how long a partner waits for this axd to come back
+	// from a stop before it may take this host's VMs over: a stopping axd
+	// tells each partner so (it keeps the replica, the next axd resumes the
+	// stream on it) and leaves each guard holding the guest until then.
+	// 0: a stop ends protection — partners drop their replicas.
+	RestartGrace time.Duration
 	// Store keeps each VM's protection state across axd's restarts (nil:
 	// files in StateDir/state).
 	Store vm.Store
@@ -173,6 +180,9 @@ func (c *Config) defaults() error {
 	if c.LeaseTTL <= 0 {
 		c.LeaseTTL = time.Second
 	}
+	if c.RestartGrace < 0 || c.RestartGrace > replication.MaxRestartGrace {
+		return fmt.Errorf("axd: --restart-grace %s out of range [0, %s]", c.RestartGrace, replication.MaxRestartGrace)
+	}
 	if c.Log == nil {
 		c.Log = slog.New(slog.DiscardHandler)
 	}
@@ -197,6 +207,9 @@ type Daemon struct {
 	book         *reserve.Book   // capacity promised to partners' VMs
 	store        vm.Store        // written at every change of a VM's state
 	pinGates     bool            // FT output gates are pinned in cfg.BPFDir
+	// leaving: axd stops, and its partners were told to wait for it until
+	// this CLOCK_MONOTONIC moment (ns; 0: not stopping, or without a grace).
+	leaving atomic.Int64
 
 	mu  sync.Mutex
 	vms map[string]*vmState
@@ -308,10 +321,14 @@ func (d *Daemon) Run(ctx context.Context, ready func()) error {
 			return fmt.Errorf("axd: listen for metrics on %s: %w", d.cfg.MetricsListen, err)
 		}
 	}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	// Ends with Run however it ends, so what lives as long as axd (a fence
-	// being retried, say) stops before Run waits for it.
+	// being retried, say) stops before Run waits for it — and only once
+	// axd knows it is leaving: what ends with it (each primary's stream
+	// and guard) does what a stop asks (leave).
+	parent := ctx
+	ctx, cancel := context.WithCancel(context.WithoutCancel(parent))
+	defer cancel()
+	defer context.AfterFunc(parent, func() { d.leave(); cancel() })()
 	d.ctx = ctx
 	errc := make(chan error, 4)
 	d.wg.Add(1)
@@ -391,6 +408,7 @@ func (d *Daemon) Run(ctx context.Context, ready func()) error {
 	case <-ctx.Done():
 	case runErr = <-errc:
 	}
+	d.leave()
 	cancel()
 	sctx, scancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer scancel()

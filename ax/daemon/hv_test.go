@@ -77,7 +77,7 @@ func protectedPrimary(d *Daemon) (*vmState, context.Context) {
 	// No stream runs (it ends at once); the guard waits for the end.
 	ctxs := make(chan context.Context, 1)
 	v.prot = startProtection(d.ctx, &d.wg, func(ctx context.Context) { ctxs <- ctx },
-		func(ctx context.Context, _ <-chan struct{}) { <-ctx.Done() })
+		func(ctx context.Context, _, _ <-chan struct{}) { <-ctx.Done() })
 	d.vms["vm1"] = v
 	return v, <-ctxs
 }

@@ -97,3 +97,54 @@ func TestPlannedFailoverReprotects(t *testing.T) {
 		t.Errorf("after level none: %s, declared %q", b.Role, b.Declared)
 	}
 }
+
+// axd stopped on the primary with a restart grace: the partner keeps its
+// replica and does not take the VM over while the grace holds, although the
+// primary is silent and its lease has ended; an axd back within it resumes
+// the stream on that replica. Stopped for longer, the partner takes over.
+func TestRestartGraceHoldsThePartner(t *testing.T) {
+	const grace = 3 * time.Second
+	p := runPair(t, withWitness(t, time.Second), func(h string, c *Config) {
+		if h == "a" {
+			c.RestartGrace = grace
+		}
+	})
+	p.defineVM(t)
+	p.fakeB.NoPIDs()
+	protected := func() {
+		t.Helper()
+		until(t, "FT protection a→b", func() bool {
+			a, b := vm1(p.a), vm1(p.b)
+			return a.State == "protected" && a.Committed > 2 && b.State == "ready"
+		}, both(p))
+	}
+	if err := p.a.protect("vm1", api.ProtectRequest{Level: api.LevelFT, Peer: "b"}); err != nil {
+		t.Fatal(err)
+	}
+	protected()
+	// Within the grace: back, on the same replica.
+	p.stop["a"]()
+	time.Sleep(grace / 2)
+	if b := vm1(p.b); b.Role != api.RoleSecondary || b.State != "ready" {
+		t.Fatalf("b while a's axd restarts: %+v", b)
+	}
+	p.a = p.start(t, "a")
+	protected()
+	restarts, dropped := 0, false
+	for _, e := range p.b.eventsSince(0) {
+		if strings.Contains(e.Text, "axd restarts: replica kept") {
+			restarts++
+		}
+		dropped = dropped || strings.Contains(e.Text, "replica dropped")
+	}
+	if restarts != 1 || dropped {
+		t.Fatalf("b heard of %d restarts, dropped its replica %v: %+v", restarts, dropped, p.b.eventsSince(0))
+	}
+	// Beyond the grace: the partner takes over — not before.
+	p.stop["a"]()
+	t0 := time.Now()
+	until(t, "b runs the VM", func() bool { b := vm1(p.b); return b.Role == api.RoleLocal && b.State == "running" }, both(p))
+	if waited := time.Since(t0); waited < grace-200*time.Millisecond {
+		t.Fatalf("b took the VM over %s after a's axd stopped, within the grace of %s", waited, grace)
+	}
+}

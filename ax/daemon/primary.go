@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/axproject/ax/ax/api"
@@ -137,7 +138,9 @@ func (d *Daemon) protectAs(name string, req api.ProtectRequest, auto bool) error
 		v.diskSyncDone, v.diskSyncTotal = 0, 0
 		accepted = v.accepted
 		v.prot = startProtection(d.ctx, &d.wg, func(ctx context.Context) { d.runPrimary(ctx, v) },
-			func(ctx context.Context, closing <-chan struct{}) { d.guardPrimary(ctx, v, closing) })
+			func(ctx context.Context, closing, streamDone <-chan struct{}) {
+				d.guardPrimary(ctx, v, closing, streamDone)
+			})
 	})
 	if !ok {
 		return fmt.Errorf("VM %s is already protected (a concurrent request); unprotect it first", name)
@@ -353,6 +356,33 @@ func (d *Daemon) endProtection(name string, keepIntent bool) error {
 	return nil
 }
 
+// endStream ends a stream whose protection ended on purpose: unprotected,
+// the secondary drops the replica (Bye); when axd stops with a restart
+// grace, the secondary keeps it and waits for the next axd (Restarting) —
+// whether it confirmed decides how the guard is left (guardPrimary).
+func (d *Daemon) endStream(v *vmState, sender *replication.Sender) {
+	if d.leaving.Load() == 0 {
+		sender.Bye()
+		return
+	}
+	err := sender.Restarting(d.cfg.RestartGrace)
+	v.set(func(v *vmState) { v.restartConfirmed = err == nil })
+	if err != nil {
+		d.log.Warn("the partner did not confirm axd's restart: the guard stops the guest when the lease ends unless axd is back", "vm", v.name, "err", err)
+	}
+}
+
+// leave marks axd as stopping, before anything that ends with it sees so:
+// with a restart grace, partners keep their replicas and wait (endStream),
+// and guards stay holding the guests (leaveGuard). The guards' deadline,
+// counted from here, ends before every partner's, counted from its receipt
+// of the word.
+func (d *Daemon) leave() {
+	if d.cfg.RestartGrace > 0 {
+		d.leaving.CompareAndSwap(0, int64(guard.Monotonic()+d.cfg.RestartGrace))
+	}
+}
+
 // stopAll ends every primary's loop (daemon shutdown); guests keep running.
 // Pinned output gates are left holding for the next axd to adopt.
 func (d *Daemon) stopAll() {
@@ -535,7 +565,7 @@ func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 			for {
 				select {
 				case <-ctx.Done():
-					sender.Bye()
+					d.endStream(v, sender)
 					return ctx.Err()
 				case <-sender.Done():
 					return sender.Err()
@@ -558,8 +588,7 @@ func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 		case errors.Is(err, ft.ErrFinished):
 			return err
 		case ctx.Err() != nil:
-			// Protection ended on purpose: tell the secondary to drop the replica.
-			sender.Bye()
+			d.endStream(v, sender)
 			return ctx.Err()
 		case errors.As(err, &change):
 			if err := d.leaveFT(ctx, v, sender, dr, "level ft → ha: output released, checkpoints stopped; the disks stay replicated"); err != nil {
@@ -771,16 +800,20 @@ func setUserTimeout(s *replication.Sender) {
 // guardPrimary renews the VM's witness lease and fences the VM (pauses its
 // guest) when this host can reach neither its partner nor the witness, so
 // that the partner can never run the VM at the same time.
-func (d *Daemon) guardPrimary(ctx context.Context, v *vmState, closing <-chan struct{}) {
+func (d *Daemon) guardPrimary(ctx context.Context, v *vmState, closing, streamDone <-chan struct{}) {
 	name := v.name
 	var leaseUntil time.Time
 	var lastRenew time.Time
 	var silentSince time.Time
+	var armed time.Duration // the guard's deadline as last armed
 	// The guard process stops the guest should this goroutine (or axd)
 	// stop renewing the lease in time.
 	g := d.startGuard(v)
 	if g != nil {
 		defer func() {
+			if d.leaveGuard(v, g, armed, streamDone) {
+				return
+			}
 			if err := g.Close(); err != nil {
 				d.log.Warn("guard process", "vm", name, "err", err)
 			}
@@ -845,9 +878,67 @@ func (d *Daemon) guardPrimary(ctx context.Context, v *vmState, closing <-chan st
 			return
 		}
 		if g != nil {
-			d.armGuard(v, g, leaseUntil, pv.HearsMe)
+			if dl := d.armGuard(v, g, leaseUntil, pv.HearsMe); dl > 0 {
+				armed = dl
+				d.dismissLeftGuard(v, leaseUntil)
+			}
 		}
 	}
+}
+
+// leaveGuard leaves the guard process holding the guest when axd stops with
+// a restart grace, and reports whether it did (otherwise the guard is told
+// to exit). With the partner's word that it waits (Restarting confirmed),
+// the guard stops the guest at the end of the grace unless the next axd
+// dismisses it first; without it, at the deadline it was last armed for —
+// when the lease ends and the partner may take over.
+func (d *Daemon) leaveGuard(v *vmState, g *guard.Handle, armed time.Duration, streamDone <-chan struct{}) bool {
+	until := time.Duration(d.leaving.Load())
+	if until == 0 || v.role() != api.RolePrimary {
+		return false // unprotected, or not a stop: the guard ends
+	}
+	<-streamDone // endStream has its answer
+	var confirmed bool
+	v.set(func(v *vmState) { confirmed, v.restartConfirmed = v.restartConfirmed, false })
+	if !confirmed {
+		until = armed
+	}
+	if until == 0 {
+		return false // never armed: the lease was never held
+	}
+	pid := g.PID() // Leave lets go of the process
+	if err := g.Leave(until); err != nil {
+		d.log.Warn("guard process: leaving it holding the guest", "vm", v.name, "err", err)
+		return true
+	}
+	v.set(func(v *vmState) { v.leftGuard = pid })
+	d.saveRecord(v)
+	d.log.Info("axd stops: the guard holds the guest until the next axd", "vm", v.name, "guard", pid, "partner_waits", confirmed,
+		"stop_in", (until - guard.Monotonic()).String())
+	return true
+}
+
+// dismissLeftGuard ends the guard an earlier axd left holding the guest,
+// once this axd holds the lease and its own guard is armed. Should the old
+// guard have stopped the guest meanwhile (the restart took longer than its
+// deadline), the guest goes on: the lease is this host's, no one took the
+// VM over.
+func (d *Daemon) dismissLeftGuard(v *vmState, leaseUntil time.Time) {
+	var old, pid int
+	v.set(func(v *vmState) { old, pid = v.leftGuard, v.spec.PID })
+	if old == 0 || time.Until(leaseUntil) <= 0 {
+		return
+	}
+	if err := guard.Dismiss(old, pid); err != nil {
+		d.log.Info("the guard left by the previous axd is gone", "vm", v.name, "guard", old, "err", err)
+	}
+	if stopped, _ := guard.Stopped(pid); stopped {
+		if err := syscall.Kill(pid, syscall.SIGCONT); err == nil {
+			d.event(v.name, "restore", "the guard left by the previous axd had stopped the guest; this host holds the lease: guest continued")
+		}
+	}
+	v.set(func(v *vmState) { v.leftGuard = 0 })
+	d.saveRecord(v)
 }
 
 // startGuard starts the guard process of a primary (nil without a witness:
@@ -883,8 +974,9 @@ func guardMargin(ttl time.Duration) time.Duration { return ttl / 20 }
 // VM: when the lease this host holds ends — or, while the witness cannot be
 // reached but the partner says it hears this host, PromoteAfter of silence
 // from now (less two heartbeats), which is as long as the partner would
-// wait after this host's last heartbeat.
-func (d *Daemon) armGuard(v *vmState, g *guard.Handle, leaseUntil time.Time, hearsMe bool) {
+// wait after this host's last heartbeat. It returns the deadline armed (0:
+// none new).
+func (d *Daemon) armGuard(v *vmState, g *guard.Handle, leaseUntil time.Time, hearsMe bool) time.Duration {
 	now := guard.Monotonic()
 	var deadline time.Duration
 	if left := time.Until(leaseUntil); left > 0 {
@@ -894,11 +986,13 @@ func (d *Daemon) armGuard(v *vmState, g *guard.Handle, leaseUntil time.Time, hea
 		deadline = max(deadline, now+d.cfg.PromoteAfter-2*heartbeat.Every)
 	}
 	if deadline == 0 {
-		return // nothing held yet: the last deadline stands
+		return 0 // nothing held yet: the last deadline stands
 	}
 	if err := g.Arm(deadline); err != nil {
 		d.fire(v, vm.Degraded, "the guard process is gone (the guest would not be stopped if axd died): "+err.Error(), nil)
+		return 0
 	}
+	return deadline
 }
 
 // fenceRetry is how often a fence that did not happen is tried again.

@@ -19,7 +19,9 @@ type protection struct {
 
 // startProtection runs stream and guard under a context derived from
 // parent; wg (axd's) also waits for them at shutdown.
-func startProtection(parent context.Context, wg *sync.WaitGroup, stream func(ctx context.Context), guard func(ctx context.Context, closing <-chan struct{})) *protection {
+// The guard is given the stream's end too: at axd's stop it leaves its
+// guard process as the stream's last word to the partner allows.
+func startProtection(parent context.Context, wg *sync.WaitGroup, stream func(ctx context.Context), guard func(ctx context.Context, closing, streamDone <-chan struct{})) *protection {
 	ctx, cancel := context.WithCancel(parent)
 	p := &protection{cancel: cancel, closing: make(chan struct{}), streamDone: make(chan struct{}), guardDone: make(chan struct{})}
 	wg.Add(2)
@@ -31,7 +33,7 @@ func startProtection(parent context.Context, wg *sync.WaitGroup, stream func(ctx
 	go func() {
 		defer wg.Done()
 		defer close(p.guardDone)
-		guard(ctx, p.closing)
+		guard(ctx, p.closing, p.streamDone)
 	}()
 	return p
 }

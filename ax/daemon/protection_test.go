@@ -21,7 +21,7 @@ func TestProtectionClose(t *testing.T) {
 			streamEnded = true
 			mu.Unlock()
 		},
-		func(ctx context.Context, closing <-chan struct{}) {
+		func(ctx context.Context, closing, _ <-chan struct{}) {
 			<-ctx.Done()
 			<-closing // a fence being retried gives up only on closing
 			mu.Lock()
@@ -45,7 +45,7 @@ func TestProtectionStopStream(t *testing.T) {
 	guardRuns := make(chan struct{})
 	p := startProtection(context.Background(), &wg,
 		func(ctx context.Context) { <-release }, // a stream stuck in a write
-		func(ctx context.Context, closing <-chan struct{}) {
+		func(ctx context.Context, closing, _ <-chan struct{}) {
 			<-ctx.Done()
 			close(guardRuns) // the guard sees the cancel but goes on (fencing)
 			<-closing

@@ -124,6 +124,7 @@ func (d *Daemon) openReplica(name, peer string, payload []byte, remote net.Addr)
 	if _, ok := d.fire(v, vm.ReplicaOpened, detail, func(v *vmState) {
 		v.spec, v.replica, v.peer, v.replicaDisks = ss.Spec, rep, ss.Primary, disks
 		v.level, v.epochs, v.streamEndedAt, v.haReady = api.LevelNone, &vm.Epochs{}, time.Time{}, false
+		v.restartUntil = time.Time{}
 		if !v.watched {
 			v.watched = true
 			d.wg.Go(func() { d.watchReplica(v) })
@@ -227,13 +228,22 @@ func (d *Daemon) streamEnded(name string, bye, handover bool, err error) {
 		d.fire(v, vm.HandedOver, "primary handed the VM over; taking over", nil)
 	default:
 		promoting := false
+		var restart *replication.RestartingError
+		restarts := errors.As(err, &restart)
 		v.set(func(v *vmState) {
 			promoting = v.st == vm.Promoting
 			if !promoting {
 				v.streamEndedAt = time.Now()
+				if restarts {
+					v.restartUntil = v.streamEndedAt.Add(restart.For)
+				}
 			}
 		})
-		if v.role() == api.RoleSecondary && !promoting {
+		switch {
+		case v.role() != api.RoleSecondary || promoting:
+		case restarts:
+			d.event(name, "stream", fmt.Sprintf("the primary's axd restarts: replica kept, no takeover for %s", restart.For))
+		default:
 			d.event(name, "stream", fmt.Sprintf("replication stream ended: %v", err))
 		}
 	}
@@ -278,9 +288,17 @@ func (d *Daemon) checkSecondary(ctx context.Context, v *vmState) {
 	var rep *replication.Replica
 	var haReady bool
 	var st vm.State
-	v.set(func(v *vmState) { peer, rep, st, haReady = v.peer, v.replica, v.st, v.haReady })
+	var restartUntil time.Time
+	v.set(func(v *vmState) {
+		peer, rep, st, haReady, restartUntil = v.peer, v.replica, v.st, v.haReady, v.restartUntil
+	})
 	// Promotable: a committed checkpoint (FT), or disks in sync (HA).
 	if st == vm.Promoting || st == vm.Stale || rep == nil || !(rep.Usable() || haReady) {
+		return
+	}
+	// The primary's axd restarts: its guard holds the guest and stops it
+	// before this ends; its silence until then means nothing.
+	if time.Now().Before(restartUntil) {
 		return
 	}
 	handover := st == vm.TakingOver

@@ -154,7 +154,7 @@ func (v *vmState) record() vm.Record {
 	spec := v.spec
 	return vm.Record{Version: vm.RecordVersion, VM: v.name, State: v.st.String(), Role: v.st.Role(), Level: v.level,
 		Peer: v.peer, NextEpoch: v.epochs.Floor(), Alarm: v.alarm, Declared: v.declared, DeclaredPeer: v.declaredPeer,
-		UnprotectedSince: v.unprotectedSince, Updated: time.Now(), Spec: &spec}
+		UnprotectedSince: v.unprotectedSince, LeftGuard: v.leftGuard, Updated: time.Now(), Spec: &spec}
 }
 
 // saveRecord writes v's record to the state store.
@@ -230,6 +230,7 @@ func (d *Daemon) restoreVM(r vm.Record) {
 	v.set(func(v *vmState) {
 		v.epochs = vm.RestoreEpochs(r.NextEpoch)
 		v.declared, v.declaredPeer, v.unprotectedSince = r.Declared, r.DeclaredPeer, r.UnprotectedSince
+		v.leftGuard = r.LeftGuard
 		if r.Role == api.RolePrimary && !fenced {
 			// Its protection lapsed while axd was away: the gap runs from
 			// now (or from when it was lost before) until the new stream

@@ -59,6 +59,9 @@ type vmState struct {
 	waitNoted     bool // the wait for the witness is in the event log
 	watched       bool // a watchReplica runs for it
 	streamEndedAt time.Time
+	// restartUntil: the primary's axd restarts (it said so, Restart) and
+	// the replica is not promoted before this.
+	restartUntil time.Time
 
 	// primary: level changes and the first stream's answer
 	levelCh       chan levelReq
@@ -75,6 +78,12 @@ type vmState struct {
 
 	// primary: the output gate, attached while protected at FT
 	gate *netbuffer.Gate
+
+	// primary, across axd's planned restart: whether the partner confirmed
+	// it (it keeps the replica and waits), and the guard process the
+	// stopping axd left holding the guest, for the next axd to dismiss.
+	restartConfirmed bool
+	leftGuard        int
 
 	// intent: the level the operator declared (ft, ha, or none) towards
 	// declaredPeer. It outlives failovers: while the VM runs here below

@@ -10,14 +10,21 @@
 // axd talks to its guard over the guard's standard input, one line at a
 // time: "arm NS" (stop the guest by CLOCK_MONOTONIC nanoseconds NS, less
 // the margin, unless armed again later), "disarm" (nothing to enforce: a
-// planned failover pauses the guest itself) and "exit". When axd's end of
-// the pipe closes without "exit" (axd died), an armed guard stops the guest
-// at once, without waiting for the deadline: with axd gone, nothing the
-// guest does from then on is replicated — at HA its disk writes complete on
-// the local disk alone (axd served the partner's quorum child), at FT no
-// checkpoint covers it — and the partner may resume the VM from before
-// them. An axd that comes back finds the guest stopped and resumes it if no
-// one took the VM over. A disarmed guard just exits.
+// planned failover pauses the guest itself), "leave NS" and "exit". When
+// axd's end of the pipe closes without "exit" (axd died), an armed guard
+// stops the guest at once, without waiting for the deadline: with axd gone,
+// nothing the guest does from then on is replicated — at HA its disk writes
+// complete on the local disk alone (axd served the partner's quorum child),
+// at FT no checkpoint covers it — and the partner may resume the VM from
+// before them. An axd that comes back finds the guest stopped and resumes it
+// if no one took the VM over. A disarmed guard just exits.
+//
+// "leave NS" is a planned restart of axd: the partner was told it and will
+// not take the VM over before NS (its own count of the same grace ends
+// later), the guest runs on with its output held. The guard then outlives
+// axd armed for NS: the restarted axd dismisses it (SIGUSR1, see Dismiss)
+// once its own guard holds the guest; if none does in time, the guard stops
+// the guest before the partner may take over.
 package guard
 
 import (
@@ -28,6 +35,7 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
+	"os/signal"
 	"strconv"
 	"strings"
 	"syscall"
@@ -80,9 +88,10 @@ func Stop(pid int) error {
 
 // Run is the guard of process pid: it reads axd's lines from r and stops
 // pid once an armed deadline, less margin, has passed. It returns when told
-// to exit, when r ends and nothing is armed, or once it stopped the guest
-// (or the guest's process is gone).
-func Run(r io.Reader, pid int, margin time.Duration, log *slog.Logger) error {
+// to exit, when r ends and nothing is armed, when dismissed is closed (a
+// restarted axd guards the guest now), or once it stopped the guest (or the
+// guest's process is gone).
+func Run(r io.Reader, pid int, margin time.Duration, dismissed <-chan struct{}, log *slog.Logger) error {
 	type line struct {
 		text string
 		err  error
@@ -100,7 +109,7 @@ func Run(r io.Reader, pid int, margin time.Duration, log *slog.Logger) error {
 		lines <- line{err: err}
 	}()
 	var deadline time.Duration // CLOCK_MONOTONIC; 0: disarmed
-	axdGone := false
+	axdGone, leaving := false, false
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	arm := func() {
@@ -111,11 +120,20 @@ func Run(r io.Reader, pid int, margin time.Duration, log *slog.Logger) error {
 	}
 	for {
 		select {
+		case <-dismissed:
+			log.Info("guard: dismissed: a restarted axd guards the guest now", "pid", pid)
+			return nil
 		case l := <-lines:
 			if l.err != nil {
 				axdGone = true
 				if deadline == 0 {
 					return nil
+				}
+				if leaving {
+					log.Info("guard: axd restarts; holding the guest until it is back", "pid", pid,
+						"stop_in", (deadline - margin - Monotonic()).String())
+					lines = nil
+					continue
 				}
 				log.Warn("guard: axd is gone; stopping the guest now (what it does unreplicated could be undone by a takeover)", "pid", pid,
 					"deadline_in", (deadline - margin - Monotonic()).String())
@@ -133,8 +151,15 @@ func Run(r io.Reader, pid int, margin time.Duration, log *slog.Logger) error {
 				}
 				deadline = time.Duration(ns)
 				arm()
+			case len(f) == 2 && f[0] == "leave":
+				ns, err := strconv.ParseInt(f[1], 10, 64)
+				if err != nil || ns <= 0 {
+					return fmt.Errorf("guard: bad line %q", l.text)
+				}
+				deadline, leaving = time.Duration(ns), true
+				arm()
 			case len(f) == 1 && f[0] == "disarm":
-				deadline = 0
+				deadline, leaving = 0, false
 				arm()
 			case len(f) == 1 && f[0] == "exit":
 				return nil
@@ -159,7 +184,10 @@ func Run(r io.Reader, pid int, margin time.Duration, log *slog.Logger) error {
 				continue
 			}
 			why := "axd did not renew its lease in time"
-			if axdGone {
+			switch {
+			case leaving:
+				why = "axd did not come back from its restart in time"
+			case axdGone:
 				why = "axd is gone"
 			}
 			log.Warn("guard: guest stopped (SIGSTOP): "+why, "pid", pid)
@@ -171,6 +199,7 @@ func Run(r io.Reader, pid int, margin time.Duration, log *slog.Logger) error {
 // Handle is axd's end of a guard process.
 type Handle struct {
 	cmd *exec.Cmd
+	pid int
 	w   io.WriteCloser
 	err error // the first write error
 }
@@ -194,11 +223,11 @@ func Start(exe string, args []string, logPath string) (*Handle, error) {
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("guard: %w", err)
 	}
-	return &Handle{cmd: cmd, w: w}, nil
+	return &Handle{cmd: cmd, w: w, pid: cmd.Process.Pid}, nil
 }
 
 // PID is the guard's process ID.
-func (h *Handle) PID() int { return h.cmd.Process.Pid }
+func (h *Handle) PID() int { return h.pid }
 
 func (h *Handle) send(line string) error {
 	if h.err != nil {
@@ -217,6 +246,52 @@ func (h *Handle) Arm(deadline time.Duration) error {
 
 // Disarm tells the guard there is nothing to enforce for now.
 func (h *Handle) Disarm() error { return h.send("disarm") }
+
+// Leave hands the guest to the guard across axd's restart: it stops the
+// guest by deadline (CLOCK_MONOTONIC) unless a restarted axd dismisses it
+// first. The guard is left running; Leave closes axd's end.
+func (h *Handle) Leave(deadline time.Duration) error {
+	err := h.send("leave " + strconv.FormatInt(int64(deadline), 10))
+	h.w.Close()
+	// Reaped by no one: the guard is in its own process group and outlives
+	// axd; init inherits it.
+	h.cmd.Process.Release()
+	return err
+}
+
+// Dismissals is closed when this process gets SIGUSR1 (Dismiss): what a
+// guard process passes Run as dismissed.
+func Dismissals() <-chan struct{} {
+	usr1 := make(chan os.Signal, 1)
+	signal.Notify(usr1, syscall.SIGUSR1)
+	dismissed := make(chan struct{})
+	go func() { <-usr1; close(dismissed) }()
+	return dismissed
+}
+
+// Dismiss tells the guard pid of the guest guestPID, left by an earlier axd,
+// that this axd guards the guest now: it exits without stopping it. A pid
+// that is not such a guard (gone, reused) is left alone and reported.
+func Dismiss(pid, guestPID int) error {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil {
+		return fmt.Errorf("guard %d: %w", pid, err)
+	}
+	args := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
+	ours := false
+	for i := 0; i+1 < len(args); i++ {
+		if args[i] == "--guard-pid" && args[i+1] == strconv.Itoa(guestPID) {
+			ours = true
+		}
+	}
+	if !ours {
+		return fmt.Errorf("process %d is not the guard of process %d", pid, guestPID)
+	}
+	if err := syscall.Kill(pid, syscall.SIGUSR1); err != nil {
+		return fmt.Errorf("guard %d: %w", pid, err)
+	}
+	return nil
+}
 
 // Close tells the guard to exit and waits for it.
 func (h *Handle) Close() error {

@@ -18,7 +18,7 @@ const helperEnv = "AX_GUARD_TEST_PID"
 func TestMain(m *testing.M) {
 	if s := os.Getenv(helperEnv); s != "" {
 		pid, _ := strconv.Atoi(s)
-		if err := Run(os.Stdin, pid, 20*time.Millisecond, slog.New(slog.NewTextHandler(os.Stderr, nil))); err != nil {
+		if err := Run(os.Stdin, pid, 20*time.Millisecond, Dismissals(), slog.New(slog.NewTextHandler(os.Stderr, nil))); err != nil {
 			os.Exit(2)
 		}
 		os.Exit(0)
@@ -54,7 +54,7 @@ func run(t *testing.T, pid int, margin time.Duration) (io.WriteCloser, <-chan er
 	t.Helper()
 	r, w := io.Pipe()
 	done := make(chan error, 1)
-	go func() { done <- Run(r, pid, margin, slog.New(slog.DiscardHandler)) }()
+	go func() { done <- Run(r, pid, margin, nil, slog.New(slog.DiscardHandler)) }()
 	t.Cleanup(func() { w.Close() })
 	return w, done
 }
@@ -135,7 +135,7 @@ func TestGuardAfterAxdIsGone(t *testing.T) {
 }
 
 func TestGuardRefusesBadLines(t *testing.T) {
-	for _, line := range []string{"arm", "arm x", "arm -5", "arm 1 2", "stop", ""} {
+	for _, line := range []string{"arm", "arm x", "arm -5", "arm 1 2", "stop", "", "leave", "leave -1"} {
 		pid := guest(t)
 		w, done := run(t, pid, time.Millisecond)
 		say(t, w, line)
@@ -197,4 +197,84 @@ func TestGuardProcess(t *testing.T) {
 		t.Fatalf("the guard of a dead axd did not stop the guest:\n%s", log)
 	}
 	syscall.Kill(pid, syscall.SIGCONT)
+}
+
+// A planned restart: the guard left by axd holds the guest running until
+// its deadline and stops it then — unless a restarted axd dismisses it.
+func TestGuardLeave(t *testing.T) {
+	t.Run("not back in time", func(t *testing.T) {
+		pid := guest(t)
+		w, done := run(t, pid, 20*time.Millisecond)
+		say(t, w, "leave "+strconv.FormatInt(int64(Monotonic()+300*time.Millisecond), 10))
+		w.Close()
+		time.Sleep(100 * time.Millisecond)
+		if stopped(t, pid) {
+			t.Fatal("the guard stopped the guest at once although axd left on purpose")
+		}
+		select {
+		case err := <-done:
+			if err != nil || !stopped(t, pid) {
+				t.Fatalf("guard after the restart grace: %v, stopped %v", err, stopped(t, pid))
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("the guard did not stop the guest at the end of the restart grace")
+		}
+	})
+	t.Run("dismissed", func(t *testing.T) {
+		pid := guest(t)
+		r, w := io.Pipe()
+		dismissed := make(chan struct{})
+		done := make(chan error, 1)
+		go func() { done <- Run(r, pid, 20*time.Millisecond, dismissed, slog.New(slog.DiscardHandler)) }()
+		say(t, w, "leave "+strconv.FormatInt(int64(Monotonic()+300*time.Millisecond), 10))
+		w.Close()
+		close(dismissed)
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(400 * time.Millisecond)
+		if stopped(t, pid) {
+			t.Fatal("a dismissed guard stopped the guest")
+		}
+	})
+}
+
+// Leave lets the guard process outlive axd's end of the pipe; Dismiss ends
+// it without a stop, and refuses a process that is not that guest's guard.
+func TestGuardProcessLeaveDismiss(t *testing.T) {
+	pid := guest(t)
+	t.Setenv(helperEnv, strconv.Itoa(pid))
+	h, err := Start(os.Args[0], []string{"--guard-pid", strconv.Itoa(pid)}, t.TempDir()+"/guard.log")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gpid := h.PID()
+	proc, _ := os.FindProcess(gpid)
+	waited := make(chan struct{})
+	go func() { proc.Wait(); close(waited) }()
+	if err := h.Leave(Monotonic() + time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-waited:
+		t.Fatal("the guard ended when axd left")
+	case <-time.After(200 * time.Millisecond):
+	}
+	if err := Dismiss(gpid, pid+1); err == nil {
+		t.Fatal("Dismiss accepted a guard of another guest")
+	}
+	if err := Dismiss(os.Getpid(), pid); err == nil {
+		t.Fatal("Dismiss accepted a process that is no guard")
+	}
+	if err := Dismiss(gpid, pid); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-waited:
+	case <-time.After(5 * time.Second):
+		t.Fatal("a dismissed guard did not end")
+	}
+	if stopped(t, pid) {
+		t.Fatal("a dismissed guard stopped the guest")
+	}
 }

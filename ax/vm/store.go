@@ -41,7 +41,11 @@ type Record struct {
 	Declared         string    `json:"declared,omitempty"`
 	DeclaredPeer     string    `json:"declared_peer,omitempty"`
 	UnprotectedSince time.Time `json:"unprotected_since,omitzero"`
-	Updated          time.Time `json:"updated"`
+	// LeftGuard is the guard process a stopping axd left holding the
+	// guest across its restart (guard.Leave), for the next axd to dismiss
+	// once its own guard holds the guest.
+	LeftGuard int       `json:"left_guard,omitempty"`
+	Updated   time.Time `json:"updated"`
 	// Spec is the VM as it was defined here (as adopted from the partner,
 	// for a replica).
 	Spec *api.VMSpec `json:"spec,omitempty"`

@@ -77,6 +77,7 @@ func run(ctx context.Context, args []string) error {
 	guardPID := fs.Int("guard-pid", 0, "run as the guard of a primary's QEMU of this pid (axd starts its guards itself; lines on stdin)")
 	guardMargin := fs.Duration("guard-margin", 50*time.Millisecond, "guard: stop the guest this long before the deadline axd gave")
 	fs.StringVar(&cfg.BPFDir, "bpf-dir", "", "bpffs directory where FT output gates are pinned so they hold while axd restarts or after it crashed (default /sys/fs/bpf/ax/HOST; none: not pinned)")
+	fs.DurationVar(&cfg.RestartGrace, "restart-grace", 15*time.Second, "how long partners wait for this axd to come back from a stop (systemctl restart) before they may take its VMs over; 0: a stop ends protection and partners drop their replicas")
 	fs.BoolVar(&cfg.OutputCommit, "output-commit", true, "hold FT guests' network output until its checkpoint commits (off only for tests: clients may then see output a failover undoes)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -96,7 +97,8 @@ func run(ctx context.Context, args []string) error {
 	if *guardPID > 0 {
 		// Not ended by axd's signals: only by axd's word, or the guest's end.
 		signal.Ignore(os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
-		return guard.Run(os.Stdin, *guardPID, *guardMargin, log)
+		// SIGUSR1: a restarted axd guards the guest now (guard.Dismiss).
+		return guard.Run(os.Stdin, *guardPID, *guardMargin, guard.Dismissals(), log)
 	}
 	var psk []byte
 	var id *identity.Identity

@@ -3,6 +3,7 @@ package lab
 import (
 	"context"
 	"fmt"
+	"io/fs"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -72,6 +73,14 @@ func labWithGuest(t *testing.T, prefix string, gcfg GuestConfig, axdFlags ...str
 					t.Logf("axd-%s log (tail):\n%s", h, tail(string(data), 40))
 				}
 			}
+			filepath.WalkDir(l.StateDir, func(p string, e fs.DirEntry, err error) error {
+				if err == nil && e.Name() == "guard.log" {
+					if data, err := os.ReadFile(p); err == nil {
+						t.Logf("%s:\n%s", p, tail(string(data), 10))
+					}
+				}
+				return nil
+			})
 		}
 		if err := l.Down(context.Background()); err != nil {
 			t.Errorf("down: %v", err)

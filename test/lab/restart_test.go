@@ -46,7 +46,12 @@ func TestIntegrationAxdRestart(t *testing.T) {
 	}
 	defer client.Stop()
 	time.Sleep(3 * time.Second)
+	first, _ := l.vmStatus(ctx, ca, vm.Name) // its initial sync: every data page
 	for _, h := range []string{HostA, HostB} {
+		var evB uint64 // b's events from here on
+		if evs, _ := cb.Events(ctx, 0); len(evs) > 0 {
+			evB = evs[len(evs)-1].Seq
+		}
 		pid := axdPID(t, l, h)
 		t0 := time.Now()
 		if err := syscall.Kill(pid, syscall.SIGTERM); err != nil {
@@ -65,6 +70,31 @@ func TestIntegrationAxdRestart(t *testing.T) {
 		t.Logf("axd on %s: stopped %.2f s after SIGTERM, VM protected again %.2f s after SIGTERM", h, stopped.Seconds(), time.Since(t0).Seconds())
 		if s, err := l.vmStatus(ctx, cb, vm.Name); err != nil || s.Role != api.RoleSecondary {
 			t.Fatalf("b after the restart on %s: %+v %v", h, s, err)
+		}
+		// The partner kept its replica across the restart (a told b so; b's
+		// replica files outlive b's axd), and the new stream resynchronised
+		// on it: only the pages the guest changed meanwhile travelled.
+		again, _ := l.vmStatus(ctx, ca, vm.Name)
+		t.Logf("axd on %s restarted: resync %d pages, first sync %d (%.3f of it)", h, again.SyncSent, first.SyncSent,
+			float64(again.SyncSent)/float64(max(first.SyncSent, 1)))
+		if first.SyncSent == 0 || again.SyncSent*2 > first.SyncSent {
+			t.Errorf("after the restart on %s the resync sent %d pages, the first sync %d: not incremental", h, again.SyncSent, first.SyncSent)
+		}
+		if h == HostA {
+			// One guard holds the guest: the one the stopping axd left was
+			// dismissed by the new axd once its own was armed.
+			if n := guardsOf(t, l, h); n != 1 {
+				t.Errorf("%d guard processes for the guest on %s after the restart, want 1", n, h)
+			}
+			told, dropped := false, false
+			evs, _ := cb.Events(ctx, evB)
+			for _, e := range evs {
+				told = told || strings.Contains(e.Text, "axd restarts: replica kept")
+				dropped = dropped || strings.Contains(e.Text, "replica dropped")
+			}
+			if !told || dropped {
+				t.Errorf("b across the restart of a's axd: told %v, replica dropped %v:%s", told, dropped, l.eventsText(ctx, cb))
+			}
 		}
 		time.Sleep(3 * time.Second) // the client appends on the protected VM
 	}
@@ -217,3 +247,29 @@ func ledgerLoss(t *testing.T, l *Lab, record, addr string) (acked, missing int) 
 	}
 	return len(acks), len(workload.Verify(acks, recs).Missing)
 }
+
+// guardsOf counts the guard processes (axd --guard-pid QEMU) of the QEMU of
+// host h, once the count settles (a dismissed guard takes a moment to end).
+func guardsOf(t *testing.T, l *Lab, h string) int {
+	t.Helper()
+	pids, err := qemuPIDs(l, h)
+	if err != nil || len(pids) != 1 {
+		t.Fatalf("QEMU on %s: %v %v", h, pids, err)
+	}
+	want := "--guard-pid\x00" + strconv.Itoa(pids[0]) + "\x00"
+	n := 0
+	for deadline := time.Now().Add(3 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		n = 0
+		ents, _ := os.ReadDir("/proc")
+		for _, e := range ents {
+			if b, err := os.ReadFile("/proc/" + e.Name() + "/cmdline"); err == nil && strings.Contains(string(b), want) && !isZombie(atoi(e.Name())) {
+				n++
+			}
+		}
+		if n <= 1 || time.Now().After(deadline) {
+			return n
+		}
+	}
+}
+
+func atoi(s string) int { n, _ := strconv.Atoi(s); return n }
