@@ -413,6 +413,10 @@ func (d *Daemon) stopAll() {
 	}
 }
 
+// retryUnprotected spaces the attempts to protect a VM again while they
+// fail before a stream starts (the partner unreachable).
+const retryUnprotected = 250 * time.Millisecond
+
 // runPrimary keeps a VM protected: connect, sync, checkpoint; on any
 // failure report the VM unprotected, and retry until protection ends.
 func (d *Daemon) runPrimary(ctx context.Context, v *vmState) {
@@ -425,14 +429,21 @@ func (d *Daemon) runPrimary(ctx context.Context, v *vmState) {
 			return
 		}
 		// Repeated failures for the same reason are logged once.
-		d.fire(v, vm.Lost, "protection lost: "+err.Error(), nil)
+		tr, _ := d.fire(v, vm.Lost, "protection lost: "+err.Error(), nil)
 		// The guest runs on unprotected: let its output out — but only
 		// once the secondary must have marked its replica stale, so it
-		// can never resume the guest from before that output.
+		// can never resume the guest from before that output. An attempt
+		// that failed without starting a stream (still unprotected, its
+		// output let out already) held nothing: the next one comes sooner,
+		// so that a healed link finds protection back at once.
+		wait := d.cfg.SilenceTimeout + 2*d.cfg.StaleAfter + 500*time.Millisecond
+		if tr.From == vm.Unprotected {
+			wait = retryUnprotected
+		}
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(d.cfg.SilenceTimeout + 2*d.cfg.StaleAfter + 500*time.Millisecond):
+		case <-time.After(wait):
 		}
 		// A fence (done or still being tried) ends protection for good:
 		// the transition refuses, and the guest's output is never let out.

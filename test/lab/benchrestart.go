@@ -39,6 +39,14 @@ func BenchRestart(ctx context.Context, l *Lab, f labFlags, runs int, out io.Writ
 	if err := l.protectAndWait(ctx, l.Client(primary), vm.Name, secondary); err != nil {
 		return err
 	}
+	// Pages the initial syncs sent: the first, onto an empty replica; the
+	// resyncs after each interruption, on what the partner's replica held.
+	syncSent := func() int {
+		s, _ := l.vmStatus(ctx, l.Client(primary), vm.Name)
+		return s.SyncSent
+	}
+	firstSync := syncSent()
+	var resyncs []float64 // pages, per restart of the primary's then the secondary's axd
 	protected := func(h, peer string, within time.Duration) error {
 		c := l.Client(h)
 		for deadline := time.Now().Add(within); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
@@ -76,13 +84,30 @@ func BenchRestart(ctx context.Context, l *Lab, f labFlags, runs int, out io.Writ
 			return fmt.Errorf("restart of axd on the primary: %w", err)
 		}
 		onPrimary = append(onPrimary, d)
+		resyncs = append(resyncs, float64(syncSent()))
 		time.Sleep(2 * time.Second)
 		if d, err = restart(secondary); err != nil {
 			return fmt.Errorf("restart of axd on the secondary: %w", err)
 		}
 		onSecondary = append(onSecondary, d)
+		resyncs = append(resyncs, float64(syncSent()))
 		time.Sleep(2 * time.Second)
 	}
+
+	// A 5 s cut of the replication link, then healed: what the resync
+	// sends against a full copy of the guest's RAM.
+	if err := l.SetLink(ctx, primary, ReplLink, false); err != nil {
+		return err
+	}
+	time.Sleep(5 * time.Second)
+	if err := l.SetLink(ctx, primary, ReplLink, true); err != nil {
+		return err
+	}
+	if err := protected(primary, secondary, 3*time.Minute); err != nil {
+		return fmt.Errorf("after the link cut: %w", err)
+	}
+	cutResync := syncSent()
+	time.Sleep(2 * time.Second)
 
 	// Planned failovers, there and back.
 	var handover, back []time.Duration
@@ -155,6 +180,11 @@ func BenchRestart(ctx context.Context, l *Lab, f labFlags, runs int, out io.Writ
 	fmt.Fprintf(out, "axd restarts and crashes, guest at FT (%d MiB, memory dirtier %g MiB/s), lease TTL %s:\n", vm.RAMMiB, f.dirty, leaseTTL)
 	fmt.Fprintf(out, "  restart of axd on the primary → protected again   %s s (median %.2f s)\n", durations(onPrimary), medianSeconds(onPrimary))
 	fmt.Fprintf(out, "  restart of axd on the secondary → protected again %s s (median %.2f s)\n", durations(onSecondary), medianSeconds(onSecondary))
+	ramPages := float64(vm.RAMMiB << 8)
+	fmt.Fprintf(out, "  memory resync after those restarts (primary, secondary, ...): %s pages, of the first sync's %d (%.3f median) and the RAM's %.0f (%.3f)\n",
+		pageCounts(resyncs), firstSync, median(resyncs)/float64(max(firstSync, 1)), ramPages, median(resyncs)/ramPages)
+	fmt.Fprintf(out, "  memory resync after a 5 s replication link cut: %d pages = %.3f of a full copy of the RAM (goal ≤ 0.1), %.3f of the first sync\n",
+		cutResync, float64(cutResync)/ramPages, float64(cutResync)/float64(max(firstSync, 1)))
 	fmt.Fprintf(out, "  planned failover → guest running on the partner   %s s = %.2f × lease TTL (the lease is handed over, not waited for)\n",
 		durations(handover), medianSeconds(handover)/leaseTTL.Seconds())
 	fmt.Fprintf(out, "  planned failover → protected back the other way   %s s, no command\n", durations(back))
@@ -191,6 +221,18 @@ func waitGone(pid int, timeout time.Duration) error {
 }
 
 // durations lists ds in seconds, "a / b / c".
+// pageCounts lists page counts, "a / b / c".
+func pageCounts(ns []float64) string {
+	out := ""
+	for i, n := range ns {
+		if i > 0 {
+			out += " / "
+		}
+		out += fmt.Sprintf("%.0f", n)
+	}
+	return out
+}
+
 func durations(ds []time.Duration) string {
 	out := ""
 	for i, d := range ds {
