@@ -4,11 +4,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
 	"sync"
+	"time"
 
 	"github.com/axproject/ax/ax/dirty"
 	"github.com/axproject/ax/ax/durable"
@@ -27,6 +29,7 @@ const (
 	stateSyncing   = "syncing"   // initial sync under way, or done and awaiting the first checkpoint
 	stateApplying  = "applying"  // checkpoint Epoch half written: the files are inconsistent
 	stateCommitted = "committed" // the files hold checkpoint Epoch whole
+	stateSeeded    = "seeded"    // the RAM file holds an earlier copy of the VM's RAM (SeedReplica): a base, never promoted
 )
 
 var (
@@ -104,6 +107,14 @@ func OpenReplica(dir string, ramSize int64) (*Replica, error) {
 		if err == nil {
 			err = zero(r.ram, ramSize)
 		}
+	case stateSeeded:
+		r.ram, err = os.OpenFile(r.path(ramFile), os.O_RDWR, 0)
+		if err == nil {
+			err = r.checkRAMSize()
+		}
+		if err != nil {
+			err = fmt.Errorf("%w: %s: seeded: %w", ErrReplicaTorn, dir, err)
+		}
 	case stateCommitted:
 		r.ram, err = os.OpenFile(r.path(ramFile), os.O_RDWR, 0)
 		if err == nil {
@@ -130,6 +141,69 @@ func OpenReplica(dir string, ramSize int64) (*Replica, error) {
 	}
 	r.removeTemps()
 	return r, nil
+}
+
+// SeedReplica puts a copy of from — the RAM file of the VM's earlier copy on
+// this host (the old primary's, once its partner took the VM over) — where a
+// replica of the VM will be opened in dir, unless dir holds a replica
+// already: the next stream's initial sync then starts on it as its base
+// (PageHashes), and sends only the pages the VM changed since. A seeded
+// replica is never promoted: it becomes usable only by a sync and a
+// checkpoint like any other. It reports whether it seeded.
+func SeedReplica(dir string, ramSize int64, from string) (bool, error) {
+	if _, err := os.Stat(filepath.Join(dir, stateFile)); err == nil || !errors.Is(err, fs.ErrNotExist) {
+		return false, err // a replica is there: its own content is the base
+	}
+	src, err := os.Open(from)
+	if err != nil {
+		return false, fmt.Errorf("replication: seed replica %s: %w", dir, err)
+	}
+	defer src.Close()
+	if fi, err := src.Stat(); err != nil || !fi.Mode().IsRegular() || fi.Size() != ramSize {
+		return false, fmt.Errorf("replication: seed replica %s: %s is not a regular file of %d bytes", dir, from, ramSize)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return false, fmt.Errorf("replication: seed replica %s: %w", dir, err)
+	}
+	r := &Replica{dir: dir, ramSize: ramSize}
+	tmp := r.path(ramFile + ".tmp")
+	dst, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return false, fmt.Errorf("replication: seed replica %s: %w", dir, err)
+	}
+	_, err = io.Copy(dst, src) // copy_file_range where the filesystem has it
+	if err == nil {
+		err = durable.Fdatasync(dst)
+	}
+	if cerr := dst.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, r.path(ramFile))
+	}
+	if err == nil {
+		err = r.writeState(stateSeeded, 0)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return false, fmt.Errorf("replication: seed replica %s: %w", dir, err)
+	}
+	return true, nil
+}
+
+// SeedAge reports, for a directory holding a seeded replica (SeedReplica)
+// that no sync has started on, how long ago it was seeded.
+func SeedAge(dir string) (time.Duration, bool) {
+	fi, err := os.Stat(filepath.Join(dir, stateFile))
+	if err != nil {
+		return 0, false
+	}
+	data, err := os.ReadFile(filepath.Join(dir, stateFile))
+	var st replicaState
+	if err != nil || json.Unmarshal(data, &st) != nil || st.State != stateSeeded {
+		return 0, false
+	}
+	return time.Since(fi.ModTime()), true
 }
 
 // ResetReplica discards whatever dir holds and opens an empty replica there.
@@ -170,13 +244,20 @@ func (r *Replica) create() error {
 	return nil
 }
 
-func (r *Replica) checkCommittedFiles() error {
+func (r *Replica) checkRAMSize() error {
 	fi, err := r.ram.Stat()
 	if err != nil {
 		return err
 	}
 	if fi.Size() != r.ramSize {
 		return fmt.Errorf("ram file is %d bytes, want %d", fi.Size(), r.ramSize)
+	}
+	return nil
+}
+
+func (r *Replica) checkCommittedFiles() error {
+	if err := r.checkRAMSize(); err != nil {
+		return err
 	}
 	if _, err := os.Stat(r.path(devStateFile)); err != nil {
 		return fmt.Errorf("device state: %w", err)

@@ -216,10 +216,12 @@ type Daemon struct {
 	// restoring: the VMs the state store kept, while axd decides about
 	// them after its start; a partner's stream for one waits for that.
 	restoring map[string]bool
-	events    []api.Event
-	seq       uint64
-	witOK     bool
-	witSeen   time.Time
+	// seeds: the VMs whose replica seed is being made (seed.go).
+	seeds   map[string]chan struct{}
+	events  []api.Event
+	seq     uint64
+	witOK   bool
+	witSeen time.Time
 
 	wg  sync.WaitGroup
 	ctx context.Context
@@ -522,12 +524,16 @@ func (d *Daemon) setWitness(ok bool) {
 func (d *Daemon) watch(ctx context.Context) {
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
-	var probed, gatesRead time.Time
+	var probed, gatesRead, seedsSwept time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		}
+		if time.Since(seedsSwept) > time.Minute {
+			seedsSwept = time.Now()
+			d.dropUnusedSeeds()
 		}
 		d.mu.Lock()
 		idle := time.Since(d.witSeen) > time.Second

@@ -4,13 +4,17 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/axproject/ax/ax/api"
+	"github.com/axproject/ax/ax/reserve"
 	"github.com/axproject/ax/ax/witness"
+	"github.com/axproject/ax/replication"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
@@ -70,6 +74,14 @@ func TestPlannedFailoverReprotects(t *testing.T) {
 	}, func() string {
 		return fmt.Sprintf("%s\nb: %+v\na: %+v", both(p)(), p.b.eventsSince(0), p.a.eventsSince(0))
 	})
+	// a kept the RAM its paused copy left as the base of b's stream back.
+	seeded := false
+	for _, e := range p.a.eventsSince(0) {
+		seeded = seeded || e.Kind == "seed"
+	}
+	if !seeded {
+		t.Errorf("a did not keep its copy's RAM as the base of the replica: %+v", p.a.eventsSince(0))
+	}
 	b := vm1(p.b)
 	if b.Declared != api.LevelFT || b.DeclaredPeer != "a" || b.UnprotectedS != 0 {
 		t.Errorf("b declares %q towards %q, unprotected %.1f s", b.Declared, b.DeclaredPeer, b.UnprotectedS)
@@ -146,5 +158,32 @@ func TestRestartGraceHoldsThePartner(t *testing.T) {
 	until(t, "b runs the VM", func() bool { b := vm1(p.b); return b.Role == api.RoleLocal && b.State == "running" }, both(p))
 	if waited := time.Since(t0); waited < grace-200*time.Millisecond {
 		t.Fatalf("b took the VM over %s after a's axd stopped, within the grace of %s", waited, grace)
+	}
+}
+
+// A seed no stream synced on is dropped after seedUnusedFor; one of a VM
+// known here, or younger, is kept.
+func TestDropUnusedSeeds(t *testing.T) {
+	d, _ := fakeHost(t, reserve.Capacity{VCPUs: 4, MemoryBytes: 1 << 30})
+	ram := filepath.Join(t.TempDir(), "ram")
+	if err := os.WriteFile(ram, make([]byte, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"old", "young"} {
+		spec := goodSpec()
+		spec.Name, spec.Guest.RAMMiB, spec.Guest.RAMFile = name, 1, ram
+		d.seedReplica(spec)
+	}
+	old := filepath.Join(d.cfg.StateDir, "replicas", "old")
+	past := time.Now().Add(-seedUnusedFor - time.Minute)
+	if err := os.Chtimes(filepath.Join(old, "state.json"), past, past); err != nil {
+		t.Fatal(err)
+	}
+	d.dropUnusedSeeds()
+	if _, err := os.Stat(old); !os.IsNotExist(err) {
+		t.Errorf("an unused seed older than %s was kept: %v", seedUnusedFor, err)
+	}
+	if _, ok := replication.SeedAge(filepath.Join(d.cfg.StateDir, "replicas", "young")); !ok {
+		t.Error("a young seed was dropped")
 	}
 }

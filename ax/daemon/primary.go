@@ -1192,6 +1192,12 @@ func (d *Daemon) plannedFailover(ctx context.Context, name string) error {
 		}
 		return fmt.Errorf("planned failover of %s: %s did not take over within 10 s; the guest resumed here", name, peer)
 	}
+	// Paused since its final checkpoint: its RAM is what the partner
+	// resumed, the base of the replica it will send back here. The
+	// partner's stream back waits for the seed, and for the VM to be gone
+	// from here (the deferred end runs after that).
+	defer d.seeding(name)()
+	d.seedReplica(spec)
 	if merr == nil {
 		mon.Quit(ctx)
 	}

@@ -41,6 +41,7 @@ func (d *Daemon) openReplica(name, peer string, payload []byte, remote net.Addr)
 		return nil, err
 	}
 	ramSize := int64(ss.Spec.Guest.RAMMiB) << 20
+	d.awaitSeed(name)
 	if len(ss.DiskSizes) != len(ss.Spec.Guest.Disks) {
 		return nil, fmt.Errorf("replica %s: %d disks but %d sizes", name, len(ss.Spec.Guest.Disks), len(ss.DiskSizes))
 	}
@@ -161,7 +162,16 @@ func (d *Daemon) replicaLevel(name, level string) {
 	if err != nil {
 		return
 	}
-	v.set(func(v *vmState) { v.haReady, v.level = true, level })
+	// Level ft counts once a checkpoint of this stream commits
+	// (replicaCommitted): until then the replica may hold an older one —
+	// from before a link cut, or left by a copy of the VM that ran here —
+	// that must never be resumed.
+	v.set(func(v *vmState) {
+		v.haReady = true
+		if level != api.LevelFT {
+			v.level = level
+		}
+	})
 	d.metrics.SetLevel(name, api.RoleSecondary, level)
 	if level != api.LevelHA {
 		d.fire(v, vm.ReplicaLevelFT, "level ft: disk writes journaled until their checkpoint commits", nil)

@@ -111,6 +111,7 @@ func BenchRestart(ctx context.Context, l *Lab, f labFlags, runs int, out io.Writ
 
 	// Planned failovers, there and back.
 	var handover, back []time.Duration
+	var backResyncs []float64 // pages the sync back sent, on the old primary's RAM as the base
 	for range 2 {
 		t0 := time.Now()
 		if err := l.Client(primary).Failover(ctx, vm.Name); err != nil {
@@ -131,6 +132,7 @@ func BenchRestart(ctx context.Context, l *Lab, f labFlags, runs int, out io.Writ
 			return err
 		}
 		back = append(back, time.Since(t0))
+		backResyncs = append(backResyncs, float64(syncSent()))
 		time.Sleep(2 * time.Second)
 	}
 
@@ -139,7 +141,10 @@ func BenchRestart(ctx context.Context, l *Lab, f labFlags, runs int, out io.Writ
 	// its renewals stop: the guard stops the guest before the lease ends).
 	// Each time the partner takes over; axd started again kills the stopped
 	// copy and the VM is protected back towards it.
-	type crash struct{ stopped, running, back time.Duration }
+	type crash struct {
+		stopped, running, back time.Duration
+		resync                 int // pages synced back, on the killed copy's RAM
+	}
 	var crashes []crash
 	for _, sig := range []syscall.Signal{syscall.SIGKILL, syscall.SIGSTOP} {
 		old, err := qemuPIDs(l, primary)
@@ -172,8 +177,9 @@ func BenchRestart(ctx context.Context, l *Lab, f labFlags, runs int, out io.Writ
 			return err
 		}
 		c.back = time.Since(t1)
-		crashes = append(crashes, c)
 		primary, secondary = secondary, primary
+		c.resync = syncSent()
+		crashes = append(crashes, c)
 		time.Sleep(2 * time.Second)
 	}
 
@@ -187,11 +193,12 @@ func BenchRestart(ctx context.Context, l *Lab, f labFlags, runs int, out io.Writ
 		cutResync, float64(cutResync)/ramPages, float64(cutResync)/float64(max(firstSync, 1)))
 	fmt.Fprintf(out, "  planned failover → guest running on the partner   %s s = %.2f × lease TTL (the lease is handed over, not waited for)\n",
 		durations(handover), medianSeconds(handover)/leaseTTL.Seconds())
-	fmt.Fprintf(out, "  planned failover → protected back the other way   %s s, no command\n", durations(back))
+	fmt.Fprintf(out, "  planned failover → protected back the other way   %s s, no command; the sync back sent %s pages (%.3f of the RAM: the old primary's RAM is the base)\n",
+		durations(back), pageCounts(backResyncs), median(backResyncs)/ramPages)
 	for i, what := range []string{"axd SIGKILLed", "axd hung (SIGSTOP)"} {
 		c := crashes[i]
-		fmt.Fprintf(out, "  %-19s → guest stopped by its guard %.2f s = %.2f × lease TTL; partner running it after %.2f s; axd started again → protected back %.2f s\n",
-			what, c.stopped.Seconds(), c.stopped.Seconds()/leaseTTL.Seconds(), c.running.Seconds(), c.back.Seconds())
+		fmt.Fprintf(out, "  %-19s → guest stopped by its guard %.2f s = %.2f × lease TTL; partner running it after %.2f s; axd started again → protected back %.2f s, syncing %d pages (%.3f of the RAM)\n",
+			what, c.stopped.Seconds(), c.stopped.Seconds()/leaseTTL.Seconds(), c.running.Seconds(), c.back.Seconds(), c.resync, float64(c.resync)/ramPages)
 	}
 	return nil
 }
