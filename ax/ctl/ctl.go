@@ -104,6 +104,7 @@ var commands = []command{
 		}},
 	{name: "pki", usage: PKIUsage, local: func(_ context.Context, args []string, out io.Writer) error { return PKI(args, out) }},
 	{name: "doctor", usage: DoctorUsage, local: Doctor},
+	{name: "unpin-gates", usage: UnpinUsage, local: UnpinGates},
 }
 
 // usageOf is a command's help text.

@@ -109,6 +109,7 @@ func TestEveryDocumentedCommandDispatches(t *testing.T) {
 		"pki issue --dir " + pkiDir + " --name a",
 		"pki psk " + filepath.Join(pkiDir, "psk"),
 		"doctor",
+		"unpin-gates --bpf-dir " + filepath.Join(pkiDir, "no-gates"),
 	} {
 		tested = append(tested, line)
 		var out bytes.Buffer
