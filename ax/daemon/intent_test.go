@@ -187,3 +187,34 @@ func TestDropUnusedSeeds(t *testing.T) {
 		t.Error("a young seed was dropped")
 	}
 }
+
+// A replica outlives a restart of its host's axd: the restarted axd reopens
+// it ready to take over, so the VM is still taken over there when its
+// primary dies before its stream came back.
+func TestReplicaRestoredAfterRestart(t *testing.T) {
+	p := runPair(t, withWitness(t, time.Second))
+	p.defineVM(t)
+	p.fakeB.NoPIDs()
+	if err := p.a.protect("vm1", api.ProtectRequest{Level: api.LevelFT, Peer: "b"}); err != nil {
+		t.Fatal(err)
+	}
+	until(t, "FT protection a→b", func() bool {
+		a, b := vm1(p.a), vm1(p.b)
+		return a.State == "protected" && a.Committed > 2 && b.State == "ready"
+	}, both(p))
+	p.stop["b"]()
+	p.stop["a"]() // a dies while b's axd is away: no stream, no word to b
+	p.b = p.start(t, "b")
+	until(t, "b reopened its replica ready to take over", func() bool {
+		for _, e := range p.b.eventsSince(0) {
+			if strings.Contains(e.Text, "ready to take over from checkpoint") {
+				return true
+			}
+		}
+		return false
+	}, func() string { return fmt.Sprintf("%+v", p.b.eventsSince(0)) })
+	until(t, "b runs the VM from the restored replica", func() bool {
+		b := vm1(p.b)
+		return b.Role == api.RoleLocal && b.State == "running"
+	}, func() string { return fmt.Sprintf("%+v", p.b.eventsSince(0)) })
+}

@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 
 	"golang.org/x/sys/unix"
@@ -84,6 +85,7 @@ func openReplicaDisks(dir string, sizes []int64) (*replicaDisks, error) {
 	}
 	jpath := filepath.Join(dir, "disk.journal")
 	os.Remove(jpath)
+	os.Remove(filepath.Join(dir, committedFile)) // a new stream writes them again
 	j, err := replication.OpenJournal(jpath, disks)
 	if err != nil {
 		r.Close()
@@ -208,9 +210,36 @@ func (r *replicaDisks) Commit(epoch uint64) error {
 	}
 	r.committed = epoch
 	if r.journal.Depth().Records == 0 {
-		return nil // nothing spilled: no commit record to write and sync
+		// Nothing spilled: no commit record to write and sync, and the
+		// files hold exactly the epochs up to this one.
+		return r.markCommitted(epoch)
 	}
+	os.Remove(filepath.Join(r.dir, committedFile)) // the journal holds some: unknown after a restart
 	return r.journal.Commit(epoch)
+}
+
+// committedFile records the FT epoch the disk files hold whole (written
+// after the epoch's writes): an axd that restarts may resume the replica
+// from its committed checkpoint only if its disks are at that same epoch.
+const committedFile = "committed-epoch"
+
+func (r *replicaDisks) markCommitted(epoch uint64) error {
+	tmp := filepath.Join(r.dir, committedFile+".tmp")
+	if err := os.WriteFile(tmp, []byte(strconv.FormatUint(epoch, 10)), 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, filepath.Join(r.dir, committedFile))
+}
+
+// disksCommittedEpoch is the FT epoch the replica disks in dir hold whole
+// (0: unknown).
+func disksCommittedEpoch(dir string) uint64 {
+	b, err := os.ReadFile(filepath.Join(dir, committedFile))
+	if err != nil {
+		return 0
+	}
+	n, _ := strconv.ParseUint(string(b), 10, 64)
+	return n
 }
 
 // applyStage writes the staged writes of epoch and earlier to their disks,

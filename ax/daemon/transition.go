@@ -176,11 +176,12 @@ func (d *Daemon) saveRecord(v *vmState) {
 // have taken it over meanwhile, the witness refuses this host the lease and
 // the guard fences this copy; a VM whose fence was under way or done stays
 // fenced and unprotected, the fence retried until its guest is verified
-// paused. Replicas come back when their primary's stream reconnects.
+// paused. A replica is reopened (restoreReplica); a stream of its VM waits
+// until it is.
 func (d *Daemon) restore(recs []vm.Record) {
 	d.unpinStale(recs)
 	for _, r := range recs {
-		if r.Spec == nil || r.Spec.Name != r.VM || (r.Role != api.RoleLocal && r.Role != api.RolePrimary) {
+		if r.Spec == nil || r.Spec.Name != r.VM || (r.Role != api.RoleLocal && r.Role != api.RolePrimary && r.Role != api.RoleSecondary) {
 			continue
 		}
 		d.mu.Lock()
@@ -195,6 +196,10 @@ func (d *Daemon) restore(recs []vm.Record) {
 				delete(d.restoring, r.VM)
 				d.mu.Unlock()
 			}()
+			if r.Role == api.RoleSecondary {
+				d.restoreReplica(r)
+				return
+			}
 			d.restoreVM(r)
 		})
 	}
