@@ -21,12 +21,41 @@ const MaxRestartGrace = 10 * time.Minute
 // restartEchoWait bounds how long the primary waits for the echo.
 const restartEchoWait = 2 * time.Second
 
-// RestartingError ends a stream whose primary restarts: the replica is kept
-// and must not be promoted for For.
-type RestartingError struct{ For time.Duration }
+// RestartingError ends a stream whose primary's axd restarts (the replica is
+// kept and must not be promoted for For) or, Secondary, whose secondary's
+// axd restarts (it keeps the replica and will be back within For: the
+// primary may hold its output and reconnect rather than give up on it).
+type RestartingError struct {
+	For       time.Duration
+	Secondary bool
+}
 
 func (e *RestartingError) Error() string {
+	if e.Secondary {
+		return fmt.Sprintf("the secondary's axd restarts, back within %s", e.For)
+	}
 	return fmt.Sprintf("the primary's axd restarts: no takeover for %s", e.For)
+}
+
+// Leave tells the primary of every stream that this host's axd restarts and
+// will be back within grace, keeping its replicas (Sender.Err is then a
+// *RestartingError with Secondary set). The streams end as the primaries
+// hear it.
+func (s *Server) Leave(grace time.Duration) {
+	if grace <= 0 || grace > MaxRestartGrace {
+		return
+	}
+	s.mu.Lock()
+	var sends []func(Frame) error
+	for _, st := range s.sessions {
+		if st.send != nil {
+			sends = append(sends, st.send)
+		}
+	}
+	s.mu.Unlock()
+	for _, send := range sends {
+		send(restartFrame(grace))
+	}
 }
 
 func restartFrame(d time.Duration) Frame {
@@ -57,6 +86,7 @@ func (s *Sender) Restarting(grace time.Duration) error {
 	if grace <= 0 || grace > MaxRestartGrace {
 		return fmt.Errorf("replication: restart grace %s out of range (0, %s]", grace, MaxRestartGrace)
 	}
+	s.restartSent.Store(true)
 	if err := s.write(func() error { return s.w.WriteFrame(restartFrame(grace)) }, true); err != nil {
 		return err
 	}

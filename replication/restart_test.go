@@ -3,6 +3,7 @@ package replication
 import (
 	"context"
 	"errors"
+	"net"
 	"testing"
 	"time"
 )
@@ -65,5 +66,38 @@ func TestDecodeRestartRefusesBadGrace(t *testing.T) {
 	}
 	if d, err := decodeRestart(restartFrame(MaxRestartGrace)); err != nil || d != MaxRestartGrace {
 		t.Errorf("the largest grace: %s, %v", d, err)
+	}
+}
+
+// A secondary whose axd restarts tells its primaries (Server.Leave): the
+// stream ends with a RestartingError saying so and for how long.
+func TestServerLeave(t *testing.T) {
+	const ramSize = 4 * PageSize
+	rep, err := OpenReplica(t.TempDir(), ramSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rep.Close()
+	opened := make(chan struct{}, 1)
+	srv := NewServer(pskMode.server, pskMode.allow, Handler{Open: func(string, string, []byte, net.Addr) (*Replica, error) {
+		opened <- struct{}{}
+		return rep, nil
+	}}, nil)
+	addr := serve(t, srv)
+	s, err := Dial(context.Background(), addr, pskMode.client, pskMode.peer, "vm1", []byte(`{"name":"vm1"}`), ramSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	<-opened
+	srv.Leave(9 * time.Second)
+	select {
+	case <-s.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("the stream did not end when its secondary left")
+	}
+	var r *RestartingError
+	if !errors.As(s.Err(), &r) || !r.Secondary || r.For != 9*time.Second {
+		t.Fatalf("the primary's stream ended with %v, want the secondary's restart for 9s", s.Err())
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/axproject/ax/ax/ratelog"
@@ -70,6 +71,7 @@ type Sender struct {
 	done chan struct{}
 	// restartEcho is closed when the secondary echoed a Restart.
 	restartEcho chan struct{}
+	restartSent atomic.Bool
 	errMu       sync.Mutex
 	err         error
 	once        sync.Once
@@ -274,13 +276,19 @@ func (s *Sender) readAcks() {
 				return
 			}
 		case TypeRestart:
-			// The secondary understood: nothing more comes on this stream.
-			if _, err := decodeRestart(f); err != nil {
+			grace, err := decodeRestart(f)
+			if err != nil {
 				s.fail(err)
 				return
 			}
-			close(s.restartEcho)
-			s.fail(errors.New("replication: stream ended for axd's restart"))
+			if s.restartSent.Load() {
+				// The secondary understood: nothing more comes on this stream.
+				close(s.restartEcho)
+				s.fail(errors.New("replication: stream ended for axd's restart"))
+				return
+			}
+			// The secondary's axd restarts: it keeps the replica.
+			s.fail(&RestartingError{For: grace, Secondary: true})
 			return
 		default:
 			s.fail(fmt.Errorf("replication: unexpected %s from the secondary", f.Type))
@@ -443,6 +451,8 @@ type Server struct {
 type stream struct {
 	conn net.Conn      // the TCP connection, closed to end the stream
 	done chan struct{} // closed when the stream's handling ended
+	// send writes a frame to the primary (set once the session can).
+	send func(Frame) error
 }
 
 // NewServer returns a server that protects and authenticates streams as
@@ -585,6 +595,11 @@ func (s *Server) session(a Authenticated) (bye, handover bool, err error) {
 		}
 		return w.Flush()
 	}
+	s.mu.Lock()
+	if st := s.sessions[vm]; st != nil {
+		st.send = send // this one (one stream per VM): Leave may speak on it from now on
+	}
+	s.mu.Unlock()
 	rep, err := s.handler.Open(vm, a.Peer, spec, conn.RemoteAddr())
 	if err != nil {
 		// The primary learns why; a refusal is not the stream's fault.

@@ -136,7 +136,7 @@ func (d *Daemon) protectAs(name string, req api.ProtectRequest, auto bool) error
 		v.lastCommit, v.pauses, v.syncSent, v.syncTotal = time.Time{}, nil, 0, 0
 		v.scans, v.devSaves, v.dirtyTotal, v.sent = nil, nil, 0, 0
 		v.diskSyncDone, v.diskSyncTotal = 0, 0
-		accepted = v.accepted
+		accepted, v.partnerBackBy = v.accepted, time.Time{}
 		v.prot = startProtection(d.ctx, &d.wg, func(ctx context.Context) { d.runPrimary(ctx, v) },
 			func(ctx context.Context, closing, streamDone <-chan struct{}) {
 				d.guardPrimary(ctx, v, closing, streamDone)
@@ -378,8 +378,10 @@ func (d *Daemon) endStream(v *vmState, sender *replication.Sender) {
 // counted from here, ends before every partner's, counted from its receipt
 // of the word.
 func (d *Daemon) leave() {
-	if d.cfg.RestartGrace > 0 {
-		d.leaving.CompareAndSwap(0, int64(guard.Monotonic()+d.cfg.RestartGrace))
+	if d.cfg.RestartGrace > 0 && d.leaving.CompareAndSwap(0, int64(guard.Monotonic()+d.cfg.RestartGrace)) {
+		// Primaries streaming to this host keep their output held and
+		// come back to its replicas (restoreReplica) rather than give up.
+		d.repl.Leave(d.cfg.RestartGrace)
 	}
 }
 
@@ -427,6 +429,20 @@ func (d *Daemon) runPrimary(ctx context.Context, v *vmState) {
 		}
 		if ctx.Err() != nil {
 			return
+		}
+		var backBy time.Time
+		v.set(func(v *vmState) { backBy = v.partnerBackBy })
+		if time.Now().Before(backBy) {
+			// The partner's axd restarts with the replica kept: the output
+			// stays held (the replica can still take over from before it)
+			// and the stream comes back on that replica as soon as it can.
+			d.fire(v, vm.Lost, fmt.Sprintf("protection paused: the partner's axd restarts (back within %s); output held", time.Until(backBy).Round(time.Second)), nil)
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(retryUnprotected):
+			}
+			continue
 		}
 		// Repeated failures for the same reason are logged once.
 		tr, _ := d.fire(v, vm.Lost, "protection lost: "+err.Error(), nil)
@@ -500,6 +516,14 @@ func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 		return fmt.Errorf("replication link to %s: %w", peerName, err)
 	}
 	defer sender.Close()
+	defer func() {
+		// The partner's axd restarts and keeps the replica (Server.Leave):
+		// runPrimary holds the output and reconnects until it is back.
+		var rs *replication.RestartingError
+		if errors.As(sender.Err(), &rs) && rs.Secondary {
+			v.set(func(v *vmState) { v.partnerBackBy = time.Now().Add(rs.For) })
+		}
+	}()
 	setUserTimeout(sender)
 	// The guard closes the stream when the replication path goes silent:
 	// a cut link must not leave anything blocked on a TCP write. It ends

@@ -84,6 +84,9 @@ type vmState struct {
 	// stopping axd left holding the guest, for the next axd to dismiss.
 	restartConfirmed bool
 	leftGuard        int
+	// partnerBackBy: the partner's axd restarts and keeps the replica;
+	// until then a lost stream holds the output and reconnects.
+	partnerBackBy time.Time
 
 	// intent: the level the operator declared (ft, ha, or none) towards
 	// declaredPeer. It outlives failovers: while the VM runs here below

@@ -95,8 +95,14 @@ func TestIntegrationAxdRestart(t *testing.T) {
 			if !told || dropped {
 				t.Errorf("b across the restart of a's axd: told %v, replica dropped %v:%s", told, dropped, l.eventsText(ctx, cb))
 			}
-		} else if ev := l.eventsText(ctx, cb); !strings.Contains(ev, "reopened after axd started: ready to take over") {
-			t.Errorf("b's restarted axd did not reopen its replica ready to take over:%s", ev)
+		} else {
+			if ev := l.eventsText(ctx, cb); !strings.Contains(ev, "reopened after axd started: ready to take over") {
+				t.Errorf("b's restarted axd did not reopen its replica ready to take over:%s", ev)
+			}
+			// b said it restarts: a held its output and came back to it.
+			if ev := l.eventsText(ctx, ca); !strings.Contains(ev, "the partner's axd restarts") {
+				t.Errorf("a did not hear that b's axd restarts:%s", ev)
+			}
 		}
 		time.Sleep(3 * time.Second) // the client appends on the protected VM
 	}
