@@ -35,6 +35,12 @@ type Metrics struct {
 	JournalWrites *prometheus.GaugeVec
 	Reserved      *prometheus.GaugeVec
 	Capacity      *prometheus.GaugeVec
+
+	// A disk sync on the partner's replica (after a link cut, a restart
+	// or a failover): bytes of writes compared with what the replica held,
+	// and of them those not sent because it held them already.
+	DiskResyncCompared *prometheus.CounterVec
+	DiskResyncSkipped  *prometheus.CounterVec
 }
 
 // Levels as exported by ax_vm_level.
@@ -90,6 +96,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "ax_disk_replica_lag_writes", Help: "Disk writes (and level changes) sent but not yet acknowledged by the partner."}, []string{"vm"}),
 		DiskSync: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "ax_disk_sync_progress_ratio", Help: "Initial disk synchronisation progress, 0 to 1."}, []string{"vm"}),
+		DiskResyncCompared: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "ax_disk_resync_compared_bytes_total", Help: "Disk bytes the initial disk sync compared with what the partner's replica held when the stream opened."}, []string{"vm"}),
+		DiskResyncSkipped: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "ax_disk_resync_skipped_bytes_total", Help: "Disk bytes the initial disk sync did not send because the partner's replica held them already."}, []string{"vm"}),
 		JournalBytes: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "ax_disk_journal_bytes", Help: "Secondary: disk write bytes journaled until their checkpoint commits."}, []string{"vm"}),
 		JournalWrites: prometheus.NewGaugeVec(prometheus.GaugeOpts{
@@ -99,7 +109,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		Capacity: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "ax_host_capacity", Help: "This host's capacity reservations are counted against, by resource."}, []string{"resource"}),
 	}
-	reg.MustRegister(m.DiskBytes, m.DiskLag, m.DiskSync, m.JournalBytes, m.JournalWrites, m.Reserved, m.Capacity)
+	reg.MustRegister(m.DiskBytes, m.DiskLag, m.DiskSync, m.DiskResyncCompared, m.DiskResyncSkipped, m.JournalBytes, m.JournalWrites, m.Reserved, m.Capacity)
 	reg.MustRegister(m.Epochs, m.Pause, m.DirtyPages, m.BytesSent, m.CommitLatency, m.ReplLag,
 		m.Failovers, m.Unprotected, m.UnprotectedS, m.Level, m.Protected, m.SyncProgress, m.PeerHeard, m.Witness,
 		m.HeldFrames, m.HeldBytes, m.ReleaseDelay, m.OutputDrops)
@@ -116,6 +126,8 @@ func (m *Metrics) SetLevel(vm, role, level string) {
 	m.Epochs.WithLabelValues(vm).Add(0)
 	m.BytesSent.WithLabelValues(vm).Add(0)
 	m.DiskBytes.WithLabelValues(vm).Add(0)
+	m.DiskResyncCompared.WithLabelValues(vm).Add(0)
+	m.DiskResyncSkipped.WithLabelValues(vm).Add(0)
 	// Disk gauges start at zero too (a VM without disks keeps them there).
 	m.DiskLag.WithLabelValues(vm).Add(0)
 	m.JournalWrites.WithLabelValues(vm).Add(0)
@@ -138,7 +150,8 @@ func (m *Metrics) Forget(vm string) {
 	for _, v := range []interface {
 		DeletePartialMatch(prometheus.Labels) int
 	}{m.Epochs, m.Pause, m.DirtyPages, m.BytesSent, m.CommitLatency, m.ReplLag, m.Level, m.Protected, m.SyncProgress, m.Unprotected,
-		m.HeldFrames, m.HeldBytes, m.ReleaseDelay, m.OutputDrops, m.DiskBytes, m.DiskLag, m.DiskSync, m.JournalBytes, m.JournalWrites} {
+		m.HeldFrames, m.HeldBytes, m.ReleaseDelay, m.OutputDrops, m.DiskBytes, m.DiskLag, m.DiskSync, m.DiskResyncCompared, m.DiskResyncSkipped,
+		m.JournalBytes, m.JournalWrites} {
 		v.DeletePartialMatch(prometheus.Labels{"vm": vm})
 	}
 }

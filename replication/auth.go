@@ -45,9 +45,13 @@ import (
 
 // Protocol versions this package speaks. Version 2 binds the offered
 // versions into the proofs and protects the stream; version 1 did neither.
+// Version 3 sends the replica's page hashes after Accept (the base of the
+// memory sync); version 4 adds the hashes of its disks' ranges (the base
+// of the disk sync) and a longer Accept. Both hosts of a pair are
+// upgraded together: a host speaks only the newest version.
 const (
-	MinProtocolVersion uint8 = 3
-	ProtocolVersion    uint8 = 3
+	MinProtocolVersion uint8 = 4
+	ProtocolVersion    uint8 = 4
 )
 
 const (

@@ -22,6 +22,7 @@ func fuzzSeeds(t testing.TB) [][]byte {
 		encode(t, checkpointFrames(t, 7, testPages(2, 0), []byte("device state"), 0)...),
 		encode(t, DiskWrite{Disk: 1, Offset: 4096, Data: []byte("sector")}.Frame(7), EpochBoundary{Epoch: 7}.Frame()),
 		encode(t, Heartbeat{SentUnixNano: 1, LastCommitted: 6}.Frame(), Ack{Epoch: 7}.Frame()),
+		encode(t, append([]Frame{acceptFrame(2, [][]uint64{{1}, {2, 3}})}, baseFrames([]uint64{4, 5}, [][]uint64{{6}, {7, 8}})...)...),
 		good[:HeaderSize+2],
 		badCRC,
 		[]byte("GET / HTTP/1.1\r\n\r\n"),
@@ -58,6 +59,10 @@ func decodeTyped(f Frame) error {
 		_, err = DecodeHeartbeat(f)
 	case TypeAck:
 		_, err = DecodeAck(f)
+	case TypeAccept:
+		_, _, err = decodeAccept(f, fuzzRAM, fuzzDisks)
+	case TypeBase:
+		_, err = decodeBase(f, nil, fuzzRAM/PageSize)
 	}
 	return err
 }
@@ -129,6 +134,46 @@ func FuzzDecodePages(f *testing.F) {
 		again, err := AppendPages(nil, pages)
 		if err != nil || !bytes.Equal(again, payload) {
 			t.Fatalf("decoded pages re-encode differently: %v", err)
+		}
+	})
+}
+
+// What the fuzzed primary knows of its VM: the base it takes is checked
+// against these.
+const fuzzRAM = 1 << 20
+
+var fuzzDisks = []int64{1 << 20, 3*DiskBaseRange + 1}
+
+// FuzzDecodeAccept feeds the primary Accept payloads: whatever passes has
+// counts that fit the VM, and encodes back to the same bytes. Testdata/fuzz
+// holds the seeds.
+func FuzzDecodeAccept(f *testing.F) {
+	f.Add(acceptFrame(fuzzRAM/PageSize, nil).Payload)
+	f.Add(acceptFrame(0, [][]uint64{make([]uint64, 16), make([]uint64, 4)}).Payload)
+	f.Add(acceptFrame(fuzzRAM/PageSize, [][]uint64{make([]uint64, 16), make([]uint64, 3)}).Payload)
+	f.Add(le.AppendUint32(le.AppendUint64(nil, 0), 1<<31))
+	f.Add(le.AppendUint64(nil, fuzzRAM/PageSize))
+	f.Add(le.AppendUint64(le.AppendUint64(le.AppendUint32(le.AppendUint64(nil, 0), 2), 16), 1<<62))
+	f.Fuzz(func(t *testing.T, payload []byte) {
+		pages, ranges, err := decodeAccept(Frame{Type: TypeAccept, Payload: payload}, fuzzRAM, fuzzDisks)
+		if err != nil {
+			if !errors.Is(err, ErrMalformed) {
+				t.Fatalf("untyped error: %v", err)
+			}
+			return
+		}
+		if pages != 0 && pages != fuzzRAM/PageSize {
+			t.Fatalf("accepted a base of %d pages", pages)
+		}
+		disks := make([][]uint64, len(ranges))
+		for i, n := range ranges {
+			if n != DiskRanges(fuzzDisks[i]) {
+				t.Fatalf("accepted %d ranges for disk %d", n, i)
+			}
+			disks[i] = make([]uint64, n)
+		}
+		if again := acceptFrame(pages, disks).Payload; !bytes.Equal(again, payload) {
+			t.Fatal("a decoded Accept encodes differently")
 		}
 	})
 }

@@ -99,6 +99,16 @@ type DiskSink interface {
 	SetLevel(level string) error
 }
 
+// DiskHasher is a DiskSink that can say what its disks hold: the base of
+// the primary's disk sync, which then sends only the ranges that differ.
+type DiskHasher interface {
+	// RangeHashes returns, for each disk in order, the hash
+	// (dirty.PageHash) of each DiskBaseRange bytes of it, the last range
+	// short when the disk's size is not a multiple of it. It returns
+	// ctx's error once ctx ends.
+	RangeHashes(ctx context.Context) ([][]uint64, error)
+}
+
 // SendDiskWrite puts one guest disk write made in epoch on the stream and
 // returns its ordered count, for WaitOrdered.
 func (s *Sender) SendDiskWrite(epoch uint64, d DiskWrite) (uint64, error) {

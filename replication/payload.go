@@ -395,48 +395,122 @@ func DecodeAck(f Frame) (Ack, error) {
 	return a, expectEpoch(f, a.Epoch)
 }
 
-// The base: what the secondary's replica RAM holds when a stream opens, as
-// one xxh3 hash per page (PageHash), so that the primary's initial sync
-// sends only the pages that differ (dirty.PageHash, the hash tracker's own).
-// The Accept frame's payload is the
-// number of pages (8 bytes); Base frames follow with the hashes, each
-// starting with the frame number of its first page, in order.
+// The base: what the secondary's replica holds when a stream opens, so that
+// the primary's initial syncs send only what differs — one xxh3 hash
+// (dirty.PageHash, the hash tracker's own) per page of its RAM, then one per
+// DiskBaseRange bytes of each of its disks, in the order the VM's disks are
+// configured (the last range of a disk is short when the disk's size is not
+// a multiple of DiskBaseRange: its hash is of the bytes that exist).
+//
+// The Accept frame's payload says how many hashes follow: the number of
+// pages (8 bytes), the number of disks (4 bytes, zero when the replica's
+// disks were not hashed) and the number of ranges of each disk (8 bytes
+// each). Base frames follow with the hashes of pages and disk ranges as one
+// sequence, each frame starting with the index in it of its first hash, in
+// order.
+
+// DiskBaseRange is the span of a disk one base hash covers: the
+// granularity of QEMU's mirror for raw images, so the mirror's copy writes
+// whole ranges.
+const DiskBaseRange = 64 << 10
+
+// DiskRanges is how many base hashes cover a disk of size bytes.
+func DiskRanges(size int64) uint64 {
+	if size <= 0 {
+		return 0
+	}
+	n := uint64(size / DiskBaseRange)
+	if size%DiskBaseRange != 0 {
+		n++
+	}
+	return n
+}
 
 // maxBaseHashes is how many hashes one Base frame carries.
 const maxBaseHashes = (MaxPayload - 8) / 8
 
-func acceptFrame(pages uint64) Frame {
-	return Frame{Type: TypeAccept, Payload: le.AppendUint64(nil, pages)}
+// acceptFrame says the base that follows is of pages pages and, when disks
+// is not empty, of len(disks[i]) ranges of each disk i.
+func acceptFrame(pages uint64, disks [][]uint64) Frame {
+	p := le.AppendUint64(make([]byte, 0, 12+8*len(disks)), pages)
+	p = le.AppendUint32(p, uint32(len(disks)))
+	for _, d := range disks {
+		p = le.AppendUint64(p, uint64(len(d)))
+	}
+	return Frame{Type: TypeAccept, Payload: p}
 }
 
-// decodeAccept returns the number of pages whose hashes follow.
-func decodeAccept(f Frame, ramSize int64) (uint64, error) {
-	if err := expect(f, TypeAccept, 8); err != nil {
-		return 0, err
+// decodeAccept returns the number of pages and of each disk's ranges whose
+// hashes follow, checked against what the primary knows: the RAM size and
+// the sizes of its disks. Ranges is nil when the disks were not hashed.
+func decodeAccept(f Frame, ramSize int64, diskSizes []int64) (pages uint64, ranges []uint64, err error) {
+	if f.Type != TypeAccept {
+		return 0, nil, frameErr(ErrUnexpectedType, "%s frame where %s was expected", f.Type, TypeAccept)
 	}
-	n := le.Uint64(f.Payload)
-	if n != 0 && n != uint64(ramSize/PageSize) {
-		return 0, frameErr(ErrMalformed, "base of %d pages for %d bytes of RAM", n, ramSize)
+	p := f.Payload
+	if len(p) < 12 {
+		return 0, nil, frameErr(ErrMalformed, "Accept payload of %d bytes", len(p))
 	}
-	return n, nil
-}
-
-// baseFrames encodes hashes as Base frames.
-func baseFrames(hashes []uint64) []Frame {
-	var fs []Frame
-	for first := 0; first < len(hashes); first += maxBaseHashes {
-		chunk := hashes[first:min(first+maxBaseHashes, len(hashes))]
-		p := le.AppendUint64(make([]byte, 0, 8+8*len(chunk)), uint64(first))
-		for _, h := range chunk {
-			p = le.AppendUint64(p, h)
+	pages, disks := le.Uint64(p), le.Uint32(p[8:])
+	if pages != 0 && pages != uint64(ramSize/PageSize) {
+		return 0, nil, frameErr(ErrMalformed, "base of %d pages for %d bytes of RAM", pages, ramSize)
+	}
+	if disks != 0 && uint64(disks) != uint64(len(diskSizes)) {
+		return 0, nil, frameErr(ErrMalformed, "base of %d disks for a VM with %d", disks, len(diskSizes))
+	}
+	if uint64(len(p)) != 12+8*uint64(disks) {
+		return 0, nil, frameErr(ErrMalformed, "Accept payload of %d bytes for %d disks", len(p), disks)
+	}
+	if disks == 0 {
+		return pages, nil, nil
+	}
+	ranges = make([]uint64, disks) // as many as the primary's own disks
+	for i := range ranges {
+		ranges[i] = le.Uint64(p[12+8*i:])
+		if want := DiskRanges(diskSizes[i]); ranges[i] != want {
+			return 0, nil, frameErr(ErrMalformed, "base of %d ranges for disk %d of %d bytes, want %d", ranges[i], i, diskSizes[i], want)
 		}
+	}
+	return pages, ranges, nil
+}
+
+// baseFrames encodes the hashes of pages, then of each disk's ranges, as
+// Base frames.
+func baseFrames(pages []uint64, disks [][]uint64) []Frame {
+	total := len(pages)
+	for _, d := range disks {
+		total += len(d)
+	}
+	var fs []Frame
+	var p []byte
+	next := 0 // index of the next hash in the whole sequence
+	add := func(h uint64) {
+		if p == nil {
+			n := min(maxBaseHashes, total-next)
+			p = le.AppendUint64(make([]byte, 0, 8+8*n), uint64(next))
+		}
+		p = le.AppendUint64(p, h)
+		next++
+		if len(p) == 8+8*maxBaseHashes {
+			fs, p = append(fs, Frame{Type: TypeBase, Payload: p}), nil
+		}
+	}
+	for _, h := range pages {
+		add(h)
+	}
+	for _, d := range disks {
+		for _, h := range d {
+			add(h)
+		}
+	}
+	if p != nil {
 		fs = append(fs, Frame{Type: TypeBase, Payload: p})
 	}
 	return fs
 }
 
 // decodeBase appends the hashes of Base frame f to base, which must hold
-// exactly the pages before f's first; total is how many there are in all.
+// exactly the hashes before f's first; total is how many there are in all.
 func decodeBase(f Frame, base []uint64, total uint64) ([]uint64, error) {
 	if f.Type != TypeBase {
 		return base, frameErr(ErrUnexpectedType, "%s frame where Base was expected", f.Type)
@@ -446,7 +520,7 @@ func decodeBase(f Frame, base []uint64, total uint64) ([]uint64, error) {
 	}
 	first, n := le.Uint64(f.Payload), uint64(len(f.Payload)/8-1)
 	if first != uint64(len(base)) || n > total-first {
-		return base, frameErr(ErrMalformed, "Base frame of pages %d+%d after %d of %d", first, n, len(base), total)
+		return base, frameErr(ErrMalformed, "Base frame of hashes %d+%d after %d of %d", first, n, len(base), total)
 	}
 	for i := uint64(0); i < n; i++ {
 		base = append(base, le.Uint64(f.Payload[8+8*i:]))

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -58,6 +59,10 @@ type Sender struct {
 	sent  uint64    // bytes handed to the writer
 	pages uint64    // initial-sync pages sent
 	base  []uint64  // the replica's page hashes when the stream opened
+	// diskBase is the hashes of the replica's disk ranges when the stream
+	// opened (TakeDiskBase), checked against diskSizes, the VM's disks.
+	diskBase  [][]uint64
+	diskSizes []int64
 
 	ordered   uint64 // ordered frames (disk writes, levels) sent
 	diskBytes uint64 // disk write bytes sent
@@ -90,7 +95,10 @@ const specTimeout = 10 * time.Second
 // certificate must name peer), asks for vm, sends the VM's spec and waits
 // for the secondary to accept it. A refusal is a *RefusedError with the
 // secondary's reason. Ctx bounds the whole of it.
-func Dial(ctx context.Context, addr string, sec Security, peer, vm string, spec []byte, ramSize int64) (*Sender, error) {
+//
+// DiskSizes are the sizes of the VM's protected disks, in order: the base
+// of the replica's disks the secondary sends is checked against them.
+func Dial(ctx context.Context, addr string, sec Security, peer, vm string, spec []byte, ramSize int64, diskSizes ...int64) (*Sender, error) {
 	if len(spec) > MaxSpecSize {
 		return nil, fmt.Errorf("replication: spec of %d bytes exceeds %d", len(spec), MaxSpecSize)
 	}
@@ -105,7 +113,7 @@ func Dial(ctx context.Context, addr string, sec Security, peer, vm string, spec 
 	// Ctx ending wakes whatever waits on the connection; the stream
 	// itself outlives ctx.
 	stop := context.AfterFunc(ctx, func() { raw.SetDeadline(time.Unix(1, 0)) })
-	s, err := dial(raw, sec, peer, vm, spec, ramSize)
+	s, err := dial(raw, sec, peer, vm, spec, ramSize, diskSizes)
 	if !stop() && err == nil {
 		err = ctx.Err()
 		s.Close()
@@ -124,13 +132,13 @@ func Dial(ctx context.Context, addr string, sec Security, peer, vm string, spec 
 }
 
 // dial runs the handshake on raw and offers the spec.
-func dial(raw net.Conn, sec Security, peer, vm string, spec []byte, ramSize int64) (*Sender, error) {
+func dial(raw net.Conn, sec Security, peer, vm string, spec []byte, ramSize int64, diskSizes []int64) (*Sender, error) {
 	addr := raw.RemoteAddr()
 	conn, err := ClientHandshake(raw, sec, peer, vm, DefaultHandshakeTimeout)
 	if err != nil {
 		return nil, err
 	}
-	s := &Sender{conn: conn, raw: raw, ramSize: ramSize, w: NewWriter(conn, 0), r: NewReader(conn, 0), acks: make(chan uint64, 64),
+	s := &Sender{conn: conn, raw: raw, ramSize: ramSize, diskSizes: slices.Clone(diskSizes), w: NewWriter(conn, 0), r: NewReader(conn, 0), acks: make(chan uint64, 64),
 		done: make(chan struct{}), last: time.Now(), ackCh: make(chan struct{}), restartEcho: make(chan struct{})}
 	if err := s.write(func() error { return s.w.WriteFrame(Frame{Type: TypeSpec, Payload: spec}) }, true); err != nil {
 		return nil, err
@@ -160,11 +168,20 @@ func dial(raw net.Conn, sec Security, peer, vm string, spec []byte, ramSize int6
 	return s, nil
 }
 
-// readBase reads the hashes of the replica's pages that follow accept.
+// readBase reads the hashes of the replica's pages and disk ranges that
+// follow accept.
 func (s *Sender) readBase(accept Frame, conn net.Conn) error {
-	n, err := decodeAccept(accept, s.ramSize)
-	if err != nil || n == 0 {
+	pages, ranges, err := decodeAccept(accept, s.ramSize, s.diskSizes)
+	if err != nil {
 		return err
+	}
+	// Every count is the primary's own (RAM and disk sizes) by now.
+	n := pages
+	for _, r := range ranges {
+		n += r
+	}
+	if n == 0 {
+		return nil
 	}
 	base := make([]uint64, 0, n)
 	for uint64(len(base)) < n {
@@ -178,7 +195,14 @@ func (s *Sender) readBase(accept Frame, conn net.Conn) error {
 		}
 	}
 	conn.SetReadDeadline(time.Time{})
-	s.base = base
+	if pages > 0 {
+		s.base = base[:pages:pages]
+	}
+	base = base[pages:]
+	for _, r := range ranges {
+		s.diskBase = append(s.diskBase, base[:r:r])
+		base = base[r:]
+	}
 	return nil
 }
 
@@ -193,6 +217,20 @@ func (s *Sender) TakeBase() []uint64 {
 	defer s.wmu.Unlock()
 	b := s.base
 	s.base = nil
+	return b
+}
+
+// TakeDiskBase returns, for each of the VM's disks, the hash
+// (dirty.PageHash) of every DiskBaseRange bytes the secondary's replica
+// disk held when the stream opened, or nil when the secondary did not hash
+// its disks. Until the stream's first disk sync has written a range, the
+// replica holds what its hash says. Only that sync may start from it, so
+// it returns nil after the first call.
+func (s *Sender) TakeDiskBase() [][]uint64 {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	b := s.diskBase
+	s.diskBase = nil
 	return b
 }
 
@@ -410,6 +448,7 @@ type Handler struct {
 	Synced func(vm string)
 	// Disks returns where vm's disk writes go (called after Open); nil
 	// when the VM has no protected disk — a disk write is then an error.
+	// A DiskHasher's disks are the base of the primary's disk sync.
 	Disks func(vm string) DiskSink
 	// Committed is called after checkpoint epoch is applied, before the ack.
 	Committed func(vm string, epoch uint64, m Marker)
@@ -441,6 +480,7 @@ type Server struct {
 
 	// Tests shorten these.
 	handshakeTimeout, specTimeout time.Duration
+	diskBaseTimeout               time.Duration
 	preAuth                       chan struct{} // a slot per connection not yet authenticated
 	refusedLog, floodLog          *ratelog.Limiter
 
@@ -463,7 +503,7 @@ func NewServer(sec Security, allow []string, h Handler, log *slog.Logger) *Serve
 		log = slog.New(slog.DiscardHandler)
 	}
 	return &Server{sec: sec, allow: append([]string(nil), allow...), handler: h, log: log,
-		handshakeTimeout: DefaultHandshakeTimeout, specTimeout: specTimeout,
+		handshakeTimeout: DefaultHandshakeTimeout, specTimeout: specTimeout, diskBaseTimeout: diskBaseTimeout,
 		preAuth:    make(chan struct{}, maxPreAuth),
 		refusedLog: ratelog.New(refusedLogEvery), floodLog: ratelog.New(refusedLogEvery),
 		sessions: map[string]*stream{}}
@@ -570,6 +610,34 @@ func (s *Server) Drop(vm string) {
 	<-ss.done
 }
 
+// diskBaseTimeout bounds the hashing of a replica's disks when a stream
+// opens: the primary waits acceptTimeout for the Accept, and its dial is
+// bounded too. Disks that take longer are resynchronised in full.
+const diskBaseTimeout = 5 * time.Second
+
+// diskBase hashes the replica's disks for the primary's disk sync: nil
+// when the sink cannot, or when hashing took longer than diskBaseTimeout
+// (the disks are then copied in full, as without a base).
+func (s *Server) diskBase(vm string, disks DiskSink) ([][]uint64, error) {
+	h, ok := disks.(DiskHasher)
+	if !ok {
+		return nil, nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), s.diskBaseTimeout)
+	defer cancel()
+	start := time.Now()
+	base, err := h.RangeHashes(ctx)
+	if err != nil && ctx.Err() != nil {
+		s.log.Warn("replication: hashing the replica's disks took too long: they are copied in full",
+			"vm", vm, "limit", s.diskBaseTimeout, "took", time.Since(start).Round(time.Millisecond))
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("replication: %s: hash the replica's disks: %w", vm, err)
+	}
+	return base, nil
+}
+
 // session applies one authenticated stream. Any malformed or unexpected
 // frame ends it; a checkpoint is applied only when it arrived whole and
 // verified.
@@ -617,10 +685,15 @@ func (s *Server) session(a Authenticated) (bye, handover bool, err error) {
 		send(refuseFrame(err.Error()))
 		return false, false, err
 	}
-	if err := send(acceptFrame(uint64(len(base)))); err != nil {
+	diskBase, err := s.diskBase(vm, disks)
+	if err != nil {
+		send(refuseFrame(err.Error()))
 		return false, false, err
 	}
-	for _, f := range baseFrames(base) {
+	if err := send(acceptFrame(uint64(len(base)), diskBase)); err != nil {
+		return false, false, err
+	}
+	for _, f := range baseFrames(base, diskBase) {
 		if err := send(f); err != nil {
 			return false, false, err
 		}

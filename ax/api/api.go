@@ -127,6 +127,11 @@ type VMStatus struct {
 	DiskMode      string `json:"disk_mode,omitempty"`
 	JournalWrites int    `json:"journal_writes,omitempty"`
 	JournalBytes  int64  `json:"journal_bytes,omitempty"`
+
+	// The stream's disk sync on what the partner's replica held (primary):
+	// bytes of writes compared with it, and of them the bytes sent.
+	DiskResyncCompared int64 `json:"disk_resync_compared,omitempty"`
+	DiskResyncSent     int64 `json:"disk_resync_sent,omitempty"`
 	// The in-guest agent: connected, and the health of what it checks.
 	Agent string      `json:"agent"` // connected, silent, none
 	Apps  []AppHealth `json:"apps,omitempty"`

@@ -246,6 +246,10 @@ func printStatus(out io.Writer, st *api.Status) {
 		switch {
 		case v.Disks > 0 && v.Role == api.RolePrimary:
 			fmt.Fprintf(out, "disks %s: %d replicated (%s), %s sent, %d writes unacknowledged\n", v.Name, v.Disks, dash(v.DiskMode), sizeText(float64(v.DiskBytes)), v.DiskLag)
+			if v.DiskResyncCompared > 0 {
+				fmt.Fprintf(out, "disks %s: resync on the partner's replica sent %s of %s compared\n", v.Name,
+					sizeText(float64(v.DiskResyncSent)), sizeText(float64(v.DiskResyncCompared)))
+			}
 		case v.Role == api.RoleSecondary && (v.JournalWrites > 0 || v.Level == api.LevelFT):
 			fmt.Fprintf(out, "journal %s: %d writes (%s) wait for their checkpoint\n", v.Name, v.JournalWrites, sizeText(float64(v.JournalBytes)))
 		}

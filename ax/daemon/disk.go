@@ -32,6 +32,13 @@ import (
 // write through the child completes as soon as it is on the stream; a flush
 // (or a FUA write) waits until the partner has everything before it — the
 // guest's durability points, not each write, pay the round trip.
+//
+// The partner's replica disks outlive a stream (a link cut, an axd restart,
+// a failover), so the mirror's copy need not cross the link whole: when the
+// stream opens the partner sends the hash of every 64 KiB range of its
+// replica, and until the disks are in sync a write or zero range is sent
+// only for the ranges whose content the replica does not hold already
+// (diskResync).
 
 // diskChunk bounds one DiskWrite's data, well under the frame bound.
 const diskChunk = 1 << 20
@@ -78,6 +85,14 @@ type diskRepl struct {
 	// queued before its pause ended — they must be on the stream before it.
 	boundaries map[uint64]uint64
 
+	// resync, until the disks are first in sync, compares writes with what
+	// the partner's replica held when the stream opened and sends only
+	// what differs (diskresync.go); it changes under enqMu. Nil without a
+	// base, and once the disks are in sync: then nothing is compared.
+	resync atomic.Pointer[diskResync]
+	// What the sync on the base compared, and sent of it, in disk bytes.
+	resyncCompared, resyncSent atomic.Int64
+
 	nChildren atomic.Int32 // len(children), for status
 }
 
@@ -118,8 +133,12 @@ func (r *diskRepl) mode() string {
 	return "mirror"
 }
 
-func newDiskRepl(ctx context.Context, d *Daemon, vm string, sender *replication.Sender, mon hv.Block, disks []api.Disk, sizes []int64) *diskRepl {
+// newDiskRepl starts the disk replication of a stream; base is what the
+// partner's replica disks held when it opened (Sender.TakeDiskBase), nil
+// when they were not hashed.
+func newDiskRepl(ctx context.Context, d *Daemon, vm string, sender *replication.Sender, mon hv.Block, disks []api.Disk, sizes []int64, base [][]uint64) *diskRepl {
 	r := makeDiskRepl(ctx, d, vm, sender, mon, disks, sizes)
+	r.resync.Store(newDiskResync(base, sizes))
 	go r.pump()
 	return r
 }
@@ -183,6 +202,11 @@ var errPumpStopped = errors.New("disk replication stopped")
 func (r *diskRepl) enqueue(q queuedWrite) (uint64, error) {
 	r.enqMu.Lock()
 	defer r.enqMu.Unlock()
+	return r.enqueueLocked(q)
+}
+
+// enqueueLocked is enqueue with enqMu held.
+func (r *diskRepl) enqueueLocked(q queuedWrite) (uint64, error) {
 	q.seq = r.queued + 1
 	if r.ctx.Err() != nil { // stopped: nothing will send it
 		q.free()
@@ -382,6 +406,7 @@ func (r *diskRepl) waitReady(ctx context.Context, progress func(done, total int6
 		}
 		progress(done, total)
 		if ready == len(r.started) {
+			r.endResync()
 			return nil
 		}
 		select {
@@ -491,6 +516,51 @@ func (r *diskRepl) startTakenWrite(idx uint32, p *[]byte, off int64, durable boo
 func (r *diskRepl) queueWrite(idx uint32, p []byte, taken *[]byte, off int64, durable bool) (func() error, error) {
 	r.mu.RLock()
 	wait, epoch := r.wait && durable, r.epoch
+	seq, err := r.enqueueWrite(idx, p, taken, off, epoch)
+	r.mu.RUnlock()
+	if err != nil {
+		return nil, fmt.Errorf("replicate disk write: %w", err)
+	}
+	if !wait || seq == 0 {
+		return nil, nil // done: nothing to wait for (or nothing sent)
+	}
+	return r.partnerHas(seq), nil
+}
+
+// enqueueWrite queues a write — during a sync on a base, only the parts of
+// it the partner's replica does not hold — and returns the sequence number
+// of the last write queued, 0 when nothing was.
+func (r *diskRepl) enqueueWrite(idx uint32, p []byte, taken *[]byte, off int64, epoch uint64) (uint64, error) {
+	if r.resync.Load() == nil {
+		return r.enqueueChunks(idx, p, taken, off, epoch, r.enqueue)
+	}
+	r.enqMu.Lock()
+	defer r.enqMu.Unlock()
+	rs := r.resync.Load()
+	if rs == nil { // the sync ended meanwhile
+		return r.enqueueChunks(idx, p, taken, off, epoch, r.enqueueLocked)
+	}
+	spans := rs.write(idx, off, p)
+	r.resyncCompared.Add(int64(len(p)))
+	if taken != nil && (len(spans) != 1 || spans[0].n != int64(len(p))) {
+		bufpool.Put(taken) // the parts sent are copied
+		taken = nil
+	}
+	var seq uint64
+	for _, sp := range spans {
+		r.resyncSent.Add(sp.n)
+		n, err := r.enqueueChunks(idx, p[sp.off-off:sp.off-off+sp.n], taken, sp.off, epoch, r.enqueueLocked)
+		if err != nil {
+			return 0, err
+		}
+		seq = n
+	}
+	return seq, nil
+}
+
+// enqueueChunks queues p as writes of at most diskChunk bytes, with enq,
+// and returns the sequence number of the last.
+func (r *diskRepl) enqueueChunks(idx uint32, p []byte, taken *[]byte, off int64, epoch uint64, enq func(queuedWrite) (uint64, error)) (uint64, error) {
 	var seq uint64
 	for len(p) > 0 {
 		n := min(len(p), diskChunk)
@@ -505,16 +575,11 @@ func (r *diskRepl) queueWrite(idx uint32, p []byte, taken *[]byte, off int64, du
 		}
 		p, off = p[n:], off+int64(n)
 		var err error
-		if seq, err = r.enqueue(q); err != nil {
-			r.mu.RUnlock()
-			return nil, fmt.Errorf("replicate disk write: %w", err)
+		if seq, err = enq(q); err != nil {
+			return 0, err
 		}
 	}
-	r.mu.RUnlock()
-	if !wait || seq == 0 {
-		return nil, nil // done: nothing to wait for
-	}
-	return r.partnerHas(seq), nil
+	return seq, nil
 }
 
 // partnerHas returns what waits until the partner has acknowledged queued
@@ -534,15 +599,59 @@ func (r *diskRepl) partnerHas(seq uint64) func() error {
 func (r *diskRepl) startZero(idx uint32, off, length int64, durable bool) (func() error, error) {
 	r.mu.RLock()
 	wait, epoch := r.wait && durable, r.epoch
-	seq, err := r.enqueue(queuedWrite{epoch: epoch, w: replication.DiskWrite{Disk: idx, Offset: uint64(off)}, zero: length})
+	seq, err := r.enqueueZero(idx, off, length, epoch)
 	r.mu.RUnlock()
 	if err != nil {
 		return nil, fmt.Errorf("replicate disk zeroes: %w", err)
 	}
-	if !wait {
+	if !wait || seq == 0 {
 		return nil, nil
 	}
 	return r.partnerHas(seq), nil
+}
+
+// enqueueZero is enqueueWrite of a zero range.
+func (r *diskRepl) enqueueZero(idx uint32, off, length int64, epoch uint64) (uint64, error) {
+	zero := func(off, n int64) queuedWrite {
+		return queuedWrite{epoch: epoch, w: replication.DiskWrite{Disk: idx, Offset: uint64(off)}, zero: n}
+	}
+	if r.resync.Load() == nil {
+		return r.enqueue(zero(off, length))
+	}
+	r.enqMu.Lock()
+	defer r.enqMu.Unlock()
+	rs := r.resync.Load()
+	if rs == nil {
+		return r.enqueueLocked(zero(off, length))
+	}
+	r.resyncCompared.Add(length)
+	var seq uint64
+	for _, sp := range rs.zero(idx, off, length) {
+		r.resyncSent.Add(sp.n)
+		var err error
+		if seq, err = r.enqueueLocked(zero(sp.off, sp.n)); err != nil {
+			return 0, err
+		}
+	}
+	return seq, nil
+}
+
+// endResync stops comparing writes with the base once the disks are in
+// sync (the base only holds for the stream's first sync, and the guest's
+// writes from now on are not hashed), and reports what the sync sent of
+// what it compared.
+func (r *diskRepl) endResync() {
+	r.enqMu.Lock()
+	rs := r.resync.Swap(nil)
+	r.enqMu.Unlock()
+	if rs == nil || r.d == nil {
+		return
+	}
+	compared, sent := r.resyncCompared.Load(), r.resyncSent.Load()
+	r.d.metrics.DiskResyncCompared.WithLabelValues(r.vm).Add(float64(compared))
+	r.d.metrics.DiskResyncSkipped.WithLabelValues(r.vm).Add(float64(compared - sent))
+	r.d.event(r.vm, "disk", fmt.Sprintf("disk resync: sent %.1f MiB of %.1f MiB compared, the partner's replica held the rest",
+		float64(sent)/(1<<20), float64(compared)/(1<<20)))
 }
 
 // flush waits until the partner has every write made so far, below FT.

@@ -2,11 +2,15 @@ package daemon
 
 import (
 	"bytes"
+	"context"
+	"errors"
 	"os"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
 
+	"github.com/axproject/ax/ax/dirty"
 	"github.com/axproject/ax/replication"
 )
 
@@ -259,5 +263,90 @@ func TestReplicaDisksZeroPunchesHoles(t *testing.T) {
 	}
 	if got := readDisk(t, r, 0, 3<<20+8192, 1); got[0] != 7 {
 		t.Fatal("a resume applied the zero range of an uncommitted epoch")
+	}
+}
+
+// wantRangeHashes hashes a replica disk the plain way: the whole file read,
+// each range hashed.
+func wantRangeHashes(t *testing.T, r *replicaDisks, i int) []uint64 {
+	t.Helper()
+	b := readDisk(t, r, i, 0, r.sizes[i])
+	var hs []uint64
+	for off := 0; off < len(b); off += replication.DiskBaseRange {
+		hs = append(hs, dirty.PageHash(b[off:min(off+replication.DiskBaseRange, len(b))]))
+	}
+	return hs
+}
+
+// The base of a disk sync: one hash per range of each replica disk as the
+// files hold them — written data, holes (never written, or punched) that
+// read as zeroes, a short last range — kept when the disks are opened by
+// the next stream.
+func TestReplicaDisksRangeHashes(t *testing.T) {
+	const r64 = replication.DiskBaseRange
+	dir := t.TempDir()
+	sizes := []int64{4*hashChunk + 5*r64 + 1000, 1000, 2 * r64} // chunk 3 of disk 0 is a hole
+	r, err := openReplicaDisks(dir, sizes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.SetLevel(replication.StreamLevelHA)
+	data := func(c byte, n int) []byte { return bytes.Repeat([]byte{c}, n) }
+	for _, w := range []replication.DiskWrite{
+		{Disk: 0, Offset: 0, Data: data(1, 2*r64)},                             // two whole ranges
+		{Disk: 0, Offset: 5*r64 + 4096, Data: data(2, 4096)},                   // a page in a hole
+		{Disk: 0, Offset: hashChunk - 10, Data: data(3, 20)},                   // across two chunks
+		{Disk: 0, Offset: uint64(sizes[0]) - 500, Data: data(4, 500)},          // the short last range
+		{Disk: 0, Offset: 2*hashChunk + 7*r64, Data: data(5, hashChunk/2)},     // punched below
+		{Disk: 2, Offset: 0, Data: append(data(6, r64), make([]byte, r64)...)}, // zeroes written
+	} {
+		if err := r.Write(0, w); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := r.Zero(0, replication.DiskZero{Disk: 0, Offset: 2*hashChunk + 8*r64, Length: 4 * r64}); err != nil {
+		t.Fatal(err)
+	}
+	check := func(r *replicaDisks) {
+		t.Helper()
+		got, err := r.RangeHashes(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(got) != len(sizes) {
+			t.Fatalf("hashes of %d disks, want %d", len(got), len(sizes))
+		}
+		for i := range sizes {
+			if want := wantRangeHashes(t, r, i); !slices.Equal(got[i], want) {
+				t.Errorf("disk %d: %d hashes, want %d: %x, want %x", i, len(got[i]), len(want), got[i], want)
+			}
+			if uint64(len(got[i])) != replication.DiskRanges(sizes[i]) {
+				t.Errorf("disk %d: %d hashes for %d bytes", i, len(got[i]), sizes[i])
+			}
+		}
+		zero := dirty.PageHash(make([]byte, r64))
+		if got[0][2] != zero || got[0][hashChunk/r64+2] != zero || got[0][3*hashChunk/r64+9] != zero || got[2][1] != zero {
+			t.Error("a range of zeroes does not hash as zeroes")
+		}
+		if got[1][0] != dirty.PageHash(make([]byte, 1000)) {
+			t.Error("the short range of an empty disk does not hash as its 1000 zeroes")
+		}
+	}
+	check(r)
+	r.Close()
+	if _, err := r.RangeHashes(context.Background()); err == nil {
+		t.Error("closed disks hashed")
+	}
+	// The next stream opens the same files: they are its base.
+	r, err = openReplicaDisks(dir, sizes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	check(r)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := r.RangeHashes(ctx); !errors.Is(err, context.Canceled) {
+		t.Fatalf("hashing after its context ended: %v", err)
 	}
 }

@@ -74,6 +74,16 @@ func newTestDiskRepl(t testing.TB, sink replication.DiskSink) (*diskRepl, *repli
 // queued until the test starts it.
 func newTestDiskReplNoPump(t testing.TB, sink replication.DiskSink) (*diskRepl, *replication.Sender) {
 	t.Helper()
+	sizes := []int64{1 << 20}
+	s := serveDisks(t, sink)(sizes...)
+	return makeDiskRepl(t.Context(), nil, "vm1", s, nil, nil, sizes), s
+}
+
+// serveDisks runs a real replication server whose disk sink is sink until
+// the test ends, and returns how to open a stream to it for disks of sizes
+// (each stream replaces the one before, as a primary's reconnection does).
+func serveDisks(t testing.TB, sink replication.DiskSink) func(sizes ...int64) *replication.Sender {
+	t.Helper()
 	sec := replication.Security{PSK: []byte("0123456789abcdef0123456789abcdef")}
 	const ramSize = 4 * replication.PageSize
 	rep, err := replication.OpenReplica(t.TempDir(), ramSize)
@@ -93,12 +103,16 @@ func newTestDiskReplNoPump(t testing.TB, sink replication.DiskSink) (*diskRepl, 
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() { defer wg.Done(); replication.NewServer(sec, nil, h, nil).Serve(ctx, ln) }()
-	s, err := replication.Dial(ctx, ln.Addr().String(), sec, "b", "vm1", []byte(`{}`), ramSize)
-	if err != nil {
-		t.Fatal(err)
+	t.Cleanup(func() { cancel(); wg.Wait() })
+	return func(sizes ...int64) *replication.Sender {
+		t.Helper()
+		s, err := replication.Dial(ctx, ln.Addr().String(), sec, "b", "vm1", []byte(`{}`), ramSize, sizes...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+		return s
 	}
-	t.Cleanup(func() { s.Close(); cancel(); wg.Wait() })
-	return makeDiskRepl(ctx, nil, "vm1", s, nil, nil, []int64{1 << 20}), s
 }
 
 // returns reports whether f returns within d, and f's error.

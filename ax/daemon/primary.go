@@ -506,7 +506,7 @@ func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 	ramSize := int64(spec.Guest.RAMMiB) << 20
 	payload, _ := json.Marshal(streamSpec{Primary: d.cfg.Host, Spec: spec, DiskSizes: sizes, Force: force})
 	dctx, cancel := context.WithTimeout(ctx, 12*time.Second)
-	sender, err := replication.Dial(dctx, peer.Repl, d.security(), peerName, spec.Name, payload, ramSize)
+	sender, err := replication.Dial(dctx, peer.Repl, d.security(), peerName, spec.Name, payload, ramSize, sizes...)
 	cancel()
 	report(err)
 	if err != nil {
@@ -547,7 +547,7 @@ func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 			}
 		}
 	})
-	dr := newDiskRepl(sctx, d, spec.Name, sender, mon, spec.Guest.Disks, sizes)
+	dr := newDiskRepl(sctx, d, spec.Name, sender, mon, spec.Guest.Disks, sizes, sender.TakeDiskBase())
 	defer func() {
 		dr.stop()
 		// The pump ends once the stream is closed (a write to a partner

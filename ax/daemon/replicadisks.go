@@ -1,16 +1,19 @@
 package daemon
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"sync"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/axproject/ax/ax/dirty"
 	"github.com/axproject/ax/replication"
 	"github.com/axproject/ax/replication/bufpool"
 )
@@ -57,14 +60,18 @@ type stagedWrite struct {
 // second of writes at 64 MB/s, or an epoch's at 1.3 GB/s.
 const defaultStageLimit = 64 << 20
 
-var _ replication.DiskSink = (*replicaDisks)(nil)
+var (
+	_ replication.DiskSink   = (*replicaDisks)(nil)
+	_ replication.DiskHasher = (*replicaDisks)(nil)
+)
 
 func replicaDiskPath(dir string, i int) string {
 	return filepath.Join(dir, fmt.Sprintf("disk%d.raw", i))
 }
 
 // openReplicaDisks opens (creating or resizing) the replica disks in dir and
-// starts an empty journal: a new stream resynchronises every disk in full.
+// starts an empty journal: what the files hold is the base of the new
+// stream's disk sync (RangeHashes), which sends only the ranges that differ.
 func openReplicaDisks(dir string, sizes []int64) (*replicaDisks, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
@@ -327,6 +334,74 @@ func (r *replicaDisks) prepare(resume bool) error {
 		}
 	}
 	return err
+}
+
+// hashChunk is how much of a replica disk RangeHashes reads at once.
+const hashChunk = 4 << 20
+
+// RangeHashes hashes every replication.DiskBaseRange bytes of each replica
+// disk, as the files hold them now: when a stream opens nothing else
+// writes them. Chunks the file has no data in (holes) are not read.
+func (r *replicaDisks) RangeHashes(ctx context.Context) ([][]uint64, error) {
+	r.mu.Lock()
+	files, sizes := slices.Clone(r.files), r.sizes
+	r.mu.Unlock()
+	if files == nil {
+		return nil, errDisksClosed
+	}
+	buf := make([]byte, hashChunk)
+	hashes := make([][]uint64, len(files))
+	for i, f := range files {
+		h, err := rangeHashes(ctx, f, sizes[i], buf)
+		if err != nil {
+			return nil, fmt.Errorf("hash replica disk %d: %w", i, err)
+		}
+		hashes[i] = h
+	}
+	return hashes, nil
+}
+
+// zeroRangeHash is the hash of a whole range of zeroes.
+var zeroRangeHash = dirty.PageHash(zeroChunk[:replication.DiskBaseRange])
+
+// rangeHashes hashes f's first size bytes, range by range, reading them
+// len(buf) bytes (a multiple of the range) at a time.
+func rangeHashes(ctx context.Context, f *os.File, size int64, buf []byte) ([]uint64, error) {
+	const span = replication.DiskBaseRange
+	hashes := make([]uint64, 0, replication.DiskRanges(size))
+	for off := int64(0); off < size; off += int64(len(buf)) {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		b := buf[:min(int64(len(buf)), size-off)]
+		if hole(f, off, int64(len(b))) {
+			for p := 0; p < len(b); p += span {
+				if n := min(span, len(b)-p); n == span {
+					hashes = append(hashes, zeroRangeHash)
+				} else {
+					hashes = append(hashes, dirty.PageHash(zeroChunk[:n]))
+				}
+			}
+			continue
+		}
+		if _, err := f.ReadAt(b, off); err != nil {
+			return nil, err
+		}
+		for p := 0; p < len(b); p += span {
+			hashes = append(hashes, dirty.PageHash(b[p:min(p+span, len(b))]))
+		}
+	}
+	return hashes, nil
+}
+
+// hole reports whether f holds no data in n bytes from off (it reads as
+// zeroes there). Where the file system cannot say, it answers no.
+func hole(f *os.File, off, n int64) bool {
+	data, err := unix.Seek(int(f.Fd()), off, unix.SEEK_DATA)
+	if errors.Is(err, unix.ENXIO) {
+		return true // no data from off to the end of the file
+	}
+	return err == nil && data >= off+n
 }
 
 // depth is what the stage and journal hold for commits to come.

@@ -163,6 +163,7 @@ func (v *vmState) status() api.VMStatus {
 	s.DiskSyncDone, s.DiskSyncTotal = v.diskSyncDone, v.diskSyncTotal
 	if v.disks != nil {
 		s.DiskBytes, s.DiskLag, s.DiskMode = v.disks.sender.DiskBytesSent(), v.disks.lag(), v.disks.mode()
+		s.DiskResyncCompared, s.DiskResyncSent = v.disks.resyncCompared.Load(), v.disks.resyncSent.Load()
 	}
 	if v.replicaDisks != nil {
 		dp := v.replicaDisks.depth()
