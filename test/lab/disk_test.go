@@ -238,6 +238,7 @@ func TestIntegrationDiskPartnerLost(t *testing.T) {
 		t.Fatal(err)
 	}
 	time.Sleep(2 * time.Second)
+	first, _ := l.vmStatus(ctx, ca, vm.Name) // its first disk sync, onto an empty replica
 	if err := l.SetLink(ctx, HostA, ReplLink, false); err != nil {
 		t.Fatal(err)
 	}
@@ -272,6 +273,15 @@ func TestIntegrationDiskPartnerLost(t *testing.T) {
 			t.Fatalf("HA protection did not resume after the link returned: %+v\nevents on a: %s", sa, l.eventsText(ctx, ca))
 		}
 		time.Sleep(200 * time.Millisecond)
+	}
+	// The disk resynchronised on b's replica: only the ranges the guest
+	// wrote meanwhile travelled.
+	again, _ := l.vmStatus(ctx, ca, vm.Name)
+	t.Logf("disk resync after the cut: sent %d of %d bytes compared (%.3f of the 64 MiB disk compared); first sync sent %d of %d",
+		again.DiskResyncSent, again.DiskResyncCompared, float64(again.DiskResyncSent)/float64(max(again.DiskResyncCompared, 1)),
+		first.DiskResyncSent, first.DiskResyncCompared)
+	if again.DiskResyncCompared == 0 || again.DiskResyncSent*4 > again.DiskResyncCompared {
+		t.Errorf("the disk resync after the cut sent %d of %d bytes compared: not incremental", again.DiskResyncSent, again.DiskResyncCompared)
 	}
 	time.Sleep(2 * time.Second)
 	client.Stop()
