@@ -220,17 +220,32 @@ func (m *Member) health(ctx context.Context) error {
 	return nil
 }
 
-// IsLeader reports whether the member is its cluster's leader now.
+// IsLeader reports whether the member leads its cluster now, by its own
+// account.
 func (m *Member) IsLeader(ctx context.Context) (bool, error) {
+	st, err := m.status(ctx)
+	return err == nil && st.leader == st.member, err
+}
+
+// HasLeader reports whether the member knows a leader now: it does not
+// once it has heard from no majority for an election timeout.
+func (m *Member) HasLeader(ctx context.Context) (bool, error) {
+	st, err := m.status(ctx)
+	return err == nil && st.leader != "" && st.leader != "0", err
+}
+
+type status struct{ member, leader string }
+
+func (m *Member) status(ctx context.Context) (status, error) {
 	ctx, cancel := context.WithTimeout(ctx, time.Second)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, m.ClientURL+"/v3/maintenance/status", strings.NewReader("{}"))
 	if err != nil {
-		return false, err
+		return status{}, err
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
-		return false, err
+		return status{}, err
 	}
 	defer resp.Body.Close()
 	// IDs are uint64s, which the JSON gateway writes as strings.
@@ -241,12 +256,12 @@ func (m *Member) IsLeader(ctx context.Context) (bool, error) {
 		Leader string
 	}
 	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
-		return false, err
+		return status{}, err
 	}
 	if st.Header.MemberID == "" {
-		return false, errors.New("status without a member ID")
+		return status{}, errors.New("status without a member ID")
 	}
-	return st.Leader == st.Header.MemberID, nil
+	return status{member: st.Header.MemberID, leader: st.Leader}, nil
 }
 
 // Leader returns the member that leads now, asking each running member.
