@@ -64,9 +64,10 @@ type EtcdConfig struct {
 	// Prefix starts every key (DefaultEtcdPrefix when empty); it must not
 	// end with '/'.
 	Prefix string
-	// DialTimeout bounds one attempt to connect to a member
-	// (DefaultTimeout when <= 0). No call waits for a connection longer
-	// than its context allows.
+	// DialTimeout is the time an attempt to connect to a member is given
+	// (DefaultTimeout when <= 0); failed attempts are retried, at most
+	// 2 s apart. No call waits for a connection longer than its context
+	// allows.
 	DialTimeout time.Duration
 	// Timeout bounds each call (DefaultTimeout when <= 0), as
 	// ClientConfig.Timeout does.
