@@ -2,7 +2,7 @@
 # Installs the Debian packages the lab and the tests need. Idempotent: it
 # installs only what is missing and refreshes apt's lists only when needed.
 set -eu
-PKGS="qemu-system-x86 qemu-utils iproute2 busybox-static netcat-openbsd ca-certificates prometheus clang llvm libbpf-dev systemd dpkg lintian systemd-container mmdebstrap"
+PKGS="qemu-system-x86 qemu-utils iproute2 busybox-static netcat-openbsd ca-certificates prometheus clang llvm libbpf-dev systemd dpkg lintian systemd-container mmdebstrap etcd-server"
 if [ "$(id -u)" != 0 ]; then
 	echo "deps: run as root (the lab needs root anyway): sudo make deps" >&2
 	exit 1
