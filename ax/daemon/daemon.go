@@ -5,6 +5,7 @@ package daemon
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -13,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -60,6 +62,9 @@ type Config struct {
 	PSK      []byte
 	// WitnessName is the witness's certificate name (TLS mode).
 	WitnessName string
+	// EtcdTLS secures the connections to an etcd witness
+	// (Witness "etcd://…"), with this host's client certificate; nil: plain.
+	EtcdTLS *tls.Config
 	// ImageDirs are where kernels and initrds a partner's spec names may
 	// live on this host; Bridges the bridges replicas' taps may join (none:
 	// any Linux bridge of this host).
@@ -202,11 +207,11 @@ type Daemon struct {
 	agentMetrics *agent.Metrics
 	hb           *heartbeat.Detector
 	repl         *replication.Server
-	wit          *witness.Client // nil without a witness
-	nbd          *nbd.Server     // primaries' disk mirrors write here
-	book         *reserve.Book   // capacity promised to partners' VMs
-	store        vm.Store        // written at every change of a VM's state
-	pinGates     bool            // FT output gates are pinned in cfg.BPFDir
+	wit          witness.Leases // nil without a witness
+	nbd          *nbd.Server    // primaries' disk mirrors write here
+	book         *reserve.Book  // capacity promised to partners' VMs
+	store        vm.Store       // written at every change of a VM's state
+	pinGates     bool           // FT output gates are pinned in cfg.BPFDir
 	// leaving: axd stops, and its partners were told to wait for it until
 	// this CLOCK_MONOTONIC moment (ns; 0: not stopping, or without a grace).
 	leaving atomic.Int64
@@ -250,7 +255,20 @@ func New(cfg Config) (*Daemon, error) {
 			return nil, fmt.Errorf("axd: peer %s: %w", name, err)
 		}
 	}
-	if cfg.Witness != "" {
+	if strings.HasPrefix(cfg.Witness, witness.EtcdScheme) {
+		eps, err := witness.ParseEtcdAddr(cfg.Witness)
+		if err != nil {
+			return nil, fmt.Errorf("axd: --witness-addr: %w", err)
+		}
+		e, err := witness.NewEtcd(witness.EtcdConfig{Endpoints: eps, Host: cfg.Host, TTL: cfg.LeaseTTL, TLS: cfg.EtcdTLS,
+			Timeout: 300 * time.Millisecond, Log: cfg.Log})
+		if err != nil {
+			return nil, fmt.Errorf("axd: witness: %w", err)
+		}
+		// etcd counts leases in whole seconds: fencing and the guards go
+		// by the lease etcd grants.
+		d.wit, d.cfg.LeaseTTL = e, e.TTL()
+	} else if cfg.Witness != "" {
 		wc := witness.ClientConfig{Addr: cfg.Witness, Identity: cfg.Identity, Witness: cfg.WitnessName, Timeout: 300 * time.Millisecond}
 		if cfg.Identity == nil {
 			wc.PSK, wc.Holder = cfg.PSK, cfg.Host

@@ -15,6 +15,7 @@ import (
 	"github.com/axproject/ax/ax/reserve"
 	"github.com/axproject/ax/ax/witness"
 	"github.com/axproject/ax/replication"
+	"github.com/axproject/ax/test/etcdtest"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
@@ -217,4 +218,55 @@ func TestReplicaRestoredAfterRestart(t *testing.T) {
 		b := vm1(p.b)
 		return b.Role == api.RoleLocal && b.State == "running"
 	}, func() string { return fmt.Sprintf("%+v", p.b.eventsSince(0)) })
+}
+
+// withEtcdWitness has the pair hold its leases on a real etcd (one member)
+// instead of axd --witness.
+func withEtcdWitness(t *testing.T) func(string, *Config) {
+	t.Helper()
+	c := etcdtest.Start(t, 1)
+	addr := witness.EtcdScheme + strings.Join(c.Endpoints(), ",")
+	return func(_ string, cfg *Config) { cfg.Witness, cfg.LeaseTTL = addr, time.Second }
+}
+
+// The etcd witness behind the same seam: a planned failover releases the
+// lease in etcd, the partner takes it over by etcd's transaction, runs the
+// VM and protects it back — and a primary stopped for good is taken over
+// once its etcd lease lapses.
+func TestEtcdWitnessFailovers(t *testing.T) {
+	p := runPair(t, withEtcdWitness(t), func(_ string, c *Config) { c.RestartGrace = 2 * time.Second })
+	p.defineVM(t)
+	p.fakeB.NoPIDs()
+	if err := p.a.protect("vm1", api.ProtectRequest{Level: api.LevelFT, Peer: "b"}); err != nil {
+		t.Fatal(err)
+	}
+	until(t, "FT protection a→b", func() bool {
+		a, b := vm1(p.a), vm1(p.b)
+		return a.State == "protected" && a.Committed > 2 && b.State == "ready"
+	}, both(p))
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := p.a.plannedFailover(ctx, "vm1"); err != nil {
+		t.Fatalf("planned failover: %v\nb: %+v", err, p.b.eventsSince(0))
+	}
+	until(t, "FT protection b→a, by itself", func() bool {
+		a, b := vm1(p.a), vm1(p.b)
+		return b.Role == api.RolePrimary && b.State == "protected" && a.State == "ready"
+	}, func() string {
+		return fmt.Sprintf("%s\nb: %+v\na: %+v", both(p)(), p.b.eventsSince(0), p.a.eventsSince(0))
+	})
+	var li witness.LeaseInfo
+	until(t, "b holds vm1's lease in etcd", func() bool {
+		var err error
+		li, err = p.b.wit.Query(ctx, "vm1")
+		return err == nil && li.Holder == "b" && !li.Expired
+	}, func() string { return fmt.Sprintf("%+v", li) })
+	// b's axd stops and does not come back within its grace: a takes over
+	// once b's etcd lease lapsed and the grace ended.
+	p.fakeA.NoPIDs()
+	p.stop["b"]()
+	until(t, "a runs the VM once b's etcd lease lapsed", func() bool {
+		a := vm1(p.a)
+		return a.Role == api.RoleLocal && a.State == "running"
+	}, func() string { return fmt.Sprintf("%+v", p.a.eventsSince(0)) })
 }

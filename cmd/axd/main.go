@@ -4,6 +4,8 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -66,7 +68,10 @@ func run(ctx context.Context, args []string) error {
 	fs.StringVar(&cfg.ReplListen, "repl-listen", "", "address on the dedicated replication link (TCP streams, UDP heartbeats)")
 	fs.StringVar(&cfg.MgmtListen, "mgmt-listen", "", "address on the management network (UDP heartbeats)")
 	fs.Var(peers, "peer", "a partner host: NAME=REPL_HOST:PORT,MGMT_HOST:PORT (repeatable)")
-	fs.StringVar(&cfg.Witness, "witness-addr", "", "the witness's address (without one, replicas never promote)")
+	fs.StringVar(&cfg.Witness, "witness-addr", "", "the witness's address, HOST:PORT of axd --witness or etcd://HOST:PORT[,HOST:PORT...] of an etcd cluster (without one, replicas never promote)")
+	etcdCA := fs.String("etcd-ca", "", "etcd witness: the CA of the etcd members' certificates (TLS; without it, plain connections)")
+	etcdCert := fs.String("etcd-cert", "", "etcd witness: this host's client certificate for etcd")
+	etcdKey := fs.String("etcd-key", "", "etcd witness: its private key")
 	fs.StringVar(&cfg.WitnessName, "witness-name", "", "TLS mode: the name on the witness's certificate")
 	fs.Var((*listFlag)(&cfg.ImageDirs), "image-dir", "a directory kernels and initrds named by partners' VM specs may come from (repeatable)")
 	fs.Var((*listFlag)(&cfg.Bridges), "bridge", "a bridge replicas' taps may join (repeatable; none: any bridge of this host)")
@@ -141,6 +146,10 @@ func run(ctx context.Context, args []string) error {
 		return srv.Serve(ctx, ln)
 	}
 	cfg.Peers, cfg.PSK, cfg.Identity, cfg.LeaseTTL, cfg.Log = peers, psk, id, *ttl, log
+	var err error
+	if cfg.EtcdTLS, err = etcdTLS(*etcdCA, *etcdCert, *etcdKey); err != nil {
+		return err
+	}
 	if exe, err := os.Executable(); err == nil {
 		cfg.GuardExe = exe // each primary's guard is this binary with --guard-pid
 	}
@@ -175,4 +184,31 @@ func notifyReady() {
 	}
 	defer c.Close()
 	c.Write([]byte("READY=1"))
+}
+
+// etcdTLS is the TLS configuration for an etcd witness: nil without a CA.
+func etcdTLS(ca, cert, key string) (*tls.Config, error) {
+	if ca == "" {
+		if cert != "" || key != "" {
+			return nil, errors.New("--etcd-cert and --etcd-key need --etcd-ca")
+		}
+		return nil, nil
+	}
+	pem, err := os.ReadFile(ca)
+	if err != nil {
+		return nil, fmt.Errorf("--etcd-ca: %w", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("--etcd-ca: no certificate in %s", ca)
+	}
+	c := &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	if cert != "" || key != "" {
+		pair, err := tls.LoadX509KeyPair(cert, key)
+		if err != nil {
+			return nil, fmt.Errorf("--etcd-cert/--etcd-key: %w", err)
+		}
+		c.Certificates = []tls.Certificate{pair}
+	}
+	return c, nil
 }
