@@ -200,6 +200,9 @@ func (d *Daemon) restore(recs []vm.Record) {
 				d.restoreReplica(r)
 				return
 			}
+			// A stream of the VM waits while a seed may be made of it
+			// (its copy here found gone or taken over).
+			defer d.seeding(r.VM)()
 			d.restoreVM(r)
 		})
 	}
@@ -216,12 +219,12 @@ func (d *Daemon) restoreVM(r vm.Record) {
 	cancel()
 	if err != nil {
 		d.unpinGate(r.VM)
-		if r.Role == api.RolePrimary {
-			d.seedReplica(*r.Spec) // its QEMU is gone: what it left is a base
-		}
 		d.event(r.VM, "forget", fmt.Sprintf("%s was %s here before axd started, but its hypervisor does not answer (%v): forgotten", r.VM, r.State, err))
 		if err := d.store.Delete(r.VM); err != nil {
 			d.log.Warn("state store", "vm", r.VM, "err", err)
+		}
+		if r.Role == api.RolePrimary {
+			d.seedReplica(*r.Spec) // its QEMU is gone: what it left is a base
 		}
 		return
 	}
@@ -330,11 +333,11 @@ func (d *Daemon) resumeGuarded(r vm.Record) bool {
 	case holder != "" && holder != d.cfg.Host:
 		syscall.Kill(pid, syscall.SIGKILL)
 		d.unpinGate(r.VM) // what it held is never to be seen: the partner resumed from before it
-		d.seedReplica(*r.Spec)
 		d.event(r.VM, "forget", fmt.Sprintf("%s was taken over by %s while axd was away (its guard had stopped it here): this copy (QEMU pid %d) is killed", r.VM, holder, pid))
 		if err := d.store.Delete(r.VM); err != nil {
 			d.log.Warn("state store", "vm", r.VM, "err", err)
 		}
+		d.seedReplica(*r.Spec)
 		return false
 	default:
 		why := "it names no holder"
