@@ -54,13 +54,7 @@ func TestPlannedFailoverReprotects(t *testing.T) {
 	p := runPair(t, withWitness(t, 16*time.Second))
 	p.defineVM(t)
 	p.fakeB.NoPIDs() // the promoted VM's memory is tracked by its RAM file
-	if err := p.a.protect("vm1", api.ProtectRequest{Level: api.LevelFT, Peer: "b"}); err != nil {
-		t.Fatal(err)
-	}
-	until(t, "FT protection a→b", func() bool {
-		a, b := vm1(p.a), vm1(p.b)
-		return a.State == "protected" && a.Committed > 2 && b.State == "ready"
-	}, both(p))
+	p.protectFT(t)
 	if a := vm1(p.a); a.Declared != api.LevelFT || a.DeclaredPeer != "b" || a.UnprotectedS != 0 {
 		t.Fatalf("a declares %q towards %q, unprotected %.1f s", a.Declared, a.DeclaredPeer, a.UnprotectedS)
 	}
@@ -124,17 +118,7 @@ func TestRestartGraceHoldsThePartner(t *testing.T) {
 	})
 	p.defineVM(t)
 	p.fakeB.NoPIDs()
-	protected := func() {
-		t.Helper()
-		until(t, "FT protection a→b", func() bool {
-			a, b := vm1(p.a), vm1(p.b)
-			return a.State == "protected" && a.Committed > 2 && b.State == "ready"
-		}, both(p))
-	}
-	if err := p.a.protect("vm1", api.ProtectRequest{Level: api.LevelFT, Peer: "b"}); err != nil {
-		t.Fatal(err)
-	}
-	protected()
+	p.protectFT(t)
 	// Within the grace: back, on the same replica.
 	p.stop["a"]()
 	time.Sleep(grace / 2)
@@ -142,7 +126,7 @@ func TestRestartGraceHoldsThePartner(t *testing.T) {
 		t.Fatalf("b while a's axd restarts: %+v", b)
 	}
 	p.a = p.start(t, "a")
-	protected()
+	p.waitFT(t)
 	restarts, dropped := 0, false
 	for _, e := range p.b.eventsSince(0) {
 		if strings.Contains(e.Text, "axd restarts: replica kept") {
@@ -196,13 +180,7 @@ func TestReplicaRestoredAfterRestart(t *testing.T) {
 	p := runPair(t, withWitness(t, time.Second))
 	p.defineVM(t)
 	p.fakeB.NoPIDs()
-	if err := p.a.protect("vm1", api.ProtectRequest{Level: api.LevelFT, Peer: "b"}); err != nil {
-		t.Fatal(err)
-	}
-	until(t, "FT protection a→b", func() bool {
-		a, b := vm1(p.a), vm1(p.b)
-		return a.State == "protected" && a.Committed > 2 && b.State == "ready"
-	}, both(p))
+	p.protectFT(t)
 	p.stop["b"]()
 	p.stop["a"]() // a dies while b's axd is away: no stream, no word to b
 	p.b = p.start(t, "b")
@@ -237,13 +215,7 @@ func TestEtcdWitnessFailovers(t *testing.T) {
 	p := runPair(t, withEtcdWitness(t), func(_ string, c *Config) { c.RestartGrace = 2 * time.Second })
 	p.defineVM(t)
 	p.fakeB.NoPIDs()
-	if err := p.a.protect("vm1", api.ProtectRequest{Level: api.LevelFT, Peer: "b"}); err != nil {
-		t.Fatal(err)
-	}
-	until(t, "FT protection a→b", func() bool {
-		a, b := vm1(p.a), vm1(p.b)
-		return a.State == "protected" && a.Committed > 2 && b.State == "ready"
-	}, both(p))
+	p.protectFT(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := p.a.plannedFailover(ctx, "vm1"); err != nil {
@@ -269,4 +241,23 @@ func TestEtcdWitnessFailovers(t *testing.T) {
 		a := vm1(p.a)
 		return a.Role == api.RoleLocal && a.State == "running"
 	}, func() string { return fmt.Sprintf("%+v", p.a.eventsSince(0)) })
+}
+
+// protectFT protects vm1 at FT from a to b and waits for it (waitFT).
+func (p *pair) protectFT(t *testing.T) {
+	t.Helper()
+	if err := p.a.protect("vm1", api.ProtectRequest{Level: api.LevelFT, Peer: "b"}); err != nil {
+		t.Fatal(err)
+	}
+	p.waitFT(t)
+}
+
+// waitFT waits until vm1 is FT-protected from a to b: b's replica ready
+// and a few checkpoints committed.
+func (p *pair) waitFT(t *testing.T) {
+	t.Helper()
+	until(t, "FT protection a→b", func() bool {
+		a, b := vm1(p.a), vm1(p.b)
+		return a.State == "protected" && a.Committed > 2 && b.State == "ready"
+	}, both(p))
 }

@@ -3,7 +3,6 @@ package witness
 import (
 	"context"
 	"fmt"
-	"net"
 	"sync"
 	"testing"
 	"time"
@@ -90,21 +89,9 @@ func benchRenew(b *testing.B, l Leases, vms int) {
 // benchServerLeases serves a PSK witness on the real clock, past its
 // restart grace, until the benchmark ends, and opens clients of it.
 func benchServerLeases(b *testing.B, stateFile string) func(host string) Leases {
-	srv, err := NewServer(ServerConfig{PSK: testKey, LeaseTTL: testTTL, StateFile: stateFile})
-	if err != nil {
-		b.Fatal(err)
-	}
-	srv.graceEnd = srv.started
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx, ln) }()
-	b.Cleanup(func() { cancel(); <-done })
+	addr := benchWitness(b, ServerConfig{PSK: testKey, StateFile: stateFile})
 	return func(host string) Leases {
-		c, err := NewClient(ClientConfig{Addr: ln.Addr().String(), PSK: testKey, Holder: host, Timeout: 5 * time.Second})
+		c, err := NewClient(ClientConfig{Addr: addr, PSK: testKey, Holder: host, Timeout: 5 * time.Second})
 		if err != nil {
 			b.Fatal(err)
 		}
