@@ -30,11 +30,10 @@ func BenchRestart(ctx context.Context, l *Lab, f labFlags, runs int, out io.Writ
 		return err
 	}
 	defer down(&err)
-	axd, err := f.binary("axd")
+	cfg, err := f.daemonConfig()
 	if err != nil {
 		return err
 	}
-	cfg := DaemonConfig{Axd: axd, PSK: f.psk}
 	primary, secondary := HostA, HostB
 	if err := l.protectAndWait(ctx, l.Client(primary), vm.Name, secondary); err != nil {
 		return err

@@ -29,6 +29,8 @@ const cliUsage = `usage: axctl lab <command> [flags]
   bench-disk guest disk write throughput and latency at none, HA and FT
   bench-restart axd restarted (primary, secondary) → protected again; planned failover
            → running on the partner and protected back; axd killed → guest stopped
+  bench-witness failover time (host killed → guest running on the partner) with the
+           single axd witness and with the 3-member etcd witness, side by side
 
 flags (all commands):
   --prefix NAME     lab name; labs with different prefixes run side by side (default ax)
@@ -46,17 +48,20 @@ flags (up, demo):
   --keep            (demo) leave the lab up at the end
   --psk             (up, demo, bench-ft, bench-disk) daemons in PSK mode (one pre-shared key)
                     instead of TLS mode with the lab's CA
+  --witness KIND    (up, demo, bench-ft, bench-disk, bench-restart) axd (default: axd --witness
+                    on w) or etcd (a 3-member etcd cluster on w1, w2, w3, TLS with client
+                    certificates)
   --records N       (demo) ledger records to append (default 100)
   --rate N          (demo) appends per second (default 50)
   --run-for D       (demo) protected running time before host a is killed (default 10s)
-  --runs N          (bench, bench-restart) cycles to time (default 3)
+  --runs N          (bench, bench-restart, bench-witness) cycles to time (default 3)
   --window D        (bench-ft) length of each measuring window (default 8s)
   --json            (status) machine-readable output`
 
 type labFlags struct {
 	prefix, kernel, modules, accel, guestBin, cacheDir string
 	ram, diskMiB                                       int
-	diskFormat                                         string
+	diskFormat, witness                                string
 	dirty                                              float64
 	noGuest, keep, json, psk                           bool
 	records, runs                                      int
@@ -86,6 +91,7 @@ func Main(ctx context.Context, args []string, out io.Writer, log *slog.Logger) e
 	fs.BoolVar(&f.noGuest, "no-guest", false, "")
 	fs.BoolVar(&f.keep, "keep", false, "")
 	fs.BoolVar(&f.psk, "psk", false, "")
+	fs.StringVar(&f.witness, "witness", WitnessAxd, "")
 	fs.BoolVar(&f.json, "json", false, "")
 	fs.IntVar(&f.records, "records", 100, "")
 	fs.IntVar(&f.runs, "runs", 3, "")
@@ -114,6 +120,11 @@ func Main(ctx context.Context, args []string, out io.Writer, log *slog.Logger) e
 	case "raw", "qcow2":
 	default:
 		return fmt.Errorf("lab %s: --disk-format must be raw or qcow2, not %q", cmd, f.diskFormat)
+	}
+	switch f.witness {
+	case WitnessAxd, WitnessEtcd:
+	default:
+		return fmt.Errorf("lab %s: --witness must be %s or %s, not %q", cmd, WitnessAxd, WitnessEtcd, f.witness)
 	}
 	switch f.accel {
 	case "auto", "kvm", "tcg":
@@ -158,6 +169,11 @@ func Main(ctx context.Context, args []string, out io.Writer, log *slog.Logger) e
 			f.dirty = 4
 		}
 		return BenchFT(ctx, l, f, f.window, out, log)
+	case "bench-witness":
+		if !dirtySet {
+			f.dirty = 4
+		}
+		return BenchWitness(ctx, l, f, max(f.runs, 1), out, log)
 	}
 	return fmt.Errorf("lab: unknown command %q (see: axctl lab help)", cmd)
 }
@@ -213,21 +229,31 @@ func cliUp(ctx context.Context, l *Lab, f labFlags, out io.Writer, log *slog.Log
 	fmt.Fprintf(out, "guest %s on host %s serves its ledger at %s:%d (from netns %s); console: %s\n",
 		vm.Name, vm.Host, vm.IP, LedgerPort, l.Netns(HostC), vm.Console)
 	fmt.Fprintf(out, "try: ip netns exec %s nc %s %d   then type APPEND hello\n", l.Netns(HostC), vm.IP, LedgerPort)
-	fmt.Fprintf(out, "axd runs on a and b, the witness on w; protect the guest with:\n  axctl --socket %s protect %s --level ft --peer b\n  axctl --socket %s status\n",
-		l.Socket(HostA), vm.Name, l.Socket(HostA))
+	wit := "the witness on w"
+	if f.witness == WitnessEtcd {
+		wit = "the etcd witness on w1, w2, w3"
+	}
+	fmt.Fprintf(out, "axd runs on a and b, %s; protect the guest with:\n  axctl --socket %s protect %s --level ft --peer b\n  axctl --socket %s status\n",
+		wit, l.Socket(HostA), vm.Name, l.Socket(HostA))
 	return nil
 }
 
 // startDaemons starts the witness and both hosts' axd, and defines the guest on its host.
 func startDaemons(ctx context.Context, l *Lab, f labFlags, vm *VM) error {
-	axd, err := f.binary("axd")
+	cfg, err := f.daemonConfig()
 	if err != nil {
 		return err
 	}
-	if err := l.StartDaemons(ctx, DaemonConfig{Axd: axd, PSK: f.psk}); err != nil {
+	if err := l.StartDaemons(ctx, cfg); err != nil {
 		return err
 	}
 	return l.DefineGuest(ctx, vm)
+}
+
+// daemonConfig is the daemons' configuration the flags select.
+func (f labFlags) daemonConfig() (DaemonConfig, error) {
+	axd, err := f.binary("axd")
+	return DaemonConfig{Axd: axd, PSK: f.psk, Witness: f.witness}, err
 }
 
 // binary finds one of the project's binaries beside axctl (or in --guest-bin).

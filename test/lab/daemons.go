@@ -57,6 +57,9 @@ type DaemonConfig struct {
 	// PSK runs the daemons in PSK mode (one pre-shared key) instead of
 	// TLS mode with a certificate per host from the lab's own CA.
 	PSK bool
+	// Witness is WitnessAxd (axd --witness on w; also when empty) or
+	// WitnessEtcd (a 3-member etcd cluster on w1–w3).
+	Witness string
 }
 
 // PKIDir holds the lab's CA and the hosts' and witness's certificates.
@@ -112,10 +115,19 @@ func (l *Lab) StartDaemons(ctx context.Context, cfg DaemonConfig) error {
 	if err := l.ensureIdentities(); err != nil {
 		return fmt.Errorf("lab identities: %w", err)
 	}
-	witness := fmt.Sprintf("%s:%d", HostAddrs[HostW].Mgmt, WitnessPort)
-	wargs := append([]string{"--witness", "--listen", witness, "--witness-state", filepath.Join(l.StateDir, "witness-state.json")}, l.identityArgs(HostW, cfg)...)
-	if err := l.startProc(ctx, HostW, "axd-witness", cfg.Axd, wargs...); err != nil {
-		return err
+	switch cfg.Witness {
+	case "", WitnessAxd:
+		witness := fmt.Sprintf("%s:%d", HostAddrs[HostW].Mgmt, WitnessPort)
+		wargs := append([]string{"--witness", "--listen", witness, "--witness-state", filepath.Join(l.StateDir, "witness-state.json")}, l.identityArgs(HostW, cfg)...)
+		if err := l.startProc(ctx, HostW, "axd-witness", cfg.Axd, wargs...); err != nil {
+			return err
+		}
+	case WitnessEtcd:
+		if err := l.StartEtcd(ctx); err != nil {
+			return err
+		}
+	default:
+		return fmt.Errorf("lab witness %q: want %s or %s", cfg.Witness, WitnessAxd, WitnessEtcd)
 	}
 	for _, h := range []string{HostA, HostB} {
 		if err := l.StartAxd(ctx, h, cfg); err != nil {
@@ -146,7 +158,6 @@ func (l *Lab) StartAxd(ctx context.Context, h string, cfg DaemonConfig) error {
 		"--repl-listen", fmt.Sprintf("%s:%d", HostAddrs[h].Repl, ReplPort),
 		"--mgmt-listen", fmt.Sprintf("%s:%d", HostAddrs[h].Mgmt, MgmtPort),
 		"--peer", fmt.Sprintf("%s=%s:%d,%s:%d", other, HostAddrs[other].Repl, ReplPort, HostAddrs[other].Mgmt, MgmtPort),
-		"--witness-addr", fmt.Sprintf("%s:%d", HostAddrs[HostW].Mgmt, WitnessPort),
 		"--metrics", MetricsAddr(h),
 		"--bridge", PublicBridge,
 		"--image-dir", image.DefaultCacheDir,
@@ -172,6 +183,11 @@ func (l *Lab) StartAxd(ctx context.Context, h string, cfg DaemonConfig) error {
 		return fmt.Errorf("lab identities: %w", err)
 	}
 	args = append(args, l.identityArgs(h, cfg)...)
+	if cfg.Witness == WitnessEtcd {
+		args = append(args, l.etcdArgs(h)...)
+	} else {
+		args = append(args, "--witness-addr", fmt.Sprintf("%s:%d", HostAddrs[HostW].Mgmt, WitnessPort))
+	}
 	if cfg.Epoch > 0 {
 		args = append(args, "--epoch", cfg.Epoch.String())
 	}

@@ -56,6 +56,13 @@ func ftLabWith(t *testing.T, prefix string, axdFlags ...string) (*Lab, *VM, stri
 // serving, and both axd with extra flags; the VM is defined on a.
 func labWithGuest(t *testing.T, prefix string, gcfg GuestConfig, axdFlags ...string) (*Lab, *VM, string, DaemonConfig) {
 	t.Helper()
+	return labWithDaemons(t, prefix, gcfg, DaemonConfig{Extra: axdFlags})
+}
+
+// labWithDaemons is labWithGuest with the daemons' configuration (its axd
+// binary filled in).
+func labWithDaemons(t *testing.T, prefix string, gcfg GuestConfig, dcfg DaemonConfig) (*Lab, *VM, string, DaemonConfig) {
+	t.Helper()
 	requireLab(t)
 	ctx := context.Background()
 	l, err := Open(Config{Prefix: prefix})
@@ -71,6 +78,11 @@ func labWithGuest(t *testing.T, prefix string, gcfg GuestConfig, axdFlags ...str
 			for _, h := range []string{HostA, HostB} {
 				if data, err := os.ReadFile(filepath.Join(l.StateDir, "axd-"+h+".log")); err == nil {
 					t.Logf("axd-%s log (tail):\n%s", h, tail(string(data), 40))
+				}
+			}
+			for _, h := range EtcdHosts {
+				if data, err := os.ReadFile(filepath.Join(l.StateDir, "etcd-"+h+".log")); err == nil {
+					t.Logf("etcd-%s log (tail):\n%s", h, tail(string(data), 10))
 				}
 			}
 			filepath.WalkDir(l.StateDir, func(p string, e fs.DirEntry, err error) error {
@@ -98,7 +110,7 @@ func labWithGuest(t *testing.T, prefix string, gcfg GuestConfig, axdFlags ...str
 	if err := l.WaitServing(ctx, vm, 120*time.Second); err != nil {
 		t.Fatal(err)
 	}
-	dcfg := DaemonConfig{Axd: axdBinary(t), Extra: axdFlags}
+	dcfg.Axd = axdBinary(t)
 	if err := l.StartDaemons(ctx, dcfg); err != nil {
 		t.Fatal(err)
 	}
@@ -150,33 +162,43 @@ func trialRun() time.Duration {
 // the survivor towards the revived host.
 func TestIntegrationFTFailoverTrials(t *testing.T) {
 	l, vm, bin, dcfg := ftLab(t, "itft")
-	ctx := context.Background()
 	trials := 10
 	if n, err := strconv.Atoi(os.Getenv("AX_FT_TRIALS")); err == nil {
 		trials = n // local use
 	}
-	from, to := HostA, HostB
+	failoverTrials(t, l, vm, bin, dcfg, HostA, HostB, "trial", trials)
+}
+
+// failoverTrials runs n FT failover trials of vm, the first from host from
+// to host to, then alternating: each kills the primary host at a random
+// moment, checks the guest resumed on the partner from its last committed
+// checkpoint with no acknowledged record lost, revives the killed host and
+// waits until the VM is protected towards it again. It returns the
+// primary's host after the last trial; name prefixes the trials' files.
+func failoverTrials(t *testing.T, l *Lab, vm *VM, bin string, dcfg DaemonConfig, from, to, name string, n int) string {
+	t.Helper()
+	ctx := context.Background()
 	var failovers []time.Duration
-	for i := 1; i <= trials; i++ {
-		record := filepath.Join(l.StateDir, fmt.Sprintf("trial%d.rec", i))
+	for i := 1; i <= n; i++ {
+		record := filepath.Join(l.StateDir, fmt.Sprintf("%s%d.rec", name, i))
 		tr, err := l.FailoverTrial(ctx, vm.Name, from, to, trialRun(), bin, record)
 		if err != nil {
-			t.Fatalf("trial %d (%s → %s): %v", i, from, to, err)
+			t.Fatalf("%s %d (%s → %s): %v", name, i, from, to, err)
 		}
-		t.Logf("trial %d %s→%s: failover %.2f s, epoch %d, tick %d → %d, pause p50 %.1f ms, acked %d, lost %d",
-			i, from, to, tr.Failover.Seconds(), tr.LastEpoch, tr.TickAtCommit, tr.FirstTick, tr.PauseP50MS, tr.Acked, tr.Lost)
+		t.Logf("%s %d %s→%s: failover %.2f s, epoch %d, tick %d → %d, pause p50 %.1f ms, acked %d, lost %d",
+			name, i, from, to, tr.Failover.Seconds(), tr.LastEpoch, tr.TickAtCommit, tr.FirstTick, tr.PauseP50MS, tr.Acked, tr.Lost)
 		if tr.Acked == 0 {
-			t.Errorf("trial %d: the client got no ack before the kill", i)
+			t.Errorf("%s %d: the client got no ack before the kill", name, i)
 		}
 		if tr.Lost > 0 {
-			t.Errorf("trial %d: %d of %d acknowledged records are missing after failover: output escaped before its checkpoint committed", i, tr.Lost, tr.Acked)
+			t.Errorf("%s %d: %d of %d acknowledged records are missing after failover: output escaped before its checkpoint committed", name, i, tr.Lost, tr.Acked)
 		}
 		failovers = append(failovers, tr.Failover)
 		if i == 1 {
 			checkFailoverMetric(t, l, to, vm.Name)
 		}
 		if err := l.RecoverHost(ctx, from, dcfg); err != nil {
-			t.Fatalf("trial %d: recover %s: %v", i, from, err)
+			t.Fatalf("%s %d: recover %s: %v", name, i, from, err)
 		}
 		// Declared FT, the VM is protected again towards the host that
 		// came back, with no command.
@@ -184,10 +206,11 @@ func TestIntegrationFTFailoverTrials(t *testing.T) {
 		waitVM(t, l, l.Client(to), vm.Name, 120*time.Second, "FT protection towards the returned host, by itself", func(s api.VMStatus) bool {
 			return s.Role == api.RolePrimary && s.Level == api.LevelFT && s.Peer == from && s.State == "protected"
 		})
-		t.Logf("trial %d: %s protected again towards %s %.1f s after its axd started", i, vm.Name, from, time.Since(back).Seconds())
+		t.Logf("%s %d: %s protected again towards %s %.1f s after its axd started", name, i, vm.Name, from, time.Since(back).Seconds())
 		from, to = to, from
 	}
 	t.Logf("failover times: %v", failovers)
+	return from
 }
 
 // TestIntegrationFTWithoutOutputCommit is the control for the trials'
@@ -392,37 +415,49 @@ func TestIntegrationFTPlannedFailover(t *testing.T) {
 // must take over only after that — never both running.
 func TestIntegrationFTPrimaryIsolated(t *testing.T) {
 	l, vm, _, _ := ftLab(t, "itiso")
-	ctx := context.Background()
-	ca, cb := l.Client(HostA), l.Client(HostB)
-	if err := l.protectAndWait(ctx, ca, vm.Name, HostB); err != nil {
+	if err := l.protectAndWait(context.Background(), l.Client(HostA), vm.Name, HostB); err != nil {
 		t.Fatal(err)
 	}
+	primaryIsolated(t, l, vm, HostA, HostB)
+}
+
+// primaryIsolated cuts every link of host from, vm's primary protected
+// towards to, and checks from pauses the guest before to runs it. The
+// guest must run on from as the lab started it (its QMP socket is asked).
+func primaryIsolated(t *testing.T, l *Lab, vm *VM, from, to string) {
+	t.Helper()
+	ctx := context.Background()
+	ca, cb := l.Client(from), l.Client(to)
 	time.Sleep(2 * time.Second)
-	if err := l.CutLinks(ctx, HostA); err != nil {
+	if err := l.CutLinks(ctx, from); err != nil {
 		t.Fatal(err)
 	}
 	cut := time.Now()
-	sa := waitVM(t, l, ca, vm.Name, 10*time.Second, "a fences its guest", func(s api.VMStatus) bool { return s.State == "fenced" })
+	sa := waitVM(t, l, ca, vm.Name, 10*time.Second, from+" fences its guest", func(s api.VMStatus) bool { return s.State == "fenced" })
 	fencedAt := time.Since(cut)
-	mon, err := qemu.Dial(vm.QMP, 2*time.Second)
-	if err != nil {
-		t.Fatal(err)
+	// Fenced by axd (QMP stop: paused) or by the VM's guard (SIGSTOP: a
+	// stopped process, whose monitor cannot answer).
+	if _, state, err := procStat(vm.PID); err != nil || state != 'T' {
+		mon, err := qemu.Dial(vm.QMP, 2*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		st, err := mon.Status(ctx)
+		mon.Close()
+		if err != nil || st != "paused" {
+			t.Fatalf("%s's guest after fencing: status %q %v (%+v)", from, st, err, sa)
+		}
 	}
-	st, err := mon.Status(ctx)
-	mon.Close()
-	if err != nil || st != "paused" {
-		t.Fatalf("a's guest after fencing: status %q %v (%+v)", st, err, sa)
-	}
-	waitVM(t, l, cb, vm.Name, 20*time.Second, "b takes over", func(s api.VMStatus) bool {
+	waitVM(t, l, cb, vm.Name, 20*time.Second, to+" takes over", func(s api.VMStatus) bool {
 		return s.Role == api.RoleLocal && s.State == "running"
 	})
 	promotedAt := time.Since(cut)
-	t.Logf("a fenced %.2f s after its links were cut, b running %.2f s after", fencedAt.Seconds(), promotedAt.Seconds())
+	t.Logf("%s fenced %.2f s after its links were cut, %s running %.2f s after", from, fencedAt.Seconds(), to, promotedAt.Seconds())
 	if promotedAt < fencedAt {
-		t.Fatalf("b ran the guest (%.2f s) before a paused it (%.2f s)", promotedAt.Seconds(), fencedAt.Seconds())
+		t.Fatalf("%s ran the guest (%.2f s) before %s paused it (%.2f s)", to, promotedAt.Seconds(), from, fencedAt.Seconds())
 	}
 	if err := l.pingLedger(ctx, fmt.Sprintf("%s:%d", vm.IP, LedgerPort)); err != nil {
-		t.Fatalf("ledger on b: %v", err)
+		t.Fatalf("ledger on %s: %v", to, err)
 	}
 }
 

@@ -23,7 +23,14 @@ const (
 	HostW      = "w"
 	HostC      = "c"
 	hostSwitch = "sw"
+	// w1, w2 and w3 run the members of the etcd witness (when chosen).
+	HostW1 = "w1"
+	HostW2 = "w2"
+	HostW3 = "w3"
 )
+
+// labHosts are every namespace of a lab.
+var labHosts = []string{HostA, HostB, HostW, HostW1, HostW2, HostW3, HostC, hostSwitch}
 
 // Addresses inside the lab's namespaces (never routed outside them).
 const (
@@ -37,10 +44,13 @@ const (
 
 // HostAddrs are each host's addresses: public, replication, management.
 var HostAddrs = map[string]struct{ Public, Repl, Mgmt string }{
-	HostA: {"10.77.0.1", "10.77.1.1", "10.77.2.1"},
-	HostB: {"10.77.0.2", "10.77.1.2", "10.77.2.2"},
-	HostW: {"", "", "10.77.2.3"},
-	HostC: {ClientIP, "", ""},
+	HostA:  {"10.77.0.1", "10.77.1.1", "10.77.2.1"},
+	HostB:  {"10.77.0.2", "10.77.1.2", "10.77.2.2"},
+	HostW:  {"", "", "10.77.2.3"},
+	HostW1: {"", "", "10.77.2.11"},
+	HostW2: {"", "", "10.77.2.12"},
+	HostW3: {"", "", "10.77.2.13"},
+	HostC:  {ClientIP, "", ""},
 }
 
 // Names of links inside the host namespaces.
@@ -148,7 +158,7 @@ func (l *Lab) Up(ctx context.Context) (err error) {
 	} else if !errors.Is(err, ErrNoLab) {
 		return fmt.Errorf("%w: %v; remove it with: axctl lab down --prefix %s", ErrStaleLab, err, l.Prefix)
 	}
-	for _, h := range []string{HostA, HostB, HostW, HostC, hostSwitch} {
+	for _, h := range labHosts {
 		if nsExists(l.Netns(h)) {
 			return fmt.Errorf("network namespace %s exists but no lab %q is recorded: another lab or tool owns it; choose another --prefix, or delete it with: ip netns del %s",
 				l.Netns(h), l.Prefix, l.Netns(h))
@@ -250,7 +260,7 @@ func (l *Lab) recordFile(path string) error {
 // live processes, files. Empty after a clean Down; tests assert on it.
 func (l *Lab) Leftovers(s *State) []string {
 	var left []string
-	for _, h := range []string{HostA, HostB, HostW, HostC, hostSwitch} {
+	for _, h := range labHosts {
 		if nsExists(l.Netns(h)) {
 			left = append(left, "netns "+l.Netns(h))
 		}

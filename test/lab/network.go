@@ -43,12 +43,13 @@ func (l *Lab) addNetns(ctx context.Context, h string) error {
 //
 //	public  (bridge "pub" in the switch namespace): a and b through their
 //	        own bridge br-pub (which guests' taps join), c directly
-//	mgmt    (bridge "mgmt" in the switch namespace): a, b, w
+//	mgmt    (bridge "mgmt" in the switch namespace): a, b, w, and w1–w3
+//	        (the etcd witness's members)
 //	repl    a veth pair a↔b, the dedicated replication link
 //
 // Every link is created inside a lab namespace, none in the caller's.
 func (l *Lab) buildNetwork(ctx context.Context) error {
-	for _, h := range []string{hostSwitch, HostA, HostB, HostW, HostC} {
+	for _, h := range labHosts {
 		if err := l.addNetns(ctx, h); err != nil {
 			return err
 		}
@@ -78,7 +79,7 @@ func (l *Lab) buildNetwork(ctx context.Context) error {
 			[]string{"-n", ns, "addr", "add", HostAddrs[h].Public + "/24", "dev", PublicBridge},
 			[]string{"-n", ns, "link", "set", PublicBridge, "up"})
 	}
-	for _, h := range []string{HostA, HostB, HostW} {
+	for _, h := range []string{HostA, HostB, HostW, HostW1, HostW2, HostW3} {
 		ns := l.Netns(h)
 		steps = append(steps,
 			[]string{"-n", ns, "link", "add", MgmtLink, "type", "veth", "peer", "name", h + "-mgmt", "netns", sw},
@@ -172,4 +173,20 @@ func (l *Lab) DialFrom(ctx context.Context, h, addr string) (net.Conn, error) {
 // Exec returns a command that runs in host h's namespace.
 func (l *Lab) Exec(ctx context.Context, h string, name string, args ...string) *exec.Cmd {
 	return exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", l.Netns(h), name}, args...)...)
+}
+
+// Unreachable makes each of addrs unreachable from host h (a blackhole
+// route per address, so packets to it are dropped), or reachable again
+// (cut false). A partition of two hosts is one such call on each side.
+func (l *Lab) Unreachable(ctx context.Context, h string, cut bool, addrs ...string) error {
+	op := "add"
+	if !cut {
+		op = "del"
+	}
+	for _, a := range addrs {
+		if err := ip(ctx, "-n", l.Netns(h), "route", op, "blackhole", a+"/32"); err != nil {
+			return err
+		}
+	}
+	return nil
 }
