@@ -237,13 +237,10 @@ func (c *Client) Query(ctx context.Context, vm string) (LeaseInfo, error) {
 // Health probes the witness with a query (about no VM of this host's):
 // one member, reachable and with quorum if it answered. See Leases.Health.
 func (c *Client) Health(ctx context.Context) (Health, error) {
-	c.mu.Lock()
-	closed := c.closed
-	c.mu.Unlock()
-	if closed {
-		return Health{}, fmt.Errorf("witness %s: health: %w", c.addr, errClientClosed)
-	}
 	_, err := c.Query(ctx, probeVM)
+	if errors.Is(err, errClientClosed) {
+		return Health{}, err
+	}
 	return Health{
 		Kind:    KindAxd,
 		Members: []Member{{Endpoint: c.addr, Reachable: err == nil, Err: err}},

@@ -361,10 +361,7 @@ func (e *Etcd) Query(ctx context.Context, vm string) (LeaseInfo, error) {
 // timeout. Quorum is the read's success: only a leader that a majority
 // follows serves it. See Leases.Health.
 func (e *Etcd) Health(ctx context.Context) (Health, error) {
-	e.mu.Lock()
-	closed := e.closed
-	e.mu.Unlock()
-	if closed {
+	if e.isClosed() {
 		return Health{}, fmt.Errorf("witness etcd %s: health: %w", e.members, errClientClosed)
 	}
 	h := Health{Kind: KindEtcd, TTL: e.ttl, Members: e.memberList(ctx)}
@@ -445,10 +442,7 @@ func (e *Etcd) begin(ctx context.Context, op, vm string) (context.Context, conte
 	if err := checkName("vm", vm); err != nil {
 		return nil, nil, fmt.Errorf("witness: etcd: %s: %w", op, err)
 	}
-	e.mu.Lock()
-	closed := e.closed
-	e.mu.Unlock()
-	if closed {
+	if e.isClosed() {
 		return nil, nil, fmt.Errorf("witness etcd %s: %s vm %q: %w", e.members, op, vm, errClientClosed)
 	}
 	ctx, cancel := context.WithTimeout(ctx, e.timeout)
@@ -711,6 +705,12 @@ func (e *Etcd) failAt(ctx context.Context, what string, err error) error {
 		hint = ": no answer in time (is a majority of the etcd cluster up and reachable?)"
 	}
 	return fmt.Errorf("witness etcd %s: %s: %w%s", e.members, what, err, hint)
+}
+
+func (e *Etcd) isClosed() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.closed
 }
 
 func (e *Etcd) lease(vm string) (boundLease, bool) {

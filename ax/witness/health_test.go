@@ -150,25 +150,8 @@ func TestClientHealth(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx, ln) }()
-	stopped := false
-	stop := func() {
-		if !stopped {
-			stopped = true
-			cancel()
-			if err := <-done; err != nil {
-				t.Errorf("Serve: %v", err)
-			}
-		}
-	}
-	defer stop()
-	c, err := NewClient(ClientConfig{Addr: ln.Addr().String(), PSK: testKey, Holder: "a", Timeout: healthTimeout, LeaseTTL: leaseTTL})
+	addr, stop := serve(t, srv)
+	c, err := NewClient(ClientConfig{Addr: addr, PSK: testKey, Holder: "a", Timeout: healthTimeout, LeaseTTL: leaseTTL})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -178,8 +161,8 @@ func TestClientHealth(t *testing.T) {
 	if err != nil {
 		t.Fatalf("witness up: %v", err)
 	}
-	if h.Kind != KindAxd || h.TTL != leaseTTL || h.Members[0].Endpoint != ln.Addr().String() {
-		t.Errorf("witness up: %s, TTL %v; want axd at %s, TTL %v", describe(h), h.TTL, ln.Addr(), leaseTTL)
+	if h.Kind != KindAxd || h.TTL != leaseTTL || h.Members[0].Endpoint != addr {
+		t.Errorf("witness up: %s, TTL %v; want axd at %s, TTL %v", describe(h), h.TTL, addr, leaseTTL)
 	}
 
 	stop()
