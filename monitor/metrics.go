@@ -36,12 +36,30 @@ type Metrics struct {
 	Reserved      *prometheus.GaugeVec
 	Capacity      *prometheus.GaugeVec
 
+	// The witness: this host's lease calls by result (renewals ok,
+	// refused, failed; takeovers won, refused, failed), and its members
+	// and quorum as last probed.
+	WitnessRenewals         *prometheus.CounterVec
+	WitnessTakeovers        *prometheus.CounterVec
+	WitnessMembers          prometheus.Gauge
+	WitnessMembersReachable prometheus.Gauge
+	WitnessQuorum           prometheus.Gauge
+
 	// A disk sync on the partner's replica (after a link cut, a restart
 	// or a failover): bytes of writes compared with what the replica held,
 	// and of them those not sent because it held them already.
 	DiskResyncCompared *prometheus.CounterVec
 	DiskResyncSkipped  *prometheus.CounterVec
 }
+
+// Results of lease calls, the result label of ax_witness_renewals_total
+// and ax_witness_takeovers_total.
+const (
+	RenewOK     = "ok"
+	TakeoverWon = "won"
+	Refused     = "refused" // another host holds the lease
+	Failed      = "failed"  // no answer, or one that decides nothing
+)
 
 // Levels as exported by ax_vm_level.
 var levelValue = map[string]float64{"none": 0, "ha": 1, "ft": 2}
@@ -81,6 +99,16 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "ax_peer_heard", Help: "1 when the partner's heartbeats arrive on the path."}, []string{"peer", "path"}),
 		Witness: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "ax_witness_reachable", Help: "1 when the witness answered the last lease request."}),
+		WitnessRenewals: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "ax_witness_renewals_total", Help: "Lease renewals this host asked of the witness, by result: ok, refused (another host holds the lease), failed (no answer)."}, []string{"result"}),
+		WitnessTakeovers: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "ax_witness_takeovers_total", Help: "Lease takeovers this host asked of the witness, by result: won, refused (the lease is held), failed (no answer)."}, []string{"result"}),
+		WitnessMembers: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "ax_witness_members", Help: "Members of the witness as last probed: the etcd cluster's, or 1 for an axd --witness."}),
+		WitnessMembersReachable: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "ax_witness_members_reachable", Help: "Members of the witness that answered the last probe."}),
+		WitnessQuorum: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "ax_witness_quorum", Help: "1 when the witness could decide about leases at the last probe (etcd: a majority follows a leader), 0 when not (alarm)."}),
 		HeldFrames: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "ax_output_held_frames", Help: "Guest frames held until the checkpoint covering them commits."}, []string{"vm"}),
 		HeldBytes: prometheus.NewGaugeVec(prometheus.GaugeOpts{
@@ -108,6 +136,15 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "ax_reserved_capacity", Help: "Capacity this host has promised to partners' VMs for failover, by resource (vcpus, memory_bytes, disk_bytes)."}, []string{"resource"}),
 		Capacity: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "ax_host_capacity", Help: "This host's capacity reservations are counted against, by resource."}, []string{"resource"}),
+	}
+	reg.MustRegister(m.WitnessRenewals, m.WitnessTakeovers, m.WitnessMembers, m.WitnessMembersReachable, m.WitnessQuorum)
+	// Every result at zero, so that rates and alert rules see them
+	// before the first of each.
+	for _, r := range []string{RenewOK, Refused, Failed} {
+		m.WitnessRenewals.WithLabelValues(r)
+	}
+	for _, r := range []string{TakeoverWon, Refused, Failed} {
+		m.WitnessTakeovers.WithLabelValues(r)
 	}
 	reg.MustRegister(m.DiskBytes, m.DiskLag, m.DiskSync, m.DiskResyncCompared, m.DiskResyncSkipped, m.JournalBytes, m.JournalWrites, m.Reserved, m.Capacity)
 	reg.MustRegister(m.Epochs, m.Pause, m.DirtyPages, m.BytesSent, m.CommitLatency, m.ReplLag,
@@ -167,4 +204,12 @@ func b2f(b bool) float64 {
 func (m *Metrics) SetPeer(peer string, repl, mgmt bool) {
 	m.PeerHeard.WithLabelValues(peer, "replication").Set(b2f(repl))
 	m.PeerHeard.WithLabelValues(peer, "management").Set(b2f(mgmt))
+}
+
+// SetWitnessHealth exports the witness's members, those that answered, and
+// whether it has a quorum, as last probed.
+func (m *Metrics) SetWitnessHealth(members, reachable int, quorum bool) {
+	m.WitnessMembers.Set(float64(members))
+	m.WitnessMembersReachable.Set(float64(reachable))
+	m.WitnessQuorum.Set(b2f(quorum))
 }

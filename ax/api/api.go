@@ -101,6 +101,11 @@ type VMStatus struct {
 	Link          string    `json:"link"`            // replication link: up, down
 	Witness       string    `json:"witness"`         // reachable, unreachable, none
 	Alarm         string    `json:"alarm,omitempty"` // why the VM is not protected, if it is not
+	// LeaseExpires is when the lease this host (the primary) last renewed
+	// ends, on its clock, and LeaseLeftMS the time left then (0 once it
+	// ended); both unset where no lease is known (no witness, a replica).
+	LeaseExpires time.Time `json:"lease_expires,omitzero"`
+	LeaseLeftMS  float64   `json:"lease_left_ms,omitempty"`
 	// Declared is the level the operator declared (ft, ha, none) towards
 	// DeclaredPeer; it outlives failovers, and axd protects the VM again by
 	// itself while it runs below it. UnprotectedS is how long the VM has
@@ -143,11 +148,35 @@ type Status struct {
 	VMs     []VMStatus   `json:"vms"`
 	Peers   []PeerStatus `json:"peers"`
 	Witness string       `json:"witness"`
+	// WitnessHealth is the witness as axd last probed it (nil without a
+	// witness, or before the first probe).
+	WitnessHealth *WitnessHealth `json:"witness_health,omitempty"`
 	// Reservation is the capacity promised to partners' VMs (nil before
 	// axd has measured the host).
 	Reservation *Reservation   `json:"reservation,omitempty"`
 	Now         time.Time      `json:"now"`
 	Extra       map[string]any `json:"extra,omitempty"`
+}
+
+// WitnessHealth is the witness as axd last probed it.
+type WitnessHealth struct {
+	Kind      string          `json:"kind"` // axd (an axd --witness), etcd
+	Members   []WitnessMember `json:"members"`
+	Reachable int             `json:"reachable"` // members that answered
+	// Quorum: the witness can decide about leases (etcd: a majority
+	// follows a leader; an axd --witness: it answered). Alarm says why not.
+	Quorum     bool      `json:"quorum"`
+	Alarm      string    `json:"alarm,omitempty"`
+	LeaseTTLMS float64   `json:"lease_ttl_ms"`
+	ProbedAt   time.Time `json:"probed_at"`
+}
+
+// WitnessMember is one member of the witness.
+type WitnessMember struct {
+	Name      string `json:"name,omitempty"` // etcd's member name
+	Endpoint  string `json:"endpoint"`       // host:port
+	Reachable bool   `json:"reachable"`
+	Error     string `json:"error,omitempty"` // why it did not answer
 }
 
 // PeerStatus is what this host hears of a partner.

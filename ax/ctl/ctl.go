@@ -213,6 +213,7 @@ func writeJSON(out io.Writer, v any) error {
 
 func printStatus(out io.Writer, st *api.Status) {
 	fmt.Fprintf(out, "host %s, witness %s\n", st.Host, st.Witness)
+	printWitness(out, st.WitnessHealth)
 	for _, p := range st.Peers {
 		fmt.Fprintf(out, "peer %s: replication %s, management %s\n", p.Name, heard(p.ReplHeard, p.ReplAgeMS), heard(p.MgmtHeard, p.MgmtAgeMS))
 	}
@@ -221,7 +222,7 @@ func printStatus(out io.Writer, st *api.Status) {
 		return
 	}
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "VM\tLEVEL\tROLE\tPEER\tSTATE\tEPOCH\tCOMMIT AGE\tPAUSE p50\tDIRTY\tRATE\tLINK\tTRACKER\tOUTPUT\tAPPS")
+	fmt.Fprintln(tw, "VM\tLEVEL\tROLE\tPEER\tSTATE\tLEASE\tEPOCH\tCOMMIT AGE\tPAUSE p50\tDIRTY\tRATE\tLINK\tTRACKER\tOUTPUT\tAPPS")
 	for _, v := range st.VMs {
 		age := "-"
 		if !v.LastCommit.IsZero() {
@@ -238,8 +239,8 @@ func printStatus(out io.Writer, st *api.Status) {
 		if len(apps) == 0 {
 			apps = []string{"agent " + v.Agent}
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%s\t%.1f ms\t%d\t%s/s\t%s\t%s\t%s\t%s\n", v.Name, v.Level, v.Role, dash(v.Peer), v.State,
-			v.Epoch, age, v.PauseP50MS, v.DirtyPages, sizeText(v.BytesPerSec), dash(v.Link), dash(v.Tracker), output, strings.Join(apps, " "))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%.1f ms\t%d\t%s/s\t%s\t%s\t%s\t%s\n", v.Name, v.Level, v.Role, dash(v.Peer), v.State,
+			leaseLeft(v), v.Epoch, age, v.PauseP50MS, v.DirtyPages, sizeText(v.BytesPerSec), dash(v.Link), dash(v.Tracker), output, strings.Join(apps, " "))
 	}
 	tw.Flush()
 	for _, v := range st.VMs {
@@ -272,6 +273,45 @@ func printStatus(out io.Writer, st *api.Status) {
 				v.Name, v.Declared, v.UnprotectedS, dash(v.DeclaredPeer))
 		}
 	}
+}
+
+// printWitness writes the witness as axd last probed it: one line, one
+// more for each member that did not answer, and the alarm without quorum.
+func printWitness(out io.Writer, w *api.WitnessHealth) {
+	if w == nil {
+		return
+	}
+	quorum := "quorum"
+	if !w.Quorum {
+		quorum = "NO QUORUM"
+	}
+	ttl := time.Duration(w.LeaseTTLMS * float64(time.Millisecond))
+	fmt.Fprintf(out, "witness: %s %d/%d members reachable, %s, lease TTL %s\n", w.Kind, w.Reachable, len(w.Members), quorum, ttl)
+	for _, m := range w.Members {
+		if m.Reachable {
+			continue
+		}
+		name := m.Endpoint
+		if m.Name != "" {
+			name = fmt.Sprintf("%s (%s)", m.Name, dash(m.Endpoint))
+		}
+		fmt.Fprintf(out, "witness member %s: unreachable: %s\n", name, dash(m.Error))
+	}
+	if w.Alarm != "" {
+		fmt.Fprintf(out, "ALARM witness: %s\n", w.Alarm)
+	}
+}
+
+// leaseLeft is the time left of the lease this host (the primary) holds
+// for v, where it holds one.
+func leaseLeft(v api.VMStatus) string {
+	switch {
+	case v.LeaseExpires.IsZero():
+		return "-"
+	case v.LeaseLeftMS <= 0:
+		return "EXPIRED"
+	}
+	return fmt.Sprintf("%.1f s", v.LeaseLeftMS/1000)
 }
 
 func heard(ok bool, ageMS float64) string {

@@ -1,8 +1,10 @@
 package ctl
 
 import (
+	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/axproject/ax/ax/api"
 )
@@ -30,5 +32,85 @@ func TestStatusShowsDeclaredLevelGaps(t *testing.T) {
 	}
 	if strings.Contains(text, "UNPROTECTED vm2") {
 		t.Errorf("a protected VM shown unprotected:\n%s", text)
+	}
+}
+
+// axctl status says what the witness is, how many of its members answer,
+// whether it has a quorum, and per primary the lease left.
+func TestStatusShowsWitness(t *testing.T) {
+	now := time.Date(2025, 1, 2, 3, 4, 5, 0, time.UTC)
+	etcd := func(quorum bool, reachable ...bool) *api.WitnessHealth {
+		w := &api.WitnessHealth{Kind: "etcd", Quorum: quorum, LeaseTTLMS: 2000}
+		for i, r := range reachable {
+			m := api.WitnessMember{Name: fmt.Sprintf("m%d", i), Endpoint: fmt.Sprintf("10.0.0.%d:2379", i+1), Reachable: r}
+			if r {
+				w.Reachable++
+			} else {
+				m.Error = "no answer within 300ms"
+			}
+			w.Members = append(w.Members, m)
+		}
+		if !quorum {
+			w.Alarm = "witness etcd has no quorum"
+		}
+		return w
+	}
+	for _, c := range []struct {
+		name      string
+		witness   string
+		health    *api.WitnessHealth
+		vm        api.VMStatus
+		want, not []string
+	}{
+		{name: "no witness", witness: "none",
+			vm:   api.VMStatus{Name: "vm1", Role: api.RoleLocal},
+			want: []string{"host h, witness none\n"}, not: []string{"witness:", "ALARM"}},
+		{name: "not probed yet", witness: "reachable",
+			want: []string{"host h, witness reachable\n"}, not: []string{"witness:"}},
+		{name: "axd witness", witness: "reachable",
+			health: &api.WitnessHealth{Kind: "axd", Members: []api.WitnessMember{{Endpoint: "w:7100", Reachable: true}}, Reachable: 1, Quorum: true, LeaseTTLMS: 1000},
+			want:   []string{"witness: axd 1/1 members reachable, quorum, lease TTL 1s\n"}, not: []string{"witness member", "ALARM"}},
+		{name: "axd witness unreachable", witness: "unreachable",
+			health: &api.WitnessHealth{Kind: "axd", Members: []api.WitnessMember{{Endpoint: "w:7100", Error: "connection refused"}}, LeaseTTLMS: 1000, Alarm: "witness axd has no quorum"},
+			want: []string{"witness: axd 0/1 members reachable, NO QUORUM, lease TTL 1s\n", "witness member w:7100: unreachable: connection refused\n",
+				"ALARM witness: witness axd has no quorum\n"}},
+		{name: "etcd all up", witness: "reachable", health: etcd(true, true, true, true),
+			want: []string{"witness: etcd 3/3 members reachable, quorum, lease TTL 2s\n"}, not: []string{"witness member", "ALARM"}},
+		{name: "etcd one down", witness: "reachable", health: etcd(true, true, false, true),
+			want: []string{"witness: etcd 2/3 members reachable, quorum, lease TTL 2s\n", "witness member m1 (10.0.0.2:2379): unreachable: no answer within 300ms\n"},
+			not:  []string{"ALARM"}},
+		{name: "etcd without quorum", witness: "unreachable", health: etcd(false, false, false, true),
+			want: []string{"witness: etcd 1/3 members reachable, NO QUORUM, lease TTL 2s\n", "witness member m0 (10.0.0.1:2379)", "witness member m1 (10.0.0.2:2379)",
+				"ALARM witness: witness etcd has no quorum\n"},
+			not: []string{"member m2"}},
+		{name: "lease left", witness: "reachable",
+			vm:   api.VMStatus{Name: "vm1", Role: api.RolePrimary, State: "protected", LeaseExpires: now.Add(1700 * time.Millisecond), LeaseLeftMS: 1700},
+			want: []string{"LEASE", "protected  1.7 s "}},
+		{name: "lease expired", witness: "unreachable",
+			vm:   api.VMStatus{Name: "vm1", Role: api.RolePrimary, State: "fenced", LeaseExpires: now.Add(-time.Second)},
+			want: []string{"fenced  EXPIRED "}},
+		{name: "no lease: a replica", witness: "reachable",
+			vm:   api.VMStatus{Name: "vm1", Role: api.RoleSecondary, State: "ready"},
+			want: []string{"ready  -  "}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			st := &api.Status{Host: "h", Now: now, Witness: c.witness, WitnessHealth: c.health}
+			if c.vm.Name != "" {
+				st.VMs = []api.VMStatus{c.vm}
+			}
+			var out strings.Builder
+			printStatus(&out, st)
+			text := out.String()
+			for _, want := range c.want {
+				if !strings.Contains(text, want) {
+					t.Errorf("status lacks %q:\n%s", want, text)
+				}
+			}
+			for _, not := range c.not {
+				if strings.Contains(text, not) {
+					t.Errorf("status has %q:\n%s", not, text)
+				}
+			}
+		})
 	}
 }

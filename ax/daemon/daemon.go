@@ -227,6 +227,8 @@ type Daemon struct {
 	seq     uint64
 	witOK   bool
 	witSeen time.Time
+	// witHealth: the witness as last probed (nil before the first probe).
+	witHealth *api.WitnessHealth
 
 	wg  sync.WaitGroup
 	ctx context.Context
@@ -269,7 +271,8 @@ func New(cfg Config) (*Daemon, error) {
 		// by the lease etcd grants.
 		d.wit, d.cfg.LeaseTTL = e, e.TTL()
 	} else if cfg.Witness != "" {
-		wc := witness.ClientConfig{Addr: cfg.Witness, Identity: cfg.Identity, Witness: cfg.WitnessName, Timeout: 300 * time.Millisecond}
+		wc := witness.ClientConfig{Addr: cfg.Witness, Identity: cfg.Identity, Witness: cfg.WitnessName, Timeout: 300 * time.Millisecond,
+			LeaseTTL: cfg.LeaseTTL}
 		if cfg.Identity == nil {
 			wc.PSK, wc.Holder = cfg.PSK, cfg.Host
 		}
@@ -403,6 +406,9 @@ func (d *Daemon) Run(ctx context.Context, ready func()) error {
 		defer d.wg.Done()
 		d.watch(ctx)
 	}()
+	if d.wit != nil {
+		d.wg.Go(func() { d.watchWitness(ctx) })
+	}
 	go func() {
 		defer d.wg.Done()
 		port := d.cfg.AgentVsockPort
@@ -481,7 +487,7 @@ func (d *Daemon) eventsSince(seq uint64) []api.Event {
 
 // status returns the host's view.
 func (d *Daemon) status() api.Status {
-	st := api.Status{Host: d.cfg.Host, Now: time.Now(), Witness: d.witnessState(), Reservation: d.reservation()}
+	st := api.Status{Host: d.cfg.Host, Now: time.Now(), Witness: d.witnessState(), WitnessHealth: d.witnessHealth(), Reservation: d.reservation()}
 	names := make([]string, 0, len(d.cfg.Peers))
 	for n := range d.cfg.Peers {
 		names = append(names, n)
@@ -514,35 +520,13 @@ func (d *Daemon) status() api.Status {
 	return st
 }
 
-func (d *Daemon) witnessState() string {
-	if d.wit == nil {
-		return "none"
-	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.witOK {
-		return "reachable"
-	}
-	return "unreachable"
-}
-
-func (d *Daemon) setWitness(ok bool) {
-	d.mu.Lock()
-	d.witOK = ok
-	if ok {
-		d.witSeen = time.Now()
-	}
-	d.mu.Unlock()
-	d.metrics.Witness.Set(b2f(ok))
-}
-
-// watch updates peer and per-VM metrics every 50 ms, and probes the witness
-// when no lease traffic shows whether it is reachable. The decisions are
-// per VM: guardPrimary (fence?) and watchReplica (promote?).
+// watch updates peer and per-VM metrics every 50 ms (the witness is probed
+// beside it, watchWitness). The decisions are per VM: guardPrimary (fence?)
+// and watchReplica (promote?).
 func (d *Daemon) watch(ctx context.Context) {
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
-	var probed, gatesRead, seedsSwept time.Time
+	var gatesRead, seedsSwept time.Time
 	for {
 		select {
 		case <-ctx.Done():
@@ -552,18 +536,6 @@ func (d *Daemon) watch(ctx context.Context) {
 		if time.Since(seedsSwept) > time.Minute {
 			seedsSwept = time.Now()
 			d.dropUnusedSeeds()
-		}
-		d.mu.Lock()
-		idle := time.Since(d.witSeen) > time.Second
-		d.mu.Unlock()
-		if d.wit != nil && idle && time.Since(probed) > time.Second {
-			// No lease traffic lately (no primaries here): probe, so
-			// status shows whether the witness is reachable.
-			probed = time.Now()
-			pctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
-			_, err := d.wit.Query(pctx, "ax-probe")
-			cancel()
-			d.setWitness(err == nil)
 		}
 		for n := range d.cfg.Peers {
 			v := d.hb.View(n)

@@ -202,7 +202,11 @@ func TestReplicaRestoredAfterRestart(t *testing.T) {
 // instead of axd --witness.
 func withEtcdWitness(t *testing.T) func(string, *Config) {
 	t.Helper()
-	c := etcdtest.Start(t, 1)
+	return withEtcdCluster(etcdtest.Start(t, 1))
+}
+
+// withEtcdCluster has the pair hold its leases on the etcd cluster c.
+func withEtcdCluster(c *etcdtest.Cluster) func(string, *Config) {
 	addr := witness.EtcdScheme + strings.Join(c.Endpoints(), ",")
 	return func(_ string, cfg *Config) { cfg.Witness, cfg.LeaseTTL = addr, time.Second }
 }

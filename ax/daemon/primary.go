@@ -875,11 +875,12 @@ func (d *Daemon) guardPrimary(ctx context.Context, v *vmState, closing, streamDo
 		if d.wit != nil && time.Since(lastRenew) >= d.cfg.LeaseTTL/4 {
 			lastRenew = time.Now()
 			rctx, cancel := context.WithTimeout(ctx, d.cfg.LeaseTTL/4)
-			until, err := d.wit.Renew(rctx, name)
+			until, err := d.renew(rctx, name)
 			cancel()
 			switch {
 			case err == nil:
 				leaseUntil = until
+				v.set(func(v *vmState) { v.leaseUntil = until })
 				d.setWitness(true)
 			case errors.Is(err, witness.ErrLeaseHeld):
 				// The partner took the VM over: this copy must never run again.
@@ -1195,7 +1196,7 @@ func (d *Daemon) plannedFailover(ctx context.Context, name string) error {
 		// The lease is free: the guest resumes here only once it is this
 		// host's again; if the partner holds it after all, the VM moved.
 		tctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
-		err := d.wit.Takeover(tctx, name)
+		err := d.takeover(tctx, name)
 		cancel()
 		var held *witness.LeaseHeldError
 		switch {

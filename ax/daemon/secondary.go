@@ -355,7 +355,7 @@ func (d *Daemon) checkSecondary(ctx context.Context, v *vmState) {
 		takeErr = errors.New("no witness configured")
 	} else {
 		tctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
-		takeErr = d.wit.Takeover(tctx, v.name)
+		takeErr = d.takeover(tctx, v.name)
 		cancel()
 		obs.WitnessReachable = takeErr == nil || errors.Is(takeErr, witness.ErrLeaseHeld)
 		obs.PartnerLeaseExpired = takeErr == nil

@@ -310,7 +310,7 @@ func (d *Daemon) resumeGuarded(r vm.Record) bool {
 			holder = li.Holder
 			if holder == d.cfg.Host {
 				// Ours: hold it again before the guest runs.
-				_, err = d.wit.Renew(ctx, r.VM)
+				_, err = d.renew(ctx, r.VM)
 				if errors.Is(err, witness.ErrLeaseHeld) {
 					holder = "" // taken meanwhile: decide again below
 					var held *witness.LeaseHeldError

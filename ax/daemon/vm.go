@@ -46,6 +46,9 @@ type vmState struct {
 	rate       float64
 	syncSent   int
 	syncTotal  int
+	// leaseUntil: the end of the VM's lease as last renewed here (zero:
+	// none renewed yet).
+	leaseUntil time.Time
 
 	// in-guest agent of a VM running here
 	agent       *agent.Monitor
@@ -153,6 +156,9 @@ func (v *vmState) status() api.VMStatus {
 	}
 	if !v.lastCommit.IsZero() {
 		s.CommitAgeMS = ms(time.Since(v.lastCommit))
+	}
+	if !v.leaseUntil.IsZero() && s.Role == api.RolePrimary {
+		s.LeaseExpires, s.LeaseLeftMS = v.leaseUntil, ms(max(time.Until(v.leaseUntil), 0))
 	}
 	s.Epoch, s.Committed = v.epochs.Status()
 	s.PauseP50MS, s.PauseP99MS = quantile(v.pauses, 0.5), quantile(v.pauses, 0.99)

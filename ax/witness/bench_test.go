@@ -2,7 +2,6 @@ package witness
 
 import (
 	"context"
-	"net"
 	"testing"
 
 	"github.com/axproject/ax/ax/identity"
@@ -17,15 +16,8 @@ func benchWitness(b *testing.B, cfg ServerConfig) string {
 		b.Fatal(err)
 	}
 	srv.graceEnd = srv.started
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx, ln) }()
-	b.Cleanup(func() { cancel(); <-done })
-	return ln.Addr().String()
+	addr, _ := serve(b, srv)
+	return addr
 }
 
 // BenchmarkRenew measures one renewal on the client's kept connection, and

@@ -92,6 +92,9 @@ type ClientConfig struct {
 	// (DefaultMaxConns when <= 0; more than 7 count as 7, below the
 	// witness's limit of 8 per holder).
 	MaxConns int
+	// LeaseTTL is the lease length the witness is run with (its
+	// --lease-ttl), for Health to report: the protocol does not carry it.
+	LeaseTTL time.Duration
 }
 
 // Client talks to a witness on behalf of one host. It is safe for concurrent
@@ -106,6 +109,7 @@ type Client struct {
 	tlsConf  *tls.Config // TLS mode
 	timeout  time.Duration
 	maxConns int
+	ttl      time.Duration    // reported by Health
 	now      func() time.Time // time.Now; tests replace it
 	dialer   net.Dialer
 
@@ -140,6 +144,7 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 		addr:     cfg.Addr,
 		timeout:  cfg.Timeout,
 		maxConns: cfg.MaxConns,
+		ttl:      cfg.LeaseTTL,
 		now:      time.Now,
 		conns:    make(map[*clientConn]struct{}),
 		freed:    make(chan struct{}),
@@ -227,6 +232,21 @@ func (c *Client) Query(ctx context.Context, vm string) (LeaseInfo, error) {
 		info.ExpiresAt = time.UnixMilli(resp.ExpiresAt)
 	}
 	return info, nil
+}
+
+// Health probes the witness with a query (about no VM of this host's):
+// one member, reachable and with quorum if it answered. See Leases.Health.
+func (c *Client) Health(ctx context.Context) (Health, error) {
+	_, err := c.Query(ctx, probeVM)
+	if errors.Is(err, errClientClosed) {
+		return Health{}, err
+	}
+	return Health{
+		Kind:    KindAxd,
+		Members: []Member{{Endpoint: c.addr, Reachable: err == nil, Err: err}},
+		Quorum:  err == nil, QuorumErr: err,
+		TTL: c.ttl,
+	}, nil
 }
 
 // Takeover makes this host the holder of vm's lease if it has expired or

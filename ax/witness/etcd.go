@@ -1,6 +1,7 @@
 package witness
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -8,6 +9,7 @@ import (
 	"log/slog"
 	"math"
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -353,6 +355,86 @@ func (e *Etcd) Query(ctx context.Context, vm string) (LeaseInfo, error) {
 	return LeaseInfo{Holder: name, Expired: true}, nil
 }
 
+// Health lists the cluster's members (as the member reached first knows
+// them; the configured endpoints when none answers), asks each for its
+// status and makes a linearizable read, all at once, each within the call
+// timeout. Quorum is the read's success: only a leader that a majority
+// follows serves it. See Leases.Health.
+func (e *Etcd) Health(ctx context.Context) (Health, error) {
+	if e.isClosed() {
+		return Health{}, fmt.Errorf("witness etcd %s: health: %w", e.members, errClientClosed)
+	}
+	h := Health{Kind: KindEtcd, TTL: e.ttl, Members: e.memberList(ctx)}
+	var wg sync.WaitGroup
+	for i := range h.Members {
+		m := &h.Members[i]
+		if m.Endpoint == "" {
+			m.Err = errors.New("no client address: the member has not started yet")
+			continue
+		}
+		wg.Go(func() {
+			pctx, cancel := context.WithTimeout(ctx, e.timeout)
+			defer cancel()
+			_, err := e.cli.Status(pctx, m.Endpoint)
+			if errors.Is(err, context.DeadlineExceeded) {
+				err = fmt.Errorf("no answer within %s: %w", e.timeout, err)
+			}
+			m.Reachable, m.Err = err == nil, err
+		})
+	}
+	wg.Go(func() {
+		qctx, cancel := context.WithTimeout(ctx, e.timeout)
+		defer cancel()
+		_, err := e.cli.Get(clientv3.WithRequireLeader(qctx), e.prefix+"/health", clientv3.WithCountOnly())
+		if err != nil {
+			h.QuorumErr = e.failAt(qctx, "health: linearizable read", err)
+		}
+		h.Quorum = err == nil
+	})
+	wg.Wait()
+	return h, nil
+}
+
+// memberList returns the cluster's members, each at its first client
+// address, or the configured endpoints if no member says. Serializable: a
+// member cut off from the others still says, and the probes tell the rest.
+func (e *Etcd) memberList(ctx context.Context) []Member {
+	ctx, cancel := context.WithTimeout(ctx, e.timeout)
+	defer cancel()
+	var ms []Member
+	resp, err := e.cli.MemberList(ctx, clientv3.WithSerializable())
+	if err == nil {
+		for _, m := range resp.Members {
+			name := m.GetName()
+			if name == "" {
+				name = fmt.Sprintf("%x", m.GetID())
+			}
+			mem := Member{Name: name}
+			if urls := m.GetClientURLs(); len(urls) > 0 {
+				mem.Endpoint = clientEndpoint(urls[0])
+			}
+			ms = append(ms, mem)
+		}
+	}
+	slices.SortFunc(ms, func(a, b Member) int { return cmp.Or(cmp.Compare(a.Name, b.Name), cmp.Compare(a.Endpoint, b.Endpoint)) })
+	if len(ms) == 0 {
+		for _, ep := range e.cli.Endpoints() {
+			ms = append(ms, Member{Endpoint: ep})
+		}
+	}
+	return ms
+}
+
+// clientEndpoint returns a member's client URL as host:port, so that the
+// probe is secured as the configured endpoints are (with EtcdConfig.TLS
+// when set), whatever scheme the member advertises.
+func clientEndpoint(url string) string {
+	if _, hostPort, ok := strings.Cut(url, "://"); ok {
+		url = hostPort
+	}
+	return strings.TrimSuffix(url, "/")
+}
+
 // begin checks a call's VM name and returns its context: bounded by the
 // call timeout, and failing at once on a member without a leader rather
 // than waiting for one.
@@ -360,10 +442,7 @@ func (e *Etcd) begin(ctx context.Context, op, vm string) (context.Context, conte
 	if err := checkName("vm", vm); err != nil {
 		return nil, nil, fmt.Errorf("witness: etcd: %s: %w", op, err)
 	}
-	e.mu.Lock()
-	closed := e.closed
-	e.mu.Unlock()
-	if closed {
+	if e.isClosed() {
 		return nil, nil, fmt.Errorf("witness etcd %s: %s vm %q: %w", e.members, op, vm, errClientClosed)
 	}
 	ctx, cancel := context.WithTimeout(ctx, e.timeout)
@@ -610,6 +689,11 @@ func errOdd(format string, args ...any) error {
 // fail wraps a call's error with where it went and, when nothing answered,
 // what to check.
 func (e *Etcd) fail(ctx context.Context, op, vm string, err error) error {
+	return e.failAt(ctx, fmt.Sprintf("%s vm %q", op, vm), err)
+}
+
+// failAt is fail for a call about no VM: what names what was asked.
+func (e *Etcd) failAt(ctx context.Context, what string, err error) error {
 	hint := ""
 	switch {
 	case errors.Is(err, rpctypes.ErrNoLeader):
@@ -620,7 +704,13 @@ func (e *Etcd) fail(ctx context.Context, op, vm string, err error) error {
 		}
 		hint = ": no answer in time (is a majority of the etcd cluster up and reachable?)"
 	}
-	return fmt.Errorf("witness etcd %s: %s vm %q: %w%s", e.members, op, vm, err, hint)
+	return fmt.Errorf("witness etcd %s: %s: %w%s", e.members, what, err, hint)
+}
+
+func (e *Etcd) isClosed() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.closed
 }
 
 func (e *Etcd) lease(vm string) (boundLease, bool) {

@@ -40,6 +40,12 @@ type Leases interface {
 	// after expiry or release (then the last holder, with Expired true).
 	Query(ctx context.Context, vm string) (LeaseInfo, error)
 
+	// Health probes the witness for its operator: its members, probed in
+	// parallel, each within the call timeout, and whether it can decide
+	// about leases now. A witness that does not answer is a Health
+	// without quorum, not an error: the error is for a closed Leases.
+	Health(ctx context.Context) (Health, error)
+
 	// Close ends the connection to the witness; later calls fail. Leases
 	// held stay until they expire. It is safe to call twice.
 	Close() error

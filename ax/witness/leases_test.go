@@ -296,27 +296,38 @@ func serverLeases(t *testing.T) openLeases {
 		t.Fatal(err)
 	}
 	srv.graceEnd = srv.started
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx, ln) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-	})
+	addr, _ := serve(t, srv)
 	return func(host string) Leases {
-		c, err := NewClient(ClientConfig{Addr: ln.Addr().String(), PSK: testKey, Holder: host, Timeout: 5 * time.Second})
+		c, err := NewClient(ClientConfig{Addr: addr, PSK: testKey, Holder: host, Timeout: 5 * time.Second})
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { c.Close() })
 		return c
 	}
+}
+
+// serve serves srv on a loopback port until stop, or the test's end.
+func serve(tb testing.TB, srv *Server) (addr string, stop func()) {
+	tb.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx, ln) }()
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			if err := <-done; err != nil {
+				tb.Errorf("Serve: %v", err)
+			}
+		})
+	}
+	tb.Cleanup(stop)
+	return ln.Addr().String(), stop
 }
 
 // etcdLeases opens Etcds of the cluster at endpoints, under a key prefix of

@@ -230,3 +230,26 @@ func TestPromisesShown(t *testing.T) {
 		}
 	}
 }
+
+// TestWitnessShown checks that the overview's host panels show the witness:
+// its quorum, members reachable, and this host's lease calls by result.
+func TestWitnessShown(t *testing.T) {
+	overview, ok := load(t)[filepath.Join("dashboards", "ax-overview.json")]
+	if !ok {
+		t.Fatal("no overview dashboard")
+	}
+	queried := map[string]bool{}
+	for _, p := range overview.Panels {
+		for _, tg := range p.Targets {
+			for _, m := range regexp.MustCompile(`\bax_witness_[a-z_]+`).FindAllString(tg.Expr, -1) {
+				queried[m] = true
+			}
+		}
+	}
+	for _, m := range []string{"ax_witness_reachable", "ax_witness_quorum", "ax_witness_members", "ax_witness_members_reachable",
+		"ax_witness_renewals_total", "ax_witness_takeovers_total"} {
+		if !queried[m] {
+			t.Errorf("the overview shows no %s", m)
+		}
+	}
+}

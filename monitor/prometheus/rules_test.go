@@ -35,6 +35,37 @@ func TestRulesPromtool(t *testing.T) {
 	promtool(t, "check", "config", "prometheus.yml")
 }
 
+// TestAlertsUnitTested checks that every alert of ax-rules.yml is evaluated
+// by a unit test of ax-rules.test.yml, which TestRulesPromtool runs.
+func TestAlertsUnitTested(t *testing.T) {
+	read := func(f string, re *regexp.Regexp) map[string]bool {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		found := map[string]bool{}
+		for _, m := range re.FindAllStringSubmatch(string(b), -1) {
+			found[m[1]] = true
+		}
+		if len(found) == 0 {
+			t.Fatalf("%s: nothing matches %s", f, re)
+		}
+		return found
+	}
+	alerts := read("ax-rules.yml", regexp.MustCompile(`(?m)^\s*- alert: (\w+)$`))
+	tested := read("ax-rules.test.yml", regexp.MustCompile(`(?m)^\s*alertname: (\w+)$`))
+	for a := range alerts {
+		if !tested[a] {
+			t.Errorf("alert %s has no unit test in ax-rules.test.yml", a)
+		}
+	}
+	for a := range tested {
+		if !alerts[a] {
+			t.Errorf("ax-rules.test.yml tests alert %s, which ax-rules.yml does not define", a)
+		}
+	}
+}
+
 // TestDashboardQueriesParse hands every dashboard query to promtool as a
 // recording rule, Grafana's variables replaced, so PromQL syntax errors in
 // the dashboards fail here rather than in front of an operator.
@@ -68,7 +99,9 @@ func TestDashboardQueriesParse(t *testing.T) {
 func TestMetricNamesExist(t *testing.T) {
 	known := exportedNames(t)
 	for _, must := range []string{"ax_vm_level", "ax_vm_protected", "ax_commit_latency_seconds_bucket",
-		"ax_pause_seconds_bucket", "ax_app_health", "ax_agent_silent", "ax_epochs_total"} {
+		"ax_pause_seconds_bucket", "ax_app_health", "ax_agent_silent", "ax_epochs_total",
+		"ax_witness_quorum", "ax_witness_members", "ax_witness_members_reachable",
+		"ax_witness_renewals_total", "ax_witness_takeovers_total"} {
 		if !known[must] {
 			t.Fatalf("%s is not among the exported names %v; the test's gathering is broken", must, keys(known))
 		}
