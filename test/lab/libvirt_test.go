@@ -269,8 +269,8 @@ func qmpStatus(ctx context.Context, l *Lab, h, domain string) (string, error) {
 // resumes the guest on b from a checkpoint as AX fails over (device state
 // saved on a, RAM copied into the RAM file of a domain b's libvirtd started
 // paused with -incoming defer, device state fed to it, resumed): its tick
-// must go on from the checkpoint. lab down must leave no libvirtd, QEMU or
-// directory behind.
+// must go on from the checkpoint, and survive a restart of b's libvirtd.
+// lab down must leave no libvirtd, QEMU or directory behind.
 func TestIntegrationLibvirtd(t *testing.T) {
 	requireLibvirt(t)
 	ctx := context.Background()
@@ -419,16 +419,21 @@ func failoverLibvirt(t *testing.T, l *Lab, vm *VM, cfg GuestConfig) {
 	if err := qemu.LoadDeviceStateFile(ctx, virshIncoming{l: l, host: HostB, domain: vmB.Domain}, dev, filepath.Join(l.StateDir, "incoming.sock")); err != nil {
 		t.Fatalf("feeding the device state through libvirt: %v", err)
 	}
+	t4 := time.Now()
 	// The old primary goes (as fencing would have it) before the new one runs.
 	if _, err := l.Virsh(ctx, HostA, "destroy", vm.Domain); err != nil {
 		t.Fatal(err)
 	}
-	t4 := time.Now()
+	if _, err := os.Stat(filepath.Dir(vm.RAMFile)); !os.IsNotExist(err) {
+		t.Errorf("libvirt kept the destroyed domain's RAM directory: %v", err)
+	}
+	t5 := time.Now()
 	if _, err := l.Virsh(ctx, HostB, "resume", vmB.Domain); err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("on b: domain started paused in %s, RAM copied in %s, device state loaded in %s, resumed in %s",
-		t2.Sub(t1).Round(time.Millisecond), t3.Sub(t2).Round(time.Millisecond), t4.Sub(t3).Round(time.Millisecond), time.Since(t4).Round(time.Millisecond))
+	ms := func(d time.Duration) time.Duration { return d.Round(time.Millisecond) }
+	t.Logf("on b: domain started paused in %s, RAM copied in %s, device state loaded in %s, resumed in %s (a's domain destroyed in %s)",
+		ms(t2.Sub(t1)), ms(t3.Sub(t2)), ms(t4.Sub(t3)), ms(time.Since(t5)), ms(t5.Sub(t4)))
 	if st, err := qmpStatus(ctx, l, HostB, vmB.Domain); err != nil || st != "running" {
 		t.Fatalf("b's domain after resume: status %q, %v", st, err)
 	}
@@ -454,6 +459,23 @@ func failoverLibvirt(t *testing.T, l *Lab, vm *VM, cfg GuestConfig) {
 		if bytes.Contains(post, []byte(f)) {
 			t.Errorf("the resumed guest's console shows %q: %s", f, consoleTail(vmB.Console, 20))
 		}
+	}
+
+	// libvirtd stops and starts again under its guest, as on a real host.
+	if err := l.StopLibvirtd(HostB); err != nil {
+		t.Fatal(err)
+	}
+	if isZombie(vmB.PID) {
+		t.Fatal("the guest's QEMU died with its libvirtd")
+	}
+	if err := l.StartLibvirtd(ctx, HostB); err != nil {
+		t.Fatal(err)
+	}
+	if st, err := qmpStatus(ctx, l, HostB, vmB.Domain); err != nil || st != "running" {
+		t.Fatalf("after libvirtd restarted on b: status %q, %v", st, err)
+	}
+	if err := l.WaitServing(ctx, vmB, 10*time.Second); err != nil {
+		t.Fatal(err)
 	}
 }
 
