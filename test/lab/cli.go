@@ -208,13 +208,7 @@ func cliUp(ctx context.Context, l *Lab, f labFlags, out io.Writer, log *slog.Log
 	if f.noGuest {
 		return nil
 	}
-	var vm *VM
-	var err error
-	if f.libvirt {
-		vm, err = bootLibvirtGuest(ctx, l, f, icfg, out)
-	} else {
-		vm, err = bootGuest(ctx, l, f, icfg, out)
-	}
+	vm, err := bootGuest(ctx, l, f, icfg, out)
 	if err == nil {
 		err = startDaemons(ctx, l, f, vm)
 	}
@@ -263,28 +257,6 @@ func startLibvirtds(ctx context.Context, l *Lab, out io.Writer) error {
 	return nil
 }
 
-// bootLibvirtGuest boots the guest as a libvirt domain on host a.
-func bootLibvirtGuest(ctx context.Context, l *Lab, f labFlags, icfg image.Config, out io.Writer) (*VM, error) {
-	img, err := image.Build(ctx, icfg)
-	if err != nil {
-		return nil, err
-	}
-	vm, err := l.DefineLibvirtGuest(ctx, GuestConfig{Kernel: img.Kernel, Initrd: img.Initrd, Accel: f.accel, RAMMiB: f.ram, Dirty: f.dirty,
-		DiskMiB: f.diskMiB, DiskFormat: f.diskFormat})
-	if err != nil {
-		return nil, err
-	}
-	if err := l.StartLibvirtGuest(ctx, vm, false); err != nil {
-		return nil, err
-	}
-	fmt.Fprintf(out, "guest %s booting on host %s as libvirt domain %s (%s, %d MiB, RAM file %s, image %s)\n",
-		vm.Name, vm.Host, vm.Domain, vm.Accel, vm.RAMMiB, vm.RAMFile, img.Key)
-	if err := l.WaitServing(ctx, vm, 120*time.Second); err != nil {
-		return nil, err
-	}
-	return vm, nil
-}
-
 // binary finds one of the project's binaries beside axctl (or in --guest-bin).
 func (f labFlags) binary(name string) (string, error) {
 	dir := f.guestBin
@@ -307,12 +279,24 @@ func bootGuest(ctx context.Context, l *Lab, f labFlags, icfg image.Config, out i
 	if err != nil {
 		return nil, err
 	}
-	vm, err := l.StartGuest(ctx, GuestConfig{Kernel: img.Kernel, Initrd: img.Initrd, Accel: f.accel, RAMMiB: f.ram, Dirty: f.dirty,
-		DiskMiB: f.diskMiB, DiskFormat: f.diskFormat})
+	cfg := GuestConfig{Kernel: img.Kernel, Initrd: img.Initrd, Accel: f.accel, RAMMiB: f.ram, Dirty: f.dirty,
+		DiskMiB: f.diskMiB, DiskFormat: f.diskFormat}
+	var vm *VM
+	if f.libvirt {
+		if vm, err = l.DefineLibvirtGuest(ctx, cfg); err == nil {
+			err = l.StartLibvirtGuest(ctx, vm, false)
+		}
+	} else {
+		vm, err = l.StartGuest(ctx, cfg)
+	}
 	if err != nil {
 		return nil, err
 	}
-	fmt.Fprintf(out, "guest %s booting on host %s (%s, %d MiB, image %s)\n", vm.Name, vm.Host, vm.Accel, vm.RAMMiB, img.Key)
+	how := ""
+	if vm.Domain != "" {
+		how = " as libvirt domain " + vm.Domain
+	}
+	fmt.Fprintf(out, "guest %s booting on host %s%s (%s, %d MiB, RAM file %s, image %s)\n", vm.Name, vm.Host, how, vm.Accel, vm.RAMMiB, vm.RAMFile, img.Key)
 	if err := l.WaitServing(ctx, vm, 120*time.Second); err != nil {
 		return nil, err
 	}
