@@ -76,24 +76,7 @@ func (l *Lab) StartGuest(ctx context.Context, cfg GuestConfig) (*VM, error) {
 	if err := l.loadState(); err != nil {
 		return nil, err
 	}
-	if cfg.Name == "" {
-		cfg.Name = "vm1"
-	}
-	if cfg.Host == "" {
-		cfg.Host = HostA
-	}
-	if cfg.RAMMiB == 0 {
-		cfg.RAMMiB = 256
-	}
-	if cfg.TickMS == 0 {
-		cfg.TickMS = 100
-	}
-	if cfg.Index == 0 {
-		cfg.Index = 1
-	}
-	if cfg.Accel == "" || cfg.Accel == "auto" {
-		cfg.Accel = DetectAccel()
-	}
+	cfg.setDefaults()
 	if cfg.Kernel == "" || cfg.Initrd == "" {
 		return nil, errors.New("start guest: no image (build one with the image package)")
 	}
@@ -114,7 +97,7 @@ func (l *Lab) StartGuest(ctx context.Context, cfg GuestConfig) (*VM, error) {
 			return nil, err
 		}
 	}
-	ipAddr := fmt.Sprintf("10.77.0.%d", 9+cfg.Index)
+	ipAddr := cfg.guestIP()
 	spec := api.Guest{
 		Name:    cfg.Name,
 		RAMMiB:  cfg.RAMMiB,
@@ -139,23 +122,16 @@ func (l *Lab) StartGuest(ctx context.Context, cfg GuestConfig) (*VM, error) {
 	if spec.Console == "" {
 		spec.Console = filepath.Join(dir, "console.log")
 	}
-	spec.Append = fmt.Sprintf("console=ttyS0 quiet panic=-1 ax.ip=%s/24 ax.dirty=%g ax.tick=%dms", ipAddr, cfg.Dirty, cfg.TickMS)
+	spec.Append = cfg.kernelCmdline()
 	if cfg.DiskMiB > 0 {
 		d, err := l.makeDisk(ctx, cfg)
 		if err != nil {
 			return nil, err
 		}
 		spec.Disks = []api.Disk{d}
-		spec.Append += " ax.disk=/dev/vda"
-	}
-	if cfg.Cmdline != "" {
-		spec.Append += " " + cfg.Cmdline
 	}
 	ns := l.Netns(cfg.Host)
-	if err := ip(ctx, "-n", ns, "tuntap", "add", "dev", spec.Tap, "mode", "tap"); err != nil {
-		return nil, err
-	}
-	if err := ip(ctx, "-n", ns, "link", "set", spec.Tap, "master", PublicBridge, "up"); err != nil {
+	if err := l.addTap(ctx, cfg.Host, spec.Tap); err != nil {
 		return nil, err
 	}
 	launch := qemu.GuestFor(spec)
@@ -175,6 +151,53 @@ func (l *Lab) StartGuest(ctx context.Context, cfg GuestConfig) (*VM, error) {
 		return nil, err
 	}
 	return &vm, nil
+}
+
+// addTap makes a guest's tap on host h's public bridge.
+func (l *Lab) addTap(ctx context.Context, h, tap string) error {
+	ns := l.Netns(h)
+	if err := ip(ctx, "-n", ns, "tuntap", "add", "dev", tap, "mode", "tap"); err != nil {
+		return err
+	}
+	return ip(ctx, "-n", ns, "link", "set", tap, "master", PublicBridge, "up")
+}
+
+// setDefaults fills in what cfg leaves unset.
+func (cfg *GuestConfig) setDefaults() {
+	if cfg.Name == "" {
+		cfg.Name = "vm1"
+	}
+	if cfg.Host == "" {
+		cfg.Host = HostA
+	}
+	if cfg.RAMMiB == 0 {
+		cfg.RAMMiB = 256
+	}
+	if cfg.TickMS == 0 {
+		cfg.TickMS = 100
+	}
+	if cfg.Index == 0 {
+		cfg.Index = 1
+	}
+	if cfg.Accel == "" || cfg.Accel == "auto" {
+		cfg.Accel = DetectAccel()
+	}
+}
+
+// guestIP is the guest's address on the public segment.
+func (cfg GuestConfig) guestIP() string { return fmt.Sprintf("10.77.0.%d", 9+cfg.Index) }
+
+// kernelCmdline is the command line the lab's guest image reads (see
+// test/image's init): console, address, dirtier, tick, disk.
+func (cfg GuestConfig) kernelCmdline() string {
+	s := fmt.Sprintf("console=ttyS0 quiet panic=-1 ax.ip=%s/24 ax.dirty=%g ax.tick=%dms", cfg.guestIP(), cfg.Dirty, cfg.TickMS)
+	if cfg.DiskMiB > 0 {
+		s += " ax.disk=/dev/vda"
+	}
+	if cfg.Cmdline != "" {
+		s += " " + cfg.Cmdline
+	}
+	return s
 }
 
 func contains(list []string, s string) bool {
@@ -231,16 +254,20 @@ func (l *Lab) pingLedger(ctx context.Context, addr string) error {
 }
 
 // consoleTail returns the last n lines of a console log, for error messages.
-func consoleTail(path string, n int) string {
+func consoleTail(path string, n int) string { return "console " + fileTail(path, n) }
+
+// fileTail returns the last n lines of a file (a console, a daemon's log),
+// for error messages.
+func fileTail(path string, n int) string {
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return "no console log: " + err.Error()
+		return err.Error()
 	}
 	lines := strings.Split(strings.TrimRight(string(data), "\n"), "\n")
 	if len(lines) > n {
 		lines = lines[len(lines)-n:]
 	}
-	return "console " + path + " ends:\n  " + strings.Join(lines, "\n  ")
+	return path + " ends:\n  " + strings.Join(lines, "\n  ")
 }
 
 // LastTick returns the highest AXTICK value on a console log (0 if none).

@@ -51,6 +51,9 @@ type VM struct {
 	MAC     string `json:"mac"`
 	IP      string `json:"ip"`
 	Accel   string `json:"accel"`
+	// Domain is the libvirt domain's name when Host's libvirtd runs the
+	// guest (DefineLibvirtGuest); empty for a QEMU the lab started itself.
+	Domain string `json:"domain,omitempty"`
 	// Spec is the guest as axd is told of it (DefineGuest), so the same
 	// guest can be started elsewhere (the replica's QEMU on the partner
 	// host).
