@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -85,6 +86,18 @@ func TestIntegrationEtcdWitness(t *testing.T) {
 	if !sawUnreachable {
 		t.Errorf("without etcd quorum the primary's status never said the witness was unreachable")
 	}
+	st, err := cp.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h := st.WitnessHealth; h == nil || h.Kind != "etcd" || h.Quorum || h.Reachable != 1 || len(h.Members) != 3 || h.Alarm == "" {
+		t.Errorf("without etcd quorum, %s's witness health is %+v; want etcd, 1 of 3 members reachable, no quorum, an alarm", primary, h)
+	} else {
+		t.Logf("without quorum, %s says: %s", primary, h.Alarm)
+	}
+	if m, err := l.Scrape(ctx, primary, MetricsAddr(primary)); err != nil || !strings.Contains(m, "\nax_witness_quorum 0\n") {
+		t.Errorf("without etcd quorum, %s's metrics do not say ax_witness_quorum 0 (%v)", primary, err)
+	}
 	initial := EtcdInitialCluster()
 	for _, h := range []string{HostW1, HostW2} {
 		if err := l.StartEtcdMember(ctx, h, initial); err != nil {
@@ -95,6 +108,15 @@ func TestIntegrationEtcdWitness(t *testing.T) {
 	waitVM(t, l, cp, vm.Name, 60*time.Second, "witness reachable again with quorum back", func(s api.VMStatus) bool {
 		return s.Witness == "reachable" && s.State == "protected"
 	})
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		st, err := cp.Status(ctx)
+		if err == nil && st.WitnessHealth != nil && st.WitnessHealth.Quorum && st.WitnessHealth.Reachable == 3 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("quorum back, but %s's witness health is not 3/3 with quorum: %+v (%v)", primary, st, err)
+		}
+	}
 	t.Logf("quorum back: witness reachable to %s %.1f s after the members restarted", primary, time.Since(back).Seconds())
 	client.Stop()
 	acked, missing := ledgerLoss(t, l, record, fmt.Sprintf("%s:%d", GuestIP, LedgerPort))
