@@ -49,11 +49,12 @@ lab-down: build ## remove the lab (safe to repeat, also after a crash)
 lab-status: build ## show the lab
 	$(BIN)/axctl lab status --prefix $(PREFIX)
 
-bench: deps build ## benchmark report: lab timings, FT, disk levels (none/HA/FT), axd restarts and crashes, Go benchmarks
+bench: deps build ## benchmark report: lab timings, FT, disk levels (none/HA/FT), axd restarts and crashes, failover with each witness, Go benchmarks
 	$(BIN)/axctl lab bench --prefix axbench
 	$(BIN)/axctl lab bench-ft --prefix axbench
 	$(BIN)/axctl lab bench-disk --prefix axbench
 	$(BIN)/axctl lab bench-restart --prefix axbench
+	$(BIN)/axctl lab bench-witness --prefix axbench
 	$(GO) test -run=NONE -bench=. -benchtime=20x ./...
 
 generate: ## rebuild generated code (eBPF objects; needs clang, llvm, libbpf-dev)

@@ -254,6 +254,9 @@ func TestIntegrationCLISideBySide(t *testing.T) {
 				// The README's way to try HA by hand: a guest whose ledger
 				// lives on a disk.
 				args = append(args, "--disk", "32", "--disk-format", "qcow2")
+			} else {
+				// The README's way to try the etcd witness.
+				args = append(args, "--witness", "etcd")
 			}
 			errs[i] = Main(ctx, args, &out, log)
 		}()
@@ -294,6 +297,22 @@ func TestIntegrationCLISideBySide(t *testing.T) {
 			t.Errorf("lab %s: the ledger is not told to use its disk: %q", p, s.VMs[0].Spec.Append)
 		case p != "itx" && len(disks) != 0:
 			t.Errorf("lab %s up without --disk has disks %+v", p, disks)
+		}
+		want := "axd"
+		if p == "ity" {
+			want = "etcd"
+		}
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			st, err := l.Client(HostA).Status(ctx)
+			if err == nil && st.WitnessHealth != nil && st.WitnessHealth.Kind == want && st.WitnessHealth.Quorum {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Errorf("lab %s: a's witness is not %s with quorum: %+v (%v)", p, want, st, err)
+				break
+			}
+			time.Sleep(200 * time.Millisecond)
 		}
 	}
 }
