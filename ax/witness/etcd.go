@@ -114,9 +114,22 @@ type Etcd struct {
 	log      *slog.Logger
 	warnings *ratelog.Limiter
 
-	mu     sync.Mutex
-	closed bool
-	bound  map[string]boundLease // by VM
+	mu      sync.Mutex
+	closed  bool
+	bound   map[string]boundLease      // by VM
+	refused map[string]*watchedRefusal // by VM: takeovers refused, watched
+}
+
+// watchedRefusal is a takeover etcd refused because another host's holder key
+// exists, answered again without asking while a watch on that key sees it
+// unchanged and the lease's time etcd reported has not run out. Keep-alives
+// of the holder's lease change no key, so the refusal is asked again once
+// that time is over; the key's deletion (its lease lapsed, or released)
+// ends it at once. A refusal answered from here never promotes anything,
+// so a late watch costs only time, never safety.
+type watchedRefusal struct {
+	held   LeaseHeldError // ExpiresAt: this host's clock
+	cancel context.CancelFunc
 }
 
 // boundLease is a lease this process bound to a VM's holder key.
@@ -162,6 +175,7 @@ func NewEtcd(cfg EtcdConfig) (*Etcd, error) {
 		log:      cfg.Log,
 		warnings: ratelog.New(warnEvery),
 		bound:    make(map[string]boundLease),
+		refused:  make(map[string]*watchedRefusal),
 	}
 	e.ttl = time.Duration(e.ttlSec) * time.Second
 	if e.timeout <= 0 {
@@ -222,6 +236,10 @@ func (e *Etcd) Close() error {
 	e.mu.Lock()
 	closed := e.closed
 	e.closed = true
+	for vm, r := range e.refused {
+		r.cancel()
+		delete(e.refused, vm)
+	}
 	e.mu.Unlock()
 	if closed {
 		return nil
@@ -265,14 +283,89 @@ func (e *Etcd) Renew(ctx context.Context, vm string) (time.Time, error) {
 // Takeover makes this host vm's holder if no other host's holder key exists;
 // see Leases.Takeover. etcd decides in one transaction, so of several hosts
 // at most one wins. No grace follows a restart of etcd: it keeps its leases.
+//
+// A refusal is watched rather than polled: until the holder's lease time
+// etcd reported runs out, a takeover asked again is refused from what a
+// watch on the holder key has seen (nothing), without a round trip; once
+// the key goes, the next one asks etcd.
 func (e *Etcd) Takeover(ctx context.Context, vm string) error {
 	ctx, cancel, err := e.begin(ctx, opTakeover, vm)
 	if err != nil {
 		return err
 	}
 	defer cancel()
+	if held := e.refusedBefore(vm); held != nil {
+		return held
+	}
 	_, err = e.acquire(ctx, opTakeover, vm)
 	return err
+}
+
+// refusedBefore returns the watched refusal of a takeover of vm while it
+// stands, with the time left now; nil when etcd must be asked.
+func (e *Etcd) refusedBefore(vm string) *LeaseHeldError {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	r := e.refused[vm]
+	if r == nil {
+		return nil
+	}
+	now := e.now()
+	if !now.Before(r.held.ExpiresAt) {
+		r.cancel()
+		delete(e.refused, vm)
+		return nil
+	}
+	held := r.held
+	held.Remaining = held.ExpiresAt.Sub(now)
+	return &held
+}
+
+// dropRefusal forgets the watched refusal of vm's takeover, if any.
+func (e *Etcd) dropRefusal(vm string) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if r := e.refused[vm]; r != nil {
+		r.cancel()
+		delete(e.refused, vm)
+	}
+}
+
+// watchRefusal keeps held, a refusal of vm's takeover by a holder key last
+// changed at revision rev, until that key changes or the watch ends (also
+// when the member it reaches loses its leader).
+func (e *Etcd) watchRefusal(vm string, held *LeaseHeldError, rev int64) {
+	if held.Remaining <= 0 || rev <= 0 {
+		return
+	}
+	holder, _ := e.keys(vm)
+	ctx, cancel := context.WithCancel(clientv3.WithRequireLeader(context.Background()))
+	r := &watchedRefusal{held: *held, cancel: cancel}
+	e.mu.Lock()
+	if e.closed {
+		e.mu.Unlock()
+		cancel()
+		return
+	}
+	if old := e.refused[vm]; old != nil {
+		old.cancel()
+	}
+	e.refused[vm] = r
+	e.mu.Unlock()
+	events := e.cli.Watch(ctx, holder, clientv3.WithRev(rev+1))
+	go func() {
+		defer cancel()
+		for resp := range events {
+			if resp.Err() != nil || resp.Canceled || len(resp.Events) > 0 {
+				break
+			}
+		}
+		e.mu.Lock()
+		if e.refused[vm] == r {
+			delete(e.refused, vm)
+		}
+		e.mu.Unlock()
+	}()
 }
 
 // Release deletes vm's holder key if it names this host and revokes its
@@ -334,6 +427,9 @@ func (e *Etcd) Query(ctx context.Context, vm string) (LeaseInfo, error) {
 	if err != nil {
 		return LeaseInfo{}, e.fail(ctx, opQuery, vm, err)
 	}
+	// Etcd's answer is newer than any refusal kept: the next takeover
+	// asks etcd again.
+	e.dropRefusal(vm)
 	h, l, err := readQuery((*pb.TxnResponse)(resp), holder, last)
 	if err != nil {
 		return LeaseInfo{}, e.fail(ctx, opQuery, vm, err)
@@ -501,6 +597,9 @@ func (e *Etcd) acquire(ctx context.Context, op, vm string) (time.Duration, error
 			return 0, e.fail(ctx, op, vm, err)
 		}
 		e.log.Debug("witness: etcd: lease refused", "op", op, "vm", vm, "holder", e.host, "held_by", held.Holder, "remaining", held.Remaining)
+		if op == opTakeover {
+			e.watchRefusal(vm, held, acq.other.ModRevision)
+		}
 		return 0, held
 	}
 	e.remember(vm, boundLease{id: g.ID, rev: acq.rev})

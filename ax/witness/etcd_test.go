@@ -4,8 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -459,4 +462,71 @@ func rawEtcd(t *testing.T, endpoints []string) *clientv3.Client {
 	}
 	t.Cleanup(func() { cli.Close() })
 	return cli
+}
+
+// TestEtcdTakeoverWatched: a refused takeover is watched, not polled —
+// asked again while the holder's lease has time left, it is refused without
+// a transaction reaching etcd; once the holder releases, the next takeover
+// goes to etcd and wins, without waiting out the time the refusal gave.
+func TestEtcdTakeoverWatched(t *testing.T) {
+	c := etcdtest.Start(t, 1)
+	ctx := context.Background()
+	a := newTestEtcd(t, c.Endpoints(), "a", 5*time.Second)
+	b := newTestEtcd(t, c.Endpoints(), "b", 5*time.Second)
+	if _, err := a.Renew(ctx, "web"); err != nil {
+		t.Fatal(err)
+	}
+	var held *LeaseHeldError
+	if err := b.Takeover(ctx, "web"); !errors.As(err, &held) || held.Holder != "a" {
+		t.Fatalf("takeover of a's lease: %v, want held by a", err)
+	}
+	before := txnCount(t, c.Members[0].ClientURL)
+	for range 20 {
+		err := b.Takeover(ctx, "web")
+		if !errors.As(err, &held) || held.Holder != "a" || held.Remaining <= 0 {
+			t.Fatalf("takeover asked again: %v, want held by a with time left", err)
+		}
+	}
+	if after := txnCount(t, c.Members[0].ClientURL); after != before {
+		t.Fatalf("20 takeovers asked again while a's lease had time left sent %d transactions to etcd, want 0", after-before)
+	}
+	released := time.Now()
+	if err := a.Release(ctx, "web"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 2*time.Second, func() error { return b.Takeover(ctx, "web") })
+	if d := time.Since(released); d >= held.Remaining {
+		t.Fatalf("b won %v after a released, not before the refusal's %v ran out", d, held.Remaining)
+	} else {
+		t.Logf("b won %v after a released (the refusal had %v left)", d.Round(time.Millisecond), held.Remaining.Round(time.Millisecond))
+	}
+	if info := query(t, b, "web"); info.Holder != "b" || info.Expired {
+		t.Fatalf("after b's takeover: %+v", info)
+	}
+}
+
+// txnCount is how many transactions the etcd member at url has begun
+// serving (its gRPC metrics).
+func txnCount(t *testing.T, url string) int {
+	t.Helper()
+	resp, err := http.Get(url + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(body), "\n") {
+		if strings.HasPrefix(line, "grpc_server_started_total{") && strings.Contains(line, `grpc_method="Txn"`) {
+			n, err := strconv.Atoi(line[strings.LastIndexByte(line, ' ')+1:])
+			if err != nil {
+				t.Fatalf("etcd metric %q: %v", line, err)
+			}
+			return n
+		}
+	}
+	t.Fatalf("etcd at %s reports no grpc_server_started_total for Txn", url)
+	return 0
 }

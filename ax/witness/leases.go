@@ -26,7 +26,10 @@ type Leases interface {
 	// Takeover makes this host vm's holder, atomically, if the lease is
 	// free or expired: of several hosts asking at once at most one wins.
 	// It succeeds for the current holder too, so an answer lost on the way
-	// can be asked for again. Refused: a *LeaseHeldError.
+	// can be asked for again. Refused: a *LeaseHeldError. *Etcd keeps a
+	// refusal while a watch sees the holder's key unchanged and answers a
+	// takeover asked again from it: a release by the holder reaches it
+	// within milliseconds (a Query sees it at once), so callers retry.
 	Takeover(ctx context.Context, vm string) error
 
 	// Release gives up this host's lease of vm now, for a planned
