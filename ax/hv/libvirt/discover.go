@@ -152,21 +152,8 @@ func Inspect(xml []byte, opts *Options) (*Discovered, error) {
 		return nil, refuse("memory", err.Error(), "")
 	}
 	d.Guest.RAMMiB = mib
-	backend, r := memoryBackend(&dom)
-	if r != nil {
-		r.Domain = name
-		return nil, r
-	}
-	// libvirt names the file after the backend, in a directory of the
-	// domain's own: qemuGetMemoryBackingPath in libvirt's qemu_conf.c, and
-	// the mem-path seen on libvirt 9.0's QEMU command line.
-	short := strconv.Itoa(d.ID) + "-" + name[:min(len(name), shortNameMax)]
-	domDir, err := names.Join(opts.memoryBackingDir(), "domain", short)
-	if err != nil {
-		return nil, refuse("memory", err.Error(), "")
-	}
-	if d.Guest.RAMFile, err = names.Join(domDir, "memory backend", backend); err != nil {
-		return nil, refuse("memory", err.Error(), "")
+	if d.Guest.RAMFile, err = ramFile(&dom, opts.memoryBackingDir()); err != nil {
+		return nil, err
 	}
 	if dom.Devices == nil {
 		return nil, refuse("network", "no devices", "give the domain a virtio <interface type='bridge'> or 'ethernet' with a <target dev='TAP'/>")
@@ -195,6 +182,37 @@ func Inspect(xml []byte, opts *Options) (*Discovered, error) {
 		}
 	}
 	return d, nil
+}
+
+// ramFile is where libvirt keeps the RAM of the running domain dom, the
+// file of its one memory backend, named after the backend in a directory
+// of the domain's own: qemuGetMemoryBackingPath in libvirt's qemu_conf.c,
+// and the mem-path seen on libvirt 9.0's QEMU command line.
+func ramFile(dom *libvirtxml.Domain, memDir string) (string, error) {
+	backend, r := memoryBackend(dom)
+	if r != nil {
+		r.Domain = printable(dom.Name)
+		return "", r
+	}
+	refuse := func(err error) error {
+		return &Refusal{Domain: printable(dom.Name), What: "memory", Reason: err.Error()}
+	}
+	if err := names.Check("vm", dom.Name); err != nil {
+		return "", refuse(err)
+	}
+	if dom.ID == nil || *dom.ID < 1 {
+		return "", refuse(errors.New("the domain is not running"))
+	}
+	short := strconv.Itoa(*dom.ID) + "-" + dom.Name[:min(len(dom.Name), shortNameMax)]
+	dir, err := names.Join(memDir, "domain", short)
+	if err != nil {
+		return "", refuse(err)
+	}
+	p, err := names.Join(dir, "memory backend", backend)
+	if err != nil {
+		return "", refuse(err)
+	}
+	return p, nil
 }
 
 // unmarshal parses a domain XML. libvirtxml is a large hand-written

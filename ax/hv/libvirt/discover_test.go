@@ -47,7 +47,7 @@ func TestDiscoverNova(t *testing.T) {
 		Agent:   "/var/lib/libvirt/qemu/channel/target/domain-7-instance-0000002a/org.axproject.agent.0",
 		Tap:     "tapd2c4e6f8-0a",
 		MAC:     "fa:16:3e:4c:2a:91",
-		Disks: []api.Disk{{Node: "libvirt-2-format", Path: "/var/lib/nova/instances/" + novaUUID + "/disk", Format: "qcow2", Plain: true}},
+		Disks:   []api.Disk{{Node: "libvirt-2-format", Path: "/var/lib/nova/instances/" + novaUUID + "/disk", Format: "qcow2", Plain: true}},
 	}
 	if !reflect.DeepEqual(d.Guest, want) {
 		t.Errorf("guest\n got %+v\nwant %+v", d.Guest, want)
