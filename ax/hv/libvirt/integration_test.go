@@ -38,7 +38,7 @@ func TestIntegrationLibvirtFailover(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { drv.Close() }) // after the domain's cleanup, which needs the connection
+	t.Cleanup(func() { drv.Close() })                               // after the domain's cleanup, which needs the connection
 	drv.tapExists = func(string) (bool, error) { return true, nil } // libvirtd may be in another netns
 	l := drv.conn.(*golibvirt.Libvirt)
 	disk := filepath.Join(dir, "disk0.raw")
