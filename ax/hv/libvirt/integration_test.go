@@ -38,8 +38,11 @@ func TestIntegrationLibvirtFailover(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { drv.Close() })                               // after the domain's cleanup, which needs the connection
-	drv.tapExists = func(string) (bool, error) { return true, nil } // libvirtd may be in another netns
+	// Registered first, so it runs after the domain's cleanup, which
+	// needs the connection.
+	t.Cleanup(func() { drv.Close() })
+	// libvirtd may be in another network namespace.
+	drv.tapExists = func(string) (bool, error) { return true, nil }
 	l := drv.conn.(*golibvirt.Libvirt)
 	disk := filepath.Join(dir, "disk0.raw")
 	if err := os.WriteFile(disk, make([]byte, 16<<20), 0o644); err != nil {
