@@ -51,6 +51,9 @@ type Discovered struct {
 	Guest api.Guest
 	// ID is libvirt's domain ID while it runs (part of its RAM file's path).
 	ID int
+	// PID is its QEMU's process ID, from libvirt's pid file; Driver.Discover
+	// fills it in (0: unknown).
+	PID int
 	// UUID is the domain's UUID (Nova's instance UUID).
 	UUID  string
 	VCPUs int

@@ -129,7 +129,30 @@ func (d *Driver) Discover(ctx context.Context, name string) (*Discovered, error)
 	if err != nil {
 		return nil, fmt.Errorf("libvirt domain %s: XML: %w", name, err)
 	}
-	return Inspect([]byte(x), &d.cfg.Discover)
+	found, err := Inspect([]byte(x), &d.cfg.Discover)
+	if err != nil {
+		return nil, err
+	}
+	found.PID = d.pid(name)
+	return found, nil
+}
+
+// pid is the QEMU process ID in libvirt's pid file of the running domain
+// name, 0 if it cannot be read.
+func (d *Driver) pid(name string) int {
+	path, err := names.Join(d.cfg.PIDDir, "vm", name+".pid")
+	if err != nil {
+		return 0
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid < 1 {
+		return 0
+	}
+	return pid
 }
 
 func (d *Driver) lookup(ctx context.Context, name string) (golibvirt.Domain, error) {
@@ -447,12 +470,7 @@ type process struct {
 // from libvirt's pid file, and a Done closed once libvirt says the
 // domain is no more (shut off, or gone if it was transient).
 func (d *Driver) watch(dom golibvirt.Domain) *process {
-	p := &process{drv: d, dom: dom, done: make(chan struct{})}
-	if path, err := names.Join(d.cfg.PIDDir, "vm", dom.Name+".pid"); err == nil {
-		if b, err := os.ReadFile(path); err == nil {
-			p.pid, _ = strconv.Atoi(strings.TrimSpace(string(b)))
-		}
-	}
+	p := &process{drv: d, dom: dom, pid: d.pid(dom.Name), done: make(chan struct{})}
 	d.wg.Add(1)
 	go func() {
 		defer d.wg.Done()

@@ -536,7 +536,13 @@ func TestDriverDiscover(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := filepath.Join(f.ramDir, "7-vm1", "pc.ram"); d.Guest.RAMFile != want || d.Guest.Tap != "tap0" {
-		t.Errorf("discovered %+v", d.Guest)
+	if want := filepath.Join(f.ramDir, "7-vm1", "pc.ram"); d.Guest.RAMFile != want || d.Guest.Tap != "tap0" || d.PID != 0 {
+		t.Errorf("discovered %+v, pid %d", d.Guest, d.PID)
+	}
+	if err := os.WriteFile(filepath.Join(drv.cfg.PIDDir, "vm1.pid"), []byte("4242\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if d, err := drv.Discover(ctx, "vm1"); err != nil || d.PID != 4242 {
+		t.Errorf("pid %d, %v; want libvirt's pid file's", d.PID, err)
 	}
 }
