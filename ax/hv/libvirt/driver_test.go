@@ -542,7 +542,10 @@ func TestDriverDiscover(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(drv.cfg.PIDDir, "vm1.pid"), []byte("4242\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if d, err := drv.Discover(ctx, "vm1"); err != nil || d.PID != 4242 {
-		t.Errorf("pid %d, %v; want libvirt's pid file's", d.PID, err)
+	if d, err = drv.Discover(ctx, "vm1"); err != nil {
+		t.Fatal(err)
+	}
+	if d.PID != 4242 {
+		t.Errorf("pid %d, want libvirt's pid file's", d.PID)
 	}
 }
