@@ -352,7 +352,8 @@ func copyRAM(ctx context.Context, from, to string) error {
 }
 
 // launchXML is the definition def made to run g: its writable disks, in
-// order, are g.Disks (a replica's raw images after promotion); incoming
+// order, are g.Disks (a replica's raw images after promotion), its tap is
+// g.Tap; incoming
 // adds QEMU's arguments to wait for device state as axd's own QEMU does
 // (qemu.Guest.Args). same says def already is what runs g.
 func launchXML(def string, g api.Guest, incoming bool) (x string, same bool, err error) {
@@ -361,44 +362,68 @@ func launchXML(def string, g api.Guest, incoming bool) (x string, same bool, err
 		return "", false, fmt.Errorf("definition: %w", err)
 	}
 	if dom.Name != g.Name {
-		return "", false, fmt.Errorf("definition is of domain %q", printable(dom.Name))
+		return "", false, fmt.Errorf("definition is of domain %s, not %s", printable(dom.Name), printable(g.Name))
 	}
 	same = true
 	i := 0
-	if dom.Devices != nil {
-		for k := range dom.Devices.Disks {
-			dk := &dom.Devices.Disks[k]
-			if dk.Device != "" && dk.Device != "disk" || dk.Source == nil || dk.Source.File == nil {
-				continue
-			}
-			if i >= len(g.Disks) {
-				return "", false, fmt.Errorf("definition has more disks than the %d AX replicates", len(g.Disks))
-			}
-			want := g.Disks[i]
-			i++
-			if err := names.CheckPath("disk", want.Path); err != nil {
-				return "", false, err
-			}
-			format := want.Format
-			if format == "" {
-				format = "raw"
-			}
-			if dk.Source.File.File == want.Path && dk.Driver != nil && dk.Driver.Type == format {
-				continue
-			}
-			same = false
-			dk.Source.File.File = want.Path
-			if dk.Driver == nil {
-				dk.Driver = &libvirtxml.DomainDiskDriver{Name: "qemu"}
-			}
-			dk.Driver.Type = format
-			// A replica is one flat image: the primary's backing chain
-			// is in it.
-			dk.BackingStore = nil
+	for k := range devices(&dom).Disks {
+		dk := &dom.Devices.Disks[k]
+		if dk.Device != "" && dk.Device != "disk" || dk.Source == nil || dk.Source.File == nil {
+			continue
 		}
+		if i >= len(g.Disks) {
+			return "", false, fmt.Errorf("definition has more disks than the %d AX replicates", len(g.Disks))
+		}
+		want := g.Disks[i]
+		i++
+		if err := names.CheckPath("disk", want.Path); err != nil {
+			return "", false, err
+		}
+		format := want.Format
+		if format == "" {
+			format = "raw"
+		}
+		if dk.Source.File.File == want.Path && dk.Driver != nil && dk.Driver.Type == format {
+			continue
+		}
+		same = false
+		dk.Source.File.File = want.Path
+		if dk.Driver == nil {
+			dk.Driver = &libvirtxml.DomainDiskDriver{Name: "qemu"}
+		}
+		dk.Driver.Type = format
+		// A replica is one flat image: the primary's backing chain
+		// is in it.
+		dk.BackingStore = nil
 	}
 	if i != len(g.Disks) {
 		return "", false, fmt.Errorf("definition has %d disks, AX replicates %d", i, len(g.Disks))
+	}
+	if g.Tap != "" {
+		// The tap is the one this host's axd named (a replica's is
+		// derived from the VM's name): libvirt creates it by that name.
+		if err := names.CheckInterface("tap", g.Tap); err != nil {
+			return "", false, err
+		}
+		taps := 0
+		for k := range devices(&dom).Interfaces {
+			ifc := &dom.Devices.Interfaces[k]
+			switch interfaceType(ifc.Source) {
+			case "bridge", "ethernet", "network":
+			default:
+				continue
+			}
+			if taps++; taps > 1 {
+				return "", false, errors.New("definition has several NICs, AX holds the output of one")
+			}
+			if ifc.Target == nil || ifc.Target.Dev != g.Tap {
+				same = false
+				ifc.Target = &libvirtxml.DomainInterfaceTarget{Dev: g.Tap}
+			}
+		}
+		if taps == 0 {
+			return "", false, errors.New("definition has no tap")
+		}
 	}
 	if incoming {
 		same = false
@@ -417,6 +442,14 @@ func launchXML(def string, g api.Guest, incoming bool) (x string, same bool, err
 		return "", false, fmt.Errorf("definition: %w", err)
 	}
 	return x, false, nil
+}
+
+// devices is dom's device list, empty if it has none.
+func devices(dom *libvirtxml.Domain) *libvirtxml.DomainDeviceList {
+	if dom.Devices == nil {
+		dom.Devices = &libvirtxml.DomainDeviceList{}
+	}
+	return dom.Devices
 }
 
 // incomingArgs make libvirt's QEMU wait for a replica's device state, as

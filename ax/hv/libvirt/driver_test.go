@@ -324,7 +324,7 @@ func TestControlHungQEMU(t *testing.T) {
 func TestStartDefined(t *testing.T) {
 	drv, f := newTestDriver(t)
 	f.define("vm1", "/var/lib/nova/instances/u/disk")
-	g := api.Guest{Name: "vm1", Disks: []api.Disk{{Node: "libvirt-2-format", Path: "/var/lib/nova/instances/u/disk", Format: "qcow2", Plain: true}}}
+	g := api.Guest{Name: "vm1", Tap: "tap0", Disks: []api.Disk{{Node: "libvirt-2-format", Path: "/var/lib/nova/instances/u/disk", Format: "qcow2", Plain: true}}}
 	ctx := context.Background()
 	p, err := drv.Domain(g).Start(ctx, "/ignored.log")
 	if err != nil {
@@ -358,7 +358,7 @@ func TestStartReplicaDisks(t *testing.T) {
 	drv, f := newTestDriver(t)
 	f.define("vm1", "/var/lib/nova/instances/u/disk")
 	def := f.doms["vm1"].def
-	g := api.Guest{Name: "vm1", Disks: []api.Disk{{Node: "libvirt-2-format", Path: "/var/lib/ax/vm1/disk0.raw", Format: "raw", Plain: true}}}
+	g := api.Guest{Name: "vm1", Tap: "axr0123456789ab", Disks: []api.Disk{{Node: "libvirt-2-format", Path: "/var/lib/ax/vm1/disk0.raw", Format: "raw", Plain: true}}}
 	p, err := drv.Domain(g).Start(context.Background(), "")
 	if err != nil {
 		t.Fatal(err)
@@ -367,7 +367,7 @@ func TestStartReplicaDisks(t *testing.T) {
 		t.Fatalf("calls:\n%s", f.callLog())
 	}
 	x := f.created[0]
-	for _, want := range []string{"<source file=\"/var/lib/ax/vm1/disk0.raw\"", "type=\"raw\"", "disk.config", "<target dev=\"tap0\""} {
+	for _, want := range []string{"<source file=\"/var/lib/ax/vm1/disk0.raw\"", "type=\"raw\"", "disk.config", "<target dev=\"axr0123456789ab\""} {
 		if !strings.Contains(x, want) {
 			t.Errorf("started XML has no %s:\n%s", want, x)
 		}
@@ -547,5 +547,28 @@ func TestDriverDiscover(t *testing.T) {
 	}
 	if d.PID != 4242 {
 		t.Errorf("pid %d, want libvirt's pid file's", d.PID)
+	}
+}
+
+func TestLaunchXMLRefuses(t *testing.T) {
+	f := newFakeConn(t)
+	f.define("vm1")
+	def := f.doms["vm1"].def
+	const iface = "<interface type='bridge'><mac address='fa:16:3e:4c:2a:91'/><source bridge='br0'/><target dev='tap0'/><model type='virtio'/></interface>"
+	for _, tc := range []struct {
+		name, def string
+		g         api.Guest
+		want      string
+	}{
+		{"another domain", def, api.Guest{Name: "vm2"}, "definition is of domain vm1, not vm2"},
+		{"no tap", edit(t, def, iface, ""), api.Guest{Name: "vm1", Tap: "axr0"}, "no tap"},
+		{"two NICs", edit(t, def, iface, iface+iface), api.Guest{Name: "vm1", Tap: "axr0"}, "several NICs"},
+		{"hostile tap", def, api.Guest{Name: "vm1", Tap: "eth0;x"}, "tap"},
+		{"hostile disk", def, api.Guest{Name: "vm1", Disks: []api.Disk{{Path: "a,b"}}}, "disks"},
+		{"no devices", "<domain type='kvm'><name>vm1</name></domain>", api.Guest{Name: "vm1", Tap: "axr0"}, "no tap"},
+	} {
+		if _, _, err := launchXML(tc.def, tc.g, false); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: %v, want %q", tc.name, err, tc.want)
+		}
 	}
 }
