@@ -119,7 +119,8 @@ func TestIntegrationLibvirtFailover(t *testing.T) {
 		t.Errorf("libvirt left the RAM file of the destroyed domain: %v", err)
 	}
 
-	g.RAMFile = replica
+	// A replica's tap is named by the partner's axd.
+	g.RAMFile, g.Tap = replica, "axrit1"
 	t0 := time.Now()
 	proc, err = drv.Domain(g).StartIncoming(ctx, "")
 	if err != nil {
@@ -145,6 +146,9 @@ func TestIntegrationLibvirtFailover(t *testing.T) {
 		t.Fatalf("resumed replica status %q, %v", st, err)
 	}
 	waitEvent(t, events, name, Resumed)
+	if found, err := drv.Discover(ctx, name); err != nil || found.Guest.Tap != "axrit1" {
+		t.Errorf("the resumed replica's tap: %+v, %v", found, err)
+	}
 	st, _, err := l.DomainGetState(dom, 0)
 	if err != nil || golibvirt.DomainState(st) != golibvirt.DomainRunning {
 		t.Errorf("libvirt says the resumed replica is %s (%v)", stateName(golibvirt.DomainState(st)), err)
