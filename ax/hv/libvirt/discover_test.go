@@ -335,7 +335,9 @@ func validGuest(g api.Guest, memDir string, dirs []string) error {
 
 // FuzzDiscover: no XML makes Discover panic, and whatever guest it
 // returns holds to the rules axd checks specs against, its paths inside
-// the directories it was given.
+// the directories it was given. The seeds are whole domain XMLs, which
+// the fuzzer minimizes for a minute each by default: run it with
+// -fuzzminimizetime 1s, or it spends its time minimizing.
 func FuzzDiscover(f *testing.F) {
 	for _, name := range []string{"nova-domain.xml", "libvirt9-live.xml"} {
 		f.Add(readTestdata(f, name))
