@@ -208,7 +208,11 @@ func (m *domain) Control(ctx context.Context) (hv.Control, error) {
 	if !active(st) {
 		return nil, fmt.Errorf("libvirt domain %s is not running (%s)", m.g.Name, stateName(st))
 	}
-	return qemu.New(newMonitor(m.drv.conn, dom))
+	mon, err := qemu.New(newMonitor(m.drv.conn, dom))
+	if err != nil {
+		return nil, err
+	}
+	return mon, nil
 }
 
 // Start boots the domain defined on this host (virDomainCreate). When the
