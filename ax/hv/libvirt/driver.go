@@ -80,7 +80,7 @@ type Driver struct {
 	once   sync.Once
 }
 
-var _ hv.Driver = (*Driver)(nil)
+var _ hv.Discoverer = (*Driver)(nil)
 
 // Dial connects to libvirtd as cfg says; ctx bounds the connection.
 func Dial(ctx context.Context, cfg Config) (*Driver, error) {
@@ -135,6 +135,16 @@ func (d *Driver) Discover(ctx context.Context, name string) (*Discovered, error)
 	}
 	found.PID = d.pid(name)
 	return found, nil
+}
+
+// DiscoverSpec is Discover as axd asks it (hv.Discoverer): the spec of
+// the running domain name.
+func (d *Driver) DiscoverSpec(ctx context.Context, name string) (api.VMSpec, error) {
+	found, err := d.Discover(ctx, name)
+	if err != nil {
+		return api.VMSpec{}, err
+	}
+	return api.VMSpec{Name: name, PID: found.PID, Guest: found.Guest}, nil
 }
 
 // pid is the QEMU process ID in libvirt's pid file of the running domain
