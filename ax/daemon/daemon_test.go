@@ -33,7 +33,7 @@ func TestCheckSpecRefusesUnsharedRAM(t *testing.T) {
 			[]string{"share=on"}},
 	}
 	for _, c := range cases {
-		err := checkSpec(c.spec, api.LevelFT)
+		err := checkSpec(c.spec, api.LevelFT, true)
 		if err == nil {
 			t.Errorf("%s: accepted", c.name)
 			continue
@@ -44,7 +44,7 @@ func TestCheckSpecRefusesUnsharedRAM(t *testing.T) {
 			}
 		}
 	}
-	if err := checkSpec(api.VMSpec{Name: "vm", Guest: api.Guest{RAMMiB: 1, RAMFile: ram, QEMU: api.QEMU{QMP: "/q"}}}, api.LevelFT); err != nil {
+	if err := checkSpec(api.VMSpec{Name: "vm", Guest: api.Guest{RAMMiB: 1, RAMFile: ram, QEMU: api.QEMU{QMP: "/q"}}}, api.LevelFT, true); err != nil {
 		t.Errorf("good spec refused: %v", err)
 	}
 }

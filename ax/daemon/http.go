@@ -42,7 +42,12 @@ func (d *Daemon) apiHandler() http.Handler {
 			reply(w, nil, err)
 			return
 		}
-		reply(w, nil, d.protect(r.PathValue("name"), req))
+		name := r.PathValue("name")
+		if err := d.discover(r.Context(), name); err != nil {
+			reply(w, nil, err)
+			return
+		}
+		reply(w, nil, d.protect(name, req))
 	})
 	mux.HandleFunc("POST /v1/vms/{name}/level", func(w http.ResponseWriter, r *http.Request) {
 		var req api.ProtectRequest

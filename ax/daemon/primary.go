@@ -47,7 +47,7 @@ func (d *Daemon) define(spec api.VMSpec) error {
 	if len(spec.Guest.Disks) > 0 && spec.Guest.RAMFile == "" {
 		level = api.LevelHA // disks only: HA; FT is refused until the RAM is shared
 	}
-	if err := checkSpec(spec, level); err != nil {
+	if err := checkSpec(spec, level, d.needsQMP()); err != nil {
 		return err
 	}
 	d.mu.Lock()
@@ -117,7 +117,7 @@ func (d *Daemon) protectAs(name string, req api.ProtectRequest, auto bool) error
 			err = fmt.Errorf("VM %s is already %s (level %s); unprotect it first", name, v.st.Role(), v.level)
 			return
 		}
-		if err = checkSpec(v.spec, req.Level); err != nil {
+		if err = checkSpec(v.spec, req.Level, d.needsQMP()); err != nil {
 			return
 		}
 		if req.Level == api.LevelFT {
@@ -252,7 +252,7 @@ func (d *Daemon) setLevel(ctx context.Context, name string, req api.ProtectReque
 		// Everything FT needs is checked before anything changes: a
 		// refusal leaves the VM protected at its level.
 		v.set(func(v *vmState) {
-			if err = checkSpec(v.spec, api.LevelFT); err == nil {
+			if err = checkSpec(v.spec, api.LevelFT, d.needsQMP()); err == nil {
 				err = d.attachGate(v)
 			}
 		})
@@ -679,7 +679,7 @@ func (d *Daemon) leaveFT(ctx context.Context, v *vmState, sender *replication.Se
 // ctx ends, a planned failover finishes, or the level goes to HA (*toHA).
 func (d *Daemon) runFT(ctx context.Context, v *vmState, mon hv.Control, sender *replication.Sender, dr *diskRepl,
 	spec api.VMSpec, peerName string, pending *chan error) error {
-	if err := checkSpec(spec, api.LevelFT); err != nil {
+	if err := checkSpec(spec, api.LevelFT, d.needsQMP()); err != nil {
 		return err
 	}
 	ramSize := int64(spec.Guest.RAMMiB) << 20

@@ -126,14 +126,15 @@ func checkSpecFields(s api.VMSpec) error {
 }
 
 // checkSpec refuses a VM that cannot be protected at level: any level
-// needs a valid spec and QMP; FT (and a VM defined without disks, which
+// needs a valid spec, and QMP when needQMP (the driver reaches VMs by the
+// spec's socket); FT (and a VM defined without disks, which
 // only FT can protect whole) needs its RAM as a shared named file of its
 // size.
-func checkSpec(s api.VMSpec, level string) error {
+func checkSpec(s api.VMSpec, level string, needQMP bool) error {
 	if err := checkSpecFields(s); err != nil {
 		return err
 	}
-	if s.Guest.QMP == "" {
+	if needQMP && s.Guest.QMP == "" {
 		return fmt.Errorf("VM %s: no QMP socket given", s.Name)
 	}
 	if level != api.LevelFT {

@@ -19,6 +19,18 @@ type Driver interface {
 	Domain(g api.Guest) Domain
 }
 
+// Discoverer is a Driver that finds the VMs it runs by name, in the
+// hypervisor's own record of them (libvirt: the domain's XML), so that
+// axd can protect a VM nobody defined to it. Its VMs are reached by name:
+// their specs need no QMP socket.
+type Discoverer interface {
+	Driver
+	// DiscoverSpec describes the running VM name as AX protects it: its
+	// guest and its hypervisor process's pid (0: unknown). An error says
+	// what to change for the VM to be protectable.
+	DiscoverSpec(ctx context.Context, name string) (api.VMSpec, error)
+}
+
 // Domain is one VM of this host, running or to be started.
 type Domain interface {
 	// Name is the VM's name.

@@ -64,6 +64,27 @@ func PlugTap(ctx context.Context, tap, bridge string) error {
 	return nil
 }
 
+// TapExists says whether this host has an interface named tap, and
+// refuses one that is not a tap: for taps another program (libvirt)
+// creates, which AX only checks.
+func TapExists(tap string) (bool, error) {
+	if err := names.CheckInterface("tap", tap); err != nil {
+		return false, err
+	}
+	link, err := netlink.LinkByName(tap)
+	var missing netlink.LinkNotFoundError
+	switch {
+	case errors.As(err, &missing):
+		return false, nil
+	case err != nil:
+		return false, fmt.Errorf("interface %s: %w", tap, err)
+	}
+	if err := checkTap(link); err != nil {
+		return true, err
+	}
+	return true, nil
+}
+
 // createTap adds a persistent tap, as `ip tuntap add mode tap` does, so
 // that it outlives the descriptors used to make it.
 func createTap(name string) (netlink.Link, error) {

@@ -35,6 +35,18 @@ func TestPlugTapRefuses(t *testing.T) {
 	}
 }
 
+func TestTapExists(t *testing.T) {
+	if ok, err := TapExists("axnosuchtap0"); ok || err != nil {
+		t.Errorf("a missing tap: %v, %v", ok, err)
+	}
+	if ok, err := TapExists("lo"); !ok || err == nil || !strings.Contains(err.Error(), "not a tap") {
+		t.Errorf("lo: %v, %v; want it found and refused", ok, err)
+	}
+	if _, err := TapExists("t;reboot"); err == nil {
+		t.Error("a hostile name was looked up")
+	}
+}
+
 // TestIntegrationPlugTap creates a tap and joins it to a bridge, in a
 // network namespace of its own.
 func TestIntegrationPlugTap(t *testing.T) {

@@ -20,6 +20,7 @@ import (
 	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/ax/daemon"
 	"github.com/axproject/ax/ax/guard"
+	"github.com/axproject/ax/ax/hv/libvirt"
 	"github.com/axproject/ax/ax/identity"
 	"github.com/axproject/ax/ax/witness"
 )
@@ -83,6 +84,11 @@ func run(ctx context.Context, args []string) error {
 	guardMargin := fs.Duration("guard-margin", 50*time.Millisecond, "guard: stop the guest this long before the deadline axd gave")
 	fs.StringVar(&cfg.BPFDir, "bpf-dir", "", "bpffs directory where FT output gates are pinned so they hold while axd restarts or after it crashed (default /sys/fs/bpf/ax/HOST; none: not pinned)")
 	fs.DurationVar(&cfg.RestartGrace, "restart-grace", 15*time.Second, "how long partners wait for this axd to come back from a stop (systemctl restart) before they may take its VMs over; 0: a stop ends protection and partners drop their replicas")
+	libvirtURI := fs.String("libvirt", "", "run this host's VMs as libvirt domains through libvirtd at this URI (qemu:///system), reached by name and discovered by axctl protect DOMAIN; default: axd runs QEMU itself, over QMP")
+	libvirtSocket := fs.String("libvirt-socket", libvirt.DefaultSocket, "with --libvirt: libvirtd's unix socket")
+	libvirtRAMDir := fs.String("libvirt-ram-dir", libvirt.DefaultMemoryBackingDir, "with --libvirt: qemu.conf's memory_backing_dir, where libvirt puts file-backed guest RAM")
+	var libvirtDirs listFlag
+	fs.Var(&libvirtDirs, "libvirt-dir", "with --libvirt: a directory a domain's disks, console and agent socket may be in (repeatable; default "+strings.Join(libvirt.DefaultDirs, ", ")+")")
 	fs.BoolVar(&cfg.OutputCommit, "output-commit", true, "hold FT guests' network output until its checkpoint commits (off only for tests: clients may then see output a failover undoes)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -155,6 +161,17 @@ func run(ctx context.Context, args []string) error {
 	}
 	if cfg.Host == "" && id != nil {
 		cfg.Host = id.Name()
+	}
+	if *libvirtURI != "" {
+		lctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		drv, err := libvirt.Dial(lctx, libvirt.Config{URI: *libvirtURI, Socket: *libvirtSocket,
+			Discover: libvirt.Options{MemoryBackingDir: *libvirtRAMDir, Dirs: libvirtDirs}, Log: log.With("subsystem", "libvirt")})
+		cancel()
+		if err != nil {
+			return fmt.Errorf("--libvirt: %w", err)
+		}
+		defer drv.Close()
+		cfg.Hypervisor = drv
 	}
 	d, err := daemon.New(cfg)
 	if err != nil {

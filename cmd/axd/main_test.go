@@ -135,3 +135,16 @@ func TestIdentityFlags(t *testing.T) {
 		t.Errorf("a group-readable certificate key: %v", err)
 	}
 }
+
+// TestLibvirtFlag: axd --libvirt connects to libvirtd before it serves,
+// and says how to fix a libvirtd it cannot reach.
+func TestLibvirtFlag(t *testing.T) {
+	dir := t.TempDir()
+	psk := filepath.Join(dir, "psk")
+	os.WriteFile(psk, []byte(strings.Repeat("ab", 32)+"\n"), 0o600)
+	err := run(context.Background(), []string{"--socket", filepath.Join(dir, "axd.sock"), "--state-dir", dir, "--host", "a", "--psk-file", psk,
+		"--libvirt", "qemu:///system", "--libvirt-socket", filepath.Join(dir, "libvirt-sock")})
+	if err == nil || !strings.Contains(err.Error(), "--libvirt") || !strings.Contains(err.Error(), "is libvirtd running?") {
+		t.Errorf("no libvirtd: %v", err)
+	}
+}

@@ -1,0 +1,602 @@
+package libvirt
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	golibvirt "github.com/digitalocean/go-libvirt"
+	"libvirt.org/go/libvirtxml"
+
+	"github.com/axproject/ax/ax/api"
+	"github.com/axproject/ax/ax/hv"
+	"github.com/axproject/ax/ax/names"
+	"github.com/axproject/ax/ax/qemu"
+)
+
+// Config is how the driver reaches libvirtd and where this host keeps
+// what domains name. The zero value is the system libvirtd's defaults.
+type Config struct {
+	// URI is the libvirt connection URI (default DefaultURI).
+	URI string
+	// Socket is libvirtd's unix socket (default DefaultSocket): a lab
+	// host's libvirtd has its own.
+	Socket string
+	// Discover says where the memory backing directory is and which
+	// directories a domain's files may be in.
+	Discover Options
+	// PIDDir is where libvirt writes each QEMU's pid file, NAME.pid
+	// (default /run/libvirt/qemu).
+	PIDDir string
+	// Poll is how often a started domain's Process asks libvirt whether
+	// it still runs (default 250 ms).
+	Poll time.Duration
+	// KillTimeout bounds how long Process.Kill waits for the domain to
+	// stop after virDomainDestroy (default 10 s).
+	KillTimeout time.Duration
+	// Log gets the driver's few messages (default: discarded).
+	Log *slog.Logger
+}
+
+func (c *Config) fill() {
+	if c.URI == "" {
+		c.URI = DefaultURI
+	}
+	if c.Socket == "" {
+		c.Socket = DefaultSocket
+	}
+	if c.PIDDir == "" {
+		c.PIDDir = "/run/libvirt/qemu"
+	}
+	if c.Poll <= 0 {
+		c.Poll = 250 * time.Millisecond
+	}
+	if c.KillTimeout <= 0 {
+		c.KillTimeout = 10 * time.Second
+	}
+	if c.Log == nil {
+		c.Log = slog.New(slog.DiscardHandler)
+	}
+}
+
+// Driver runs AX's VMs as libvirt domains: a VM's api.Guest name is its
+// domain's name. It holds one connection to libvirtd for every domain.
+type Driver struct {
+	conn Conn
+	cfg  Config
+	// tapExists checks a tap libvirt made (hv.TapExists; tests fake it).
+	tapExists func(string) (bool, error)
+
+	ctx    context.Context // ends with Close
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	once   sync.Once
+}
+
+var _ hv.Discoverer = (*Driver)(nil)
+
+// Dial connects to libvirtd as cfg says; ctx bounds the connection.
+func Dial(ctx context.Context, cfg Config) (*Driver, error) {
+	cfg.fill()
+	l, err := dialConn(ctx, cfg.Socket, cfg.URI)
+	if err != nil {
+		return nil, err
+	}
+	return New(l, cfg), nil
+}
+
+// New is a driver over conn, a connection already open (Dial's, or a
+// fake's). The driver owns conn: Close disconnects it.
+func New(conn Conn, cfg Config) *Driver {
+	cfg.fill()
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Driver{conn: conn, cfg: cfg, tapExists: hv.TapExists, ctx: ctx, cancel: cancel}
+}
+
+// Close stops what the driver watches (event streams, started domains'
+// Done), waits for it, and disconnects from libvirtd. The domains go on
+// running. Safe to call twice.
+func (d *Driver) Close() error {
+	var err error
+	d.once.Do(func() {
+		d.cancel()
+		err = d.conn.Disconnect()
+		d.wg.Wait()
+	})
+	return err
+}
+
+// Domain returns the libvirt domain named g.Name.
+func (d *Driver) Domain(g api.Guest) hv.Domain { return &domain{drv: d, g: g} }
+
+// Discover looks up the running domain name and inspects its live XML.
+func (d *Driver) Discover(ctx context.Context, name string) (*Discovered, error) {
+	if err := names.Check("vm", name); err != nil {
+		return nil, err
+	}
+	dom, err := d.lookup(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	x, err := call(ctx, func() (string, error) { return d.conn.DomainGetXMLDesc(dom, 0) })
+	if err != nil {
+		return nil, fmt.Errorf("libvirt domain %s: XML: %w", name, err)
+	}
+	found, err := Inspect([]byte(x), &d.cfg.Discover)
+	if err != nil {
+		return nil, err
+	}
+	found.PID = d.pid(name)
+	return found, nil
+}
+
+// DiscoverSpec is Discover as axd asks it (hv.Discoverer): the spec of
+// the running domain name.
+func (d *Driver) DiscoverSpec(ctx context.Context, name string) (api.VMSpec, error) {
+	found, err := d.Discover(ctx, name)
+	if err != nil {
+		return api.VMSpec{}, err
+	}
+	return api.VMSpec{Name: name, PID: found.PID, Guest: found.Guest}, nil
+}
+
+// pid is the QEMU process ID in libvirt's pid file of the running domain
+// name, 0 if it cannot be read.
+func (d *Driver) pid(name string) int {
+	path, err := names.Join(d.cfg.PIDDir, "vm", name+".pid")
+	if err != nil {
+		return 0
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid < 1 {
+		return 0
+	}
+	return pid
+}
+
+func (d *Driver) lookup(ctx context.Context, name string) (golibvirt.Domain, error) {
+	dom, err := call(ctx, func() (golibvirt.Domain, error) { return d.conn.DomainLookupByName(name) })
+	if err != nil {
+		return golibvirt.Domain{}, fmt.Errorf("libvirt domain %s: %w", name, err)
+	}
+	return dom, nil
+}
+
+// state is a domain's libvirt state (golibvirt.DomainRunning, …).
+func (d *Driver) state(ctx context.Context, dom golibvirt.Domain) (golibvirt.DomainState, error) {
+	st, err := call(ctx, func() (int32, error) {
+		st, _, err := d.conn.DomainGetState(dom, 0)
+		return st, err
+	})
+	if err != nil {
+		return 0, fmt.Errorf("libvirt domain %s: state: %w", dom.Name, err)
+	}
+	return golibvirt.DomainState(st), nil
+}
+
+// active says whether a state is a domain with a QEMU.
+func active(st golibvirt.DomainState) bool {
+	switch st {
+	case golibvirt.DomainRunning, golibvirt.DomainBlocked, golibvirt.DomainPaused, golibvirt.DomainPmsuspended:
+		return true
+	}
+	return false
+}
+
+// domain is one VM libvirt runs, or will.
+type domain struct {
+	drv *Driver
+	g   api.Guest
+}
+
+func (m *domain) Name() string { return m.g.Name }
+
+// Control passes QMP through libvirt to the running domain's QEMU.
+func (m *domain) Control(ctx context.Context) (hv.Control, error) {
+	if err := names.Check("vm", m.g.Name); err != nil {
+		return nil, err
+	}
+	dom, err := m.drv.lookup(ctx, m.g.Name)
+	if err != nil {
+		return nil, err
+	}
+	st, err := m.drv.state(ctx, dom)
+	if err != nil {
+		return nil, err
+	}
+	if !active(st) {
+		return nil, fmt.Errorf("libvirt domain %s is not running (%s)", m.g.Name, stateName(st))
+	}
+	mon, err := qemu.New(newMonitor(m.drv.conn, dom))
+	if err != nil {
+		return nil, err
+	}
+	return mon, nil
+}
+
+// Start boots the domain defined on this host (virDomainCreate). When the
+// guest's disks are not the definition's — a replica's disks, which
+// promotion moves into a directory of axd's — it starts the definition
+// with those disks instead (virDomainCreateXML), leaving the definition
+// as it is. QEMU's log is libvirt's (/var/log/libvirt/qemu/NAME.log), not
+// logPath.
+func (m *domain) Start(ctx context.Context, logPath string) (hv.Process, error) {
+	return m.start(ctx, false)
+}
+
+// StartIncoming starts the domain defined on this host paused, its QEMU
+// waiting for device state (-incoming defer, passed as <qemu:commandline>
+// arguments), then fills libvirt's RAM file of it with the replica's
+// memory (g.RAMFile): libvirt names the file after the domain ID it gives
+// at start, so the replica cannot be that file beforehand. FAILOVER.md
+// says why this route and what was verified.
+func (m *domain) StartIncoming(ctx context.Context, logPath string) (hv.Process, error) {
+	return m.start(ctx, true)
+}
+
+func (m *domain) start(ctx context.Context, incoming bool) (proc hv.Process, err error) {
+	name := m.g.Name
+	if err := names.Check("vm", name); err != nil {
+		return nil, err
+	}
+	c := m.drv.conn
+	dom, err := m.drv.lookup(ctx, name)
+	if err != nil {
+		return nil, fmt.Errorf("%w (define the domain on this host first: virsh define with the primary's XML)", err)
+	}
+	st, err := m.drv.state(ctx, dom)
+	if err != nil {
+		return nil, err
+	}
+	if active(st) {
+		return nil, fmt.Errorf("libvirt domain %s already runs here (%s)", name, stateName(st))
+	}
+	def, err := call(ctx, func() (string, error) {
+		return c.DomainGetXMLDesc(dom, golibvirt.DomainXMLInactive|golibvirt.DomainXMLSecure)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("libvirt domain %s: definition: %w", name, err)
+	}
+	x, same, err := launchXML(def, m.g, incoming)
+	if err != nil {
+		return nil, fmt.Errorf("libvirt domain %s: %w", name, err)
+	}
+	if same && !incoming {
+		if _, err := call(ctx, func() (struct{}, error) { return struct{}{}, c.DomainCreate(dom) }); err != nil {
+			return nil, fmt.Errorf("libvirt domain %s: start: %w", name, err)
+		}
+	} else {
+		flags := golibvirt.DomainCreateFlags(0)
+		if incoming {
+			flags = golibvirt.DomainStartPaused
+		}
+		if dom, err = call(ctx, func() (golibvirt.Domain, error) { return c.DomainCreateXML(x, flags) }); err != nil {
+			return nil, fmt.Errorf("libvirt domain %s: start: %w", name, err)
+		}
+	}
+	p := m.drv.watch(dom)
+	defer func() {
+		if err != nil {
+			// A half-started replica would hold the tap and the disks.
+			if kerr := p.Kill(); kerr != nil {
+				err = fmt.Errorf("%w; and stopping it failed: %v", err, kerr)
+			}
+		}
+	}()
+	if incoming {
+		if err := m.fillRAM(ctx, dom); err != nil {
+			return nil, err
+		}
+	}
+	return p, nil
+}
+
+// fillRAM copies the replica's memory into libvirt's RAM file of the
+// domain just started paused and waiting for its device state.
+func (m *domain) fillRAM(ctx context.Context, dom golibvirt.Domain) error {
+	if m.g.RAMFile == "" {
+		return fmt.Errorf("libvirt domain %s: no replica RAM file to resume from", m.g.Name)
+	}
+	x, err := call(ctx, func() (string, error) { return m.drv.conn.DomainGetXMLDesc(dom, 0) })
+	if err != nil {
+		return fmt.Errorf("libvirt domain %s: live XML: %w", m.g.Name, err)
+	}
+	var live libvirtxml.Domain
+	if err := unmarshal([]byte(x), &live); err != nil {
+		return fmt.Errorf("libvirt domain %s: live XML: %w", m.g.Name, err)
+	}
+	to, err := ramFile(&live, m.drv.cfg.Discover.memoryBackingDir())
+	if err != nil {
+		return err
+	}
+	if err := copyRAM(ctx, m.g.RAMFile, to); err != nil {
+		return fmt.Errorf("libvirt domain %s: replica RAM into %s: %w", m.g.Name, to, err)
+	}
+	return nil
+}
+
+// copyRAM writes the replica's memory over QEMU's RAM file, which QEMU
+// maps shared: what is written is the guest's memory when it resumes.
+// The file is QEMU's, of the guest's size; it is neither truncated nor
+// replaced, only overwritten.
+func copyRAM(ctx context.Context, from, to string) error {
+	src, err := os.Open(from)
+	if err != nil {
+		return err
+	}
+	defer src.Close()
+	dst, err := os.OpenFile(to, os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer dst.Close()
+	si, err := src.Stat()
+	if err != nil {
+		return err
+	}
+	di, err := dst.Stat()
+	if err != nil {
+		return err
+	}
+	if !si.Mode().IsRegular() || !di.Mode().IsRegular() || si.Size() != di.Size() {
+		return fmt.Errorf("replica %s (%d bytes) and the guest's RAM file (%d bytes) differ in kind or size", from, si.Size(), di.Size())
+	}
+	// Chunks, so that a promotion given up stops copying.
+	const chunk = 64 << 20
+	for off := int64(0); off < si.Size(); off += chunk {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if _, err := io.Copy(io.NewOffsetWriter(dst, off), io.NewSectionReader(src, off, min(chunk, si.Size()-off))); err != nil {
+			return err
+		}
+	}
+	return dst.Close()
+}
+
+// launchXML is the definition def made to run g: its writable disks, in
+// order, are g.Disks (a replica's raw images after promotion), its tap is
+// g.Tap; incoming
+// adds QEMU's arguments to wait for device state as axd's own QEMU does
+// (qemu.Guest.Args). same says def already is what runs g.
+func launchXML(def string, g api.Guest, incoming bool) (x string, same bool, err error) {
+	var dom libvirtxml.Domain
+	if err := unmarshal([]byte(def), &dom); err != nil {
+		return "", false, fmt.Errorf("definition: %w", err)
+	}
+	if dom.Name != g.Name {
+		return "", false, fmt.Errorf("definition is of domain %s, not %s", printable(dom.Name), printable(g.Name))
+	}
+	same = true
+	i := 0
+	for k := range devices(&dom).Disks {
+		dk := &dom.Devices.Disks[k]
+		if dk.Device != "" && dk.Device != "disk" || dk.Source == nil || dk.Source.File == nil {
+			continue
+		}
+		if i >= len(g.Disks) {
+			return "", false, fmt.Errorf("definition has more disks than the %d AX replicates", len(g.Disks))
+		}
+		want := g.Disks[i]
+		i++
+		if err := names.CheckPath("disk", want.Path); err != nil {
+			return "", false, err
+		}
+		format := want.Format
+		if format == "" {
+			format = "raw"
+		}
+		if dk.Source.File.File == want.Path && dk.Driver != nil && dk.Driver.Type == format {
+			continue
+		}
+		same = false
+		dk.Source.File.File = want.Path
+		if dk.Driver == nil {
+			dk.Driver = &libvirtxml.DomainDiskDriver{Name: "qemu"}
+		}
+		dk.Driver.Type = format
+		// A replica is one flat image: the primary's backing chain
+		// is in it.
+		dk.BackingStore = nil
+	}
+	if i != len(g.Disks) {
+		return "", false, fmt.Errorf("definition has %d disks, AX replicates %d", i, len(g.Disks))
+	}
+	if g.Tap != "" {
+		// The tap is the one this host's axd named (a replica's is
+		// derived from the VM's name): libvirt creates it by that name.
+		if err := names.CheckInterface("tap", g.Tap); err != nil {
+			return "", false, err
+		}
+		taps := 0
+		for k := range devices(&dom).Interfaces {
+			ifc := &dom.Devices.Interfaces[k]
+			switch interfaceType(ifc.Source) {
+			case "bridge", "ethernet", "network":
+			default:
+				continue
+			}
+			if taps++; taps > 1 {
+				return "", false, errors.New("definition has several NICs, AX holds the output of one")
+			}
+			if ifc.Target == nil || ifc.Target.Dev != g.Tap {
+				same = false
+				ifc.Target = &libvirtxml.DomainInterfaceTarget{Dev: g.Tap}
+			}
+		}
+		if taps == 0 {
+			return "", false, errors.New("definition has no tap")
+		}
+	}
+	if incoming {
+		same = false
+		if dom.QEMUCommandline == nil {
+			dom.QEMUCommandline = &libvirtxml.DomainQEMUCommandline{}
+		}
+		for _, a := range incomingArgs {
+			dom.QEMUCommandline.Args = append(dom.QEMUCommandline.Args, libvirtxml.DomainQEMUCommandlineArg{Value: a})
+		}
+	}
+	if same {
+		return def, true, nil
+	}
+	x, err = dom.Marshal()
+	if err != nil {
+		return "", false, fmt.Errorf("definition: %w", err)
+	}
+	return x, false, nil
+}
+
+// devices is dom's device list, empty if it has none.
+func devices(dom *libvirtxml.Domain) *libvirtxml.DomainDeviceList {
+	if dom.Devices == nil {
+		dom.Devices = &libvirtxml.DomainDeviceList{}
+	}
+	return dom.Devices
+}
+
+// incomingArgs make libvirt's QEMU wait for a replica's device state, as
+// qemu.Guest.Args does with Incoming.
+var incomingArgs = []string{"-incoming", "defer", "-global", "migration.send-configuration=off", "-machine", "suppress-vmdesc=on"}
+
+// PlugTap checks the domain's tap: libvirt creates and plugs a domain's
+// taps itself when it starts it, so a running domain's tap must exist and
+// be a tap, and before start there is nothing to do.
+func (m *domain) PlugTap(ctx context.Context, bridge string) error {
+	if m.g.Tap == "" {
+		return nil
+	}
+	if err := names.CheckInterface("tap", m.g.Tap); err != nil {
+		return err
+	}
+	dom, err := m.drv.lookup(ctx, m.g.Name)
+	if err != nil {
+		return err
+	}
+	st, err := m.drv.state(ctx, dom)
+	if err != nil {
+		return err
+	}
+	if !active(st) {
+		return nil
+	}
+	ok, err := m.drv.tapExists(m.g.Tap)
+	if err != nil {
+		return fmt.Errorf("libvirt domain %s: %w", m.g.Name, err)
+	}
+	if !ok {
+		return fmt.Errorf("libvirt domain %s runs without its tap %s (its XML names another <target dev=…/>?)", m.g.Name, m.g.Tap)
+	}
+	return nil
+}
+
+// process is a domain the driver started, watched until it stops.
+type process struct {
+	drv  *Driver
+	dom  golibvirt.Domain
+	pid  int
+	done chan struct{}
+
+	once   sync.Once
+	err    error
+	killed bool
+}
+
+// watch returns the Process of a domain just started: its QEMU's pid
+// from libvirt's pid file, and a Done closed once libvirt says the
+// domain is no more (shut off, or gone if it was transient).
+func (d *Driver) watch(dom golibvirt.Domain) *process {
+	p := &process{drv: d, dom: dom, pid: d.pid(dom.Name), done: make(chan struct{})}
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		t := time.NewTicker(d.cfg.Poll)
+		defer t.Stop()
+		for {
+			select {
+			case <-d.ctx.Done():
+				return
+			case <-t.C:
+			}
+			st, _, err := d.conn.DomainGetState(dom, 0)
+			if err != nil && isNoDomain(err) || err == nil && !active(golibvirt.DomainState(st)) {
+				close(p.done)
+				return
+			}
+		}
+	}()
+	return p
+}
+
+// isNoDomain says whether err is libvirt's "domain not found".
+func isNoDomain(err error) bool {
+	var e golibvirt.Error
+	return errors.As(err, &e) && e.Code == uint32(golibvirt.ErrNoDomain)
+}
+
+func (p *process) PID() int              { return p.pid }
+func (p *process) Done() <-chan struct{} { return p.done }
+
+// Kill destroys the domain (virDomainDestroy) once; every call waits for
+// libvirt to say it is gone.
+func (p *process) Kill() error {
+	p.once.Do(func() {
+		select {
+		case <-p.done:
+			return
+		default:
+		}
+		if err := p.drv.conn.DomainDestroy(p.dom); err != nil && !isNoDomain(err) && !isNotRunning(err) {
+			p.err = fmt.Errorf("libvirt domain %s: destroy: %w", p.dom.Name, err)
+		}
+	})
+	if p.err != nil {
+		return p.err
+	}
+	select {
+	case <-p.done:
+		return nil
+	case <-p.drv.ctx.Done():
+		return fmt.Errorf("libvirt domain %s: the driver closed before the domain stopped", p.dom.Name)
+	case <-time.After(p.drv.cfg.KillTimeout):
+		return fmt.Errorf("libvirt domain %s still runs %s after virDomainDestroy (virsh domstate %s)", p.dom.Name, p.drv.cfg.KillTimeout, p.dom.Name)
+	}
+}
+
+// isNotRunning says whether err is libvirt's "domain is not running".
+func isNotRunning(err error) bool {
+	var e golibvirt.Error
+	return errors.As(err, &e) && e.Code == uint32(golibvirt.ErrOperationInvalid)
+}
+
+// stateName is a libvirt domain state as virsh domstate says it.
+func stateName(st golibvirt.DomainState) string {
+	switch st {
+	case golibvirt.DomainRunning:
+		return "running"
+	case golibvirt.DomainBlocked:
+		return "blocked"
+	case golibvirt.DomainPaused:
+		return "paused"
+	case golibvirt.DomainShutdown:
+		return "in shutdown"
+	case golibvirt.DomainShutoff:
+		return "shut off"
+	case golibvirt.DomainCrashed:
+		return "crashed"
+	case golibvirt.DomainPmsuspended:
+		return "pmsuspended"
+	}
+	return "no state"
+}

@@ -1,0 +1,574 @@
+package libvirt
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	golibvirt "github.com/digitalocean/go-libvirt"
+
+	"github.com/axproject/ax/ax/api"
+	"github.com/axproject/ax/ax/qemu"
+)
+
+// fakeConn is a recording libvirtd: domains with a definition, a state
+// and an ID, QMP answered by qmp, lifecycle events sent on events.
+type fakeConn struct {
+	t      *testing.T
+	ramDir string // the memory backing dir where "QEMU" makes RAM files
+
+	mu      sync.Mutex
+	calls   []string
+	doms    map[string]*fakeDomain
+	nextID  int32
+	qmp     func(cmd string) (string, error)
+	events  chan golibvirt.DomainEventLifecycleMsg
+	closed  bool
+	created []string // the XML of each virDomainCreateXML
+}
+
+type fakeDomain struct {
+	def   string // inactive XML
+	state golibvirt.DomainState
+	id    int32
+}
+
+func newFakeConn(t *testing.T) *fakeConn {
+	return &fakeConn{t: t, ramDir: t.TempDir(), doms: map[string]*fakeDomain{}, nextID: 7,
+		events: make(chan golibvirt.DomainEventLifecycleMsg)}
+}
+
+func (f *fakeConn) record(format string, args ...any) {
+	f.calls = append(f.calls, fmt.Sprintf(format, args...))
+}
+
+// define adds an inactive domain named name, its memory 4 MiB.
+func (f *fakeConn) define(name string, disks ...string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var b strings.Builder
+	for i, d := range disks {
+		fmt.Fprintf(&b, "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='%s'/><backingStore type='file'><format type='raw'/><source file='/var/lib/nova/instances/_base/x'/></backingStore><target dev='vd%c' bus='virtio'/></disk>", d, 'a'+i)
+	}
+	f.doms[name] = &fakeDomain{state: golibvirt.DomainShutoff, def: fmt.Sprintf(`<domain type='kvm'>
+  <name>%s</name>
+  <uuid>5b9f0c3e-2d1a-4f7b-9a8e-6c4d3b2a1f00</uuid>
+  <memory unit='MiB'>4</memory>
+  <memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type></os>
+  <devices>%s<disk type='file' device='cdrom'><source file='/var/lib/nova/instances/u/disk.config'/><target dev='hda' bus='ide'/></disk>
+  <interface type='bridge'><mac address='fa:16:3e:4c:2a:91'/><source bridge='br0'/><target dev='tap0'/><model type='virtio'/></interface></devices>
+</domain>`, name, b.String())}
+}
+
+func (f *fakeConn) setState(name string, st golibvirt.DomainState) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.doms[name].state = st
+}
+
+func (f *fakeConn) dom(name string) (*fakeDomain, error) {
+	d, ok := f.doms[name]
+	if !ok {
+		return nil, golibvirt.Error{Code: uint32(golibvirt.ErrNoDomain), Message: "Domain not found: no domain with matching name '" + name + "'"}
+	}
+	return d, nil
+}
+
+func (f *fakeConn) DomainLookupByName(name string) (golibvirt.Domain, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.record("lookup %s", name)
+	d, err := f.dom(name)
+	if err != nil {
+		return golibvirt.Domain{}, err
+	}
+	return golibvirt.Domain{Name: name, ID: d.id}, nil
+}
+
+func (f *fakeConn) DomainGetXMLDesc(dom golibvirt.Domain, flags golibvirt.DomainXMLFlags) (string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.record("xml %s %d", dom.Name, flags)
+	d, err := f.dom(dom.Name)
+	if err != nil {
+		return "", err
+	}
+	if flags&golibvirt.DomainXMLInactive != 0 || d.id == 0 {
+		return d.def, nil
+	}
+	return strings.Replace(d.def, "<domain type='kvm'>", fmt.Sprintf("<domain type='kvm' id='%d'>", d.id), 1), nil
+}
+
+func (f *fakeConn) DomainGetState(dom golibvirt.Domain, flags uint32) (int32, int32, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	d, err := f.dom(dom.Name)
+	if err != nil {
+		return 0, 0, err
+	}
+	return int32(d.state), 0, nil
+}
+
+// start runs a domain: it gets an ID, and "QEMU" its RAM file.
+func (f *fakeConn) start(name string, d *fakeDomain, paused bool) golibvirt.Domain {
+	d.id = f.nextID
+	f.nextID++
+	d.state = golibvirt.DomainRunning
+	if paused {
+		d.state = golibvirt.DomainPaused
+	}
+	dir := filepath.Join(f.ramDir, fmt.Sprintf("%d-%s", d.id, name[:min(len(name), 20)]))
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		f.t.Error(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "pc.ram"), make([]byte, 4<<20), 0o600); err != nil {
+		f.t.Error(err)
+	}
+	return golibvirt.Domain{Name: name, ID: d.id}
+}
+
+func (f *fakeConn) DomainCreate(dom golibvirt.Domain) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.record("create %s", dom.Name)
+	d, err := f.dom(dom.Name)
+	if err != nil {
+		return err
+	}
+	f.start(dom.Name, d, false)
+	return nil
+}
+
+func (f *fakeConn) DomainCreateXML(x string, flags golibvirt.DomainCreateFlags) (golibvirt.Domain, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var found *fakeDomain
+	name := ""
+	for n, d := range f.doms {
+		if strings.Contains(x, "<name>"+n+"</name>") {
+			found, name = d, n
+		}
+	}
+	f.record("create-xml %s %d", name, flags)
+	f.created = append(f.created, x)
+	if found == nil {
+		return golibvirt.Domain{}, errors.New("fake: unknown domain")
+	}
+	return f.start(name, found, flags&golibvirt.DomainStartPaused != 0), nil
+}
+
+func (f *fakeConn) DomainDestroy(dom golibvirt.Domain) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.record("destroy %s", dom.Name)
+	d, err := f.dom(dom.Name)
+	if err != nil {
+		return err
+	}
+	if d.state == golibvirt.DomainShutoff {
+		return golibvirt.Error{Code: uint32(golibvirt.ErrOperationInvalid), Message: "domain is not running"}
+	}
+	d.state, d.id = golibvirt.DomainShutoff, 0
+	return nil
+}
+
+func (f *fakeConn) QEMUDomainMonitorCommand(dom golibvirt.Domain, cmd string, flags uint32) (string, error) {
+	f.mu.Lock()
+	f.record("qmp %s %s", dom.Name, cmd)
+	answer := f.qmp
+	f.mu.Unlock()
+	if answer == nil {
+		return `{"return":{},"id":"libvirt-1"}`, nil
+	}
+	return answer(cmd)
+}
+
+func (f *fakeConn) LifecycleEvents(ctx context.Context) (<-chan golibvirt.DomainEventLifecycleMsg, error) {
+	out := make(chan golibvirt.DomainEventLifecycleMsg)
+	go func() {
+		defer close(out)
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case m := <-f.events:
+				select {
+				case out <- m:
+				case <-ctx.Done():
+					return
+				}
+			}
+		}
+	}()
+	return out, nil
+}
+
+func (f *fakeConn) Disconnect() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.record("disconnect")
+	f.closed = true
+	return nil
+}
+
+func (f *fakeConn) callLog() string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return strings.Join(f.calls, "\n")
+}
+
+func newTestDriver(t *testing.T) (*Driver, *fakeConn) {
+	f := newFakeConn(t)
+	d := New(f, Config{Discover: Options{MemoryBackingDir: f.ramDir}, Poll: time.Millisecond, KillTimeout: 2 * time.Second, PIDDir: t.TempDir()})
+	d.tapExists = func(string) (bool, error) { return false, nil }
+	t.Cleanup(func() { d.Close() })
+	return d, f
+}
+
+func TestControlPassesQMPThroughLibvirt(t *testing.T) {
+	drv, f := newTestDriver(t)
+	f.define("vm1")
+	f.setState("vm1", golibvirt.DomainRunning)
+	f.qmp = func(cmd string) (string, error) {
+		switch {
+		case strings.Contains(cmd, "query-status"):
+			return `{"return":{"status":"running","singlestep":false,"running":true},"id":"libvirt-410"}`, nil
+		case strings.Contains(cmd, "query-named-block-nodes"):
+			return `{"return":[{"node-name":"libvirt-2-format","drv":"qcow2","image":{"virtual-size":1073741824}}],"id":"libvirt-411"}`, nil
+		case strings.Contains(cmd, `"stop"`):
+			return `{"id":"libvirt-412","error":{"class":"GenericError","desc":"no stopping today"}}`, nil
+		}
+		return `{"return":{},"id":"libvirt-413"}`, nil
+	}
+	ctx := context.Background()
+	mon, err := drv.Domain(api.Guest{Name: "vm1"}).Control(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mon.Close()
+	if st, err := mon.Status(ctx); err != nil || st != "running" {
+		t.Errorf("status %q, %v", st, err)
+	}
+	if n, err := mon.NodeSize(ctx, "libvirt-2-format"); err != nil || n != 1<<30 {
+		t.Errorf("node size %d, %v", n, err)
+	}
+	if err := mon.Stop(ctx); err == nil || !strings.Contains(err.Error(), "no stopping today") {
+		t.Errorf("a QMP error reply: %v", err)
+	}
+	if err := mon.SaveDeviceState(ctx, "/run/ax/vm1/dev"); err != nil {
+		t.Error(err)
+	}
+	want := `qmp vm1 {"execute":"xen-save-devices-state","arguments":{"filename":"/run/ax/vm1/dev","live":false}}`
+	if log := f.callLog(); !strings.Contains(log, want) {
+		t.Errorf("calls:\n%s\nwant %s", log, want)
+	}
+}
+
+func TestControlRefuses(t *testing.T) {
+	drv, f := newTestDriver(t)
+	f.define("vm1")
+	ctx := context.Background()
+	if _, err := drv.Domain(api.Guest{Name: "vm1"}).Control(ctx); err == nil || !strings.Contains(err.Error(), "not running (shut off)") {
+		t.Errorf("a shut off domain: %v", err)
+	}
+	if _, err := drv.Domain(api.Guest{Name: "nosuch"}).Control(ctx); !isNoDomain(err) {
+		t.Errorf("an unknown domain: %v", err)
+	}
+	if _, err := drv.Domain(api.Guest{Name: "a b"}).Control(ctx); err == nil {
+		t.Error("a hostile name was looked up")
+	}
+	if log := f.callLog(); strings.Contains(log, "a b") {
+		t.Errorf("calls:\n%s", log)
+	}
+}
+
+// TestControlHungQEMU: a command libvirt does not answer ends with its
+// context, as one on a QMP socket does.
+func TestControlHungQEMU(t *testing.T) {
+	drv, f := newTestDriver(t)
+	f.define("vm1")
+	f.setState("vm1", golibvirt.DomainRunning)
+	hang := make(chan struct{})
+	defer close(hang)
+	f.qmp = func(string) (string, error) {
+		<-hang
+		return "", errors.New("gone")
+	}
+	mon, err := drv.Domain(api.Guest{Name: "vm1"}).Control(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	t0 := time.Now()
+	if err := mon.Stop(ctx); !errors.Is(err, qemu.ErrTimeout) {
+		t.Errorf("err %v, want qemu.ErrTimeout", err)
+	}
+	if d := time.Since(t0); d > 2*time.Second {
+		t.Errorf("took %v", d)
+	}
+	if _, err := mon.Status(context.Background()); err == nil {
+		t.Error("the monitor answered after it was closed")
+	}
+}
+
+func TestStartDefined(t *testing.T) {
+	drv, f := newTestDriver(t)
+	f.define("vm1", "/var/lib/nova/instances/u/disk")
+	g := api.Guest{Name: "vm1", Tap: "tap0", Disks: []api.Disk{{Node: "libvirt-2-format", Path: "/var/lib/nova/instances/u/disk", Format: "qcow2", Plain: true}}}
+	ctx := context.Background()
+	p, err := drv.Domain(g).Start(ctx, "/ignored.log")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if log := f.callLog(); !strings.Contains(log, "create vm1") || strings.Contains(log, "create-xml") {
+		t.Errorf("want virDomainCreate of the definition; calls:\n%s", log)
+	}
+	if _, err := drv.Domain(g).Start(ctx, ""); err == nil || !strings.Contains(err.Error(), "already runs") {
+		t.Errorf("starting twice: %v", err)
+	}
+	select {
+	case <-p.Done():
+		t.Fatal("done while running")
+	case <-time.After(20 * time.Millisecond):
+	}
+	f.setState("vm1", golibvirt.DomainShutoff) // the guest powered off
+	select {
+	case <-p.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("Done not closed once the domain shut off")
+	}
+	if err := p.Kill(); err != nil {
+		t.Errorf("kill of an ended domain: %v", err)
+	}
+}
+
+// TestStartReplicaDisks: after an HA promotion the guest's disks are the
+// replica's raw images; the definition starts with them, unchanged.
+func TestStartReplicaDisks(t *testing.T) {
+	drv, f := newTestDriver(t)
+	f.define("vm1", "/var/lib/nova/instances/u/disk")
+	def := f.doms["vm1"].def
+	g := api.Guest{Name: "vm1", Tap: "axr0123456789ab", Disks: []api.Disk{{Node: "libvirt-2-format", Path: "/var/lib/ax/vm1/disk0.raw", Format: "raw", Plain: true}}}
+	p, err := drv.Domain(g).Start(context.Background(), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(f.created) != 1 {
+		t.Fatalf("calls:\n%s", f.callLog())
+	}
+	x := f.created[0]
+	for _, want := range []string{"<source file=\"/var/lib/ax/vm1/disk0.raw\"", "type=\"raw\"", "disk.config", "<target dev=\"axr0123456789ab\""} {
+		if !strings.Contains(x, want) {
+			t.Errorf("started XML has no %s:\n%s", want, x)
+		}
+	}
+	if strings.Contains(x, "_base") || strings.Contains(x, "commandline") {
+		t.Errorf("started XML keeps the backing chain or has QEMU arguments:\n%s", x)
+	}
+	if f.doms["vm1"].def != def {
+		t.Error("the definition changed")
+	}
+	if err := p.Kill(); err != nil {
+		t.Error(err)
+	}
+	if err := p.Kill(); err != nil {
+		t.Errorf("second kill: %v", err)
+	}
+	if n := strings.Count(f.callLog(), "destroy vm1"); n != 1 {
+		t.Errorf("%d destroys, want 1", n)
+	}
+	g.Disks = append(g.Disks, api.Disk{Node: "x", Path: "/var/lib/ax/vm1/disk1.raw"})
+	if _, err := drv.Domain(g).Start(context.Background(), ""); err == nil || !strings.Contains(err.Error(), "1 disks, AX replicates 2") {
+		t.Errorf("disks that do not match the definition: %v", err)
+	}
+}
+
+func TestStartIncoming(t *testing.T) {
+	drv, f := newTestDriver(t)
+	f.define("instance-0000002a-with-a-long-name")
+	replica := filepath.Join(t.TempDir(), "ram")
+	want := bytes.Repeat([]byte("AXRAM..."), (4<<20)/8)
+	if err := os.WriteFile(replica, want, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	g := api.Guest{Name: "instance-0000002a-with-a-long-name", RAMMiB: 4, RAMFile: replica}
+	p, err := drv.Domain(g).StartIncoming(context.Background(), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Kill()
+	if log := f.callLog(); !strings.Contains(log, fmt.Sprintf("create-xml %s %d", g.Name, golibvirt.DomainStartPaused)) {
+		t.Errorf("want a paused virDomainCreateXML; calls:\n%s", log)
+	}
+	x := strings.Join(strings.Fields(f.created[0]), "")
+	args := `<commandlinexmlns="http://libvirt.org/schemas/domain/qemu/1.0"><argvalue="-incoming"></arg><argvalue="defer"></arg><argvalue="-global"></arg><argvalue="migration.send-configuration=off"></arg><argvalue="-machine"></arg><argvalue="suppress-vmdesc=on"></arg></commandline>`
+	if !strings.Contains(x, args) {
+		t.Errorf("started XML lacks the incoming arguments:\n%s", x)
+	}
+	got, err := os.ReadFile(filepath.Join(f.ramDir, "7-instance-0000002a-wi", "pc.ram"))
+	if err != nil || !bytes.Equal(got, want) {
+		t.Errorf("libvirt's RAM file does not hold the replica (%v)", err)
+	}
+}
+
+// TestStartIncomingFails: a replica that cannot be resumed leaves no
+// domain running.
+func TestStartIncomingFails(t *testing.T) {
+	drv, f := newTestDriver(t)
+	f.define("vm1")
+	replica := filepath.Join(t.TempDir(), "ram")
+	if err := os.WriteFile(replica, make([]byte, 2<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err := drv.Domain(api.Guest{Name: "vm1", RAMFile: replica}).StartIncoming(context.Background(), "")
+	if err == nil || !strings.Contains(err.Error(), "differ in kind or size") {
+		t.Errorf("a replica of another size: %v", err)
+	}
+	if st := f.doms["vm1"].state; st != golibvirt.DomainShutoff {
+		t.Errorf("the failed replica's domain is %s", stateName(st))
+	}
+	if _, err := drv.Domain(api.Guest{Name: "nosuch"}).StartIncoming(context.Background(), ""); err == nil || !strings.Contains(err.Error(), "virsh define") {
+		t.Errorf("an undefined domain: %v", err)
+	}
+}
+
+func TestPlugTapChecksLibvirtsTap(t *testing.T) {
+	drv, f := newTestDriver(t)
+	f.define("vm1")
+	var asked []string
+	exists := false
+	drv.tapExists = func(tap string) (bool, error) {
+		asked = append(asked, tap)
+		return exists, nil
+	}
+	dom := drv.Domain(api.Guest{Name: "vm1", Tap: "tap0"})
+	ctx := context.Background()
+	if err := dom.PlugTap(ctx, "br0"); err != nil || len(asked) != 0 {
+		t.Errorf("before start: %v, asked %q (libvirt makes the tap at start)", err, asked)
+	}
+	f.setState("vm1", golibvirt.DomainRunning)
+	if err := dom.PlugTap(ctx, "br0"); err == nil || !strings.Contains(err.Error(), "without its tap tap0") {
+		t.Errorf("a running domain without its tap: %v", err)
+	}
+	exists = true
+	if err := dom.PlugTap(ctx, "br0"); err != nil {
+		t.Error(err)
+	}
+	if err := drv.Domain(api.Guest{Name: "vm1", Tap: "tap;x"}).PlugTap(ctx, ""); err == nil {
+		t.Error("a hostile tap name was accepted")
+	}
+}
+
+func TestEvents(t *testing.T) {
+	drv, f := newTestDriver(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	events, err := drv.Events(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dom := golibvirt.Domain{Name: "vm1", UUID: golibvirt.UUID{0x5b, 0x9f, 0x0c, 0x3e, 0x2d, 0x1a, 0x4f, 0x7b, 0x9a, 0x8e, 0x6c, 0x4d, 0x3b, 0x2a, 0x1f, 0x00}}
+	for _, tc := range []struct {
+		event, detail int32
+		kind          EventKind
+		reason        string
+	}{
+		{int32(golibvirt.DomainEventStarted), 0, Started, "booted"},
+		{int32(golibvirt.DomainEventSuspended), 0, Paused, "paused"},
+		{int32(golibvirt.DomainEventResumed), 0, Resumed, "unpaused"},
+		{int32(golibvirt.DomainEventShutdown), 1, ShuttingDown, "guest"},
+		{int32(golibvirt.DomainEventStopped), 0, Stopped, "shutdown"},
+		{int32(golibvirt.DomainEventStopped), 1, Destroyed, "destroyed"},
+		{int32(golibvirt.DomainEventStopped), 2, Crashed, "crashed"},
+		{int32(golibvirt.DomainEventStopped), 5, Crashed, "failed"},
+		{int32(golibvirt.DomainEventStopped), 3, Stopped, "migrated"},
+		{int32(golibvirt.DomainEventCrashed), 0, Crashed, "panicked"},
+		{int32(golibvirt.DomainEventDefined), 9, Defined, "detail 9"},
+		{42, 1, "event-42", "detail 1"},
+	} {
+		f.events <- golibvirt.DomainEventLifecycleMsg{Dom: dom, Event: tc.event, Detail: tc.detail}
+		e := <-events
+		want := Event{Domain: "vm1", UUID: "5b9f0c3e-2d1a-4f7b-9a8e-6c4d3b2a1f00", Kind: tc.kind, Reason: tc.reason}
+		if e != want {
+			t.Errorf("event %d/%d: %+v, want %+v", tc.event, tc.detail, e, want)
+		}
+	}
+	cancel()
+	for range events {
+	}
+	// Close ends the streams it started, and is safe twice.
+	events, err = drv.Events(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := drv.Close(); err != nil {
+		t.Error(err)
+	}
+	if _, ok := <-events; ok {
+		t.Error("event stream open after Close")
+	}
+	drv.Close()
+	if n := strings.Count(f.callLog(), "disconnect"); n != 1 {
+		t.Errorf("%d disconnects", n)
+	}
+}
+
+func TestDriverDiscover(t *testing.T) {
+	drv, f := newTestDriver(t)
+	f.define("vm1")
+	ctx := context.Background()
+	if _, err := drv.Discover(ctx, "vm1"); !isRefusal(err, "state") {
+		t.Errorf("a shut off domain: %v", err)
+	}
+	f.mu.Lock()
+	f.start("vm1", f.doms["vm1"], false)
+	f.mu.Unlock()
+	d, err := drv.Discover(ctx, "vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := filepath.Join(f.ramDir, "7-vm1", "pc.ram"); d.Guest.RAMFile != want || d.Guest.Tap != "tap0" || d.PID != 0 {
+		t.Errorf("discovered %+v, pid %d", d.Guest, d.PID)
+	}
+	if err := os.WriteFile(filepath.Join(drv.cfg.PIDDir, "vm1.pid"), []byte("4242\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if d, err = drv.Discover(ctx, "vm1"); err != nil {
+		t.Fatal(err)
+	}
+	if d.PID != 4242 {
+		t.Errorf("pid %d, want libvirt's pid file's", d.PID)
+	}
+}
+
+func TestLaunchXMLRefuses(t *testing.T) {
+	f := newFakeConn(t)
+	f.define("vm1")
+	def := f.doms["vm1"].def
+	const iface = "<interface type='bridge'><mac address='fa:16:3e:4c:2a:91'/><source bridge='br0'/><target dev='tap0'/><model type='virtio'/></interface>"
+	for _, tc := range []struct {
+		name, def string
+		g         api.Guest
+		want      string
+	}{
+		{"another domain", def, api.Guest{Name: "vm2"}, "definition is of domain vm1, not vm2"},
+		{"no tap", edit(t, def, iface, ""), api.Guest{Name: "vm1", Tap: "axr0"}, "no tap"},
+		{"two NICs", edit(t, def, iface, iface+iface), api.Guest{Name: "vm1", Tap: "axr0"}, "several NICs"},
+		{"hostile tap", def, api.Guest{Name: "vm1", Tap: "eth0;x"}, "tap"},
+		{"hostile disk", def, api.Guest{Name: "vm1", Disks: []api.Disk{{Path: "a,b"}}}, "disks"},
+		{"no devices", "<domain type='kvm'><name>vm1</name></domain>", api.Guest{Name: "vm1", Tap: "axr0"}, "no tap"},
+	} {
+		if _, _, err := launchXML(tc.def, tc.g, false); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: %v, want %q", tc.name, err, tc.want)
+		}
+	}
+}
