@@ -232,7 +232,9 @@ func TestLibvirtHookProtectsAndEnds(t *testing.T) {
 		}
 		return api.VMStatus{}
 	}
-	seen := func() string { return fmt.Sprintf("a %+v\nb %+v\n%s", status(p.a), status(p.b), strings.Join(events(p.a, "hook"), "\n")) }
+	seen := func() string {
+		return fmt.Sprintf("a %+v\nb %+v\n%s", status(p.a), status(p.b), strings.Join(events(p.a, "hook"), "\n"))
+	}
 	for _, op := range []string{"prepare", "start"} {
 		if err := hookVia(t, p.a, hookEvent(op, novaXML(t, "ft", "b"))); err != nil {
 			t.Fatalf("%s: %v", op, err)
