@@ -15,9 +15,10 @@ const DefaultHookSpool = "/var/lib/ax/hook-spool"
 // a few KiB; a larger one is refused, not truncated.
 const MaxHookXML = 1 << 20
 
-// MaxHookEvent bounds a hook event as sent (the XML, JSON-escaped, and
-// its fields).
-const MaxHookEvent = 2*MaxHookXML + 4<<10
+// MaxHookEvent bounds a hook event as sent: the XML JSON-escaped (at
+// worst 6 bytes a byte: encoding/json writes '<' as \u003c) and its
+// fields.
+const MaxHookEvent = 6*MaxHookXML + 64<<10
 
 // HookOperations are the operations of libvirt's qemu hook
 // (https://libvirt.org/hooks.html) AX takes; any other is refused.

@@ -2,10 +2,7 @@ package daemon
 
 import (
 	"encoding/json"
-	"errors"
 	"fmt"
-	"net/http"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -51,22 +48,21 @@ func hookVia(t *testing.T, d *Daemon, ev api.HookEvent) error {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return postVia(d, string(body))
+	return postVia(d, "/v1/hooks/libvirt", string(body))
 }
 
-func postVia(d *Daemon, body string) error {
-	rec := httptest.NewRecorder()
-	d.apiHandler().ServeHTTP(rec, httptest.NewRequest(http.MethodPost, "/v1/hooks/libvirt", strings.NewReader(body)))
-	if rec.Code == http.StatusOK {
-		return nil
+// novaSpec is what the driver discovers of the Nova instance: 1 MiB of
+// RAM in a file, no disks, reached by name.
+func novaSpec(t *testing.T) api.VMSpec {
+	t.Helper()
+	ram := filepath.Join(t.TempDir(), "instance.ram")
+	if err := os.WriteFile(ram, make([]byte, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
 	}
-	var r struct {
-		Error string `json:"error"`
-	}
-	if err := json.Unmarshal(rec.Body.Bytes(), &r); err != nil || r.Error == "" {
-		return errors.New(rec.Body.String())
-	}
-	return errors.New(r.Error)
+	spec := goodSpec()
+	spec.Name, spec.Guest.Name, spec.Tracker = novaDomain, novaDomain, "hash"
+	spec.Guest.RAMMiB, spec.Guest.Disks, spec.Guest.RAMFile, spec.Guest.QEMU = 1, nil, ram, api.QEMU{}
+	return spec
 }
 
 func hookEvent(op, xml string) api.HookEvent {
@@ -149,7 +145,7 @@ func TestLibvirtHookRefuses(t *testing.T) {
 		{"oversize event", `{"xml":"` + strings.Repeat("x", api.MaxHookEvent) + `"}`, "over"},
 		{"not JSON", "<domain/>", "bad request"},
 	} {
-		if err := postVia(d, c.body); err == nil || !strings.Contains(err.Error(), c.want) {
+		if err := postVia(d, "/v1/hooks/libvirt", c.body); err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%s: %v, want an error saying %q", c.name, err, c.want)
 		}
 	}
@@ -210,13 +206,7 @@ func TestLibvirtHookLeavesAlone(t *testing.T) {
 // A Nova instance started with <ax:level>: discovered and protected
 // towards the partner it names; stopped: protection ends, no failover.
 func TestLibvirtHookProtectsAndEnds(t *testing.T) {
-	ram := filepath.Join(t.TempDir(), "instance.ram")
-	if err := os.WriteFile(ram, make([]byte, 1<<20), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	spec := goodSpec()
-	spec.Name, spec.Guest.Name, spec.Tracker = novaDomain, novaDomain, "hash"
-	spec.Guest.RAMMiB, spec.Guest.Disks, spec.Guest.RAMFile, spec.Guest.QEMU = 1, nil, ram, api.QEMU{}
+	spec := novaSpec(t)
 	var disc *discoveringFake
 	p := runPair(t, func(host string, c *Config) {
 		if host == "a" {
@@ -282,13 +272,7 @@ func TestLibvirtHookProtectsAndEnds(t *testing.T) {
 // Events the hook spooled while axd was down are replayed when it
 // starts: a started domain still running is protected.
 func TestLibvirtHookReplay(t *testing.T) {
-	ram := filepath.Join(t.TempDir(), "instance.ram")
-	if err := os.WriteFile(ram, make([]byte, 1<<20), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	spec := goodSpec()
-	spec.Name, spec.Guest.Name, spec.Tracker = novaDomain, novaDomain, "hash"
-	spec.Guest.RAMMiB, spec.Guest.Disks, spec.Guest.RAMFile, spec.Guest.QEMU = 1, nil, ram, api.QEMU{}
+	spec := novaSpec(t)
 	spoolDir := filepath.Join(t.TempDir(), "spool")
 	t0 := time.Now().Add(-time.Minute)
 	for i, op := range []string{"prepare", "start", "started"} {
