@@ -74,6 +74,12 @@ func TestPutBounded(t *testing.T) {
 	if n != MaxEvents || !first.Equal(t0.Add(3*time.Millisecond)) {
 		t.Errorf("kept %d from %v, want %d from the fourth", n, first.Sub(t0), MaxEvents)
 	}
+	// The largest XML the hook takes fits, however JSON escapes it.
+	worst := event("started", t0)
+	worst.XML = strings.Repeat("<", api.MaxHookXML)
+	if _, err := Put(t.TempDir(), worst); err != nil {
+		t.Errorf("a 1 MiB XML of '<': %v", err)
+	}
 	big := event("started", t0)
 	big.XML = strings.Repeat("x", api.MaxHookEvent)
 	if _, err := Put(dir, big); err == nil {
