@@ -16,10 +16,11 @@ help: ## list the targets
 deps: ## install the Debian packages the lab and tests need (idempotent)
 	@sh test/deps.sh
 
-build: ## build axd, axctl (with the lab) and the guest workloads into bin/
+build: ## build axd, axctl (with the lab), ax-nova-hook and the guest workloads into bin/
 	CGO_ENABLED=0 $(GO) build -trimpath -tags lab -o $(BIN)/ ./cmd/... ./test/cmd/...
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/ax-nova-hook ./nova-hook
 
-deb: ## the Debian package bin/ax_<version>_<arch>.deb (axd, axctl without the lab, ax-agent, units; no keys)
+deb: ## the Debian package bin/ax_<version>_<arch>.deb (axd, axctl without the lab, ax-agent, ax-nova-hook as libvirt's qemu hook, units; no keys)
 	GO=$(GO) sh package/build-deb.sh $(BIN)
 
 vet: ## go vet and gofmt check

@@ -35,13 +35,18 @@ export SOURCE_DATE_EPOCH
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 root="$stage/ax"
-install -d -m 0755 "$root/DEBIAN" "$root/usr/sbin" "$root/usr/bin" "$root/lib/systemd/system" \
-	"$root/etc/default" "$root/usr/share/doc/ax" "$root/usr/share/lintian/overrides"
+install -d -m 0755 "$root/DEBIAN" "$root/usr/sbin" "$root/usr/bin" "$root/usr/libexec/ax" "$root/lib/systemd/system" \
+	"$root/etc/default" "$root/etc/libvirt/hooks/qemu.d" "$root/usr/share/doc/ax" "$root/usr/share/lintian/overrides"
 
 build() { CGO_ENABLED=0 $GO build -trimpath -ldflags="-s -w -X main.version=$version" -o "$1" "$2"; }
 build "$root/usr/sbin/axd" ./cmd/axd
 build "$root/usr/bin/axctl" ./cmd/axctl
 build "$root/usr/bin/ax-agent" ./cmd/ax-agent
+build "$root/usr/libexec/ax/ax-nova-hook" ./nova-hook
+# libvirt (>= 6.5) runs every executable in qemu.d as the qemu hook. A
+# symlink, not the program: a file under /etc would be a conffile, kept
+# at its old version when the package is upgraded.
+ln -s /usr/libexec/ax/ax-nova-hook "$root/etc/libvirt/hooks/qemu.d/ax"
 
 install -m 0644 cmd/axd/axd.service cmd/axd/ax-witness.service "$root/lib/systemd/system/"
 install -m 0644 cmd/axd/axd.default "$root/etc/default/axd"

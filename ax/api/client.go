@@ -60,9 +60,9 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	if resp.StatusCode/100 != 2 {
 		var e Error
 		if json.Unmarshal(data, &e) == nil && e.Error != "" {
-			return errors.New(e.Error)
+			return &RequestError{Status: resp.StatusCode, Msg: e.Error}
 		}
-		return fmt.Errorf("axd: %s", resp.Status)
+		return &RequestError{Status: resp.StatusCode, Msg: "axd: " + resp.Status}
 	}
 	if out != nil {
 		if err := json.Unmarshal(data, out); err != nil {
@@ -71,6 +71,15 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	}
 	return nil
 }
+
+// RequestError is axd's answer to a request it refused or failed: axd
+// was reached, and said why.
+type RequestError struct {
+	Status int // the HTTP status
+	Msg    string
+}
+
+func (e *RequestError) Error() string { return e.Msg }
 
 // Status returns the host's VMs, peers and witness.
 func (c *Client) Status(ctx context.Context) (*Status, error) {

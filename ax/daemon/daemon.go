@@ -114,6 +114,13 @@ type Config struct {
 	// stream on it) and leaves each guard holding the guest until then.
 	// 0: a stop ends protection — partners drop their replicas.
 	RestartGrace time.Duration
+	// HookSpool is where ax-nova-hook leaves the libvirt hook events axd
+	// could not take; axd replays them at its start and every
+	// hookSweep ("": StateDir/hook-spool, api.DefaultHookSpool by default).
+	HookSpool string
+	// Levels says at which level a domain Nova starts is protected (nil:
+	// MetadataLevels, its <ax:level>).
+	Levels LevelSource
 	// Store keeps each VM's protection state across axd's restarts (nil:
 	// files in StateDir/state).
 	Store vm.Store
@@ -132,6 +139,9 @@ func (c *Config) defaults() error {
 	}
 	if err := names.Check("host", c.Host); err != nil {
 		return fmt.Errorf("axd: --host: %w", err)
+	}
+	if c.HookSpool == "" {
+		c.HookSpool = filepath.Join(c.StateDir, "hook-spool")
 	}
 	if c.BPFDir == "" {
 		c.BPFDir = filepath.Join("/sys/fs/bpf/ax", c.Host)
@@ -426,6 +436,7 @@ func (d *Daemon) Run(ctx context.Context, ready func()) error {
 		}
 	}
 	d.restore(recs)
+	d.replayHooks()
 	if ready != nil {
 		ready()
 	}
@@ -527,6 +538,7 @@ func (d *Daemon) watch(ctx context.Context) {
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
 	var gatesRead, seedsSwept time.Time
+	hooksSwept := time.Now()
 	for {
 		select {
 		case <-ctx.Done():
@@ -536,6 +548,10 @@ func (d *Daemon) watch(ctx context.Context) {
 		if time.Since(seedsSwept) > time.Minute {
 			seedsSwept = time.Now()
 			d.dropUnusedSeeds()
+		}
+		if time.Since(hooksSwept) > hookSweep {
+			hooksSwept = time.Now()
+			d.replayHooks()
 		}
 		for n := range d.cfg.Peers {
 			v := d.hb.View(n)

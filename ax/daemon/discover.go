@@ -26,9 +26,19 @@ func (d *Daemon) discover(ctx context.Context, name string) error {
 	if _, err := d.vm(name); err == nil {
 		return nil
 	}
+	if _, ok := d.cfg.Hypervisor.(hv.Discoverer); !ok {
+		return nil
+	}
+	return d.rediscover(ctx, name)
+}
+
+// rediscover defines the VM name afresh from what the hypervisor says of
+// it now, known to axd or not (a libvirt domain's RAM file is named after
+// its id, new at each start).
+func (d *Daemon) rediscover(ctx context.Context, name string) error {
 	disc, ok := d.cfg.Hypervisor.(hv.Discoverer)
 	if !ok {
-		return nil
+		return fmt.Errorf("VM %s: axd runs its VMs over QMP and cannot discover them (run axd with --libvirt)", name)
 	}
 	ctx, cancel := context.WithTimeout(ctx, discoverTimeout)
 	defer cancel()

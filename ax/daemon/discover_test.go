@@ -36,8 +36,13 @@ func (f *discoveringFake) DiscoverSpec(ctx context.Context, name string) (api.VM
 // protectVia posts axctl's protect request to d's API.
 func protectVia(t *testing.T, d *Daemon, vm string, body string) error {
 	t.Helper()
+	return postVia(d, "/v1/vms/"+vm+"/protect", body)
+}
+
+// postVia posts body to d's API at path; the error is axd's answer.
+func postVia(d *Daemon, path, body string) error {
 	rec := httptest.NewRecorder()
-	d.apiHandler().ServeHTTP(rec, httptest.NewRequest(http.MethodPost, "/v1/vms/"+vm+"/protect", strings.NewReader(body)))
+	d.apiHandler().ServeHTTP(rec, httptest.NewRequest(http.MethodPost, path, strings.NewReader(body)))
 	if rec.Code == http.StatusOK {
 		return nil
 	}

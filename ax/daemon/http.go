@@ -62,6 +62,7 @@ func (d *Daemon) apiHandler() http.Handler {
 	mux.HandleFunc("POST /v1/vms/{name}/unprotect", func(w http.ResponseWriter, r *http.Request) {
 		reply(w, nil, d.unprotect(r.PathValue("name")))
 	})
+	mux.HandleFunc("POST /v1/hooks/libvirt", d.serveLibvirtHook)
 	mux.HandleFunc("POST /v1/vms/{name}/failover", func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
 		defer cancel()

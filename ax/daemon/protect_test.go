@@ -163,8 +163,9 @@ func TestProtectAndChangeLevel(t *testing.T) {
 		a, b := vm1(p.a), vm1(p.b)
 		return a.State == "protected" && a.Level == api.LevelHA && b.Role == api.RoleSecondary && b.State == "ready"
 	}, both(p))
-	// The record is written after the state it keeps is shown.
-	until(t, "the store keeps the protection", func() bool {
+	// The store is written just after the state changes (observe, outside
+	// the VM's lock): status may show it first.
+	until(t, "the store after protect", func() bool {
 		recs := store()
 		return len(recs) == 1 && recs[0].State == "protected" && recs[0].Role == api.RolePrimary && recs[0].Peer == "b"
 	}, func() string { return fmt.Sprintf("%+v", store()) })

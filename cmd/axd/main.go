@@ -89,6 +89,7 @@ func run(ctx context.Context, args []string) error {
 	libvirtRAMDir := fs.String("libvirt-ram-dir", libvirt.DefaultMemoryBackingDir, "with --libvirt: qemu.conf's memory_backing_dir, where libvirt puts file-backed guest RAM")
 	var libvirtDirs listFlag
 	fs.Var(&libvirtDirs, "libvirt-dir", "with --libvirt: a directory a domain's disks, console and agent socket may be in (repeatable; default "+strings.Join(libvirt.DefaultDirs, ", ")+")")
+	fs.StringVar(&cfg.HookSpool, "hook-spool", "", "where ax-nova-hook (libvirt's qemu hook) leaves the events axd could not take, replayed at start and every 30 s (default STATE-DIR/hook-spool, "+api.DefaultHookSpool+" for the package's axd)")
 	fs.BoolVar(&cfg.OutputCommit, "output-commit", true, "hold FT guests' network output until its checkpoint commits (off only for tests: clients may then see output a failover undoes)")
 	if err := fs.Parse(args); err != nil {
 		return err

@@ -6,7 +6,8 @@
 // the XML `virsh dumpxml DOMAIN` prints for a running domain. Options says
 // where qemu.conf's memory_backing_dir is, and which directories a
 // domain's disks, console and agent socket may be in. A domain that cannot
-// be protected gets a *Refusal.
+// be protected gets a *Refusal. Identify reads only who a domain is and
+// the level its metadata asks for, from any domain XML (a libvirt hook's).
 //
 // Dial (or New, over any Conn) gives a Driver, an ax/hv.Driver whose
 // domains are libvirt's, named by their libvirt name:
