@@ -13,8 +13,10 @@ import (
 	"github.com/axproject/ax/ax/qemu"
 )
 
-// DefaultMemoryBackingDir is qemu.conf's default memory_backing_dir, where
-// libvirt puts the RAM file of a domain with <source type='file'/>.
+// DefaultMemoryBackingDir is where libvirt puts the RAM file of a domain
+// with <source type='file'/> when qemu.conf sets no memory_backing_dir.
+// One that sets it, DIR, makes it DIR/libvirt/qemu (libvirt 9.0's
+// virQEMUDriverConfigLoadMemoryEntry appends that).
 const DefaultMemoryBackingDir = "/var/lib/libvirt/qemu/ram"
 
 // DefaultDirs are the directories a domain's disks, console and agent
@@ -23,8 +25,9 @@ var DefaultDirs = []string{"/var/lib/libvirt", "/var/lib/nova/instances", "/var/
 
 // Options says where this host keeps what a domain XML names.
 type Options struct {
-	// MemoryBackingDir is qemu.conf's memory_backing_dir (default
-	// DefaultMemoryBackingDir).
+	// MemoryBackingDir is where libvirt puts domains' RAM files (default
+	// DefaultMemoryBackingDir; qemu.conf's memory_backing_dir DIR makes
+	// it DIR/libvirt/qemu).
 	MemoryBackingDir string
 	// Dirs bound every path AX takes from the XML (disks, console, agent
 	// socket); empty means DefaultDirs.
