@@ -57,6 +57,10 @@ type Discovered struct {
 	// PID is its QEMU's process ID, from libvirt's pid file; Driver.Discover
 	// fills it in (0: unknown).
 	PID int
+	// Bridge is the bridge of an <interface type='bridge'>; for a tap
+	// plugged by someone else ('ethernet', Nova's os-vif), Driver.Discover
+	// asks this host which bridge the tap is in.
+	Bridge string
 	// UUID is the domain's UUID (Nova's instance UUID).
 	UUID  string
 	VCPUs int
@@ -458,6 +462,9 @@ func (d *Discovered) network(ifaces []libvirtxml.DomainInterface) *Refusal {
 			return &Refusal{What: "network", Reason: fmt.Sprintf("it has two NICs (%s, %s): AX holds the output of one", d.Guest.Tap, tap), Fix: fix}
 		}
 		d.Guest.Tap, d.Guest.MAC = tap, hw.String()
+		if ifc.Source != nil && ifc.Source.Bridge != nil {
+			d.Bridge = ifc.Source.Bridge.Bridge
+		}
 		if ifc.Driver == nil || ifc.Driver.Host == nil || ifc.Driver.Host.CSum != "off" {
 			d.Warnings = append(d.Warnings, fmt.Sprintf("interface %s: the guest may send checksum-offloaded and segmented frames, which FT's output gate cannot release; add <driver><host csum='off'/></driver>", tap))
 		}
