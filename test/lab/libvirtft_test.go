@@ -93,7 +93,7 @@ func libvirtFTLab(t *testing.T, prefix string, gcfg GuestConfig) (*Lab, *VM, str
 // same UUID and an unchanged definition, its tick goes on from the
 // committed checkpoint, and no acknowledged record is lost.
 func TestIntegrationLibvirtFT(t *testing.T) {
-	l, vm, bin, _ := libvirtFTLab(t, "itlvft", GuestConfig{Dirty: 4})
+	l, vm, bin, dcfg := libvirtFTLab(t, "itlvft", GuestConfig{Dirty: 4})
 	ctx := context.Background()
 	uuid, err := l.Virsh(ctx, HostA, "domuuid", vm.Domain)
 	if err != nil {
@@ -109,6 +109,7 @@ func TestIntegrationLibvirtFT(t *testing.T) {
 		return s.State == "protected" && s.Level == api.LevelFT
 	})
 	t.Logf("%s discovered and protected at FT %.1f s after protect (%s)", vm.Domain, time.Since(t0).Seconds(), st.State)
+	refusedAnonymousRAM(t, l, vm)
 
 	record := filepath.Join(l.StateDir, "libvirt-ft.rec")
 	tr, err := l.FailoverTrial(ctx, vm.Domain, HostA, HostB, 15*time.Second+randomPart(), bin, record)
@@ -132,5 +133,113 @@ func TestIntegrationLibvirtFT(t *testing.T) {
 	}
 	if def, err := l.Virsh(ctx, HostB, "dumpxml", "--inactive", vm.Domain); err != nil || strings.Contains(def, "-incoming") {
 		t.Errorf("StartIncoming changed the domain's definition on b (%v)", err)
+	}
+
+	// a comes back (libvirtd, axd); b protects the domain towards it again
+	// by itself, as it was declared FT.
+	if err := l.RecoverHost(ctx, HostA, dcfg); err != nil {
+		t.Fatal(err)
+	}
+	back := time.Now()
+	waitVM(t, l, l.Client(HostB), vm.Domain, 90*time.Second, "FT protection towards a again, by itself", func(s api.VMStatus) bool {
+		return s.Role == api.RolePrimary && s.Level == api.LevelFT && s.Peer == HostA && s.State == "protected"
+	})
+	t.Logf("%s protected again from b towards a %.1f s after a's axd started", vm.Domain, time.Since(back).Seconds())
+	destroyedNoFailover(t, l, vm.Domain, HostB, HostA)
+}
+
+// destroyedNoFailover: virsh destroy of domain, protected on primary
+// towards partner, ends its protection with an event (axd hears libvirt's
+// lifecycle event) and the partner drops its replica: no failover.
+func destroyedNoFailover(t *testing.T, l *Lab, domain, primary, partner string) {
+	t.Helper()
+	ctx := context.Background()
+	if _, err := l.Virsh(ctx, primary, "destroy", domain); err != nil {
+		t.Fatal(err)
+	}
+	destroyed := time.Now()
+	for {
+		_, err := l.vmStatus(ctx, l.Client(primary), domain)
+		_, perr := l.vmStatus(ctx, l.Client(partner), domain)
+		if err != nil && perr != nil {
+			break // both forgot it: the primary ended protection, the partner dropped the replica
+		}
+		if time.Since(destroyed) > 20*time.Second {
+			t.Fatalf("20 s after virsh destroy on %s: %s still known on %s (%v) or %s (%v); events on %s:%s", primary, domain, primary, err, partner, perr, primary, l.eventsText(ctx, l.Client(primary)))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Logf("virsh destroy on %s: protection ended and the replica on %s dropped %.2f s later", primary, partner, time.Since(destroyed).Seconds())
+	if left, _ := filepath.Glob(filepath.Join(l.LibvirtRAMDir(primary), "libvirt", "qemu", "*-"+domain)); len(left) > 0 {
+		t.Errorf("libvirt on %s kept the destroyed domain's RAM directory %v", primary, left)
+	}
+	evs, err := l.Client(primary).Events(ctx, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, e := range evs {
+		if e.Kind == "stopped" && strings.Contains(e.Text, "no failover") {
+			found = true
+		}
+	}
+	if !found {
+		t.Errorf("no event on %s says protection ended:%s", primary, l.eventsText(ctx, l.Client(primary)))
+	}
+	// Longer than a takeover would take (the FT trial's failover).
+	time.Sleep(5 * time.Second)
+	if out, err := l.Virsh(ctx, partner, "list", "--name"); err != nil || strings.Contains(out, domain) {
+		t.Errorf("after virsh destroy on %s, %s runs %q (%v): a false failover", primary, partner, out, err)
+	}
+	if evs, err := l.Client(partner).Events(ctx, 0); err == nil {
+		for _, e := range evs {
+			if e.Kind == "promote" || e.Kind == "promoted" {
+				if e.Time.After(destroyed) {
+					t.Errorf("%s promoted %s after virsh destroy on %s: %s", partner, domain, primary, e.Text)
+				}
+			}
+		}
+	}
+}
+
+// refusedAnonymousRAM: a domain whose RAM is not a shared file is refused
+// by axctl protect DOMAIN, with the XML to add. It is started paused (it
+// need not boot to be looked at) and removed again.
+func refusedAnonymousRAM(t *testing.T, l *Lab, vm *VM) {
+	t.Helper()
+	ctx := context.Background()
+	dir := t.TempDir()
+	d := NovaDomain{Type: "qemu", Name: "instance-000000ff", UUID: labUUID("ax-lab-instance", l.Prefix, "anon"), DisplayName: "anon",
+		RAMMiB: 64, VCPUs: 1, Kernel: vm.Spec.Kernel, Initrd: vm.Spec.Initrd, Cmdline: "console=ttyS0",
+		Tap: "tap-anon", MAC: "52:54:00:a7:00:ff", Console: filepath.Join(dir, "console.log"), Agent: filepath.Join(dir, "agent.sock"), Created: time.Now()}
+	text, err := d.XML()
+	if err != nil {
+		t.Fatal(err)
+	}
+	const backing = "  <memoryBacking>\n    <source type='file'/>\n    <access mode='shared'/>\n  </memoryBacking>\n"
+	if !strings.Contains(text, backing) {
+		t.Fatalf("NovaDomain's XML has no %q", backing)
+	}
+	text = strings.Replace(text, backing, "", 1)
+	xmlPath := filepath.Join(dir, "domain.xml")
+	if err := os.WriteFile(xmlPath, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.addTap(ctx, HostA, d.Tap); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.Virsh(ctx, HostA, "define", xmlPath); err != nil {
+		t.Fatal(err)
+	}
+	defer l.Virsh(ctx, HostA, "undefine", d.Name)
+	if _, err := l.Virsh(ctx, HostA, "start", "--paused", d.Name); err != nil {
+		t.Fatal(err)
+	}
+	defer l.Virsh(ctx, HostA, "destroy", d.Name)
+	err = l.Client(HostA).Protect(ctx, d.Name, api.ProtectRequest{Level: api.LevelFT, Peer: HostB})
+	if err == nil || !strings.Contains(err.Error(), "<memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>") {
+		t.Errorf("protect of a domain with anonymous RAM: %v; want a refusal naming the <memoryBacking> to add", err)
+	} else {
+		t.Logf("refused as it should be: %v", err)
 	}
 }
