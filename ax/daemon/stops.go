@@ -14,18 +14,25 @@ import (
 // someone else's request (hv.Watcher: libvirt) and ends their protection;
 // a lost stream is opened again.
 func (d *Daemon) watchStops(ctx context.Context, w hv.Watcher) {
+	wait := 2 * time.Second
 	for ctx.Err() == nil {
 		stops, err := w.Stops(ctx)
 		if err != nil {
-			d.log.Warn("hypervisor events: retrying in 2 s", "err", err)
+			// Each failure waits twice as long, up to a minute: a
+			// hypervisor gone for good is not logged every 2 s.
+			d.log.Warn("hypervisor events: stops on request are not heard until they are back", "err", err, "retry_in", wait)
 		} else {
+			wait = 2 * time.Second
 			for s := range stops {
 				d.hypervisorStopped(s.VM, s.How)
 			}
 		}
 		select {
 		case <-ctx.Done():
-		case <-time.After(2 * time.Second):
+		case <-time.After(wait):
+		}
+		if err != nil {
+			wait = min(2*wait, time.Minute)
 		}
 	}
 }
