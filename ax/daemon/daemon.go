@@ -419,6 +419,9 @@ func (d *Daemon) Run(ctx context.Context, ready func()) error {
 	if d.wit != nil {
 		d.wg.Go(func() { d.watchWitness(ctx) })
 	}
+	if w, ok := d.cfg.Hypervisor.(hv.Watcher); ok {
+		d.wg.Go(func() { d.watchStops(ctx, w) })
+	}
 	go func() {
 		defer d.wg.Done()
 		port := d.cfg.AgentVsockPort

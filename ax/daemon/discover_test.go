@@ -14,6 +14,7 @@ import (
 	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/ax/hv/hvtest"
 	"github.com/axproject/ax/ax/reserve"
+	"github.com/axproject/ax/ax/vm"
 )
 
 // discoveringFake is the recording fake as a driver that finds its VMs
@@ -112,4 +113,37 @@ func TestProtectUnknownWithoutDiscovery(t *testing.T) {
 	if err := d.define(api.VMSpec{Name: "vm9", Guest: api.Guest{RAMMiB: 1, Disks: []api.Disk{{Node: "d0", Path: "/var/lib/x.raw"}}}}); err == nil || !strings.Contains(err.Error(), "no QMP socket") {
 		t.Errorf("a spec without QMP: %v", err)
 	}
+}
+
+// TestHypervisorStopped: a domain libvirt stopped on request (virsh
+// destroy) ends what axd knew of it, with an event; a replica's stop
+// (axd's own kill of a failed promotion, say) is left alone.
+func TestHypervisorStopped(t *testing.T) {
+	d, fake := fakeHost(t, plenty)
+	ram := filepath.Join(t.TempDir(), "pc.ram")
+	if err := os.WriteFile(ram, make([]byte, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d.cfg.Hypervisor = &discoveringFake{Fake: fake, specs: map[string]api.VMSpec{
+		"instance-0000002a": {Name: "instance-0000002a", Guest: api.Guest{Name: "instance-0000002a", RAMMiB: 1, RAMFile: ram, Tap: "tap0", MAC: "fa:16:3e:4c:2a:91"}},
+	}}
+	if err := d.discover(context.Background(), "instance-0000002a"); err != nil {
+		t.Fatal(err)
+	}
+	d.hypervisorStopped("instance-0000002a", "libvirt destroyed domain instance-0000002a (destroyed)")
+	if _, err := d.vm("instance-0000002a"); err == nil {
+		t.Error("axd still knows the destroyed domain")
+	}
+	if ev := events(d, "stopped"); len(ev) != 1 || !strings.Contains(ev[0], "no failover") {
+		t.Errorf("stopped events %q", ev)
+	}
+	v := newVM("vm2", vm.Ready)
+	d.mu.Lock()
+	d.vms["vm2"] = v
+	d.mu.Unlock()
+	d.hypervisorStopped("vm2", "libvirt destroyed domain vm2 (destroyed)")
+	if got, err := d.vm("vm2"); err != nil || got.st != vm.Ready {
+		t.Errorf("a replica's stop changed it: %v", err)
+	}
+	d.hypervisorStopped("nosuch", "libvirt destroyed domain nosuch (destroyed)")
 }

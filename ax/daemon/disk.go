@@ -440,8 +440,14 @@ func (r *diskRepl) stop() {
 		// for a final sync to a partner that may be gone.
 		if err := r.mon.CancelJob(ctx, mirrorJob(node), true); err == nil {
 			r.awaitJobGone(ctx, mirrorJob(node))
+		} else {
+			r.d.log.Warn("disk replication: cancel mirror", "vm", r.vm, "disk", node, "err", err)
 		}
-		r.mon.DeleteNode(ctx, targetNode(node))
+		// A target node left behind keeps an NBD client reconnecting to
+		// an export that is about to go.
+		if err := r.mon.DeleteNode(ctx, targetNode(node)); err != nil {
+			r.d.log.Warn("disk replication: remove mirror target", "vm", r.vm, "disk", node, "err", err)
+		}
 	}
 	for _, name := range r.exports {
 		r.d.nbd.RemoveExport(name)

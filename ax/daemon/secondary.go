@@ -505,6 +505,19 @@ func (d *Daemon) promote(ctx context.Context, v *vmState) (err error) {
 		how = fmt.Sprintf("resumed %s from epoch %d", v.name, epoch)
 	}
 	spec.Guest, spec.PID = g, proc.PID()
+	if disc, ok := d.cfg.Hypervisor.(hv.Discoverer); ok {
+		// The hypervisor named the running VM's RAM file itself (libvirt:
+		// after the domain's new ID; the replica was copied into it), and
+		// that file is what protecting it again reads.
+		if found, err := disc.DiscoverSpec(qctx, v.name); err != nil {
+			d.log.Warn("the promoted VM as its hypervisor describes it", "vm", v.name, "err", err)
+		} else {
+			spec.Guest.RAMFile = found.Guest.RAMFile
+			if found.PID > 0 {
+				spec.PID = found.PID
+			}
+		}
+	}
 	d.metrics.Failovers.WithLabelValues(v.name).Inc()
 	// The level the primary protected the VM at stays declared: axd
 	// protects it again by itself, towards the old primary once it is back

@@ -22,7 +22,7 @@ var eventKinds = map[vm.Event]string{
 	vm.HandOver: "handover", vm.HandOverFailed: "handover", vm.Moved: "moved",
 	vm.ReplicaOpened: "replica", vm.ReplicaReady: "ready", vm.ReplicaLevelFT: "level",
 	vm.HandedOver: "handover", vm.RanOn: "stale", vm.Promote: "promote", vm.PromoteFailed: "alarm",
-	vm.Promoted: "promoted", vm.Released: "released",
+	vm.Promoted: "promoted", vm.Released: "released", vm.Stopped: "stopped",
 }
 
 // fire moves v's protection state on event e, if e applies in its state

@@ -31,6 +31,23 @@ type Discoverer interface {
 	DiscoverSpec(ctx context.Context, name string) (api.VMSpec, error)
 }
 
+// Watcher is a Driver whose hypervisor also stops VMs at others' request
+// (libvirt: virsh destroy, Nova, a guest's shutdown): axd hears of it and
+// ends their protection rather than mistake it for a failure.
+type Watcher interface {
+	Driver
+	// Stops streams the VMs the hypervisor stopped on request until ctx
+	// ends or the hypervisor is lost; then the channel is closed. A crash
+	// is no stop: it is not sent.
+	Stops(ctx context.Context) (<-chan Stop, error)
+}
+
+// Stop is a VM the hypervisor stopped, and how (for the event log).
+type Stop struct {
+	VM  string
+	How string
+}
+
 // Domain is one VM of this host, running or to be started.
 type Domain interface {
 	// Name is the VM's name.

@@ -85,6 +85,30 @@ func TapExists(tap string) (bool, error) {
 	return true, nil
 }
 
+// TapBridge is the bridge this host's interface tap is in, "" if none:
+// for a tap another program plugged (os-vif, libvirt), whose bridge a
+// partner's replica joins.
+func TapBridge(tap string) (string, error) {
+	if err := names.CheckInterface("tap", tap); err != nil {
+		return "", err
+	}
+	link, err := netlink.LinkByName(tap)
+	if err != nil {
+		return "", fmt.Errorf("interface %s: %w", tap, err)
+	}
+	if link.Attrs().MasterIndex == 0 {
+		return "", nil
+	}
+	master, err := netlink.LinkByIndex(link.Attrs().MasterIndex)
+	if err != nil {
+		return "", fmt.Errorf("interface %s: its master: %w", tap, err)
+	}
+	if _, ok := master.(*netlink.Bridge); !ok {
+		return "", fmt.Errorf("interface %s is in %s, a %s, not a bridge", tap, master.Attrs().Name, master.Type())
+	}
+	return master.Attrs().Name, nil
+}
+
 // createTap adds a persistent tap, as `ip tuntap add mode tap` does, so
 // that it outlives the descriptors used to make it.
 func createTap(name string) (netlink.Link, error) {

@@ -139,6 +139,10 @@ const (
 	Promoted
 	// Released: the primary ended protection; the replica is dropped.
 	Released
+	// Stopped: the hypervisor stopped the VM here on someone's request
+	// (libvirt: virsh destroy, a shutdown, a save): protection ends, no
+	// failover, and axd forgets the VM.
+	Stopped
 	numEvents
 )
 
@@ -149,7 +153,7 @@ var eventNames = [numEvents]string{
 	HandOverFailed: "handover-failed", Moved: "moved", ReplicaOpened: "replica-opened",
 	MemorySynced: "memory-synced", ReplicaReady: "replica-ready", ReplicaLevelFT: "replica-level-ft",
 	HandedOver: "handed-over", RanOn: "ran-on", Promote: "promote", PromoteFailed: "promote-failed",
-	Promoted: "promoted", Released: "released",
+	Promoted: "promoted", Released: "released", Stopped: "stopped",
 }
 
 func (e Event) String() string {
@@ -311,6 +315,17 @@ func Next(s State, e Event) (to State, act Actions, ok bool) {
 	case Released:
 		if replica {
 			return Gone, ClearAlarm | Log, true
+		}
+	case Stopped:
+		// Not once fencing: the partner may be taking over, and the
+		// guard's own stop is no operator's.
+		switch {
+		case s == Running:
+			return Gone, ClearAlarm | Log, true
+		case primaryLive:
+			// The guest is gone and so is its replica: nobody resumes
+			// from before what was held.
+			return Gone, ClearAlarm | ReleaseOutput | DetachOutput | Log, true
 		}
 	}
 	return s, 0, false

@@ -9,13 +9,13 @@ import (
 // allowed is the whole transition table written out by hand: every pair
 // not in it must leave the state as it is and do nothing.
 var allowed = map[State]map[Event]State{
-	Running: {Protect: Syncing, Degraded: Running},
+	Running: {Protect: Syncing, Degraded: Running, Stopped: Gone},
 	Syncing: {StreamStarted: Syncing, Covered: Protected, Lost: Unprotected, LeftFT: Syncing, Degraded: Syncing,
-		Unprotect: Running, Fence: Fencing},
+		Unprotect: Running, Fence: Fencing, Stopped: Gone},
 	Protected: {StreamStarted: Syncing, Covered: Protected, Lost: Unprotected, LeftFT: Protected, Degraded: Protected,
-		Unprotect: Running, Fence: Fencing, HandOver: HandingOver},
+		Unprotect: Running, Fence: Fencing, HandOver: HandingOver, Stopped: Gone},
 	Unprotected: {StreamStarted: Syncing, Lost: Unprotected, LossSettled: Unprotected, Degraded: Unprotected,
-		Unprotect: Running, Fence: Fencing},
+		Unprotect: Running, Fence: Fencing, Stopped: Gone},
 	Fencing:     {Degraded: Fencing, Unprotect: Running, Fence: Fencing, FenceFailed: Fencing, Paused: Fenced},
 	Fenced:      {Degraded: Fenced, Unprotect: Running},
 	HandingOver: {Degraded: HandingOver, HandOverFailed: Protected, Moved: Gone, Fence: Fencing},
@@ -78,7 +78,7 @@ func TestTransitionOutputRules(t *testing.T) {
 			// handover, or a dropped replica.
 			if s.Role() != to.Role() {
 				switch e {
-				case Protect, Unprotect, Promoted, Moved, Released, ReplicaOpened:
+				case Protect, Unprotect, Promoted, Moved, Released, ReplicaOpened, Stopped:
 				default:
 					t.Errorf("%v on %v changes role %s → %s", s, e, s.Role(), to.Role())
 				}

@@ -86,7 +86,8 @@ func run(ctx context.Context, args []string) error {
 	fs.DurationVar(&cfg.RestartGrace, "restart-grace", 15*time.Second, "how long partners wait for this axd to come back from a stop (systemctl restart) before they may take its VMs over; 0: a stop ends protection and partners drop their replicas")
 	libvirtURI := fs.String("libvirt", "", "run this host's VMs as libvirt domains through libvirtd at this URI (qemu:///system), reached by name and discovered by axctl protect DOMAIN; default: axd runs QEMU itself, over QMP")
 	libvirtSocket := fs.String("libvirt-socket", libvirt.DefaultSocket, "with --libvirt: libvirtd's unix socket")
-	libvirtRAMDir := fs.String("libvirt-ram-dir", libvirt.DefaultMemoryBackingDir, "with --libvirt: qemu.conf's memory_backing_dir, where libvirt puts file-backed guest RAM")
+	libvirtRAMDir := fs.String("libvirt-ram-dir", libvirt.DefaultMemoryBackingDir, "with --libvirt: where libvirt puts file-backed guest RAM (DIR/libvirt/qemu when qemu.conf sets memory_backing_dir = DIR)")
+	libvirtPIDDir := fs.String("libvirt-pid-dir", "/run/libvirt/qemu", "with --libvirt: where libvirtd writes each QEMU's pid file, DOMAIN.pid (the guard and dirty tracking need QEMU's pid)")
 	var libvirtDirs listFlag
 	fs.Var(&libvirtDirs, "libvirt-dir", "with --libvirt: a directory a domain's disks, console and agent socket may be in (repeatable; default "+strings.Join(libvirt.DefaultDirs, ", ")+")")
 	fs.StringVar(&cfg.HookSpool, "hook-spool", "", "where ax-nova-hook (libvirt's qemu hook) leaves the events axd could not take, replayed at start and every 30 s (default STATE-DIR/hook-spool, "+api.DefaultHookSpool+" for the package's axd)")
@@ -165,7 +166,7 @@ func run(ctx context.Context, args []string) error {
 	}
 	if *libvirtURI != "" {
 		lctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		drv, err := libvirt.Dial(lctx, libvirt.Config{URI: *libvirtURI, Socket: *libvirtSocket,
+		drv, err := libvirt.Dial(lctx, libvirt.Config{URI: *libvirtURI, Socket: *libvirtSocket, PIDDir: *libvirtPIDDir,
 			Discover: libvirt.Options{MemoryBackingDir: *libvirtRAMDir, Dirs: libvirtDirs}, Log: log.With("subsystem", "libvirt")})
 		cancel()
 		if err != nil {

@@ -45,8 +45,8 @@ flags (up, demo):
   --disk-format F   raw (default) or qcow2
   --guest-bin DIR   where ax-workload is (default: beside axctl)
   --no-guest        (up) create hosts and networks only
-  --libvirt         (up) run a libvirtd on a and b, and the guest as a Nova-shaped libvirt
-                    domain of a's (not defined with axd: AX has no libvirt driver yet)
+  --libvirt         (up) run a libvirtd on a and b, the guest as a Nova-shaped libvirt
+                    domain started on a and defined on b, and axd --libvirt on both
   --keep            (demo) leave the lab up at the end
   --psk             (up, demo, bench-ft, bench-disk) daemons in PSK mode (one pre-shared key)
                     instead of TLS mode with the lab's CA
@@ -237,16 +237,17 @@ func cliUp(ctx context.Context, l *Lab, f labFlags, out io.Writer, log *slog.Log
 	fmt.Fprintf(out, "guest %s on host %s serves its ledger at %s:%d (from netns %s); console: %s\n",
 		vm.Name, vm.Host, vm.IP, LedgerPort, l.Netns(HostC), vm.Console)
 	fmt.Fprintf(out, "try: ip netns exec %s nc %s %d   then type APPEND hello\n", l.Netns(HostC), vm.IP, LedgerPort)
+	name := vm.Name
 	if vm.Domain != "" {
-		fmt.Fprintf(out, "the guest is libvirt domain %s on a; axd runs on a and b but does not know it (AX has no libvirt driver yet)\n", vm.Domain)
-		return nil
+		name = vm.Domain
+		fmt.Fprintf(out, "the guest is libvirt domain %s, running on a and defined on b; axd discovers it by name\n", vm.Domain)
 	}
 	wit := "the witness on w"
 	if f.witness == WitnessEtcd {
 		wit = "the etcd witness on w1, w2, w3"
 	}
 	fmt.Fprintf(out, "axd runs on a and b, %s; protect the guest with:\n  axctl --socket %s protect %s --level ft --peer b\n  axctl --socket %s status\n",
-		wit, l.Socket(HostA), vm.Name, l.Socket(HostA))
+		wit, l.Socket(HostA), name, l.Socket(HostA))
 	return nil
 }
 
@@ -260,7 +261,7 @@ func startDaemons(ctx context.Context, l *Lab, f labFlags, vm *VM) error {
 		return err
 	}
 	if vm.Domain != "" {
-		return nil // libvirt's guest: axd's QMP driver cannot reach its monitor
+		return nil // libvirt's guest: axd --libvirt discovers it at protect
 	}
 	return l.DefineGuest(ctx, vm)
 }
@@ -268,7 +269,7 @@ func startDaemons(ctx context.Context, l *Lab, f labFlags, vm *VM) error {
 // daemonConfig is the daemons' configuration the flags select.
 func (f labFlags) daemonConfig() (DaemonConfig, error) {
 	axd, err := f.binary("axd")
-	return DaemonConfig{Axd: axd, PSK: f.psk, Witness: f.witness}, err
+	return DaemonConfig{Axd: axd, PSK: f.psk, Witness: f.witness, Libvirt: f.libvirt}, err
 }
 
 // startLibvirtds starts a libvirtd on each hypervisor host.
@@ -311,6 +312,13 @@ func bootGuest(ctx context.Context, l *Lab, f labFlags, icfg image.Config, out i
 	if f.libvirt {
 		if vm, err = l.DefineLibvirtGuest(ctx, cfg); err == nil {
 			err = l.StartLibvirtGuest(ctx, vm, false)
+		}
+		if err == nil {
+			// The partner's definition: AX never creates a domain from
+			// XML a peer sent; Nova (here the lab) defines it on b.
+			onB := cfg
+			onB.Host = HostB
+			_, err = l.DefineLibvirtGuest(ctx, onB)
 		}
 	} else {
 		vm, err = l.StartGuest(ctx, cfg)

@@ -60,6 +60,24 @@ type DaemonConfig struct {
 	// Witness is WitnessAxd (axd --witness on w; also when empty) or
 	// WitnessEtcd (a 3-member etcd cluster on w1–w3).
 	Witness string
+	// Libvirt runs each host's axd with --libvirt against that host's
+	// lab libvirtd (StartLibvirtd first): its VMs are libvirt domains.
+	Libvirt bool
+}
+
+// libvirtArgs are the flags pointing host h's axd at h's lab libvirtd:
+// its socket, where it puts RAM files (below memory_backing_dir), the directory of its QEMUs' pid
+// files as seen outside libvirtd's mount namespace, and the directories a
+// domain's files may be in (the lab's state, and its tmpfs with the disks and axd's state).
+func (l *Lab) libvirtArgs(h string) []string {
+	return []string{
+		"--libvirt", l.LibvirtURI(h),
+		"--libvirt-socket", l.libvirtSocket(h),
+		"--libvirt-ram-dir", filepath.Join(l.LibvirtRAMDir(h), "libvirt", "qemu"),
+		"--libvirt-pid-dir", filepath.Join(l.LibvirtDir(h), "run", "qemu"),
+		"--libvirt-dir", l.StateDir,
+		"--libvirt-dir", l.ShmDir,
+	}
 }
 
 // PKIDir holds the lab's CA and the hosts' and witness's certificates.
@@ -190,6 +208,9 @@ func (l *Lab) StartAxd(ctx context.Context, h string, cfg DaemonConfig) error {
 	}
 	if cfg.Epoch > 0 {
 		args = append(args, "--epoch", cfg.Epoch.String())
+	}
+	if cfg.Libvirt {
+		args = append(args, l.libvirtArgs(h)...)
 	}
 	args = append(args, cfg.Extra...)
 	os.Remove(l.Socket(h))

@@ -380,11 +380,18 @@ func (l *Lab) eventsText(ctx context.Context, c *api.Client) string {
 	return b.String()
 }
 
-// RecoverHost brings a killed host back: links up, axd restarted.
+// RecoverHost brings a killed host back: links up, its libvirtd (with
+// DaemonConfig.Libvirt) and axd restarted.
 func (l *Lab) RecoverHost(ctx context.Context, h string, cfg DaemonConfig) error {
 	if err := l.ReviveHost(ctx, h); err != nil {
 		return err
 	}
 	os.RemoveAll(filepath.Join(l.AxdStateDir(h), "replicas"))
+	if cfg.Libvirt {
+		// It died with the host; it finds its domains' definitions again.
+		if err := l.StartLibvirtd(ctx, h); err != nil {
+			return err
+		}
+	}
 	return l.StartAxd(ctx, h, cfg)
 }

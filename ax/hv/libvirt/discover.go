@@ -13,8 +13,10 @@ import (
 	"github.com/axproject/ax/ax/qemu"
 )
 
-// DefaultMemoryBackingDir is qemu.conf's default memory_backing_dir, where
-// libvirt puts the RAM file of a domain with <source type='file'/>.
+// DefaultMemoryBackingDir is where libvirt puts the RAM file of a domain
+// with <source type='file'/> when qemu.conf sets no memory_backing_dir.
+// One that sets it, DIR, makes it DIR/libvirt/qemu (libvirt 9.0's
+// virQEMUDriverConfigLoadMemoryEntry appends that).
 const DefaultMemoryBackingDir = "/var/lib/libvirt/qemu/ram"
 
 // DefaultDirs are the directories a domain's disks, console and agent
@@ -23,8 +25,9 @@ var DefaultDirs = []string{"/var/lib/libvirt", "/var/lib/nova/instances", "/var/
 
 // Options says where this host keeps what a domain XML names.
 type Options struct {
-	// MemoryBackingDir is qemu.conf's memory_backing_dir (default
-	// DefaultMemoryBackingDir).
+	// MemoryBackingDir is where libvirt puts domains' RAM files (default
+	// DefaultMemoryBackingDir; qemu.conf's memory_backing_dir DIR makes
+	// it DIR/libvirt/qemu).
 	MemoryBackingDir string
 	// Dirs bound every path AX takes from the XML (disks, console, agent
 	// socket); empty means DefaultDirs.
@@ -54,6 +57,10 @@ type Discovered struct {
 	// PID is its QEMU's process ID, from libvirt's pid file; Driver.Discover
 	// fills it in (0: unknown).
 	PID int
+	// Bridge is the bridge of an <interface type='bridge'>; for a tap
+	// plugged by someone else ('ethernet', Nova's os-vif), Driver.Discover
+	// asks this host which bridge the tap is in.
+	Bridge string
 	// UUID is the domain's UUID (Nova's instance UUID).
 	UUID  string
 	VCPUs int
@@ -455,6 +462,9 @@ func (d *Discovered) network(ifaces []libvirtxml.DomainInterface) *Refusal {
 			return &Refusal{What: "network", Reason: fmt.Sprintf("it has two NICs (%s, %s): AX holds the output of one", d.Guest.Tap, tap), Fix: fix}
 		}
 		d.Guest.Tap, d.Guest.MAC = tap, hw.String()
+		if ifc.Source != nil && ifc.Source.Bridge != nil {
+			d.Bridge = ifc.Source.Bridge.Bridge
+		}
 		if ifc.Driver == nil || ifc.Driver.Host == nil || ifc.Driver.Host.CSum != "off" {
 			d.Warnings = append(d.Warnings, fmt.Sprintf("interface %s: the guest may send checksum-offloaded and segmented frames, which FT's output gate cannot release; add <driver><host csum='off'/></driver>", tap))
 		}

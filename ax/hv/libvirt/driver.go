@@ -73,6 +73,12 @@ type Driver struct {
 	cfg  Config
 	// tapExists checks a tap libvirt made (hv.TapExists; tests fake it).
 	tapExists func(string) (bool, error)
+	// plugTap makes a tap in a bridge before a domain starts
+	// (hv.PlugTap; tests fake it).
+	plugTap func(ctx context.Context, tap, bridge string) error
+	// tapBridge says which bridge a running domain's tap is in
+	// (hv.TapBridge; tests fake it).
+	tapBridge func(tap string) (string, error)
 
 	ctx    context.Context // ends with Close
 	cancel context.CancelFunc
@@ -97,7 +103,7 @@ func Dial(ctx context.Context, cfg Config) (*Driver, error) {
 func New(conn Conn, cfg Config) *Driver {
 	cfg.fill()
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Driver{conn: conn, cfg: cfg, tapExists: hv.TapExists, ctx: ctx, cancel: cancel}
+	return &Driver{conn: conn, cfg: cfg, tapExists: hv.TapExists, plugTap: hv.PlugTap, tapBridge: hv.TapBridge, ctx: ctx, cancel: cancel}
 }
 
 // Close stops what the driver watches (event streams, started domains'
@@ -134,6 +140,11 @@ func (d *Driver) Discover(ctx context.Context, name string) (*Discovered, error)
 		return nil, err
 	}
 	found.PID = d.pid(name)
+	if found.Bridge == "" && found.Guest.Tap != "" {
+		if found.Bridge, err = d.tapBridge(found.Guest.Tap); err != nil {
+			return nil, fmt.Errorf("libvirt domain %s: %w", name, err)
+		}
+	}
 	return found, nil
 }
 
@@ -144,7 +155,7 @@ func (d *Driver) DiscoverSpec(ctx context.Context, name string) (api.VMSpec, err
 	if err != nil {
 		return api.VMSpec{}, err
 	}
-	return api.VMSpec{Name: name, PID: found.PID, Guest: found.Guest}, nil
+	return api.VMSpec{Name: name, PID: found.PID, Guest: found.Guest, Bridge: found.Bridge}, nil
 }
 
 // pid is the QEMU process ID in libvirt's pid file of the running domain
@@ -268,7 +279,15 @@ func (m *domain) start(ctx context.Context, incoming bool) (proc hv.Process, err
 	if err != nil {
 		return nil, fmt.Errorf("libvirt domain %s: definition: %w", name, err)
 	}
-	x, same, err := launchXML(def, m.g, incoming)
+	// A tap that exists already (PlugTap made it, in the bridge) is
+	// used as it is; otherwise libvirt creates it.
+	plugged := false
+	if m.g.Tap != "" {
+		if plugged, err = m.drv.tapExists(m.g.Tap); err != nil {
+			return nil, fmt.Errorf("libvirt domain %s: %w", name, err)
+		}
+	}
+	x, same, err := launchXML(def, m.g, incoming, plugged)
 	if err != nil {
 		return nil, fmt.Errorf("libvirt domain %s: %w", name, err)
 	}
@@ -367,10 +386,12 @@ func copyRAM(ctx context.Context, from, to string) error {
 
 // launchXML is the definition def made to run g: its writable disks, in
 // order, are g.Disks (a replica's raw images after promotion), its tap is
-// g.Tap; incoming
-// adds QEMU's arguments to wait for device state as axd's own QEMU does
+// g.Tap (plugged: it exists already, libvirt is to use it as it is, not
+// create it), its serial console file g.Console and its agent socket
+// g.Agent (a replica's are in axd's directory of it); incoming adds
+// QEMU's arguments to wait for device state as axd's own QEMU does
 // (qemu.Guest.Args). same says def already is what runs g.
-func launchXML(def string, g api.Guest, incoming bool) (x string, same bool, err error) {
+func launchXML(def string, g api.Guest, incoming, plugged bool) (x string, same bool, err error) {
 	var dom libvirtxml.Domain
 	if err := unmarshal([]byte(def), &dom); err != nil {
 		return "", false, fmt.Errorf("definition: %w", err)
@@ -430,14 +451,21 @@ func launchXML(def string, g api.Guest, incoming bool) (x string, same bool, err
 			if taps++; taps > 1 {
 				return "", false, errors.New("definition has several NICs, AX holds the output of one")
 			}
-			if ifc.Target == nil || ifc.Target.Dev != g.Tap {
+			managed := ""
+			if plugged {
+				managed = "no"
+			}
+			if ifc.Target == nil || ifc.Target.Dev != g.Tap || ifc.Target.Managed != managed {
 				same = false
-				ifc.Target = &libvirtxml.DomainInterfaceTarget{Dev: g.Tap}
+				ifc.Target = &libvirtxml.DomainInterfaceTarget{Dev: g.Tap, Managed: managed}
 			}
 		}
 		if taps == 0 {
 			return "", false, errors.New("definition has no tap")
 		}
+	}
+	if redirectFiles(&dom, g) {
+		same = false
 	}
 	if incoming {
 		same = false
@@ -456,6 +484,37 @@ func launchXML(def string, g api.Guest, incoming bool) (x string, same bool, err
 		return "", false, fmt.Errorf("definition: %w", err)
 	}
 	return x, false, nil
+}
+
+// redirectFiles points the domain's file serial at g.Console and its
+// agent channel at g.Agent, where they differ (paths axd chose, never a
+// peer), and says whether it changed anything.
+func redirectFiles(dom *libvirtxml.Domain, g api.Guest) bool {
+	changed := false
+	if g.Console != "" {
+		for k := range devices(dom).Serials {
+			s := &dom.Devices.Serials[k]
+			if s.Source == nil || s.Source.File == nil {
+				continue
+			}
+			if s.Source.File.Path != g.Console {
+				s.Source.File.Path, changed = g.Console, true
+			}
+			break
+		}
+	}
+	if g.Agent != "" {
+		for k := range dom.Devices.Channels {
+			ch := &dom.Devices.Channels[k]
+			if ch.Target == nil || ch.Target.VirtIO == nil || ch.Target.VirtIO.Name != qemu.AgentPortName || ch.Source == nil || ch.Source.UNIX == nil {
+				continue
+			}
+			if ch.Source.UNIX.Path != g.Agent {
+				ch.Source.UNIX.Path, changed = g.Agent, true
+			}
+		}
+	}
+	return changed
 }
 
 // devices is dom's device list, empty if it has none.
@@ -489,7 +548,9 @@ func (m *domain) PlugTap(ctx context.Context, bridge string) error {
 		return err
 	}
 	if !active(st) {
-		return nil
+		// As os-vif does for Nova: the tap exists, in the bridge, before
+		// the domain starts, and libvirt uses it (managed='no').
+		return m.drv.plugTap(ctx, m.g.Tap, bridge)
 	}
 	ok, err := m.drv.tapExists(m.g.Tap)
 	if err != nil {

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	golibvirt "github.com/digitalocean/go-libvirt"
+	"libvirt.org/go/libvirtxml"
 
 	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/ax/qemu"
@@ -230,6 +231,8 @@ func newTestDriver(t *testing.T) (*Driver, *fakeConn) {
 	f := newFakeConn(t)
 	d := New(f, Config{Discover: Options{MemoryBackingDir: f.ramDir}, Poll: time.Millisecond, KillTimeout: 2 * time.Second, PIDDir: t.TempDir()})
 	d.tapExists = func(string) (bool, error) { return false, nil }
+	d.plugTap = func(context.Context, string, string) error { return nil }
+	d.tapBridge = func(string) (string, error) { return "br0", nil }
 	t.Cleanup(func() { d.Close() })
 	return d, f
 }
@@ -451,10 +454,15 @@ func TestPlugTapChecksLibvirtsTap(t *testing.T) {
 		asked = append(asked, tap)
 		return exists, nil
 	}
+	var plugged []string
+	drv.plugTap = func(_ context.Context, tap, bridge string) error {
+		plugged = append(plugged, tap+"@"+bridge)
+		return nil
+	}
 	dom := drv.Domain(api.Guest{Name: "vm1", Tap: "tap0"})
 	ctx := context.Background()
-	if err := dom.PlugTap(ctx, "br0"); err != nil || len(asked) != 0 {
-		t.Errorf("before start: %v, asked %q (libvirt makes the tap at start)", err, asked)
+	if err := dom.PlugTap(ctx, "br0"); err != nil || len(asked) != 0 || len(plugged) != 1 || plugged[0] != "tap0@br0" {
+		t.Errorf("before start: %v, asked %q, plugged %q (the tap is made in the bridge before start, as os-vif does)", err, asked, plugged)
 	}
 	f.setState("vm1", golibvirt.DomainRunning)
 	if err := dom.PlugTap(ctx, "br0"); err == nil || !strings.Contains(err.Error(), "without its tap tap0") {
@@ -548,6 +556,51 @@ func TestDriverDiscover(t *testing.T) {
 	if d.PID != 4242 {
 		t.Errorf("pid %d, want libvirt's pid file's", d.PID)
 	}
+	if spec, err := drv.DiscoverSpec(ctx, "vm1"); err != nil || spec.Bridge != "br0" || spec.PID != 4242 {
+		t.Errorf("spec %+v, %v; want bridge br0 (the <interface type='bridge'>'s)", spec, err)
+	}
+	// An 'ethernet' tap (os-vif's): the bridge is the one it is in here.
+	f.mu.Lock()
+	f.doms["vm1"].def = edit(t, f.doms["vm1"].def, "<interface type='bridge'><mac address='fa:16:3e:4c:2a:91'/><source bridge='br0'/>", "<interface type='ethernet'><mac address='fa:16:3e:4c:2a:91'/>")
+	f.mu.Unlock()
+	drv.tapBridge = func(tap string) (string, error) { return "br-" + tap, nil }
+	if spec, err := drv.DiscoverSpec(ctx, "vm1"); err != nil || spec.Bridge != "br-tap0" {
+		t.Errorf("ethernet tap: spec %+v, %v; want bridge br-tap0", spec, err)
+	}
+}
+
+// TestLaunchXMLReplica: a replica's domain uses the tap axd plugged
+// (managed='no'), and its console and agent socket in axd's directory.
+func TestLaunchXMLReplica(t *testing.T) {
+	def := `<domain type='kvm'><name>vm1</name><devices>
+<interface type='ethernet'><mac address='fa:16:3e:4c:2a:91'/><target dev='tap0' managed='no'/><model type='virtio'/></interface>
+<serial type='file'><source path='/var/lib/nova/instances/u/console.log'/><target port='0'/></serial>
+<channel type='unix'><source mode='bind' path='/var/lib/libvirt/qemu/agent.sock'/><target type='virtio' name='org.axproject.agent.0'/></channel>
+</devices></domain>`
+	g := api.Guest{Name: "vm1", Tap: "axr0", Console: "/run/ax/vms/vm1/console.log", Agent: "/run/ax/vms/vm1/agent.sock"}
+	for _, plugged := range []bool{false, true} {
+		x, same, err := launchXML(def, g, true, plugged)
+		if err != nil || same {
+			t.Fatalf("plugged %v: same %v, %v", plugged, same, err)
+		}
+		var dom libvirtxml.Domain
+		if err := dom.Unmarshal(x); err != nil {
+			t.Fatal(err)
+		}
+		ifc := dom.Devices.Interfaces[0]
+		if want := map[bool]string{true: "no"}[plugged]; ifc.Target.Dev != "axr0" || ifc.Target.Managed != want {
+			t.Errorf("plugged %v: target %+v, want axr0 managed %q", plugged, *ifc.Target, want)
+		}
+		if p := dom.Devices.Serials[0].Source.File.Path; p != g.Console {
+			t.Errorf("console %s, want %s", p, g.Console)
+		}
+		if p := dom.Devices.Channels[0].Source.UNIX.Path; p != g.Agent {
+			t.Errorf("agent socket %s, want %s", p, g.Agent)
+		}
+		if dom.QEMUCommandline == nil || len(dom.QEMUCommandline.Args) != len(incomingArgs) {
+			t.Errorf("incoming arguments %+v", dom.QEMUCommandline)
+		}
+	}
 }
 
 func TestLaunchXMLRefuses(t *testing.T) {
@@ -567,7 +620,7 @@ func TestLaunchXMLRefuses(t *testing.T) {
 		{"hostile disk", def, api.Guest{Name: "vm1", Disks: []api.Disk{{Path: "a,b"}}}, "disks"},
 		{"no devices", "<domain type='kvm'><name>vm1</name></domain>", api.Guest{Name: "vm1", Tap: "axr0"}, "no tap"},
 	} {
-		if _, _, err := launchXML(tc.def, tc.g, false); err == nil || !strings.Contains(err.Error(), tc.want) {
+		if _, _, err := launchXML(tc.def, tc.g, false, false); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: %v, want %q", tc.name, err, tc.want)
 		}
 	}

@@ -5,7 +5,11 @@ import (
 	"fmt"
 
 	golibvirt "github.com/digitalocean/go-libvirt"
+
+	"github.com/axproject/ax/ax/hv"
 )
+
+var _ hv.Watcher = (*Driver)(nil)
 
 // EventKind is what happened to a domain, as axd acts on it.
 type EventKind string
@@ -124,4 +128,34 @@ func lifecycleEvent(m golibvirt.DomainEventLifecycleMsg) Event {
 // uuidString writes a UUID as libvirt does.
 func uuidString(u golibvirt.UUID) string {
 	return fmt.Sprintf("%x-%x-%x-%x-%x", u[0:4], u[4:6], u[6:8], u[8:10], u[10:16])
+}
+
+// Stops is hv.Watcher's stream: the domains destroyed or stopped (shut
+// down, saved, migrated away) through libvirt. Crashes are left out: a
+// QEMU that died is a failure for axd's other paths to handle.
+func (d *Driver) Stops(ctx context.Context) (<-chan hv.Stop, error) {
+	events, err := d.Events(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make(chan hv.Stop)
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		defer close(out)
+		for e := range events {
+			if e.Kind != Destroyed && e.Kind != Stopped {
+				continue
+			}
+			select {
+			case out <- hv.Stop{VM: e.Domain, How: fmt.Sprintf("libvirt %s domain %s (%s)", e.Kind, e.Domain, e.Reason)}:
+			case <-ctx.Done():
+				// Events ends with ctx and closes events; drain it.
+				for range events {
+				}
+				return
+			}
+		}
+	}()
+	return out, nil
 }
