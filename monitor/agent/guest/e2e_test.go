@@ -377,12 +377,14 @@ func runAgent(t *testing.T, cfgJSON string) {
 	})
 }
 
-// TestAgentRecoveryRules: the host names a check, the guest decides.
+// TestAgentRecoveryRules: the host names a check, the guest decides. The
+// passing check has time to pass on a loaded machine (a 50 ms timeout once
+// failed /bin/true there, and its recovery ran).
 func TestAgentRecoveryRules(t *testing.T) {
 	fh, sock := newFakeHost(t)
 	marker := filepath.Join(t.TempDir(), "ran")
 	runAgent(t, fmt.Sprintf(`{"transports":["serial"],"serial_path":%q,"heartbeat":"200ms","checks":[
-		{"name":"up","kind":"command","command":["/bin/true"],"interval":"100ms","timeout":"50ms",
+		{"name":"up","kind":"command","command":["/bin/true"],"interval":"2s","timeout":"1500ms",
 		 "recover":{"command":["/bin/sh","-c","echo x >> %s"],"min_interval":"1h"}},
 		{"name":"down","kind":"command","command":["/bin/false"],"interval":"100ms","timeout":"50ms",
 		 "recover":{"command":["/bin/sh","-c","echo y >> %s"],"min_interval":"1h"}},
