@@ -24,13 +24,27 @@ type BlockJob struct {
 	Status string `json:"status"`
 }
 
+// NBDReconnectDelay is how long a request to an NBD target whose server
+// went away waits for it to come back before it fails. The server is axd:
+// when axd dies, a write or flush to the target must not complete on the
+// local disk alone — the partner never gets it, and a guest that saw it
+// done could lose it in the failover that follows. Waiting instead gives
+// the guard (ax/guard), which stops the guest as soon as axd's pipe
+// closes, time to do so with the request still pending, so the guest never
+// sees it done. A restarted axd that finds a target left behind removes it,
+// which waits out this delay at most; an axd that stops cleanly removes
+// its targets first.
+const NBDReconnectDelay = 5 // seconds
+
 // AddNBDTarget adds a block node reading and writing export on the NBD
-// server at socket (a unix socket path).
+// server at socket (a unix socket path). Requests wait up to
+// NBDReconnectDelay for a server that went away.
 func (q *QMP) AddNBDTarget(ctx context.Context, node, socket, export string) error {
 	_, err := q.run(ctx, "blockdev-add", map[string]any{
 		"driver": "nbd", "node-name": node,
-		"server": map[string]any{"type": "unix", "path": socket},
-		"export": export,
+		"server":          map[string]any{"type": "unix", "path": socket},
+		"export":          export,
+		"reconnect-delay": NBDReconnectDelay,
 	})
 	return err
 }
