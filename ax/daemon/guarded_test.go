@@ -3,15 +3,18 @@ package daemon
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/ax/guard"
 	"github.com/axproject/ax/ax/vm"
+	"github.com/axproject/ax/ax/witness"
 )
 
 // stoppedGuest starts a process standing for a guest's QEMU and stops it
@@ -110,4 +113,86 @@ func TestResumeGuarded(t *testing.T) {
 			t.Errorf("alarm events %q", ev)
 		}
 	})
+}
+
+// A restarted axd whose witness does not answer at first keeps asking:
+// once it answers that the partner took the VM over, the stopped copy is
+// killed — not left to the operator for want of one answer.
+func TestResumeGuardedWitnessLate(t *testing.T) {
+	psk := []byte("0123456789abcdef0123456789abcdef")
+	w, err := witness.NewServer(witness.ServerConfig{PSK: psk, LeaseTTL: 2 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var serving sync.WaitGroup
+	t.Cleanup(func() { cancel(); serving.Wait() })
+	serve := func(ln net.Listener) { serving.Go(func() { w.Serve(ctx, ln) }) }
+	// b takes the lease over through a listener of its own...
+	early, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	serve(early)
+	cb, err := witness.NewClient(witness.ClientConfig{Addr: early.Addr().String(), PSK: psk, Holder: "b"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cb.Close()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		// The witness's grace after its start (one TTL) refuses takeovers.
+		if err = cb.Takeover(ctx, "vm1"); err == nil || time.Now().After(deadline) {
+			break
+		}
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	// ...while the address a's axd knows answers only later.
+	addr := freePort(t)
+	p := runPair(t, func(_ string, c *Config) { c.Witness, c.LeaseTTL = addr, 2*time.Second })
+	pid := stoppedGuest(t)
+	spec := goodSpec()
+	spec.PID = pid
+	r := vm.Record{Version: vm.RecordVersion, VM: "vm1", Role: api.RolePrimary, Level: api.LevelFT, Peer: "b", Spec: &spec}
+	if err := p.a.store.Save(r); err != nil {
+		t.Fatal(err)
+	}
+	decided := make(chan bool, 1)
+	go func() { decided <- p.a.resumeGuarded(r) }()
+	time.Sleep(1500 * time.Millisecond)
+	if !alive(pid) {
+		t.Fatal("the copy was killed before the witness answered")
+	}
+	asking := 0
+	for _, e := range events(p.a, "alarm") {
+		if strings.Contains(e, "vm1") && strings.Contains(e, "asking again") {
+			asking++
+		}
+	}
+	if asking != 1 {
+		t.Fatalf("alarm events while the witness is silent: %q, want one saying it asks again", events(p.a, "alarm"))
+	}
+	late, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	serve(late)
+	select {
+	case resumed := <-decided:
+		if resumed {
+			t.Fatal("resumed a copy the partner took over")
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("no decision 30 s after the witness came back")
+	}
+	for deadline := time.Now().Add(5 * time.Second); alive(pid) && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if alive(pid) {
+		t.Fatal("the old copy still exists once the witness said b took the VM over")
+	}
+	if ev := events(p.a, "forget"); len(ev) == 0 || !strings.Contains(ev[len(ev)-1], "taken over by b") {
+		t.Errorf("forget events %q", ev)
+	}
 }

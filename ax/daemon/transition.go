@@ -294,33 +294,67 @@ func (d *Daemon) unpinStale(recs []vm.Record) {
 	}
 }
 
+// How a restarted axd keeps asking a silent witness about a guest its guard
+// stopped (resumeGuarded).
+const (
+	guardedAskEvery = time.Second
+	guardedAskFor   = 2 * time.Minute
+)
+
+// guardedHolder asks the witness who last held vm's lease; when that is
+// this host it holds the lease again before answering. A LeaseHeld refusal
+// of that renewal is an answer (the holder it names), not an error.
+func (d *Daemon) guardedHolder(name string) (string, error) {
+	if d.wit == nil {
+		return "", errors.New("no witness configured")
+	}
+	ctx, cancel := context.WithTimeout(d.ctx, 2*time.Second)
+	defer cancel()
+	li, err := d.wit.Query(ctx, name)
+	if err != nil {
+		return "", err
+	}
+	if li.Holder != d.cfg.Host {
+		return li.Holder, nil
+	}
+	// Ours: hold it again before the guest runs.
+	if _, err := d.renew(ctx, name); err != nil {
+		var held *witness.LeaseHeldError
+		if errors.As(err, &held) {
+			return held.Holder, nil // taken meanwhile
+		}
+		if errors.Is(err, witness.ErrLeaseHeld) {
+			return "", nil
+		}
+		return "", err
+	}
+	return d.cfg.Host, nil
+}
+
 // resumeGuarded decides about a primary whose guard stopped its QEMU while
 // axd was away. The witness remembers who last held the VM's lease, even
 // once it lapsed (a promoted VM runs on unprotected and renews nothing): if
 // that is still this host, no one took the VM over and the guest continues
 // (true); if it is the partner, the partner runs the VM and this copy is
 // killed; if the witness cannot say, the guest stays stopped with an alarm.
+// A witness that does not answer (down, unreachable, slow on a loaded host)
+// is asked again every guardedAskEvery for guardedAskFor before that: an
+// axd restarting in a partition, or beside a busy witness, should not leave
+// the guest to the operator for want of one answer.
 func (d *Daemon) resumeGuarded(r vm.Record) bool {
 	pid := r.Spec.PID
-	holder, err := "", errors.New("no witness configured")
-	if d.wit != nil {
-		ctx, cancel := context.WithTimeout(d.ctx, 2*time.Second)
-		var li witness.LeaseInfo
-		if li, err = d.wit.Query(ctx, r.VM); err == nil {
-			holder = li.Holder
-			if holder == d.cfg.Host {
-				// Ours: hold it again before the guest runs.
-				_, err = d.renew(ctx, r.VM)
-				if errors.Is(err, witness.ErrLeaseHeld) {
-					holder = "" // taken meanwhile: decide again below
-					var held *witness.LeaseHeldError
-					if errors.As(err, &held) {
-						holder = held.Holder
-					}
-				}
+	holder, err := d.guardedHolder(r.VM)
+	if err != nil && d.wit != nil {
+		d.event(r.VM, "alarm", fmt.Sprintf("its guard stopped %s while axd was away, and the witness does not answer (%v): the guest stays stopped; asking again every %s for %s",
+			r.VM, err, guardedAskEvery, guardedAskFor))
+		for deadline := time.Now().Add(guardedAskFor); err != nil && time.Now().Before(deadline); {
+			select {
+			case <-d.ctx.Done():
+				return false
+			case <-time.After(guardedAskEvery):
 			}
+			holder, err = d.guardedHolder(r.VM)
 		}
-		cancel()
 	}
 	switch {
 	case holder == d.cfg.Host && err == nil:
