@@ -147,7 +147,8 @@ func TestIntegrationLibvirtFT(t *testing.T) {
 		return s.Role == api.RolePrimary && s.Level == api.LevelFT && s.Peer == HostA && s.State == "protected"
 	})
 	t.Logf("%s protected again from b towards a %.1f s after a's axd started", vm.Domain, time.Since(back).Seconds())
-	destroyedNoFailover(t, l, vm.Domain, HostB, HostA)
+	plannedLibvirtFailover(t, l, vm.Domain, HostB, HostA, uuid)
+	destroyedNoFailover(t, l, vm.Domain, HostA, HostB)
 }
 
 // destroyedNoFailover: virsh destroy of domain, protected on primary
