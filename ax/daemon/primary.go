@@ -631,6 +631,13 @@ func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 				return err
 			}
 			pending = change.reply
+		case err != nil && sender.Err() == nil && d.controlReplaced(ctx, mon, spec):
+			// The hypervisor's control path failed under FT for good
+			// (libvirtd restarted: the monitor through it is gone) while
+			// a new one reaches the guest, which runs again through it:
+			// the stream starts again on a new one — FT comes back after
+			// a resync, instead of HA on a dead monitor.
+			return fmt.Errorf("FT: the hypervisor's control path failed (%w); protection starts again on a new one", err)
 		case err != nil && sender.Err() == nil:
 			// FT itself failed while the stream is fine: the VM stays
 			// protected at HA rather than not at all.
@@ -646,6 +653,57 @@ func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 			return err
 		}
 	}
+}
+
+// controlBackWithin bounds the wait for a new control path to a guest
+// whose old one failed under FT.
+const controlBackWithin = 30 * time.Second
+
+// controlReplaced says whether mon no longer answers (a status query
+// within 2 s) while a new control of the guest's hypervisor does — the
+// path to the guest failed, not the guest (a domain that ended fails on
+// both). A checkpoint cut short may have left the guest paused: it runs
+// again through the new control (its output stays held by the gate until
+// the transitions let it out).
+func (d *Daemon) controlReplaced(ctx context.Context, mon hv.Control, spec api.VMSpec) bool {
+	cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if _, err := mon.Status(cctx); err == nil {
+		return false
+	}
+	// The new path may take a moment to come back (libvirtd starting):
+	// asked again until it does, the VM is found not to run, or
+	// controlBackWithin ends (then FT ends as any FT failure does).
+	wctx, wcancel := context.WithTimeout(ctx, controlBackWithin)
+	defer wcancel()
+	var fresh hv.Control
+	var st string
+	for {
+		var err error
+		if fresh, err = d.cfg.Hypervisor.Domain(spec.Guest).Control(wctx); err == nil {
+			if st, err = fresh.Status(wctx); err == nil {
+				break
+			}
+			fresh.Close()
+		}
+		if errors.Is(err, hv.ErrNotRunning) {
+			return false
+		}
+		select {
+		case <-wctx.Done():
+			return false
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+	defer fresh.Close()
+	if st == "paused" {
+		if err := fresh.Cont(wctx); err != nil {
+			d.event(spec.Name, "alarm", fmt.Sprintf("the guest may be left paused by a checkpoint the hypervisor's control path cut short, and resuming it failed: %v", err))
+		} else {
+			d.event(spec.Name, "restore", "the guest, paused by a checkpoint the hypervisor's control path cut short, runs again")
+		}
+	}
+	return true
 }
 
 // toHA ends an FT phase because the level goes to HA.

@@ -6,10 +6,17 @@ package hv
 
 import (
 	"context"
+	"errors"
 
 	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/ax/qemu"
 )
+
+// ErrNotRunning is what Control's error wraps when the hypervisor says the
+// VM does not run (it ended, or is not defined here): no control path to
+// it can come back, unlike one that failed on the way (libvirtd
+// restarting).
+var ErrNotRunning = errors.New("the VM does not run")
 
 // Driver is a host's hypervisor. A libvirt driver would name domains by
 // their libvirt name and reach their monitor over libvirt's RPC.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"os/exec"
 	"sync"
@@ -66,6 +67,10 @@ func (d *qmpDomain) Control(ctx context.Context) (Control, error) {
 	}
 	sock, err := qmp.NewSocketMonitor("unix", d.g.QMP, timeout)
 	if err != nil {
+		if errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, fs.ErrNotExist) {
+			// No QEMU listens there: it ended.
+			return nil, fmt.Errorf("qmp %s: %w (%w)", d.g.QMP, err, ErrNotRunning)
+		}
 		return nil, fmt.Errorf("qmp %s: %w", d.g.QMP, err)
 	}
 	// Disconnect closes the connection, which ends a greeting still awaited.

@@ -112,6 +112,7 @@ func TestIntegrationLibvirtFT(t *testing.T) {
 	})
 	t.Logf("%s discovered and protected at FT %.1f s after protect (%s)", vm.Domain, time.Since(t0).Seconds(), st.State)
 	refusedAnonymousRAM(t, l, vm)
+	libvirtdRestarted(t, l, vm.Domain, HostA, HostB)
 
 	record := filepath.Join(l.StateDir, "libvirt-ft.rec")
 	tr, err := l.FailoverTrial(ctx, vm.Domain, HostA, HostB, 15*time.Second+randomPart(), bin, record)

@@ -51,6 +51,9 @@ type Fake struct {
 	loaded  map[string][]byte
 	pid     int
 	noPIDs  bool
+	// opened counts the controls ever opened; those opened before severed
+	// fail every call (Sever).
+	opened, severed int
 }
 
 var _ hv.Driver = (*Fake)(nil)
@@ -173,7 +176,11 @@ func (d *domain) Control(ctx context.Context) (hv.Control, error) {
 		d.f.state[d.g.Name] = "running"
 	}
 	d.f.mu.Unlock()
-	return &control{f: d.f, vm: d.g.Name}, nil
+	d.f.mu.Lock()
+	d.f.opened++
+	n := d.f.opened
+	d.f.mu.Unlock()
+	return &control{f: d.f, vm: d.g.Name, n: n}, nil
 }
 
 func (d *domain) Start(ctx context.Context, logPath string) (hv.Process, error) {
@@ -237,10 +244,31 @@ func (p *process) Kill() error {
 type control struct {
 	f  *Fake
 	vm string
+	n  int // its number among the controls opened
+}
+
+// Sever cuts every control opened so far, as a restart of libvirtd cuts
+// the monitors passed through it: their calls fail from now on (recorded
+// all the same), while controls opened later work.
+func (f *Fake) Sever() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.severed = f.opened
+}
+
+// rec records op on the control's VM; it fails on a severed control.
+func (c *control) rec(op Op, args ...string) error {
+	err := c.f.record(c.vm, op, args...)
+	c.f.mu.Lock()
+	defer c.f.mu.Unlock()
+	if c.n <= c.f.severed {
+		return fmt.Errorf("fake %s of %s: the connection to the monitor was lost", op, c.vm)
+	}
+	return err
 }
 
 func (c *control) Stop(ctx context.Context) error {
-	if err := c.f.record(c.vm, OpStop); err != nil {
+	if err := c.rec(OpStop); err != nil {
 		return err
 	}
 	c.f.setState(c.vm, "paused")
@@ -248,7 +276,7 @@ func (c *control) Stop(ctx context.Context) error {
 }
 
 func (c *control) Cont(ctx context.Context) error {
-	if err := c.f.record(c.vm, OpCont); err != nil {
+	if err := c.rec(OpCont); err != nil {
 		return err
 	}
 	c.f.setState(c.vm, "running")
@@ -256,14 +284,14 @@ func (c *control) Cont(ctx context.Context) error {
 }
 
 func (c *control) SaveDeviceState(ctx context.Context, path string) error {
-	if err := c.f.record(c.vm, OpSave); err != nil {
+	if err := c.rec(OpSave); err != nil {
 		return err
 	}
 	return os.WriteFile(path, []byte("device state of "+c.vm), 0o600)
 }
 
 func (c *control) Status(ctx context.Context) (string, error) {
-	if err := c.f.record(c.vm, OpStatus); err != nil {
+	if err := c.rec(OpStatus); err != nil {
 		return "", err
 	}
 	c.f.mu.Lock()
@@ -277,7 +305,7 @@ func (c *control) Status(ctx context.Context) (string, error) {
 // LoadIncoming does what QEMU does with a unix: URI: listen there, take
 // one connection and read the device state to its end.
 func (c *control) LoadIncoming(ctx context.Context, uri string) error {
-	if err := c.f.record(c.vm, OpLoad); err != nil {
+	if err := c.rec(OpLoad); err != nil {
 		return err
 	}
 	path, ok := strings.CutPrefix(uri, "unix:")
@@ -307,51 +335,51 @@ func (c *control) LoadIncoming(ctx context.Context, uri string) error {
 	return nil
 }
 
-func (c *control) Announce(ctx context.Context) error { return c.f.record(c.vm, OpAnnounce) }
-func (c *control) Reset(ctx context.Context) error    { return c.f.record(c.vm, OpReset) }
+func (c *control) Announce(ctx context.Context) error { return c.rec(OpAnnounce) }
+func (c *control) Reset(ctx context.Context) error    { return c.rec(OpReset) }
 
 func (c *control) Quit(ctx context.Context) error {
-	if err := c.f.record(c.vm, OpQuit); err != nil {
+	if err := c.rec(OpQuit); err != nil {
 		return err
 	}
 	c.f.setState(c.vm, "quit")
 	return nil
 }
 
-func (c *control) Close() error { return c.f.record(c.vm, OpClose) }
+func (c *control) Close() error { return c.rec(OpClose) }
 
 func (c *control) AddNBDTarget(ctx context.Context, node, socket, export string) error {
-	return c.f.record(c.vm, OpBlock, "add-nbd", node, export)
+	return c.rec(OpBlock, "add-nbd", node, export)
 }
 
 func (c *control) DeleteNode(ctx context.Context, node string) error {
-	return c.f.record(c.vm, OpBlock, "delete", node)
+	return c.rec(OpBlock, "delete", node)
 }
 
 func (c *control) Mirror(ctx context.Context, job, device, target string) error {
-	return c.f.record(c.vm, OpBlock, "mirror", job, device, target)
+	return c.rec(OpBlock, "mirror", job, device, target)
 }
 
 func (c *control) BlockJobs(ctx context.Context) ([]qemu.BlockJob, error) {
-	return nil, c.f.record(c.vm, OpBlock, "jobs")
+	return nil, c.rec(OpBlock, "jobs")
 }
 
 func (c *control) CancelJob(ctx context.Context, job string, force bool) error {
-	return c.f.record(c.vm, OpBlock, "cancel", job, fmt.Sprint(force))
+	return c.rec(OpBlock, "cancel", job, fmt.Sprint(force))
 }
 
 func (c *control) NodeSize(ctx context.Context, node string) (int64, error) {
-	return 0, c.f.record(c.vm, OpBlock, "size", node)
+	return 0, c.rec(OpBlock, "size", node)
 }
 
 func (c *control) NodeDriver(ctx context.Context, node string) (string, error) {
-	return "quorum", c.f.record(c.vm, OpBlock, "driver", node)
+	return "quorum", c.rec(OpBlock, "driver", node)
 }
 
 func (c *control) AddQuorumChild(ctx context.Context, parent, node string) error {
-	return c.f.record(c.vm, OpBlock, "add-child", parent, node)
+	return c.rec(OpBlock, "add-child", parent, node)
 }
 
 func (c *control) RemoveQuorumChild(ctx context.Context, parent, node string) error {
-	return c.f.record(c.vm, OpBlock, "remove-child", parent, node)
+	return c.rec(OpBlock, "remove-child", parent, node)
 }

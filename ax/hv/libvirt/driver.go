@@ -67,10 +67,18 @@ func (c *Config) fill() {
 }
 
 // Driver runs AX's VMs as libvirt domains: a VM's api.Guest name is its
-// domain's name. It holds one connection to libvirtd for every domain.
+// domain's name. It holds one connection to libvirtd for every domain, and
+// dials again when libvirtd dropped it (a restart of libvirtd: an upgrade,
+// `systemctl restart libvirtd`), at the next call that needs it.
 type Driver struct {
-	conn Conn
-	cfg  Config
+	connMu sync.Mutex
+	conn   Conn
+	// redial opens a new connection (Dial's; nil: the connection given
+	// to New is the only one).
+	redial  func(ctx context.Context) (Conn, error)
+	dialErr string // the last failed redial's error, logged once
+	redials int    // connections dialled again
+	cfg     Config
 	// tapExists checks a tap libvirt made (hv.TapExists; tests fake it).
 	tapExists func(string) (bool, error)
 	// plugTap makes a tap in a bridge before a domain starts
@@ -95,7 +103,57 @@ func Dial(ctx context.Context, cfg Config) (*Driver, error) {
 	if err != nil {
 		return nil, err
 	}
-	return New(l, cfg), nil
+	d := New(l, cfg)
+	d.redial = func(ctx context.Context) (Conn, error) { return dialConn(ctx, cfg.Socket, cfg.URI) }
+	return d, nil
+}
+
+// redialTimeout bounds dialling libvirtd again.
+const redialTimeout = 5 * time.Second
+
+// c is the connection to libvirtd. One libvirtd dropped (it restarted, or
+// is down) is dialled again first; if that fails, the dropped one is
+// returned and the call fails with its error, to be tried again later.
+func (d *Driver) c() Conn {
+	d.connMu.Lock()
+	defer d.connMu.Unlock()
+	if d.redial == nil || connected(d.conn) || d.ctx.Err() != nil {
+		return d.conn
+	}
+	ctx, cancel := context.WithTimeout(d.ctx, redialTimeout)
+	defer cancel()
+	c, err := d.redial(ctx)
+	if err != nil {
+		// Logged when the reason changes, not at each of the calls (a
+		// started domain's watcher asks every Poll).
+		if msg := err.Error(); msg != d.dialErr {
+			d.dialErr = msg
+			d.cfg.Log.Warn("libvirt: the connection to libvirtd was lost and dialling it again failed; tried again at the next call", "socket", d.cfg.Socket, "err", err)
+		}
+		return d.conn
+	}
+	d.conn.Disconnect()
+	d.conn, d.dialErr = c, ""
+	d.redials++
+	d.cfg.Log.Info("libvirt: the connection to libvirtd was lost (libvirtd restarted?) and is open again", "socket", d.cfg.Socket)
+	return c
+}
+
+// Redials is how many times the driver dialled libvirtd again after
+// losing its connection.
+func (d *Driver) Redials() int {
+	d.connMu.Lock()
+	defer d.connMu.Unlock()
+	return d.redials
+}
+
+// connected says whether c is still open (go-libvirt's IsConnected); a
+// Conn that cannot tell is taken to be.
+func connected(c Conn) bool {
+	if cc, ok := c.(interface{ IsConnected() bool }); ok {
+		return cc.IsConnected()
+	}
+	return true
 }
 
 // New is a driver over conn, a connection already open (Dial's, or a
@@ -113,7 +171,9 @@ func (d *Driver) Close() error {
 	var err error
 	d.once.Do(func() {
 		d.cancel()
+		d.connMu.Lock()
 		err = d.conn.Disconnect()
+		d.connMu.Unlock()
 		d.wg.Wait()
 	})
 	return err
@@ -131,7 +191,7 @@ func (d *Driver) Discover(ctx context.Context, name string) (*Discovered, error)
 	if err != nil {
 		return nil, err
 	}
-	x, err := call(ctx, func() (string, error) { return d.conn.DomainGetXMLDesc(dom, 0) })
+	x, err := call(ctx, func() (string, error) { return d.c().DomainGetXMLDesc(dom, 0) })
 	if err != nil {
 		return nil, fmt.Errorf("libvirt domain %s: XML: %w", name, err)
 	}
@@ -177,7 +237,7 @@ func (d *Driver) pid(name string) int {
 }
 
 func (d *Driver) lookup(ctx context.Context, name string) (golibvirt.Domain, error) {
-	dom, err := call(ctx, func() (golibvirt.Domain, error) { return d.conn.DomainLookupByName(name) })
+	dom, err := call(ctx, func() (golibvirt.Domain, error) { return d.c().DomainLookupByName(name) })
 	if err != nil {
 		return golibvirt.Domain{}, fmt.Errorf("libvirt domain %s: %w", name, err)
 	}
@@ -187,7 +247,7 @@ func (d *Driver) lookup(ctx context.Context, name string) (golibvirt.Domain, err
 // state is a domain's libvirt state (golibvirt.DomainRunning, …).
 func (d *Driver) state(ctx context.Context, dom golibvirt.Domain) (golibvirt.DomainState, error) {
 	st, err := call(ctx, func() (int32, error) {
-		st, _, err := d.conn.DomainGetState(dom, 0)
+		st, _, err := d.c().DomainGetState(dom, 0)
 		return st, err
 	})
 	if err != nil {
@@ -220,6 +280,9 @@ func (m *domain) Control(ctx context.Context) (hv.Control, error) {
 	}
 	dom, err := m.drv.lookup(ctx, m.g.Name)
 	if err != nil {
+		if isNoDomain(err) {
+			return nil, fmt.Errorf("%w (%w)", err, hv.ErrNotRunning)
+		}
 		return nil, err
 	}
 	st, err := m.drv.state(ctx, dom)
@@ -227,9 +290,9 @@ func (m *domain) Control(ctx context.Context) (hv.Control, error) {
 		return nil, err
 	}
 	if !active(st) {
-		return nil, fmt.Errorf("libvirt domain %s is not running (%s)", m.g.Name, stateName(st))
+		return nil, fmt.Errorf("libvirt domain %s is not running (%s): %w", m.g.Name, stateName(st), hv.ErrNotRunning)
 	}
-	mon, err := qemu.New(newMonitor(m.drv.conn, dom))
+	mon, err := qemu.New(newMonitor(m.drv.c(), dom))
 	if err != nil {
 		return nil, err
 	}
@@ -261,7 +324,7 @@ func (m *domain) start(ctx context.Context, incoming bool) (proc hv.Process, err
 	if err := names.Check("vm", name); err != nil {
 		return nil, err
 	}
-	c := m.drv.conn
+	c := m.drv.c()
 	dom, err := m.drv.lookup(ctx, name)
 	if err != nil {
 		return nil, fmt.Errorf("%w (define the domain on this host first: virsh define with the primary's XML)", err)
@@ -327,7 +390,7 @@ func (m *domain) fillRAM(ctx context.Context, dom golibvirt.Domain) error {
 	if m.g.RAMFile == "" {
 		return fmt.Errorf("libvirt domain %s: no replica RAM file to resume from", m.g.Name)
 	}
-	x, err := call(ctx, func() (string, error) { return m.drv.conn.DomainGetXMLDesc(dom, 0) })
+	x, err := call(ctx, func() (string, error) { return m.drv.c().DomainGetXMLDesc(dom, 0) })
 	if err != nil {
 		return fmt.Errorf("libvirt domain %s: live XML: %w", m.g.Name, err)
 	}
@@ -590,7 +653,7 @@ func (d *Driver) watch(dom golibvirt.Domain) *process {
 				return
 			case <-t.C:
 			}
-			st, _, err := d.conn.DomainGetState(dom, 0)
+			st, _, err := d.c().DomainGetState(dom, 0)
 			if err != nil && isNoDomain(err) || err == nil && !active(golibvirt.DomainState(st)) {
 				close(p.done)
 				return
@@ -618,7 +681,7 @@ func (p *process) Kill() error {
 			return
 		default:
 		}
-		if err := p.drv.conn.DomainDestroy(p.dom); err != nil && !isNoDomain(err) && !isNotRunning(err) {
+		if err := p.drv.c().DomainDestroy(p.dom); err != nil && !isNoDomain(err) && !isNotRunning(err) {
 			p.err = fmt.Errorf("libvirt domain %s: destroy: %w", p.dom.Name, err)
 		}
 	})

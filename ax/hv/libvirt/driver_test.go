@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -623,5 +624,63 @@ func TestLaunchXMLRefuses(t *testing.T) {
 		if _, _, err := launchXML(tc.def, tc.g, false, false); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: %v, want %q", tc.name, err, tc.want)
 		}
+	}
+}
+
+// droppable is a fakeConn libvirtd can drop (IsConnected false), as a
+// restart of libvirtd does to the driver's connection.
+type droppable struct {
+	*fakeConn
+	dropped atomic.Bool
+}
+
+func (c *droppable) IsConnected() bool { return !c.dropped.Load() }
+
+// A connection libvirtd dropped is dialled again at the next call, which
+// goes to the new one; a failed dial leaves the call failing on the old
+// connection and is tried again at the next.
+func TestDriverRedialsALostConnection(t *testing.T) {
+	first := &droppable{fakeConn: newFakeConn(t)}
+	first.define("vm1")
+	first.setState("vm1", golibvirt.DomainRunning)
+	d := New(first, Config{Discover: Options{MemoryBackingDir: first.ramDir}})
+	t.Cleanup(func() { d.Close() })
+	second := &droppable{fakeConn: newFakeConn(t)}
+	second.define("vm1")
+	second.setState("vm1", golibvirt.DomainRunning)
+	dials := 0
+	down := true
+	d.redial = func(context.Context) (Conn, error) {
+		dials++
+		if down {
+			return nil, errors.New("dial unix /run/libvirt/libvirt-sock: connect: connection refused")
+		}
+		return second, nil
+	}
+	ctx := context.Background()
+	if _, err := d.lookup(ctx, "vm1"); err != nil || dials != 0 {
+		t.Fatalf("lookup on a live connection: %v, %d dials", err, dials)
+	}
+	first.dropped.Store(true)
+	d.lookup(ctx, "vm1") // libvirtd still down: the old connection answers
+	if dials != 1 || d.Redials() != 0 {
+		t.Fatalf("with libvirtd down: %d dials, %d redials; want 1, 0", dials, d.Redials())
+	}
+	down = false
+	if _, err := d.lookup(ctx, "vm1"); err != nil {
+		t.Fatalf("lookup once libvirtd is back: %v", err)
+	}
+	if dials != 2 || d.Redials() != 1 {
+		t.Fatalf("libvirtd back: %d dials, %d redials; want 2, 1", dials, d.Redials())
+	}
+	if !strings.Contains(first.callLog(), "disconnect") {
+		t.Error("the lost connection was not closed")
+	}
+	if !strings.Contains(second.callLog(), "lookup vm1") {
+		t.Errorf("the call after the redial did not go to the new connection: %q", second.callLog())
+	}
+	d.lookup(ctx, "vm1")
+	if dials != 2 {
+		t.Errorf("%d dials with the new connection up, want 2", dials)
 	}
 }

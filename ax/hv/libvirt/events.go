@@ -48,7 +48,7 @@ type Event struct {
 func (d *Driver) Events(ctx context.Context) (<-chan Event, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	stop := context.AfterFunc(d.ctx, cancel)
-	src, err := d.conn.LifecycleEvents(ctx)
+	src, err := d.c().LifecycleEvents(ctx)
 	if err != nil {
 		stop()
 		cancel()
