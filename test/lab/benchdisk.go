@@ -145,28 +145,8 @@ func BenchDisk(ctx context.Context, l *Lab, f labFlags, out io.Writer, log *slog
 // node, so there are no ceiling rows and replication stays on the mirror.
 // It leaves the lab up (BenchDisk's down ends it).
 func benchDiskLibvirt(ctx context.Context, l *Lab, f labFlags, log *slog.Logger) (map[string]diskLevelResult, error) {
-	if err := checkLibvirtPrereqs(); err != nil {
-		return nil, err
-	}
-	if err := l.Down(ctx); err != nil {
-		return nil, err
-	}
-	f.libvirt = true
-	icfg, err := f.imageConfig(log)
+	vm, err := benchLibvirtLab(ctx, l, f, log)
 	if err != nil {
-		return nil, err
-	}
-	if err := l.Up(ctx); err != nil {
-		return nil, err
-	}
-	if err := startLibvirtds(ctx, l, io.Discard); err != nil {
-		return nil, err
-	}
-	vm, err := bootGuest(ctx, l, f, icfg, io.Discard)
-	if err != nil {
-		return nil, err
-	}
-	if err := startDaemons(ctx, l, f, vm); err != nil {
 		return nil, err
 	}
 	res := map[string]diskLevelResult{}

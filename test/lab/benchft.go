@@ -46,15 +46,7 @@ func BenchFT(ctx context.Context, l *Lab, f labFlags, window time.Duration, out 
 		return err
 	}
 	ca := l.Client(HostA)
-	tickRate := func() (float64, error) {
-		t0, n0 := time.Now(), mustTick(vm.Console)
-		select {
-		case <-ctx.Done():
-			return 0, ctx.Err()
-		case <-time.After(window):
-		}
-		return float64(mustTick(vm.Console)-n0) / time.Since(t0).Seconds(), nil
-	}
+	tickRate := func() (float64, error) { return tickRateOver(ctx, vm.Console, window) }
 	var unprot, prot, epochsPerSec []float64
 	var last api.VMStatus
 	for round := 0; round < 2; round++ {
@@ -228,40 +220,12 @@ func (r ftRow) slowdown() float64 { return r.prot / r.unprot }
 // the pause, and a failover. It leaves the lab up (BenchFT's down ends it).
 func benchFTLibvirt(ctx context.Context, l *Lab, f labFlags, window time.Duration, bin string, log *slog.Logger) (ftRow, error) {
 	var r ftRow
-	if err := checkLibvirtPrereqs(); err != nil {
-		return r, err
-	}
-	if err := l.Down(ctx); err != nil {
-		return r, err
-	}
-	f.libvirt = true
-	icfg, err := f.imageConfig(log)
+	vm, err := benchLibvirtLab(ctx, l, f, log)
 	if err != nil {
-		return r, err
-	}
-	if err := l.Up(ctx); err != nil {
-		return r, err
-	}
-	if err := startLibvirtds(ctx, l, io.Discard); err != nil {
-		return r, err
-	}
-	vm, err := bootGuest(ctx, l, f, icfg, io.Discard)
-	if err != nil {
-		return r, err
-	}
-	if err := startDaemons(ctx, l, f, vm); err != nil {
 		return r, err
 	}
 	ca := l.Client(HostA)
-	tickRate := func() (float64, error) {
-		t0, n0 := time.Now(), mustTick(vm.Console)
-		select {
-		case <-ctx.Done():
-			return 0, ctx.Err()
-		case <-time.After(window):
-		}
-		return float64(mustTick(vm.Console)-n0) / time.Since(t0).Seconds(), nil
-	}
+	tickRate := func() (float64, error) { return tickRateOver(ctx, vm.Console, window) }
 	var unprot, prot []float64
 	var last api.VMStatus
 	for round := 0; round < 2; round++ {
@@ -322,6 +286,45 @@ func benchLab(ctx context.Context, l *Lab, f labFlags, log *slog.Logger) (vm *VM
 		return nil, nil, err
 	}
 	return vm, down, nil
+}
+
+// benchLibvirtLab takes the lab down and brings it up again with a
+// libvirtd on a and b, the guest (per f) a Nova-shaped libvirt domain
+// started on a and defined on b, serving, and axd --libvirt on both.
+func benchLibvirtLab(ctx context.Context, l *Lab, f labFlags, log *slog.Logger) (*VM, error) {
+	if err := checkLibvirtPrereqs(); err != nil {
+		return nil, err
+	}
+	if err := l.Down(ctx); err != nil {
+		return nil, err
+	}
+	f.libvirt = true
+	icfg, err := f.imageConfig(log)
+	if err != nil {
+		return nil, err
+	}
+	if err := l.Up(ctx); err != nil {
+		return nil, err
+	}
+	if err := startLibvirtds(ctx, l, io.Discard); err != nil {
+		return nil, err
+	}
+	vm, err := bootGuest(ctx, l, f, icfg, io.Discard)
+	if err == nil {
+		err = startDaemons(ctx, l, f, vm)
+	}
+	return vm, err
+}
+
+// tickRateOver is the guest's ticks per second over one window.
+func tickRateOver(ctx context.Context, console string, window time.Duration) (float64, error) {
+	t0, n0 := time.Now(), mustTick(console)
+	select {
+	case <-ctx.Done():
+		return 0, ctx.Err()
+	case <-time.After(window):
+	}
+	return float64(mustTick(console)-n0) / time.Since(t0).Seconds(), nil
 }
 
 func mustTick(console string) uint64 {
