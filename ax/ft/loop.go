@@ -243,6 +243,9 @@ func (l *Loop) Run(ctx context.Context) error {
 			}
 		}
 		cp, st, err := l.take(ctx, finishing != nil)
+		if err == nil && finishing == nil && ctx.Err() != nil {
+			err = ctx.Err() // stopped during the pause: nothing waits for this checkpoint
+		}
 		if err != nil {
 			if finishing != nil {
 				finishing <- FinishResult{Err: err}
@@ -330,7 +333,11 @@ func (l *Loop) take(ctx context.Context, stayPaused bool) (cp *Checkpoint, st Ep
 	devPath := filepath.Join(l.cfg.StateDir, fmt.Sprintf("devstate.%d", epoch))
 	defer os.Remove(devPath)
 
-	qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	// A pause, once begun, is taken whole: its commands are not cut off
+	// when the loop is stopped (a level change, protection ending), only
+	// bounded. A Stop abandoned half-way may still pause the guest with no
+	// Cont to follow, and the loop is checked for its end before and after.
+	qctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer cancel()
 	t0 := time.Now()
 	if err := l.mon.Stop(qctx); err != nil {
@@ -342,8 +349,7 @@ func (l *Loop) take(ctx context.Context, stayPaused bool) (cp *Checkpoint, st Ep
 		if stayPaused && err == nil {
 			return
 		}
-		// Not qctx: when the loop is stopped mid-pause (a level change,
-		// protection ending) the guest must still be resumed.
+		// Its own timeout: the pause's may be spent.
 		cctx, ccancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 		defer ccancel()
 		if cerr := l.mon.Cont(cctx); cerr != nil && err == nil {

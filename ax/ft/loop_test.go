@@ -17,6 +17,9 @@ type fakeMonitor struct {
 	calls   []string
 	paused  bool
 	saveErr error
+	// stopping, when set, runs inside Stop once the guest is paused and
+	// says how Stop returns: QEMU pauses at once, its answer may come late.
+	stopping func(ctx context.Context) error
 }
 
 func (m *fakeMonitor) note(c string) {
@@ -24,11 +27,14 @@ func (m *fakeMonitor) note(c string) {
 	defer m.mu.Unlock()
 	m.calls = append(m.calls, c)
 }
-func (m *fakeMonitor) Stop(context.Context) error {
+func (m *fakeMonitor) Stop(ctx context.Context) error {
 	m.note("stop")
 	m.mu.Lock()
 	m.paused = true
 	m.mu.Unlock()
+	if m.stopping != nil {
+		return m.stopping(ctx)
+	}
 	return nil
 }
 func (m *fakeMonitor) Cont(context.Context) error {
@@ -317,5 +323,47 @@ func TestLoopIgnoresAckOfUnsentCheckpoint(t *testing.T) {
 	}
 	if len(g.released) == 0 || g.released[0] != 1 {
 		t.Fatalf("releases %v, want epoch 1 released", g.released)
+	}
+}
+
+// TestLoopStoppedMidPauseResumesVM: the loop stopped (a level change,
+// protection ending) while QEMU has paused the guest but not yet answered
+// the stop: the pause is finished, the guest resumed, and nothing more is
+// sent. A stop cut off by the loop's end left the guest paused (and, with
+// qemu.QMP, its monitor closed).
+func TestLoopStoppedMidPauseResumesVM(t *testing.T) {
+	ram, _ := testRAM(t, 4)
+	inStop := make(chan struct{}, 100)
+	mon := &fakeMonitor{stopping: func(ctx context.Context) error {
+		inStop <- struct{}{}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+			return nil
+		}
+	}}
+	st := newFakeStream(true)
+	l := NewLoop(Config{Interval: time.Millisecond, StateDir: t.TempDir()}, mon, &fakeTracker{}, ram, st, nil, Observer{}, nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- l.Run(ctx) }()
+	<-inStop // the first checkpoint's pause
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Errorf("run: %v, want context.Canceled", err)
+	}
+	mon.mu.Lock()
+	defer mon.mu.Unlock()
+	if mon.paused {
+		t.Fatalf("the guest was left paused (QEMU was asked %v)", mon.calls)
+	}
+	if n := len(mon.calls); n < 2 || mon.calls[n-1] != "cont" {
+		t.Errorf("QEMU was asked %v, want the pause closed by a cont", mon.calls)
+	}
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if len(st.cps) != 0 {
+		t.Errorf("%d checkpoints sent after the loop was stopped", len(st.cps))
 	}
 }

@@ -69,8 +69,14 @@ func New(mon qmp.Monitor) (*QMP, error) {
 var ErrTimeout = errors.New("qmp: no answer from QEMU")
 
 // run sends one command and waits for its answer or ctx. go-qemu's Run has
-// no deadline, so a hung QEMU would block forever: on ctx's end the
-// connection is closed, which ends Run.
+// no deadline, so a hung QEMU would block forever: when ctx's deadline
+// passes the connection is closed, which ends Run. A caller that merely
+// gives up (ctx cancelled: protection ending, a level change) leaves the
+// connection open — the command finishes in QEMU, its answer is dropped,
+// and the next command follows it: the cleanup that comes next (resuming
+// the guest, ending a disk mirror) needs the monitor. Closing it there left
+// a guest paused and a mirror's NBD client behind under libvirt, whose
+// pass-through makes each command slow enough to be caught mid-way.
 func (q *QMP) run(ctx context.Context, cmd string, args any) ([]byte, error) {
 	raw, err := json.Marshal(qmp.Command{Execute: cmd, Args: args})
 	if err != nil {
@@ -92,6 +98,9 @@ func (q *QMP) run(ctx context.Context, cmd string, args any) ([]byte, error) {
 		}
 		return r.out, nil
 	case <-ctx.Done():
+		if !errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			return nil, fmt.Errorf("qmp %s: %w", cmd, ctx.Err())
+		}
 		q.Close()
 		<-done
 		return nil, fmt.Errorf("qmp %s: %w (%v)", cmd, ErrTimeout, ctx.Err())

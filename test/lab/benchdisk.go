@@ -1,6 +1,7 @@
 package lab
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -35,6 +36,7 @@ type diskLevelResult struct {
 	cores    float64
 	pauseP50 float64 // FT: the guest's pause, median of the recent ones, after the fills (ms)
 	maxLag   uint64  // most writes the partner had not acknowledged, sampled during the fills
+	diskMode string  // how the disks reached the partner (quorum, mirror), sampled after the fills
 }
 
 // cpuOf reads the CPU time of the guest's QEMU and of both axd.
@@ -60,109 +62,20 @@ func (l *Lab) cpuOf(vm *VM) map[string]time.Duration {
 // O_DIRECT and flushes before the ACK): throughput with appends pipelined,
 // latency one append at a time, and the replication bandwidth used.
 func BenchDisk(ctx context.Context, l *Lab, f labFlags, out io.Writer, log *slog.Logger) (err error) {
-	f.diskMiB = 160
+	f.diskMiB, f.libvirt = 160, false // the AX-started guest first; the libvirt domain after it
 	vm, down, err := benchLab(ctx, l, f, log)
 	if err != nil {
 		return err
 	}
 	defer down(&err)
 	ca := l.Client(HostA)
-	addr := fmt.Sprintf("%s:%d", vm.IP, LedgerPort)
-	const pipelined, sequential, fillMiB, fills = 1000, 200, 64, 5
 	ceil, err := newCeilings(ctx, vm, l.StateDir, int64(f.diskMiB)<<20)
 	if err != nil {
 		return err
 	}
 	defer ceil.Close()
 	measure := func(level string) (diskLevelResult, error) {
-		r := diskLevelResult{level: level}
-		if child, ok := ceilingChildren[level]; ok {
-			detach, err := ceil.attach(ctx, child)
-			if err != nil {
-				return r, fmt.Errorf("%s: %w", level, err)
-			}
-			defer detach()
-		} else if level == api.LevelNone {
-			if err := ca.Level(ctx, vm.Name, api.ProtectRequest{Level: level}); err != nil {
-				return r, err
-			}
-		} else if err := l.protectLevelAndWait(ctx, ca, vm.Name, HostB, level); err != nil {
-			return r, err
-		}
-		time.Sleep(2 * time.Second) // settle after the change
-		s0, _ := l.vmStatus(ctx, ca, vm.Name)
-		t0 := time.Now()
-		var lat []time.Duration
-		cpu0, fill0 := l.cpuOf(vm), time.Now()
-		sampling := make(chan struct{})
-		sampled := make(chan uint64)
-		go func() {
-			var most uint64
-			t := time.NewTicker(20 * time.Millisecond)
-			defer t.Stop()
-			for {
-				select {
-				case <-sampling:
-					sampled <- most
-					return
-				case <-t.C:
-				}
-				if st, err := l.vmStatus(ctx, ca, vm.Name); err == nil {
-					most = max(most, st.DiskLag)
-				}
-			}
-		}()
-		stopSampling := sync.OnceValue(func() uint64 { close(sampling); return <-sampled })
-		defer stopSampling()
-		err := l.InNetns(HostC, func() error {
-			median := func(writers int) (float64, error) {
-				var rates []float64
-				for range fills {
-					took, err := workload.Fill(ctx, addr, fillMiB, writers, time.Minute)
-					if err != nil {
-						return 0, err
-					}
-					rates = append(rates, fillMiB*(1<<20)/took.Seconds()/1e6)
-				}
-				sort.Float64s(rates)
-				return rates[len(rates)/2], nil
-			}
-			var err error
-			if r.fillMBs, err = median(1); err != nil {
-				return err
-			}
-			if r.fill4MBs, err = median(4); err != nil {
-				return err
-			}
-			cpu1 := l.cpuOf(vm)
-			r.maxLag = stopSampling()
-			if st, err := l.vmStatus(ctx, ca, vm.Name); err == nil {
-				r.pauseP50 = st.PauseP50MS
-			}
-			r.cpuPerGB = map[string]float64{}
-			var total time.Duration
-			for name, c := range cpu1 {
-				r.cpuPerGB[name] = (c - cpu0[name]).Seconds() / (2 * fills * fillMiB * (1 << 20) / 1e9)
-				total += c - cpu0[name]
-			}
-			r.cores = total.Seconds() / time.Since(fill0).Seconds()
-			if r.pipelinedTotal, err = workload.AppendPipelined(ctx, addr, pipelined); err != nil {
-				return err
-			}
-			lat, err = workload.AppendLatency(ctx, addr, sequential)
-			return err
-		})
-		if err != nil {
-			return r, fmt.Errorf("level %s: %w", level, err)
-		}
-		s1, _ := l.vmStatus(ctx, ca, vm.Name)
-		r.opsPerSec = pipelined / r.pipelinedTotal.Seconds()
-		sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
-		r.p50, r.p99 = lat[len(lat)/2], lat[min(len(lat)-1, len(lat)*99/100)]
-		if s1.DiskBytes > s0.DiskBytes {
-			r.replBytesPerS = float64(s1.DiskBytes-s0.DiskBytes) / time.Since(t0).Seconds()
-		}
-		return r, nil
+		return measureDiskLevel(ctx, l, vm, vm.Name, ceil, level)
 	}
 	// none is measured first and again last, and the ratios use the mean
 	// of the two: the machine's speed drifts during a run.
@@ -182,6 +95,7 @@ func BenchDisk(ctx context.Context, l *Lab, f labFlags, out io.Writer, log *slog
 	if err := ca.Level(ctx, vm.Name, api.ProtectRequest{Level: api.LevelNone}); err != nil {
 		return err
 	}
+	lv, lvErr := benchDiskLibvirt(ctx, l, f, log)
 	none := res[api.LevelNone]
 	fmt.Fprintf(out, "disk bench: guest %d MiB, %s, %d MiB raw virtio-blk disk; the ledger writes each record's 4 KiB block (O_DIRECT) and flushes before its ACK\n", vm.RAMMiB, vm.Accel, f.diskMiB)
 	for _, level := range []string{api.LevelNone, ceilingNull, ceilingNBD, api.LevelHA, api.LevelFT} {
@@ -193,16 +107,170 @@ func BenchDisk(ctx context.Context, l *Lab, f labFlags, out io.Writer, log *slog
 		fmt.Fprintf(out, "  %-4s CPU per GB written: QEMU %.2f s, axd a %.2f s, axd b %.2f s; %.2f of %d cores busy while writing\n",
 			level, r.cpuPerGB["qemu"], r.cpuPerGB["axd-"+HostA], r.cpuPerGB["axd-"+HostB], r.cores, runtime.NumCPU())
 		fmt.Fprintf(out, "  %-4s write throughput (%d MiB of 256 KiB O_DIRECT writes + flush, median of %d): 1 writer %6.1f MB/s, ratio %.2f; 4 writers %6.1f MB/s, ratio %.2f | flushed 4 KiB appends %5.0f/s, ratio %.2f | append latency p50 %5.1f ms p99 %5.1f ms | replication %.2f MB/s, at most %d writes unacknowledged\n",
-			level, fillMiB, fills, r.fillMBs, r.fillMBs/none.fillMBs, r.fill4MBs, r.fill4MBs/none.fill4MBs, r.opsPerSec, r.opsPerSec/none.opsPerSec, ms(r.p50), ms(r.p99), r.replBytesPerS/1e6, r.maxLag)
+			level, diskFillMiB, diskFills, r.fillMBs, r.fillMBs/none.fillMBs, r.fill4MBs, r.fill4MBs/none.fill4MBs, r.opsPerSec, r.opsPerSec/none.opsPerSec, ms(r.p50), ms(r.p99), r.replBytesPerS/1e6, r.maxLag)
 	}
 	fmt.Fprintf(out, "  ft   pause while writing: median %.1f ms (the queue of writes drains to the stream after the guest resumes)\n", res[api.LevelFT].pauseP50)
 	fmt.Fprintf(out, "  targets: HA ≥ 0.8 × none write throughput, FT ≥ 0.5 × none (FT's append latency includes output commit: the ACK waits for its checkpoint)\n")
 	ha, ftr := res[api.LevelHA], res[api.LevelFT]
+	if lvErr != nil {
+		fmt.Fprintf(out, "  libvirt domain: not measured: %v\n", lvErr)
+	} else {
+		ln := lv[api.LevelNone]
+		fmt.Fprintf(out, "  libvirt domain (Nova-shaped, libvirt's own raw format node, no quorum: replicated by the write-blocking blockdev-mirror to axd's NBD export, set up through libvirt's QMP pass-through), measured after the AX-started guest in this run:\n")
+		for _, level := range []string{api.LevelNone, api.LevelHA, api.LevelFT} {
+			r := lv[level]
+			fmt.Fprintf(out, "  lv %-4s write throughput: 1 writer %6.1f MB/s, ratio %.2f; 4 writers %6.1f MB/s, ratio %.2f | flushed 4 KiB appends %5.0f/s, ratio %.2f | append latency p50 %5.1f ms p99 %5.1f ms | replication %.2f MB/s (%s)\n",
+				level, r.fillMBs, r.fillMBs/ln.fillMBs, r.fill4MBs, r.fill4MBs/ln.fill4MBs, r.opsPerSec, r.opsPerSec/ln.opsPerSec, ms(r.p50), ms(r.p99), r.replBytesPerS/1e6, cmp.Or(r.diskMode, "-"))
+		}
+		lha, lft := lv[api.LevelHA], lv[api.LevelFT]
+		vs := func(lvr, lvn, axr, axn float64) float64 { return (lvr / lvn) / (axr / axn) }
+		fmt.Fprintf(out, "  libvirt ÷ AX-started, each's ratio to its own none: HA 1 writer %.2f, 4 writers %.2f, appends %.2f; FT 1 writer %.2f, 4 writers %.2f, appends %.2f\n",
+			vs(lha.fillMBs, ln.fillMBs, ha.fillMBs, none.fillMBs), vs(lha.fill4MBs, ln.fill4MBs, ha.fill4MBs, none.fill4MBs), vs(lha.opsPerSec, ln.opsPerSec, ha.opsPerSec, none.opsPerSec),
+			vs(lft.fillMBs, ln.fillMBs, ftr.fillMBs, none.fillMBs), vs(lft.fill4MBs, ln.fill4MBs, ftr.fill4MBs, none.fill4MBs), vs(lft.opsPerSec, ln.opsPerSec, ftr.opsPerSec, none.opsPerSec))
+		fmt.Fprintf(out, "bench_disk_libvirt none_mb_s=%.1f ha_ratio=%.3f ft_ratio=%.3f ha_ratio_4w=%.3f ft_ratio_4w=%.3f ha_appends_ratio=%.3f ft_appends_ratio=%.3f ha_vs_ax=%.2f ft_vs_ax=%.2f ha_vs_ax_4w=%.2f ft_vs_ax_4w=%.2f\n",
+			ln.fillMBs, lha.fillMBs/ln.fillMBs, lft.fillMBs/ln.fillMBs, lha.fill4MBs/ln.fill4MBs, lft.fill4MBs/ln.fill4MBs, lha.opsPerSec/ln.opsPerSec, lft.opsPerSec/ln.opsPerSec,
+			vs(lha.fillMBs, ln.fillMBs, ha.fillMBs, none.fillMBs), vs(lft.fillMBs, ln.fillMBs, ftr.fillMBs, none.fillMBs), vs(lha.fill4MBs, ln.fill4MBs, ha.fill4MBs, none.fill4MBs), vs(lft.fill4MBs, ln.fill4MBs, ftr.fill4MBs, none.fill4MBs))
+	}
 	nul, nb := res[ceilingNull], res[ceilingNBD]
 	fmt.Fprintf(out, "bench_disk none_mb_s=%.1f null_child_ratio=%.3f nbd_child_ratio=%.3f ha_ratio=%.3f ft_ratio=%.3f none_mb_s_4w=%.1f ha_ratio_4w=%.3f ft_ratio_4w=%.3f none_appends_s=%.0f ha_appends_ratio=%.3f ft_appends_ratio=%.3f none_p50_ms=%.1f ha_p50_ms=%.1f ft_p50_ms=%.1f ha_repl_mb_s=%.2f ft_repl_mb_s=%.2f\n",
 		none.fillMBs, nul.fillMBs/none.fillMBs, nb.fillMBs/none.fillMBs, ha.fillMBs/none.fillMBs, ftr.fillMBs/none.fillMBs, none.fill4MBs, ha.fill4MBs/none.fill4MBs, ftr.fill4MBs/none.fill4MBs, none.opsPerSec, ha.opsPerSec/none.opsPerSec, ftr.opsPerSec/none.opsPerSec,
 		ms(none.p50), ms(ha.p50), ms(ftr.p50), ha.replBytesPerS/1e6, ftr.replBytesPerS/1e6)
 	return nil
+}
+
+// benchDiskLibvirt takes the lab down and up again with a libvirtd on a
+// and b, the guest a Nova-shaped libvirt domain with a disk, and axd
+// --libvirt, and measures the domain's disk at none, HA, FT and none again
+// (the ratios use the mean of the two nones). libvirt's disk has no quorum
+// node, so there are no ceiling rows and replication stays on the mirror.
+// It leaves the lab up (BenchDisk's down ends it).
+func benchDiskLibvirt(ctx context.Context, l *Lab, f labFlags, log *slog.Logger) (map[string]diskLevelResult, error) {
+	vm, err := benchLibvirtLab(ctx, l, f, log)
+	if err != nil {
+		return nil, err
+	}
+	res := map[string]diskLevelResult{}
+	for _, level := range []string{api.LevelNone, api.LevelHA, api.LevelFT, api.LevelNone} {
+		r, err := measureDiskLevel(ctx, l, vm, vm.Domain, nil, level)
+		if err != nil {
+			return nil, fmt.Errorf("libvirt domain: %w", err)
+		}
+		if first, ok := res[level]; ok {
+			r = meanResult(first, r)
+		}
+		res[level] = r
+	}
+	return res, nil
+}
+
+// Sizes of bench-disk's measures.
+const diskPipelined, diskSequential, diskFillMiB, diskFills = 1000, 200, 64, 5
+
+// measureDiskLevel puts the guest vm (called name by axd) at level — or,
+// for a ceiling row, attaches its discarding child — and measures its
+// disk-backed ledger there.
+func measureDiskLevel(ctx context.Context, l *Lab, vm *VM, vmName string, ceil *ceilings, level string) (diskLevelResult, error) {
+	ca := l.Client(HostA)
+	addr := fmt.Sprintf("%s:%d", vm.IP, LedgerPort)
+	r := diskLevelResult{level: level}
+	if child, ok := ceilingChildren[level]; ok {
+		detach, err := ceil.attach(ctx, child)
+		if err != nil {
+			return r, fmt.Errorf("%s: %w", level, err)
+		}
+		defer detach()
+	} else if _, serr := l.vmStatus(ctx, ca, vmName); serr != nil && vm.Domain != "" {
+		// A libvirt domain axd has not seen yet: at none there is nothing
+		// to change; otherwise axctl protect DOMAIN discovers it.
+		if level != api.LevelNone {
+			if err := ca.Protect(ctx, vmName, api.ProtectRequest{Level: level, Peer: HostB}); err != nil {
+				return r, err
+			}
+			if err := l.protectLevelAndWait(ctx, ca, vmName, HostB, level); err != nil {
+				return r, err
+			}
+		}
+	} else if level == api.LevelNone {
+		if err := ca.Level(ctx, vmName, api.ProtectRequest{Level: level}); err != nil {
+			return r, err
+		}
+	} else if err := l.protectLevelAndWait(ctx, ca, vmName, HostB, level); err != nil {
+		return r, err
+	}
+	time.Sleep(2 * time.Second) // settle after the change
+	s0, _ := l.vmStatus(ctx, ca, vmName)
+	t0 := time.Now()
+	var lat []time.Duration
+	cpu0, fill0 := l.cpuOf(vm), time.Now()
+	sampling := make(chan struct{})
+	sampled := make(chan uint64)
+	go func() {
+		var most uint64
+		t := time.NewTicker(20 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-sampling:
+				sampled <- most
+				return
+			case <-t.C:
+			}
+			if st, err := l.vmStatus(ctx, ca, vmName); err == nil {
+				most = max(most, st.DiskLag)
+			}
+		}
+	}()
+	stopSampling := sync.OnceValue(func() uint64 { close(sampling); return <-sampled })
+	defer stopSampling()
+	err := l.InNetns(HostC, func() error {
+		median := func(writers int) (float64, error) {
+			var rates []float64
+			for range diskFills {
+				took, err := workload.Fill(ctx, addr, diskFillMiB, writers, time.Minute)
+				if err != nil {
+					return 0, err
+				}
+				rates = append(rates, diskFillMiB*(1<<20)/took.Seconds()/1e6)
+			}
+			sort.Float64s(rates)
+			return rates[len(rates)/2], nil
+		}
+		var err error
+		if r.fillMBs, err = median(1); err != nil {
+			return err
+		}
+		if r.fill4MBs, err = median(4); err != nil {
+			return err
+		}
+		cpu1 := l.cpuOf(vm)
+		r.maxLag = stopSampling()
+		if st, err := l.vmStatus(ctx, ca, vmName); err == nil {
+			r.pauseP50, r.diskMode = st.PauseP50MS, st.DiskMode
+		}
+		r.cpuPerGB = map[string]float64{}
+		var total time.Duration
+		for name, c := range cpu1 {
+			r.cpuPerGB[name] = (c - cpu0[name]).Seconds() / (2 * diskFills * diskFillMiB * (1 << 20) / 1e9)
+			total += c - cpu0[name]
+		}
+		r.cores = total.Seconds() / time.Since(fill0).Seconds()
+		if r.pipelinedTotal, err = workload.AppendPipelined(ctx, addr, diskPipelined); err != nil {
+			return err
+		}
+		lat, err = workload.AppendLatency(ctx, addr, diskSequential)
+		return err
+	})
+	if err != nil {
+		return r, fmt.Errorf("level %s: %w", level, err)
+	}
+	s1, _ := l.vmStatus(ctx, ca, vmName)
+	r.opsPerSec = diskPipelined / r.pipelinedTotal.Seconds()
+	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+	r.p50, r.p99 = lat[len(lat)/2], lat[min(len(lat)-1, len(lat)*99/100)]
+	if s1.DiskBytes > s0.DiskBytes {
+		r.replBytesPerS = float64(s1.DiskBytes-s0.DiskBytes) / time.Since(t0).Seconds()
+	}
+	return r, nil
 }
 
 // meanResult averages two measures of one level.

@@ -24,7 +24,14 @@ import (
 // protected ÷ unprotected, windows alternated), bytes per dirty page,
 // failover time — beside this machine's page-hash bandwidth and the device
 // state save time, the limits the pause is made of.
+//
+// A libvirt domain (Nova-shaped, started by the lab's libvirtd, protected by
+// name through axd --libvirt, QMP through libvirt's pass-through) is
+// measured in the same run, after the AX-started guest, in a lab brought up
+// again: pause, slowdown and failover, each beside the AX-started guest's as
+// a ratio libvirt ÷ AX-started.
 func BenchFT(ctx context.Context, l *Lab, f labFlags, window time.Duration, out io.Writer, log *slog.Logger) (err error) {
+	f.libvirt = false // the AX-started guest first; the libvirt domain after it
 	vm, down, err := benchLab(ctx, l, f, log)
 	if err != nil {
 		return err
@@ -39,15 +46,7 @@ func BenchFT(ctx context.Context, l *Lab, f labFlags, window time.Duration, out 
 		return err
 	}
 	ca := l.Client(HostA)
-	tickRate := func() (float64, error) {
-		t0, n0 := time.Now(), mustTick(vm.Console)
-		select {
-		case <-ctx.Done():
-			return 0, ctx.Err()
-		case <-time.After(window):
-		}
-		return float64(mustTick(vm.Console)-n0) / time.Since(t0).Seconds(), nil
-	}
+	tickRate := func() (float64, error) { return tickRateOver(ctx, vm.Console, window) }
 	var unprot, prot, epochsPerSec []float64
 	var last api.VMStatus
 	for round := 0; round < 2; round++ {
@@ -155,6 +154,9 @@ func BenchFT(ctx context.Context, l *Lab, f labFlags, window time.Duration, out 
 	}
 
 	slowdown := mean(prot) / mean(unprot)
+	l.Exec(ctx, HostC, "sh", "-c", "echo 4096 131072 6291456 > /proc/sys/net/ipv4/tcp_rmem").Run()
+	axRow := ftRow{pauseP50: last.PauseP50MS, pauseP99: last.PauseP99MS, unprot: mean(unprot), prot: mean(prot), failover: tr.Failover.Seconds()}
+	lvRow, lvErr := benchFTLibvirt(ctx, l, f, window, bin, log)
 	fmt.Fprintf(out, "FT bench: guest %d MiB, 1 vCPU, %s, memory dirtier %g MiB/s, 50 ms epochs, windows of %s alternated\n", vm.RAMMiB, vm.Accel, f.dirty, window)
 	fmt.Fprintf(out, "  pause (stop→cont)         median %.1f ms, p99 %.1f ms   (target median ≤ 15 ms)\n", last.PauseP50MS, last.PauseP99MS)
 	fmt.Fprintf(out, "    of which dirty scan     median %.1f ms; device-state save median %.1f ms\n", last.ScanP50MS, last.DevSaveP50MS)
@@ -182,11 +184,82 @@ func BenchFT(ctx context.Context, l *Lab, f labFlags, window time.Duration, out 
 		bwUnprot/1e6, bwProt/1e6, bwProt/bwUnprot)
 	fmt.Fprintf(out, "  limits here: a full hash scan of this guest's RAM file takes %.1f ms (%.1f GB/s of RAM, holes skipped; see BenchmarkHashScan256MiB for a fully written file); device-state save %.1f ms\n",
 		float64(vm.RAMMiB)/1024/hashGBs*1000, hashGBs, last.DevSaveP50MS)
-	l.Exec(ctx, HostC, "sh", "-c", "echo 4096 131072 6291456 > /proc/sys/net/ipv4/tcp_rmem").Run()
+	if lvErr != nil {
+		fmt.Fprintf(out, "  libvirt domain: not measured: %v\n", lvErr)
+	} else {
+		fmt.Fprintf(out, "  libvirt domain (Nova-shaped, started by libvirtd, protected by name; QMP through libvirt's pass-through), measured after the AX-started guest in this run:\n")
+		fmt.Fprintf(out, "    pause (stop→cont)       median %.1f ms, p99 %.1f ms; AX-started %.1f ms, %.1f ms; ratio libvirt ÷ AX-started %.2f (median), %.2f (p99)\n",
+			lvRow.pauseP50, lvRow.pauseP99, axRow.pauseP50, axRow.pauseP99, lvRow.pauseP50/axRow.pauseP50, lvRow.pauseP99/axRow.pauseP99)
+		fmt.Fprintf(out, "    guest tick rate         unprotected %.2f/s, protected %.2f/s, slowdown ratio %.3f; AX-started %.3f; ratio libvirt ÷ AX-started %.2f\n",
+			lvRow.unprot, lvRow.prot, lvRow.slowdown(), axRow.slowdown(), lvRow.slowdown()/axRow.slowdown())
+		fmt.Fprintf(out, "    failover (kill → first tick on b, resumed as the libvirt domain) %.2f s; AX-started %.2f s; ratio libvirt ÷ AX-started %.2f\n",
+			lvRow.failover, axRow.failover, lvRow.failover/axRow.failover)
+		fmt.Fprintf(out, "bench_ft_libvirt pause_ms_p50=%.1f pause_ms_p99=%.1f slowdown_ratio=%.3f failover_s=%.2f pause_p50_vs_ax=%.2f slowdown_vs_ax=%.2f failover_vs_ax=%.2f\n",
+			lvRow.pauseP50, lvRow.pauseP99, lvRow.slowdown(), lvRow.failover, lvRow.pauseP50/axRow.pauseP50, lvRow.slowdown()/axRow.slowdown(), lvRow.failover/axRow.failover)
+	}
 	fmt.Fprintf(out, "bench_ft pause_ms_p50=%.1f pause_ms_p99=%.1f epochs_per_s=%.1f slowdown_ratio=%.3f bytes_per_dirty_page=%.0f failover_s=%.2f hash_gb_s=%.1f devsave_ms=%.1f added_latency_ms_p50=%.1f added_latency_ms_p99=%.1f tcp_ratio_default_rmem=%.3f tcp_ratio_4mib_rmem=%.3f frames_ratio_64=%.3f frames_ratio_1400=%.3f cpu_us_per_held_frame=%.2f\n",
 		last.PauseP50MS, last.PauseP99MS, mean(epochsPerSec), slowdown, bytesPerPage, tr.Failover.Seconds(), hashGBs, last.DevSaveP50MS, addP50, addP99, bw["held/default"]/bw["unprotected/default"], bwProt/bwUnprot,
 		blasts["held/64"].perSec/blasts["unprotected/64"].perSec, blasts["held/1400"].perSec/blasts["unprotected/1400"].perSec, cpuPerFrame)
 	return nil
+}
+
+// ftRow is what bench-ft measures alike of the AX-started guest and the
+// libvirt domain.
+type ftRow struct {
+	pauseP50, pauseP99 float64 // ms
+	unprot, prot       float64 // guest ticks per second
+	failover           float64 // s, kill → first tick on b
+}
+
+func (r ftRow) slowdown() float64 { return r.prot / r.unprot }
+
+// benchFTLibvirt takes the lab down and up again with a libvirtd on a and b,
+// the guest a Nova-shaped libvirt domain started on a and defined on b, and
+// axd --libvirt; it measures the domain as BenchFT does the AX-started
+// guest: tick rates unprotected and protected at FT (windows alternated),
+// the pause, and a failover. It leaves the lab up (BenchFT's down ends it).
+func benchFTLibvirt(ctx context.Context, l *Lab, f labFlags, window time.Duration, bin string, log *slog.Logger) (ftRow, error) {
+	var r ftRow
+	vm, err := benchLibvirtLab(ctx, l, f, log)
+	if err != nil {
+		return r, err
+	}
+	ca := l.Client(HostA)
+	tickRate := func() (float64, error) { return tickRateOver(ctx, vm.Console, window) }
+	var unprot, prot []float64
+	var last api.VMStatus
+	for round := 0; round < 2; round++ {
+		u, err := tickRate()
+		if err != nil {
+			return r, err
+		}
+		unprot = append(unprot, u)
+		if round == 0 { // axctl protect DOMAIN: discovered from libvirt
+			if err := ca.Protect(ctx, vm.Domain, api.ProtectRequest{Level: api.LevelFT, Peer: HostB}); err != nil {
+				return r, fmt.Errorf("protect libvirt domain %s: %w", vm.Domain, err)
+			}
+		}
+		if err := l.protectAndWait(ctx, ca, vm.Domain, HostB); err != nil {
+			return r, err
+		}
+		p, err := tickRate()
+		if err != nil {
+			return r, err
+		}
+		prot = append(prot, p)
+		last, _ = l.vmStatus(ctx, ca, vm.Domain)
+		if round == 0 {
+			if err := ca.Unprotect(ctx, vm.Domain); err != nil {
+				return r, err
+			}
+		}
+	}
+	tr, err := l.FailoverTrial(ctx, vm.Domain, HostA, HostB, 3*time.Second, bin, filepath.Join(l.StateDir, "bench-libvirt.rec"))
+	if err != nil {
+		return r, fmt.Errorf("libvirt failover: %w", err)
+	}
+	r = ftRow{pauseP50: last.PauseP50MS, pauseP99: last.PauseP99MS, unprot: mean(unprot), prot: mean(prot), failover: tr.Failover.Seconds()}
+	return r, nil
 }
 
 // benchLab brings the lab up with a guest (per f) serving, both axd and
@@ -213,6 +286,45 @@ func benchLab(ctx context.Context, l *Lab, f labFlags, log *slog.Logger) (vm *VM
 		return nil, nil, err
 	}
 	return vm, down, nil
+}
+
+// benchLibvirtLab takes the lab down and brings it up again with a
+// libvirtd on a and b, the guest (per f) a Nova-shaped libvirt domain
+// started on a and defined on b, serving, and axd --libvirt on both.
+func benchLibvirtLab(ctx context.Context, l *Lab, f labFlags, log *slog.Logger) (*VM, error) {
+	if err := checkLibvirtPrereqs(); err != nil {
+		return nil, err
+	}
+	if err := l.Down(ctx); err != nil {
+		return nil, err
+	}
+	f.libvirt = true
+	icfg, err := f.imageConfig(log)
+	if err != nil {
+		return nil, err
+	}
+	if err := l.Up(ctx); err != nil {
+		return nil, err
+	}
+	if err := startLibvirtds(ctx, l, io.Discard); err != nil {
+		return nil, err
+	}
+	vm, err := bootGuest(ctx, l, f, icfg, io.Discard)
+	if err == nil {
+		err = startDaemons(ctx, l, f, vm)
+	}
+	return vm, err
+}
+
+// tickRateOver is the guest's ticks per second over one window.
+func tickRateOver(ctx context.Context, console string, window time.Duration) (float64, error) {
+	t0, n0 := time.Now(), mustTick(console)
+	select {
+	case <-ctx.Done():
+		return 0, ctx.Err()
+	case <-time.After(window):
+	}
+	return float64(mustTick(console)-n0) / time.Since(t0).Seconds(), nil
 }
 
 func mustTick(console string) uint64 {

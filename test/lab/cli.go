@@ -25,8 +25,10 @@ const cliUsage = `usage: axctl lab <command> [flags]
   demo     up, ledger client, FT protection, host a killed, guest resumed on b, down;
            ends with a key=value summary
   bench    time lab up, guest boot to first ack and teardown over --runs cycles
-  bench-ft FT's pause, epochs/s, guest slowdown, bytes per page, failover time
-  bench-disk guest disk write throughput and latency at none, HA and FT
+  bench-ft FT's pause, epochs/s, guest slowdown, bytes per page, failover time; then
+           pause, slowdown and failover of a libvirt domain in the same run (÷ AX-started)
+  bench-disk guest disk write throughput and latency at none, HA and FT; then a
+           libvirt domain's (its disk on the mirror path) in the same run (÷ AX-started)
   bench-restart axd restarted (primary, secondary) → protected again; planned failover
            → running on the partner and protected back; axd killed → guest stopped
   bench-witness failover time (host killed → guest running on the partner) with the

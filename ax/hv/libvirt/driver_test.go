@@ -325,6 +325,52 @@ func TestControlHungQEMU(t *testing.T) {
 	}
 }
 
+// TestControlCancelledKeepsMonitor: a command whose caller gives up (its
+// context cancelled: protection ending mid-checkpoint) does not close the
+// domain's monitor — the guest's resume and the disk mirror's teardown
+// that follow go through it.
+func TestControlCancelledKeepsMonitor(t *testing.T) {
+	drv, f := newTestDriver(t)
+	f.define("vm1")
+	f.setState("vm1", golibvirt.DomainRunning)
+	slow := make(chan struct{})
+	var mu sync.Mutex
+	var ran []string
+	f.qmp = func(cmd string) (string, error) {
+		if strings.Contains(cmd, `"stop"`) {
+			<-slow
+		}
+		mu.Lock()
+		ran = append(ran, cmd)
+		mu.Unlock()
+		return `{"return":{}}`, nil
+	}
+	mon, err := drv.Domain(api.Guest{Name: "vm1"}).Control(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mon.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { errc <- mon.Stop(ctx) }()
+	time.Sleep(10 * time.Millisecond)
+	cancel()
+	if err := <-errc; !errors.Is(err, context.Canceled) {
+		t.Errorf("cancelled stop: %v, want context.Canceled", err)
+	}
+	close(slow)
+	cctx, ccancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer ccancel()
+	if err := mon.Cont(cctx); err != nil {
+		t.Fatalf("cont after a cancelled stop: %v", err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(ran) == 0 || !strings.Contains(ran[len(ran)-1], `"cont"`) {
+		t.Errorf("libvirt passed %q, want the cont to reach QEMU", ran)
+	}
+}
+
 func TestStartDefined(t *testing.T) {
 	drv, f := newTestDriver(t)
 	f.define("vm1", "/var/lib/nova/instances/u/disk")

@@ -38,7 +38,7 @@ var errMonitorClosed = errors.New("libvirt monitor closed")
 func (m *monitor) Connect() error { return nil }
 
 // Disconnect ends the monitor: a command waiting for libvirt returns at
-// once (qemu.QMP closes its monitor when a command outlives its context).
+// once (qemu.QMP closes its monitor when a command outlives its deadline).
 func (m *monitor) Disconnect() error {
 	m.cancel()
 	return nil
