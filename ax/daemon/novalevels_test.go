@@ -32,6 +32,16 @@ func novaCloud(t *testing.T, host string, meta map[string]string) (*novatest.Clo
 	return c, cl
 }
 
+// novaDomainStatus is novaDomain's status on d (zero if d does not know it).
+func novaDomainStatus(d *Daemon) api.VMStatus {
+	for _, s := range d.status().VMs {
+		if s.Name == novaDomain {
+			return s
+		}
+	}
+	return api.VMStatus{}
+}
+
 // novaHost is fakeHost (host b, partner a) taking levels from cloud,
 // reconciled by the test's calls.
 func novaHost(t *testing.T, cloud NovaCloud) (*Daemon, *discoveringFake) {
@@ -254,14 +264,7 @@ func TestNovaLevelsApplyLive(t *testing.T) {
 			c.Nova = &NovaConfig{Cloud: cl, Poll: 100 * time.Millisecond, Resync: 2 * time.Second}
 		}
 	})
-	status := func(d *Daemon) api.VMStatus {
-		for _, s := range d.status().VMs {
-			if s.Name == novaDomain {
-				return s
-			}
-		}
-		return api.VMStatus{}
-	}
+	status := novaDomainStatus
 	seen := func() string {
 		return fmt.Sprintf("a %+v\nb %+v\nax:status %q\n%s", status(p.a), status(p.b), cloud.Metadata(novaServerID)[nova.StatusKey],
 			strings.Join(events(p.a, "nova"), "\n"))
