@@ -534,7 +534,7 @@ func (n *novaLevels) Level(ctx context.Context, dom *libvirt.Identity) (Choice, 
 	n.hooked[dom.Name] = time.Now()
 	n.mu.Unlock()
 	if a.Level == "" {
-		return Choice{}, nil
+		return Choice{From: "none in Nova: no " + nova.LevelKey + " in its server metadata or flavor, no " + nova.ImageLevelKey + " in its image"}, nil
 	}
 	return Choice{Level: a.Level, Peer: a.Peer, From: a.From + " in Nova"}, nil
 }

@@ -252,7 +252,8 @@ func TestNovaLevelsStatusText(t *testing.T) {
 
 // A server's level changed in Nova — ft, then ha, then none — is
 // applied live on the running domain, each step written back as its
-// ax:status and counted.
+// ax:status and counted; an outage of Nova between changes leaves FT as
+// it is.
 func TestNovaLevelsApplyLive(t *testing.T) {
 	spec := novaSpec(t)
 	cloud, cl := novaCloud(t, "a", map[string]string{"ax:level": "ft", "owner": "ops"})
@@ -277,6 +278,15 @@ func TestNovaLevelsApplyLive(t *testing.T) {
 		return a.State == "protected" && a.Level == api.LevelFT && b.Role == api.RoleSecondary
 	}, seen)
 	until(t, "ax:status of FT", axStatus("ft towards b: protected (server metadata ax:level)"), seen)
+
+	// Nova down: what is applied stays, an alarm says so; back: noted.
+	cloud.SetDown(true)
+	until(t, "an alarm while Nova is down", func() bool { return len(events(p.a, "alarm")) > 0 }, seen)
+	if a := status(p.a); a.State != "protected" || a.Level != api.LevelFT || !strings.Contains(events(p.a, "alarm")[0], "Nova cannot be reached") {
+		t.Errorf("while Nova is down: %+v, alarms %q", a, events(p.a, "alarm"))
+	}
+	cloud.SetDown(false)
+	until(t, "Nova back", func() bool { return strings.Contains(strings.Join(events(p.a, "nova"), "\n"), "Nova answers again") }, seen)
 
 	cloud.SetMetadata(novaServerID, "ax:level", "ha")
 	until(t, "HA from Nova", func() bool { a := status(p.a); return a.State == "protected" && a.Level == api.LevelHA }, seen)
@@ -330,5 +340,44 @@ func TestNovaLevelsHookAsksNova(t *testing.T) {
 	}
 	if got := testutil.ToFloat64(p.a.nova.applies.WithLabelValues("ok")); got != 0 {
 		t.Errorf("the reconciler applied %v levels to a BUILD server", got)
+	}
+}
+
+// A server deleted in Nova (changes-since shows it DELETED) or moved to
+// another host (seen at the resync: the host filter hides it) is no
+// longer reconciled here, and an event says so.
+func TestNovaLevelsServerLeaves(t *testing.T) {
+	c, cl := novaCloud(t, "b", map[string]string{"ax:level": "none"})
+	c.AddServer(novatest.Server{ID: id2, Name: "moving", InstanceName: "instance-00000030", Host: "b", Metadata: map[string]string{"ax:level": "none"}})
+	d, _ := novaHost(t, cl)
+	ctx := context.Background()
+	if err := d.nova.reconcile(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(d.nova.servers); n != 2 {
+		t.Fatalf("%d servers reconciled", n)
+	}
+	c.Update(novaServerID, func(s *novatest.Server) { s.Deleted = true })
+	c.Update(id2, func(s *novatest.Server) { s.Host = "c" })
+	if err := d.nova.reconcile(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := d.nova.servers[novaServerID]; ok {
+		t.Error("the deleted server is still reconciled")
+	}
+	if _, ok := d.nova.servers[id2]; !ok {
+		t.Error("the moved server left before the resync: the host filter cannot show a move")
+	}
+	if err := d.nova.reconcile(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(d.nova.servers); n != 0 {
+		t.Errorf("%d servers still reconciled after the resync", n)
+	}
+	ev := strings.Join(events(d, "nova"), "\n")
+	for _, want := range []string{"web-1 (" + novaServerID + ") was deleted", "moving (" + id2 + ") is no longer on host b"} {
+		if !strings.Contains(ev, want) {
+			t.Errorf("no event says %q: %s", want, ev)
+		}
 	}
 }
