@@ -258,9 +258,6 @@ func (n *novaLevels) settle(ctx context.Context, full bool) {
 		if e.refused != "" {
 			refused++
 		}
-		if full {
-			e.failed = "" // tried again
-		}
 	}
 	for name, at := range n.hooked {
 		if time.Since(at) >= hookApplyTimeout {
@@ -281,7 +278,7 @@ func (n *novaLevels) settle(ctx context.Context, full bool) {
 		if !ok {
 			continue
 		}
-		n.act(&cp)
+		n.act(&cp, full)
 		text, write := n.status(&cp)
 		if !write || nova.Truncate(text, nova.MaxValue) == cp.s.Metadata[nova.StatusKey] {
 			continue
@@ -350,14 +347,16 @@ func (n *novaLevels) partner(a nova.Asked) (string, string) {
 	return "", ""
 }
 
-// act starts applying what e asks when axd does something else.
-func (n *novaLevels) act(e *novaServer) {
+// act starts applying what e asks when axd does something else; what
+// failed to apply is tried again at a resync (retry), or when Nova asks
+// something else. Until it is applied, e's status says why it is not.
+func (n *novaLevels) act(e *novaServer, retry bool) {
 	a, name := e.asked, e.s.InstanceName
 	if a.Level == "" || e.refused != "" || e.s.Status != "ACTIVE" || names.Check("vm", name) != nil {
 		return
 	}
-	if e.failed != "" && e.want == a {
-		return // until the next resync, or another ask
+	if e.failed != "" && e.want == a && !retry {
+		return
 	}
 	peer, why := n.partner(a)
 	if a.Level != api.LevelNone && why != "" {
@@ -389,8 +388,11 @@ func (n *novaLevels) act(e *novaServer) {
 		err := n.apply(name, a, peer, w)
 		n.mu.Lock()
 		delete(n.applying, name)
-		if cur, ok := n.servers[id]; ok && err != nil {
-			cur.failed, cur.want = err.Error(), a
+		if cur, ok := n.servers[id]; ok {
+			cur.failed, cur.want = "", a
+			if err != nil {
+				cur.failed = err.Error()
+			}
 		}
 		n.mu.Unlock()
 		if err != nil {

@@ -381,3 +381,53 @@ func TestNovaLevelsServerLeaves(t *testing.T) {
 		}
 	}
 }
+
+// A level that fails to apply is written back with why, tried again at
+// each resync, and while it keeps failing the same way ax:status is not
+// written again.
+func TestNovaLevelsApplyFails(t *testing.T) {
+	c, cl := novaCloud(t, "b", map[string]string{"ax:level": "ft"})
+	d, disc := novaHost(t, cl) // the driver cannot discover novaDomain
+	ctx := context.Background()
+	failures := func() int {
+		n := 0
+		for _, e := range events(d, "nova") {
+			if strings.Contains(e, "ft (server metadata ax:level) not applied") {
+				n++
+			}
+		}
+		return n
+	}
+	reconcile := func(full bool, wantFailures int) {
+		t.Helper()
+		if err := d.nova.reconcile(ctx, full); err != nil {
+			t.Fatal(err)
+		}
+		until(t, fmt.Sprintf("%d failed applies", wantFailures), func() bool { return failures() >= wantFailures },
+			func() string { return strings.Join(events(d, "nova"), "\n") })
+		until(t, "the apply done", func() bool {
+			d.nova.mu.Lock()
+			defer d.nova.mu.Unlock()
+			return !d.nova.applying[novaDomain]
+		}, func() string { return "still applying" })
+	}
+	reconcile(true, 1)
+	reconcile(false, 1)
+	want := "ft towards a asked (server metadata ax:level) not applied: VM instance-0000002a is not defined here, and discovering it failed"
+	if got := c.Metadata(novaServerID)[nova.StatusKey]; !strings.HasPrefix(got, want) {
+		t.Fatalf("ax:status %q, want %q", got, want)
+	}
+	puts := c.Count("PUT", "/metadata/ax:status")
+	reconcile(true, 2)
+	reconcile(true, 3)
+	reconcile(false, 3)
+	if got := c.Count("PUT", "/metadata/ax:status"); got != puts {
+		t.Errorf("%d writes of the same failure, want %d", got, puts)
+	}
+	if len(disc.asked) != 3 {
+		t.Errorf("discovered %d times, want 3 (once, then at each resync)", len(disc.asked))
+	}
+	if got := testutil.ToFloat64(d.nova.applies.WithLabelValues("error")); got != 3 {
+		t.Errorf("ax_nova_applies_total{error} %v", got)
+	}
+}
