@@ -44,6 +44,7 @@ type Client struct {
 	timeout time.Duration
 
 	mu      sync.Mutex
+	pc      *gophercloud.ProviderClient
 	compute *gophercloud.ServiceClient
 	image   *gophercloud.ServiceClient
 }
@@ -75,35 +76,65 @@ func New(cfg Config) (*Client, error) {
 	return &Client{ao: ao, eo: eo, tls: tlsCfg, timeout: cfg.Timeout}, nil
 }
 
-// clients authenticates once and returns the compute and image clients.
-func (c *Client) clients(ctx context.Context) (*gophercloud.ServiceClient, *gophercloud.ServiceClient, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.compute != nil {
-		return c.compute, c.image, nil
+// provider authenticates once (c.mu held).
+func (c *Client) provider(ctx context.Context) (*gophercloud.ProviderClient, error) {
+	if c.pc != nil {
+		return c.pc, nil
 	}
 	pc, err := config.NewProviderClient(ctx, c.ao, config.WithHTTPClient(http.Client{Timeout: c.timeout}), config.WithTLSConfig(c.tls))
 	if err != nil {
-		return nil, nil, fmt.Errorf("keystone at %s: %w", c.ao.IdentityEndpoint, err)
+		return nil, fmt.Errorf("keystone at %s: %w", c.ao.IdentityEndpoint, err)
+	}
+	c.pc = pc
+	return pc, nil
+}
+
+// computeClient is Nova's client at Microversion.
+func (c *Client) computeClient(ctx context.Context) (*gophercloud.ServiceClient, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.compute != nil {
+		return c.compute, nil
+	}
+	pc, err := c.provider(ctx)
+	if err != nil {
+		return nil, err
 	}
 	compute, err := openstack.NewComputeV2(pc, c.eo)
 	if err != nil {
-		return nil, nil, fmt.Errorf("no compute endpoint in the catalog: %w", err)
+		return nil, fmt.Errorf("no compute endpoint in the catalog: %w", err)
 	}
 	compute.Microversion = Microversion
+	c.compute = compute
+	return compute, nil
+}
+
+// imageClient is Glance's client, made at its first use: Glance's
+// catalog endpoint has no version and is asked for one, so Glance down
+// does not keep Nova's levels from being read.
+func (c *Client) imageClient(ctx context.Context) (*gophercloud.ServiceClient, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.image != nil {
+		return c.image, nil
+	}
+	pc, err := c.provider(ctx)
+	if err != nil {
+		return nil, err
+	}
 	image, err := openstack.NewImageV2(pc, c.eo)
 	if err != nil {
-		return nil, nil, fmt.Errorf("no image endpoint in the catalog: %w", err)
+		return nil, fmt.Errorf("no image endpoint in the catalog, or Glance did not say its version: %w", err)
 	}
-	c.compute, c.image = compute, image
-	return compute, image, nil
+	c.image = image
+	return image, nil
 }
 
 // Servers lists the servers Nova has on compute host host (all projects;
 // it takes an admin's role), those changed since since when it is not
 // zero — deleted ones included, Nova's changes-since says so.
 func (c *Client) Servers(ctx context.Context, host string, since time.Time) ([]Server, error) {
-	compute, _, err := c.clients(ctx)
+	compute, err := c.computeClient(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -137,7 +168,7 @@ func (c *Client) Server(ctx context.Context, id string) (Server, error) {
 	if err := checkID("server", id); err != nil {
 		return Server{}, err
 	}
-	compute, _, err := c.clients(ctx)
+	compute, err := c.computeClient(ctx)
 	if err != nil {
 		return Server{}, err
 	}
@@ -153,7 +184,7 @@ func (c *Client) ImageLevel(ctx context.Context, id string) (string, error) {
 	if err := checkID("image", id); err != nil {
 		return "", err
 	}
-	_, image, err := c.clients(ctx)
+	image, err := c.imageClient(ctx)
 	if err != nil {
 		return "", err
 	}
@@ -177,7 +208,7 @@ func (c *Client) SetStatus(ctx context.Context, id, text string) error {
 	if err := checkID("server", id); err != nil {
 		return err
 	}
-	compute, _, err := c.clients(ctx)
+	compute, err := c.computeClient(ctx)
 	if err != nil {
 		return err
 	}

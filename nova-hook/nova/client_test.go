@@ -189,3 +189,25 @@ func TestNewRefuses(t *testing.T) {
 		t.Errorf("good clouds.yaml: %v", err)
 	}
 }
+
+// Glance down keeps no server's metadata or flavor level from being read:
+// only the image property waits for it.
+func TestGlanceDown(t *testing.T) {
+	c, cl := cloud(t)
+	ctx := context.Background()
+	c.SetGlanceDown(true)
+	got, err := cl.Servers(ctx, "a", time.Time{})
+	if err != nil || len(got) != 2 {
+		t.Fatalf("servers while Glance is down: %+v %v", got, err)
+	}
+	if err := cl.SetStatus(ctx, web, "x"); err != nil {
+		t.Errorf("ax:status while Glance is down: %v", err)
+	}
+	if _, err := cl.ImageLevel(ctx, img); err == nil || !strings.Contains(err.Error(), "503") {
+		t.Errorf("image level while Glance is down: %v", err)
+	}
+	c.SetGlanceDown(false)
+	if lvl, err := cl.ImageLevel(ctx, img); err != nil || lvl != "ha" {
+		t.Errorf("image level once Glance is back: %q %v", lvl, err)
+	}
+}

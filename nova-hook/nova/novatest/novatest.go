@@ -46,15 +46,16 @@ type Server struct {
 type Cloud struct {
 	URL string
 
-	mu       sync.Mutex
-	now      func() time.Time
-	token    string
-	servers  map[string]*Server
-	images   map[string]map[string]string
-	down     bool
-	failNext int
-	failCode int
-	requests []string
+	mu         sync.Mutex
+	now        func() time.Time
+	token      string
+	servers    map[string]*Server
+	images     map[string]map[string]string
+	down       bool
+	glanceDown bool
+	failNext   int
+	failCode   int
+	requests   []string
 }
 
 // New starts a fake cloud, stopped at t's end.
@@ -154,6 +155,13 @@ func (c *Cloud) SetDown(down bool) {
 	c.down = down
 }
 
+// SetGlanceDown makes Glance alone answer 503 until SetGlanceDown(false).
+func (c *Cloud) SetGlanceDown(down bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.glanceDown = down
+}
+
 // FailNext answers the next n requests with HTTP code.
 func (c *Cloud) FailNext(n, code int) {
 	c.mu.Lock()
@@ -198,6 +206,9 @@ func (c *Cloud) serve(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case c.down:
 		fault(w, http.StatusServiceUnavailable, "serviceUnavailable", "the service is down")
+		return
+	case c.glanceDown && strings.HasPrefix(r.URL.Path, "/image"):
+		fault(w, http.StatusServiceUnavailable, "serviceUnavailable", "glance is down")
 		return
 	case c.failNext > 0:
 		c.failNext--
