@@ -110,7 +110,7 @@ func newNovaLevels(d *Daemon, c NovaConfig) *novaLevels {
 	n.reachable = prometheus.NewGauge(prometheus.GaugeOpts{Name: "ax_nova_reachable",
 		Help: "1 while Nova answered axd's last request, 0 while it does not."})
 	n.refused = prometheus.NewGauge(prometheus.GaugeOpts{Name: "ax_nova_levels_refused",
-		Help: "Servers of this host whose level asked in Nova axd refuses (see their ax:status)."})
+		Help: "Servers of this host whose ax:level or ax_level is not ft, ha or none, or whose ax:peer is not a host name (see their ax:status)."})
 	d.reg.MustRegister(n.polls, n.applies, n.writes, n.reachable, n.refused)
 	return n
 }
@@ -280,8 +280,8 @@ func (n *novaLevels) settle(ctx context.Context, full bool) {
 		}
 		n.act(&cp, full)
 		text, write := n.status(&cp)
-		if !write || nova.Truncate(text, nova.MaxValue) == cp.s.Metadata[nova.StatusKey] {
-			continue
+		if !write || !nova.Writable(cp.s.Status) || nova.Truncate(text, nova.MaxValue) == cp.s.Metadata[nova.StatusKey] {
+			continue // a BUILD server's is written once it is ACTIVE
 		}
 		if err := n.cloud.SetStatus(ctx, id, text); err != nil {
 			n.writes.WithLabelValues("error").Inc()

@@ -69,6 +69,9 @@ func TestNovaLevelsRefuse(t *testing.T) {
 	c.AddServer(novatest.Server{ID: id3, Name: "p2", InstanceName: "instance-00000031", Host: "b", Metadata: map[string]string{"ax:level": "ha", "ax:peer": "zz"}})
 	c.AddServer(novatest.Server{ID: id4, Name: "p3", InstanceName: "a;rm -rf", Host: "b", Metadata: map[string]string{"ax:level": "ha"}})
 	c.AddServer(novatest.Server{ID: id5, Name: "p4", InstanceName: "instance-00000032", Host: "b", Flavor: "m1.gold", FlavorSpecs: map[string]string{"ax:level": "platinum"}})
+	// Nova refuses metadata writes before a server is launched: none is tried.
+	const building = "3c4d5e6f-7a8b-4c9d-8e0f-1a2b3c4d5e6f"
+	c.AddServer(novatest.Server{ID: building, Name: "p5", InstanceName: "instance-00000033", Host: "b", Status: "BUILD", Metadata: map[string]string{"ax:level": "gold"}})
 	d, disc := novaHost(t, cl)
 	if err := d.nova.reconcile(context.Background(), true); err != nil {
 		t.Fatal(err)
@@ -87,12 +90,22 @@ func TestNovaLevelsRefuse(t *testing.T) {
 	if len(disc.asked) != 0 || len(disc.Calls()) != 0 {
 		t.Errorf("the hypervisor was asked: %v %v", disc.asked, disc.Calls())
 	}
+	if n := c.Count("PUT", building); n != 0 || testutil.ToFloat64(d.nova.writes.WithLabelValues("error")) != 0 {
+		t.Errorf("%d writes tried on a BUILD server", n)
+	}
+	c.Update(building, func(s *novatest.Server) { s.Status = "ACTIVE" })
+	if err := d.nova.reconcile(context.Background(), false); err != nil {
+		t.Fatal(err)
+	}
+	if got := c.Metadata(building)[nova.StatusKey]; !strings.HasPrefix(got, `refused: server metadata ax:level is "gold"`) {
+		t.Errorf("ax:status once ACTIVE %q", got)
+	}
 	if st := d.status(); len(st.VMs) != 0 {
 		t.Errorf("VMs defined: %+v", st.VMs)
 	}
-	if got := testutil.ToFloat64(d.nova.refused); got != 3 {
+	if got := testutil.ToFloat64(d.nova.refused); got != 4 {
 		// id3 and id4 are refused by axd, not by what Nova holds.
-		t.Errorf("ax_nova_levels_refused %v, want 3", got)
+		t.Errorf("ax_nova_levels_refused %v, want 4", got)
 	}
 	if n := len(events(d, "nova")); n < 3 {
 		t.Errorf("nova events %q", events(d, "nova"))

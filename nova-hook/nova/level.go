@@ -54,6 +54,17 @@ type Server struct {
 	ImageID string
 }
 
+// Writable says whether Nova takes metadata writes for a server in
+// status: it refuses them (409) before the server was launched and in
+// states other than ACTIVE, PAUSED, SUSPENDED and SHUTOFF.
+func Writable(status string) bool {
+	switch status {
+	case "ACTIVE", "PAUSED", "SUSPENDED", "SHUTOFF":
+		return true
+	}
+	return false
+}
+
 // Asked is the level asked for a server, where it was found, and the
 // partner named with it ("": the host's only one). A zero Asked is no
 // level asked.

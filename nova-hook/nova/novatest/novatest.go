@@ -445,6 +445,14 @@ func (c *Cloud) putMetadatum(w http.ResponseWriter, r *http.Request, id, key str
 		fault(w, http.StatusNotFound, "itemNotFound", "Instance "+id+" could not be found.")
 		return
 	}
+	switch s.Status {
+	case "ACTIVE", "PAUSED", "SUSPENDED", "SHUTOFF":
+	default:
+		// Nova's update_instance_metadata: vm_state active, paused,
+		// suspended or stopped, and launched (BUILD is not yet).
+		fault(w, http.StatusConflict, "conflictingRequest", "Instance "+id+" is in an invalid state for 'update metadata'")
+		return
+	}
 	var body struct {
 		Meta map[string]string `json:"meta"`
 	}
