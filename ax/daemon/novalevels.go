@@ -279,9 +279,15 @@ func (n *novaLevels) settle(ctx context.Context, full bool) {
 			continue
 		}
 		n.act(&cp, full)
+		n.mu.Lock()
+		applying := n.applying[cp.s.InstanceName]
+		n.mu.Unlock()
 		text, write := n.status(&cp)
-		if !write || !nova.Writable(cp.s.Status) || nova.Truncate(text, nova.MaxValue) == cp.s.Metadata[nova.StatusKey] {
-			continue // a BUILD server's is written once it is ACTIVE
+		switch {
+		case !write || nova.Truncate(text, nova.MaxValue) == cp.s.Metadata[nova.StatusKey]:
+			continue
+		case !nova.Writable(cp.s.Status) || applying:
+			continue // written once it is launched, or once the apply ends
 		}
 		if err := n.cloud.SetStatus(ctx, id, text); err != nil {
 			n.writes.WithLabelValues("error").Inc()

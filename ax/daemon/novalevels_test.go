@@ -431,6 +431,9 @@ func TestNovaLevelsApplyFails(t *testing.T) {
 		t.Fatalf("ax:status %q, want %q", got, want)
 	}
 	puts := c.Count("PUT", "/metadata/ax:status")
+	if puts != 1 {
+		t.Errorf("%d writes, want 1: none while the apply ran", puts)
+	}
 	reconcile(true, 2)
 	reconcile(true, 3)
 	reconcile(false, 3)
