@@ -168,7 +168,7 @@ func (n *novaLevels) reconcile(ctx context.Context, full bool) error {
 		for id, e := range n.servers {
 			if !seen[id] {
 				delete(n.servers, id)
-				n.d.event(e.s.InstanceName, "nova", fmt.Sprintf("Nova: server %s (%s) is no longer on host %s: AX no longer takes its level from Nova here; its protection is left as it is",
+				n.d.event(eventVM(e.s.InstanceName), "nova", fmt.Sprintf("Nova: server %s (%s) is no longer on host %s: AX no longer takes its level from Nova here; its protection is left as it is",
 					e.s.Name, id, n.host))
 			}
 		}
@@ -189,8 +189,8 @@ func (n *novaLevels) read(ctx context.Context, s nova.Server) {
 	if s.Status == "DELETED" || s.Host != n.host {
 		if old != nil {
 			delete(n.servers, s.ID)
-			n.d.event(s.InstanceName, "nova", fmt.Sprintf("Nova: server %s (%s) %s: AX no longer takes its level from Nova here",
-				s.Name, s.ID, map[bool]string{true: "was deleted", false: "moved to host " + s.Host}[s.Status == "DELETED"]))
+			n.d.event(eventVM(s.InstanceName), "nova", fmt.Sprintf("Nova: server %s (%s) %s: AX no longer takes its level from Nova here",
+				s.Name, s.ID, map[bool]string{true: "was deleted", false: fmt.Sprintf("moved to host %q", nova.Truncate(s.Host, 64))}[s.Status == "DELETED"]))
 		}
 		n.mu.Unlock()
 		return
@@ -215,9 +215,9 @@ func (n *novaLevels) read(ctx context.Context, s nova.Server) {
 	if old == nil || old.asked != e.asked || old.refused != e.refused {
 		switch {
 		case e.refused != "":
-			n.d.event(s.InstanceName, "nova", fmt.Sprintf("Nova: server %s (%s): refused: %s", s.Name, s.ID, e.refused))
+			n.d.event(eventVM(s.InstanceName), "nova", fmt.Sprintf("Nova: server %s (%s): refused: %s", s.Name, s.ID, e.refused))
 		case e.asked.Level != "":
-			n.d.event(s.InstanceName, "nova", fmt.Sprintf("Nova: server %s (%s) asks %s (%s)", s.Name, s.ID, e.asked.Level, e.asked.From))
+			n.d.event(eventVM(s.InstanceName), "nova", fmt.Sprintf("Nova: server %s (%s) asks %s (%s)", s.Name, s.ID, e.asked.Level, e.asked.From))
 		}
 	}
 	if e.readErr != "" && old != nil {
@@ -227,6 +227,15 @@ func (n *novaLevels) read(ctx context.Context, s nova.Server) {
 		return
 	}
 	n.servers[s.ID] = e
+}
+
+// eventVM is the VM an event about domain name is of: "" when the name
+// Nova gave is not one AX takes (its events name no such VM).
+func eventVM(name string) string {
+	if names.Check("vm", name) != nil {
+		return ""
+	}
+	return name
 }
 
 // imageLevel is image id's ax_level, read once per resync.
@@ -492,7 +501,9 @@ func (n *novaLevels) unreachable(err error) {
 	}
 	n.mu.Unlock()
 	if first {
-		n.d.event("", "alarm", fmt.Sprintf("Nova cannot be reached (%v): AX keeps every level it applied; what changes in Nova is applied when it answers again", err))
+		// Bounded: the error quotes what the far end answered.
+		n.d.event("", "alarm", fmt.Sprintf("Nova cannot be reached (%s): AX keeps every level it applied; what changes in Nova is applied when it answers again",
+			nova.Truncate(err.Error(), 400)))
 		return
 	}
 	n.warnf("Nova still cannot be reached: %v", err)
