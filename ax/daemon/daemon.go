@@ -119,8 +119,11 @@ type Config struct {
 	// hookSweep ("": StateDir/hook-spool, api.DefaultHookSpool by default).
 	HookSpool string
 	// Levels says at which level a domain Nova starts is protected (nil:
-	// MetadataLevels, its <ax:level>).
+	// Nova's answer with Nova set, else MetadataLevels, its <ax:level>).
 	Levels LevelSource
+	// Nova, when set, is where this host's servers' levels come from:
+	// polled, applied live, and what AX did written back (novalevels.go).
+	Nova *NovaConfig
 	// Store keeps each VM's protection state across axd's restarts (nil:
 	// files in StateDir/state).
 	Store vm.Store
@@ -198,6 +201,9 @@ func (c *Config) defaults() error {
 	if c.RestartGrace < 0 || c.RestartGrace > replication.MaxRestartGrace {
 		return fmt.Errorf("axd: --restart-grace %s out of range [0, %s]", c.RestartGrace, replication.MaxRestartGrace)
 	}
+	if c.Nova != nil && c.Nova.Cloud == nil {
+		return errors.New("axd: Nova levels without a cloud to ask")
+	}
 	if c.Log == nil {
 		c.Log = slog.New(slog.DiscardHandler)
 	}
@@ -218,6 +224,7 @@ type Daemon struct {
 	hb           *heartbeat.Detector
 	repl         *replication.Server
 	wit          witness.Leases // nil without a witness
+	nova         *novaLevels    // nil without Config.Nova
 	nbd          *nbd.Server    // primaries' disk mirrors write here
 	book         *reserve.Book  // capacity promised to partners' VMs
 	store        vm.Store       // written at every change of a VM's state
@@ -299,6 +306,12 @@ func New(cfg Config) (*Daemon, error) {
 		Disks: d.replicaDiskSink, Level: d.replicaLevel,
 	}, cfg.Log)
 	d.nbd = nbd.NewServer(cfg.Log)
+	if cfg.Nova != nil {
+		d.nova = newNovaLevels(d, *cfg.Nova)
+		if d.cfg.Levels == nil {
+			d.cfg.Levels = d.nova
+		}
+	}
 	return d, nil
 }
 
@@ -440,6 +453,9 @@ func (d *Daemon) Run(ctx context.Context, ready func()) error {
 	}
 	d.restore(recs)
 	d.replayHooks()
+	if d.nova != nil {
+		d.wg.Go(func() { d.nova.run(ctx) })
+	}
 	if ready != nil {
 		ready()
 	}

@@ -31,7 +31,8 @@ type LevelSource interface {
 }
 
 // Choice is a level asked for a domain, where it was found, and the
-// partner named with it ("" : the host's only one).
+// partner named with it ("" : the host's only one). With no level, From
+// may say where none was found.
 type Choice struct {
 	Level, Peer string
 	From        string
@@ -177,7 +178,10 @@ func (d *Daemon) applyHookLevel(dom *libvirt.Identity) {
 		say("not protected: its level could not be read: %v", err)
 		return
 	case c.Level == "":
-		say("no level asked (no <ax:level> in its metadata): left alone")
+		if c.From == "" {
+			c.From = "no <ax:level> in its metadata"
+		}
+		say("no level asked (%s): left alone", c.From)
 		return
 	case c.Level == api.LevelNone:
 		say("level none asked (%s): left alone", c.From)

@@ -214,14 +214,7 @@ func TestLibvirtHookProtectsAndEnds(t *testing.T) {
 			c.Hypervisor = disc
 		}
 	})
-	status := func(d *Daemon) api.VMStatus {
-		for _, s := range d.status().VMs {
-			if s.Name == novaDomain {
-				return s
-			}
-		}
-		return api.VMStatus{}
-	}
+	status := novaDomainStatus
 	seen := func() string {
 		return fmt.Sprintf("a %+v\nb %+v\n%s", status(p.a), status(p.b), strings.Join(events(p.a, "hook"), "\n"))
 	}

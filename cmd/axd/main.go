@@ -91,6 +91,8 @@ func run(ctx context.Context, args []string) error {
 	var libvirtDirs listFlag
 	fs.Var(&libvirtDirs, "libvirt-dir", "with --libvirt: a directory a domain's disks, console and agent socket may be in (repeatable; default "+strings.Join(libvirt.DefaultDirs, ", ")+")")
 	fs.StringVar(&cfg.HookSpool, "hook-spool", "", "where ax-nova-hook (libvirt's qemu hook) leaves the events axd could not take, replayed at start and every 30 s (default STATE-DIR/hook-spool, "+api.DefaultHookSpool+" for the package's axd)")
+	var novaFlags novaFlags
+	novaFlags.add(fs)
 	fs.BoolVar(&cfg.OutputCommit, "output-commit", true, "hold FT guests' network output until its checkpoint commits (off only for tests: clients may then see output a failover undoes)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -174,6 +176,9 @@ func run(ctx context.Context, args []string) error {
 		}
 		defer drv.Close()
 		cfg.Hypervisor = drv
+	}
+	if cfg.Nova, err = novaFlags.config(); err != nil {
+		return err
 	}
 	d, err := daemon.New(cfg)
 	if err != nil {
