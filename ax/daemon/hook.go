@@ -23,8 +23,8 @@ import (
 // about the domain, which waits for the hook.
 
 // LevelSource says at which level, towards which partner, a domain Nova
-// started is to be protected. Config.Levels nil is MetadataLevels; a
-// source asking Nova's API (server metadata, flavor, image) is to come.
+// started is to be protected. Config.Levels nil is MetadataLevels;
+// with --nova-cloud it is Nova's API (novalevels.go).
 type LevelSource interface {
 	// Level returns the level asked for dom; a zero Choice means none is.
 	Level(ctx context.Context, dom *libvirt.Identity) (Choice, error)
