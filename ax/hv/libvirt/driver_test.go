@@ -359,6 +359,19 @@ func TestControlCancelledKeepsMonitor(t *testing.T) {
 		t.Errorf("cancelled stop: %v, want context.Canceled", err)
 	}
 	close(slow)
+	// The abandoned stop still reaches QEMU, in its own time: the cont is
+	// sent once it has, so the order below is the monitor's, not chance's.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+		mu.Lock()
+		n := len(ran)
+		mu.Unlock()
+		if n > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the abandoned stop never reached QEMU")
+		}
+	}
 	cctx, ccancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer ccancel()
 	if err := mon.Cont(cctx); err != nil {
