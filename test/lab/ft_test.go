@@ -402,8 +402,13 @@ func TestIntegrationFTPlannedFailover(t *testing.T) {
 	if sa, err := l.vmStatus(ctx, ca, vm.Name); err != nil || sa.Role != api.RoleSecondary || sa.State != "ready" {
 		t.Errorf("a after b protected vm1 again: %+v %v", sa, err)
 	}
-	events := l.eventsText(ctx, cb)
-	i := strings.Index(events, "declared level ft again, after ")
+	// The gap's event follows the transition (after the store is written).
+	var events string
+	i := -1
+	for deadline := time.Now().Add(5 * time.Second); i < 0 && time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		events = l.eventsText(ctx, cb)
+		i = strings.Index(events, "declared level ft again, after ")
+	}
 	if i < 0 {
 		t.Fatalf("b's events do not say how long vm1 ran unprotected:%s", events)
 	}
