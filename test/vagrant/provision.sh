@@ -37,9 +37,12 @@ client) net public 0 ;;
 esac
 systemctl restart systemd-networkd
 
-# AX from the project's package (its one dependency, QEMU, is in the box).
-dpkg -i "$stage"/ax_*.deb
-axd --version
+# AX from the project's package (its one dependency, QEMU, is in the box);
+# the client gets none.
+if [ "$role" != client ]; then
+	dpkg -i "$stage"/ax_*.deb
+	axd --version
+fi
 
 flags=""
 pki=/etc/ax/pki

@@ -23,13 +23,25 @@ type StageConfig struct {
 	Log      *slog.Logger
 }
 
-// Hosts that get an identity: the hypervisors and the witness.
-var identities = []struct{ name, role string }{{"a", "host"}, {"b", "host"}, {"w", "witness"}}
+// The lab's machines by host name, and what each one gets: an identity
+// (hypervisors and the witness), the package, the guest image
+// (hypervisors), the ledger client (the client).
+var machines = []struct {
+	host, role           string
+	deb, guest, workload bool
+}{
+	{"a", "host", true, true, false},
+	{"b", "host", true, true, false},
+	{"w", "witness", true, false, false},
+	{"c", "", false, false, true},
+}
 
-// Stage fills cfg.Dir with what provision.sh installs: the .deb, a fresh
-// CA's certificates for a, b and w (made here, at lab bring-up: none ships
-// in the package, and each lab gets its own), the lab guest's kernel and
-// initrd, and the ledger client. Dir is emptied first.
+// Stage fills cfg.Dir with one directory per machine (a, b, w, c) of what
+// provision.sh installs there, so that each machine receives only its own:
+// the .deb, the CA certificate and the machine's own certificate and key
+// (a fresh CA made here, at lab bring-up: none ships in the package, each
+// lab gets its own, and its key stays on this host), the lab guest's kernel
+// and initrd, the ledger client. Dir is emptied first.
 func Stage(ctx context.Context, cfg StageConfig) error {
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
@@ -42,31 +54,6 @@ func Stage(ctx context.Context, cfg StageConfig) error {
 			return fmt.Errorf("stage: %w", err)
 		}
 	}
-	if err := os.MkdirAll(filepath.Join(cfg.Dir, "guest"), 0o755); err != nil {
-		return fmt.Errorf("stage: %w", err)
-	}
-	if err := copyFile(cfg.Deb, filepath.Join(cfg.Dir, filepath.Base(cfg.Deb)), 0o644); err != nil {
-		return err
-	}
-	if err := copyFile(filepath.Join(cfg.BinDir, "ax-workload"), filepath.Join(cfg.Dir, "ax-workload"), 0o755); err != nil {
-		return fmt.Errorf("%w (make build makes it)", err)
-	}
-
-	// The identities, made as an operator would: axctl pki.
-	var out bytes.Buffer
-	if err := ctl.PKI([]string{"init", "--dir", cfg.CADir, "--name", "ax-vagrant-lab"}, &out); err != nil {
-		return fmt.Errorf("stage: %w", err)
-	}
-	pki := filepath.Join(cfg.Dir, "pki")
-	for _, id := range identities {
-		if err := ctl.PKI([]string{"issue", "--dir", cfg.CADir, "--out", pki, "--name", id.name, "--role", id.role}, &out); err != nil {
-			return fmt.Errorf("stage: %w", err)
-		}
-	}
-	if err := copyFile(filepath.Join(cfg.CADir, "ca.crt"), filepath.Join(pki, "ca.crt"), 0o644); err != nil {
-		return err
-	}
-
 	img, err := image.Build(ctx, image.Config{
 		CacheDir: cfg.CacheDir,
 		Binaries: []string{filepath.Join(cfg.BinDir, "ax-workload"), filepath.Join(cfg.BinDir, "ax-agent")},
@@ -76,10 +63,36 @@ func Stage(ctx context.Context, cfg StageConfig) error {
 	if err != nil {
 		return fmt.Errorf("stage: guest image: %w", err)
 	}
-	if err := copyFile(img.Kernel, filepath.Join(cfg.Dir, "guest", "vmlinuz"), 0o644); err != nil {
-		return err
+	// The identities, made as an operator would: axctl pki.
+	var out bytes.Buffer
+	if err := ctl.PKI([]string{"init", "--dir", cfg.CADir, "--name", "ax-vagrant-lab"}, &out); err != nil {
+		return fmt.Errorf("stage: %w", err)
 	}
-	return copyFile(img.Initrd, filepath.Join(cfg.Dir, "guest", "initrd"), 0o644)
+	for _, m := range machines {
+		dir := filepath.Join(cfg.Dir, m.host)
+		files := map[string]string{filepath.Join(cfg.CADir, "ca.crt"): filepath.Join(dir, "pki", "ca.crt")}
+		if m.role != "" {
+			if err := ctl.PKI([]string{"issue", "--dir", cfg.CADir, "--out", filepath.Join(dir, "pki"), "--name", m.host, "--role", m.role}, &out); err != nil {
+				return fmt.Errorf("stage: %w", err)
+			}
+		}
+		if m.deb {
+			files[cfg.Deb] = filepath.Join(dir, filepath.Base(cfg.Deb))
+		}
+		if m.guest {
+			files[img.Kernel] = filepath.Join(dir, "guest", "vmlinuz")
+			files[img.Initrd] = filepath.Join(dir, "guest", "initrd")
+		}
+		if m.workload {
+			files[filepath.Join(cfg.BinDir, "ax-workload")] = filepath.Join(dir, "ax-workload")
+		}
+		for from, to := range files {
+			if err := copyFile(from, to, 0o644); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 func copyFile(from, to string, mode os.FileMode) error {
