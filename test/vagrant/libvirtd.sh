@@ -89,6 +89,20 @@ stop)
 	done
 	rm -f "$pidfile"
 	echo "libvirtd: stopped (pid $pid)" >&2
+	# libvirtd leaves its top-level iptables chains behind, empty once its
+	# networks are gone: remove those (only empty ones, in case another
+	# libvirtd put rules there since).
+	if command -v iptables >/dev/null; then
+		for t in filter nat mangle; do
+			for c in $(iptables -t $t -S 2>/dev/null | sed -n 's/^-N \(LIBVIRT_[A-Z]*\)$/\1/p'); do
+				[ "$(iptables -t $t -S "$c" 2>/dev/null | grep -c '^-A')" = 0 ] || continue
+				iptables -t $t -S 2>/dev/null | grep -- "-j $c\$" | sed 's/^-A/-D/' | while read -r rule; do
+					eval iptables -t $t "$rule"
+				done
+				iptables -t $t -X "$c" 2>/dev/null || true
+			done
+		done
+	fi
 	;;
 status)
 	if ours; then echo "ours (pid $(cat "$pidfile"))"; elif answers; then echo "another"; else echo "none"; fi

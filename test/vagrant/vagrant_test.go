@@ -135,8 +135,9 @@ func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''
 
 // lab runs commands on the host and in the machines.
 type lab struct {
-	t    *testing.T
-	root string
+	t         *testing.T
+	root      string
+	sshConfig string // from vagrant ssh-config, once the machines are up
 }
 
 func (l *lab) run(ctx context.Context, name string, args ...string) (string, error) {
@@ -149,9 +150,22 @@ func (l *lab) run(ctx context.Context, name string, args ...string) (string, err
 	return out.String(), err
 }
 
-// ssh runs script as root on machine.
+// ssh runs script as root on machine, with plain ssh and the machines'
+// ssh-config (vagrant ssh would start Ruby for each command: seconds of CPU
+// the nested guest needs more on a small host).
 func (l *lab) ssh(ctx context.Context, machine, script string) (string, error) {
-	return l.run(ctx, "vagrant", "ssh", machine, "-c", "sudo sh -c "+shellQuote(script))
+	if l.sshConfig == "" {
+		out, err := l.run(ctx, "vagrant", "ssh-config")
+		if err != nil {
+			return out, fmt.Errorf("vagrant ssh-config: %w", err)
+		}
+		f := filepath.Join(l.t.TempDir(), "ssh-config")
+		if err := os.WriteFile(f, []byte(out), 0o600); err != nil {
+			return "", err
+		}
+		l.sshConfig = f
+	}
+	return l.run(ctx, "ssh", "-F", l.sshConfig, "-o", "ConnectTimeout=30", machine, "sudo sh -c "+shellQuote(script))
 }
 
 func (l *lab) mustSSH(ctx context.Context, machine, script string) string {
@@ -236,7 +250,7 @@ func TestVagrantFailover(t *testing.T) {
 	t0 := time.Now()
 	l.mustSSH(ctx, "ax-a", script)
 	ping := func() bool {
-		out, err := l.ssh(ctx, "ax-c", "echo PING | nc -w 10 -q 2 "+guestIP+" 7000")
+		out, err := l.ssh(ctx, "ax-c", "echo PING | nc -w 20 -q 10 "+guestIP+" 7000")
 		return err == nil && strings.Contains(out, "PONG")
 	}
 	if !waitFor(ctx, 15*time.Minute, 5*time.Second, ping) {
