@@ -1,12 +1,17 @@
 #!/bin/sh
 # Provisions one machine of the Vagrant lab (run by Vagrant as root):
-#   provision.sh hypervisor|witness|client HOST
-# from what make vagrant-up staged in /tmp/ax-stage: the ax .deb, this
-# lab's certificates (made on the host when the lab came up; none is in
-# the package), the guest image and ax-workload. Addresses: see the
-# Vagrantfile. Safe to run again.
+#   provision.sh hypervisor|witness|client HOST [LEASE-TTL]
+# from what make vagrant-up staged for this machine in /tmp/ax-stage (see
+# test/vagrant.Stage): the ax .deb, this lab's CA certificate and this
+# machine's own certificate and key (made on the host when the lab came
+# up; none is in the package), the guest image, ax-workload. Addresses:
+# see the Vagrantfile. Safe to run again.
+# LEASE-TTL (default 1s, axd's) is the witness's lease length, which the
+# hosts must share: the Vagrantfile gives 10s when the machines run under
+# TCG, where axd in a box with one slow vCPU may renew late and its guard
+# then SIGSTOPs the guest (see the README's Vagrant lab).
 set -eu
-role=$1 host=$2
+role=$1 host=$2 ttl=${3:-1s}
 stage=/tmp/ax-stage
 [ -d "$stage" ] || { echo "provision: $stage missing: bring the lab up with make vagrant-up" >&2; exit 1; }
 case "$host" in
@@ -67,7 +72,7 @@ hypervisor)
 		 --repl-listen 10.78.1.$n:7400 --mgmt-listen 10.78.2.$n:7401 \
 		 --peer $peer=10.78.1.$peern:7400,10.78.2.$peern:7401 \
 		 --witness-addr 10.78.2.13:7402 --witness-name w \
-		 --image-dir /var/lib/ax-guest --bridge br-pub --metrics 127.0.0.1:9477"
+		 --image-dir /var/lib/ax-guest --bridge br-pub --metrics 127.0.0.1:9477 --lease-ttl $ttl"
 		AXW_FLAGS=""
 	EOF
 	systemctl enable axd
@@ -78,7 +83,7 @@ witness)
 	cat >/etc/default/axd <<-EOF
 		# Written by the Vagrant lab's provisioning (test/vagrant/provision.sh).
 		AXD_FLAGS=""
-		AXW_FLAGS="--ca $pki/ca.crt --cert $pki/w.crt --key $pki/w.key --listen 10.78.2.13:7402"
+		AXW_FLAGS="--ca $pki/ca.crt --cert $pki/w.crt --key $pki/w.key --listen 10.78.2.13:7402 --lease-ttl $ttl"
 	EOF
 	systemctl enable ax-witness
 	systemctl restart ax-witness
