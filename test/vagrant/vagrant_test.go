@@ -263,6 +263,13 @@ func TestVagrantFailover(t *testing.T) {
 	t0 = time.Now()
 	l.mustSSH(ctx, "ax-a", "axctl protect vm1 --level ft --peer b")
 	protect := time.Since(t0)
+	// protect returns once the VM is protected, but FT may have fallen back
+	// to HA (a checkpoint that failed): nothing to fail over then.
+	var st api.Status
+	if out := l.mustSSH(ctx, "ax-a", "axctl status --json"); json.Unmarshal([]byte(out), &st) != nil || len(st.VMs) != 1 || st.VMs[0].Level != "ft" {
+		diag, _ := l.ssh(ctx, "ax-a", "axctl status; axctl events | tail -30; tail -20 $(find /var/lib/ax -name guard.log)")
+		t.Fatalf("vm1 is not at level ft after axctl protect:\n%s", diag)
+	}
 	t.Logf("FT protected in %s: %s", protect.Round(time.Second), l.mustSSH(ctx, "ax-a", "axctl status"))
 
 	// The client writes records while a fails.
