@@ -70,3 +70,19 @@ clean: ## remove build output
 
 clean-cache: ## remove downloaded kernels and built guest images
 	rm -rf /var/cache/ax/lab
+
+# The Vagrant multi-host lab (Vagrantfile, test/vagrant): run as root.
+.PHONY: box vagrant-up vagrant-test vagrant-down
+VAGRANT_DEB = $$(GO=$(GO) sh package/build-deb.sh $(BIN))
+
+box: ## the Vagrant lab's box from Debian packages (mmdebstrap, cached in /var/cache/ax/vagrant), added as ax/debian12
+	sh test/vagrant/box.sh
+
+vagrant-up: deps build ## the Vagrant lab: machines ax-a, ax-b, ax-w, ax-c with AX from make deb (starts a system libvirtd if none runs)
+	sh test/vagrant/up.sh "$(VAGRANT_DEB)"
+
+vagrant-test: deps build ## up, FT guest on ax-a, kill ax-a, guest resumes on ax-b, no acked record lost, down (AX_VAGRANT=1; long under TCG, see README)
+	AX_VAGRANT=1 $(GO) test -count=1 -timeout 90m -v -run 'TestVagrant' ./test/vagrant
+
+vagrant-down: ## remove the Vagrant lab and stop the libvirtd vagrant-up started (safe to repeat)
+	sh test/vagrant/down.sh

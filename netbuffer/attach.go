@@ -56,7 +56,7 @@ func attachIngress(nl *netlink.Handle, prog *ebpf.Program, ifindex int, forceCls
 func attachPinned(prog *ebpf.Program, ifindex int, path string) (*tcxAttachment, error) {
 	a, err := attachTCX(prog, ifindex)
 	if errors.Is(err, ebpf.ErrNotSupported) {
-		return nil, fmt.Errorf("a pinned gate needs tcx (Linux ≥ 6.6): %w", err)
+		return nil, fmt.Errorf("%w: %w", ErrPinNeedsTCX, err)
 	}
 	if err != nil {
 		return nil, err

@@ -59,6 +59,11 @@ const (
 	defaultRingBytes = 4 << 20
 )
 
+// ErrPinNeedsTCX means a pinned gate (Config.PinDir) was asked for on a
+// kernel without tcx (Linux < 6.6): only a tcx link can be pinned to keep
+// holding the tap with no process. Attach the gate unpinned there.
+var ErrPinNeedsTCX = errors.New("netbuffer: a pinned gate needs tcx (Linux ≥ 6.6)")
+
 // ErrDetached is returned by a gate's methods after Detach or Leave.
 var ErrDetached = errors.New("netbuffer: gate detached")
 
@@ -154,7 +159,7 @@ func attach(ifindex int, cfg *Config) (*Gate, error) {
 	g.log = g.cfg.Log.With("ifindex", ifindex)
 	g.q = newQueue(chunkSize(g.cfg.MaxBytes))
 	if g.cfg.PinDir != "" && g.cfg.ForceClsact {
-		return nil, errors.New("netbuffer: a pinned gate (Config.PinDir) needs tcx; drop ForceClsact or PinDir")
+		return nil, fmt.Errorf("%w: drop ForceClsact or PinDir", ErrPinNeedsTCX)
 	}
 	if err := g.setup(); err != nil {
 		// An adoption that failed leaves the pinned gate as it found it.
@@ -221,9 +226,14 @@ func (g *Gate) create() (err error) {
 
 	// Last, so that nothing before can fail with the guest's frames held.
 	if g.pins != nil {
-		g.att, err = attachPinned(g.objs.AxGate, g.ifindex, g.pins.path(pinLink))
-		g.mode = ModeTCX
-		return err
+		// Through a local: a failed attach must leave g.att nil, not an
+		// interface holding a nil *tcxAttachment that teardown would call.
+		a, err := attachPinned(g.objs.AxGate, g.ifindex, g.pins.path(pinLink))
+		if err != nil {
+			return err
+		}
+		g.att, g.mode = a, ModeTCX
+		return nil
 	}
 	if g.nl, err = netlink.NewHandleAt(g.ns, unix.NETLINK_ROUTE); err != nil {
 		return fmt.Errorf("netlink: %w", err)
@@ -344,6 +354,10 @@ func (g *Gate) Anchored() bool { return g.anchor != nil }
 // MaxFrame is the longest frame the gate can hold and re-inject; longer
 // ones are dropped (DropTooBig).
 func (g *Gate) MaxFrame() int { return g.maxFrame }
+
+// Pinned reports whether the gate is pinned (Config.PinDir): it then keeps
+// holding the tap after this process lets go (Leave).
+func (g *Gate) Pinned() bool { return g.pins != nil }
 
 // Adopted reports whether Attach adopted a gate pinned in Config.PinDir by
 // an earlier process, rather than making a new one.

@@ -393,8 +393,8 @@ func TestIntegrationPinnedTapGoesAway(t *testing.T) {
 // TestIntegrationPinnedRefusals: what cannot be pinned says so at once.
 func TestIntegrationPinnedRefusals(t *testing.T) {
 	l, dir := pinnedLab(t)
-	if _, err := netbuffer.Attach(tapName, &netbuffer.Config{PinDir: dir, ForceClsact: true}); err == nil || !strings.Contains(err.Error(), "tcx") {
-		t.Errorf("PinDir with ForceClsact: %v, want an error about tcx", err)
+	if _, err := netbuffer.Attach(tapName, &netbuffer.Config{PinDir: dir, ForceClsact: true}); !errors.Is(err, netbuffer.ErrPinNeedsTCX) {
+		t.Errorf("PinDir with ForceClsact: %v, want ErrPinNeedsTCX", err)
 	}
 	plain := filepath.Join(t.TempDir(), "pins")
 	if _, err := netbuffer.Attach(tapName, &netbuffer.Config{PinDir: plain}); err == nil || !strings.Contains(err.Error(), "not on a bpffs") {
@@ -422,6 +422,42 @@ func TestIntegrationPinnedRefusals(t *testing.T) {
 		t.Error("Leave of a gate that is not pinned succeeded")
 	}
 	must(t, g.Release(1)) // the gate is still whole
+	l.expect(t, "release", fs...)
+}
+
+// TestIntegrationPinnedWithoutTCX: on a kernel without tcx (Debian 12's
+// 6.1, as in the Vagrant lab's boxes) a pinned gate is refused with
+// ErrPinNeedsTCX — its failed attach once crashed axd on a nil link in the
+// teardown — leaving no pin behind and the tap as it was; the same gate
+// unpinned then holds (with clsact), which is what axd falls back to.
+func TestIntegrationPinnedWithoutTCX(t *testing.T) {
+	l := newLab(t, false)
+	if probeTCX() == nil {
+		t.Skip("this kernel has tcx; make test-guest-kernel runs this test on Debian's 6.1 kernel, which has none")
+	}
+	dir := pinDir(t)
+	g, err := netbuffer.Attach(tapName, &netbuffer.Config{PinDir: dir})
+	if !errors.Is(err, netbuffer.ErrPinNeedsTCX) {
+		if g != nil {
+			g.Detach()
+		}
+		t.Fatalf("pinned attach without tcx: %v, want ErrPinNeedsTCX", err)
+	}
+	if have := pinned(t, dir); len(have) > 0 {
+		t.Errorf("the refused gate left pins: %v", have)
+	}
+	fs := frames(2, "refused")
+	l.send(t, fs...)
+	l.expect(t, "a refused gate holds nothing", fs...)
+
+	g = attach(t, l, netbuffer.Config{ForceClsact: true}) // what tcx-less kernels get anyway
+	if g.Pinned() {
+		t.Error("an unpinned gate says it is pinned")
+	}
+	fs = frames(2, "unpinned")
+	l.send(t, fs...)
+	l.expectNone(t, quiet, "the unpinned gate holds")
+	must(t, g.Release(1))
 	l.expect(t, "release", fs...)
 }
 

@@ -8,7 +8,11 @@ set -eu
 # libvirt-daemon-system would add an init script that starts a system
 # libvirtd and libvirt-daemon-config-network's autostarted default network
 # (virbr0, with dnsmasq and firewall rules) — both left out on purpose.
-PKGS="qemu-system-x86 qemu-utils iproute2 busybox-static netcat-openbsd ca-certificates prometheus clang llvm libbpf-dev systemd dpkg lintian systemd-container mmdebstrap etcd-server libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients"
+PKGS="qemu-system-x86 qemu-utils iproute2 busybox-static netcat-openbsd ca-certificates prometheus clang llvm libbpf-dev systemd dpkg lintian systemd-container mmdebstrap etcd-server libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients vagrant vagrant-libvirt e2fsprogs openssh-client dnsmasq-base iptables"
+# The Vagrant lab (Vagrantfile): vagrant and its libvirt provider (CI runs
+# vagrant validate); make box builds the box with mmdebstrap, mkfs.ext4 -d
+# and ssh-keygen; the system libvirtd test/vagrant/libvirtd.sh starts needs
+# dnsmasq (the machines' DHCP) and iptables (libvirt's network rules).
 if [ "$(id -u)" != 0 ]; then
 	echo "deps: run as root (the lab needs root anyway): sudo make deps" >&2
 	exit 1

@@ -171,6 +171,13 @@ func (d *Daemon) attachGate(v *vmState) error {
 		Observer: func(delay time.Duration) { d.metrics.ReleaseDelay.WithLabelValues(vm).Observe(delay.Seconds()) }}
 	cfg.PinDir = d.gatePins(vm)
 	g, err := netbuffer.Attach(v.spec.Guest.Tap, cfg)
+	if errors.Is(err, netbuffer.ErrPinNeedsTCX) {
+		// A kernel without tcx (< 6.6) cannot pin a gate: hold the output
+		// all the same, unpinned, and say what that costs.
+		d.event(vm, "alarm", fmt.Sprintf("output gate not pinned (%v): should axd stop or crash, this VM's output passes unheld until it is back", err))
+		cfg.PinDir = ""
+		g, err = netbuffer.Attach(v.spec.Guest.Tap, cfg)
+	}
 	if errors.Is(err, netbuffer.ErrNotAdoptable) {
 		// Pins that do not fit this tap (made for another one, or torn by
 		// a crash): attach afresh.
@@ -396,7 +403,7 @@ func (d *Daemon) stopAll() {
 		if v.prot != nil {
 			prots = append(prots, v.prot)
 		}
-		if v.gate != nil && d.pinGates {
+		if v.gate != nil && v.gate.Pinned() {
 			gates = append(gates, v.gate)
 		}
 		if v.replica != nil {

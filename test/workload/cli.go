@@ -26,7 +26,8 @@ in the guest:
   flood   --path /dev/virtio-ports/…     a hostile agent: garbage into the agent port
 on a client:
   client  --addr IP:7000 --rate 20 --count 100 --record FILE
-  verify  --addr IP:7000 --record FILE   check every acknowledged record is in the ledger
+  verify  --addr IP:7000 --record FILE [--timeout 10s]
+                                         check every acknowledged record is in the ledger
   check   --addr IP:7000                 check the ledger's disk holds exactly its records`
 
 // Main runs one ax-workload command; out receives machine-readable results.
@@ -116,6 +117,7 @@ func Main(ctx context.Context, args []string, out io.Writer) error {
 	case "verify":
 		addr := fs.String("addr", "", "ledger address host:port")
 		record := fs.String("record", "", "the client's record file")
+		timeout := fs.Duration("timeout", 10*time.Second, "how long the ledger may take to list its records (a nested TCG guest needs longer)")
 		if err := parse(); err != nil {
 			return err
 		}
@@ -123,7 +125,7 @@ func Main(ctx context.Context, args []string, out io.Writer) error {
 		if err != nil {
 			return err
 		}
-		recs, err := List(ctx, *addr, 10*time.Second)
+		recs, err := List(ctx, *addr, *timeout)
 		if err != nil {
 			return err
 		}

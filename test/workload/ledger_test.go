@@ -2,6 +2,7 @@ package workload
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"log/slog"
 	"net"
@@ -115,6 +116,14 @@ func TestClientRecordsAndVerifies(t *testing.T) {
 	}
 	if v := Verify(acks, recs); v.Verified != 50 || len(v.Missing) != 0 || v.Records != 50 {
 		t.Fatalf("verify: %+v", v)
+	}
+	// The command line, as the labs run it.
+	var out bytes.Buffer
+	if err := Main(context.Background(), []string{"verify", "--addr", addr, "--record", rec, "--timeout", "5s"}, &out); err != nil || !strings.Contains(out.String(), "acked=50 verified=50 records=50 missing=0") {
+		t.Fatalf("ax-workload verify --timeout 5s: %v, %q", err, out.String())
+	}
+	if err := Main(context.Background(), []string{"verify", "--addr", addr, "--record", rec, "--timeout", "1ns"}, &out); err == nil {
+		t.Fatal("ax-workload verify --timeout 1ns succeeded: the timeout is not applied")
 	}
 	// A ledger that lost its last record must fail verification: the check can fail.
 	l.mu.Lock()
