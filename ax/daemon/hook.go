@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"sort"
 	"strings"
 	"time"
 
@@ -187,28 +188,49 @@ func (d *Daemon) applyHookLevel(dom *libvirt.Identity) {
 		say("level none asked (%s): left alone", c.From)
 		return
 	}
-	peer := c.Peer
-	if peer == "" {
-		if len(d.cfg.Peers) != 1 {
-			say("not protected: %s asks %s but names no partner, and axd on %s has %d (its --peer flags); name one: <ax:level peer='HOST'>",
-				c.From, c.Level, d.cfg.Host, len(d.cfg.Peers))
-			return
-		}
-		for p := range d.cfg.Peers {
-			peer = p
-		}
-	}
-	// Discovered afresh: a domain's RAM file is named after its id, new
-	// at each start.
-	if err := d.rediscover(ctx, dom.Name); err != nil {
-		say("not protected at %s: %v", c.Level, err)
+	peer, err := d.levelPartner(c.Peer, "<ax:level peer='HOST'>")
+	if err != nil {
+		say("not protected: %s asks %s but %v", c.From, c.Level, err)
 		return
 	}
-	if err := d.protect(dom.Name, api.ProtectRequest{Level: c.Level, Peer: peer}); err != nil {
+	if err := d.protectDomain(ctx, dom.Name, c.Level, peer); err != nil {
 		say("not protected at %s towards %s: %v", c.Level, peer, err)
 		return
 	}
 	say("protected at %s towards %s, as %s asks", c.Level, peer, c.From)
+}
+
+// levelPartner is the partner a level asked by Nova or a domain's
+// metadata goes towards: named, if it is one of this host's --peers, else
+// the host's only one; the error says why there is none (nameIt: how the
+// asker names one).
+func (d *Daemon) levelPartner(named, nameIt string) (string, error) {
+	peers := d.cfg.Peers
+	if named != "" {
+		if _, ok := peers[named]; !ok {
+			known := peerNames(peers)
+			sort.Strings(known)
+			return "", fmt.Errorf("%s names %s, not a partner of %s (its partners: %s)", nameIt, named, d.cfg.Host, strings.Join(known, ", "))
+		}
+		return named, nil
+	}
+	if len(peers) != 1 {
+		return "", fmt.Errorf("names no partner, and axd on %s has %d (its --peer flags): name one with %s", d.cfg.Host, len(peers), nameIt)
+	}
+	for p := range peers {
+		return p, nil
+	}
+	return "", nil
+}
+
+// protectDomain protects the running hypervisor domain name at level
+// towards peer, discovered afresh: a domain's RAM file is named after its
+// id, new at each start.
+func (d *Daemon) protectDomain(ctx context.Context, name, level, peer string) error {
+	if err := d.rediscover(ctx, name); err != nil {
+		return err
+	}
+	return d.protect(name, api.ProtectRequest{Level: level, Peer: peer})
 }
 
 // replayHooks takes the events the hook spooled while axd was down or

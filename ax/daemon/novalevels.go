@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"sort"
-	"strings"
 	"sync"
 	"time"
 
@@ -344,22 +343,11 @@ func (n *novaLevels) view(name string) vmView {
 // partner is the host a server's level goes towards: ax:peer, else the
 // host's only partner; "" and why when there is none to take.
 func (n *novaLevels) partner(a nova.Asked) (string, string) {
-	peers := n.d.cfg.Peers
-	if a.Peer != "" {
-		if _, ok := peers[a.Peer]; !ok {
-			known := peerNames(peers)
-			sort.Strings(known)
-			return "", fmt.Sprintf("server metadata %s names %s, not a partner of %s (its partners: %s)", nova.PeerKey, a.Peer, n.d.cfg.Host, strings.Join(known, ", "))
-		}
-		return a.Peer, ""
+	peer, err := n.d.levelPartner(a.Peer, "server metadata "+nova.PeerKey)
+	if err != nil {
+		return "", err.Error()
 	}
-	if len(peers) != 1 {
-		return "", fmt.Sprintf("no partner named (server metadata %s) and host %s has %d partners: name one", nova.PeerKey, n.d.cfg.Host, len(peers))
-	}
-	for p := range peers {
-		return p, ""
-	}
-	return "", ""
+	return peer, ""
 }
 
 // act starts applying what e asks when axd does something else; what
@@ -433,12 +421,7 @@ func (n *novaLevels) apply(name string, a nova.Asked, peer string, w vmView) err
 	case a.Level == api.LevelNone:
 		return n.d.setLevel(ctx, name, api.ProtectRequest{Level: api.LevelNone})
 	case !w.known || w.st.Role() == api.RoleLocal:
-		// Discovered afresh: a domain's RAM file is named after its id,
-		// new at each start.
-		if err := n.d.rediscover(ctx, name); err != nil {
-			return err
-		}
-		return n.d.protect(name, api.ProtectRequest{Level: a.Level, Peer: peer})
+		return n.d.protectDomain(ctx, name, a.Level, peer)
 	}
 	return n.d.setLevel(ctx, name, api.ProtectRequest{Level: a.Level, Peer: peer})
 }
