@@ -34,33 +34,8 @@ func TestIdentityFlags(t *testing.T) {
 
 	serve := func(t *testing.T, args ...string) {
 		t.Helper()
-		sock := filepath.Join(t.TempDir(), "axd.sock")
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan error, 1)
-		go func() {
-			done <- run(ctx, append([]string{"--socket", sock, "--state-dir", t.TempDir()}, args...))
-		}()
-		deadline := time.Now().Add(20 * time.Second)
-		for {
-			if _, err := api.NewClient(sock).Status(ctx); err == nil {
-				break
-			}
-			select {
-			case err := <-done:
-				cancel()
-				t.Fatalf("axd %v ended: %v", args, err)
-			default:
-			}
-			if time.Now().After(deadline) {
-				cancel()
-				t.Fatalf("axd %v did not serve", args)
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("axd %v: %v", args, err)
-		}
+		_, stop := runUntil(t, "serving", serves, args...)
+		stop()
 	}
 	t.Run("tls", func(t *testing.T) {
 		serve(t, "--host", "a", "--cert", crt, "--key", key, "--ca", ca, "--witness-name", "w", "--peer", "b=127.0.0.1:17400,127.0.0.1:17401")
@@ -146,5 +121,43 @@ func TestLibvirtFlag(t *testing.T) {
 		"--libvirt", "qemu:///system", "--libvirt-socket", filepath.Join(dir, "libvirt-sock")})
 	if err == nil || !strings.Contains(err.Error(), "--libvirt") || !strings.Contains(err.Error(), "is libvirtd running?") {
 		t.Errorf("no libvirtd: %v", err)
+	}
+}
+
+// serves says whether an axd answers on sock.
+func serves(sock string) bool {
+	_, err := api.NewClient(sock).Status(context.Background())
+	return err == nil
+}
+
+// runUntil starts axd (run) with args and a socket and state directory of
+// its own, and waits until ready(sock) — failing the test if axd ends first
+// or 20 s pass. stop ends axd and checks it ended cleanly.
+func runUntil(t *testing.T, what string, ready func(sock string) bool, args ...string) (sock string, stop func()) {
+	t.Helper()
+	sock = filepath.Join(t.TempDir(), "axd.sock")
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- run(ctx, append([]string{"--socket", sock, "--state-dir", t.TempDir()}, args...))
+	}()
+	for deadline := time.Now().Add(20 * time.Second); !ready(sock); time.Sleep(20 * time.Millisecond) {
+		select {
+		case err := <-done:
+			cancel()
+			t.Fatalf("axd %v ended: %v", args, err)
+		default:
+		}
+		if time.Now().After(deadline) {
+			cancel()
+			t.Fatalf("axd %v: %s: not within 20 s", args, what)
+		}
+	}
+	return sock, func() {
+		t.Helper()
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("axd %v: %v", args, err)
+		}
 	}
 }

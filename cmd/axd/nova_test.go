@@ -6,9 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
-	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/nova-hook/nova/novatest"
 )
 
@@ -24,34 +22,13 @@ func TestNovaFlags(t *testing.T) {
 	os.WriteFile(psk, []byte(strings.Repeat("ab", 32)+"\n"), 0o600)
 	serve := func(t *testing.T, novaHost string, args ...string) {
 		t.Helper()
-		sock := filepath.Join(t.TempDir(), "axd.sock")
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan error, 1)
-		go func() {
-			done <- run(ctx, append([]string{"--socket", sock, "--state-dir", t.TempDir(), "--host", "a", "--psk-file", psk,
-				"--peer", "b=127.0.0.1:17400,127.0.0.1:17401"}, args...))
-		}()
-		deadline := time.Now().Add(20 * time.Second)
-		for cloud.Count("GET", "/servers/detail?all_tenants=true&host="+novaHost) == 0 {
-			select {
-			case err := <-done:
-				cancel()
-				t.Fatalf("axd %v ended: %v", args, err)
-			default:
-			}
-			if time.Now().After(deadline) {
-				cancel()
-				t.Fatalf("axd %v did not ask Nova for host %s's servers: %q", args, novaHost, cloud.Requests())
-			}
-			time.Sleep(20 * time.Millisecond)
+		asked := func(string) bool { return cloud.Count("GET", "/servers/detail?all_tenants=true&host="+novaHost) > 0 }
+		sock, stop := runUntil(t, "asking Nova for host "+novaHost+"'s servers", asked,
+			append([]string{"--host", "a", "--psk-file", psk, "--peer", "b=127.0.0.1:17400,127.0.0.1:17401"}, args...)...)
+		if !serves(sock) {
+			t.Errorf("axd %v does not serve", args)
 		}
-		if _, err := api.NewClient(sock).Status(ctx); err != nil {
-			t.Errorf("axd %v does not serve: %v", args, err)
-		}
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("axd %v: %v", args, err)
-		}
+		stop()
 	}
 	t.Run("flags", func(t *testing.T) {
 		serve(t, "compute-1", "--nova-cloud", "ax-test", "--nova-clouds-file", clouds, "--nova-host", "compute-1")
