@@ -287,8 +287,14 @@ func (n *novaLevels) settle(ctx context.Context, full bool) {
 			continue
 		}
 		n.act(&cp, full)
+		// The apply act started may have ended already: its result is in
+		// the entry, not in cp, and a status from cp would say "not
+		// protected yet" where the next settle says why it failed.
 		n.mu.Lock()
 		applying := n.applying[cp.s.InstanceName]
+		if e, ok := n.servers[id]; ok {
+			cp = *e
+		}
 		n.mu.Unlock()
 		text, write := n.status(&cp)
 		switch {
