@@ -540,3 +540,50 @@ func TestProtectOnceClosesQMP(t *testing.T) {
 		sameCalls(t, c.name, fake.Calls(), c.calls)
 	}
 }
+
+// Attempts to protect again are spaced out while they keep failing (no
+// alarm storm, no busy host), and a level change asks for the next one at
+// once.
+func TestProtectRetriesBackOff(t *testing.T) {
+	want := []time.Duration{0, 250 * time.Millisecond, 500 * time.Millisecond, time.Second, 2 * time.Second,
+		4 * time.Second, 8 * time.Second, 16 * time.Second, 30 * time.Second, 30 * time.Second}
+	for fails, w := range want {
+		if got := retryAfter(fails); got != w {
+			t.Errorf("retryAfter(%d) = %s, want %s", fails, got, w)
+		}
+	}
+
+	d, fake := fakeHost(t, plenty)
+	fake.Fail(hvtest.OpDial, errors.New("injected"))
+	v := newVM("vm1", vm.Unprotected)
+	v.level, v.declared, v.peer = api.LevelFT, api.LevelFT, "a"
+	v.spec = api.VMSpec{Name: "vm1", Guest: api.Guest{Name: "vm1", QEMU: api.QEMU{QMP: "/q"}}}
+	v.levelCh, v.accepted, v.retry = make(chan levelReq), make(chan error, 1), make(chan struct{}, 1)
+	d.vms["vm1"] = v
+	ctx, cancel := context.WithCancel(d.ctx)
+	done := make(chan struct{})
+	go func() { defer close(done); d.runPrimary(ctx, v) }()
+	defer func() { cancel(); <-done }()
+	// Attempts at 0, 0.25, 0.75, 1.75 and 3.75 s: 4 by 3.5 s, where a
+	// fixed 250 ms would have made 14.
+	time.Sleep(3500 * time.Millisecond)
+	n := len(fake.Calls())
+	if n < 3 || n > 4 {
+		t.Fatalf("%d attempts in 3.5 s, want 4 (3 on a loaded machine): %q", n, fake.Calls())
+	}
+	// The 5th attempt comes 2 s after the 4th (3.75 s), the 6th 4 s after
+	// that (7.75 s). A level change while no stream runs applies after
+	// 2 s (5.5 s) and asks for the next attempt at once: 6 by 6.5 s.
+	if err := d.setLevel(context.Background(), "vm1", api.ProtectRequest{Level: api.LevelHA}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second)
+	if got := len(fake.Calls()); got < n+2 {
+		t.Errorf("no attempt right after the level change: %d attempts 3 s before it, %d 1 s after", n, got)
+	}
+	var lvl string
+	v.set(func(v *vmState) { lvl = v.level })
+	if lvl != api.LevelHA {
+		t.Errorf("level %s after the change", lvl)
+	}
+}

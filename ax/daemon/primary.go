@@ -131,7 +131,7 @@ func (d *Daemon) protectAs(name string, req api.ProtectRequest, auto bool) error
 		v.level, v.peer, v.force = req.Level, req.Peer, req.Force
 		v.declared, v.declaredPeer = req.Level, req.Peer
 		v.finish = make(chan chan finishResult)
-		v.levelCh, v.accepted = make(chan levelReq), make(chan error, 1)
+		v.levelCh, v.accepted, v.retry = make(chan levelReq), make(chan error, 1), make(chan struct{}, 1)
 		v.epochs.Reset()
 		v.lastCommit, v.pauses, v.syncSent, v.syncTotal = time.Time{}, nil, 0, 0
 		v.scans, v.devSaves, v.dirtyTotal, v.sent = nil, nil, 0, 0
@@ -273,7 +273,13 @@ func (d *Daemon) setLevel(ctx context.Context, name string, req api.ProtectReque
 	case <-time.After(2 * time.Second):
 		// No stream runs now (the partner is unreachable): the new level
 		// is what the next one starts at.
-		v.set(func(v *vmState) { v.level, v.declared = req.Level, req.Level })
+		v.set(func(v *vmState) {
+			v.level, v.declared = req.Level, req.Level
+			select {
+			case v.retry <- struct{}{}: // the next attempt, now
+			default:
+			}
+		})
 		d.saveRecord(v)
 		d.metrics.SetLevel(name, api.RolePrimary, req.Level)
 		d.event(name, "level", fmt.Sprintf("level of %s set to %s; it applies when %s is reachable again", name, req.Level, peer))
@@ -422,20 +428,45 @@ func (d *Daemon) stopAll() {
 	}
 }
 
-// retryUnprotected spaces the attempts to protect a VM again while they
-// fail before a stream starts (the partner unreachable).
-const retryUnprotected = 250 * time.Millisecond
+// Attempts to protect a VM again are spaced out while they keep failing:
+// retryUnprotected after the first, doubling up to retryMax, and back to
+// the first once an attempt has run for steadyAfter. A partner that is
+// heard again on the replication path, or a level change, ends the wait
+// at once, so a healed link still finds protection back within a second.
+const (
+	retryUnprotected = 250 * time.Millisecond
+	retryMax         = 30 * time.Second
+	steadyAfter      = time.Minute
+)
+
+// retryAfter is the wait before attempt fails+1, after fails attempts in a
+// row failed.
+func retryAfter(fails int) time.Duration {
+	if fails <= 0 {
+		return 0
+	}
+	d := retryUnprotected
+	for i := 1; i < fails && d < retryMax; i++ {
+		d *= 2
+	}
+	return min(d, retryMax)
+}
 
 // runPrimary keeps a VM protected: connect, sync, checkpoint; on any
 // failure report the VM unprotected, and retry until protection ends.
 func (d *Daemon) runPrimary(ctx context.Context, v *vmState) {
+	fails := 0
 	for {
+		began := time.Now()
 		err := d.protectOnce(ctx, v)
 		if errors.Is(err, ft.ErrFinished) {
 			return
 		}
 		if ctx.Err() != nil {
 			return
+		}
+		if time.Since(began) >= steadyAfter {
+			fails = 0
 		}
 		var backBy time.Time
 		v.set(func(v *vmState) { backBy = v.partnerBackBy })
@@ -451,22 +482,22 @@ func (d *Daemon) runPrimary(ctx context.Context, v *vmState) {
 			}
 			continue
 		}
+		fails++
 		// Repeated failures for the same reason are logged once.
 		tr, _ := d.fire(v, vm.Lost, "protection lost: "+err.Error(), nil)
 		// The guest runs on unprotected: let its output out — but only
 		// once the secondary must have marked its replica stale, so it
 		// can never resume the guest from before that output. An attempt
 		// that failed without starting a stream (still unprotected, its
-		// output let out already) held nothing: the next one comes sooner,
-		// so that a healed link finds protection back at once.
-		wait := d.cfg.SilenceTimeout + 2*d.cfg.StaleAfter + 500*time.Millisecond
+		// output let out already) held nothing.
+		held := d.cfg.SilenceTimeout + 2*d.cfg.StaleAfter + 500*time.Millisecond
 		if tr.From == vm.Unprotected {
-			wait = retryUnprotected
+			held = 0
 		}
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(wait):
+		case <-time.After(held):
 		}
 		// A fence (done or still being tried) ends protection for good:
 		// the transition refuses, and the guest's output is never let out.
@@ -474,6 +505,39 @@ func (d *Daemon) runPrimary(ctx context.Context, v *vmState) {
 			<-ctx.Done()
 			return
 		}
+		if wait := retryAfter(fails) - held; wait > 0 && !d.awaitRetry(ctx, v, wait) {
+			return
+		}
+	}
+}
+
+// awaitRetry waits up to wait before the next attempt to protect v, less
+// when its partner is heard again on the replication path after being
+// silent, or when its level changes (retry); false when ctx ends.
+func (d *Daemon) awaitRetry(ctx context.Context, v *vmState, wait time.Duration) bool {
+	var peer string
+	var retry chan struct{}
+	v.set(func(v *vmState) { peer, retry = v.peer, v.retry })
+	silent := !d.hb.View(peer).ReplHeard
+	end := time.NewTimer(wait)
+	defer end.Stop()
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return false
+		case <-end.C:
+			return true
+		case <-retry:
+			return true
+		case <-tick.C:
+		}
+		heard := d.hb.View(peer).ReplHeard
+		if silent && heard {
+			return true
+		}
+		silent = !heard
 	}
 }
 

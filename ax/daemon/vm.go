@@ -69,6 +69,7 @@ type vmState struct {
 	// primary: level changes and the first stream's answer
 	levelCh       chan levelReq
 	accepted      chan error
+	retry         chan struct{} // a level change while no stream runs: attempt now
 	force         bool
 	disks         *diskRepl // while a stream runs
 	diskBytesSeen uint64    // of disks' stream, already counted in the metric
