@@ -66,6 +66,7 @@ type diskRepl struct {
 	wait  bool   // a guest write completes only once the partner has it (not FT)
 	epoch uint64 // the FT epoch writes belong to
 
+	pid      int // QEMU's (0: unknown): the one process the exports admit besides root's
 	exports  []string
 	started  []int // disks whose export, target and job exist
 	children []int // disks replicated through a quorum child
@@ -286,10 +287,13 @@ func diskSizes(ctx context.Context, mon hv.Block, disks []api.Disk) ([]int64, er
 
 // start exports each disk and starts its mirror.
 func (r *diskRepl) start(ctx context.Context) error {
+	if err := openNBDTo(r.d.cfg.StateDir, r.d.nbdSocket(), r.pid); err != nil {
+		return err
+	}
 	for i, dk := range r.disks {
 		r.clearLeftovers(ctx, dk.Node)
 		name := exportName(r.vm, dk.Node)
-		if err := r.d.nbd.AddExport(name, &diskExport{r: r, idx: uint32(i), size: r.sizes[i]}); err != nil {
+		if err := r.d.nbd.AddExportFor(name, &diskExport{r: r, idx: uint32(i), size: r.sizes[i]}, r.pid); err != nil {
 			return fmt.Errorf("disk %s: %w", dk.Node, err)
 		}
 		r.exports = append(r.exports, name)
@@ -330,7 +334,7 @@ func (r *diskRepl) attachChildren(ctx context.Context) error {
 			continue
 		}
 		name := childExportName(r.vm, node)
-		if err := r.d.nbd.AddExport(name, &diskExport{r: r, idx: uint32(i), size: r.sizes[i], child: true}); err != nil {
+		if err := r.d.nbd.AddExportFor(name, &diskExport{r: r, idx: uint32(i), size: r.sizes[i], child: true}, r.pid); err != nil {
 			return fmt.Errorf("disk %s: %w", node, err)
 		}
 		r.exports = append(r.exports, name)

@@ -619,6 +619,7 @@ func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 		}
 	})
 	dr := newDiskRepl(sctx, d, spec.Name, sender, mon, spec.Guest.Disks, sizes, sender.TakeDiskBase())
+	dr.pid = spec.PID
 	defer func() {
 		dr.stop()
 		// The pump ends once the stream is closed (a write to a partner
@@ -836,6 +837,9 @@ func (d *Daemon) runFT(ctx context.Context, v *vmState, mon hv.Control, sender *
 	}
 	stateDir := filepath.Join(d.cfg.StateDir, "vms", spec.Name)
 	os.MkdirAll(stateDir, 0o755)
+	if err := giveToQEMU(d.cfg.StateDir, stateDir, spec.PID); err != nil {
+		return fmt.Errorf("the directory QEMU saves device state in: %w", err)
+	}
 	var lastSent uint64
 	obs := ft.Observer{
 		SyncProgress: func(sent, total int) {

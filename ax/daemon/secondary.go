@@ -462,6 +462,11 @@ func (d *Daemon) promote(ctx context.Context, v *vmState) (err error) {
 			return fmt.Errorf("memory for the restarted VM: %w", err)
 		}
 	}
+	// A QEMU of another user than axd (libvirt's) opens the disks moved
+	// into dir (libvirt gives it the files, not the way to them).
+	if err := reachable(d.cfg.StateDir, filepath.Join(dir, "disk")); err != nil {
+		return err
+	}
 	dom := d.cfg.Hypervisor.Domain(g)
 	if err := dom.PlugTap(ctx, spec.Bridge); err != nil {
 		return err
@@ -493,6 +498,10 @@ func (d *Daemon) promote(ctx context.Context, v *vmState) (err error) {
 	defer cancel()
 	how := "restarted " + v.name + " from its replicated disks (HA)"
 	if resume {
+		// QEMU listens for the device state on a socket it makes in dir.
+		if err := giveToQEMU(d.cfg.StateDir, dir, proc.PID()); err != nil {
+			return err
+		}
 		if err := qemu.LoadDeviceStateFile(qctx, mon, dev, filepath.Join(dir, "incoming.sock")); err != nil {
 			return fmt.Errorf("load device state of epoch %d: %w", epoch, err)
 		}

@@ -29,6 +29,10 @@ type conn struct {
 	log *slog.Logger
 	r   *bufio.Reader
 
+	// The client: root's (or not on a unix socket), else process pid's.
+	root bool
+	pid  int
+
 	// stopped is set when the server closes the connection (ctx ended or
 	// RemoveExport); queued requests are then dropped, not carried out.
 	stopped atomic.Bool
@@ -187,7 +191,7 @@ func (c *conn) option(opt uint32, data []byte) (done bool, err error) {
 			e = c.srv.bind(c, name)
 			c.exp = e
 		} else {
-			e = c.srv.lookup(name)
+			e = c.srv.lookup(c, name)
 		}
 		if e == nil {
 			c.log.Info("nbd client asked for an unknown export", "option", optionName(opt), "export", name)
@@ -217,7 +221,7 @@ func (c *conn) option(opt uint32, data []byte) (done bool, err error) {
 			return false, c.optReply(opt, repErrInvalid, []byte("NBD_OPT_LIST takes no data"))
 		}
 		var replies []optionReply
-		for _, n := range c.srv.exportNames() {
+		for _, n := range c.srv.exportNames(c) {
 			d := make([]byte, 4+len(n))
 			be.PutUint32(d, uint32(len(n)))
 			copy(d[4:], n)

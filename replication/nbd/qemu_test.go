@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -153,6 +154,76 @@ func TestIntegrationQEMUNBDList(t *testing.T) {
 	for _, want := range []string{"export: 'disk'", "size:  1048576", "min block: 1", "opt block: 4096", "max block: 33554432", "flush", "fua", "trim", "zeroes"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("qemu-nbd --list output lacks %q", want)
+		}
+	}
+}
+
+// An export is its process's: a client of another user than root (QEMU as
+// libvirt runs it) reaches only the export added for its own pid, and to
+// it the others do not exist, in NBD_OPT_LIST too. Root reaches them all.
+func TestIntegrationExportForProcess(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireCommand(t, "qemu-img", "apt-get install qemu-utils")
+	srv := NewServer(nil)
+	if err := srv.AddExport("anyone", NewMemBackend(1<<20)); err != nil {
+		t.Fatal(err)
+	}
+	ln, sock := unixListener(t)
+	// What axd does for a QEMU of another user: its socket is open to
+	// connect, and the directory above it to search.
+	for _, p := range []string{sock, filepath.Dir(sock)} {
+		if err := os.Chmod(p, 0o777); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ctx, ln) }()
+	defer func() { cancel(); <-served }()
+
+	// qemu-img as nobody, started first so that its pid is known, and
+	// told to go once its export exists.
+	const nobody = 65534
+	qemuImg := func(uid uint32, export string) *exec.Cmd {
+		cmd := exec.Command("sh", "-c", `read go; exec qemu-img info --image-opts "driver=nbd,path=$1,export=$2"`, "sh", sock, export)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: uid}}
+		return cmd
+	}
+	run := func(cmd *exec.Cmd, addFor string, size int) (string, error) {
+		in, err := cmd.StdinPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &out
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		if addFor != "" {
+			if err := srv.AddExportFor(addFor, NewMemBackend(size), cmd.Process.Pid); err != nil {
+				t.Fatal(err)
+			}
+		}
+		in.Write([]byte("go\n"))
+		in.Close()
+		err = cmd.Wait()
+		return out.String(), err
+	}
+	if out, err := run(qemuImg(nobody, "vm1/disk"), "vm1/disk", 2<<20); err != nil || !strings.Contains(out, "virtual size: 2 MiB") {
+		t.Errorf("nobody's qemu-img on its own export: %v\n%s", err, out)
+	}
+	for _, other := range []string{"vm1/disk", "anyone"} {
+		if out, err := run(qemuImg(nobody, other), "", 0); err == nil {
+			t.Errorf("nobody's qemu-img opened %s, another process's export:\n%s", other, out)
+		}
+	}
+	if out, err := run(qemuImg(nobody, "vm2/disk"), "vm2/disk", 3<<20); err != nil || !strings.Contains(out, "virtual size: 3 MiB") {
+		t.Errorf("nobody's qemu-img on its own export: %v\n%s", err, out)
+	}
+	// Root's client reaches every export, vm1's too.
+	for _, name := range []string{"vm1/disk", "anyone"} {
+		if out, err := run(qemuImg(0, name), "", 0); err != nil {
+			t.Errorf("root's qemu-img on %s: %v\n%s", name, err, out)
 		}
 	}
 }

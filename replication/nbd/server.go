@@ -38,6 +38,7 @@ type Server struct {
 // export is one named Backend and the connections in transmission on it.
 type export struct {
 	name    string
+	pid     int // the one process besides root's that may use it (0: none)
 	backend Backend
 	conns   map[*conn]struct{}
 }
@@ -72,9 +73,17 @@ func (s *Server) Stats() Stats {
 	}
 }
 
-// AddExport makes b available under name. Names follow the protocol's
-// string rules: at most 4096 bytes, no NUL.
-func (s *Server) AddExport(name string, b Backend) error {
+// AddExport makes b available under name to root's processes (and to
+// every client of a listener that is not a unix socket). Names follow the
+// protocol's string rules: at most 4096 bytes, no NUL.
+func (s *Server) AddExport(name string, b Backend) error { return s.AddExportFor(name, b, 0) }
+
+// AddExportFor is AddExport, and process pid may use the export too,
+// whatever user it runs as (a QEMU that libvirt runs as libvirt-qemu):
+// the client's process is the one its unix socket names (SO_PEERCRED).
+// To any other client of another user the export does not exist, in
+// NBD_OPT_LIST too.
+func (s *Server) AddExportFor(name string, b Backend, pid int) error {
 	if b == nil {
 		return fmt.Errorf("nbd: add export %q: nil backend", name)
 	}
@@ -94,7 +103,7 @@ func (s *Server) AddExport(name string, b Backend) error {
 	if _, ok := s.exports[name]; ok {
 		return fmt.Errorf("nbd: add export %q: already exported", name)
 	}
-	s.exports[name] = &export{name: name, backend: b, conns: make(map[*conn]struct{})}
+	s.exports[name] = &export{name: name, pid: max(pid, 0), backend: b, conns: make(map[*conn]struct{})}
 	return nil
 }
 
@@ -122,22 +131,26 @@ func (s *Server) RemoveExport(name string) {
 	s.log.Info("nbd export removed", "export", name, "connections_closed", len(conns))
 }
 
-// lookup returns the export called name, or nil.
-func (s *Server) lookup(name string) *export {
+// lookup returns the export called name that c may use, or nil.
+func (s *Server) lookup(c *conn, name string) *export {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.exports[name]
+	if e := s.exports[name]; e != nil && c.admitted(e) {
+		return e
+	}
+	return nil
 }
 
 // bind attaches c to the export called name so that RemoveExport closes it;
-// it returns nil if there is no such export.
+// it returns nil if there is no such export that c may use.
 func (s *Server) bind(c *conn, name string) *export {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	e := s.exports[name]
-	if e != nil {
-		e.conns[c] = struct{}{}
+	if e == nil || !c.admitted(e) {
+		return nil
 	}
+	e.conns[c] = struct{}{}
 	return e
 }
 
@@ -147,12 +160,15 @@ func (s *Server) unbind(c *conn, e *export) {
 	delete(e.conns, c)
 }
 
-func (s *Server) exportNames() []string {
+// exportNames are the names of the exports c may use.
+func (s *Server) exportNames(c *conn) []string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	names := make([]string, 0, len(s.exports))
-	for n := range s.exports {
-		names = append(names, n)
+	for n, e := range s.exports {
+		if c.admitted(e) {
+			names = append(names, n)
+		}
 	}
 	sort.Strings(names)
 	return names
@@ -210,6 +226,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 // saying what went wrong.
 func (s *Server) ServeConn(ctx context.Context, nc net.Conn) error {
 	c := &conn{srv: s, nc: nc, log: s.log.With("remote", remoteName(nc))}
+	c.root, c.pid = peer(nc)
 	stop := context.AfterFunc(ctx, c.stop)
 	defer stop()
 	defer nc.Close()

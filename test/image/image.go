@@ -173,6 +173,10 @@ func Build(ctx context.Context, cfg Config) (*Image, error) {
 	img := &Image{Kernel: filepath.Join(dir, "vmlinuz"), Initrd: filepath.Join(dir, "initrd.img"), Key: key, Modules: order}
 	if fileExists(img.Kernel) && fileExists(img.Initrd) {
 		img.Cached = true
+		// Images cached before QEMU could run as another user than root.
+		if err := os.Chmod(dir, 0o755); err != nil {
+			return nil, fmt.Errorf("image cache: %w", err)
+		}
 		return img, nil
 	}
 	cfg.Log.Info("building guest image", "key", key, "modules", len(order), "binaries", len(cfg.Binaries))
@@ -194,6 +198,11 @@ func Build(ctx context.Context, cfg Config) (*Image, error) {
 		return nil, fmt.Errorf("image cache: %w", err)
 	}
 	defer os.RemoveAll(tmp)
+	// QEMU may run as another user (libvirt's libvirt-qemu): the image
+	// holds nothing secret.
+	if err := os.Chmod(tmp, 0o755); err != nil {
+		return nil, fmt.Errorf("image cache: %w", err)
+	}
 	if err := os.WriteFile(filepath.Join(tmp, "vmlinuz"), kdata, 0o644); err != nil {
 		return nil, fmt.Errorf("image cache: %w", err)
 	}

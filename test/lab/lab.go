@@ -80,6 +80,9 @@ type Lab struct {
 	Prefix   string
 	StateDir string // <state root>/<prefix>
 	ShmDir   string // guest RAM files (tmpfs)
+	// QEMUUser: the user (and group) the lab's libvirtds run QEMU as;
+	// "" is root (StartLibvirtd).
+	QEMUUser string
 	log      *slog.Logger
 	state    *State
 }

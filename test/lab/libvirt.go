@@ -114,18 +114,25 @@ host_uuid = %[4]q
 // driver, no relabelling and no cgroups (the lab's namespaces have no
 // cgroup tree libvirt could use: ip netns exec remounts /sys), its
 // stdio and file chardevs written by QEMU itself rather than virtlogd
-// (which the lab does not run), and guest RAM in files on tmpfs.
+// (which the lab does not run), and guest RAM in files on tmpfs. With
+// QEMUUser set, QEMU runs as that user and group instead (Debian's own
+// default is libvirt-qemu), and libvirt gives it the files its domain
+// XML names (dynamic_ownership): what a stock host does, AppArmor aside.
 func (l *Lab) qemuConf(h string) string {
+	user, group, owned := "root", "root", 0
+	if l.QEMUUser != "" {
+		user, group, owned = l.QEMUUser, l.QEMUUser, 1
+	}
 	return fmt.Sprintf(`# QEMU driver of lab %[1]s, host %[2]s (written by the lab; see test/lab/libvirt.go)
-user = "root"
-group = "root"
-dynamic_ownership = 0
+user = %[4]q
+group = %[5]q
+dynamic_ownership = %[6]d
 remember_owner = 0
 security_driver = "none"
 cgroup_controllers = [ ]
 stdio_handler = "file"
 memory_backing_dir = %[3]q
-`, l.Prefix, h, l.LibvirtRAMDir(h))
+`, l.Prefix, h, l.LibvirtRAMDir(h), user, group, owned)
 }
 
 // libvirtdScript bind-mounts "$3" over "$4", "$5" over "$6", … in the

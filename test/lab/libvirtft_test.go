@@ -20,7 +20,8 @@ import (
 // AX never creates a domain from XML a peer sent, so the lab plays Nova or
 // the operator and defines it on both hosts), with axd on a and b run
 // with --libvirt against their host's libvirtd. axd is told nothing of the
-// guest: axctl protect DOMAIN discovers it.
+// guest: axctl protect DOMAIN discovers it. Both libvirtds run QEMU as
+// libvirt-qemu, as Debian's libvirt does by default.
 func libvirtFTLab(t *testing.T, prefix string, gcfg GuestConfig) (*Lab, *VM, string, DaemonConfig) {
 	t.Helper()
 	requireLibvirt(t)
@@ -60,6 +61,9 @@ func libvirtFTLab(t *testing.T, prefix string, gcfg GuestConfig) (*Lab, *VM, str
 		}
 	})
 	img := testImage(t)
+	// QEMU runs as libvirt-qemu, Debian's default: axd must give it the
+	// files it asks QEMU to write and the sockets it asks QEMU to reach.
+	l.QEMUUser = libvirtQEMUUser
 	for _, h := range []string{HostA, HostB} {
 		if err := l.StartLibvirtd(ctx, h); err != nil {
 			t.Fatal(err)
