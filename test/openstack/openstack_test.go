@@ -286,6 +286,18 @@ func TestOpenStackLevels(t *testing.T) {
 			st := status(id, "after ax:level="+tc.level, 15*time.Second, tc.ok)
 			t.Logf("openstack server set --property ax:level=%s: ax:status %q %s after the command returned", tc.level, st, time.Since(changed).Round(time.Millisecond))
 		}
+
+		// Deleted: Nova's changes-since lists it once more, as DELETED.
+		osc("server", "delete", "--wait", id)
+		deleted := time.Now()
+		want := "Nova: server ax-ft (" + id + ") was deleted: AX no longer takes its level from Nova here"
+		for !logged(axdLog.Name(), want) {
+			if time.Since(deleted) > 15*time.Second {
+				t.Fatalf("axd's log does not say %q within 15 s of openstack server delete", want)
+			}
+			time.Sleep(500 * time.Millisecond)
+		}
+		t.Logf("openstack server delete: axd says so %s after", time.Since(deleted).Round(time.Millisecond))
 	})
 }
 
@@ -338,6 +350,12 @@ func makeServer(ctx context.Context, t *testing.T, compute *gophercloud.ServiceC
 	}
 	t.Fatalf("server %s: not ACTIVE within 2 min", name)
 	return ""
+}
+
+// logged says whether the file at path has the text s.
+func logged(path, s string) bool {
+	b, err := os.ReadFile(path)
+	return err == nil && bytes.Contains(b, []byte(s))
 }
 
 // logTails shows the end of every log of the cloud.
