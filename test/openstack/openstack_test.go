@@ -57,7 +57,9 @@ func TestOpenStackLevels(t *testing.T) {
 	axd := filepath.Join(dir, "axd")
 	built := make(chan error, 1)
 	go func() {
-		out, err := exec.Command("go", "build", "-tags", "lab", "-o", axd, "github.com/axproject/ax/cmd/axd").CombinedOutput()
+		cmd := exec.Command("go", "build", "-tags", "lab", "-o", axd, "github.com/axproject/ax/cmd/axd")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		out, err := cmd.CombinedOutput()
 		if err != nil {
 			err = fmt.Errorf("building axd: %w: %s", err, out)
 		}
