@@ -33,6 +33,9 @@ func requireCloud(t *testing.T) {
 	for _, c := range Commands {
 		testenv.RequireCommand(t, c, "sh test/openstack/deps.sh (make deps)")
 	}
+	for _, c := range []string{"libvirtd", "virsh", "unshare"} {
+		testenv.RequireCommand(t, c, "make deps")
+	}
 	imports := "import " + strings.Join(PythonModules, ", ")
 	if out, err := exec.Command("/usr/bin/python3", "-c", imports).CombinedOutput(); err != nil {
 		why := fmt.Sprintf("python3: %s: %s (try: sh test/openstack/deps.sh)", imports, strings.TrimSpace(string(out)))
@@ -203,8 +206,12 @@ func TestOpenStackLevels(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		// axd runs as on a compute host, beside a libvirtd: one of its
+		// own, with no domain, as Nova's fake driver defines none.
+		libvirtSock := startLibvirtd(t, dir)
 		cmd := exec.Command(axd, "--socket", filepath.Join(dir, "axd.sock"), "--state-dir", filepath.Join(dir, "axd-state"),
 			"--host", "a", "--psk-file", psk, "--peer", fmt.Sprintf("b=127.0.0.1:%d,127.0.0.1:%d", ports[0], ports[1]),
+			"--libvirt", "qemu:///system", "--libvirt-socket", libvirtSock,
 			"--nova-cloud", "ax", "--nova-clouds-file", c.CloudsYAML(), "--nova-host", Host, "--nova-poll", "3s")
 		axdLog, err := os.Create(filepath.Join(dir, "axd.log"))
 		if err != nil {
@@ -242,14 +249,13 @@ func TestOpenStackLevels(t *testing.T) {
 		prefix := func(p string) func(string) bool { return func(s string) bool { return strings.HasPrefix(s, p) } }
 
 		// The servers already there: read at axd's start (a full resync).
-		// axd runs without --libvirt (no libvirtd here, and Nova's fake
-		// driver defines no domain): the honest answer to ft or ha is
-		// that it cannot find the VM, in these words.
+		// Nova's fake driver defines no libvirt domain: the honest answer
+		// to ft or ha is that the VM is not defined here, in these words.
 		notHere := func(level, from string) func(string) bool {
 			return func(s string) bool {
 				rest, ok := strings.CutPrefix(s, level+" towards b asked ("+from+") not applied: VM instance-")
-				name, why, _ := strings.Cut(rest, ": ")
-				return ok && len(name) == 8 && why == "axd runs its VMs over QMP and cannot discover them (run axd with --libvirt)"
+				name, why, _ := strings.Cut(rest, " ")
+				return ok && len(name) == 8 && strings.HasPrefix(why, "is not defined here, and discovering it failed: ")
 			}
 		}
 		t.Logf("by-image: %s", status(byImage, "for the image's ft", 20*time.Second, notHere("ft", "image "+ftImage+" property ax_level")))
