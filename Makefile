@@ -3,12 +3,14 @@ GO        ?= go
 BIN       := bin
 PREFIX    ?= ax
 LABFLAGS  ?=
+# Where make openstack-up keeps the test cloud: pid, log, cloud/ (configuration, data, logs).
+OPENSTACK_DIR ?= /var/tmp/ax-openstack
 # Packages whose kernel-dependent tests run inside a lab guest on Debian's 6.1 kernel.
 GUESTPKGS ?= github.com/axproject/ax/ax/dirty github.com/axproject/ax/monitor/agent/guest:TestIntegrationVsock github.com/axproject/ax/netbuffer github.com/axproject/ax/bpf
 GOTEST    := $(GO) test -count=1 -timeout 40m
 
 .DEFAULT_GOAL := help
-.PHONY: help deps build deb test test-unit test-guest-kernel generate-check demo lab-up lab-down lab-status bench generate vet clean clean-cache
+.PHONY: help deps build deb test test-unit test-guest-kernel generate-check demo lab-up lab-down lab-status bench generate vet clean clean-cache openstack-up openstack-down test-openstack
 
 help: ## list the targets
 	@awk 'BEGIN{FS=":.*## "} /^[a-z-]+:.*## /{printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -77,6 +79,18 @@ VAGRANT_DEB = $$(GO=$(GO) sh package/build-deb.sh $(BIN))
 
 box: ## the Vagrant lab's box from Debian packages (mmdebstrap, cached in /var/cache/ax/vagrant), added as ax/debian12
 	sh test/vagrant/box.sh
+
+test-openstack: ## TestOpenStackLevels alone: AX's Nova client and axd against a real Keystone, Nova, Glance, Placement (as root, ~3 min)
+	@sh test/openstack/deps.sh
+	AX_REQUIRE_PRIVILEGED=1 $(GO) test -count=1 -timeout 15m -v -run TestOpenStack ./test/openstack/
+
+openstack-up: ## that cloud on loopback, left running (clouds.yaml in OPENSTACK_DIR/cloud, default /var/tmp/ax-openstack)
+	@sh test/openstack/deps.sh
+	CGO_ENABLED=0 $(GO) build -o $(BIN)/ax-openstack ./test/openstack/cmd/ax-openstack
+	@sh test/openstack/up.sh $(BIN)/ax-openstack $(OPENSTACK_DIR)
+
+openstack-down: ## stop the cloud openstack-up started (safe to repeat)
+	@sh test/openstack/down.sh $(OPENSTACK_DIR)
 
 vagrant-up: deps build ## the Vagrant lab: machines ax-a, ax-b, ax-w, ax-c with AX from make deb (starts a system libvirtd if none runs)
 	sh test/vagrant/up.sh "$(VAGRANT_DEB)"

@@ -1,0 +1,479 @@
+// Package openstack brings up a real, small OpenStack (Debian 12's Zed:
+// MariaDB, RabbitMQ, Keystone, Placement, Glance, Nova with its fake
+// compute driver) on loopback, as processes it starts and stops by PID,
+// so AX's Nova client and axd are tested against the real APIs.
+package openstack
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"text/template"
+	"time"
+)
+
+// Commands are the programs a cloud runs (deps.sh installs them).
+var Commands = []string{"mariadbd", "mariadb-install-db", "mariadb", "/usr/lib/rabbitmq/bin/rabbitmq-server", "epmd", "uwsgi", "keystone-manage", "keystone-wsgi-public", "placement-api", "placement-manage", "openstack"}
+
+// PythonModules are the Python packages whose entry points the cloud runs.
+var PythonModules = []string{"nova", "glance", "keystone", "placement", "pymysql"}
+
+// Password is every password of the cloud (MariaDB's user, Keystone's
+// admin and ax users): it listens on loopback only and lives for a test.
+const Password = "ax-openstack-test"
+
+// Host is the Nova compute host's name (nova.conf [DEFAULT] host), the
+// name axd runs with.
+const Host = "a"
+
+// Cloud is a running OpenStack. Close stops every process it started.
+type Cloud struct {
+	// Dir holds its configuration, data and logs (DIR/log/NAME.log).
+	Dir string
+	// Ports of the services, on 127.0.0.1.
+	DB, Rabbit, EPMD, Dist, Keystone, Placement, Glance, Nova, Neutron int
+
+	neutron *neutron
+
+	log func(format string, a ...any)
+
+	mu    sync.Mutex
+	procs []*proc
+}
+
+// proc is a process the cloud started, in its own process group.
+type proc struct {
+	name string
+	cmd  *exec.Cmd
+	done chan struct{}
+	err  error
+}
+
+// AuthURL is Keystone's identity endpoint.
+func (c *Cloud) AuthURL() string { return fmt.Sprintf("http://127.0.0.1:%d/v3", c.Keystone) }
+
+// CloudsYAML is the clouds.yaml (cloud "ax": user ax, admin role) written
+// in Dir.
+func (c *Cloud) CloudsYAML() string { return filepath.Join(c.Dir, "clouds.yaml") }
+
+// Start brings a cloud up in dir (made if missing; it should be empty).
+// logf reports its progress. On error what was started is stopped.
+func Start(ctx context.Context, dir string, logf func(format string, a ...any)) (_ *Cloud, err error) {
+	c := &Cloud{Dir: dir, log: logf}
+	defer func() {
+		if err != nil {
+			c.Close()
+		}
+	}()
+	ports, err := freePorts(8)
+	if err != nil {
+		return nil, err
+	}
+	if c.neutron, c.Neutron, err = startNeutron(); err != nil {
+		return nil, err
+	}
+	c.DB, c.Rabbit, c.EPMD, c.Dist, c.Keystone, c.Placement, c.Glance, c.Nova = ports[0], ports[1], ports[2], ports[3], ports[4], ports[5], ports[6], ports[7]
+	for _, d := range []string{"log", "bin", "mysql", "rabbitmq", "keystone", "placement", "glance/images", "nova/instances", "nova/lock"} {
+		if err := os.MkdirAll(filepath.Join(dir, d), 0o700); err != nil {
+			return nil, err
+		}
+	}
+	if err := c.writeConfig(); err != nil {
+		return nil, err
+	}
+	start := time.Now()
+	var wg sync.WaitGroup
+	var rabbitErr error
+	wg.Add(1)
+	go func() { defer wg.Done(); rabbitErr = c.startRabbit(ctx) }()
+	if err := c.startDB(ctx); err != nil {
+		wg.Wait()
+		return nil, err
+	}
+	c.log("mariadb up (%s)", time.Since(start).Round(time.Second))
+	if err := c.startKeystone(ctx); err != nil {
+		wg.Wait()
+		return nil, err
+	}
+	c.log("keystone up (%s)", time.Since(start).Round(time.Second))
+	// The schemas, each a few seconds to a minute of Python: side by side.
+	errs := make([]error, 3)
+	wg.Add(3)
+	go func() { defer wg.Done(); errs[0] = c.startPlacement(ctx) }()
+	go func() { defer wg.Done(); errs[1] = c.startGlance(ctx) }()
+	go func() { defer wg.Done(); errs[2] = c.syncNova(ctx) }()
+	wg.Wait()
+	if err := errors.Join(append(errs, rabbitErr)...); err != nil {
+		return nil, err
+	}
+	c.log("rabbitmq, placement, glance up, nova's databases made (%s)", time.Since(start).Round(time.Second))
+	if err := c.startNova(ctx); err != nil {
+		return nil, err
+	}
+	c.log("nova up, compute host %s mapped (%s)", Host, time.Since(start).Round(time.Second))
+	return c, nil
+}
+
+// Close stops every process the cloud started, last started first: its
+// process group is sent SIGTERM, then SIGKILL after 15 s. Safe twice.
+func (c *Cloud) Close() error {
+	c.mu.Lock()
+	procs := c.procs
+	c.procs = nil
+	c.mu.Unlock()
+	start := time.Now()
+	defer func() {
+		if len(procs) > 0 {
+			c.log("cloud stopped in %s", time.Since(start).Round(100*time.Millisecond))
+		}
+	}()
+	for i := len(procs) - 1; i >= 0; i-- {
+		p := procs[i]
+		pgid := p.cmd.Process.Pid
+		syscall.Kill(-pgid, syscall.SIGTERM)
+		select {
+		case <-p.done:
+		case <-time.After(15 * time.Second):
+			c.log("%s (pid %d) did not end within 15 s of SIGTERM: SIGKILL", p.name, pgid)
+			syscall.Kill(-pgid, syscall.SIGKILL)
+			<-p.done
+		}
+		// What it left in its group (erlang's helpers, uwsgi's workers).
+		syscall.Kill(-pgid, syscall.SIGKILL)
+	}
+	if c.neutron != nil {
+		c.neutron.Close()
+	}
+	return nil
+}
+
+// NeutronAsked is what Nova asked the stand-in for Neutron ("METHOD
+// PATH": times).
+func (c *Cloud) NeutronAsked() map[string]int { return c.neutron.Asked() }
+
+// start runs argv as service name, in its own process group, its output
+// in DIR/log/NAME.log.
+func (c *Cloud) start(name string, env []string, argv ...string) error {
+	out, err := os.OpenFile(filepath.Join(c.Dir, "log", name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return err
+	}
+	defer out.Close()
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Env = append(os.Environ(), env...)
+	cmd.Dir = c.Dir
+	cmd.Stdout, cmd.Stderr = out, out
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("starting %s: %w", name, err)
+	}
+	p := &proc{name: name, cmd: cmd, done: make(chan struct{})}
+	go func() { p.err = cmd.Wait(); close(p.done) }()
+	c.mu.Lock()
+	c.procs = append(c.procs, p)
+	c.mu.Unlock()
+	c.log("started %s (pid %d)", name, cmd.Process.Pid)
+	return nil
+}
+
+// ended says whether service name ended, and how.
+func (c *Cloud) ended(name string) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, p := range c.procs {
+		if p.name != name {
+			continue
+		}
+		select {
+		case <-p.done:
+			return fmt.Errorf("%s ended: %v (see %s)", name, p.err, filepath.Join(c.Dir, "log", name+".log"))
+		default:
+		}
+	}
+	return nil
+}
+
+// run runs a one-shot command to its end; its output goes to
+// DIR/log/NAME.log and the error quotes its end.
+func (c *Cloud) run(ctx context.Context, name string, env []string, argv ...string) (string, error) {
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
+	cmd.Env = append(os.Environ(), env...)
+	cmd.Dir = c.Dir
+	var buf bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &buf, &buf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	err := cmd.Run()
+	if f, ferr := os.OpenFile(filepath.Join(c.Dir, "log", name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600); ferr == nil {
+		fmt.Fprintf(f, "$ %s\n%s\n", strings.Join(argv, " "), buf.Bytes())
+		f.Close()
+	}
+	if err != nil {
+		return buf.String(), fmt.Errorf("%s: %w: %s", name, err, tail(buf.String(), 1500))
+	}
+	return buf.String(), nil
+}
+
+// wait polls ready until it says yes, service name ends, or timeout.
+func (c *Cloud) wait(ctx context.Context, name string, timeout time.Duration, ready func() bool) error {
+	deadline := time.Now().Add(timeout)
+	for !ready() {
+		if err := c.ended(name); err != nil {
+			return err
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s: not ready within %s (see %s)", name, timeout, filepath.Join(c.Dir, "log", name+".log"))
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+	return nil
+}
+
+func (c *Cloud) startDB(ctx context.Context) error {
+	if _, err := c.run(ctx, "mariadb-install-db", nil, "mariadb-install-db", "--no-defaults", "--user=root",
+		"--datadir="+filepath.Join(c.Dir, "mysql"), "--auth-root-authentication-method=socket", "--skip-test-db"); err != nil {
+		return err
+	}
+	if err := c.start("mariadb", nil, "mariadbd", "--defaults-file="+filepath.Join(c.Dir, "my.cnf"), "--user=root"); err != nil {
+		return err
+	}
+	if err := c.wait(ctx, "mariadb", time.Minute, func() bool { return dial(c.DB) }); err != nil {
+		return err
+	}
+	_, err := c.run(ctx, "mariadb-setup", nil, "mariadb", "--no-defaults", "--socket="+filepath.Join(c.Dir, "mysql.sock"), "-u", "root", "-e", render(dbSQL, c))
+	return err
+}
+
+func (c *Cloud) rabbitEnv() []string {
+	r := filepath.Join(c.Dir, "rabbitmq")
+	return []string{
+		"HOME=" + r, // its erlang cookie
+		"RABBITMQ_NODENAME=axos@localhost",
+		"RABBITMQ_NODE_IP_ADDRESS=127.0.0.1",
+		fmt.Sprintf("RABBITMQ_NODE_PORT=%d", c.Rabbit),
+		fmt.Sprintf("RABBITMQ_DIST_PORT=%d", c.Dist),
+		fmt.Sprintf("ERL_EPMD_PORT=%d", c.EPMD),
+		"ERL_EPMD_ADDRESS=127.0.0.1",
+		"RABBITMQ_MNESIA_BASE=" + filepath.Join(r, "mnesia"),
+		"RABBITMQ_LOG_BASE=" + filepath.Join(r, "log"),
+		"RABBITMQ_PID_FILE=" + filepath.Join(r, "pid"),
+		"RABBITMQ_CONFIG_FILE=" + filepath.Join(r, "rabbitmq"),
+		"RABBITMQ_ENABLED_PLUGINS_FILE=" + filepath.Join(r, "enabled_plugins"),
+		"RABBITMQ_CONF_ENV_FILE=" + filepath.Join(r, "rabbitmq-env.conf"),
+		"RABBITMQ_LOGS=-",
+	}
+}
+
+// startRabbit starts epmd first, in the foreground on its own port, so
+// that Erlang does not start a detached one.
+func (c *Cloud) startRabbit(ctx context.Context) error {
+	env := c.rabbitEnv()
+	if err := c.start("epmd", env, "epmd", "-address", "127.0.0.1", "-port", fmt.Sprint(c.EPMD)); err != nil {
+		return err
+	}
+	if err := c.wait(ctx, "epmd", 10*time.Second, func() bool { return dial(c.EPMD) }); err != nil {
+		return err
+	}
+	if err := c.start("rabbitmq", env, "/usr/lib/rabbitmq/bin/rabbitmq-server"); err != nil {
+		return err
+	}
+	return c.wait(ctx, "rabbitmq", 2*time.Minute, func() bool { return dial(c.Rabbit) })
+}
+
+// uwsgi serves a WSGI script with one process on port.
+func (c *Cloud) uwsgi(name, script string, port int, env []string) error {
+	return c.start(name, env, "uwsgi", "--plugin", "python3", "--http11-socket", fmt.Sprintf("127.0.0.1:%d", port),
+		"--wsgi-file", script, "--processes", "1", "--threads", "4", "--master", "--die-on-term", "--need-app",
+		"--enable-threads", "--thunder-lock", "--lazy-apps")
+}
+
+func (c *Cloud) startKeystone(ctx context.Context) error {
+	conf := filepath.Join(c.Dir, "keystone", "keystone.conf")
+	manage := func(args ...string) error {
+		_, err := c.run(ctx, "keystone-manage", nil, append([]string{"keystone-manage", "--config-file", conf}, args...)...)
+		return err
+	}
+	for _, args := range [][]string{
+		{"db_sync"},
+		{"fernet_setup", "--keystone-user", "root", "--keystone-group", "root"},
+		{"credential_setup", "--keystone-user", "root", "--keystone-group", "root"},
+		{"bootstrap", "--bootstrap-password", Password, "--bootstrap-username", "admin", "--bootstrap-project-name", "admin",
+			"--bootstrap-role-name", "admin", "--bootstrap-service-name", "keystone", "--bootstrap-region-id", "RegionOne",
+			"--bootstrap-admin-url", c.AuthURL(), "--bootstrap-public-url", c.AuthURL(), "--bootstrap-internal-url", c.AuthURL()},
+	} {
+		if err := manage(args...); err != nil {
+			return err
+		}
+	}
+	if err := c.uwsgi("keystone", "/usr/bin/keystone-wsgi-public", c.Keystone, []string{"OS_KEYSTONE_CONFIG_FILES=" + conf}); err != nil {
+		return err
+	}
+	if err := c.wait(ctx, "keystone", time.Minute, func() bool { return answers(c.AuthURL()) }); err != nil {
+		return err
+	}
+	return c.register(ctx)
+}
+
+func (c *Cloud) startPlacement(ctx context.Context) error {
+	dir := filepath.Join(c.Dir, "placement")
+	if _, err := c.run(ctx, "placement-manage", nil, "placement-manage", "--config-file", filepath.Join(dir, "placement.conf"), "db", "sync"); err != nil {
+		return err
+	}
+	if err := c.uwsgi("placement", "/usr/bin/placement-api", c.Placement, []string{"OS_PLACEMENT_CONFIG_DIR=" + dir}); err != nil {
+		return err
+	}
+	return c.wait(ctx, "placement", time.Minute, func() bool { return answers(fmt.Sprintf("http://127.0.0.1:%d/", c.Placement)) })
+}
+
+func (c *Cloud) startGlance(ctx context.Context) error {
+	conf := filepath.Join(c.Dir, "glance", "glance-api.conf")
+	if _, err := c.run(ctx, "glance-manage", nil, c.script("glance-manage"), "--config-file", conf, "db_sync"); err != nil {
+		return err
+	}
+	if err := c.start("glance-api", nil, c.script("glance-api"), "--config-file", conf); err != nil {
+		return err
+	}
+	return c.wait(ctx, "glance-api", time.Minute, func() bool { return answers(fmt.Sprintf("http://127.0.0.1:%d/", c.Glance)) })
+}
+
+// novaManage runs nova-manage with nova.conf.
+func (c *Cloud) novaManage(ctx context.Context, args ...string) (string, error) {
+	return c.run(ctx, "nova-manage", nil, append([]string{c.script("nova-manage"), "--config-file", filepath.Join(c.Dir, "nova", "nova.conf")}, args...)...)
+}
+
+// syncNova makes Nova's three databases and its two cells.
+func (c *Cloud) syncNova(ctx context.Context) error {
+	for _, args := range [][]string{
+		{"api_db", "sync"},
+		{"cell_v2", "map_cell0"},
+		{"cell_v2", "create_cell", "--name", "cell1"},
+		{"db", "sync"},
+	} {
+		if _, err := c.novaManage(ctx, args...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// startNova starts Nova's services and maps the compute host once it
+// registered.
+func (c *Cloud) startNova(ctx context.Context) error {
+	conf := filepath.Join(c.Dir, "nova", "nova.conf")
+	for _, s := range []string{"nova-conductor", "nova-scheduler", "nova-api", "nova-compute"} {
+		if err := c.start(s, nil, c.script(s), "--config-file", conf); err != nil {
+			return err
+		}
+	}
+	if err := c.wait(ctx, "nova-api", 2*time.Minute, func() bool { return answers(fmt.Sprintf("http://127.0.0.1:%d/v2.1", c.Nova)) }); err != nil {
+		return err
+	}
+	// discover_hosts maps the compute node once nova-compute made its record.
+	return c.wait(ctx, "nova-compute", 3*time.Minute, func() bool {
+		out, err := c.novaManage(ctx, "cell_v2", "discover_hosts", "--verbose")
+		if err != nil {
+			return false
+		}
+		out, err = c.novaManage(ctx, "cell_v2", "list_hosts")
+		return err == nil && strings.Contains(out, " "+Host+" ")
+	})
+}
+
+// script is the path of DIR/bin/NAME, a Python entry point of a service
+// Debian ships only inside its service package (written by writeConfig).
+func (c *Cloud) script(name string) string { return filepath.Join(c.Dir, "bin", name) }
+
+// entryPoints are the scripts in DIR/bin: the service packages (nova-api,
+// glance-api, ...) that ship them also ship system services.
+var entryPoints = map[string]string{
+	"nova-manage":    "nova.cmd.manage",
+	"nova-api":       "nova.cmd.api",
+	"nova-conductor": "nova.cmd.conductor",
+	"nova-scheduler": "nova.cmd.scheduler",
+	"nova-compute":   "nova.cmd.compute",
+	"glance-manage":  "glance.cmd.manage",
+	"glance-api":     "glance.cmd.api",
+}
+
+func (c *Cloud) writeConfig() error {
+	for name, module := range entryPoints {
+		text := fmt.Sprintf("#!/usr/bin/python3\n# %s, as AX's test/openstack runs it\nimport sys\nfrom %s import main\nsys.exit(main())\n", name, module)
+		if err := os.WriteFile(c.script(name), []byte(text), 0o700); err != nil {
+			return err
+		}
+	}
+	for path, tmpl := range configs {
+		if err := os.WriteFile(filepath.Join(c.Dir, path), []byte(render(tmpl, c)), 0o600); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func render(tmpl string, c *Cloud) string {
+	var b bytes.Buffer
+	template.Must(template.New("").Parse(tmpl)).Execute(&b, struct {
+		*Cloud
+		Password, Host string
+	}{c, Password, Host})
+	return b.String()
+}
+
+// freePorts are n TCP ports free on 127.0.0.1 now.
+func freePorts(n int) ([]int, error) {
+	var ports []int
+	var ls []net.Listener
+	defer func() {
+		for _, l := range ls {
+			l.Close()
+		}
+	}()
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, err
+		}
+		ls = append(ls, l)
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	}
+	return ports, nil
+}
+
+func dial(port int) bool {
+	conn, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), time.Second)
+	if err != nil {
+		return false
+	}
+	conn.Close()
+	return true
+}
+
+// answers says whether url answers HTTP below 500.
+func answers(url string) bool {
+	cl := http.Client{Timeout: 5 * time.Second}
+	resp, err := cl.Get(url)
+	if err != nil {
+		return false
+	}
+	resp.Body.Close()
+	return resp.StatusCode < 500
+}
+
+func tail(s string, n int) string {
+	if len(s) > n {
+		return "…" + s[len(s)-n:]
+	}
+	return s
+}
