@@ -372,8 +372,10 @@ func TestIntegrationFTPlannedFailover(t *testing.T) {
 	if err := waitGone(vm.PID, 5*time.Second); err != nil {
 		t.Errorf("the old QEMU on a: %v", err)
 	}
+	// b protects it back towards a at once: on a loaded machine its
+	// first checkpoints can hold the guest for seconds.
 	var post []byte
-	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
 		if post, _ = os.ReadFile(sb.Console); strings.Contains(string(post), "AXTICK ") {
 			break
 		}
