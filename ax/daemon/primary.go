@@ -445,11 +445,7 @@ func retryAfter(fails int) time.Duration {
 	if fails <= 0 {
 		return 0
 	}
-	d := retryUnprotected
-	for i := 1; i < fails && d < retryMax; i++ {
-		d *= 2
-	}
-	return min(d, retryMax)
+	return min(retryUnprotected<<min(fails-1, 8), retryMax) // 250 ms << 7 is past 30 s
 }
 
 // runPrimary keeps a VM protected: connect, sync, checkpoint; on any

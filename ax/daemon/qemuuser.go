@@ -22,7 +22,7 @@ func giveToQEMU(root, dir string, pid int) error {
 	if err != nil || !other {
 		return err
 	}
-	if err := reachable(root, dir); err != nil {
+	if err := reachable(root, filepath.Dir(dir)); err != nil {
 		return err
 	}
 	if err := os.Chown(dir, uid, gid); err != nil {
@@ -40,7 +40,7 @@ func openNBDTo(root, sock string, pid int) error {
 	if err != nil || !other {
 		return err
 	}
-	if err := reachable(root, sock); err != nil {
+	if err := reachable(root, filepath.Dir(sock)); err != nil {
 		return err
 	}
 	if err := os.Chmod(sock, 0o666); err != nil {
@@ -65,22 +65,22 @@ func qemuUser(pid int) (uid, gid int, other bool, err error) {
 	return uid, gid, uid != os.Geteuid() || gid != os.Getegid(), nil
 }
 
-// reachable gives the directories from root down to path's own search
+// reachable gives dir and the directories above it up to root search
 // permission for others (o+x, not read: QEMU reaches its files by name and
-// lists nothing). path must be below root.
-func reachable(root, path string) error {
-	rel, err := filepath.Rel(root, filepath.Dir(path))
+// lists nothing). dir must be root or below it.
+func reachable(root, dir string) error {
+	rel, err := filepath.Rel(root, dir)
 	if err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
-		return fmt.Errorf("%s is not below axd's state directory %s", path, root)
+		return fmt.Errorf("%s is not below axd's state directory %s", dir, root)
 	}
-	for p := filepath.Dir(path); ; p = filepath.Dir(p) {
+	for p := filepath.Clean(dir); ; p = filepath.Dir(p) {
 		st, err := os.Stat(p)
 		if err != nil {
 			return err
 		}
 		if m := st.Mode().Perm(); m&0o001 == 0 {
 			if err := os.Chmod(p, m|0o001); err != nil {
-				return fmt.Errorf("letting QEMU's user reach %s: %w", path, err)
+				return fmt.Errorf("letting QEMU's user reach %s: %w", dir, err)
 			}
 		}
 		if p == filepath.Clean(root) || p == filepath.Dir(p) {

@@ -464,7 +464,7 @@ func (d *Daemon) promote(ctx context.Context, v *vmState) (err error) {
 	}
 	// A QEMU of another user than axd (libvirt's) opens the disks moved
 	// into dir (libvirt gives it the files, not the way to them).
-	if err := reachable(d.cfg.StateDir, filepath.Join(dir, "disk")); err != nil {
+	if err := reachable(d.cfg.StateDir, dir); err != nil {
 		return err
 	}
 	dom := d.cfg.Hypervisor.Domain(g)

@@ -178,22 +178,12 @@ paste.filter_factory = nova.api.auth:NovaKeystoneContext.factory
 [app:osapi_compute_app_v21]
 paste.app_factory = nova.api.openstack.compute:APIRouterV21.factory
 `,
-	// clouds: ax (the user axd runs as, admin role) and admin.
+	// cloud ax: the user axd runs as (admin role).
 	"clouds.yaml": `clouds:
   ax:
     auth:
       auth_url: http://127.0.0.1:{{.Keystone}}/v3
       username: ax
-      password: {{.Password}}
-      project_name: admin
-      user_domain_name: Default
-      project_domain_name: Default
-    region_name: RegionOne
-    identity_api_version: 3
-  admin:
-    auth:
-      auth_url: http://127.0.0.1:{{.Keystone}}/v3
-      username: admin
       password: {{.Password}}
       project_name: admin
       user_domain_name: Default
