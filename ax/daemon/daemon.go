@@ -340,6 +340,14 @@ func (d *Daemon) Run(ctx context.Context, ready func()) error {
 	}
 	defer os.Remove(d.nbdSocket())
 	defer nbdLn.Close() // Serve closes it too; this covers the early returns
+	// Connectable by all from the start: a QEMU of libvirt's user whose
+	// quorum child reconnects after axd restarted must not be refused
+	// before its VM's stream has been opened again. The server admits a
+	// client of another user only to the exports added for its own pid
+	// (nbd.Server.AddExportFor), and the state directory is not listable.
+	if err := os.Chmod(d.nbdSocket(), 0o666); err != nil {
+		return fmt.Errorf("axd: %w", err)
+	}
 	os.Remove(d.cfg.Socket)
 	if err := os.MkdirAll(filepath.Dir(d.cfg.Socket), 0o755); err != nil {
 		return fmt.Errorf("axd: socket directory: %w", err)

@@ -76,6 +76,13 @@ func TestDaemonAPI(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("not ready")
 	}
+	// The API socket is axd's only; the NBD socket is for every QEMU,
+	// whatever its user (a reconnect after axd restarted is not refused).
+	for path, want := range map[string]os.FileMode{sock: 0o600, filepath.Join(dir, "state", "nbd.sock"): 0o666} {
+		if st, err := os.Stat(path); err != nil || st.Mode().Perm() != want {
+			t.Errorf("%s: %v, want mode %v", path, st, want)
+		}
+	}
 	c := api.NewClient(sock)
 	spec := api.VMSpec{Name: "vm1", Guest: api.Guest{RAMMiB: 1, RAMFile: ram, QEMU: api.QEMU{QMP: filepath.Join(dir, "qmp")}}}
 	if err := c.Define(ctx, spec); err != nil {
