@@ -1,0 +1,476 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/gophercloud/gophercloud/v2"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/axproject/ax/ax/hv/libvirt"
+	"github.com/axproject/ax/nova-hook/nova"
+)
+
+// After axd promotes a Nova server's domain here, Nova's record still says
+// the dead host. axd makes it follow (nova-hook/FAILOVER.md): it forces
+// the old host's nova-compute down, evacuates the server to this host
+// (where the adopting compute driver, nova-hook/driver, takes over the
+// running domain instead of spawning one, told so by a marker file), and
+// waits until Nova says this host, ACTIVE. It retries with back-off while
+// Nova does not answer, and never holds the promotion or the guest up: it
+// runs after them. Until the old host's nova-compute has run again and
+// completed the evacuation (_destroy_evacuated_instances destroys any copy
+// of the server there, a replica built before included), axd does not
+// protect the VM back towards the old host; then it clears forced_down.
+
+// NovaEvacuator is what the evacuation asks of Nova: *nova.Client.
+type NovaEvacuator interface {
+	ComputeService(ctx context.Context, host string) (nova.ComputeService, error)
+	SetForcedDown(ctx context.Context, id string, down bool) error
+	Evacuate(ctx context.Context, id, host string) error
+	Evacuations(ctx context.Context, id string) ([]nova.Migration, error)
+}
+
+var _ NovaEvacuator = (*nova.Client)(nil)
+
+// domainIdentifier is a hypervisor driver that tells who a domain is
+// (libvirt: its UUID, Nova's instance UUID, and Nova's metadata).
+type domainIdentifier interface {
+	Identify(ctx context.Context, name string) (*libvirt.Identity, error)
+}
+
+// Evacuation stages, as ax:status and events name them.
+const (
+	evacStarting   = "finding the server"
+	evacForcing    = "forcing down the old host's nova-compute"
+	evacAsking     = "evacuating"
+	evacMoving     = "waiting for Nova to say this host, ACTIVE"
+	evacCompleting = "waiting for the old host's nova-compute to complete the evacuation"
+	evacClearing   = "clearing forced_down"
+	evacDone       = "done"
+	evacFailed     = "failed"
+)
+
+// evacuation is one promoted server's way through Nova.
+type evacuation struct {
+	vm      string
+	peer    string // the old primary, as axd knows it: re-protection towards it is held
+	server  string
+	from    string // the old host, as Nova knows it
+	service string // its nova-compute service's id
+	forced  bool   // axd set forced_down (and so clears it)
+	stage   string
+	why     string // the last failure, or why it stopped
+	started time.Time
+	moved   time.Time // Nova said this host, ACTIVE
+}
+
+// holding says whether the evacuation still keeps re-protection towards
+// its old host from starting.
+func (e *evacuation) holding() bool { return e.stage != evacDone }
+
+func (e *evacuation) text(host string) string {
+	switch e.stage {
+	case evacDone:
+		return fmt.Sprintf("Nova: evacuated from %s to %s in %.1f s; the evacuation is completed", e.from, host, e.moved.Sub(e.started).Seconds())
+	case evacFailed:
+		return fmt.Sprintf("Nova: evacuation from %s failed: %s; protection towards %s held", e.from, e.why, e.peer)
+	case evacCompleting, evacClearing:
+		return fmt.Sprintf("Nova: evacuated from %s to %s in %.1f s; protection towards %s held until nova-compute on %s starts again and completes the evacuation",
+			e.from, host, e.moved.Sub(e.started).Seconds(), e.peer, e.from)
+	}
+	s := "Nova: " + e.stage
+	if e.why != "" {
+		s += " (retried: " + e.why + ")"
+	}
+	return s
+}
+
+// evacMetrics are the evacuation's: counted by result, pending, and how
+// long Nova took to say this host.
+type evacMetrics struct {
+	total   *prometheus.CounterVec // result: moved, completed, failed
+	pending prometheus.Gauge
+	seconds *prometheus.GaugeVec // vm
+}
+
+func newEvacMetrics(reg *prometheus.Registry) *evacMetrics {
+	m := &evacMetrics{
+		total: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ax_nova_evacuations_total",
+			Help: "Evacuations of promoted servers in Nova, by result (moved: Nova says this host; completed: the old host's nova-compute completed it; failed)."}, []string{"result"}),
+		pending: prometheus.NewGauge(prometheus.GaugeOpts{Name: "ax_nova_evacuations_pending",
+			Help: "Promoted servers whose evacuation Nova has not completed: protection towards their old host is held."}),
+		seconds: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "ax_nova_evacuation_seconds",
+			Help: "From the promotion to Nova saying the server is on this host, ACTIVE."}, []string{"vm"}),
+	}
+	reg.MustRegister(m.total, m.pending, m.seconds)
+	return m
+}
+
+// evacuateWaits: the first wait after a failed call, doubled up to the
+// last; Nova is polled every poll while the evacuation runs.
+const evacuateMaxWait = 30 * time.Second
+
+// promoted starts the evacuation of domain name, promoted here from peer,
+// if Nova knows it as a server. It returns at once.
+func (n *novaLevels) promoted(name, peer string) {
+	n.mu.Lock()
+	if e, ok := n.evacs[name]; ok && e.holding() && e.stage != evacFailed {
+		n.mu.Unlock()
+		return // one runs already
+	}
+	e := &evacuation{vm: name, peer: peer, stage: evacStarting, started: time.Now()}
+	n.evacs[name] = e
+	n.mu.Unlock()
+	n.evacMetricsSet()
+	n.d.wg.Go(func() { n.evacuate(n.d.ctx, e) })
+}
+
+// holds says why re-protection of name towards peer must wait ("" : it
+// need not).
+func (n *novaLevels) holds(name, peer string) string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	e, ok := n.evacs[name]
+	if !ok || !e.holding() || e.peer != peer {
+		return ""
+	}
+	return fmt.Sprintf("Nova has not completed the evacuation of server %s from %s (%s): a replica built on %s now would be destroyed by its nova-compute",
+		e.server, e.from, e.stage, peer)
+}
+
+// evacuation is a copy of name's evacuation, false without one.
+func (n *novaLevels) evacuation(name string) (evacuation, bool) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	e, ok := n.evacs[name]
+	if !ok {
+		return evacuation{}, false
+	}
+	return *e, true
+}
+
+func (n *novaLevels) evacMetricsSet() {
+	n.mu.Lock()
+	pending := 0
+	for _, e := range n.evacs {
+		if e.holding() {
+			pending++
+		}
+	}
+	n.mu.Unlock()
+	n.evac.pending.Set(float64(pending))
+}
+
+// setStage moves e on, with an event and the server's ax:status.
+func (n *novaLevels) setStage(ctx context.Context, e *evacuation, stage, why string) {
+	n.mu.Lock()
+	e.stage, e.why = stage, why
+	if stage == evacCompleting && e.moved.IsZero() {
+		e.moved = time.Now()
+	}
+	cp := *e
+	n.mu.Unlock()
+	n.evacMetricsSet()
+	text := cp.text(n.host)
+	n.d.event(e.vm, "nova", text)
+	if cp.server != "" {
+		// Written straight away: until Nova says this host the server is
+		// not among the ones the reconciler writes to.
+		wctx, cancel := context.WithTimeout(ctx, novaRequestTimeout)
+		if err := n.cloud.SetStatus(wctx, cp.server, text); err != nil {
+			n.warnf("Nova: writing server %s's %s: %v", cp.server, nova.StatusKey, err)
+		}
+		cancel()
+	}
+}
+
+// retry notes a failed call: the first failure of a kind is an event, the
+// next ones a rate-limited log; it waits before the next try.
+func (n *novaLevels) retry(ctx context.Context, e *evacuation, wait *time.Duration, err error) bool {
+	msg := nova.Truncate(err.Error(), 300)
+	n.mu.Lock()
+	first := e.why != msg
+	e.why = msg
+	n.mu.Unlock()
+	if first {
+		n.d.event(e.vm, "nova", fmt.Sprintf("Nova: %s: %s; retried", e.stage, msg))
+	} else {
+		n.warnf("Nova: %s of %s: %s", e.stage, e.vm, msg)
+	}
+	*wait = min(max(2**wait, n.evacPoll), evacuateMaxWait)
+	select {
+	case <-ctx.Done():
+		return false
+	case <-time.After(*wait):
+		return true
+	}
+}
+
+// pause waits one poll.
+func (n *novaLevels) pause(ctx context.Context) bool {
+	select {
+	case <-ctx.Done():
+		return false
+	case <-time.After(n.evacPoll):
+		return true
+	}
+}
+
+// evacuate runs e to its end (or axd's).
+func (n *novaLevels) evacuate(ctx context.Context, e *evacuation) {
+	id, ok := n.identify(ctx, e)
+	if !ok {
+		return
+	}
+	var wait time.Duration
+	call := func(f func(ctx context.Context) error) error {
+		cctx, cancel := context.WithTimeout(ctx, novaRequestTimeout)
+		defer cancel()
+		return f(cctx)
+	}
+	// Where Nova has it, and whether an evacuation to here is under way
+	// already (axd asked before a restart, or the answer was lost).
+	var s nova.Server
+	for {
+		err := call(func(ctx context.Context) (err error) { s, err = n.cloud.Server(ctx, id); return err })
+		if err == nil {
+			break
+		}
+		if gophercloud.ResponseCodeIs(err, http.StatusNotFound) {
+			n.identifyDrop(e, fmt.Sprintf("Nova has no server %s", id))
+			return
+		}
+		if !n.retry(ctx, e, &wait, err) {
+			return
+		}
+	}
+	n.mu.Lock()
+	e.server, e.from = id, s.Host
+	n.mu.Unlock()
+	if s.Host == n.host && s.Status == "ACTIVE" {
+		n.removeMarker(id)
+		n.setStage(ctx, e, evacDone, "")
+		n.evacMetricsSet()
+		return
+	}
+	if err := n.writeMarker(id, e.vm); err != nil {
+		n.setStage(ctx, e, evacFailed, "the adopting driver's marker: "+err.Error())
+		n.evac.total.WithLabelValues("failed").Inc()
+		return
+	}
+	if s.Status != "REBUILD" {
+		n.setStage(ctx, e, evacForcing, "")
+		wait = 0
+		for {
+			err := call(func(ctx context.Context) error {
+				svc, err := n.cloud.ComputeService(ctx, e.from)
+				if err != nil {
+					return err
+				}
+				n.mu.Lock()
+				e.service = svc.ID
+				n.mu.Unlock()
+				if svc.ForcedDown {
+					return nil // an operator's (or an earlier try's): left to them
+				}
+				if err := n.cloud.SetForcedDown(ctx, svc.ID, true); err != nil {
+					return err
+				}
+				n.mu.Lock()
+				e.forced = true
+				n.mu.Unlock()
+				return nil
+			})
+			if err == nil {
+				break
+			}
+			if !n.retry(ctx, e, &wait, err) {
+				return
+			}
+		}
+		n.setStage(ctx, e, evacAsking, "")
+		wait = 0
+		for {
+			err := call(func(ctx context.Context) error { return n.cloud.Evacuate(ctx, id, n.host) })
+			if err == nil {
+				break
+			}
+			// The request may have been taken though its answer was lost:
+			// then the server is rebuilding here, or here already.
+			var now nova.Server
+			if rerr := call(func(ctx context.Context) (err error) { now, err = n.cloud.Server(ctx, id); return err }); rerr == nil &&
+				(now.Status == "REBUILD" || now.Host == n.host) {
+				break
+			}
+			if !n.retry(ctx, e, &wait, err) {
+				return
+			}
+		}
+	}
+	n.setStage(ctx, e, evacMoving, "")
+	wait = 0
+	for {
+		var now nova.Server
+		err := call(func(ctx context.Context) (err error) { now, err = n.cloud.Server(ctx, id); return err })
+		switch {
+		case err != nil:
+			if !n.retry(ctx, e, &wait, err) {
+				return
+			}
+			continue
+		case now.Status == "ERROR":
+			n.removeMarker(id)
+			n.setStage(ctx, e, evacFailed, fmt.Sprintf("Nova put the server in ERROR on host %s (see its instance actions: openstack server event list %s)", nova.Truncate(now.Host, 64), id))
+			n.evac.total.WithLabelValues("failed").Inc()
+			return
+		case now.Host == n.host && now.Status == "ACTIVE":
+		default:
+			if !n.pause(ctx) {
+				return
+			}
+			continue
+		}
+		break
+	}
+	n.removeMarker(id)
+	n.evac.total.WithLabelValues("moved").Inc()
+	n.evac.seconds.WithLabelValues(e.vm).Set(time.Since(e.started).Seconds())
+	n.setStage(ctx, e, evacCompleting, "")
+	wait = 0
+	for {
+		var ms []nova.Migration
+		err := call(func(ctx context.Context) (err error) { ms, err = n.cloud.Evacuations(ctx, id); return err })
+		if err != nil {
+			if !n.retry(ctx, e, &wait, err) {
+				return
+			}
+			continue
+		}
+		if completed(ms, e.from, n.host) {
+			break
+		}
+		if !n.pause(ctx) {
+			return
+		}
+	}
+	n.mu.Lock()
+	forced, svc := e.forced, e.service
+	n.mu.Unlock()
+	if forced {
+		n.setStage(ctx, e, evacClearing, "")
+		wait = 0
+		for {
+			err := call(func(ctx context.Context) error { return n.cloud.SetForcedDown(ctx, svc, false) })
+			if err == nil {
+				break
+			}
+			if !n.retry(ctx, e, &wait, err) {
+				return
+			}
+		}
+	}
+	n.evac.total.WithLabelValues("completed").Inc()
+	n.setStage(ctx, e, evacDone, "")
+}
+
+// completed says whether the newest evacuation from → to is completed.
+func completed(ms []nova.Migration, from, to string) bool {
+	for i := len(ms) - 1; i >= 0; i-- {
+		if ms[i].Source == from && ms[i].Dest == to {
+			return ms[i].Status == "completed"
+		}
+	}
+	return false
+}
+
+// identify finds the Nova server of e's domain through the hypervisor;
+// false when it is none (then nothing is done).
+func (n *novaLevels) identify(ctx context.Context, e *evacuation) (string, bool) {
+	di, ok := n.d.cfg.Hypervisor.(domainIdentifier)
+	drop := func(why string) (string, bool) {
+		n.identifyDrop(e, why)
+		return "", false
+	}
+	if !ok {
+		return drop("the hypervisor driver does not say which Nova server the promoted domain is (axd runs with --libvirt on a compute host)")
+	}
+	ictx, cancel := context.WithTimeout(ctx, novaRequestTimeout)
+	id, err := di.Identify(ictx, e.vm)
+	cancel()
+	switch {
+	case err != nil:
+		return drop("the promoted domain's identity: " + err.Error())
+	case id.Nova == nil || id.UUID == "":
+		return drop("the promoted domain is not a Nova instance (no nova:instance metadata)")
+	case !canonicalUUID(id.UUID):
+		return drop(fmt.Sprintf("the promoted domain's UUID %q is not one Nova writes", nova.Truncate(id.UUID, 40)))
+	}
+	return strings.ToLower(id.UUID), true
+}
+
+// identifyDrop ends e before it asked Nova anything: the domain is no
+// server of this Nova.
+func (n *novaLevels) identifyDrop(e *evacuation, why string) {
+	n.mu.Lock()
+	delete(n.evacs, e.vm)
+	n.mu.Unlock()
+	n.evacMetricsSet()
+	n.d.event(e.vm, "nova", "Nova: "+why+": its record in Nova is left as it is")
+}
+
+// canonicalUUID: 8-4-4-4-12 hex digits, the only shape a marker's name
+// takes.
+func canonicalUUID(s string) bool {
+	if len(s) != 36 {
+		return false
+	}
+	for i, c := range s {
+		switch i {
+		case 8, 13, 18, 23:
+			if c != '-' {
+				return false
+			}
+		default:
+			if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f' || c >= 'A' && c <= 'F') {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// writeMarker tells the adopting compute driver that instance id runs
+// here, promoted by axd: its rebuild adopts the domain instead of
+// spawning one. nova-compute (user nova) reads it.
+func (n *novaLevels) writeMarker(id, vm string) error {
+	if !canonicalUUID(id) {
+		return errors.New("not a UUID")
+	}
+	if err := os.MkdirAll(n.adoptDir, 0o755); err != nil {
+		return err
+	}
+	if err := os.Chmod(n.adoptDir, 0o755); err != nil {
+		return err
+	}
+	tmp := filepath.Join(n.adoptDir, "."+id+".tmp")
+	if err := os.WriteFile(tmp, []byte(vm+"\n"), 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, filepath.Join(n.adoptDir, id))
+}
+
+func (n *novaLevels) removeMarker(id string) {
+	if !canonicalUUID(id) {
+		return
+	}
+	if err := os.Remove(filepath.Join(n.adoptDir, id)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		n.warnf("Nova: removing the adopt marker of %s: %v", id, err)
+	}
+}

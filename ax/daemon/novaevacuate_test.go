@@ -1,0 +1,206 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/axproject/ax/ax/api"
+	"github.com/axproject/ax/ax/hv/hvtest"
+	"github.com/axproject/ax/ax/hv/libvirt"
+	"github.com/axproject/ax/nova-hook/nova"
+	"github.com/axproject/ax/nova-hook/nova/novatest"
+)
+
+// identifyingFake is the recording fake as a driver that tells each
+// domain's identity (libvirt's Identify).
+type identifyingFake struct {
+	*hvtest.Fake
+	ids map[string]*libvirt.Identity
+}
+
+func (f *identifyingFake) Identify(_ context.Context, name string) (*libvirt.Identity, error) {
+	id, ok := f.ids[name]
+	if !ok {
+		return nil, errors.New("domain not found: no domain with matching name '" + name + "'")
+	}
+	return id, nil
+}
+
+const svcIDa, svcIDb = "c1a2b3c4-0000-4000-8000-00000000000a", "c1a2b3c4-0000-4000-8000-00000000000b"
+
+// evacHost is host b of the pair, taking levels from a fake Nova where
+// vm1 is server novaServerID on host a (dead: its nova-compute does not
+// report), ready to promote vm1 from a committed checkpoint.
+func evacHost(t *testing.T, novaDomain bool) (*Daemon, *novatest.Cloud, *vmState, string) {
+	t.Helper()
+	c, cl := novaCloud(t, "a", map[string]string{"ax:level": "ft", "ax:peer": "b"})
+	c.Update(novaServerID, func(s *novatest.Server) { s.InstanceName = "vm1" })
+	c.AddComputeService("a", svcIDa)
+	c.AddComputeService("b", svcIDb)
+	c.SetServiceUp("a", false)
+	d, fake := fakeHost(t, plenty)
+	id := &libvirt.Identity{Name: "vm1", UUID: novaServerID, Running: true}
+	if novaDomain {
+		id.Nova = &libvirt.NovaInstance{}
+	}
+	d.cfg.Hypervisor = &identifyingFake{Fake: fake, ids: map[string]*libvirt.Identity{"vm1": id}}
+	adopt := filepath.Join(t.TempDir(), "nova-adopt")
+	d.nova = newNovaLevels(d, NovaConfig{Cloud: cl, EvacuatePoll: 5 * time.Millisecond, AdoptDir: adopt})
+	v := replicaHere(t, d, committedReplica(t, d, 1<<20, []byte("devstate")), api.LevelFT)
+	return d, c, v, adopt
+}
+
+// waitFor polls cond for up to 5 s.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func evacStage(d *Daemon) string {
+	e, _ := d.nova.evacuation("vm1")
+	return e.stage
+}
+
+// A promotion of a Nova server makes Nova's record follow: a's compute
+// service forced down, then the evacuation to b, the adopt marker there
+// while Nova rebuilds; protection back towards a held until a's
+// nova-compute completed the evacuation; then forced_down cleared, once.
+func TestNovaEvacuateAfterPromotion(t *testing.T) {
+	d, c, v, adopt := evacHost(t, true)
+	c.HoldEvacuations(true)
+	if err := d.promote(context.Background(), v); err != nil {
+		t.Fatal(err)
+	}
+	if st := v.status(); st.State != "running" {
+		t.Fatalf("the guest is %s after promotion", st.State)
+	}
+	waitFor(t, "the evacuation to be asked", func() bool { return len(c.Migrations()) == 1 })
+	marker := filepath.Join(adopt, novaServerID)
+	if b, err := os.ReadFile(marker); err != nil || string(b) != "vm1\n" {
+		t.Errorf("adopt marker while Nova rebuilds: %q, %v", b, err)
+	}
+	if fi, err := os.Stat(marker); err == nil && fi.Mode().Perm() != 0o644 {
+		t.Errorf("marker mode %v: nova-compute (user nova) must read it", fi.Mode())
+	}
+	var order []string
+	for _, r := range c.Requests() {
+		switch {
+		case strings.HasPrefix(r, "GET /compute/v2.1/os-services"):
+			order = append(order, "service")
+		case r == "PUT /compute/v2.1/os-services/"+svcIDa:
+			order = append(order, "force-down")
+		case r == "POST /compute/v2.1/servers/"+novaServerID+"/action":
+			order = append(order, "evacuate")
+		}
+	}
+	if want := []string{"service", "force-down", "evacuate"}; !slices.Equal(order, want) {
+		t.Errorf("calls %q, want %q", order, want)
+	}
+	if s := c.ComputeService("a"); !s.ForcedDown {
+		t.Error("a's compute service is not forced down")
+	}
+	if why := d.nova.holds("vm1", "a"); why == "" {
+		t.Error("protection towards a not held while Nova rebuilds")
+	}
+	err := d.protect("vm1", api.ProtectRequest{Level: api.LevelFT, Peer: "a"})
+	if err == nil || !strings.Contains(err.Error(), "not protecting vm1 towards a yet") {
+		t.Errorf("protect towards a during the evacuation: %v", err)
+	}
+	c.FinishEvacuations()
+	waitFor(t, "Nova to say b, ACTIVE", func() bool { return evacStage(d) == evacCompleting })
+	if _, err := os.Stat(marker); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("adopt marker left after Nova recorded the evacuation: %v", err)
+	}
+	if n := testutil.ToFloat64(d.nova.evac.seconds.WithLabelValues("vm1")); n <= 0 {
+		t.Errorf("ax_nova_evacuation_seconds %v", n)
+	}
+	time.Sleep(50 * time.Millisecond) // polls while a stays dead
+	if d.nova.holds("vm1", "a") == "" || evacStage(d) != evacCompleting {
+		t.Fatalf("released before a's nova-compute completed the evacuation (%s)", evacStage(d))
+	}
+	if testutil.ToFloat64(d.nova.evac.pending) != 1 {
+		t.Error("ax_nova_evacuations_pending is not 1")
+	}
+	c.RestartCompute("a")
+	waitFor(t, "the evacuation to complete", func() bool { return evacStage(d) == evacDone })
+	if s := c.ComputeService("a"); s.ForcedDown {
+		t.Error("forced_down not cleared")
+	}
+	time.Sleep(50 * time.Millisecond)
+	if n := c.Count("PUT", "/os-services/"+svcIDa); n != 2 {
+		t.Errorf("%d writes of a's forced_down, want 2 (set, cleared once)", n)
+	}
+	if why := d.nova.holds("vm1", "a"); why != "" {
+		t.Errorf("still held after the evacuation completed: %s", why)
+	}
+	if got := c.Metadata(novaServerID)[nova.StatusKey]; !strings.Contains(got, "the evacuation is completed") {
+		t.Errorf("ax:status %q", got)
+	}
+	if testutil.ToFloat64(d.nova.evac.total.WithLabelValues("completed")) != 1 || testutil.ToFloat64(d.nova.evac.pending) != 0 {
+		t.Error("metrics: completed not counted or still pending")
+	}
+	if ev := events(d, "nova"); !slices.ContainsFunc(ev, func(s string) bool { return strings.Contains(s, "evacuated from a to b") }) {
+		t.Errorf("nova events %q", ev)
+	}
+}
+
+// Nova down when the VM is promoted: the guest runs, and the calls are
+// retried, with back-off, until Nova answers.
+func TestNovaEvacuateRetriesWhileNovaIsDown(t *testing.T) {
+	d, c, v, _ := evacHost(t, true)
+	c.SetDown(true)
+	if err := d.promote(context.Background(), v); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "a retried call", func() bool {
+		e, _ := d.nova.evacuation("vm1")
+		return strings.Contains(e.why, "503") || strings.Contains(e.why, "Service Unavailable") || strings.Contains(e.why, "down")
+	})
+	if v.status().State != "running" {
+		t.Error("the promoted guest waits for Nova")
+	}
+	n := len(c.Requests())
+	time.Sleep(60 * time.Millisecond)
+	if m := len(c.Requests()) - n; m > 6 {
+		t.Errorf("%d requests in 60 ms to a Nova that is down: no back-off", m)
+	}
+	if ev := events(d, "nova"); !slices.ContainsFunc(ev, func(s string) bool { return strings.Contains(s, "retried") }) {
+		t.Errorf("no event says the call is retried: %q", ev)
+	}
+	c.SetDown(false)
+	waitFor(t, "the evacuation once Nova answers", func() bool { return evacStage(d) == evacCompleting })
+	if s, _ := c.Metadata(novaServerID)[nova.StatusKey]; !strings.Contains(s, "held until nova-compute on a starts again") {
+		t.Errorf("ax:status %q", s)
+	}
+}
+
+// A promoted domain that is no Nova instance leaves Nova alone.
+func TestNovaEvacuateNotANovaDomain(t *testing.T) {
+	d, c, v, _ := evacHost(t, false)
+	if err := d.promote(context.Background(), v); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the event", func() bool {
+		return slices.ContainsFunc(events(d, "nova"), func(s string) bool { return strings.Contains(s, "not a Nova instance") })
+	})
+	if n := c.Count("PUT", "os-services") + c.Count("POST", "/action"); n != 0 {
+		t.Errorf("%d force-down or evacuate calls for a domain Nova did not create", n)
+	}
+	if d.nova.holds("vm1", "a") != "" {
+		t.Error("protection held for a domain Nova did not create")
+	}
+}
