@@ -4,13 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
 
-	"github.com/gophercloud/gophercloud/v2"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/axproject/ax/ax/hv/libvirt"
@@ -45,16 +43,11 @@ type domainIdentifier interface {
 	Identify(ctx context.Context, name string) (*libvirt.Identity, error)
 }
 
-// Evacuation stages, as ax:status and events name them.
+// Evacuation stages besides nova.Follow's, as ax:status and events name
+// them.
 const (
-	evacStarting   = "finding the server"
-	evacForcing    = "forcing down the old host's nova-compute"
-	evacAsking     = "evacuating"
-	evacMoving     = "waiting for Nova to say this host, ACTIVE"
-	evacCompleting = "waiting for the old host's nova-compute to complete the evacuation"
-	evacClearing   = "clearing forced_down"
-	evacDone       = "done"
-	evacFailed     = "failed"
+	evacStarting = "finding the server"
+	evacFailed   = "failed"
 )
 
 // evacuation is one promoted server's way through Nova.
@@ -63,8 +56,6 @@ type evacuation struct {
 	peer    string // the old primary, as axd knows it: re-protection towards it is held
 	server  string
 	from    string // the old host, as Nova knows it
-	service string // its nova-compute service's id
-	forced  bool   // axd set forced_down (and so clears it)
 	stage   string
 	why     string // the last failure, or why it stopped
 	started time.Time
@@ -73,15 +64,15 @@ type evacuation struct {
 
 // holding says whether the evacuation still keeps re-protection towards
 // its old host from starting.
-func (e *evacuation) holding() bool { return e.stage != evacDone }
+func (e *evacuation) holding() bool { return e.stage != string(nova.StageDone) }
 
 func (e *evacuation) text(host string) string {
-	switch e.stage {
-	case evacDone:
+	switch nova.Stage(e.stage) {
+	case nova.StageDone:
 		return fmt.Sprintf("Nova: evacuated from %s to %s in %.1f s; the evacuation is completed", e.from, host, e.moved.Sub(e.started).Seconds())
 	case evacFailed:
 		return fmt.Sprintf("Nova: evacuation from %s failed: %s; protection towards %s held", e.from, e.why, e.peer)
-	case evacCompleting, evacClearing:
+	case nova.StageCompleting, nova.StageClearing:
 		return fmt.Sprintf("Nova: evacuated from %s to %s in %.1f s; protection towards %s held until nova-compute on %s starts again and completes the evacuation",
 			e.from, host, e.moved.Sub(e.started).Seconds(), e.peer, e.from)
 	}
@@ -172,7 +163,7 @@ func (n *novaLevels) evacMetricsSet() {
 func (n *novaLevels) setStage(ctx context.Context, e *evacuation, stage, why string) {
 	n.mu.Lock()
 	e.stage, e.why = stage, why
-	if stage == evacCompleting && e.moved.IsZero() {
+	if stage == string(nova.StageCompleting) && e.moved.IsZero() {
 		e.moved = time.Now()
 	}
 	cp := *e
@@ -191,203 +182,64 @@ func (n *novaLevels) setStage(ctx context.Context, e *evacuation, stage, why str
 	}
 }
 
-// retry notes a failed call: the first failure of a kind is an event, the
-// next ones a rate-limited log; it waits before the next try.
-func (n *novaLevels) retry(ctx context.Context, e *evacuation, wait *time.Duration, err error) bool {
-	msg := nova.Truncate(err.Error(), 300)
-	n.mu.Lock()
-	first := e.why != msg
-	e.why = msg
-	n.mu.Unlock()
-	if first {
-		n.d.event(e.vm, "nova", fmt.Sprintf("Nova: %s: %s; retried", e.stage, msg))
-	} else {
-		n.warnf("Nova: %s of %s: %s", e.stage, e.vm, msg)
-	}
-	*wait = min(max(2**wait, n.evacPoll), evacuateMaxWait)
-	select {
-	case <-ctx.Done():
-		return false
-	case <-time.After(*wait):
-		return true
-	}
-}
-
-// pause waits one poll.
-func (n *novaLevels) pause(ctx context.Context) bool {
-	select {
-	case <-ctx.Done():
-		return false
-	case <-time.After(n.evacPoll):
-		return true
-	}
-}
-
-// evacuate runs e to its end (or axd's).
+// evacuate runs e to its end (or axd's): nova.Follow, with the adopt
+// marker in place until Nova says this host.
 func (n *novaLevels) evacuate(ctx context.Context, e *evacuation) {
 	id, ok := n.identify(ctx, e)
 	if !ok {
 		return
 	}
-	var wait time.Duration
-	call := func(f func(ctx context.Context) error) error {
-		cctx, cancel := context.WithTimeout(ctx, novaRequestTimeout)
-		defer cancel()
-		return f(cctx)
-	}
-	// Where Nova has it, and whether an evacuation to here is under way
-	// already (axd asked before a restart, or the answer was lost).
-	var s nova.Server
-	for {
-		err := call(func(ctx context.Context) (err error) { s, err = n.cloud.Server(ctx, id); return err })
-		if err == nil {
-			break
-		}
-		if gophercloud.ResponseCodeIs(err, http.StatusNotFound) {
-			n.identifyDrop(e, fmt.Sprintf("Nova has no server %s", id))
-			return
-		}
-		if !n.retry(ctx, e, &wait, err) {
-			return
-		}
-	}
 	n.mu.Lock()
-	e.server, e.from = id, s.Host
+	e.server = id
 	n.mu.Unlock()
-	if s.Host == n.host && s.Status == "ACTIVE" {
-		n.removeMarker(id)
-		n.setStage(ctx, e, evacDone, "")
-		n.evacMetricsSet()
-		return
-	}
 	if err := n.writeMarker(id, e.vm); err != nil {
 		n.setStage(ctx, e, evacFailed, "the adopting driver's marker: "+err.Error())
 		n.evac.total.WithLabelValues("failed").Inc()
 		return
 	}
-	if s.Status != "REBUILD" {
-		n.setStage(ctx, e, evacForcing, "")
-		wait = 0
-		for {
-			err := call(func(ctx context.Context) error {
-				svc, err := n.cloud.ComputeService(ctx, e.from)
-				if err != nil {
-					return err
-				}
-				n.mu.Lock()
-				e.service = svc.ID
-				n.mu.Unlock()
-				if svc.ForcedDown {
-					return nil // an operator's (or an earlier try's): left to them
-				}
-				if err := n.cloud.SetForcedDown(ctx, svc.ID, true); err != nil {
-					return err
-				}
-				n.mu.Lock()
-				e.forced = true
-				n.mu.Unlock()
-				return nil
-			})
-			if err == nil {
-				break
+	defer n.removeMarker(id)
+	f := &nova.Follow{Server: id, To: n.host, Poll: n.evacPoll, MaxWait: evacuateMaxWait, Timeout: novaRequestTimeout,
+		Stage: func(s nova.Stage, from string) {
+			n.mu.Lock()
+			e.from = from
+			n.mu.Unlock()
+			if s == nova.StageCompleting {
+				n.removeMarker(id) // Nova recorded the evacuation: the driver is done with it
+				n.evac.total.WithLabelValues("moved").Inc()
+				n.evac.seconds.WithLabelValues(e.vm).Set(time.Since(e.started).Seconds())
 			}
-			if !n.retry(ctx, e, &wait, err) {
-				return
+			if s == nova.StageDone {
+				n.evac.total.WithLabelValues("completed").Inc()
 			}
-		}
-		n.setStage(ctx, e, evacAsking, "")
-		wait = 0
-		for {
-			err := call(func(ctx context.Context) error { return n.cloud.Evacuate(ctx, id, n.host) })
-			if err == nil {
-				break
-			}
-			// The request may have been taken though its answer was lost:
-			// then the server is rebuilding here, or here already.
-			var now nova.Server
-			if rerr := call(func(ctx context.Context) (err error) { now, err = n.cloud.Server(ctx, id); return err }); rerr == nil &&
-				(now.Status == "REBUILD" || now.Host == n.host) {
-				break
-			}
-			if !n.retry(ctx, e, &wait, err) {
-				return
-			}
-		}
+			n.setStage(ctx, e, string(s), "")
+		},
+		Retry: func(_ nova.Stage, err error) { n.retried(e, err) },
 	}
-	n.setStage(ctx, e, evacMoving, "")
-	wait = 0
-	for {
-		var now nova.Server
-		err := call(func(ctx context.Context) (err error) { now, err = n.cloud.Server(ctx, id); return err })
-		switch {
-		case err != nil:
-			if !n.retry(ctx, e, &wait, err) {
-				return
-			}
-			continue
-		case now.Status == "ERROR":
-			n.removeMarker(id)
-			n.setStage(ctx, e, evacFailed, fmt.Sprintf("Nova put the server in ERROR on host %s (see its instance actions: openstack server event list %s)", nova.Truncate(now.Host, 64), id))
-			n.evac.total.WithLabelValues("failed").Inc()
-			return
-		case now.Host == n.host && now.Status == "ACTIVE":
-		default:
-			if !n.pause(ctx) {
-				return
-			}
-			continue
-		}
-		break
+	_, err := f.Run(ctx, n.cloud)
+	switch {
+	case err == nil || ctx.Err() != nil:
+	case errors.Is(err, nova.ErrNotFound):
+		n.identifyDrop(e, err.Error())
+	default:
+		n.setStage(ctx, e, evacFailed, err.Error())
+		n.evac.total.WithLabelValues("failed").Inc()
 	}
-	n.removeMarker(id)
-	n.evac.total.WithLabelValues("moved").Inc()
-	n.evac.seconds.WithLabelValues(e.vm).Set(time.Since(e.started).Seconds())
-	n.setStage(ctx, e, evacCompleting, "")
-	wait = 0
-	for {
-		var ms []nova.Migration
-		err := call(func(ctx context.Context) (err error) { ms, err = n.cloud.Evacuations(ctx, id); return err })
-		if err != nil {
-			if !n.retry(ctx, e, &wait, err) {
-				return
-			}
-			continue
-		}
-		if completed(ms, e.from, n.host) {
-			break
-		}
-		if !n.pause(ctx) {
-			return
-		}
-	}
-	n.mu.Lock()
-	forced, svc := e.forced, e.service
-	n.mu.Unlock()
-	if forced {
-		n.setStage(ctx, e, evacClearing, "")
-		wait = 0
-		for {
-			err := call(func(ctx context.Context) error { return n.cloud.SetForcedDown(ctx, svc, false) })
-			if err == nil {
-				break
-			}
-			if !n.retry(ctx, e, &wait, err) {
-				return
-			}
-		}
-	}
-	n.evac.total.WithLabelValues("completed").Inc()
-	n.setStage(ctx, e, evacDone, "")
 }
 
-// completed says whether the newest evacuation from → to is completed.
-func completed(ms []nova.Migration, from, to string) bool {
-	for i := len(ms) - 1; i >= 0; i-- {
-		if ms[i].Source == from && ms[i].Dest == to {
-			return ms[i].Status == "completed"
-		}
+// retried notes a failed call Follow tries again: the first failure of a
+// kind is an event, the next ones a rate-limited log.
+func (n *novaLevels) retried(e *evacuation, err error) {
+	msg := nova.Truncate(err.Error(), 300)
+	n.mu.Lock()
+	first := e.why != msg
+	e.why = msg
+	stage := e.stage
+	n.mu.Unlock()
+	if first {
+		n.d.event(e.vm, "nova", fmt.Sprintf("Nova: %s: %s; retried", stage, msg))
+		return
 	}
-	return false
+	n.warnf("Nova: %s of %s: %s", stage, e.vm, msg)
 }
 
 // identify finds the Nova server of e's domain through the hypervisor;

@@ -121,7 +121,7 @@ func TestNovaEvacuateAfterPromotion(t *testing.T) {
 		t.Errorf("protect towards a during the evacuation: %v", err)
 	}
 	c.FinishEvacuations()
-	waitFor(t, "Nova to say b, ACTIVE", func() bool { return evacStage(d) == evacCompleting })
+	waitFor(t, "Nova to say b, ACTIVE", func() bool { return evacStage(d) == string(nova.StageCompleting) })
 	if _, err := os.Stat(marker); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("adopt marker left after Nova recorded the evacuation: %v", err)
 	}
@@ -129,14 +129,14 @@ func TestNovaEvacuateAfterPromotion(t *testing.T) {
 		t.Errorf("ax_nova_evacuation_seconds %v", n)
 	}
 	time.Sleep(50 * time.Millisecond) // polls while a stays dead
-	if d.nova.holds("vm1", "a") == "" || evacStage(d) != evacCompleting {
+	if d.nova.holds("vm1", "a") == "" || evacStage(d) != string(nova.StageCompleting) {
 		t.Fatalf("released before a's nova-compute completed the evacuation (%s)", evacStage(d))
 	}
 	if testutil.ToFloat64(d.nova.evac.pending) != 1 {
 		t.Error("ax_nova_evacuations_pending is not 1")
 	}
 	c.RestartCompute("a")
-	waitFor(t, "the evacuation to complete", func() bool { return evacStage(d) == evacDone })
+	waitFor(t, "the evacuation to complete", func() bool { return evacStage(d) == string(nova.StageDone) })
 	if s := c.ComputeService("a"); s.ForcedDown {
 		t.Error("forced_down not cleared")
 	}
@@ -182,7 +182,7 @@ func TestNovaEvacuateRetriesWhileNovaIsDown(t *testing.T) {
 		t.Errorf("no event says the call is retried: %q", ev)
 	}
 	c.SetDown(false)
-	waitFor(t, "the evacuation once Nova answers", func() bool { return evacStage(d) == evacCompleting })
+	waitFor(t, "the evacuation once Nova answers", func() bool { return evacStage(d) == string(nova.StageCompleting) })
 	if s, _ := c.Metadata(novaServerID)[nova.StatusKey]; !strings.Contains(s, "held until nova-compute on a starts again") {
 		t.Errorf("ax:status %q", s)
 	}
