@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -11,7 +12,9 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/axproject/ax/ax/durable"
 	"github.com/axproject/ax/ax/hv/libvirt"
+	"github.com/axproject/ax/ax/names"
 	"github.com/axproject/ax/nova-hook/nova"
 )
 
@@ -56,6 +59,7 @@ type evacuation struct {
 	peer    string // the old primary, as axd knows it: re-protection towards it is held
 	server  string
 	from    string // the old host, as Nova knows it
+	forced  bool   // axd forced it down (and clears it at the end)
 	stage   string
 	why     string // the last failure, or why it stopped
 	started time.Time
@@ -169,6 +173,7 @@ func (n *novaLevels) setStage(ctx context.Context, e *evacuation, stage, why str
 	cp := *e
 	n.mu.Unlock()
 	n.evacMetricsSet()
+	n.saveEvac(cp)
 	text := cp.text(n.host)
 	n.d.event(e.vm, "nova", text)
 	if cp.server != "" {
@@ -182,8 +187,8 @@ func (n *novaLevels) setStage(ctx context.Context, e *evacuation, stage, why str
 	}
 }
 
-// evacuate runs e to its end (or axd's): nova.Follow, with the adopt
-// marker in place until Nova says this host.
+// evacuate runs e to its end (or axd's): the promoted domain's server
+// found, the adopt marker written, then follow.
 func (n *novaLevels) evacuate(ctx context.Context, e *evacuation) {
 	id, ok := n.identify(ctx, e)
 	if !ok {
@@ -192,23 +197,38 @@ func (n *novaLevels) evacuate(ctx context.Context, e *evacuation) {
 	n.mu.Lock()
 	e.server = id
 	n.mu.Unlock()
-	if err := n.writeMarker(id, e.vm); err != nil {
-		n.setStage(ctx, e, evacFailed, "the adopting driver's marker: "+err.Error())
-		n.evac.total.WithLabelValues("failed").Inc()
-		return
+	n.follow(ctx, e)
+}
+
+// follow takes e's server through nova.Follow, the adopt marker in place
+// until Nova says this host; e is saved at each stage, so that an axd
+// restarted goes on from there (and keeps holding re-protection).
+func (n *novaLevels) follow(ctx context.Context, e *evacuation) {
+	n.mu.Lock()
+	id, forced, moved := e.server, e.forced, !e.moved.IsZero()
+	n.mu.Unlock()
+	if !moved {
+		if err := n.writeMarker(id, e.vm); err != nil {
+			n.setStage(ctx, e, evacFailed, "the adopting driver's marker: "+err.Error())
+			n.evac.total.WithLabelValues("failed").Inc()
+			return
+		}
 	}
-	defer n.removeMarker(id)
-	f := &nova.Follow{Server: id, To: n.host, Poll: n.evacPoll, MaxWait: evacuateMaxWait, Timeout: novaRequestTimeout,
-		Stage: func(s nova.Stage, from string) {
+	f := &nova.Follow{Server: id, To: n.host, Poll: n.evacPoll, MaxWait: evacuateMaxWait, Timeout: novaRequestTimeout, Forced: forced,
+		Stage: func(s nova.Stage, res nova.FollowResult) {
 			n.mu.Lock()
-			e.from = from
+			e.from, e.forced = res.From, res.Forced
+			first := e.moved.IsZero()
 			n.mu.Unlock()
 			if s == nova.StageCompleting {
 				n.removeMarker(id) // Nova recorded the evacuation: the driver is done with it
-				n.evac.total.WithLabelValues("moved").Inc()
-				n.evac.seconds.WithLabelValues(e.vm).Set(time.Since(e.started).Seconds())
+				if first {
+					n.evac.total.WithLabelValues("moved").Inc()
+					n.evac.seconds.WithLabelValues(e.vm).Set(time.Since(e.started).Seconds())
+				}
 			}
 			if s == nova.StageDone {
+				n.removeMarker(id)
 				n.evac.total.WithLabelValues("completed").Inc()
 			}
 			n.setStage(ctx, e, string(s), "")
@@ -219,8 +239,10 @@ func (n *novaLevels) evacuate(ctx context.Context, e *evacuation) {
 	switch {
 	case err == nil || ctx.Err() != nil:
 	case errors.Is(err, nova.ErrNotFound):
+		n.removeMarker(id)
 		n.identifyDrop(e, err.Error())
 	default:
+		n.removeMarker(id)
 		n.setStage(ctx, e, evacFailed, err.Error())
 		n.evac.total.WithLabelValues("failed").Inc()
 	}
@@ -274,6 +296,7 @@ func (n *novaLevels) identifyDrop(e *evacuation, why string) {
 	delete(n.evacs, e.vm)
 	n.mu.Unlock()
 	n.evacMetricsSet()
+	n.forgetEvac(e.vm)
 	n.d.event(e.vm, "nova", "Nova: "+why+": its record in Nova is left as it is")
 }
 
@@ -324,5 +347,93 @@ func (n *novaLevels) removeMarker(id string) {
 	}
 	if err := os.Remove(filepath.Join(n.adoptDir, id)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		n.warnf("Nova: removing the adopt marker of %s: %v", id, err)
+	}
+}
+
+// evacRecord is an evacuation as axd keeps it across its restarts, in
+// StateDir/nova-evacuations/VM.json.
+type evacRecord struct {
+	VM      string    `json:"vm"`
+	Peer    string    `json:"peer"`
+	Server  string    `json:"server"`
+	From    string    `json:"from,omitempty"`
+	Forced  bool      `json:"forced,omitempty"`
+	Stage   string    `json:"stage"`
+	Why     string    `json:"why,omitempty"`
+	Started time.Time `json:"started"`
+	Moved   time.Time `json:"moved,omitzero"`
+}
+
+func (n *novaLevels) evacPath(vm string) (string, error) {
+	return names.Join(n.evacDir, "vm", vm+".json")
+}
+
+// saveEvac keeps e (a done one is forgotten): an axd restarted before
+// Nova completed the evacuation holds re-protection still, and goes on.
+func (n *novaLevels) saveEvac(e evacuation) {
+	if e.stage == string(nova.StageDone) || e.server == "" {
+		n.forgetEvac(e.vm)
+		return
+	}
+	p, err := n.evacPath(e.vm)
+	if err == nil {
+		err = os.MkdirAll(n.evacDir, 0o700)
+	}
+	if err == nil {
+		var b []byte
+		b, err = json.Marshal(evacRecord{VM: e.vm, Peer: e.peer, Server: e.server, From: e.from, Forced: e.forced,
+			Stage: e.stage, Why: e.why, Started: e.started, Moved: e.moved})
+		if err == nil {
+			err = durable.ReplaceFile(p, b, 0o600)
+		}
+	}
+	if err != nil {
+		n.warnf("Nova: keeping the evacuation of %s: %v", e.vm, err)
+	}
+}
+
+func (n *novaLevels) forgetEvac(vm string) {
+	if p, err := n.evacPath(vm); err == nil {
+		os.Remove(p)
+	}
+}
+
+// loadEvacs takes the evacuations an earlier axd left unfinished; run
+// goes on with them.
+func (n *novaLevels) loadEvacs() {
+	files, _ := filepath.Glob(filepath.Join(n.evacDir, "*.json"))
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		var r evacRecord
+		if err == nil {
+			err = json.Unmarshal(b, &r)
+		}
+		if err == nil && (names.Check("vm", r.VM) != nil || !canonicalUUID(r.Server) || filepath.Base(f) != r.VM+".json") {
+			err = errors.New("not an evacuation axd wrote")
+		}
+		if err != nil {
+			n.d.log.Warn("Nova: an evacuation left by an earlier axd is unreadable; ignored", "file", f, "err", err)
+			continue
+		}
+		n.evacs[r.VM] = &evacuation{vm: r.VM, peer: r.Peer, server: r.Server, from: r.From, forced: r.Forced,
+			stage: r.Stage, why: r.Why, started: r.Started, moved: r.Moved}
+	}
+}
+
+// resumeEvacs goes on with the evacuations loaded at the start; a failed
+// one stays as it is (held) until the VM is promoted again.
+func (n *novaLevels) resumeEvacs(ctx context.Context) {
+	n.mu.Lock()
+	var todo []*evacuation
+	for _, e := range n.evacs {
+		if e.holding() && e.stage != evacFailed {
+			todo = append(todo, e)
+		}
+	}
+	n.mu.Unlock()
+	n.evacMetricsSet()
+	for _, e := range todo {
+		n.d.event(e.vm, "nova", fmt.Sprintf("Nova: going on with the evacuation of server %s from %s (%s), left by the last axd", e.server, e.from, e.stage))
+		n.d.wg.Go(func() { n.follow(ctx, e) })
 	}
 }

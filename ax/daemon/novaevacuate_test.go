@@ -147,9 +147,9 @@ func TestNovaEvacuateAfterPromotion(t *testing.T) {
 	if why := d.nova.holds("vm1", "a"); why != "" {
 		t.Errorf("still held after the evacuation completed: %s", why)
 	}
-	if got := c.Metadata(novaServerID)[nova.StatusKey]; !strings.Contains(got, "the evacuation is completed") {
-		t.Errorf("ax:status %q", got)
-	}
+	waitFor(t, "ax:status to say it is completed", func() bool {
+		return strings.Contains(c.Metadata(novaServerID)[nova.StatusKey], "the evacuation is completed")
+	})
 	if testutil.ToFloat64(d.nova.evac.total.WithLabelValues("completed")) != 1 || testutil.ToFloat64(d.nova.evac.pending) != 0 {
 		t.Error("metrics: completed not counted or still pending")
 	}
@@ -183,9 +183,9 @@ func TestNovaEvacuateRetriesWhileNovaIsDown(t *testing.T) {
 	}
 	c.SetDown(false)
 	waitFor(t, "the evacuation once Nova answers", func() bool { return evacStage(d) == string(nova.StageCompleting) })
-	if s, _ := c.Metadata(novaServerID)[nova.StatusKey]; !strings.Contains(s, "held until nova-compute on a starts again") {
-		t.Errorf("ax:status %q", s)
-	}
+	waitFor(t, "ax:status to say what is held", func() bool {
+		return strings.Contains(c.Metadata(novaServerID)[nova.StatusKey], "held until nova-compute on a starts again")
+	})
 }
 
 // A promoted domain that is no Nova instance leaves Nova alone.
@@ -202,5 +202,46 @@ func TestNovaEvacuateNotANovaDomain(t *testing.T) {
 	}
 	if d.nova.holds("vm1", "a") != "" {
 		t.Error("protection held for a domain Nova did not create")
+	}
+}
+
+// An axd restarted while Nova has not completed the evacuation still
+// holds protection towards the old host, goes on waiting, and clears the
+// forced_down its predecessor set.
+func TestNovaEvacuateAcrossRestart(t *testing.T) {
+	d, c, v, adopt := evacHost(t, true)
+	ctx, stop := context.WithCancel(d.ctx)
+	d.ctx = ctx // the first axd's goroutines end with stop
+	if err := d.promote(context.Background(), v); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "Nova to say b, ACTIVE", func() bool { return evacStage(d) == string(nova.StageCompleting) })
+	stop()
+	time.Sleep(20 * time.Millisecond)
+
+	d2, _ := fakeHost(t, plenty)
+	d2.cfg.StateDir = d.cfg.StateDir
+	cl, err := nova.New(nova.Config{Cloud: "ax-test", CloudsFile: c.CloudsYAML(t, t.TempDir()), Timeout: 2 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d2.nova = newNovaLevels(d2, NovaConfig{Cloud: cl, EvacuatePoll: 5 * time.Millisecond, AdoptDir: adopt})
+	if why := d2.nova.holds("vm1", "a"); why == "" {
+		t.Fatal("the restarted axd does not hold protection towards a")
+	}
+	d2.nova.resumeEvacs(d2.ctx)
+	c.RestartCompute("a")
+	waitFor(t, "the evacuation to complete", func() bool { return evacStage(d2) == string(nova.StageDone) })
+	if s := c.ComputeService("a"); s.ForcedDown {
+		t.Error("forced_down set by the first axd not cleared by the second")
+	}
+	if d2.nova.holds("vm1", "a") != "" {
+		t.Error("still held")
+	}
+	if files, _ := filepath.Glob(filepath.Join(d.cfg.StateDir, "nova-evacuations", "*")); len(files) != 0 {
+		t.Errorf("a finished evacuation is still kept: %v", files)
+	}
+	if n := c.Count("POST", "/action"); n != 1 {
+		t.Errorf("%d evacuate calls, want 1", n)
 	}
 }

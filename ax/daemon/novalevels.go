@@ -91,6 +91,7 @@ type novaLevels struct {
 	evac     *evacMetrics
 	evacPoll time.Duration
 	adoptDir string
+	evacDir  string // unfinished evacuations, kept across restarts
 }
 
 // novaServer is a server of this host as last read, and what AX made of it.
@@ -118,6 +119,7 @@ func newNovaLevels(d *Daemon, c NovaConfig) *novaLevels {
 	if n.adoptDir == "" {
 		n.adoptDir = filepath.Join(d.cfg.StateDir, "nova-adopt")
 	}
+	n.evacDir = filepath.Join(d.cfg.StateDir, "nova-evacuations")
 	if n.poll <= 0 {
 		n.poll = 3 * time.Second
 	}
@@ -136,11 +138,13 @@ func newNovaLevels(d *Daemon, c NovaConfig) *novaLevels {
 		Help: "Servers of this host whose ax:level or ax_level is not ft, ha or none, or whose ax:peer is not a host name (see their ax:status)."})
 	d.reg.MustRegister(n.polls, n.applies, n.writes, n.reachable, n.refused)
 	n.evac = newEvacMetrics(d.reg)
+	n.loadEvacs()
 	return n
 }
 
 // run polls Nova until ctx ends.
 func (n *novaLevels) run(ctx context.Context) {
+	n.resumeEvacs(ctx)
 	t := time.NewTicker(n.poll)
 	defer t.Stop()
 	var synced time.Time

@@ -52,10 +52,14 @@ type Follow struct {
 	Poll, MaxWait time.Duration
 	// Timeout bounds each call (0: 20 s).
 	Timeout time.Duration
-	// Stage is told each stage as it starts, with the old host.
-	Stage func(s Stage, from string)
+	// Stage is told each stage as it starts, with what was done so far
+	// (the old host, whether Follow forced it down).
+	Stage func(s Stage, res FollowResult)
 	// Retry is told each failed call that is tried again.
 	Retry func(s Stage, err error)
+	// Forced says an earlier Follow of this server forced the old host
+	// down: this one clears it at the end.
+	Forced bool
 }
 
 // FollowResult is what a Follow did.
@@ -73,8 +77,10 @@ var ErrEvacuationFailed = errors.New("the evacuation failed")
 
 // Run takes f's server through the stages until done, ctx ends, Nova has
 // no such server (ErrNotFound) or the evacuation fails
-// (ErrEvacuationFailed). A server Nova has on To already, ACTIVE, is done
-// at once; one rebuilding (an evacuation asked before) is waited for.
+// (ErrEvacuationFailed). A server Nova has on To that no evacuation took
+// there is done
+// at once; one rebuilding or moved by an evacuation asked before is
+// followed from there.
 func (f *Follow) Run(ctx context.Context, nv Follower) (res FollowResult, err error) {
 	if f.Poll <= 0 {
 		f.Poll = 2 * time.Second
@@ -90,7 +96,7 @@ func (f *Follow) Run(ctx context.Context, nv Follower) (res FollowResult, err er
 	enter := func(s Stage) {
 		stage, wait = s, 0
 		if f.Stage != nil {
-			f.Stage(s, res.From)
+			f.Stage(s, res)
 		}
 	}
 	// try runs call until it succeeds, finds no server, or ctx ends.
@@ -124,13 +130,31 @@ func (f *Follow) Run(ctx context.Context, nv Follower) (res FollowResult, err er
 	if err := try(func(ctx context.Context) (err error) { s, err = server(ctx); return err }); err != nil {
 		return res, err
 	}
-	res.From = s.Host
-	if s.Host == f.To && s.Status == "ACTIVE" {
-		res.Moved = true
-		enter(StageDone)
-		return res, nil
+	res.From, res.Forced = s.Host, f.Forced
+	asked := s.Status == "REBUILD" || s.Host == f.To
+	if asked {
+		// Evacuated or being evacuated already (a Follow cut short by
+		// axd's restart): the old host is the evacuation's source.
+		var ms []Migration
+		if err := try(func(ctx context.Context) (err error) { ms, err = nv.Evacuations(ctx, f.Server); return err }); err != nil {
+			return res, err
+		}
+		from := ""
+		for i := len(ms) - 1; i >= 0 && from == ""; i-- {
+			if ms[i].Dest == f.To {
+				from = ms[i].Source
+			}
+		}
+		if from == "" && s.Host == f.To {
+			res.Moved = s.Status == "ACTIVE"
+			enter(StageDone) // never evacuated here: nothing to follow
+			return res, nil
+		}
+		if from != "" {
+			res.From = from
+		}
 	}
-	if s.Status != "REBUILD" {
+	if !asked {
 		enter(StageForcing)
 		err := try(func(ctx context.Context) error {
 			svc, err := nv.ComputeService(ctx, res.From)

@@ -113,11 +113,11 @@ func TestOpenStackEvacuate(t *testing.T) {
 	stages := map[nova.Stage]time.Time{}
 	var retries []string
 	f := &nova.Follow{Server: id, To: "b", Poll: 500 * time.Millisecond, MaxWait: 5 * time.Second,
-		Stage: func(s nova.Stage, from string) {
+		Stage: func(s nova.Stage, res nova.FollowResult) {
 			mu.Lock()
 			stages[s] = time.Now()
 			mu.Unlock()
-			t.Logf("follow: %s (from %s)", s, from)
+			t.Logf("follow: %s (from %s)", s, res.From)
 		},
 		Retry: func(s nova.Stage, err error) {
 			mu.Lock()
