@@ -73,6 +73,9 @@ func (e *evacuation) holding() bool { return e.stage != string(nova.StageDone) }
 func (e *evacuation) text(host string) string {
 	switch nova.Stage(e.stage) {
 	case nova.StageDone:
+		if e.moved.IsZero() {
+			return fmt.Sprintf("Nova: server %s is on %s already; nothing to evacuate", e.server, host)
+		}
 		return fmt.Sprintf("Nova: evacuated from %s to %s in %.1f s; the evacuation is completed", e.from, host, e.moved.Sub(e.started).Seconds())
 	case evacFailed:
 		return fmt.Sprintf("Nova: evacuation from %s failed: %s; protection towards %s held", e.from, e.why, e.peer)
@@ -102,14 +105,14 @@ func newEvacMetrics(reg *prometheus.Registry) *evacMetrics {
 		pending: prometheus.NewGauge(prometheus.GaugeOpts{Name: "ax_nova_evacuations_pending",
 			Help: "Promoted servers whose evacuation Nova has not completed: protection towards their old host is held."}),
 		seconds: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "ax_nova_evacuation_seconds",
-			Help: "From the promotion to Nova saying the server is on this host, ACTIVE."}, []string{"vm"}),
+			Help: "From the end of the promotion to Nova saying the server is on this host, ACTIVE."}, []string{"vm"}),
 	}
 	reg.MustRegister(m.total, m.pending, m.seconds)
 	return m
 }
 
-// evacuateWaits: the first wait after a failed call, doubled up to the
-// last; Nova is polled every poll while the evacuation runs.
+// evacuateMaxWait is the longest wait between two tries of a failed call
+// (the first is the poll, doubled at each failure).
 const evacuateMaxWait = 30 * time.Second
 
 // promoted starts the evacuation of domain name, promoted here from peer,
