@@ -3,10 +3,13 @@ package nova_test
 import (
 	"context"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/axproject/ax/nova-hook/nova"
+	"github.com/axproject/ax/nova-hook/nova/novatest"
 )
 
 const svcA, svcB = "c1a2b3c4-0000-4000-8000-00000000000a", "c1a2b3c4-0000-4000-8000-00000000000b"
@@ -83,5 +86,79 @@ func TestEvacuateCalls(t *testing.T) {
 		if err := bad(); err == nil {
 			t.Error("a bad id or host was sent")
 		}
+	}
+}
+
+// Follow ends on what it cannot go past: a server Nova does not have, and
+// an evacuation Nova put in ERROR (the old host stays forced down: the
+// operator looks at it).
+func TestFollowEnds(t *testing.T) {
+	c, cl := cloud(t)
+	c.AddComputeService("a", svcA)
+	c.AddComputeService("b", svcB)
+	c.SetServiceUp("a", false)
+	ctx := context.Background()
+	f := &nova.Follow{Server: "00000000-0000-4000-8000-000000000001", To: "b", Poll: time.Millisecond}
+	if _, err := f.Run(ctx, cl); !errors.Is(err, nova.ErrNotFound) {
+		t.Errorf("an unknown server: %v, want ErrNotFound", err)
+	}
+	c.HoldEvacuations(true)
+	var stages []nova.Stage
+	f = &nova.Follow{Server: web, To: "b", Poll: time.Millisecond, Stage: func(s nova.Stage, _ nova.FollowResult) { stages = append(stages, s) }}
+	done := make(chan error, 1)
+	go func() { _, err := f.Run(ctx, cl); done <- err }()
+	for len(c.Migrations()) == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	c.Update(web, func(s *novatest.Server) { s.Status = "ERROR" })
+	if err := <-done; !errors.Is(err, nova.ErrEvacuationFailed) {
+		t.Errorf("an evacuation in ERROR: %v", err)
+	}
+	if want := []nova.Stage{nova.StageForcing, nova.StageEvacuating, nova.StageMoving}; !slices.Equal(stages, want) {
+		t.Errorf("stages %q, want %q", stages, want)
+	}
+	if !c.ComputeService("a").ForcedDown {
+		t.Error("forced_down cleared after a failed evacuation")
+	}
+}
+
+// A Follow that starts when the server is on its new host already (axd
+// restarted after Nova said so) waits for the evacuation to complete and
+// evacuates nothing again.
+func TestFollowResumes(t *testing.T) {
+	c, cl := cloud(t)
+	c.AddComputeService("a", svcA)
+	c.AddComputeService("b", svcB)
+	c.SetServiceUp("a", false)
+	ctx := context.Background()
+	if err := cl.SetForcedDown(ctx, svcA, true); err != nil {
+		t.Fatal(err)
+	}
+	if err := cl.Evacuate(ctx, web, "b"); err != nil {
+		t.Fatal(err)
+	}
+	reached := make(chan nova.Stage, 8)
+	f := &nova.Follow{Server: web, To: "b", Poll: time.Millisecond, Forced: true, Stage: func(s nova.Stage, _ nova.FollowResult) { reached <- s }}
+	type result struct {
+		res nova.FollowResult
+		err error
+	}
+	done := make(chan result, 1)
+	go func() { res, err := f.Run(ctx, cl); done <- result{res, err} }()
+	for s := range reached {
+		if s == nova.StageCompleting {
+			break
+		}
+	}
+	c.RestartCompute("a")
+	r := <-done
+	if r.err != nil || r.res.From != "a" || !r.res.Moved {
+		t.Fatalf("resumed follow: %+v, %v", r.res, r.err)
+	}
+	if c.ComputeService("a").ForcedDown {
+		t.Error("forced_down (set before) not cleared")
+	}
+	if n := c.Count("POST", "/action"); n != 1 {
+		t.Errorf("%d evacuations asked, want the first alone", n)
 	}
 }
