@@ -337,6 +337,12 @@ func (n *novaLevels) writeMarker(id, vm string) error {
 	if err := os.Chmod(n.adoptDir, 0o755); err != nil {
 		return err
 	}
+	if rel, err := filepath.Rel(n.d.cfg.StateDir, n.adoptDir); err == nil && rel != ".." && !strings.HasPrefix(rel, "../") {
+		// nova-compute's user (nova) goes through axd's state directory.
+		if err := reachable(n.d.cfg.StateDir, n.adoptDir); err != nil {
+			return err
+		}
+	}
 	tmp := filepath.Join(n.adoptDir, "."+id+".tmp")
 	if err := os.WriteFile(tmp, []byte(vm+"\n"), 0o644); err != nil {
 		return err

@@ -245,3 +245,29 @@ func TestNovaEvacuateAcrossRestart(t *testing.T) {
 		t.Errorf("%d evacuate calls, want 1", n)
 	}
 }
+
+// The marker in the default directory, below axd's state directory, is
+// reachable by nova-compute's user (nova): search on the way there.
+func TestNovaAdoptMarkerReachable(t *testing.T) {
+	d, _ := fakeHost(t, plenty)
+	if err := os.MkdirAll(d.cfg.StateDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(d.cfg.StateDir, 0o700)
+	_, cl := novaCloud(t, "a", nil)
+	d.nova = newNovaLevels(d, NovaConfig{Cloud: cl})
+	if err := d.nova.writeMarker(novaServerID, "vm1"); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{d.cfg.StateDir, filepath.Join(d.cfg.StateDir, "nova-adopt")} {
+		if fi, err := os.Stat(p); err != nil || fi.Mode().Perm()&0o001 == 0 {
+			t.Errorf("%s: %v, %v: nova cannot go through it", p, fi.Mode(), err)
+		}
+	}
+	if fi, err := os.Stat(filepath.Join(d.cfg.StateDir, "nova-adopt", novaServerID)); err != nil || fi.Mode().Perm() != 0o644 {
+		t.Errorf("marker: %v", err)
+	}
+	if err := d.nova.writeMarker("../../etc/passwd", "vm1"); err == nil {
+		t.Error("a marker named by something else than a UUID was written")
+	}
+}
