@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -269,5 +270,58 @@ func TestNovaAdoptMarkerReachable(t *testing.T) {
 	}
 	if err := d.nova.writeMarker("../../etc/passwd", "vm1"); err == nil {
 		t.Error("a marker named by something else than a UUID was written")
+	}
+}
+
+// Two axd: after a planned failover a → b of a Nova server, b evacuates
+// it in Nova and does not protect it back towards a — though a answers —
+// until a's nova-compute completed the evacuation; then it does, by
+// itself.
+func TestNovaEvacuateHoldsReprotection(t *testing.T) {
+	c, cl := novaCloud(t, "a", map[string]string{"ax:level": "ft"})
+	c.Update(novaServerID, func(s *novatest.Server) { s.InstanceName = "vm1" })
+	c.AddComputeService("a", svcIDa)
+	c.AddComputeService("b", svcIDb)
+	adopt := filepath.Join(t.TempDir(), "nova-adopt")
+	p := runPair(t, withWitness(t, 16*time.Second), func(h string, cfg *Config) {
+		if h != "b" {
+			return
+		}
+		cfg.Hypervisor = &identifyingFake{Fake: cfg.Hypervisor.(*hvtest.Fake),
+			ids: map[string]*libvirt.Identity{"vm1": {Name: "vm1", UUID: novaServerID, Running: true, Nova: &libvirt.NovaInstance{}}}}
+		cfg.Nova = &NovaConfig{Cloud: cl, EvacuatePoll: 10 * time.Millisecond, AdoptDir: adopt}
+	})
+	p.defineVM(t)
+	p.fakeB.NoPIDs()
+	p.protectFT(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := p.a.plannedFailover(ctx, "vm1"); err != nil {
+		t.Fatalf("planned failover: %v", err)
+	}
+	until(t, "Nova to say b", func() bool {
+		e, _ := p.b.nova.evacuation("vm1")
+		return e.stage == string(nova.StageCompleting)
+	}, func() string { return fmt.Sprintf("%+v", p.b.eventsSince(0)) })
+	if s := c.ComputeService("a"); !s.ForcedDown {
+		t.Error("a's nova-compute not forced down")
+	}
+	time.Sleep(3 * reprotectFirst / 2)
+	if b := vm1(p.b); b.Role != api.RoleLocal || b.Declared != api.LevelFT {
+		t.Fatalf("b protected vm1 towards a before Nova completed the evacuation: %+v", b)
+	}
+	// It waits: no attempt is made and refused (an alarm each time).
+	for _, e := range events(p.b, "alarm") {
+		if strings.Contains(e, "not protecting vm1 towards a yet") {
+			t.Errorf("re-protection was tried and refused instead of waiting: %s", e)
+		}
+	}
+	c.RestartCompute("a")
+	until(t, "FT protection b→a once the evacuation is completed", func() bool {
+		b := vm1(p.b)
+		return b.Role == api.RolePrimary && b.Level == api.LevelFT && b.Peer == "a" && b.State == "protected"
+	}, func() string { return fmt.Sprintf("%+v\n%+v", vm1(p.b), p.b.eventsSince(0)) })
+	if s := c.ComputeService("a"); s.ForcedDown {
+		t.Error("forced_down not cleared")
 	}
 }
