@@ -82,7 +82,7 @@ VAGRANT_DEB = $$(GO=$(GO) sh package/build-deb.sh $(BIN))
 box: ## the Vagrant lab's box from Debian packages (mmdebstrap, cached in /var/cache/ax/vagrant), added as ax/debian12
 	sh test/vagrant/box.sh
 
-test-openstack: ## TestOpenStackLevels alone: AX's Nova client and axd against a real Keystone, Nova, Glance, Placement (as root, ~3 min)
+test-openstack: ## the OpenStack tests alone: AX's Nova client and axd against a real Keystone, Nova, Glance, Placement (TestOpenStackLevels), and the evacuation after a failover with the adopting driver on a second compute host (TestOpenStackEvacuate) (as root, ~7 min)
 	@sh test/openstack/deps.sh
 	AX_REQUIRE_PRIVILEGED=1 $(GO) test -count=1 -timeout 15m -v -run TestOpenStack ./test/openstack/
 

@@ -36,7 +36,7 @@ stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 root="$stage/ax"
 install -d -m 0755 "$root/DEBIAN" "$root/usr/sbin" "$root/usr/bin" "$root/usr/libexec/ax" "$root/lib/systemd/system" \
-	"$root/etc/default" "$root/etc/libvirt/hooks/qemu.d" "$root/usr/share/doc/ax" "$root/usr/share/lintian/overrides"
+	"$root/etc/default" "$root/etc/libvirt/hooks/qemu.d" "$root/usr/share/doc/ax" "$root/usr/share/lintian/overrides" "$root/usr/share/ax/nova"
 
 build() { CGO_ENABLED=0 $GO build -trimpath -ldflags="-s -w -X main.version=$version" -o "$1" "$2"; }
 build "$root/usr/sbin/axd" ./cmd/axd
@@ -51,6 +51,10 @@ ln -s /usr/libexec/ax/ax-nova-hook "$root/etc/libvirt/hooks/qemu.d/ax"
 install -m 0644 cmd/axd/axd.service cmd/axd/ax-witness.service "$root/lib/systemd/system/"
 install -m 0644 cmd/axd/axd.default "$root/etc/default/axd"
 install -m 0644 README.md package/copyright "$root/usr/share/doc/ax/"
+# Nova's adopting compute driver: Nova loads drivers from its nova.virt
+# package only, so the operator links it there on compute hosts (README,
+# "On OpenStack"); the package does not write into python3-nova's tree.
+install -m 0644 nova-hook/driver/ax_adopt.py "$root/usr/share/ax/nova/"
 install -m 0644 package/lintian-overrides "$root/usr/share/lintian/overrides/ax"
 {
 	printf 'ax (%s) unstable; urgency=medium\n\n' "$version"

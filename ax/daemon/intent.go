@@ -45,6 +45,9 @@ func (d *Daemon) reprotect(v *vmState) {
 	if peer == "" {
 		return
 	}
+	if d.nova != nil && d.nova.holds(v.name, peer) != "" {
+		return // until Nova completed the evacuation from peer (novaevacuate.go)
+	}
 	v.set(func(v *vmState) { v.reprotecting = true })
 	d.wg.Go(func() {
 		err := d.protectAs(v.name, api.ProtectRequest{Level: level, Peer: peer}, true)

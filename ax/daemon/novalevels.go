@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"sort"
 	"sync"
 	"time"
@@ -32,6 +33,8 @@ type NovaCloud interface {
 	Server(ctx context.Context, id string) (nova.Server, error)
 	ImageLevel(ctx context.Context, id string) (string, error)
 	SetStatus(ctx context.Context, id, text string) error
+	// The evacuation of a server promoted here (novaevacuate.go).
+	NovaEvacuator
 }
 
 var _ NovaCloud = (*nova.Client)(nil)
@@ -45,6 +48,14 @@ type NovaConfig struct {
 	// Poll is how often changes are asked for (0: 3 s); Resync how often
 	// every server of the host is (0: 60 s).
 	Poll, Resync time.Duration
+	// EvacuatePoll is how often an evacuation asks Nova how far it is,
+	// and its first back-off (0: 2 s).
+	EvacuatePoll time.Duration
+	// AdoptDir is where axd tells the adopting compute driver which
+	// instances it promoted here, a file per instance UUID ("":
+	// StateDir/nova-adopt, /var/lib/ax/nova-adopt for the package's axd;
+	// the driver's [ax] adopt_dir must name the same).
+	AdoptDir string
 }
 
 // novaRequestTimeout bounds one round of requests to Nova.
@@ -74,6 +85,13 @@ type novaLevels struct {
 	// and since when: the reconciler leaves them to it meanwhile.
 	hooked   map[string]time.Time
 	applying map[string]bool // domains an apply runs for
+
+	// Evacuations of the servers promoted here, by domain.
+	evacs    map[string]*evacuation
+	evac     *evacMetrics
+	evacPoll time.Duration
+	adoptDir string
+	evacDir  string // unfinished evacuations, kept across restarts
 }
 
 // novaServer is a server of this host as last read, and what AX made of it.
@@ -90,10 +108,18 @@ type novaServer struct {
 
 func newNovaLevels(d *Daemon, c NovaConfig) *novaLevels {
 	n := &novaLevels{d: d, cloud: c.Cloud, host: c.Host, poll: c.Poll, sync: c.Resync, warn: ratelog.New(time.Minute),
-		servers: map[string]*novaServer{}, images: map[string]string{}, hooked: map[string]time.Time{}, applying: map[string]bool{}}
+		servers: map[string]*novaServer{}, images: map[string]string{}, hooked: map[string]time.Time{}, applying: map[string]bool{},
+		evacs: map[string]*evacuation{}, evacPoll: c.EvacuatePoll, adoptDir: c.AdoptDir}
 	if n.host == "" {
 		n.host = d.cfg.Host
 	}
+	if n.evacPoll <= 0 {
+		n.evacPoll = 2 * time.Second
+	}
+	if n.adoptDir == "" {
+		n.adoptDir = filepath.Join(d.cfg.StateDir, "nova-adopt")
+	}
+	n.evacDir = filepath.Join(d.cfg.StateDir, "nova-evacuations")
 	if n.poll <= 0 {
 		n.poll = 3 * time.Second
 	}
@@ -111,11 +137,14 @@ func newNovaLevels(d *Daemon, c NovaConfig) *novaLevels {
 	n.refused = prometheus.NewGauge(prometheus.GaugeOpts{Name: "ax_nova_levels_refused",
 		Help: "Servers of this host whose ax:level or ax_level is not ft, ha or none, or whose ax:peer is not a host name (see their ax:status)."})
 	d.reg.MustRegister(n.polls, n.applies, n.writes, n.reachable, n.refused)
+	n.evac = newEvacMetrics(d.reg)
+	n.loadEvacs()
 	return n
 }
 
 // run polls Nova until ctx ends.
 func (n *novaLevels) run(ctx context.Context) {
+	n.resumeEvacs(ctx)
 	t := time.NewTicker(n.poll)
 	defer t.Stop()
 	var synced time.Time
@@ -433,8 +462,20 @@ func (n *novaLevels) apply(name string, a nova.Asked, peer string, w vmView) err
 }
 
 // status is the ax:status of e, and whether it is to be written: for a
-// server with a level asked or refused, or one AX wrote to before.
+// server with a level asked or refused, or one AX wrote to before; an
+// evacuation of it after a promotion here says how far it is.
 func (n *novaLevels) status(e *novaServer) (string, bool) {
+	text, write := n.levelStatus(e)
+	if ev, ok := n.evacuation(e.s.InstanceName); ok && ev.server == e.s.ID {
+		if text == "" {
+			return ev.text(n.host), true
+		}
+		return text + "; " + ev.text(n.host), true
+	}
+	return text, write
+}
+
+func (n *novaLevels) levelStatus(e *novaServer) (string, bool) {
 	_, had := e.s.Metadata[nova.StatusKey]
 	a := e.asked
 	switch {

@@ -111,6 +111,11 @@ func (d *Daemon) protectAs(name string, req api.ProtectRequest, auto bool) error
 	if _, ok := d.cfg.Peers[req.Peer]; !ok {
 		return fmt.Errorf("unknown peer %q: axd on %s knows %v (its --peer flags)", req.Peer, d.cfg.Host, peerNames(d.cfg.Peers))
 	}
+	if d.nova != nil {
+		if why := d.nova.holds(name, req.Peer); why != "" {
+			return fmt.Errorf("not protecting %s towards %s yet: %s", name, req.Peer, why)
+		}
+	}
 	var accepted chan error
 	v.set(func(v *vmState) {
 		if v.st != vm.Running {

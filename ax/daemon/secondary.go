@@ -547,6 +547,9 @@ func (d *Daemon) promote(ctx context.Context, v *vmState) (err error) {
 	d.book.Release(v.name)
 	d.reservationMetrics()
 	d.startAgent(v)
+	if d.nova != nil {
+		d.nova.promoted(v.name, peer) // Nova's record follows, after the guest runs
+	}
 	return nil
 }
 

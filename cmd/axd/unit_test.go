@@ -102,6 +102,7 @@ func TestDebianPackage(t *testing.T) {
 			{"./usr/share/doc/ax/README.md", "-rw-r--r-- root/root"},
 			{"./usr/share/doc/ax/copyright", "-rw-r--r-- root/root"},
 			{"./usr/share/doc/ax/changelog.gz", "-rw-r--r-- root/root"},
+			{"./usr/share/ax/nova/ax_adopt.py", "-rw-r--r-- root/root"},
 		} {
 			line := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(tc.mode) + ` .* ` + regexp.QuoteMeta(tc.path) + `$`)
 			if !line.MatchString(listing) {

@@ -46,13 +46,16 @@ type Cloud struct {
 
 	log func(format string, a ...any)
 
-	mu    sync.Mutex
-	procs []*proc
+	mu      sync.Mutex
+	procs   []*proc
+	stopped []*proc // by Stop, for Restart
 }
 
 // proc is a process the cloud started, in its own process group.
 type proc struct {
 	name string
+	env  []string
+	argv []string
 	cmd  *exec.Cmd
 	done chan struct{}
 	err  error
@@ -176,13 +179,95 @@ func (c *Cloud) start(name string, env []string, argv ...string) error {
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("starting %s: %w", name, err)
 	}
-	p := &proc{name: name, cmd: cmd, done: make(chan struct{})}
+	p := &proc{name: name, env: env, argv: argv, cmd: cmd, done: make(chan struct{})}
 	go func() { p.err = cmd.Wait(); close(p.done) }()
 	c.mu.Lock()
 	c.procs = append(c.procs, p)
 	c.mu.Unlock()
 	c.log("started %s (pid %d)", name, cmd.Process.Pid)
 	return nil
+}
+
+// Stop stops service name as Close does (SIGTERM to its process group,
+// SIGKILL after 15 s); Restart starts it again as it was.
+func (c *Cloud) Stop(name string) error {
+	c.mu.Lock()
+	var p *proc
+	for i, q := range c.procs {
+		if q.name == name {
+			p = q
+			c.procs = append(c.procs[:i:i], c.procs[i+1:]...)
+			break
+		}
+	}
+	c.mu.Unlock()
+	if p == nil {
+		return fmt.Errorf("no service %s runs", name)
+	}
+	pgid := p.cmd.Process.Pid
+	syscall.Kill(-pgid, syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(15 * time.Second):
+		syscall.Kill(-pgid, syscall.SIGKILL)
+		<-p.done
+	}
+	syscall.Kill(-pgid, syscall.SIGKILL)
+	c.mu.Lock()
+	c.stopped = append(c.stopped, p)
+	c.mu.Unlock()
+	c.log("stopped %s (pid %d)", name, pgid)
+	return nil
+}
+
+// Restart starts service name, stopped by Stop, again.
+func (c *Cloud) Restart(name string) error {
+	c.mu.Lock()
+	var p *proc
+	for i, q := range c.stopped {
+		if q.name == name {
+			p = q
+			c.stopped = append(c.stopped[:i:i], c.stopped[i+1:]...)
+			break
+		}
+	}
+	c.mu.Unlock()
+	if p == nil {
+		return fmt.Errorf("service %s was not stopped", name)
+	}
+	return c.start(name, p.env, p.argv...)
+}
+
+// StartCompute starts one more nova-compute, as host host, with
+// nova.conf and extra (more nova.conf, laid over it, starting in
+// [DEFAULT]), run by script ("": Nova's own nova-compute); it is service
+// nova-compute-HOST. It returns once the host is mapped.
+func (c *Cloud) StartCompute(ctx context.Context, host, script, extra string) error {
+	conf := filepath.Join(c.Dir, "nova", "nova-"+host+".conf")
+	if err := os.WriteFile(conf, []byte("[DEFAULT]\nhost = "+host+"\n"+extra), 0o600); err != nil {
+		return err
+	}
+	if script == "" {
+		script = c.script("nova-compute")
+	}
+	name := "nova-compute-" + host
+	if err := c.start(name, nil, script, "--config-file", filepath.Join(c.Dir, "nova", "nova.conf"), "--config-file", conf); err != nil {
+		return err
+	}
+	return c.waitMapped(ctx, name, host)
+}
+
+// waitMapped maps host's compute node once its nova-compute (service
+// name) made its record.
+func (c *Cloud) waitMapped(ctx context.Context, name, host string) error {
+	return c.wait(ctx, name, 3*time.Minute, func() bool {
+		out, err := c.novaManage(ctx, "cell_v2", "discover_hosts", "--verbose")
+		if err != nil {
+			return false
+		}
+		out, err = c.novaManage(ctx, "cell_v2", "list_hosts")
+		return err == nil && strings.Contains(out, " "+host+" ")
+	})
 }
 
 // ended says whether service name ended, and how.
@@ -380,15 +465,7 @@ func (c *Cloud) startNova(ctx context.Context) error {
 	if err := c.wait(ctx, "nova-api", 2*time.Minute, func() bool { return answers(fmt.Sprintf("http://127.0.0.1:%d/v2.1", c.Nova)) }); err != nil {
 		return err
 	}
-	// discover_hosts maps the compute node once nova-compute made its record.
-	return c.wait(ctx, "nova-compute", 3*time.Minute, func() bool {
-		out, err := c.novaManage(ctx, "cell_v2", "discover_hosts", "--verbose")
-		if err != nil {
-			return false
-		}
-		out, err = c.novaManage(ctx, "cell_v2", "list_hosts")
-		return err == nil && strings.Contains(out, " "+Host+" ")
-	})
+	return c.waitMapped(ctx, "nova-compute", Host)
 }
 
 // script is the path of DIR/bin/NAME, a Python entry point of a service

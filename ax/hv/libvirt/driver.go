@@ -208,6 +208,23 @@ func (d *Driver) Discover(ctx context.Context, name string) (*Discovered, error)
 	return found, nil
 }
 
+// Identify reads who domain name is, running or only defined: its UUID
+// (Nova's instance UUID) and Nova's and AX's metadata.
+func (d *Driver) Identify(ctx context.Context, name string) (*Identity, error) {
+	if err := names.Check("vm", name); err != nil {
+		return nil, err
+	}
+	dom, err := d.lookup(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	x, err := call(ctx, func() (string, error) { return d.c().DomainGetXMLDesc(dom, 0) })
+	if err != nil {
+		return nil, fmt.Errorf("libvirt domain %s: XML: %w", name, err)
+	}
+	return Identify([]byte(x))
+}
+
 // DiscoverSpec is Discover as axd asks it (hv.Discoverer): the spec of
 // the running domain name.
 func (d *Driver) DiscoverSpec(ctx context.Context, name string) (api.VMSpec, error) {

@@ -743,3 +743,19 @@ func TestDriverRedialsALostConnection(t *testing.T) {
 		t.Errorf("%d dials with the new connection up, want 2", dials)
 	}
 }
+
+// Identify tells a defined domain's UUID whether it runs or not.
+func TestDriverIdentify(t *testing.T) {
+	drv, f := newTestDriver(t)
+	f.define("vm1")
+	id, err := drv.Identify(context.Background(), "vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if id.Name != "vm1" || id.UUID != "5b9f0c3e-2d1a-4f7b-9a8e-6c4d3b2a1f00" || id.Nova != nil {
+		t.Errorf("identity %+v", id)
+	}
+	if _, err := drv.Identify(context.Background(), "nope"); err == nil {
+		t.Error("an unknown domain identified")
+	}
+}

@@ -56,11 +56,17 @@ type Cloud struct {
 	failNext   int
 	failCode   int
 	requests   []string
+	// Evacuation: services by host, migrations in order, and whether an
+	// evacuation waits for FinishEvacuations (evacuate.go).
+	services   map[string]*Service
+	migrations []*Migration
+	holdEvac   bool
 }
 
 // New starts a fake cloud, stopped at t's end.
 func New(t testing.TB) *Cloud {
-	c := &Cloud{now: time.Now, token: "gAAAAAB-token-1", servers: map[string]*Server{}, images: map[string]map[string]string{}}
+	c := &Cloud{now: time.Now, token: "gAAAAAB-token-1", servers: map[string]*Server{}, images: map[string]map[string]string{},
+		services: map[string]*Service{}}
 	srv := httptest.NewServer(http.HandlerFunc(c.serve))
 	t.Cleanup(srv.Close)
 	c.URL = srv.URL
@@ -361,6 +367,14 @@ func (c *Cloud) compute(w http.ResponseWriter, r *http.Request, p string) {
 		reply(w, http.StatusOK, map[string]any{"metadata": s.Metadata})
 	case len(parts) == 4 && parts[0] == "servers" && parts[2] == "metadata" && r.Method == http.MethodPut:
 		c.putMetadatum(w, r, parts[1], parts[3])
+	case len(parts) == 3 && parts[0] == "servers" && parts[2] == "action" && r.Method == http.MethodPost:
+		c.action(w, r, parts[1], major, minor)
+	case p == "os-services" && r.Method == http.MethodGet:
+		c.listServices(w, r, major, minor)
+	case len(parts) == 2 && parts[0] == "os-services" && r.Method == http.MethodPut:
+		c.putService(w, r, parts[1], major, minor)
+	case p == "os-migrations" && r.Method == http.MethodGet:
+		c.listMigrations(w, r)
 	default:
 		fault(w, http.StatusNotFound, "itemNotFound", "no such resource "+p)
 	}

@@ -1,0 +1,212 @@
+package openstack
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/gophercloud/gophercloud/v2"
+	"github.com/gophercloud/gophercloud/v2/openstack"
+
+	"github.com/axproject/ax/nova-hook/nova"
+)
+
+// adoptWrapper runs nova-compute with dir added to nova.virt's path, where
+// Nova looks for compute drivers (load_compute_driver imports nova.virt.X
+// only): as if ax_adopt.py were installed into nova/virt/.
+const adoptWrapper = `#!/usr/bin/python3
+# nova-compute with AX's adopting driver, as TestOpenStackEvacuate runs it
+import sys
+from nova.cmd import compute
+import nova.virt
+nova.virt.__path__.append(%q)
+sys.exit(compute.main())
+`
+
+// TestOpenStackEvacuate checks the evacuation axd runs after promoting a
+// server against a real Nova (Zed): a server runs on host a (Nova's fake
+// driver); a's nova-compute dies; with the adopt marker set as axd sets it,
+// nova.Follow (what axd calls after a promotion) forces a down and
+// evacuates the server to b, whose nova-compute runs AX's adopting mixin
+// over the fake driver — it adopts, it does not spawn; Nova says b,
+// ACTIVE. a's nova-compute starts again and completes the evacuation;
+// forced_down is cleared; the server stays on b.
+func TestOpenStackEvacuate(t *testing.T) {
+	requireCloud(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 12*time.Minute)
+	defer cancel()
+	dir := t.TempDir()
+	start := time.Now()
+	c, err := Start(ctx, filepath.Join(dir, "cloud"), t.Logf)
+	if c != nil {
+		t.Cleanup(func() { c.Close() })
+	}
+	if err != nil {
+		logTails(t, filepath.Join(dir, "cloud", "log"))
+		t.Fatal(err)
+	}
+	t.Logf("cloud up in %s", time.Since(start).Round(time.Second))
+	t.Cleanup(func() {
+		if t.Failed() {
+			logTails(t, filepath.Join(c.Dir, "log"))
+		}
+	})
+	pc, err := c.Admin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	compute, err := openstack.NewComputeV2(pc, gophercloud.EndpointOpts{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	compute.Microversion = "2.37" // networks "none": no Neutron
+	image, err := openstack.NewImageV2(pc, gophercloud.EndpointOpts{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// On a: b's nova-compute is not up yet, the scheduler has a alone.
+	id := makeServer(ctx, t, compute, "promoted", makeFlavor(ctx, t, compute, "ax.ft", nil), makeImage(ctx, t, image, "ax-ft", nil), nil)
+
+	// b: nova-compute with the adopting mixin over the fake driver.
+	virt := filepath.Join(dir, "virt")
+	adopt := filepath.Join(dir, "nova-adopt")
+	for _, d := range []string{virt, adopt} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for from, to := range map[string]string{"../../nova-hook/driver/ax_adopt.py": "ax_adopt.py", "testdata/ax_adopt_fake.py": "ax_adopt_fake.py"} {
+		b, err := os.ReadFile(from)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(virt, to), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	wrapper := filepath.Join(c.Dir, "bin", "nova-compute-adopt")
+	if err := os.WriteFile(wrapper, []byte(fmt.Sprintf(adoptWrapper, virt)), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Now()
+	if err := c.StartCompute(ctx, "b", wrapper, "compute_driver = ax_adopt_fake.AdoptingFakeDriver\n[ax]\nadopt_dir = "+adopt+"\n"); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("nova-compute b up and mapped in %s", time.Since(t0).Round(time.Second))
+
+	// Host a dies; axd on b promoted the server and marked it.
+	if err := c.Stop("nova-compute"); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(adopt, id), []byte("instance-00000001\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cl, err := nova.New(nova.Config{Cloud: "ax", CloudsFile: c.CloudsYAML()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	stages := map[nova.Stage]time.Time{}
+	var retries []string
+	f := &nova.Follow{Server: id, To: "b", Poll: 500 * time.Millisecond, MaxWait: 5 * time.Second,
+		Stage: func(s nova.Stage, res nova.FollowResult) {
+			mu.Lock()
+			stages[s] = time.Now()
+			mu.Unlock()
+			t.Logf("follow: %s (from %s)", s, res.From)
+		},
+		Retry: func(s nova.Stage, err error) {
+			mu.Lock()
+			retries = append(retries, fmt.Sprintf("%s: %v", s, err))
+			mu.Unlock()
+		},
+	}
+	type result struct {
+		res nova.FollowResult
+		err error
+	}
+	done := make(chan result, 1)
+	fctx, fcancel := context.WithCancel(ctx)
+	defer fcancel()
+	began := time.Now()
+	go func() {
+		res, err := f.Run(fctx, cl)
+		done <- result{res, err}
+	}()
+	reached := func(s nova.Stage) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		_, ok := stages[s]
+		return ok
+	}
+	for !reached(nova.StageCompleting) {
+		select {
+		case r := <-done:
+			t.Fatalf("follow ended before Nova said b: %+v, %v (retried: %q)", r.res, r.err, retries)
+		case <-time.After(200 * time.Millisecond):
+		}
+		if time.Since(began) > 3*time.Minute {
+			t.Fatalf("Nova did not say b, ACTIVE within 3 min (retried: %q)", retries)
+		}
+	}
+	mu.Lock()
+	moved := stages[nova.StageCompleting].Sub(began)
+	mu.Unlock()
+	t.Logf("evacuation: Nova says b, ACTIVE %s after the follow began", moved.Round(10*time.Millisecond))
+	os.Remove(filepath.Join(adopt, id)) // as axd does once Nova says b
+
+	s, err := cl.Server(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Host != "b" || s.Status != "ACTIVE" {
+		t.Fatalf("server after the evacuation: host %s, %s", s.Host, s.Status)
+	}
+	blog := filepath.Join(c.Dir, "log", "nova-compute-b.log")
+	if !logged(blog, "AX: adopted the running domain of instance "+id) {
+		t.Errorf("nova-compute b did not log the adoption of %s", id)
+	}
+	if logged(blog, "AX test: spawn of instance "+id) {
+		t.Errorf("nova-compute b spawned %s instead of adopting it", id)
+	}
+	if svc, err := cl.ComputeService(ctx, "a"); err != nil || !svc.ForcedDown {
+		t.Errorf("a's compute service: %+v, %v; want forced down", svc, err)
+	}
+	ms, err := cl.Evacuations(ctx, id)
+	if err != nil || len(ms) != 1 || ms[0].Status != "done" || ms[0].Source != "a" || ms[0].Dest != "b" {
+		t.Errorf("evacuations before a's nova-compute is back: %+v, %v; want one a → b, done", ms, err)
+	}
+
+	// a's nova-compute starts again: it completes the evacuation.
+	t1 := time.Now()
+	if err := c.Restart("nova-compute"); err != nil {
+		t.Fatal(err)
+	}
+	var r result
+	select {
+	case r = <-done:
+	case <-time.After(4 * time.Minute):
+		t.Fatalf("the evacuation was not completed within 4 min of a's nova-compute starting again (retried: %q)", retries)
+	}
+	if r.err != nil || !r.res.Forced || !r.res.Moved || r.res.From != "a" {
+		t.Fatalf("follow: %+v, %v", r.res, r.err)
+	}
+	t.Logf("completed and forced_down cleared %s after a's nova-compute started again", time.Since(t1).Round(100*time.Millisecond))
+	ms, err = cl.Evacuations(ctx, id)
+	if err != nil || len(ms) != 1 || ms[0].Status != "completed" {
+		t.Errorf("evacuations: %+v, %v; want one, completed", ms, err)
+	}
+	if svc, err := cl.ComputeService(ctx, "a"); err != nil || svc.ForcedDown {
+		t.Errorf("a's compute service: %+v, %v; want forced_down cleared", svc, err)
+	}
+	if s, err := cl.Server(ctx, id); err != nil || s.Host != "b" || s.Status != "ACTIVE" {
+		t.Errorf("server after a came back: %+v, %v; want host b, ACTIVE", s, err)
+	}
+	if len(retries) > 0 {
+		t.Logf("calls retried: %q", retries)
+	}
+}
