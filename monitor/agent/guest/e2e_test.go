@@ -383,7 +383,9 @@ func runAgent(t *testing.T, cfgJSON string) {
 func TestAgentRecoveryRules(t *testing.T) {
 	fh, sock := newFakeHost(t)
 	marker := filepath.Join(t.TempDir(), "ran")
-	runAgent(t, fmt.Sprintf(`{"transports":["serial"],"serial_path":%q,"heartbeat":"200ms","checks":[
+	// Heartbeats are acked only while the test reads (next): at 1 s the
+	// agent keeps the connection through 3 s of a loaded machine's delays.
+	runAgent(t, fmt.Sprintf(`{"transports":["serial"],"serial_path":%q,"heartbeat":"1s","checks":[
 		{"name":"up","kind":"command","command":["/bin/true"],"interval":"2s","timeout":"1500ms",
 		 "recover":{"command":["/bin/sh","-c","echo x >> %s"],"min_interval":"1h"}},
 		{"name":"down","kind":"command","command":["/bin/false"],"interval":"100ms","timeout":"50ms",
