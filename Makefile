@@ -10,7 +10,7 @@ GUESTPKGS ?= github.com/axproject/ax/ax/dirty github.com/axproject/ax/monitor/ag
 GOTEST    := $(GO) test -count=1 -timeout 40m
 
 .DEFAULT_GOAL := help
-.PHONY: help deps build deb test test-unit test-guest-kernel generate-check demo lab-up lab-down lab-status bench generate vet clean clean-cache openstack-up openstack-down test-openstack
+.PHONY: help deps build deb test test-unit test-guest-kernel generate-check demo lab-up lab-down lab-status bench generate vet clean clean-cache openstack-up openstack-down test-openstack openstack-lab
 
 help: ## list the targets
 	@awk 'BEGIN{FS=":.*## "} /^[a-z-]+:.*## /{printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -85,6 +85,9 @@ box: ## the Vagrant lab's box from Debian packages (mmdebstrap, cached in /var/c
 test-openstack: ## TestOpenStackLevels alone: AX's Nova client and axd against a real Keystone, Nova, Glance, Placement (as root, ~3 min)
 	@sh test/openstack/deps.sh
 	AX_REQUIRE_PRIVILEGED=1 $(GO) test -count=1 -timeout 15m -v -run TestOpenStack ./test/openstack/
+
+openstack-lab: deps ## TestIntegrationOpenStackFT: Nova's libvirt driver on the lab's hosts a and b, the hook and axd with levels from Nova, an FT server and host a killed (as root, ~5 min)
+	AX_REQUIRE_PRIVILEGED=1 $(GO) test -count=1 -timeout 30m -v -run TestIntegrationOpenStackFT ./test/lab/
 
 openstack-up: ## that cloud on loopback, left running (clouds.yaml in OPENSTACK_DIR/cloud, default /var/tmp/ax-openstack)
 	@sh test/openstack/deps.sh

@@ -3,7 +3,10 @@ package lab
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -11,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/test/openstack"
 	"github.com/axproject/ax/test/testenv"
 )
@@ -106,7 +110,13 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 		}
 	})
 	img := testImage(t)
-	for _, h := range []string{HostA} {
+	hook := novaHookBinary(t)
+	dcfg := DaemonConfig{Axd: axdBinary(t), Libvirt: true}
+	// Each host's libvirtd runs the hook, which hands its events to that
+	// host's axd; libvirtd looks for hooks when it starts.
+	l.LibvirtHostnames = true
+	for _, h := range []string{HostA, HostB} {
+		installNovaHook(t, l, h, hook)
 		if err := l.StartLibvirtd(ctx, h); err != nil {
 			t.Fatal(err)
 		}
@@ -117,12 +127,22 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 		t.Fatal(s.err)
 	}
 	t.Logf("cloud and lab up %.0f s after the start", time.Since(began).Seconds())
-	for _, h := range []string{HostA} {
+	for _, h := range []string{HostA, HostB} {
 		t0 := time.Now()
 		if err := c.StartLibvirtCompute(ctx, openstack.LibvirtCompute{Host: h, URI: l.LibvirtURI(h), FileBackedMemoryMiB: 1024}); err != nil {
 			t.Fatal(err)
 		}
 		t.Logf("nova-compute with the libvirt driver on %s mapped in %.1f s", h, time.Since(t0).Seconds())
+		// axd runs in h's network namespace: the cloud's loopback
+		// endpoints (the ones in Keystone's catalog) are forwarded there.
+		forwardLoopback(t, l, h, c.Keystone, c.Nova, c.Glance)
+	}
+	// axd takes levels from Nova (its --host is the compute host's name
+	// in Nova, so --nova-host is the same); Nova's instance directories
+	// hold the domains' files. Failed levels are retried every 10 s.
+	dcfg.Extra = []string{"--nova-cloud", "ax", "--nova-clouds-file", c.CloudsYAML(), "--nova-resync", "10s", "--libvirt-dir", c.Dir}
+	if err := l.StartDaemons(ctx, dcfg); err != nil {
+		t.Fatal(err)
 	}
 	imageID, err := c.KernelImage(ctx, "ax-lab-guest", img.Kernel, img.Initrd, osGuestCmdline, nil)
 	if err != nil {
@@ -142,15 +162,216 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 	}
 	osc("flavor", "create", "--ram", "256", "--disk", "1", "--vcpus", "1", "ax.lab")
 
+	// M1: the server boots on a from Glance's kernel and ticks.
 	created := time.Now()
 	id := osc("server", "create", "--os-compute-api-version", "2.37", "--flavor", "ax.lab", "--image", imageID,
-		"--nic", "none", "--availability-zone", "nova:"+HostA, "--wait", "-f", "value", "-c", "id", "ax-ft")
-	active := time.Since(created)
+		"--nic", "none", "--availability-zone", "nova:"+HostA, "--property", "ax:level=ft", "-f", "value", "-c", "id", "ax-ft")
 	console := filepath.Join(c.InstanceDir(HostA, id), "console.log")
 	booted := waitConsole(t, console, "AXTICK", 3*time.Minute)
-	t.Logf("openstack server create: %s ACTIVE after %.1f s, first tick on its console (%s) %.1f s after the create",
-		id, active.Seconds(), console, booted.Sub(created).Seconds())
+	var server struct {
+		Status   string            `json:"status"`
+		Instance string            `json:"OS-EXT-SRV-ATTR:instance_name"`
+		Host     string            `json:"OS-EXT-SRV-ATTR:host"`
+		Props    map[string]string `json:"properties"`
+	}
+	show := func() {
+		t.Helper()
+		if err := json.Unmarshal([]byte(osc("server", "show", id, "-f", "json")), &server); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for show(); server.Status != "ACTIVE"; show() {
+		if server.Status == "ERROR" || time.Since(created) > 3*time.Minute {
+			t.Fatalf("server %s: %s", id, server.Status)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	domain := server.Instance
+	t.Logf("openstack server create: %s (%s) on %s, first tick on its console %.1f s after the create (TCG boot), ACTIVE by %.1f s",
+		id, domain, server.Host, booted.Sub(created).Seconds(), time.Since(created).Seconds())
+
+	// M2: the hook told axd on a of the start, axd asked Nova: ft towards
+	// b. Without Neutron Nova gives the guest no NIC, and AX holds an FT
+	// guest's output on its tap: the lab plugs one as Neutron's agent
+	// would (a tap on a's public bridge, attached live), and defines the
+	// domain on b, as AX never defines one from a peer's XML.
+	st := osStatus(t, osc, id, 30*time.Second, func(s string) bool { return s != "" })
+	t.Logf("ax:status before the guest has a NIC: %q", st)
+	tap := "tap-os1"
+	if err := l.addTap(ctx, HostA, tap); err != nil {
+		t.Fatal(err)
+	}
+	nic := filepath.Join(l.StateDir, "nic.xml")
+	if err := os.WriteFile(nic, []byte("<interface type='ethernet'><mac address='52:54:00:a7:00:31'/><target dev='"+tap+"' managed='no'/><model type='virtio'/><driver><host csum='off'/></driver></interface>\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.Virsh(ctx, HostA, "attach-device", domain, nic, "--live", "--config"); err != nil {
+		t.Fatal(err)
+	}
+	def, err := l.Virsh(ctx, HostA, "dumpxml", "--inactive", domain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defPath := filepath.Join(l.StateDir, domain+"-b.xml")
+	if err := os.WriteFile(defPath, []byte(def), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.Virsh(ctx, HostB, "define", defPath); err != nil {
+		t.Fatal(err)
+	}
+	plugged := time.Now()
+	vs := waitVM(t, l, l.Client(HostA), domain, 90*time.Second, "FT on a", func(s api.VMStatus) bool {
+		return s.Level == api.LevelFT && s.State == "protected"
+	})
+	protected := time.Since(plugged)
+	st = osStatus(t, osc, id, 30*time.Second, func(s string) bool { return strings.HasPrefix(s, "ft towards b: protected") })
+	t.Logf("FT protected %.1f s after the NIC was plugged (axd status; %.1f s after the create); ax:status in Nova %.1f s after the plug: %q; axd on a: %s %s %s towards %s, epoch %d, pause p50 %.1f ms",
+		protected.Seconds(), plugged.Add(protected).Sub(created).Seconds(), time.Since(plugged).Seconds(), st, vs.Name, vs.Level, vs.State, vs.Peer, vs.Epoch, vs.PauseP50MS)
+
+	// M3: host a dies (QEMU, libvirtd, axd; links cut; and its
+	// nova-compute): b resumes the guest from the last checkpoint.
+	time.Sleep(10 * time.Second)
+	pre, _ := os.ReadFile(console)
+	killed := time.Now()
+	if err := l.KillHost(ctx, HostA); err != nil {
+		t.Fatal(err)
+	}
+	c.Kill(openstack.ComputeName(HostA))
+	vs = waitVM(t, l, l.Client(HostB), domain, 2*time.Minute, "the guest running on b", func(s api.VMStatus) bool {
+		return s.Role == api.RoleLocal || s.Role == api.RolePrimary
+	})
+	promoted := time.Since(killed)
+	out, err := l.Virsh(ctx, HostB, "domstate", domain)
+	t.Logf("host a killed: %s runs on b (%s, %s) %.2f s after the kill, virsh domstate on b: %q %v", domain, vs.Role, vs.State, promoted.Seconds(), strings.TrimSpace(out), err)
+	// b's QEMU logs the same pty to the same console.log (Nova's XML,
+	// append='off'): the file starts again with b's first tick.
+	lastPre, firstPre := lastTick(pre), firstTick(pre)
+	var first uint64
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		post, _ := os.ReadFile(console)
+		if first = firstTick(post); first != 0 && first != firstPre {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no tick of b on the console (%s) within 30 s; last before the kill %d", console, lastPre)
+		}
+	}
+	resumed := time.Since(killed)
+	t.Logf("tick %d last on the console before the kill (read just before it), %d first on b, seen %.2f s after the kill", lastPre, first, resumed.Seconds())
+	if first > lastPre+1 || first+50 < lastPre {
+		t.Errorf("the guest's tick did not go on: %d before the kill, %d after", lastPre, first)
+	}
+	// Nova's view after the failover, as it is (nothing moves the record).
+	show()
+	t.Logf("Nova after the failover: server %s status %s host %s ax:status %q", id, server.Status, server.Host, server.Props["ax:status"])
 	t.Logf("total %.0f s", time.Since(began).Seconds())
+}
+
+// osStatus waits for server id's ax:status to satisfy ok.
+func osStatus(t *testing.T, osc func(...string) string, id string, within time.Duration, ok func(string) bool) string {
+	t.Helper()
+	var last string
+	for deadline := time.Now().Add(within); time.Now().Before(deadline); time.Sleep(time.Second) {
+		var p struct {
+			Props map[string]string `json:"properties"`
+		}
+		if json.Unmarshal([]byte(osc("server", "show", id, "-c", "properties", "-f", "json")), &p) == nil {
+			last = p.Props["ax:status"]
+			if ok(last) {
+				return last
+			}
+		}
+	}
+	t.Fatalf("server %s: ax:status not as wanted within %s; last %q", id, within, last)
+	return ""
+}
+
+// lastTick and firstTick are the last and first "AXTICK n" of a console.
+func lastTick(b []byte) uint64 {
+	var n uint64
+	for _, line := range bytes.Split(b, []byte("\n")) {
+		if v, ok := tickOf(line); ok {
+			n = v
+		}
+	}
+	return n
+}
+
+func firstTick(b []byte) uint64 {
+	for _, line := range bytes.Split(b, []byte("\n")) {
+		if v, ok := tickOf(line); ok {
+			return v
+		}
+	}
+	return 0
+}
+
+// novaHookBinary builds ax-nova-hook once per test binary.
+func novaHookBinary(t *testing.T) string {
+	t.Helper()
+	p := filepath.Join(guestBinaries(t), "ax-nova-hook")
+	if _, err := os.Stat(p); err == nil {
+		return p
+	}
+	cmd := exec.Command("go", "build", "-o", p, "github.com/axproject/ax/nova-hook")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build ax-nova-hook: %v %s", err, out)
+	}
+	return p
+}
+
+// installNovaHook puts ax-nova-hook in host h's libvirtd's hooks
+// directory (/etc/libvirt/hooks/qemu.d in its mount namespace), pointed
+// at h's axd and spool, as the package's symlink does on a compute host.
+func installNovaHook(t *testing.T, l *Lab, h, bin string) {
+	t.Helper()
+	dir := filepath.Join(l.LibvirtDir(h), "etc", "hooks", "qemu.d")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	script := fmt.Sprintf("#!/bin/sh\n# ax-nova-hook for lab %s host %s (TestIntegrationOpenStackFT)\nAX_NOVA_HOOK_SOCKET=%s AX_NOVA_HOOK_SPOOL=%s AX_NOVA_HOOK_NO_SYSLOG=1 exec %s \"$@\"\n",
+		l.Prefix, h, l.Socket(h), filepath.Join(l.AxdStateDir(h), "hook-spool"), bin)
+	if err := os.WriteFile(filepath.Join(dir, "ax"), []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// forwardLoopback makes 127.0.0.1:PORT inside host h's network namespace
+// reach 127.0.0.1:PORT of the machine (the test cloud's endpoints), until
+// the test ends.
+func forwardLoopback(t *testing.T, l *Lab, h string, ports ...int) {
+	t.Helper()
+	for _, p := range ports {
+		addr := fmt.Sprintf("127.0.0.1:%d", p)
+		var ln net.Listener
+		if err := l.InNetns(h, func() error {
+			var err error
+			ln, err = net.Listen("tcp", addr)
+			return err
+		}); err != nil {
+			t.Fatalf("forwarding %s into %s: %v", addr, h, err)
+		}
+		t.Cleanup(func() { ln.Close() })
+		go func() {
+			for {
+				in, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				go func() {
+					defer in.Close()
+					out, err := net.Dial("tcp", addr)
+					if err != nil {
+						return
+					}
+					defer out.Close()
+					go func() { io.Copy(out, in); out.(*net.TCPConn).CloseWrite() }()
+					io.Copy(in, out)
+				}()
+			}
+		}()
+	}
 }
 
 // waitConsole waits until the file at path has the text want and returns

@@ -174,6 +174,19 @@ func (c *Cloud) Close() error {
 	return nil
 }
 
+// Kill ends service name at once (SIGKILL to its process group), as its
+// host's death would: e.g. a compute host's nova-compute.
+func (c *Cloud) Kill(name string) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, p := range c.procs {
+		if p.name == name {
+			return syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+		}
+	}
+	return fmt.Errorf("kill: no service %s", name)
+}
+
 // NeutronAsked is what Nova asked the stand-in for Neutron ("METHOD
 // PATH": times).
 func (c *Cloud) NeutronAsked() map[string]int { return c.neutron.Asked() }
