@@ -1,6 +1,7 @@
 // Package openstack brings up a real, small OpenStack (Debian 12's Zed:
 // MariaDB, RabbitMQ, Keystone, Placement, Glance, Nova with its fake
-// compute driver) on loopback, as processes it starts and stops by PID,
+// compute driver, or compute hosts with its libvirt driver against the
+// lab's libvirtds) on loopback, as processes it starts and stops by PID,
 // so AX's Nova client and axd are tested against the real APIs.
 package openstack
 
