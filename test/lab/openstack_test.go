@@ -52,8 +52,13 @@ const osGuestCmdline = "console=ttyS0 quiet panic=-1 ax.dirty=0 ax.tick=100ms ax
 // Glance, Nova's control services on loopback) with a nova-compute per
 // host against that host's lab libvirtd, file-backed guest RAM; the lab's
 // guest image put into Glance as kernel, ramdisk and root image; a server
-// created with openstack server create boots directly from the kernel
-// and ticks on its console (Nova's console.log).
+// created with openstack server create --property ax:level=ft boots
+// directly from the kernel and ticks on its console (Nova's console.log).
+// ax-nova-hook, in each libvirtd's hooks directory, hands the start to
+// axd, which takes the level from Nova; once the guest has a NIC it is
+// protected at FT towards b and ax:status says so. Then host a is killed
+// and b resumes the guest, its tick going on; Nova's view after it is
+// logged as it is (nothing moves Nova's record yet).
 func TestIntegrationOpenStackFT(t *testing.T) {
 	requireOpenStack(t)
 	began := time.Now()
@@ -228,6 +233,20 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 	t.Logf("FT protected %.1f s after the NIC was plugged (axd status; %.1f s after the create); ax:status in Nova %.1f s after the plug: %q; axd on a: %s %s %s towards %s, epoch %d, pause p50 %.1f ms",
 		protected.Seconds(), plugged.Add(protected).Sub(created).Seconds(), time.Since(plugged).Seconds(), st, vs.Name, vs.Level, vs.State, vs.Peer, vs.Epoch, vs.PauseP50MS)
 
+	// The hook handed a's start of the domain to axd on a, and axctl
+	// status says FT.
+	if ev := hookEvent(t, l, HostA, domain, " started ("); ev == "" {
+		t.Errorf("axd on a recorded no hook event of %s's start: the hook is not in the loop", domain)
+	} else {
+		t.Logf("axd on a, hook event: %s", ev)
+	}
+	axctl := exec.CommandContext(ctx, buildInto(t, "axctl", "github.com/axproject/ax/cmd/axctl"), "--socket", l.Socket(HostA), "status")
+	if out, err := axctl.CombinedOutput(); err != nil || !strings.Contains(string(out), domain) || !strings.Contains(string(out), "ft") {
+		t.Errorf("axctl status on a: %v:\n%s", err, out)
+	} else {
+		t.Logf("axctl status on a:\n%s", out)
+	}
+
 	// M3: host a dies (QEMU, libvirtd, axd; links cut; and its
 	// nova-compute): b resumes the guest from the last checkpoint.
 	time.Sleep(10 * time.Second)
@@ -261,9 +280,13 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 	if first > lastPre+1 || first+50 < lastPre {
 		t.Errorf("the guest's tick did not go on: %d before the kill, %d after", lastPre, first)
 	}
+	if ev := hookEvent(t, l, HostB, domain, " started ("); ev != "" {
+		t.Logf("axd on b, hook event: %s", ev)
+	}
 	// Nova's view after the failover, as it is (nothing moves the record).
 	show()
-	t.Logf("Nova after the failover: server %s status %s host %s ax:status %q", id, server.Status, server.Host, server.Props["ax:status"])
+	t.Logf("Nova after the failover: server %s status %s host %s ax:status %q; compute services:\n%s", id, server.Status, server.Host, server.Props["ax:status"],
+		osc("compute", "service", "list", "--service", "nova-compute", "-c", "Host", "-c", "State", "-c", "Updated At", "-f", "value"))
 	t.Logf("total %.0f s", time.Since(began).Seconds())
 }
 
@@ -306,19 +329,42 @@ func firstTick(b []byte) uint64 {
 	return 0
 }
 
-// novaHookBinary builds ax-nova-hook once per test binary.
-func novaHookBinary(t *testing.T) string {
+// hookEvent is the last hook event axd on h recorded for domain whose
+// text has the operation op, or "".
+func hookEvent(t *testing.T, l *Lab, h, domain, op string) string {
 	t.Helper()
-	p := filepath.Join(guestBinaries(t), "ax-nova-hook")
+	evs, err := l.Client(h).Events(context.Background(), 0)
+	if err != nil {
+		t.Errorf("events of axd on %s: %v", h, err)
+		return ""
+	}
+	last := ""
+	for _, e := range evs {
+		if e.Kind == "hook" && e.VM == domain && strings.Contains(e.Text, op) {
+			last = e.Text
+		}
+	}
+	return last
+}
+
+// buildInto builds package pkg as program name once per test binary.
+func buildInto(t *testing.T, name, pkg string) string {
+	t.Helper()
+	p := filepath.Join(guestBinaries(t), name)
 	if _, err := os.Stat(p); err == nil {
 		return p
 	}
-	cmd := exec.Command("go", "build", "-o", p, "github.com/axproject/ax/nova-hook")
+	cmd := exec.Command("go", "build", "-o", p, pkg)
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("build ax-nova-hook: %v %s", err, out)
+		t.Fatalf("build %s: %v %s", name, err, out)
 	}
 	return p
+}
+
+// novaHookBinary builds ax-nova-hook.
+func novaHookBinary(t *testing.T) string {
+	return buildInto(t, "ax-nova-hook", "github.com/axproject/ax/nova-hook")
 }
 
 // installNovaHook puts ax-nova-hook in host h's libvirtd's hooks
