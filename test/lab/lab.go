@@ -83,8 +83,13 @@ type Lab struct {
 	// QEMUUser: the user (and group) the lab's libvirtds run QEMU as;
 	// "" is root (StartLibvirtd).
 	QEMUUser string
-	log      *slog.Logger
-	state    *State
+	// LibvirtHostnames runs each libvirtd in a UTS namespace of its own
+	// named <prefix>-<h> (StartLibvirtd): Nova's libvirt driver names its
+	// compute node (and Placement its resource provider) after libvirt's
+	// hostname, which two libvirtds of one machine would otherwise share.
+	LibvirtHostnames bool
+	log              *slog.Logger
+	state            *State
 }
 
 // Config selects a lab.

@@ -135,12 +135,14 @@ memory_backing_dir = %[3]q
 `, l.Prefix, h, l.LibvirtRAMDir(h), user, group, owned)
 }
 
-// libvirtdScript bind-mounts "$3" over "$4", "$5" over "$6", … in the
-// mount namespace unshare made, then becomes libvirtd with config "$1"
-// and PID file "$2" (the same process: the lab records its PID).
+// libvirtdScript sets the hostname "$3" (unless empty: in the UTS
+// namespace unshare made), bind-mounts "$4" over "$5", "$6" over "$7", …
+// in the mount namespace unshare made, then becomes libvirtd with config
+// "$1" and PID file "$2" (the same process: the lab records its PID).
 const libvirtdScript = `set -e
-conf=$1 pid=$2
-shift 2
+conf=$1 pid=$2 name=$3
+shift 3
+[ -z "$name" ] || hostname "$name"
 while [ $# -gt 0 ]; do mount --bind "$1" "$2"; shift 2; done
 exec libvirtd -f "$conf" -p "$pid"`
 
@@ -174,8 +176,13 @@ func (l *Lab) StartLibvirtd(ctx context.Context, h string) error {
 		}
 	}
 	dir := l.LibvirtDir(h)
-	args := []string{"--mount", "--propagation", "private", "--", "sh", "-c", libvirtdScript, "sh",
-		filepath.Join(dir, "etc", "libvirtd.conf"), filepath.Join(dir, "libvirtd.pid")}
+	args := []string{"--mount", "--propagation", "private"}
+	hostname := ""
+	if l.LibvirtHostnames {
+		args, hostname = append(args, "--uts"), l.Netns(h)
+	}
+	args = append(args, "--", "sh", "-c", libvirtdScript, "sh",
+		filepath.Join(dir, "etc", "libvirtd.conf"), filepath.Join(dir, "libvirtd.pid"), hostname)
 	for _, d := range libvirtFixedDirs {
 		if err := os.MkdirAll(filepath.Join(dir, d.sub), 0o755); err != nil {
 			return fmt.Errorf("libvirtd on %s: %w", h, err)

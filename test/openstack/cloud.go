@@ -1,6 +1,7 @@
 // Package openstack brings up a real, small OpenStack (Debian 12's Zed:
 // MariaDB, RabbitMQ, Keystone, Placement, Glance, Nova with its fake
-// compute driver) on loopback, as processes it starts and stops by PID,
+// compute driver, or compute hosts with its libvirt driver against the
+// lab's libvirtds) on loopback, as processes it starts and stops by PID,
 // so AX's Nova client and axd are tested against the real APIs.
 package openstack
 
@@ -43,6 +44,7 @@ type Cloud struct {
 	DB, Rabbit, EPMD, Dist, Keystone, Placement, Glance, Nova, Neutron int
 
 	neutron *neutron
+	opts    Options
 
 	log func(format string, a ...any)
 
@@ -68,10 +70,23 @@ func (c *Cloud) AuthURL() string { return fmt.Sprintf("http://127.0.0.1:%d/v3", 
 // in Dir.
 func (c *Cloud) CloudsYAML() string { return filepath.Join(c.Dir, "clouds.yaml") }
 
+// Options change what StartWith brings up.
+type Options struct {
+	// NoFakeCompute leaves out the nova-compute with the fake driver on
+	// host a: the caller starts compute hosts of its own afterwards
+	// (StartLibvirtCompute).
+	NoFakeCompute bool
+}
+
 // Start brings a cloud up in dir (made if missing; it should be empty).
 // logf reports its progress. On error what was started is stopped.
-func Start(ctx context.Context, dir string, logf func(format string, a ...any)) (_ *Cloud, err error) {
-	c := &Cloud{Dir: dir, log: logf}
+func Start(ctx context.Context, dir string, logf func(format string, a ...any)) (*Cloud, error) {
+	return StartWith(ctx, dir, logf, Options{})
+}
+
+// StartWith is Start with options.
+func StartWith(ctx context.Context, dir string, logf func(format string, a ...any), opts Options) (_ *Cloud, err error) {
+	c := &Cloud{Dir: dir, log: logf, opts: opts}
 	defer func() {
 		if err != nil {
 			c.Close()
@@ -122,7 +137,11 @@ func Start(ctx context.Context, dir string, logf func(format string, a ...any)) 
 	if err := c.startNova(ctx); err != nil {
 		return nil, err
 	}
-	c.log("nova up, compute host %s mapped (%s)", Host, time.Since(start).Round(time.Second))
+	if opts.NoFakeCompute {
+		c.log("nova up, no compute host yet (%s)", time.Since(start).Round(time.Second))
+	} else {
+		c.log("nova up, compute host %s mapped (%s)", Host, time.Since(start).Round(time.Second))
+	}
 	return c, nil
 }
 
@@ -157,6 +176,19 @@ func (c *Cloud) Close() error {
 		c.neutron.Close()
 	}
 	return nil
+}
+
+// Kill ends service name at once (SIGKILL to its process group), as its
+// host's death would: e.g. a compute host's nova-compute.
+func (c *Cloud) Kill(name string) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, p := range c.procs {
+		if p.name == name {
+			return syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+		}
+	}
+	return fmt.Errorf("kill: no service %s", name)
 }
 
 // NeutronAsked is what Nova asked the stand-in for Neutron ("METHOD
@@ -457,13 +489,20 @@ func (c *Cloud) syncNova(ctx context.Context) error {
 // registered.
 func (c *Cloud) startNova(ctx context.Context) error {
 	conf := filepath.Join(c.Dir, "nova", "nova.conf")
-	for _, s := range []string{"nova-conductor", "nova-scheduler", "nova-api", "nova-compute"} {
+	services := []string{"nova-conductor", "nova-scheduler", "nova-api", "nova-compute"}
+	if c.opts.NoFakeCompute {
+		services = services[:3]
+	}
+	for _, s := range services {
 		if err := c.start(s, nil, c.script(s), "--config-file", conf); err != nil {
 			return err
 		}
 	}
 	if err := c.wait(ctx, "nova-api", 2*time.Minute, func() bool { return answers(fmt.Sprintf("http://127.0.0.1:%d/v2.1", c.Nova)) }); err != nil {
 		return err
+	}
+	if c.opts.NoFakeCompute {
+		return nil
 	}
 	return c.waitMapped(ctx, "nova-compute", Host)
 }

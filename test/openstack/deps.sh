@@ -1,7 +1,8 @@
 #!/bin/sh
 # Installs the Debian 12 packages the real-OpenStack test (TestOpenStackLevels)
 # runs: MariaDB, RabbitMQ, uwsgi and the Python code of Keystone, Placement,
-# Glance and Nova (OpenStack Zed). Idempotent: installs only what is missing.
+# Glance and Nova (OpenStack Zed), and python3-libvirt for Nova's libvirt
+# driver (TestIntegrationOpenStackFT in test/lab). Idempotent: installs only what is missing.
 #
 # Only the python3-* libraries, not Debian's service packages (keystone,
 # nova-api, glance-api, placement-api, ...): those ask dbconfig-common and
@@ -14,7 +15,7 @@
 # removed after, unless one was there before), and any daemon that still
 # started is reported and stopped by its PID file.
 set -eu
-PKGS="mariadb-server rabbitmq-server uwsgi-core uwsgi-plugin-python3 python3-pymysql python3-keystone python3-placement python3-glance python3-nova python3-openstackclient"
+PKGS="mariadb-server rabbitmq-server uwsgi-core uwsgi-plugin-python3 python3-pymysql python3-keystone python3-placement python3-glance python3-nova python3-openstackclient python3-libvirt"
 if [ "$(id -u)" != 0 ]; then
 	echo "openstack deps: run as root" >&2
 	exit 1
