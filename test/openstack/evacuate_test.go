@@ -9,9 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gophercloud/gophercloud/v2"
-	"github.com/gophercloud/gophercloud/v2/openstack"
-
 	"github.com/axproject/ax/nova-hook/nova"
 )
 
@@ -40,34 +37,8 @@ func TestOpenStackEvacuate(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 12*time.Minute)
 	defer cancel()
 	dir := t.TempDir()
-	start := time.Now()
-	c, err := Start(ctx, filepath.Join(dir, "cloud"), t.Logf)
-	if c != nil {
-		t.Cleanup(func() { c.Close() })
-	}
-	if err != nil {
-		logTails(t, filepath.Join(dir, "cloud", "log"))
-		t.Fatal(err)
-	}
-	t.Logf("cloud up in %s", time.Since(start).Round(time.Second))
-	t.Cleanup(func() {
-		if t.Failed() {
-			logTails(t, filepath.Join(c.Dir, "log"))
-		}
-	})
-	pc, err := c.Admin(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	compute, err := openstack.NewComputeV2(pc, gophercloud.EndpointOpts{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	compute.Microversion = "2.37" // networks "none": no Neutron
-	image, err := openstack.NewImageV2(pc, gophercloud.EndpointOpts{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := startCloud(ctx, t, filepath.Join(dir, "cloud"))
+	compute, image := adminClients(ctx, t, c)
 	// On a: b's nova-compute is not up yet, the scheduler has a alone.
 	id := makeServer(ctx, t, compute, "promoted", makeFlavor(ctx, t, compute, "ax.ft", nil), makeImage(ctx, t, image, "ax-ft", nil), nil)
 

@@ -46,6 +46,46 @@ func requireCloud(t *testing.T) {
 	}
 }
 
+// startCloud starts the test cloud in dir, stopped at the test's end; the
+// services' logs are shown when the start or the test fails.
+func startCloud(ctx context.Context, t *testing.T, dir string) *Cloud {
+	t.Helper()
+	start := time.Now()
+	c, err := Start(ctx, dir, t.Logf)
+	if c != nil {
+		t.Cleanup(func() { c.Close() })
+	}
+	if err != nil {
+		logTails(t, filepath.Join(dir, "log"))
+		t.Fatal(err)
+	}
+	t.Logf("cloud up in %s", time.Since(start).Round(time.Second))
+	t.Cleanup(func() {
+		if t.Failed() {
+			logTails(t, filepath.Join(c.Dir, "log"))
+		}
+	})
+	return c
+}
+
+// adminClients are the cloud's compute (microversion 2.37: networks
+// "none", no Neutron) and image clients, as admin.
+func adminClients(ctx context.Context, t *testing.T, c *Cloud) (compute, image *gophercloud.ServiceClient) {
+	t.Helper()
+	pc, err := c.Admin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if compute, err = openstack.NewComputeV2(pc, gophercloud.EndpointOpts{}); err != nil {
+		t.Fatal(err)
+	}
+	compute.Microversion = "2.37"
+	if image, err = openstack.NewImageV2(pc, gophercloud.EndpointOpts{}); err != nil {
+		t.Fatal(err)
+	}
+	return compute, image
+}
+
 // TestOpenStackLevels runs AX's Nova client and axd against a real
 // Keystone, Nova, Glance and Placement (Debian 12's OpenStack Zed, Nova's
 // fake compute driver on host "a"): the three places a level is read
@@ -68,39 +108,13 @@ func TestOpenStackLevels(t *testing.T) {
 		}
 		built <- err
 	}()
-	start := time.Now()
-	c, err := Start(ctx, filepath.Join(dir, "cloud"), t.Logf)
-	if c != nil {
-		t.Cleanup(func() { c.Close() })
-	}
-	if err != nil {
-		logTails(t, filepath.Join(dir, "cloud", "log"))
-		t.Fatal(err)
-	}
-	t.Logf("cloud up in %s", time.Since(start).Round(time.Second))
-	t.Cleanup(func() {
-		if t.Failed() {
-			logTails(t, filepath.Join(c.Dir, "log"))
-		}
-		t.Logf("what Nova asked the stand-in for Neutron: %v", c.NeutronAsked())
-	})
+	c := startCloud(ctx, t, filepath.Join(dir, "cloud"))
+	t.Cleanup(func() { t.Logf("what Nova asked the stand-in for Neutron: %v", c.NeutronAsked()) })
 	if err := <-built; err != nil {
 		t.Fatal(err)
 	}
 
-	pc, err := c.Admin(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	compute, err := openstack.NewComputeV2(pc, gophercloud.EndpointOpts{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	compute.Microversion = "2.37" // networks "none": no Neutron
-	image, err := openstack.NewImageV2(pc, gophercloud.EndpointOpts{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	compute, image := adminClients(ctx, t, c)
 	plain := makeFlavor(ctx, t, compute, "ax.plain", nil)
 	haFlavor := makeFlavor(ctx, t, compute, "ax.ha", map[string]string{nova.LevelKey: "ha"})
 	plainImage := makeImage(ctx, t, image, "ax-plain", nil)

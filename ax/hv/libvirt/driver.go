@@ -184,18 +184,11 @@ func (d *Driver) Domain(g api.Guest) hv.Domain { return &domain{drv: d, g: g} }
 
 // Discover looks up the running domain name and inspects its live XML.
 func (d *Driver) Discover(ctx context.Context, name string) (*Discovered, error) {
-	if err := names.Check("vm", name); err != nil {
-		return nil, err
-	}
-	dom, err := d.lookup(ctx, name)
+	x, err := d.liveXML(ctx, name)
 	if err != nil {
 		return nil, err
 	}
-	x, err := call(ctx, func() (string, error) { return d.c().DomainGetXMLDesc(dom, 0) })
-	if err != nil {
-		return nil, fmt.Errorf("libvirt domain %s: XML: %w", name, err)
-	}
-	found, err := Inspect([]byte(x), &d.cfg.Discover)
+	found, err := Inspect(x, &d.cfg.Discover)
 	if err != nil {
 		return nil, err
 	}
@@ -211,6 +204,16 @@ func (d *Driver) Discover(ctx context.Context, name string) (*Discovered, error)
 // Identify reads who domain name is, running or only defined: its UUID
 // (Nova's instance UUID) and Nova's and AX's metadata.
 func (d *Driver) Identify(ctx context.Context, name string) (*Identity, error) {
+	x, err := d.liveXML(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	return Identify(x)
+}
+
+// liveXML is domain name's XML as libvirt describes it now (the live one
+// while it runs).
+func (d *Driver) liveXML(ctx context.Context, name string) ([]byte, error) {
 	if err := names.Check("vm", name); err != nil {
 		return nil, err
 	}
@@ -222,7 +225,7 @@ func (d *Driver) Identify(ctx context.Context, name string) (*Identity, error) {
 	if err != nil {
 		return nil, fmt.Errorf("libvirt domain %s: XML: %w", name, err)
 	}
-	return Identify([]byte(x))
+	return []byte(x), nil
 }
 
 // DiscoverSpec is Discover as axd asks it (hv.Discoverer): the spec of
