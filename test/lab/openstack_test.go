@@ -51,15 +51,23 @@ const osGuestCmdline = "console=ttyS0 quiet panic=-1 ax.dirty=0 ax.tick=100ms ax
 // TestIntegrationOpenStackFT runs Nova's libvirt driver on the lab's
 // hypervisor hosts: the test cloud (test/openstack: Keystone, Placement,
 // Glance, Nova's control services on loopback) with a nova-compute per
-// host against that host's lab libvirtd, file-backed guest RAM; the lab's
-// guest image put into Glance as kernel, ramdisk and root image; a server
-// created with openstack server create --property ax:level=ft boots
-// directly from the kernel and ticks on its console (Nova's console.log).
-// ax-nova-hook, in each libvirtd's hooks directory, hands the start to
-// axd, which takes the level from Nova; once the guest has a NIC it is
-// protected at FT towards b and ax:status says so. Then host a is killed
-// and b resumes the guest, its tick going on; Nova's view after it is
-// logged as it is (nothing moves Nova's record yet).
+// host against that host's lab libvirtd, file-backed guest RAM, AX's
+// adopting driver (ax_adopt.LibvirtAdoptDriver) over Nova's libvirt
+// driver, periodic tasks every 10 s; the lab's guest image put into
+// Glance as kernel, ramdisk and root image; a server created with
+// openstack server create --property ax:level=ft boots directly from the
+// kernel and ticks on its console (Nova's console.log). ax-nova-hook, in
+// each libvirtd's hooks directory, hands the start to axd, which takes
+// the level from Nova; once the guest has a NIC it is protected at FT
+// towards b and ax:status says so. Then host a is killed: b resumes the
+// guest, its tick going on, and axd on b makes Nova follow by itself —
+// within 60 s openstack server show says b, ACTIVE, b's nova-compute
+// adopted the domain (no spawn). a comes back (libvirtd, axd, then its
+// nova-compute, which completes the evacuation); axd on b clears
+// forced_down and protects the VM back towards a. Then, for
+// AX_OPENSTACK_STAY (default 1m), Nova keeps saying b, ACTIVE while both
+// nova-computes run their periodic tasks, and the guest keeps ticking
+// without a reboot.
 func TestIntegrationOpenStackFT(t *testing.T) {
 	requireOpenStack(t)
 	began := time.Now()
