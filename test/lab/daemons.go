@@ -54,6 +54,8 @@ type DaemonConfig struct {
 	Axd   string        // path of the axd binary
 	Epoch time.Duration // FT epoch; default axd's
 	Extra []string      // more flags for both hosts' axd
+	// HostExtra are more flags for one host's axd, by host.
+	HostExtra map[string][]string
 	// PSK runs the daemons in PSK mode (one pre-shared key) instead of
 	// TLS mode with a certificate per host from the lab's own CA.
 	PSK bool
@@ -213,6 +215,7 @@ func (l *Lab) StartAxd(ctx context.Context, h string, cfg DaemonConfig) error {
 		args = append(args, l.libvirtArgs(h)...)
 	}
 	args = append(args, cfg.Extra...)
+	args = append(args, cfg.HostExtra[h]...)
 	os.Remove(l.Socket(h))
 	if err := l.startProc(ctx, h, "axd-"+h, cfg.Axd, args...); err != nil {
 		return err

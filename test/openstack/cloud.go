@@ -179,16 +179,29 @@ func (c *Cloud) Close() error {
 }
 
 // Kill ends service name at once (SIGKILL to its process group), as its
-// host's death would: e.g. a compute host's nova-compute.
+// host's death would: e.g. a compute host's nova-compute. Restart starts
+// it again.
 func (c *Cloud) Kill(name string) error {
 	c.mu.Lock()
-	defer c.mu.Unlock()
-	for _, p := range c.procs {
-		if p.name == name {
-			return syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+	var p *proc
+	for i, q := range c.procs {
+		if q.name == name {
+			p = q
+			c.procs = append(c.procs[:i:i], c.procs[i+1:]...)
+			break
 		}
 	}
-	return fmt.Errorf("kill: no service %s", name)
+	c.mu.Unlock()
+	if p == nil {
+		return fmt.Errorf("kill: no service %s", name)
+	}
+	err := syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+	<-p.done
+	c.mu.Lock()
+	c.stopped = append(c.stopped, p)
+	c.mu.Unlock()
+	c.log("killed %s (pid %d)", name, p.cmd.Process.Pid)
+	return err
 }
 
 // NeutronAsked is what Nova asked the stand-in for Neutron ("METHOD
@@ -252,7 +265,7 @@ func (c *Cloud) Stop(name string) error {
 	return nil
 }
 
-// Restart starts service name, stopped by Stop, again.
+// Restart starts service name, stopped by Stop or Kill, again.
 func (c *Cloud) Restart(name string) error {
 	c.mu.Lock()
 	var p *proc

@@ -12,18 +12,6 @@ import (
 	"github.com/axproject/ax/nova-hook/nova"
 )
 
-// adoptWrapper runs nova-compute with dir added to nova.virt's path, where
-// Nova looks for compute drivers (load_compute_driver imports nova.virt.X
-// only): as if ax_adopt.py were installed into nova/virt/.
-const adoptWrapper = `#!/usr/bin/python3
-# nova-compute with AX's adopting driver, as TestOpenStackEvacuate runs it
-import sys
-from nova.cmd import compute
-import nova.virt
-nova.virt.__path__.append(%q)
-sys.exit(compute.main())
-`
-
 // TestOpenStackEvacuate checks the evacuation axd runs after promoting a
 // server against a real Nova (Zed): a server runs on host a (Nova's fake
 // driver); a's nova-compute dies; with the adopt marker set as axd sets it,
@@ -43,24 +31,12 @@ func TestOpenStackEvacuate(t *testing.T) {
 	id := makeServer(ctx, t, compute, "promoted", makeFlavor(ctx, t, compute, "ax.ft", nil), makeImage(ctx, t, image, "ax-ft", nil), nil)
 
 	// b: nova-compute with the adopting mixin over the fake driver.
-	virt := filepath.Join(dir, "virt")
 	adopt := filepath.Join(dir, "nova-adopt")
-	for _, d := range []string{virt, adopt} {
-		if err := os.MkdirAll(d, 0o755); err != nil {
-			t.Fatal(err)
-		}
+	if err := os.MkdirAll(adopt, 0o755); err != nil {
+		t.Fatal(err)
 	}
-	for from, to := range map[string]string{"../../nova-hook/driver/ax_adopt.py": "ax_adopt.py", "testdata/ax_adopt_fake.py": "ax_adopt_fake.py"} {
-		b, err := os.ReadFile(from)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join(virt, to), b, 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	wrapper := filepath.Join(c.Dir, "bin", "nova-compute-adopt")
-	if err := os.WriteFile(wrapper, []byte(fmt.Sprintf(adoptWrapper, virt)), 0o700); err != nil {
+	wrapper, err := c.WriteAdoptWrapper("../../nova-hook/driver/ax_adopt.py", "testdata/ax_adopt_fake.py")
+	if err != nil {
 		t.Fatal(err)
 	}
 	t0 := time.Now()

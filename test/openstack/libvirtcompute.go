@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"text/template"
+	"time"
 
 	"github.com/gophercloud/gophercloud/v2"
 	"github.com/gophercloud/gophercloud/v2/openstack"
@@ -31,6 +32,14 @@ type LibvirtCompute struct {
 	// FileBackedMemoryMiB is [libvirt] file_backed_memory: the RAM the host
 	// offers, every guest's RAM a file below qemu.conf's memory_backing_dir.
 	FileBackedMemoryMiB int
+	// AdoptDriver, when set, is the path of AX's ax_adopt.py: nova-compute
+	// runs compute_driver = ax_adopt.LibvirtAdoptDriver (loaded through
+	// AdoptWrapper) with [ax] adopt_dir = AdoptDir, axd's --nova-adopt-dir.
+	AdoptDriver, AdoptDir string
+	// Periodic, when positive, is the interval of the periodic tasks an
+	// evacuated server meets (power-state sync, info cache heal, resource
+	// update, running-deleted poll), instead of Nova's 60–600 s.
+	Periodic time.Duration
 }
 
 // ComputeName is the name of the service (and of its log, DIR/log/NAME.log)
@@ -55,8 +64,14 @@ const computeConf = `[DEFAULT]
 host = {{.Host}}
 state_path = {{.Dir}}
 instances_path = {{.Dir}}/instances
-compute_driver = libvirt.LibvirtDriver
-# file_backed_memory takes no overcommit
+{{if .AdoptDriver}}compute_driver = ax_adopt.LibvirtAdoptDriver{{else}}compute_driver = libvirt.LibvirtDriver{{end}}
+{{with .Seconds}}# the periodic tasks run several times while a test watches (debug: they are logged)
+debug = true
+sync_power_state_interval = {{.}}
+heal_instance_info_cache_interval = {{.}}
+update_resources_interval = {{.}}
+running_deleted_instance_poll_interval = {{.}}
+{{end}}# file_backed_memory takes no overcommit
 ram_allocation_ratio = 1.0
 reserved_host_memory_mb = 0
 # never boot a guest Nova's database places here by itself (AX's failover)
@@ -72,7 +87,43 @@ file_backed_memory = {{.FileBackedMemoryMiB}}
 lock_path = {{.Dir}}/lock
 [nova_sys_admin]
 helper_command = privsep-helper --config-file {{.NovaConf}} --config-file {{.Conf}}
+{{if .AdoptDriver}}[ax]
+adopt_dir = {{.AdoptDir}}
+{{end}}`
+
+// AdoptWrapper is the script that runs nova-compute with dir added to
+// nova.virt's path, where Nova looks for compute drivers
+// (load_compute_driver imports nova.virt.X only): as if the files in dir
+// (ax_adopt.py) were installed into nova/virt/.
+const AdoptWrapper = `#!/usr/bin/python3
+# nova-compute with AX's adopting driver, as AX's tests run it
+import sys
+from nova.cmd import compute
+import nova.virt
+nova.virt.__path__.append(%q)
+sys.exit(compute.main())
 `
+
+// WriteAdoptWrapper copies files (ax_adopt.py, …) into DIR/virt and writes
+// DIR/bin/nova-compute-adopt, the AdoptWrapper loading them; it returns
+// the wrapper's path.
+func (c *Cloud) WriteAdoptWrapper(files ...string) (string, error) {
+	virt := filepath.Join(c.Dir, "virt")
+	if err := os.MkdirAll(virt, 0o755); err != nil {
+		return "", err
+	}
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return "", err
+		}
+		if err := os.WriteFile(filepath.Join(virt, filepath.Base(f)), b, 0o644); err != nil {
+			return "", err
+		}
+	}
+	wrapper := filepath.Join(c.Dir, "bin", "nova-compute-adopt")
+	return wrapper, os.WriteFile(wrapper, []byte(fmt.Sprintf(AdoptWrapper, virt)), 0o700)
+}
 
 // StartLibvirtCompute starts a nova-compute with the libvirt driver as
 // compute host lc.Host and waits until Nova has mapped it. Close stops it
@@ -93,14 +144,25 @@ func (c *Cloud) StartLibvirtCompute(ctx context.Context, lc LibvirtCompute) erro
 	if err := template.Must(template.New("").Parse(computeConf)).Execute(&b, struct {
 		LibvirtCompute
 		Dir, NovaConf, Conf string
-	}{lc, dir, novaConf, conf}); err != nil {
+		Seconds             int
+	}{lc, dir, novaConf, conf, int(lc.Periodic.Seconds())}); err != nil {
 		return err
 	}
 	if err := os.WriteFile(conf, b.Bytes(), 0o600); err != nil {
 		return err
 	}
+	script := c.script("nova-compute")
+	if lc.AdoptDriver != "" {
+		if lc.AdoptDir == "" {
+			return fmt.Errorf("libvirt compute %s: the adopting driver needs its adopt_dir", lc.Host)
+		}
+		var err error
+		if script, err = c.WriteAdoptWrapper(lc.AdoptDriver); err != nil {
+			return err
+		}
+	}
 	name := ComputeName(lc.Host)
-	if err := c.start(name, nil, c.script("nova-compute"), "--config-file", novaConf, "--config-file", conf); err != nil {
+	if err := c.start(name, nil, script, "--config-file", novaConf, "--config-file", conf); err != nil {
 		return err
 	}
 	return c.waitMapped(ctx, name, lc.Host)
