@@ -21,11 +21,13 @@
 import os
 import re
 
+from eventlet import greenthread
 from oslo_config import cfg
 from oslo_log import log as logging
 
 from nova.compute import task_states
 from nova import exception
+from nova.virt import event as virtevent
 from nova.virt.libvirt import driver as libvirt_driver
 
 LOG = logging.getLogger(__name__)
@@ -35,6 +37,12 @@ CONF.register_opts([
     cfg.StrOpt('adopt_dir', default='/var/lib/ax/nova-adopt',
                help='Where axd marks the instances it promoted on this '
                     'host (a file per instance UUID): axd --nova-adopt-dir.'),
+    cfg.FloatOpt('pause_grace', default=2.0, min=0,
+                 help='Seconds a guest pause is kept from the compute '
+                      'manager, dropped with its resume if that comes '
+                      'within them: AX pauses an FT guest for each '
+                      'checkpoint, many times a second. 0 passes every '
+                      'pause on.'),
 ], group='ax')
 
 _UUID = re.compile(r'\A[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}\Z')
@@ -96,6 +104,42 @@ class AdoptMixin(object):
         self.ax_adopt(context, instance, network_info)
         LOG.info('AX: adopted the running domain of instance %s, promoted '
                  'here by axd: no spawn', instance.uuid, instance=instance)
+
+    # FT pauses the guest for each checkpoint (tens of milliseconds, many
+    # times a second), and libvirt reports each pause and resume. Passed
+    # on, every one makes the compute manager read the domain, write its
+    # power state and log "paused unexpectedly". A pause is held for
+    # [ax] pause_grace instead, like Nova's host holds a STOPPED for a
+    # reboot's STARTED: a resume within it drops both; a longer pause
+    # reaches Nova that much later, and any other event of the instance
+    # sends the held pause first.
+    _ax_spawn_after = staticmethod(greenthread.spawn_after)
+
+    def emit_event(self, event):
+        if not isinstance(event, virtevent.LifecycleEvent):
+            return super(AdoptMixin, self).emit_event(event)
+        held = self.__dict__.setdefault('_ax_paused', {})
+        uuid = event.get_instance_uuid()
+        pending = held.pop(uuid, None)
+        if pending is not None:
+            pending[0].cancel()
+            if event.get_transition() == virtevent.EVENT_LIFECYCLE_RESUMED:
+                return
+            super(AdoptMixin, self).emit_event(pending[1])
+        grace = CONF.ax.pause_grace
+        if event.get_transition() == virtevent.EVENT_LIFECYCLE_PAUSED and \
+                grace > 0:
+            held[uuid] = (self._ax_spawn_after(grace, self._ax_release,
+                                               event), event)
+            return
+        super(AdoptMixin, self).emit_event(event)
+
+    def _ax_release(self, event):
+        held = self.__dict__.setdefault('_ax_paused', {})
+        pending = held.get(event.get_instance_uuid())
+        if pending is not None and pending[1] is event:
+            del held[event.get_instance_uuid()]
+            super(AdoptMixin, self).emit_event(event)
 
     def ax_adopt(self, context, instance, network_info):
         """What the driver underneath needs to know of the adopted domain

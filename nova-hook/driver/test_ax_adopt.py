@@ -7,6 +7,7 @@ import unittest
 
 from nova.compute import task_states
 from nova import exception
+from nova.virt import event as virtevent
 
 import ax_adopt
 
@@ -37,6 +38,11 @@ class Base(object):
 
     def __init__(self):
         self.plugged = None
+        self.emitted = []
+
+    def emit_event(self, event):
+        self.emitted.append((event.get_instance_uuid(),
+                             event.get_transition()))
 
     def instance_exists(self, instance):
         return True
@@ -53,6 +59,21 @@ class Driver(ax_adopt.AdoptMixin, Base):
 
     def ax_adopt(self, context, instance, network_info):
         self.adopted = instance.uuid
+
+
+class Timer(object):
+    """A greenthread.spawn_after stand-in the test fires by hand."""
+
+    def __init__(self, after, fn, *args):
+        self.after, self.fn, self.args = after, fn, args
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+
+    def fire(self):
+        if not self.cancelled:
+            self.fn(*self.args)
 
 
 class Volume(object):
@@ -116,6 +137,61 @@ class AdoptMixinTest(unittest.TestCase):
         self.assertRaises(exception.NovaException, self.rebuild, drv, inst,
                           bdms=[Volume()])
         self.assertIsNone(drv.adopted)
+
+    def events(self):
+        drv, timers = Driver(), []
+
+        def spawn_after(after, fn, *args):
+            timers.append(Timer(after, fn, *args))
+            return timers[-1]
+        drv._ax_spawn_after = spawn_after
+        return drv, timers
+
+    def send(self, drv, transition, uuid=UUID):
+        drv.emit_event(virtevent.LifecycleEvent(uuid, transition))
+
+    def test_checkpoint_pauses_do_not_reach_nova(self):
+        drv, timers = self.events()
+        for _ in range(3):
+            self.send(drv, virtevent.EVENT_LIFECYCLE_PAUSED)
+            self.send(drv, virtevent.EVENT_LIFECYCLE_RESUMED)
+        self.assertEqual(drv.emitted, [])
+        self.assertEqual([t.after for t in timers], [2.0] * 3)
+        for t in timers:
+            t.fire()
+        self.assertEqual(drv.emitted, [], 'a cancelled pause went out')
+
+    def test_a_long_pause_reaches_nova_late(self):
+        drv, timers = self.events()
+        self.send(drv, virtevent.EVENT_LIFECYCLE_PAUSED)
+        self.assertEqual(drv.emitted, [])
+        timers[0].fire()
+        self.send(drv, virtevent.EVENT_LIFECYCLE_RESUMED)
+        self.assertEqual(drv.emitted, [
+            (UUID, virtevent.EVENT_LIFECYCLE_PAUSED),
+            (UUID, virtevent.EVENT_LIFECYCLE_RESUMED)])
+
+    def test_other_events_send_the_held_pause_first(self):
+        drv, timers = self.events()
+        other = UUID.replace('5b9f', '6c0a')
+        self.send(drv, virtevent.EVENT_LIFECYCLE_PAUSED)
+        self.send(drv, virtevent.EVENT_LIFECYCLE_STOPPED, other)
+        self.send(drv, virtevent.EVENT_LIFECYCLE_STOPPED)
+        timers[0].fire()
+        self.assertEqual(drv.emitted, [
+            (other, virtevent.EVENT_LIFECYCLE_STOPPED),
+            (UUID, virtevent.EVENT_LIFECYCLE_PAUSED),
+            (UUID, virtevent.EVENT_LIFECYCLE_STOPPED)])
+
+    def test_no_grace_passes_pauses_on(self):
+        ax_adopt.CONF.set_override('pause_grace', 0, group='ax')
+        self.addCleanup(ax_adopt.CONF.clear_override, 'pause_grace',
+                        group='ax')
+        drv, timers = self.events()
+        self.send(drv, virtevent.EVENT_LIFECYCLE_PAUSED)
+        self.send(drv, virtevent.EVENT_LIFECYCLE_RESUMED)
+        self.assertEqual(timers, [])
+        self.assertEqual(len(drv.emitted), 2)
 
     def test_libvirt_driver(self):
         from nova.virt.libvirt import driver as libvirt_driver

@@ -460,6 +460,13 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 			"Instance shutdown by itself", "Deleting instance files", "Creating image", "power_off", "Instance spawned"); len(bad) > 0 {
 			t.Errorf("nova-compute on %s during the stay:\n%s", h, strings.Join(bad, "\n"))
 		}
+		// FT pauses the guest for each checkpoint; the adopting driver
+		// keeps pauses shorter than [ax] pause_grace (2 s) from Nova. Only
+		// a checkpoint that paused longer may reach it (without the
+		// filter: hundreds in a minute).
+		if paused := instanceLines(f, off, id, "VM Paused (Lifecycle Event)"); len(paused) > 2 {
+			t.Errorf("nova-compute on %s was told of %d pauses during the stay (FT's checkpoints reach Nova):\n%s", h, len(paused), strings.Join(paused[:3], "\n"))
+		}
 		if syncs[h] < 2 {
 			t.Errorf("nova-compute on %s ran %d power-state syncs during the %s stay; want several", h, syncs[h], stay)
 		}
