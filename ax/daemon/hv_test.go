@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -585,5 +586,31 @@ func TestProtectRetriesBackOff(t *testing.T) {
 	v.set(func(v *vmState) { lvl = v.level })
 	if lvl != api.LevelHA {
 		t.Errorf("level %s after the change", lvl)
+	}
+}
+
+// undefinedHere is a hypervisor on which no domain is defined (libvirt's
+// Defined, as a partner with no definition of the VM answers).
+type undefinedHere struct{ *hvtest.Fake }
+
+func (undefinedHere) Defined(_ context.Context, name string) error {
+	return fmt.Errorf("libvirt domain %s: Domain not found: define the domain on this host first", name)
+}
+
+func TestOpenReplicaNeedsTheDefinition(t *testing.T) {
+	d, fake := fakeHost(t, plenty)
+	d.cfg.Hypervisor = undefinedHere{fake}
+	b, err := json.Marshal(streamSpec{Primary: "a", Spec: goodSpec(), DiskSizes: []int64{1 << 20}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.openReplica("vm1", "a", b, nil); err == nil || !strings.Contains(err.Error(), "define the domain on this host first") {
+		t.Fatalf("a replica of a domain not defined here: %v", err)
+	}
+	if _, ok := d.vms["vm1"]; ok {
+		t.Error("the refused replica is registered")
+	}
+	if _, ok := d.book.Promises()["vm1"]; ok {
+		t.Error("the refused replica is promised")
 	}
 }

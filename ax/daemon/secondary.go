@@ -21,6 +21,12 @@ import (
 	"github.com/axproject/ax/replication"
 )
 
+// definedChecker is a hypervisor driver that resumes a replica only as a
+// domain defined on this host (libvirt).
+type definedChecker interface {
+	Defined(ctx context.Context, name string) error
+}
+
 // openReplica is called when a primary's stream is authenticated: it checks
 // the VM's spec against this host's policy, promises the capacity, then
 // registers the VM as a secondary here and opens its replica. peer is the
@@ -36,6 +42,16 @@ func (d *Daemon) openReplica(name, peer string, payload []byte, remote net.Addr)
 		return nil, err
 	}
 	ss.Spec = spec
+	if hv, ok := d.cfg.Hypervisor.(definedChecker); ok {
+		// Refused now, while the primary runs and says it is not
+		// protected, rather than at the failover this host could not do.
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		err := hv.Defined(ctx, name)
+		cancel()
+		if err != nil {
+			return nil, fmt.Errorf("replica %s: %w", name, err)
+		}
+	}
 	dir, err := names.Join(filepath.Join(d.cfg.StateDir, "replicas"), "vm", name)
 	if err != nil {
 		return nil, err

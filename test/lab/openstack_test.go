@@ -271,6 +271,30 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 		t.Logf("axctl status on a:\n%s", out)
 	}
 
+	// Levels changed in Nova apply live to the running guest: ha, none,
+	// ft again — one boot, its ticks never reset.
+	bootTick := firstTick(mustReadFile(t, console))
+	for _, step := range []struct {
+		level, status string
+	}{
+		{api.LevelHA, "ha towards b: protected"},
+		{api.LevelNone, "none: not protected"},
+		{api.LevelFT, "ft towards b: protected"},
+	} {
+		t0 := time.Now()
+		osc("server", "set", "--property", "ax:level="+step.level, id)
+		vs := waitVM(t, l, l.Client(HostA), domain, 2*time.Minute, "level "+step.level+" from Nova", func(s api.VMStatus) bool {
+			return s.Level == step.level && (step.level == api.LevelNone || s.State == "protected")
+		})
+		applied := time.Since(t0)
+		st := osStatus(t, osc, id, time.Minute, func(s string) bool { return strings.HasPrefix(s, step.status) })
+		now := mustReadFile(t, console)
+		t.Logf("openstack server set --property ax:level=%s: axd on a %s %s after %.1f s, ax:status %q after %.1f s, tick %d", step.level, vs.Level, vs.State, applied.Seconds(), st, time.Since(t0).Seconds(), lastTick(now))
+		if f := firstTick(now); f != bootTick {
+			t.Fatalf("at %s: the console's first tick is %d, was %d: the guest booted again", step.level, f, bootTick)
+		}
+	}
+
 	// M3: host a dies (QEMU, libvirtd, axd; links cut; and its
 	// nova-compute): b resumes the guest from the last checkpoint, and
 	// axd on b makes Nova follow by itself (force a down, evacuate to b,
@@ -477,6 +501,16 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 	t.Logf("the stay: %s, %d runs of openstack server show and %d reads of Nova's API every 2 s (host b, ACTIVE each time unless said above), ticks %d…%d on b; power-state syncs: a %d, b %d",
 		time.Since(stayed).Round(time.Second), len(shows), checks, first, lastSeen, syncs[HostA], syncs[HostB])
 	t.Logf("total %.0f s", time.Since(began).Seconds())
+}
+
+// mustReadFile is the file at path.
+func mustReadFile(t *testing.T, path string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }
 
 // fromOffset is the file at path past its first off bytes.

@@ -256,6 +256,23 @@ func (d *Driver) pid(name string) int {
 	return pid
 }
 
+// Defined checks that domain name is defined on this host: a failover
+// here resumes the replica as this host's definition of the domain, and AX
+// never makes one from XML a peer sent. Only libvirt's "domain not found"
+// is the definition's absence; another error is returned as it is.
+func (d *Driver) Defined(ctx context.Context, name string) error {
+	if err := names.Check("vm", name); err != nil {
+		return err
+	}
+	if _, err := d.lookup(ctx, name); err != nil {
+		if isNoDomain(err) {
+			return fmt.Errorf("%w: a failover could not resume it here (define the domain on this host first: virsh define with the primary's XML)", err)
+		}
+		return err
+	}
+	return nil
+}
+
 func (d *Driver) lookup(ctx context.Context, name string) (golibvirt.Domain, error) {
 	dom, err := call(ctx, func() (golibvirt.Domain, error) { return d.c().DomainLookupByName(name) })
 	if err != nil {

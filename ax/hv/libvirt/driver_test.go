@@ -277,6 +277,21 @@ func TestControlPassesQMPThroughLibvirt(t *testing.T) {
 	}
 }
 
+func TestDefined(t *testing.T) {
+	drv, f := newTestDriver(t)
+	f.define("vm1")
+	ctx := context.Background()
+	if err := drv.Defined(ctx, "vm1"); err != nil {
+		t.Errorf("a defined domain: %v", err)
+	}
+	if err := drv.Defined(ctx, "nosuch"); !isNoDomain(err) || !strings.Contains(err.Error(), "define the domain on this host first") {
+		t.Errorf("an undefined domain: %v", err)
+	}
+	if err := drv.Defined(ctx, "a b"); err == nil || strings.Contains(f.callLog(), "a b") {
+		t.Errorf("a hostile name: %v; calls:\n%s", err, f.callLog())
+	}
+}
+
 func TestControlRefuses(t *testing.T) {
 	drv, f := newTestDriver(t)
 	f.define("vm1")
