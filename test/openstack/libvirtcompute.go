@@ -71,6 +71,9 @@ sync_power_state_interval = {{.}}
 heal_instance_info_cache_interval = {{.}}
 update_resources_interval = {{.}}
 running_deleted_instance_poll_interval = {{.}}
+# from the service's start, not after a random delay of up to 60 s (a
+# nova-compute started again must sync within a short watch too)
+periodic_fuzzy_delay = 0
 {{end}}# file_backed_memory takes no overcommit
 ram_allocation_ratio = 1.0
 reserved_host_memory_mb = 0
