@@ -78,9 +78,8 @@ var ErrEvacuationFailed = errors.New("the evacuation failed")
 // Run takes f's server through the stages until done, ctx ends, Nova has
 // no such server (ErrNotFound) or the evacuation fails
 // (ErrEvacuationFailed). A server Nova has on To that no evacuation took
-// there is done
-// at once; one rebuilding or moved by an evacuation asked before is
-// followed from there.
+// there is done at once; one rebuilding or moved by an evacuation asked
+// before is followed from there.
 func (f *Follow) Run(ctx context.Context, nv Follower) (res FollowResult, err error) {
 	if f.Poll <= 0 {
 		f.Poll = 2 * time.Second

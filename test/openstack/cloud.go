@@ -159,49 +159,14 @@ func (c *Cloud) Close() error {
 		}
 	}()
 	for i := len(procs) - 1; i >= 0; i-- {
-		p := procs[i]
-		pgid := p.cmd.Process.Pid
-		syscall.Kill(-pgid, syscall.SIGTERM)
-		select {
-		case <-p.done:
-		case <-time.After(15 * time.Second):
-			c.log("%s (pid %d) did not end within 15 s of SIGTERM: SIGKILL", p.name, pgid)
-			syscall.Kill(-pgid, syscall.SIGKILL)
-			<-p.done
+		if p := procs[i]; !p.end(15 * time.Second) {
+			c.log("%s (pid %d) did not end within 15 s of SIGTERM: SIGKILL", p.name, p.cmd.Process.Pid)
 		}
-		// What it left in its group (erlang's helpers, uwsgi's workers).
-		syscall.Kill(-pgid, syscall.SIGKILL)
 	}
 	if c.neutron != nil {
 		c.neutron.Close()
 	}
 	return nil
-}
-
-// Kill ends service name at once (SIGKILL to its process group), as its
-// host's death would: e.g. a compute host's nova-compute. Restart starts
-// it again.
-func (c *Cloud) Kill(name string) error {
-	c.mu.Lock()
-	var p *proc
-	for i, q := range c.procs {
-		if q.name == name {
-			p = q
-			c.procs = append(c.procs[:i:i], c.procs[i+1:]...)
-			break
-		}
-	}
-	c.mu.Unlock()
-	if p == nil {
-		return fmt.Errorf("kill: no service %s", name)
-	}
-	err := syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
-	<-p.done
-	c.mu.Lock()
-	c.stopped = append(c.stopped, p)
-	c.mu.Unlock()
-	c.log("killed %s (pid %d)", name, p.cmd.Process.Pid)
-	return err
 }
 
 // NeutronAsked is what Nova asked the stand-in for Neutron ("METHOD
@@ -233,49 +198,67 @@ func (c *Cloud) start(name string, env []string, argv ...string) error {
 	return nil
 }
 
+// Kill ends service name at once (SIGKILL to its process group), as its
+// host's death would: e.g. a compute host's nova-compute. Restart starts
+// it again.
+func (c *Cloud) Kill(name string) error { return c.end(name, 0, "killed") }
+
 // Stop stops service name as Close does (SIGTERM to its process group,
 // SIGKILL after 15 s); Restart starts it again as it was.
-func (c *Cloud) Stop(name string) error {
+func (c *Cloud) Stop(name string) error { return c.end(name, 15*time.Second, "stopped") }
+
+// end ends service name (proc.end) and keeps it for Restart.
+func (c *Cloud) end(name string, grace time.Duration, did string) error {
 	c.mu.Lock()
-	var p *proc
-	for i, q := range c.procs {
-		if q.name == name {
-			p = q
-			c.procs = append(c.procs[:i:i], c.procs[i+1:]...)
-			break
-		}
-	}
+	p := take(&c.procs, name)
 	c.mu.Unlock()
 	if p == nil {
 		return fmt.Errorf("no service %s runs", name)
 	}
-	pgid := p.cmd.Process.Pid
-	syscall.Kill(-pgid, syscall.SIGTERM)
-	select {
-	case <-p.done:
-	case <-time.After(15 * time.Second):
-		syscall.Kill(-pgid, syscall.SIGKILL)
-		<-p.done
-	}
-	syscall.Kill(-pgid, syscall.SIGKILL)
+	p.end(grace)
 	c.mu.Lock()
 	c.stopped = append(c.stopped, p)
 	c.mu.Unlock()
-	c.log("stopped %s (pid %d)", name, pgid)
+	c.log("%s %s (pid %d)", did, name, p.cmd.Process.Pid)
+	return nil
+}
+
+// end sends p's process group SIGTERM, then SIGKILL after grace (at once
+// when grace is 0), and waits for p; whatever p left in its group
+// (erlang's helpers, uwsgi's workers) is killed too. It says whether p
+// ended within grace.
+func (p *proc) end(grace time.Duration) bool {
+	pgid := p.cmd.Process.Pid
+	ended := true
+	if grace > 0 {
+		syscall.Kill(-pgid, syscall.SIGTERM)
+		select {
+		case <-p.done:
+		case <-time.After(grace):
+			ended = false
+		}
+	}
+	syscall.Kill(-pgid, syscall.SIGKILL)
+	<-p.done
+	syscall.Kill(-pgid, syscall.SIGKILL)
+	return ended
+}
+
+// take removes the proc named name from list and returns it (nil: none).
+func take(list *[]*proc, name string) *proc {
+	for i, p := range *list {
+		if p.name == name {
+			*list = append((*list)[:i:i], (*list)[i+1:]...)
+			return p
+		}
+	}
 	return nil
 }
 
 // Restart starts service name, stopped by Stop or Kill, again.
 func (c *Cloud) Restart(name string) error {
 	c.mu.Lock()
-	var p *proc
-	for i, q := range c.stopped {
-		if q.name == name {
-			p = q
-			c.stopped = append(c.stopped[:i:i], c.stopped[i+1:]...)
-			break
-		}
-	}
+	p := take(&c.stopped, name)
 	c.mu.Unlock()
 	if p == nil {
 		return fmt.Errorf("service %s was not stopped", name)
