@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -66,8 +67,8 @@ type Config struct {
 	// (Witness "etcd://…"), with this host's client certificate; nil: plain.
 	EtcdTLS *tls.Config
 	// ImageDirs are where kernels and initrds a partner's spec names may
-	// live on this host; Bridges the bridges replicas' taps may join (none:
-	// any Linux bridge of this host).
+	// live on this host; Bridges the bridges replicas' taps may join, by
+	// name or pattern (brq*; none: any Linux bridge of this host).
 	ImageDirs []string
 	Bridges   []string
 	// MetricsListen serves /metrics; "" disables it.
@@ -168,7 +169,12 @@ func (c *Config) defaults() error {
 		}
 	}
 	for _, b := range c.Bridges {
-		if err := names.CheckInterface("bridge", b); err != nil {
+		// A name, or a pattern of one (brq*): checked as a name with its
+		// wildcards taken for letters.
+		if _, err := path.Match(b, ""); err != nil {
+			return fmt.Errorf("axd: --bridge %q: %w", b, err)
+		}
+		if err := names.CheckInterface("bridge", strings.NewReplacer("*", "x", "?", "x").Replace(b)); err != nil {
 			return fmt.Errorf("axd: --bridge: %w", err)
 		}
 	}

@@ -227,10 +227,51 @@ func (d *Daemon) levelPartner(named, nameIt string) (string, error) {
 // towards peer, discovered afresh: a domain's RAM file is named after its
 // id, new at each start.
 func (d *Daemon) protectDomain(ctx context.Context, name, level, peer string) error {
+	if err := d.waitRunning(ctx, name); err != nil {
+		return err
+	}
 	if err := d.rediscover(ctx, name); err != nil {
 		return err
 	}
 	return d.protect(name, api.ProtectRequest{Level: level, Peer: peer})
+}
+
+// pauseChecker says whether a hypervisor's domain is paused.
+type pauseChecker interface {
+	Paused(ctx context.Context, name string) (bool, error)
+}
+
+// pausedPoll is how often waitRunning asks whether a paused domain runs.
+var pausedPoll = 250 * time.Millisecond
+
+// waitRunning waits, within ctx, until domain name is not paused:
+// protection's checkpoints stop and continue the guest, which would resume
+// one its owner paused. Nova starts an instance paused until Neutron says
+// its port is plugged, and resumes it then: resumed by AX first, Nova's
+// resume fails and the instance with it.
+func (d *Daemon) waitRunning(ctx context.Context, name string) error {
+	pc, ok := d.cfg.Hypervisor.(pauseChecker)
+	if !ok {
+		return nil
+	}
+	t0 := time.Now()
+	for said := false; ; said = true {
+		paused, err := pc.Paused(ctx, name)
+		if err != nil || !paused {
+			if said && err == nil {
+				d.event(name, "protect", fmt.Sprintf("VM %s runs (it was paused for %.1f s): protecting it", name, time.Since(t0).Seconds()))
+			}
+			return err
+		}
+		if !said {
+			d.event(name, "protect", fmt.Sprintf("VM %s is paused (Nova starts an instance paused until Neutron says its port is plugged): protected once it runs", name))
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("VM %s stayed paused for %.0f s: protected once it runs (under Nova, once the server is ACTIVE)", name, time.Since(t0).Seconds())
+		case <-time.After(pausedPoll):
+		}
+	}
 }
 
 // replayHooks takes the events the hook spooled while axd was down or

@@ -1,11 +1,14 @@
 package daemon
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -160,14 +163,20 @@ func TestLibvirtHookRefuses(t *testing.T) {
 // untilEvent waits for a hook event of vm saying want.
 func untilEvent(t *testing.T, d *Daemon, want string) {
 	t.Helper()
+	untilKindEvent(t, d, "hook", want)
+}
+
+// untilKindEvent waits for an event of kind saying want.
+func untilKindEvent(t *testing.T, d *Daemon, kind, want string) {
+	t.Helper()
 	until(t, "event "+want, func() bool {
-		for _, e := range events(d, "hook") {
+		for _, e := range events(d, kind) {
 			if strings.Contains(e, want) {
 				return true
 			}
 		}
 		return false
-	}, func() string { return strings.Join(events(d, "hook"), "\n") })
+	}, func() string { return strings.Join(events(d, kind), "\n") })
 }
 
 // Domains the hook leaves alone: not Nova's, no level, level none, a
@@ -298,4 +307,47 @@ func TestLibvirtHookReplay(t *testing.T) {
 	if es, _ := os.ReadDir(spoolDir); len(es) != 0 {
 		t.Errorf("spool left %v", es)
 	}
+}
+
+// pausingFake is a hypervisor whose domains are paused until run is set,
+// as Nova keeps a new instance until Neutron says its port is plugged.
+type pausingFake struct {
+	*discoveringFake
+	run atomic.Bool
+}
+
+func (f *pausingFake) Paused(context.Context, string) (bool, error) { return !f.run.Load(), nil }
+
+// TestLibvirtHookWaitsWhilePaused: the hook's started of a domain that is
+// paused is not protected (whose checkpoints would resume it before Nova
+// does, and Nova's resume then fails the instance) until it runs; then it
+// is, without another event.
+func TestLibvirtHookWaitsWhilePaused(t *testing.T) {
+	defer func(p time.Duration) { pausedPoll = p }(pausedPoll)
+	pausedPoll = 20 * time.Millisecond
+	spec := novaSpec(t)
+	var pf *pausingFake
+	p := runPair(t, func(host string, c *Config) {
+		if host == "a" {
+			pf = &pausingFake{discoveringFake: &discoveringFake{Fake: c.Hypervisor.(*hvtest.Fake), specs: map[string]api.VMSpec{novaDomain: spec}}}
+			c.Hypervisor = pf
+		}
+	})
+	if err := hookVia(t, p.a, hookEvent("started", novaXML(t, "ft", "b"))); err != nil {
+		t.Fatal(err)
+	}
+	untilKindEvent(t, p.a, "protect", "is paused (Nova starts an instance paused until Neutron says its port is plugged): protected once it runs")
+	time.Sleep(300 * time.Millisecond)
+	if st := novaDomainStatus(p.a); st.Role == api.RolePrimary {
+		t.Fatalf("protected while paused: %+v", st)
+	}
+	if len(pf.asked) != 0 || slices.ContainsFunc(pf.Calls(), func(c string) bool { return strings.Contains(c, "cont") || strings.Contains(c, "stop") }) {
+		t.Fatalf("a paused domain was discovered or driven: asked %q, calls %q", pf.asked, pf.Calls())
+	}
+	pf.run.Store(true)
+	until(t, "FT protection once it runs", func() bool {
+		a := novaDomainStatus(p.a)
+		return a.State == "protected" && a.Level == api.LevelFT
+	}, func() string { return strings.Join(events(p.a, "protect"), "\n") })
+	untilKindEvent(t, p.a, "protect", "runs (it was paused for")
 }

@@ -614,3 +614,129 @@ func TestOpenReplicaNeedsTheDefinition(t *testing.T) {
 		t.Error("the refused replica is promised")
 	}
 }
+
+// definedHere is a hypervisor on which every domain is defined, its NIC
+// the tap named tap.
+type definedHere struct {
+	*hvtest.Fake
+	tap string
+	err error
+}
+
+func (definedHere) Defined(context.Context, string) error { return nil }
+
+func (definedHere) BridgeReady(bridge string) error {
+	if bridge != "br-pub" {
+		return fmt.Errorf("bridge %s: Link not found: a failover could not plug the VM's tap here", bridge)
+	}
+	return nil
+}
+
+func (h definedHere) DefinedTap(context.Context, string) (string, error) { return h.tap, h.err }
+
+// TestOpenReplicaTapFromTheDefinition: a replica of a domain defined here
+// is plugged under the tap this host's definition names (the name its
+// network agents know the port by), not the primary's; without one it
+// gets the name derived from the VM's; a definition that cannot be read
+// refuses the replica.
+func TestOpenReplicaTapFromTheDefinition(t *testing.T) {
+	for _, c := range []struct {
+		tap, want string
+		err       error
+	}{
+		{"tapb9408799-77", "tapb9408799-77", nil},
+		{"", replicaTap("vm1"), nil},
+		{"", "", errors.New("libvirt domain vm1: XML: broken")},
+	} {
+		d, fake := fakeHost(t, plenty)
+		d.cfg.Hypervisor = definedHere{fake, c.tap, c.err}
+		spec := goodSpec()
+		spec.Guest.Tap, spec.Bridge = "tap-of-a", "br-pub"
+		b, err := json.Marshal(streamSpec{Primary: "a", Spec: spec, DiskSizes: []int64{1 << 20}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		rep, err := d.openReplica("vm1", "a", b, nil)
+		if c.err != nil {
+			if err == nil || !strings.Contains(err.Error(), "broken") {
+				t.Errorf("an unreadable definition: %v", err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Fatalf("definition's tap %q: %v", c.tap, err)
+		}
+		rep.Close()
+		d.mu.Lock()
+		got := d.vms["vm1"].spec.Guest.Tap
+		d.mu.Unlock()
+		if got != c.want {
+			t.Errorf("definition's tap %q: the replica's tap is %q, want %q", c.tap, got, c.want)
+		}
+	}
+}
+
+// TestOpenReplicaNeedsTheBridge: a replica whose bridge is missing here is
+// refused at protection, not at the failover that could not plug it.
+func TestOpenReplicaNeedsTheBridge(t *testing.T) {
+	d, fake := fakeHost(t, plenty)
+	d.cfg.Hypervisor = definedHere{Fake: fake, tap: "tap0"}
+	d.cfg.Bridges = []string{"br-pub", "brq*"}
+	spec := goodSpec()
+	spec.Bridge = "brqa71967f9-9a"
+	b, err := json.Marshal(streamSpec{Primary: "a", Spec: spec, DiskSizes: []int64{1 << 20}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.openReplica("vm1", "a", b, nil); err == nil || !strings.Contains(err.Error(), "a failover could not plug") {
+		t.Fatalf("a replica whose bridge is missing here: %v", err)
+	}
+	if _, ok := d.vms["vm1"]; ok {
+		t.Error("the refused replica is registered")
+	}
+}
+
+// TestPromoteRetriesWithDisks: a promotion that fails after the replica's
+// disks were prepared and moved for the VM gives them back, and the next
+// attempt starts the VM from them, as of the committed checkpoint.
+func TestPromoteRetriesWithDisks(t *testing.T) {
+	d, fake := fakeHost(t, plenty)
+	v := replicaHere(t, d, committedReplica(t, d, 1<<20, []byte("dev")), api.LevelFT)
+	rd, err := openReplicaDisks(filepath.Join(d.cfg.StateDir, "replicas", "vm1", "disks"), []int64{4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rd.SetLevel(replication.StreamLevelFT)
+	rd.Write(1, replication.DiskWrite{Offset: 0, Data: []byte("committed")})
+	if err := rd.Commit(1); err != nil {
+		t.Fatal(err)
+	}
+	rd.Write(2, replication.DiskWrite{Offset: 0, Data: []byte("NOT COMMITTED")})
+	v.set(func(v *vmState) {
+		v.replicaDisks = rd
+		v.spec.Guest.Disks = []api.Disk{{Node: "libvirt-1-format", Path: "/var/lib/nova/instances/u/disk", Format: "qcow2"}}
+	})
+	for _, op := range []hvtest.Op{hvtest.OpStart, hvtest.OpCont} {
+		fake.Reset()
+		fake.Fail(op, errors.New("injected"))
+		if err := d.promote(context.Background(), v); err == nil || !strings.Contains(err.Error(), "injected") {
+			t.Fatalf("%s failing: %v", op, err)
+		}
+		fake.Fail(op, nil)
+		if _, err := os.Stat(replicaDiskPath(rd.dir, 0)); err != nil {
+			t.Fatalf("%s failing: the disk is not back in the replica's directory: %v", op, err)
+		}
+	}
+	fake.Reset()
+	if err := d.promote(context.Background(), v); err != nil {
+		t.Fatalf("the attempt after two failures: %v", err)
+	}
+	g, ok := fake.Started("vm1")
+	if !ok || len(g.Disks) != 1 {
+		t.Fatalf("started %+v", g)
+	}
+	data, err := os.ReadFile(g.Disks[0].Path)
+	if err != nil || !bytes.HasPrefix(data, []byte("committed")) {
+		t.Errorf("the VM's disk %s: %q, %v; want the committed epoch's", g.Disks[0].Path, data[:16], err)
+	}
+}

@@ -38,6 +38,10 @@ type replicaDisks struct {
 	sizes   []int64
 	journal *replication.Journal
 	level   string // "" until the primary says the disks are in sync, then ha or ft
+	// prepared: a promotion made the files what the VM starts from
+	// (prepare); a later attempt after a failed one starts from them as
+	// they are.
+	prepared bool
 
 	stage      []stagedWrite
 	stageBytes int64 // buffer bytes the stage holds
@@ -318,6 +322,9 @@ func (r *replicaDisks) applyAll() error {
 func (r *replicaDisks) prepare(resume bool) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if r.prepared {
+		return nil
+	}
 	if r.journal == nil {
 		return errDisksClosed
 	}
@@ -333,6 +340,7 @@ func (r *replicaDisks) prepare(resume bool) error {
 			err = serr
 		}
 	}
+	r.prepared = err == nil
 	return err
 }
 

@@ -27,6 +27,18 @@ type definedChecker interface {
 	Defined(ctx context.Context, name string) error
 }
 
+// bridgeReadier says why a replica's tap could not join a bridge here at
+// a failover.
+type bridgeReadier interface {
+	BridgeReady(bridge string) error
+}
+
+// definedTapper names the tap this host's definition of a VM gives it
+// (libvirt's <target dev=…/>; "" for none).
+type definedTapper interface {
+	DefinedTap(ctx context.Context, name string) (string, error)
+}
+
 // openReplica is called when a primary's stream is authenticated: it checks
 // the VM's spec against this host's policy, promises the capacity, then
 // registers the VM as a secondary here and opens its replica. peer is the
@@ -47,6 +59,17 @@ func (d *Daemon) openReplica(name, peer string, payload []byte, remote net.Addr)
 		// protected, rather than at the failover this host could not do.
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		err := hv.Defined(ctx, name)
+		if br, ok := hv.(bridgeReadier); ok && err == nil && ss.Spec.Bridge != "" {
+			err = br.BridgeReady(ss.Spec.Bridge)
+		}
+		if tapper, ok := hv.(definedTapper); ok && err == nil && ss.Spec.Guest.Tap != "" {
+			// This host's definition names the replica's tap (the
+			// primary's names mean nothing here).
+			var tap string
+			if tap, err = tapper.DefinedTap(ctx, name); err == nil && tap != "" {
+				ss.Spec.Guest.Tap = tap
+			}
+		}
 		cancel()
 		if err != nil {
 			return nil, fmt.Errorf("replica %s: %w", name, err)
@@ -444,6 +467,19 @@ func (d *Daemon) promote(ctx context.Context, v *vmState) (err error) {
 		}
 		disks.Close()
 		g.Disks = append([]api.Disk(nil), g.Disks...)
+		moved := 0
+		defer func() {
+			// A failed attempt gives the disks back to the replica
+			// directory (before its own is kept aside), so that the next
+			// attempt starts from them again.
+			if err != nil {
+				for i := range moved {
+					if rerr := os.Rename(g.Disks[i].Path, replicaDiskPath(disks.dir, i)); rerr != nil {
+						err = fmt.Errorf("%w; and replica disk %d could not be put back for the next attempt: %v", err, i, rerr)
+					}
+				}
+			}
+		}()
 		for i := range g.Disks {
 			// The disks move out of the replica directory: they are the
 			// running VM's now.
@@ -452,6 +488,7 @@ func (d *Daemon) promote(ctx context.Context, v *vmState) (err error) {
 				return fmt.Errorf("replica disk %d: %w", i, err)
 			}
 			g.Disks[i].Path, g.Disks[i].Format = to, "raw"
+			moved++
 		}
 	}
 	var dev string

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -216,11 +217,16 @@ func (d *Daemon) adoptSpec(vm, authPeer string, ss streamSpec) (api.VMSpec, erro
 	return s, nil
 }
 
-// bridgeAllowed: the bridges named by the configuration, or, when it names
-// none, any Linux bridge that exists on this host.
+// bridgeAllowed: the bridges the configuration names or matches (a
+// pattern of path.Match: brq* for Neutron's Linux bridge agent's
+// brq<network>), or, when it names none, any Linux bridge that exists on
+// this host.
 func (d *Daemon) bridgeAllowed(br string) bool {
 	if len(d.cfg.Bridges) > 0 {
-		return slices.Contains(d.cfg.Bridges, br)
+		return slices.ContainsFunc(d.cfg.Bridges, func(pattern string) bool {
+			ok, err := path.Match(pattern, br)
+			return err == nil && ok
+		})
 	}
 	_, err := os.Stat(filepath.Join("/sys/class/net", br, "bridge"))
 	return err == nil

@@ -107,6 +107,15 @@ func TestAdoptSpecUsesThisHostsPolicy(t *testing.T) {
 			t.Errorf("%s: %v (policy refusal: %v, want %v)", tc.name, err, errors.Is(err, errPolicy), tc.policy)
 		}
 	}
+	// A pattern: Neutron's Linux bridge agent's brq<network>.
+	d.cfg.Bridges = []string{"br-pub", "brq*"}
+	ss = streamSpec{Primary: "a", Spec: goodSpec()}
+	for br, ok := range map[string]bool{"brq2631c9c3-ac": true, "br-pub": true, "br-mgmt": false, "xbrq1": false} {
+		ss.Spec.Bridge = br
+		if _, err := d.adoptSpec("vm1", "a", ss); (err == nil) != ok {
+			t.Errorf("bridge %s with --bridge br-pub --bridge 'brq*': %v, want allowed %v", br, err, ok)
+		}
+	}
 	// A host that allows no image directory refuses a spec with a kernel.
 	d.cfg.ImageDirs = nil
 	if _, err := d.adoptSpec("vm1", "a", streamSpec{Primary: "a", Spec: goodSpec()}); !errors.Is(err, errPolicy) {

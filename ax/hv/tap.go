@@ -85,6 +85,22 @@ func TapExists(tap string) (bool, error) {
 	return true, nil
 }
 
+// BridgeExists says why bridge is not a Linux bridge of this host (nil:
+// it is one), where a replica's tap would be plugged at a failover.
+func BridgeExists(bridge string) error {
+	if err := names.CheckInterface("bridge", bridge); err != nil {
+		return err
+	}
+	link, err := netlink.LinkByName(bridge)
+	if err != nil {
+		return fmt.Errorf("bridge %s: %w", bridge, err)
+	}
+	if _, ok := link.(*netlink.Bridge); !ok {
+		return fmt.Errorf("%s is a %s, not a bridge", bridge, link.Type())
+	}
+	return nil
+}
+
 // TapBridge is the bridge this host's interface tap is in, "" if none:
 // for a tap another program plugged (os-vif, libvirt), whose bridge a
 // partner's replica joins.

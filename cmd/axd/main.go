@@ -75,7 +75,7 @@ func run(ctx context.Context, args []string) error {
 	etcdKey := fs.String("etcd-key", "", "etcd witness: its private key")
 	fs.StringVar(&cfg.WitnessName, "witness-name", "", "TLS mode: the name on the witness's certificate")
 	fs.Var((*listFlag)(&cfg.ImageDirs), "image-dir", "a directory kernels and initrds named by partners' VM specs may come from (repeatable)")
-	fs.Var((*listFlag)(&cfg.Bridges), "bridge", "a bridge replicas' taps may join (repeatable; none: any bridge of this host)")
+	fs.Var((*listFlag)(&cfg.Bridges), "bridge", "a bridge replicas' taps may join, by name or pattern (brq*: Neutron's Linux bridges; repeatable; none: any bridge of this host)")
 	fs.StringVar(&cfg.MetricsListen, "metrics", "", "address to serve Prometheus /metrics on")
 	fs.DurationVar(&cfg.Epoch, "epoch", 50*time.Millisecond, "FT checkpoint interval")
 	fs.StringVar(&cfg.Tracker, "tracker", "auto", "dirty-page tracker: auto, hash or soft-dirty")

@@ -98,6 +98,8 @@ func TestIdentityFlags(t *testing.T) {
 		{"unsafe host name", []string{"--host", "a;b", "--psk-file", psk}, "host name"},
 		{"unsafe peer name", []string{"--host", "a", "--psk-file", psk, "--peer", "../b=127.0.0.1:1,127.0.0.1:2"}, "host name"},
 		{"unsafe bridge", []string{"--host", "a", "--psk-file", psk, "--bridge", "br pub"}, "bridge"},
+		{"unsafe bridge pattern", []string{"--host", "a", "--psk-file", psk, "--bridge", "brq*/.."}, "bridge"},
+		{"malformed bridge pattern", []string{"--host", "a", "--psk-file", psk, "--bridge", "brq["}, "syntax error in pattern"},
 		{"relative image directory", []string{"--host", "a", "--psk-file", psk, "--image-dir", "images"}, "image directory"},
 	} {
 		err := run(context.Background(), append([]string{"--socket", filepath.Join(t.TempDir(), "s"), "--state-dir", t.TempDir()}, tc.args...))

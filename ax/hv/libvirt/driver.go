@@ -87,6 +87,9 @@ type Driver struct {
 	// tapBridge says which bridge a running domain's tap is in
 	// (hv.TapBridge; tests fake it).
 	tapBridge func(tap string) (string, error)
+	// bridgeExists says why a bridge is missing (hv.BridgeExists; tests
+	// fake it).
+	bridgeExists func(bridge string) error
 
 	ctx    context.Context // ends with Close
 	cancel context.CancelFunc
@@ -161,7 +164,7 @@ func connected(c Conn) bool {
 func New(conn Conn, cfg Config) *Driver {
 	cfg.fill()
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Driver{conn: conn, cfg: cfg, tapExists: hv.TapExists, plugTap: hv.PlugTap, tapBridge: hv.TapBridge, ctx: ctx, cancel: cancel}
+	return &Driver{conn: conn, cfg: cfg, tapExists: hv.TapExists, plugTap: hv.PlugTap, tapBridge: hv.TapBridge, bridgeExists: hv.BridgeExists, ctx: ctx, cancel: cancel}
 }
 
 // Close stops what the driver watches (event streams, started domains'
@@ -193,8 +196,16 @@ func (d *Driver) Discover(ctx context.Context, name string) (*Discovered, error)
 		return nil, err
 	}
 	found.PID = d.pid(name)
-	if found.Bridge == "" && found.Guest.Tap != "" {
-		if found.Bridge, err = d.tapBridge(found.Guest.Tap); err != nil {
+	if found.Guest.Tap != "" {
+		// The bridge the tap is in now, over the one the XML names:
+		// Neutron's Linux bridge agent moves a tap Nova plugged into
+		// brq<network> into the bridge mapped to the network's physnet,
+		// and libvirt's XML keeps brq….
+		br, err := d.tapBridge(found.Guest.Tap)
+		switch {
+		case err == nil && br != "":
+			found.Bridge = br
+		case err != nil && found.Bridge == "":
 			return nil, fmt.Errorf("libvirt domain %s: %w", name, err)
 		}
 	}
@@ -271,6 +282,68 @@ func (d *Driver) Defined(ctx context.Context, name string) error {
 		return err
 	}
 	return nil
+}
+
+// BridgeReady says why a replica's tap could not join bridge here at a
+// failover (nil: it could): the bridge must exist before the failover
+// needs it. Neutron's Linux bridge agent makes a network's brq<network>
+// only on a host a port of that network is bound to.
+func (d *Driver) BridgeReady(bridge string) error {
+	if err := d.bridgeExists(bridge); err != nil {
+		return fmt.Errorf("%w: a failover could not plug the VM's tap here (with Neutron's Linux bridge agent: a port of the network bound to this host, or the bridge made as the agent would, with the provider interface in it)", err)
+	}
+	return nil
+}
+
+// Paused says whether domain name is paused (by anyone: Nova starts an
+// instance paused until its network is plugged).
+func (d *Driver) Paused(ctx context.Context, name string) (bool, error) {
+	if err := names.Check("vm", name); err != nil {
+		return false, err
+	}
+	dom, err := d.lookup(ctx, name)
+	if err != nil {
+		return false, err
+	}
+	st, err := d.state(ctx, dom)
+	if err != nil {
+		return false, err
+	}
+	return st == golibvirt.DomainPaused, nil
+}
+
+// DefinedTap is the tap the definition of domain name on this host gives
+// its NIC (<target dev=…/>; "" when it names none): a replica of it here
+// is plugged under that name, the one this host's network agents (Nova's
+// os-vif, Neutron's) know the port by. The definition is this host's own
+// (AX never defines one from a peer's XML).
+func (d *Driver) DefinedTap(ctx context.Context, name string) (string, error) {
+	if err := names.Check("vm", name); err != nil {
+		return "", err
+	}
+	dom, err := d.lookup(ctx, name)
+	if err != nil {
+		return "", err
+	}
+	x, err := call(ctx, func() (string, error) { return d.c().DomainGetXMLDesc(dom, golibvirt.DomainXMLInactive) })
+	if err != nil {
+		return "", fmt.Errorf("libvirt domain %s: XML: %w", name, err)
+	}
+	var def libvirtxml.Domain
+	if err := def.Unmarshal(x); err != nil {
+		return "", fmt.Errorf("libvirt domain %s: XML: %w", name, err)
+	}
+	if def.Devices == nil || len(def.Devices.Interfaces) != 1 {
+		return "", nil
+	}
+	t := def.Devices.Interfaces[0].Target
+	if t == nil || t.Dev == "" {
+		return "", nil
+	}
+	if err := names.CheckInterface("tap", t.Dev); err != nil {
+		return "", fmt.Errorf("libvirt domain %s: its definition here: %w", name, err)
+	}
+	return t.Dev, nil
 }
 
 func (d *Driver) lookup(ctx context.Context, name string) (golibvirt.Domain, error) {
@@ -554,6 +627,17 @@ func launchXML(def string, g api.Guest, incoming, plugged bool) (x string, same 
 			managed := ""
 			if plugged {
 				managed = "no"
+				if ifc.Source.Ethernet == nil {
+					// The tap axd made is in its bridge already (as
+					// os-vif's are): libvirt opens it as an ethernet
+					// interface, the only type it takes an unmanaged
+					// tap for.
+					if ifc.VirtualPort != nil {
+						return "", false, errors.New("definition's NIC is a port of a virtual switch (<virtualport>): AX plugs taps into Linux bridges")
+					}
+					same = false
+					ifc.Source = &libvirtxml.DomainInterfaceSource{Ethernet: &libvirtxml.DomainInterfaceSourceEthernet{}}
+				}
 			}
 			if ifc.Target == nil || ifc.Target.Dev != g.Tap || ifc.Target.Managed != managed {
 				same = false

@@ -234,6 +234,7 @@ func newTestDriver(t *testing.T) (*Driver, *fakeConn) {
 	d.tapExists = func(string) (bool, error) { return false, nil }
 	d.plugTap = func(context.Context, string, string) error { return nil }
 	d.tapBridge = func(string) (string, error) { return "br0", nil }
+	d.bridgeExists = func(string) error { return nil }
 	t.Cleanup(func() { d.Close() })
 	return d, f
 }
@@ -289,6 +290,69 @@ func TestDefined(t *testing.T) {
 	}
 	if err := drv.Defined(ctx, "a b"); err == nil || strings.Contains(f.callLog(), "a b") {
 		t.Errorf("a hostile name: %v; calls:\n%s", err, f.callLog())
+	}
+}
+
+// TestDefinedTap: the tap this host's definition of a domain names, read
+// from the inactive XML; none for a domain without exactly one NIC; a
+// hostile name in it is refused.
+func TestDefinedTap(t *testing.T) {
+	drv, f := newTestDriver(t)
+	f.define("vm1")
+	ctx := context.Background()
+	if tap, err := drv.DefinedTap(ctx, "vm1"); err != nil || tap != "tap0" {
+		t.Errorf("vm1: %q, %v; want tap0", tap, err)
+	}
+	if !strings.Contains(f.callLog(), fmt.Sprintf("xml vm1 %d", golibvirt.DomainXMLInactive)) {
+		t.Errorf("not the inactive XML:\n%s", f.callLog())
+	}
+	f.mu.Lock()
+	def := f.doms["vm1"].def
+	f.doms["vm1"].def = edit(t, def, "<target dev='tap0'/>", "<target dev='../x'/>")
+	f.mu.Unlock()
+	if tap, err := drv.DefinedTap(ctx, "vm1"); err == nil {
+		t.Errorf("a hostile tap name: %q", tap)
+	}
+	f.mu.Lock()
+	f.doms["vm1"].def = edit(t, def, "<target dev='tap0'/>", "")
+	f.mu.Unlock()
+	if tap, err := drv.DefinedTap(ctx, "vm1"); err != nil || tap != "" {
+		t.Errorf("no target dev: %q, %v", tap, err)
+	}
+	if _, err := drv.DefinedTap(ctx, "nosuch"); !isNoDomain(err) {
+		t.Errorf("an undefined domain: %v", err)
+	}
+}
+
+// TestPaused: a domain paused by anyone (Nova, waiting for its network)
+// says so; a running one does not.
+func TestPaused(t *testing.T) {
+	drv, f := newTestDriver(t)
+	f.define("vm1")
+	ctx := context.Background()
+	f.setState("vm1", golibvirt.DomainPaused)
+	if p, err := drv.Paused(ctx, "vm1"); err != nil || !p {
+		t.Errorf("paused: %v, %v", p, err)
+	}
+	f.setState("vm1", golibvirt.DomainRunning)
+	if p, err := drv.Paused(ctx, "vm1"); err != nil || p {
+		t.Errorf("running: %v, %v", p, err)
+	}
+	if _, err := drv.Paused(ctx, "nosuch"); !isNoDomain(err) {
+		t.Errorf("an undefined domain: %v", err)
+	}
+}
+
+// TestBridgeReady: a bridge missing here refuses, saying what a failover
+// could not do and how Neutron's bridges come to be.
+func TestBridgeReady(t *testing.T) {
+	drv, _ := newTestDriver(t)
+	if err := drv.BridgeReady("br-pub"); err != nil {
+		t.Errorf("an existing bridge: %v", err)
+	}
+	drv.bridgeExists = func(b string) error { return fmt.Errorf("bridge %s: Link not found", b) }
+	if err := drv.BridgeReady("brqa71967f9-9a"); err == nil || !strings.Contains(err.Error(), "Link not found") || !strings.Contains(err.Error(), "a failover could not plug") {
+		t.Errorf("a missing bridge: %v", err)
 	}
 }
 
@@ -634,6 +698,21 @@ func TestDriverDiscover(t *testing.T) {
 	if spec, err := drv.DiscoverSpec(ctx, "vm1"); err != nil || spec.Bridge != "br0" || spec.PID != 4242 {
 		t.Errorf("spec %+v, %v; want bridge br0 (the <interface type='bridge'>'s)", spec, err)
 	}
+	// Neutron's Linux bridge agent moved the tap into the bridge mapped
+	// to its physnet: the spec says where the tap is, not the XML's
+	// brq<network>; a tap in no bridge keeps the XML's.
+	drv.tapBridge = func(string) (string, error) { return "br-pub", nil }
+	if spec, err := drv.DiscoverSpec(ctx, "vm1"); err != nil || spec.Bridge != "br-pub" {
+		t.Errorf("a tap moved to br-pub: spec %+v, %v; want bridge br-pub", spec, err)
+	}
+	drv.tapBridge = func(string) (string, error) { return "", nil }
+	if spec, err := drv.DiscoverSpec(ctx, "vm1"); err != nil || spec.Bridge != "br0" {
+		t.Errorf("a tap in no bridge: spec %+v, %v; want the XML's br0", spec, err)
+	}
+	drv.tapBridge = func(string) (string, error) { return "", errors.New("interface tap0: Link not found") }
+	if spec, err := drv.DiscoverSpec(ctx, "vm1"); err != nil || spec.Bridge != "br0" {
+		t.Errorf("a tap netlink cannot read: spec %+v, %v; want the XML's br0", spec, err)
+	}
 	// An 'ethernet' tap (os-vif's): the bridge is the one it is in here.
 	f.mu.Lock()
 	f.doms["vm1"].def = edit(t, f.doms["vm1"].def, "<interface type='bridge'><mac address='fa:16:3e:4c:2a:91'/><source bridge='br0'/>", "<interface type='ethernet'><mac address='fa:16:3e:4c:2a:91'/>")
@@ -675,6 +754,32 @@ func TestLaunchXMLReplica(t *testing.T) {
 		if dom.QEMUCommandline == nil || len(dom.QEMUCommandline.Args) != len(incomingArgs) {
 			t.Errorf("incoming arguments %+v", dom.QEMUCommandline)
 		}
+	}
+	// Nova's NIC with Neutron's Linux bridge agent: <interface
+	// type='bridge'> on brq<network>. Plugged by axd, the tap is opened as
+	// an ethernet interface (libvirt takes an unmanaged tap for no
+	// other type); unplugged, libvirt plugs it into the bridge itself.
+	bridged := strings.Replace(strings.Replace(def, "<interface type='ethernet'>", "<interface type='bridge'><source bridge='brqa71967f9-9a'/>", 1), " managed='no'", "", 1)
+	for _, plugged := range []bool{false, true} {
+		x, _, err := launchXML(bridged, g, true, plugged)
+		if err != nil {
+			t.Fatalf("bridge, plugged %v: %v", plugged, err)
+		}
+		var dom libvirtxml.Domain
+		if err := dom.Unmarshal(x); err != nil {
+			t.Fatal(err)
+		}
+		ifc := dom.Devices.Interfaces[0]
+		if plugged && (ifc.Source.Ethernet == nil || ifc.Source.Bridge != nil || ifc.Target.Managed != "no" || ifc.Target.Dev != "axr0") {
+			t.Errorf("bridge, plugged: %s", x)
+		}
+		if !plugged && (ifc.Source.Bridge == nil || ifc.Source.Bridge.Bridge != "brqa71967f9-9a" || ifc.Target.Managed != "" || ifc.Target.Dev != "axr0") {
+			t.Errorf("bridge, not plugged: %s", x)
+		}
+	}
+	ovs := strings.Replace(bridged, "<target dev=", "<virtualport type='openvswitch'/><target dev=", 1)
+	if _, _, err := launchXML(ovs, g, true, true); err == nil || !strings.Contains(err.Error(), "virtual switch") {
+		t.Errorf("an Open vSwitch port: %v", err)
 	}
 }
 
