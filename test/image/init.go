@@ -3,6 +3,7 @@ package image
 // LabInit is the lab guest's /init. Kernel command-line parameters steer it:
 //
 //	ax.ip=ADDR/LEN       address of eth0 on the public segment
+//	MODULE.PARAM=VALUE   a parameter of a module init loads (virtio_net.csum=0)
 //	ax.dirty=MIBPS       memory dirtier rate (0: off)
 //	ax.dirtysize=MIB     memory the dirtier cycles through
 //	ax.tick=DURATION     interval of the console tick
@@ -20,8 +21,15 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+# Each module gets its parameters from the command line (NAME.PARAM=VALUE),
+# as modprobe would give them: e.g. virtio_net.csum=0 turns the NIC's
+# offloads off where the host's QEMU offers them (Nova's guests).
 for m in $(cat /etc/ax/modules); do
-	insmod /lib/modules/$m || echo "AXINIT insmod $m failed"
+	name=${m##*/}; name=${name%%.ko*}; args=
+	for kv in $(cat /proc/cmdline); do
+		case "$kv" in "$name".*=*) args="$args ${kv#"$name".}" ;; esac
+	done
+	insmod /lib/modules/$m $args || echo "AXINIT insmod $m failed"
 done
 IP=; DIRTY=0; DIRTYSIZE=64; TICK=100ms; AGENT=1; FLOOD=0; DISK=
 for kv in $(cat /proc/cmdline); do

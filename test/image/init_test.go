@@ -72,3 +72,28 @@ func anyBlockDevice() string {
 	}
 	return ""
 }
+
+// TestLabInitModuleParams runs LabInit's module loading, insmod replaced
+// by echo: each module gets the NAME.PARAM=VALUE parameters of the command
+// line, as modprobe gives them, and no other module's.
+func TestLabInitModuleParams(t *testing.T) {
+	bb := busyboxSh(t)
+	start := strings.Index(LabInit, "for m in $(cat /etc/ax/modules)")
+	end := strings.Index(LabInit, "IP=; DIRTY=0")
+	if start < 0 || end < start {
+		t.Fatal("LabInit loads no modules before it reads its parameters")
+	}
+	dir := t.TempDir()
+	modules, cmdline := filepath.Join(dir, "modules"), filepath.Join(dir, "cmdline")
+	os.WriteFile(modules, []byte("virtio_ring.ko\nvirtio_net.ko\nvirtio_blk.ko.xz\n"), 0o644)
+	os.WriteFile(cmdline, []byte("console=ttyS0 virtio_net.csum=0 ax.ip=10.77.0.10/24 virtio_net.gso=0 virtio_blk.queue_depth=8 virtio_netx.bad=1\n"), 0o644)
+	fragment := strings.NewReplacer("/etc/ax/modules", modules, "/proc/cmdline", cmdline, "insmod ", "echo insmod ").Replace(LabInit[start:end])
+	out, err := exec.Command(bb, "sh", "-c", fragment).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	want := "insmod /lib/modules/virtio_ring.ko\ninsmod /lib/modules/virtio_net.ko csum=0 gso=0\ninsmod /lib/modules/virtio_blk.ko.xz queue_depth=8"
+	if got := strings.TrimSpace(string(out)); got != want {
+		t.Errorf("module loading:\n%s\nwant:\n%s", got, want)
+	}
+}

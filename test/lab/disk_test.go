@@ -192,6 +192,21 @@ func ledgerCount(l *Lab, addr string) int {
 // verifyLedger checks that every record the client saw acknowledged is in
 // the guest's ledger and that its disk holds exactly what its memory does;
 // it returns the acks and the records on disk.
+// ledgerRecords are the records of the guest's ledger at addr, read from
+// host c.
+func ledgerRecords(t *testing.T, l *Lab, addr string) []string {
+	t.Helper()
+	var recs []string
+	if err := l.InNetns(HostC, func() error {
+		var err error
+		recs, err = workload.List(context.Background(), addr, 10*time.Second)
+		return err
+	}); err != nil {
+		t.Fatalf("the guest's ledger at %s does not answer from c: %v", addr, err)
+	}
+	return recs
+}
+
 func verifyLedger(t *testing.T, l *Lab, addr, record string) (acks, onDisk int) {
 	t.Helper()
 	ctx := context.Background()
@@ -199,14 +214,7 @@ func verifyLedger(t *testing.T, l *Lab, addr, record string) (acks, onDisk int) 
 	if err != nil {
 		t.Fatal(err)
 	}
-	var recs []string
-	if err := l.InNetns(HostC, func() error {
-		var err error
-		recs, err = workload.List(ctx, addr, 10*time.Second)
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
+	recs := ledgerRecords(t, l, addr)
 	if v := workload.Verify(acked, recs); len(acked) == 0 || len(v.Missing) > 0 {
 		t.Fatalf("acked %d, missing %v", len(acked), v.Missing)
 	}

@@ -4,12 +4,14 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -18,6 +20,7 @@ import (
 	"github.com/axproject/ax/nova-hook/nova"
 	"github.com/axproject/ax/test/openstack"
 	"github.com/axproject/ax/test/testenv"
+	"github.com/axproject/ax/test/workload"
 )
 
 // requireOpenStack skips (fails under AX_REQUIRE_PRIVILEGED=1) without
@@ -30,7 +33,7 @@ func requireOpenStack(t *testing.T) {
 	for _, c := range append(openstack.Commands, "privsep-helper") {
 		testenv.RequireCommand(t, c, "sh test/openstack/deps.sh (make deps)")
 	}
-	imports := "import " + strings.Join(append(openstack.PythonModules, openstack.LibvirtPythonModules...), ", ")
+	imports := "import " + strings.Join(append(append(openstack.PythonModules, openstack.LibvirtPythonModules...), openstack.NeutronPythonModules...), ", ")
 	if out, err := exec.Command("/usr/bin/python3", "-c", imports).CombinedOutput(); err != nil {
 		why := fmt.Sprintf("python3: %s: %s (try: sh test/openstack/deps.sh)", imports, strings.TrimSpace(string(out)))
 		if testenv.Privileged() {
@@ -43,10 +46,35 @@ func requireOpenStack(t *testing.T) {
 // osLabPrefix is the lab of TestIntegrationOpenStackFT.
 const osLabPrefix = "osl"
 
-// osGuestCmdline is the lab guest's command line as a Glance property: no
-// NIC (servers are created with networks "none"), no agent channel (Nova
-// defines none), the console tick every 100 ms.
-const osGuestCmdline = "console=ttyS0 quiet panic=-1 ax.dirty=0 ax.tick=100ms ax.agent=0"
+// osPhysnet is the Neutron physical network of the lab's public segment:
+// each host's Linux bridge agent maps it to osProvider, the host's
+// provider interface, a veth whose peer is in the host's public bridge.
+const osPhysnet, osProvider = "public", "nprov"
+
+// providerInterface gives host h a provider interface for Neutron: a veth
+// pair, osProvider for the Linux bridge agent to put into the networks'
+// bridges (brq<network>), its peer in h's public bridge, which the lab's
+// public segment reaches.
+func providerInterface(ctx context.Context, t *testing.T, l *Lab, h string) {
+	t.Helper()
+	ns := l.Netns(h)
+	for _, args := range [][]string{
+		{"-n", ns, "link", "add", osProvider, "type", "veth", "peer", "name", osProvider + "-pub"},
+		{"-n", ns, "link", "set", osProvider + "-pub", "master", PublicBridge, "up"},
+		{"-n", ns, "link", "set", osProvider, "up"},
+	} {
+		if err := ip(ctx, args...); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// osGuestCmdline is the lab guest's command line as a Glance property: its
+// address on the public segment (the fixed IP of its Neutron port), its
+// NIC's offloads off (Nova's QEMU offers them; output commit cannot
+// re-inject offloaded frames), no agent channel (Nova defines none), the
+// console tick every 100 ms.
+const osGuestCmdline = "console=ttyS0 quiet panic=-1 ax.ip=" + GuestIP + "/24 virtio_net.csum=0 ax.dirty=0 ax.tick=100ms ax.agent=0"
 
 // TestIntegrationOpenStackFT runs Nova's libvirt driver on the lab's
 // hypervisor hosts: the test cloud (test/openstack: Keystone, Placement,
@@ -82,7 +110,7 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 	}
 	cloudUp := make(chan started, 1)
 	go func() {
-		c, err := openstack.StartWith(ctx, filepath.Join(dir, "cloud"), t.Logf, openstack.Options{NoFakeCompute: true})
+		c, err := openstack.StartWith(ctx, filepath.Join(dir, "cloud"), t.Logf, openstack.Options{NoFakeCompute: true, Neutron: true})
 		cloudUp <- started{c, err}
 	}()
 	var c *openstack.Cloud
@@ -111,7 +139,15 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 		if t.Failed() {
 			for _, name := range []string{"axd-a", "axd-b", "libvirtd-a", "libvirtd-b"} {
 				if data, err := os.ReadFile(filepath.Join(l.StateDir, name+".log")); err == nil {
-					t.Logf("%s log (tail):\n%s", name, tail(string(data), 40))
+					// The first failures, then the end: a failure repeated
+					// many times would hide its cause from the tail.
+					var first []string
+					for _, line := range strings.Split(string(data), "\n") {
+						if len(first) < 10 && (strings.Contains(line, "failed") || strings.Contains(line, "error")) {
+							first = append(first, line)
+						}
+					}
+					t.Logf("%s log, first failures:\n%s\n(tail):\n%s", name, strings.Join(first, "\n"), tail(string(data), 40))
 				}
 			}
 		}
@@ -148,16 +184,35 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 	adoptDir := func(h string) string { return filepath.Join(l.AxdStateDir(h), "nova-adopt") }
 	dcfg.HostExtra = map[string][]string{}
 	for _, h := range []string{HostA, HostB} {
+		// nova-compute, Neutron's Linux bridge agent and axd run in h's
+		// network namespace, where its bridges and taps are: the cloud's
+		// loopback endpoints (Keystone's catalog, RabbitMQ) are forwarded
+		// there.
+		forwardLoopback(t, l, h, c.Keystone, c.Nova, c.Glance, c.Placement, c.Neutron, c.Rabbit)
 		t0 := time.Now()
-		dcfg.HostExtra[h] = []string{"--nova-adopt-dir", adoptDir(h)}
-		if err := c.StartLibvirtCompute(ctx, openstack.LibvirtCompute{Host: h, URI: l.LibvirtURI(h), FileBackedMemoryMiB: 1024,
-			AdoptDriver: "../../nova-hook/driver/ax_adopt.py", AdoptDir: adoptDir(h), Periodic: 10 * time.Second}); err != nil {
+		providerInterface(ctx, t, l, h)
+		if err := c.StartNeutronAgent(ctx, openstack.NeutronAgent{Host: h, Netns: l.Netns(h), Mappings: osPhysnet + ":" + osProvider}); err != nil {
 			t.Fatal(err)
 		}
-		t.Logf("nova-compute with the libvirt driver on %s mapped in %.1f s", h, time.Since(t0).Seconds())
-		// axd runs in h's network namespace: the cloud's loopback
-		// endpoints (the ones in Keystone's catalog) are forwarded there.
-		forwardLoopback(t, l, h, c.Keystone, c.Nova, c.Glance)
+		t.Logf("Neutron's Linux bridge agent on %s alive in %.1f s", h, time.Since(t0).Seconds())
+		// Replicas' taps join Neutron's network bridges (brq<network>).
+		dcfg.HostExtra[h] = []string{"--nova-adopt-dir", adoptDir(h), "--bridge", "brq*"}
+	}
+	// Both nova-computes start side by side (a minute or more each).
+	mapped := make(chan error, 2)
+	for _, h := range []string{HostA, HostB} {
+		go func() {
+			t0 := time.Now()
+			err := c.StartLibvirtCompute(ctx, openstack.LibvirtCompute{Host: h, URI: l.LibvirtURI(h), FileBackedMemoryMiB: 1024, Netns: l.Netns(h),
+				AdoptDriver: "../../nova-hook/driver/ax_adopt.py", AdoptDir: adoptDir(h), Periodic: 10 * time.Second})
+			if err == nil {
+				t.Logf("nova-compute with the libvirt driver on %s mapped in %.1f s", h, time.Since(t0).Seconds())
+			}
+			mapped <- err
+		}()
+	}
+	if err := errors.Join(<-mapped, <-mapped); err != nil {
+		t.Fatal(err)
 	}
 	// axd takes levels from Nova (its --host is the compute host's name
 	// in Nova, so --nova-host is the same); Nova's instance directories
@@ -183,13 +238,35 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 		return strings.TrimSpace(string(out))
 	}
 	osc("flavor", "create", "--ram", "256", "--disk", "1", "--vcpus", "1", "ax.lab")
+	// Neutron: a flat provider network on the lab's public segment (no
+	// DHCP: the guest takes its address from its command line) and the
+	// guest's port, its fixed IP that address, without port security
+	// (the agents' firewall is noop).
+	osc("network", "create", "--share", "--provider-network-type", "flat", "--provider-physical-network", osPhysnet, "public")
+	osc("subnet", "create", "--network", "public", "--subnet-range", "10.77.0.0/24", "--no-dhcp", "--gateway", "none", "public-v4")
+	port := osc("port", "create", "--network", "public", "--fixed-ip", "ip-address="+GuestIP, "--disable-port-security", "--no-security-group", "-f", "value", "-c", "id", "ax-ft")
+	// The partner needs the network's bridge before a failover plugs the
+	// guest's tap into it there: Neutron's agent makes brq<network> on a
+	// host only once a port of the network is bound to it. The lab makes
+	// it on b as the agent would (the bridge, the provider interface in
+	// it).
+	netID := osc("network", "show", "public", "-f", "value", "-c", "id")
+	brq := ("brq" + netID)[:14] // Nova's and the agent's name: 14 characters
+	for _, args := range [][]string{
+		{"-n", l.Netns(HostB), "link", "add", brq, "type", "bridge"},
+		{"-n", l.Netns(HostB), "link", "set", osProvider, "master", brq},
+		{"-n", l.Netns(HostB), "link", "set", brq, "up"},
+	} {
+		if err := ip(ctx, args...); err != nil {
+			t.Fatal(err)
+		}
+	}
 
-	// M1: the server boots on a from Glance's kernel and ticks.
+	// M1: the server boots on a from Glance's kernel with its Neutron
+	// port, and ticks.
 	created := time.Now()
 	id := osc("server", "create", "--os-compute-api-version", "2.37", "--flavor", "ax.lab", "--image", imageID,
-		"--nic", "none", "--availability-zone", "nova:"+HostA, "--property", "ax:level=ft", "-f", "value", "-c", "id", "ax-ft")
-	console := filepath.Join(c.InstanceDir(HostA, id), "console.log")
-	booted := waitConsole(t, console, "AXTICK", 3*time.Minute)
+		"--nic", "port-id="+port, "--availability-zone", "nova:"+HostA, "--property", "ax:level=ft", "-f", "value", "-c", "id", "ax-ft")
 	var server struct {
 		Status   string            `json:"status"`
 		Instance string            `json:"OS-EXT-SRV-ATTR:instance_name"`
@@ -202,60 +279,97 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// AX never defines a domain from a peer's XML: the lab defines Nova's
+	// domain on b as soon as Nova has defined it on a, as an operator's
+	// tooling would. The instance directories are shared between a and
+	// b, as Nova's instances_path on shared storage is (the domain
+	// defined on b uses a's files): a's nova-compute, completing the
+	// evacuation, then keeps the files b's guest runs on (Nova's
+	// shared-storage check).
+	var domain string
+	for deadline := created.Add(3 * time.Minute); domain == ""; time.Sleep(100 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			show()
+			t.Fatalf("server %s: %s, no domain on a within 3 min", id, server.Status)
+		}
+		out, err := l.Virsh(ctx, HostA, "list", "--all", "--name")
+		if err != nil || !strings.Contains(out, "instance-") {
+			continue
+		}
+		name := strings.TrimSpace(out)
+		def, err := l.Virsh(ctx, HostA, "dumpxml", "--inactive", name)
+		if err != nil {
+			continue
+		}
+		domain = name
+		if err := os.Symlink(c.InstanceDir(HostA, id), c.InstanceDir(HostB, id)); err != nil {
+			t.Fatal(err)
+		}
+		defPath := filepath.Join(l.StateDir, domain+"-b.xml")
+		if err := os.WriteFile(defPath, []byte(def), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := l.Virsh(ctx, HostB, "define", defPath); err != nil {
+			t.Fatal(err)
+		}
+	}
+	definedB := time.Since(created)
 	for show(); server.Status != "ACTIVE"; show() {
 		if server.Status == "ERROR" || time.Since(created) > 3*time.Minute {
 			t.Fatalf("server %s: %s", id, server.Status)
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
-	domain := server.Instance
-	t.Logf("openstack server create: %s (%s) on %s, first tick on its console %.1f s after the create (TCG boot), ACTIVE by %.1f s",
-		id, domain, server.Host, booted.Sub(created).Seconds(), time.Since(created).Seconds())
-
-	// M2: the hook told axd on a of the start, axd asked Nova: ft towards
-	// b. Without Neutron Nova gives the guest no NIC, and AX holds an FT
-	// guest's output on its tap: the lab plugs one as Neutron's agent
-	// would (a tap on a's public bridge, attached live), and defines the
-	// domain on b, as AX never defines one from a peer's XML.
-	st := osStatus(t, osc, id, 30*time.Second, func(s string) bool { return s != "" })
-	t.Logf("ax:status before the guest has a NIC: %q", st)
-	tap := "tap-os1"
-	if err := l.addTap(ctx, HostA, tap); err != nil {
-		t.Fatal(err)
+	active := time.Since(created)
+	if server.Instance != domain {
+		t.Fatalf("Nova's instance is %q, the domain defined on a %q", server.Instance, domain)
 	}
-	nic := filepath.Join(l.StateDir, "nic.xml")
-	if err := os.WriteFile(nic, []byte("<interface type='ethernet'><mac address='52:54:00:a7:00:31'/><target dev='"+tap+"' managed='no'/><model type='virtio'/><driver><host csum='off'/></driver></interface>\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := l.Virsh(ctx, HostA, "attach-device", domain, nic, "--live", "--config"); err != nil {
-		t.Fatal(err)
-	}
-	def, err := l.Virsh(ctx, HostA, "dumpxml", "--inactive", domain)
+	console := filepath.Join(c.InstanceDir(HostA, id), "console.log")
+	booted := waitConsole(t, console, "AXTICK", 3*time.Minute)
+	t.Logf("openstack server create: %s (%s) on %s, defined on b by the lab %.1f s after the create, ACTIVE by %.1f s, first tick on its console %.1f s after the create (TCG boot)",
+		id, domain, server.Host, definedB.Seconds(), active.Seconds(), booted.Sub(created).Seconds())
+	// Nova plugged the port's tap into brq<network> (os-vif), and
+	// Neutron's Linux bridge agent on a put a's provider interface there.
+	xml, err := l.Virsh(ctx, HostA, "dumpxml", domain)
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The instance directories are shared between a and b, as Nova's
-	// instances_path on shared storage is (the domain defined on b uses
-	// a's files): a's nova-compute, completing the evacuation, then keeps
-	// the files b's guest runs on (Nova's shared-storage check).
-	if err := os.Symlink(c.InstanceDir(HostA, id), c.InstanceDir(HostB, id)); err != nil {
-		t.Fatal(err)
+	tap := regexp.MustCompile(`<target dev='(tap[0-9a-f-]+)'/>`).FindStringSubmatch(xml)
+	if tap == nil {
+		t.Fatalf("no Neutron tap in the domain's XML:\n%s", xml)
 	}
-	defPath := filepath.Join(l.StateDir, domain+"-b.xml")
-	if err := os.WriteFile(defPath, []byte(def), 0o644); err != nil {
-		t.Fatal(err)
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(500 * time.Millisecond) {
+		out, err := exec.CommandContext(ctx, "ip", "-n", l.Netns(HostA), "-o", "link", "show", tap[1]).CombinedOutput()
+		prov, perr := exec.CommandContext(ctx, "ip", "-n", l.Netns(HostA), "-o", "link", "show", osProvider).CombinedOutput()
+		if err == nil && perr == nil && strings.Contains(string(out), " master "+brq+" ") && strings.Contains(string(prov), " master "+brq+" ") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the guest's tap %s and the provider interface are not both in a's %s 30 s after ACTIVE (Nova, Neutron's agent): %v %s; %v %s", tap[1], brq, err, out, perr, prov)
+		}
 	}
-	if _, err := l.Virsh(ctx, HostB, "define", defPath); err != nil {
-		t.Fatal(err)
-	}
-	plugged := time.Now()
+
+	// M2: the hook told axd on a of the start, axd asked Nova: ft towards
+	// b, protected within seconds of the boot, with its output held on
+	// the tap Nova plugged into Neutron's network.
 	vs := waitVM(t, l, l.Client(HostA), domain, 90*time.Second, "FT on a", func(s api.VMStatus) bool {
 		return s.Level == api.LevelFT && s.State == "protected"
 	})
-	protected := time.Since(plugged)
-	st = osStatus(t, osc, id, 30*time.Second, func(s string) bool { return strings.HasPrefix(s, "ft towards b: protected") })
-	t.Logf("FT protected %.1f s after the NIC was plugged (axd status; %.1f s after the create); ax:status in Nova %.1f s after the plug: %q; axd on a: %s %s %s towards %s, epoch %d, pause p50 %.1f ms",
-		protected.Seconds(), plugged.Add(protected).Sub(created).Seconds(), time.Since(plugged).Seconds(), st, vs.Name, vs.Level, vs.State, vs.Peer, vs.Epoch, vs.PauseP50MS)
+	protected := time.Since(created)
+	st := osStatus(t, osc, id, 30*time.Second, func(s string) bool { return strings.HasPrefix(s, "ft towards b: protected") })
+	t.Logf("FT protected %.1f s after the create (%.1f s after ACTIVE); ax:status in Nova %.1f s after the create: %q; axd on a: %s %s %s towards %s, epoch %d, pause p50 %.1f ms",
+		protected.Seconds(), (protected - active).Seconds(), time.Since(created).Seconds(), st, vs.Name, vs.Level, vs.State, vs.Peer, vs.Epoch, vs.PauseP50MS)
+
+	// The ledger client on c appends to the guest's ledger through
+	// Neutron's network from now on: through the level changes and the
+	// kill of a, no acknowledged record may be lost.
+	addr := fmt.Sprintf("%s:%d", GuestIP, LedgerPort)
+	record := filepath.Join(l.StateDir, "openstack.rec")
+	client, err := l.StartClient(ctx, filepath.Join(guestBinaries(t), "ax-workload"), addr, 20, record)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Stop()
 
 	// The hook handed a's start of the domain to axd on a, and axctl
 	// status says FT.
@@ -311,8 +425,12 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 	if err := l.KillHost(ctx, HostA); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.Kill(openstack.ComputeName(HostA)); err != nil {
-		t.Fatal(err)
+	// KillHost killed every process in a's namespace: its nova-compute
+	// and Neutron agent too; the cloud keeps them for Restart.
+	for _, name := range []string{openstack.ComputeName(HostA), openstack.AgentName(HostA)} {
+		if err := c.Kill(name); err != nil {
+			t.Fatal(err)
+		}
 	}
 	vs = waitVM(t, l, l.Client(HostB), domain, 2*time.Minute, "the guest running on b", func(s api.VMStatus) bool {
 		return s.Role == api.RoleLocal || s.Role == api.RolePrimary
@@ -341,6 +459,28 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 	if ev := hookEvent(t, l, HostB, domain, " started ("); ev != "" {
 		t.Logf("axd on b, hook event: %s", ev)
 	}
+	// No acknowledged record is lost: the client, through Neutron's
+	// network, reaches the guest on b, and the ledger there holds every
+	// record acknowledged before the kill (through the level changes
+	// too).
+	time.Sleep(3 * time.Second)
+	summary := client.Stop()
+	acks, err := workload.ReadRecord(record)
+	if err != nil {
+		t.Fatal(err)
+	}
+	recs := ledgerRecords(t, l, addr)
+	acked := 0
+	for _, a := range acks {
+		if a.Time.Before(killed) {
+			acked++
+		}
+	}
+	v := workload.Verify(acks, recs)
+	t.Logf("ledger: %d records acknowledged before the kill (%d in all), %d in the ledger on b, %d lost; client: %s", acked, len(acks), len(recs), len(v.Missing), summary)
+	if acked == 0 || len(v.Missing) > 0 {
+		t.Errorf("acked %d before the kill, %d acknowledged records missing on b: %v", acked, len(v.Missing), v.Missing)
+	}
 	// Within a minute of the kill, openstack server show says b, ACTIVE.
 	for show(); server.Host != HostB || server.Status != "ACTIVE"; show() {
 		if time.Since(killed) > time.Minute {
@@ -359,6 +499,25 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 	if spawn := instanceLines(blog, 0, id, "Creating image", "Instance spawned successfully"); len(spawn) > 0 {
 		t.Errorf("nova-compute on b spawned %s instead of adopting it:\n%s", id, strings.Join(spawn, "\n"))
 	}
+	// Neutron's port binding followed the evacuation: b's agent plugged
+	// the port, which is ACTIVE on b.
+	var portShown struct {
+		Status string `json:"status"`
+		Host   string `json:"binding_host_id"`
+	}
+	for {
+		if err := json.Unmarshal([]byte(osc("port", "show", port, "-f", "json", "-c", "status", "-c", "binding_host_id")), &portShown); err != nil {
+			t.Fatal(err)
+		}
+		if portShown.Host == HostB && portShown.Status == "ACTIVE" {
+			break
+		}
+		if time.Since(killed) > 2*time.Minute {
+			t.Fatalf("Neutron 2 min after the kill: port %s bound to %q, %s; want %s, ACTIVE", port, portShown.Host, portShown.Status, HostB)
+		}
+		time.Sleep(time.Second)
+	}
+	t.Logf("openstack port show: bound to %s, %s %.1f s after the kill", portShown.Host, portShown.Status, time.Since(killed).Seconds())
 	if svc, err := cl.ComputeService(ctx, HostA); err != nil || !svc.ForcedDown {
 		t.Errorf("a's compute service after the evacuation: %+v, %v; want forced down", svc, err)
 	}
@@ -371,8 +530,10 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 		t.Fatal(err)
 	}
 	restarted := time.Now()
-	if err := c.Restart(openstack.ComputeName(HostA)); err != nil {
-		t.Fatal(err)
+	for _, name := range []string{openstack.AgentName(HostA), openstack.ComputeName(HostA)} {
+		if err := c.Restart(name); err != nil {
+			t.Fatal(err)
+		}
 	}
 	var completedAt, clearedAt time.Time
 	for deadline := time.Now().Add(3 * time.Minute); completedAt.IsZero() || clearedAt.IsZero(); time.Sleep(time.Second) {

@@ -76,6 +76,11 @@ type Options struct {
 	// host a: the caller starts compute hosts of its own afterwards
 	// (StartLibvirtCompute).
 	NoFakeCompute bool
+	// Neutron runs Neutron's server (ML2, flat provider networks, Linux
+	// bridge mechanism) instead of the stand-in that answers Nova with
+	// empty lists: compute hosts then start a Linux bridge agent each
+	// (StartNeutronAgent) and servers boot with ports.
+	Neutron bool
 }
 
 // Start brings a cloud up in dir (made if missing; it should be empty).
@@ -96,11 +101,17 @@ func StartWith(ctx context.Context, dir string, logf func(format string, a ...an
 	if err != nil {
 		return nil, err
 	}
-	if c.neutron, c.Neutron, err = startNeutron(); err != nil {
+	if opts.Neutron {
+		more, err := freePorts(1)
+		if err != nil {
+			return nil, err
+		}
+		c.Neutron = more[0]
+	} else if c.neutron, c.Neutron, err = startNeutron(); err != nil {
 		return nil, err
 	}
 	c.DB, c.Rabbit, c.EPMD, c.Dist, c.Keystone, c.Placement, c.Glance, c.Nova = ports[0], ports[1], ports[2], ports[3], ports[4], ports[5], ports[6], ports[7]
-	for _, d := range []string{"log", "bin", "mysql", "rabbitmq", "keystone", "placement", "glance/images", "nova/instances", "nova/lock"} {
+	for _, d := range []string{"log", "bin", "mysql", "rabbitmq", "keystone", "placement", "glance/images", "nova/instances", "nova/lock", "neutron/lock"} {
 		if err := os.MkdirAll(filepath.Join(dir, d), 0o700); err != nil {
 			return nil, err
 		}
@@ -124,16 +135,26 @@ func StartWith(ctx context.Context, dir string, logf func(format string, a ...an
 	}
 	c.log("keystone up (%s)", time.Since(start).Round(time.Second))
 	// The schemas, each a few seconds to a minute of Python: side by side.
-	errs := make([]error, 3)
+	errs := make([]error, 4)
 	wg.Add(3)
 	go func() { defer wg.Done(); errs[0] = c.startPlacement(ctx) }()
 	go func() { defer wg.Done(); errs[1] = c.startGlance(ctx) }()
 	go func() { defer wg.Done(); errs[2] = c.syncNova(ctx) }()
+	if opts.Neutron {
+		wg.Add(1)
+		go func() { defer wg.Done(); errs[3] = c.syncNeutron(ctx) }()
+	}
 	wg.Wait()
 	if err := errors.Join(append(errs, rabbitErr)...); err != nil {
 		return nil, err
 	}
-	c.log("rabbitmq, placement, glance up, nova's databases made (%s)", time.Since(start).Round(time.Second))
+	c.log("rabbitmq, placement, glance up, the databases made (%s)", time.Since(start).Round(time.Second))
+	if opts.Neutron {
+		if err := c.startNeutronServer(ctx); err != nil {
+			return nil, err
+		}
+		c.log("neutron-server up (%s)", time.Since(start).Round(time.Second))
+	}
 	if err := c.startNova(ctx); err != nil {
 		return nil, err
 	}
@@ -170,8 +191,13 @@ func (c *Cloud) Close() error {
 }
 
 // NeutronAsked is what Nova asked the stand-in for Neutron ("METHOD
-// PATH": times).
-func (c *Cloud) NeutronAsked() map[string]int { return c.neutron.Asked() }
+// PATH": times); nil with Options.Neutron, when the real one runs.
+func (c *Cloud) NeutronAsked() map[string]int {
+	if c.neutron == nil {
+		return nil
+	}
+	return c.neutron.Asked()
+}
 
 // start runs argv as service name, in its own process group, its output
 // in DIR/log/NAME.log.
@@ -510,13 +536,16 @@ func (c *Cloud) script(name string) string { return filepath.Join(c.Dir, "bin", 
 // entryPoints are the scripts in DIR/bin: the service packages (nova-api,
 // glance-api, ...) that ship them also ship system services.
 var entryPoints = map[string]string{
-	"nova-manage":    "nova.cmd.manage",
-	"nova-api":       "nova.cmd.api",
-	"nova-conductor": "nova.cmd.conductor",
-	"nova-scheduler": "nova.cmd.scheduler",
-	"nova-compute":   "nova.cmd.compute",
-	"glance-manage":  "glance.cmd.manage",
-	"glance-api":     "glance.cmd.api",
+	"nova-manage":               "nova.cmd.manage",
+	"nova-api":                  "nova.cmd.api",
+	"nova-conductor":            "nova.cmd.conductor",
+	"nova-scheduler":            "nova.cmd.scheduler",
+	"nova-compute":              "nova.cmd.compute",
+	"glance-manage":             "glance.cmd.manage",
+	"glance-api":                "glance.cmd.api",
+	"neutron-db-manage":         "neutron.db.migration.cli",
+	"neutron-server":            "neutron.cmd.eventlet.server",
+	"neutron-linuxbridge-agent": "neutron.cmd.eventlet.plugins.linuxbridge_neutron_agent",
 }
 
 func (c *Cloud) writeConfig() error {
@@ -526,20 +555,27 @@ func (c *Cloud) writeConfig() error {
 			return err
 		}
 	}
-	for path, tmpl := range configs {
-		if err := os.WriteFile(filepath.Join(c.Dir, path), []byte(render(tmpl, c)), 0o600); err != nil {
-			return err
+	for _, set := range []map[string]string{configs, neutronConfigs} {
+		for path, tmpl := range set {
+			if err := os.WriteFile(filepath.Join(c.Dir, path), []byte(render(tmpl, c)), 0o600); err != nil {
+				return err
+			}
 		}
 	}
 	return nil
 }
 
 func render(tmpl string, c *Cloud) string {
-	var b bytes.Buffer
-	template.Must(template.New("").Parse(tmpl)).Execute(&b, struct {
+	return renderWith(tmpl, struct {
 		*Cloud
 		Password, Host string
 	}{c, Password, Host})
+}
+
+// renderWith executes template tmpl with data.
+func renderWith(tmpl string, data any) string {
+	var b bytes.Buffer
+	template.Must(template.New("").Parse(tmpl)).Execute(&b, data)
 	return b.String()
 }
 

@@ -208,7 +208,7 @@ project_domain_name = Default{{end}}`
 
 // dbSQL makes the databases and the user every service connects as.
 const dbSQL = `CREATE DATABASE keystone; CREATE DATABASE placement; CREATE DATABASE glance;
-CREATE DATABASE nova_api; CREATE DATABASE nova; CREATE DATABASE nova_cell0;
+CREATE DATABASE nova_api; CREATE DATABASE nova; CREATE DATABASE nova_cell0; CREATE DATABASE neutron;
 CREATE USER 'os'@'127.0.0.1' IDENTIFIED BY '{{.Password}}';
 GRANT ALL PRIVILEGES ON *.* TO 'os'@'127.0.0.1';`
 

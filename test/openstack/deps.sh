@@ -2,10 +2,11 @@
 # Installs the Debian 12 packages the real-OpenStack test (TestOpenStackLevels)
 # runs: MariaDB, RabbitMQ, uwsgi and the Python code of Keystone, Placement,
 # Glance and Nova (OpenStack Zed), and python3-libvirt for Nova's libvirt
-# driver (TestIntegrationOpenStackFT in test/lab). Idempotent: installs only what is missing.
+# driver and python3-neutron for Neutron's server and Linux bridge agent
+# (TestIntegrationOpenStackFT in test/lab). Idempotent: installs only what is missing.
 #
 # Only the python3-* libraries, not Debian's service packages (keystone,
-# nova-api, glance-api, placement-api, ...): those ask dbconfig-common and
+# nova-api, glance-api, placement-api, neutron-server, ...): those ask dbconfig-common and
 # keystone-endpoint debconf questions, write /etc/{keystone,nova,...}, create
 # system users and start system services. The test runs each service itself,
 # from its Python entry point, with configuration it writes in a temp dir.
@@ -15,7 +16,7 @@
 # removed after, unless one was there before), and any daemon that still
 # started is reported and stopped by its PID file.
 set -eu
-PKGS="mariadb-server rabbitmq-server uwsgi-core uwsgi-plugin-python3 python3-pymysql python3-keystone python3-placement python3-glance python3-nova python3-openstackclient python3-libvirt"
+PKGS="mariadb-server rabbitmq-server uwsgi-core uwsgi-plugin-python3 python3-pymysql python3-keystone python3-placement python3-glance python3-nova python3-openstackclient python3-libvirt python3-neutron"
 if [ "$(id -u)" != 0 ]; then
 	echo "openstack deps: run as root" >&2
 	exit 1

@@ -36,6 +36,13 @@ type LibvirtCompute struct {
 	// runs compute_driver = ax_adopt.LibvirtAdoptDriver (loaded through
 	// AdoptWrapper) with [ax] adopt_dir = AdoptDir, axd's --nova-adopt-dir.
 	AdoptDriver, AdoptDir string
+	// Netns, when set, is the network namespace nova-compute runs in (ip
+	// netns exec): the host's, where os-vif makes the networks' bridges
+	// (brq<network>, the Linux bridge agent puts the provider interface
+	// in them) and libvirtd makes the guests' taps.
+	// The cloud's loopback endpoints (Keystone's catalog, RabbitMQ) must
+	// be reachable there.
+	Netns string
 	// Periodic, when positive, is the interval of the periodic tasks an
 	// evacuated server meets (power-state sync, info cache heal, resource
 	// update, running-deleted poll), instead of Nova's 60–600 s.
@@ -57,8 +64,8 @@ func (c *Cloud) InstanceDir(host, uuid string) string {
 }
 
 // computeConf overrides nova.conf for one libvirt compute host. It runs as
-// root: privsep's helper is run directly (no sudo, no rootwrap). A guest
-// has no NIC (servers are created with networks "none"), no VNC or SPICE,
+// root: privsep's helpers (Nova's, os-vif's) are run directly (no sudo, no
+// rootwrap). A guest has no VNC or SPICE,
 // its serial console a pty logged to console.log in its instance directory.
 const computeConf = `[DEFAULT]
 host = {{.Host}}
@@ -90,6 +97,8 @@ file_backed_memory = {{.FileBackedMemoryMiB}}
 lock_path = {{.Dir}}/lock
 [nova_sys_admin]
 helper_command = privsep-helper --config-file {{.NovaConf}} --config-file {{.Conf}}
+[vif_plug_linux_bridge_privileged]
+helper_command = privsep-helper --config-file {{.NovaConf}} --config-file {{.Conf}}
 {{if .AdoptDriver}}[ax]
 adopt_dir = {{.AdoptDir}}
 {{end}}`
@@ -120,12 +129,35 @@ func (c *Cloud) WriteAdoptWrapper(files ...string) (string, error) {
 		if err != nil {
 			return "", err
 		}
-		if err := os.WriteFile(filepath.Join(virt, filepath.Base(f)), b, 0o644); err != nil {
+		if err := writeAtomic(filepath.Join(virt, filepath.Base(f)), b, 0o644); err != nil {
 			return "", err
 		}
 	}
 	wrapper := filepath.Join(c.Dir, "bin", "nova-compute-adopt")
-	return wrapper, os.WriteFile(wrapper, []byte(fmt.Sprintf(AdoptWrapper, virt)), 0o700)
+	return wrapper, writeAtomic(wrapper, []byte(fmt.Sprintf(AdoptWrapper, virt)), 0o700)
+}
+
+// writeAtomic replaces the file at path with data by a rename: a
+// nova-compute of another host starting meanwhile reads the old file or
+// the new one, never half of one.
+func writeAtomic(path string, data []byte, mode os.FileMode) error {
+	f, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name())
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Chmod(mode); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(f.Name(), path)
 }
 
 // StartLibvirtCompute starts a nova-compute with the libvirt driver as
@@ -165,7 +197,7 @@ func (c *Cloud) StartLibvirtCompute(ctx context.Context, lc LibvirtCompute) erro
 		}
 	}
 	name := ComputeName(lc.Host)
-	if err := c.start(name, nil, script, "--config-file", novaConf, "--config-file", conf); err != nil {
+	if err := c.start(name, nil, append(inNetns(lc.Netns), script, "--config-file", novaConf, "--config-file", conf)...); err != nil {
 		return err
 	}
 	return c.waitMapped(ctx, name, lc.Host)
