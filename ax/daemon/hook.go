@@ -256,12 +256,13 @@ func (d *Daemon) waitRunning(ctx context.Context, name string) error {
 	}
 	t0 := time.Now()
 	for said := false; ; said = true {
-		paused, err := pc.Paused(ctx, name)
-		if err != nil || !paused {
+		// A domain whose state cannot be read is left to the discovery,
+		// which says what is wrong with it (not defined here, …).
+		if paused, err := pc.Paused(ctx, name); err != nil || !paused {
 			if said && err == nil {
 				d.event(name, "protect", fmt.Sprintf("VM %s runs (it was paused for %.1f s): protecting it", name, time.Since(t0).Seconds()))
 			}
-			return err
+			return nil
 		}
 		if !said {
 			d.event(name, "protect", fmt.Sprintf("VM %s is paused (Nova starts an instance paused until Neutron says its port is plugged): protected once it runs", name))

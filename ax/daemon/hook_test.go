@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -316,7 +317,12 @@ type pausingFake struct {
 	run atomic.Bool
 }
 
-func (f *pausingFake) Paused(context.Context, string) (bool, error) { return !f.run.Load(), nil }
+func (f *pausingFake) Paused(_ context.Context, name string) (bool, error) {
+	if name != novaDomain {
+		return false, errors.New("libvirt domain " + name + ": Domain not found")
+	}
+	return !f.run.Load(), nil
+}
 
 // TestLibvirtHookWaitsWhilePaused: the hook's started of a domain that is
 // paused is not protected (whose checkpoints would resume it before Nova
@@ -350,4 +356,8 @@ func TestLibvirtHookWaitsWhilePaused(t *testing.T) {
 		return a.State == "protected" && a.Level == api.LevelFT
 	}, func() string { return strings.Join(events(p.a, "protect"), "\n") })
 	untilKindEvent(t, p.a, "protect", "runs (it was paused for")
+	// A domain whose state cannot be read: the discovery says why.
+	if err := p.a.protectDomain(context.Background(), "instance-00000bad", api.LevelFT, "b"); err == nil || !strings.Contains(err.Error(), "is not defined here, and discovering it failed") {
+		t.Errorf("a domain the hypervisor does not know: %v", err)
+	}
 }
