@@ -31,6 +31,13 @@ func tickOf(line []byte) (uint64, bool) {
 	return n, err == nil
 }
 
+// hasTickLine says whether console output b holds a whole tick line (the
+// guest may be writing the first one while it is read).
+func hasTickLine(b []byte) bool {
+	i := bytes.Index(b, []byte("AXTICK "))
+	return i >= 0 && bytes.IndexByte(b[i:], '\n') >= 0
+}
+
 // TickContinuity checks that a guest's tick continued exactly from the
 // checkpoint: pre is the primary's console up to the committed checkpoint's
 // offset, post the console of the resumed guest. Together they must read as
@@ -184,7 +191,7 @@ func (l *Lab) LevelFailoverTrial(ctx context.Context, level, vm, from, to string
 		s, err := l.vmStatus(ctx, ct, vm)
 		if err == nil && s.Role == api.RoleLocal && s.State == "running" {
 			console, tr.LastEpoch = s.Console, s.Epoch
-			if data, _ := os.ReadFile(console); bytes.Contains(data, []byte("AXTICK ")) {
+			if data, _ := os.ReadFile(console); hasTickLine(data) {
 				tr.Failover = time.Since(kill)
 				break
 			}

@@ -376,7 +376,7 @@ func TestIntegrationFTPlannedFailover(t *testing.T) {
 	// first checkpoints can hold the guest for seconds.
 	var post []byte
 	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
-		if post, _ = os.ReadFile(sb.Console); strings.Contains(string(post), "AXTICK ") {
+		if post, _ = os.ReadFile(sb.Console); hasTickLine(post) {
 			break
 		}
 	}
