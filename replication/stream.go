@@ -493,6 +493,9 @@ type stream struct {
 	done chan struct{} // closed when the stream's handling ended
 	// send writes a frame to the primary (set once the session can).
 	send func(Frame) error
+	// heard is when the last frame arrived (Unix ns): the primary's
+	// Sender writes one at least every HeartbeatInterval.
+	heard atomic.Int64
 }
 
 // NewServer returns a server that protects and authenticates streams as
@@ -591,10 +594,27 @@ func (s *Server) serveConn(ctx context.Context, conn net.Conn) {
 		s.mu.Unlock()
 		close(me.done)
 	}()
-	bye, handover, err := s.session(a)
+	bye, handover, err := s.session(a, me)
+	me.heard.Store(0) // ended: Heard says so from now on, Ended included
 	if s.handler.Ended != nil {
 		s.handler.Ended(vm, bye, handover, err)
 	}
+}
+
+// Heard returns when a frame of vm's current stream last arrived; zero
+// when vm has no stream. A stream that delivers frames shows the primary
+// alive and the replication path working, whatever the heartbeats say.
+func (s *Server) Heard(vm string) time.Time {
+	s.mu.Lock()
+	ss := s.sessions[vm]
+	s.mu.Unlock()
+	if ss == nil {
+		return time.Time{}
+	}
+	if ns := ss.heard.Load(); ns != 0 {
+		return time.Unix(0, ns)
+	}
+	return time.Time{}
 }
 
 // Drop ends vm's stream, if any, and returns once its handling has ended:
@@ -641,7 +661,7 @@ func (s *Server) diskBase(vm string, disks DiskSink) ([][]uint64, error) {
 // session applies one authenticated stream. Any malformed or unexpected
 // frame ends it; a checkpoint is applied only when it arrived whole and
 // verified.
-func (s *Server) session(a Authenticated) (bye, handover bool, err error) {
+func (s *Server) session(a Authenticated, me *stream) (bye, handover bool, err error) {
 	conn, vm := a.Conn, a.VM
 	r := NewReader(conn, 0)
 	conn.SetReadDeadline(time.Now().Add(s.specTimeout))
@@ -722,6 +742,7 @@ func (s *Server) session(a Authenticated) (bye, handover bool, err error) {
 		if err != nil {
 			return false, false, err
 		}
+		me.heard.Store(time.Now().UnixNano())
 		switch {
 		case f.Type == TypeSyncBegin:
 			if asm != nil || len(f.Payload) != 1 || f.Payload[0] > 1 {

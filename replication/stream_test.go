@@ -21,12 +21,7 @@ type streamEnd struct {
 
 func startStreamServer(t *testing.T, mode securityMode, ramSize int64) (string, *Replica, chan Marker, chan streamEnd) {
 	t.Helper()
-	dir := t.TempDir()
-	rep, err := OpenReplica(filepath.Join(dir, "vm1"), ramSize)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { rep.Close() })
+	rep := testReplica(t, ramSize)
 	commits := make(chan Marker, 16)
 	ends := make(chan streamEnd, 4)
 	h := Handler{
@@ -40,6 +35,17 @@ func startStreamServer(t *testing.T, mode securityMode, ramSize int64) (string, 
 		Ended:     func(vm string, bye, handover bool, err error) { ends <- streamEnd{bye, handover, err} },
 	}
 	return serveHandler(t, mode.server, mode.allow, h), rep, commits, ends
+}
+
+// testReplica opens an empty replica of vm1, closed when the test ends.
+func testReplica(t *testing.T, ramSize int64) *Replica {
+	t.Helper()
+	rep, err := OpenReplica(filepath.Join(t.TempDir(), "vm1"), ramSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rep.Close() })
+	return rep
 }
 
 // serveHandler serves h on a loopback port until the test ends and returns
@@ -346,5 +352,43 @@ func TestServerBoundsUnauthenticated(t *testing.T) {
 			t.Fatalf("slots not released: %v", err)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// Heard follows the frames of a VM's current stream, idle heartbeats
+// included, and is zero once the stream ended.
+func TestServerHeard(t *testing.T) {
+	const ramSize = 4 * PageSize
+	rep := testReplica(t, ramSize)
+	ends := make(chan streamEnd, 1)
+	srv := NewServer(pskMode.server, nil, Handler{
+		Open:  func(string, string, []byte, net.Addr) (*Replica, error) { return rep, nil },
+		Ended: func(vm string, bye, handover bool, err error) { ends <- streamEnd{bye, handover, err} },
+	}, nil)
+	addr := serve(t, srv)
+	if h := srv.Heard("vm1"); !h.IsZero() {
+		t.Fatalf("Heard before any stream: %v", h)
+	}
+	s, err := Dial(context.Background(), addr, pskMode.client, "", "vm1", []byte(`{"name":"vm1"}`), ramSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	// Nothing sent but the Sender's own heartbeats: Heard keeps up.
+	for range 3 {
+		time.Sleep(2 * HeartbeatInterval)
+		if age := time.Since(srv.Heard("vm1")); age > 2*HeartbeatInterval {
+			t.Fatalf("the idle stream's last frame is %v old, want within %v", age, 2*HeartbeatInterval)
+		}
+	}
+	if h := srv.Heard("vm2"); !h.IsZero() {
+		t.Fatalf("Heard of a VM with no stream: %v", h)
+	}
+	if err := s.Bye(); err != nil {
+		t.Fatal(err)
+	}
+	<-ends
+	if h := srv.Heard("vm1"); !h.IsZero() {
+		t.Fatalf("Heard after the stream ended: %v", h)
 	}
 }

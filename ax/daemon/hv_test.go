@@ -43,7 +43,13 @@ func fakeHost(t *testing.T, capacity reserve.Capacity) (*Daemon, *hvtest.Fake) {
 	d.ctx = ctx
 	t.Cleanup(func() {
 		cancel()
-		d.wg.Wait()
+		stopped := make(chan struct{})
+		go func() { d.wg.Wait(); close(stopped) }()
+		select {
+		case <-stopped:
+		case <-time.After(stopWithin):
+			t.Errorf("host b's goroutines did not end within %v of its context ending:\n%s", stopWithin, allStacks())
+		}
 	})
 	return d, fake
 }

@@ -115,19 +115,43 @@ func newEvacMetrics(reg *prometheus.Registry) *evacMetrics {
 // (the first is the poll, doubled at each failure).
 const evacuateMaxWait = 30 * time.Second
 
-// promoted starts the evacuation of domain name, promoted here from peer,
-// if Nova knows it as a server. It returns at once.
-func (n *novaLevels) promoted(name, peer string) {
+// expect records the evacuation of domain name, about to run here promoted
+// from peer, before it runs: from then on re-protection towards peer waits
+// for it (a replica built there before Nova completed the evacuation would
+// be destroyed by peer's nova-compute). nil: one runs already.
+func (n *novaLevels) expect(name, peer string) *evacuation {
 	n.mu.Lock()
 	if e, ok := n.evacs[name]; ok && e.holding() && e.stage != evacFailed {
 		n.mu.Unlock()
-		return // one runs already
+		return nil // one runs already
 	}
 	e := &evacuation{vm: name, peer: peer, stage: evacStarting, started: time.Now()}
 	n.evacs[name] = e
 	n.mu.Unlock()
 	n.evacMetricsSet()
-	n.d.wg.Go(func() { n.evacuate(n.d.ctx, e) })
+	return e
+}
+
+// start runs the evacuation expect recorded, once the VM runs here, if Nova
+// knows the domain as a server. It returns at once.
+func (n *novaLevels) start(e *evacuation) {
+	if e != nil {
+		n.d.wg.Go(func() { n.evacuate(n.d.ctx, e) })
+	}
+}
+
+// forget drops the evacuation expect recorded for a promotion that did not
+// happen.
+func (n *novaLevels) forget(e *evacuation) {
+	if e == nil {
+		return
+	}
+	n.mu.Lock()
+	if n.evacs[e.vm] == e {
+		delete(n.evacs, e.vm)
+	}
+	n.mu.Unlock()
+	n.evacMetricsSet()
 }
 
 // holds says why re-protection of name towards peer must wait ("" : it

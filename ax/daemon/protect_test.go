@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -87,8 +88,13 @@ func (p *pair) start(t *testing.T, h string) *Daemon {
 		}
 		stopped = true
 		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("axd %s: %v", h, err)
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("axd %s: %v", h, err)
+			}
+		case <-time.After(stopWithin):
+			t.Errorf("axd %s did not stop within %v of its context ending; its goroutines:\n%s", h, stopWithin, allStacks())
 		}
 	}
 	t.Cleanup(p.stop[h])
@@ -98,6 +104,17 @@ func (p *pair) start(t *testing.T, h string) *Daemon {
 		t.Fatalf("axd %s: %v", h, err)
 	}
 	return d
+}
+
+// stopWithin is how long a stopping axd may take in these tests: a hang
+// fails the test with every goroutine's stack instead of the whole package
+// timing out.
+const stopWithin = time.Minute
+
+// allStacks returns the stacks of all goroutines.
+func allStacks() string {
+	buf := make([]byte, 8<<20)
+	return string(buf[:runtime.Stack(buf, true)])
 }
 
 // defineVM defines vm1 on a: 1 MiB of RAM in a file, no disks.
@@ -138,7 +155,20 @@ func until(t *testing.T, what string, cond func() bool, seen func() string) {
 }
 
 func both(p *pair) func() string {
-	return func() string { return fmt.Sprintf("a %+v\nb %+v", vm1(p.a), vm1(p.b)) }
+	return func() string {
+		return fmt.Sprintf("a %+v\nb %+v\na's last events:\n%s\nb's last events:\n%s", vm1(p.a), vm1(p.b), lastEvents(p.a, 12), lastEvents(p.b, 12))
+	}
+}
+
+// lastEvents returns d's last n events, one per line.
+func lastEvents(d *Daemon, n int) string {
+	evs := d.eventsSince(0)
+	evs = evs[max(0, len(evs)-n):]
+	var b strings.Builder
+	for _, e := range evs {
+		fmt.Fprintf(&b, "  %s %s %s: %s\n", e.Time.Format("15:04:05.000"), e.VM, e.Kind, e.Text)
+	}
+	return b.String()
 }
 
 // Protect, change level both ways and unprotect, against the fake: the

@@ -352,6 +352,14 @@ func (d *Daemon) checkSecondary(ctx context.Context, v *vmState) {
 	}
 	handover := st == vm.TakingOver
 	pv := d.hb.View(peer)
+	// A stream that delivers frames (checkpoints, disk writes, or its own
+	// heartbeats when idle) shows the primary alive and the replication
+	// path working: heartbeat datagrams lost or late on a loaded host must
+	// not make the replica stale, nor count as the primary's silence.
+	if !handover && time.Since(d.repl.Heard(v.name)) < d.cfg.SilenceTimeout {
+		v.set(func(v *vmState) { v.silentSince, v.waitNoted = time.Time{}, false })
+		return
+	}
 	if !handover {
 		// The replication link is down but the primary is alive: it runs
 		// on unprotected and lets its guest's output out, so this replica
@@ -581,10 +589,16 @@ func (d *Daemon) promote(ctx context.Context, v *vmState) (err error) {
 		}
 	}
 	d.metrics.Failovers.WithLabelValues(v.name).Inc()
+	var evac *evacuation
+	if d.nova != nil {
+		// Recorded before the VM runs here unprotected: re-protection,
+		// which may start at once, waits for Nova from the first moment.
+		evac = d.nova.expect(v.name, peer)
+	}
 	// The level the primary protected the VM at stays declared: axd
 	// protects it again by itself, towards the old primary once it is back
 	// (intent.go). The gap began when the primary was lost.
-	d.fire(v, vm.Promoted, fmt.Sprintf("%s of %s in %.0f ms; it runs here unprotected until it is protected again at its declared level %s (axd does it as soon as %s or another partner can take the replica; axctl level %s none ends that)",
+	_, promoted := d.fire(v, vm.Promoted, fmt.Sprintf("%s of %s in %.0f ms; it runs here unprotected until it is protected again at its declared level %s (axd does it as soon as %s or another partner can take the replica; axctl level %s none ends that)",
 		how, peer, float64(time.Since(t0).Microseconds())/1000, level, peer, v.name), func(v *vmState) {
 		v.spec, v.level, v.peer = spec, api.LevelNone, ""
 		v.replica, v.replicaDisks = nil, nil
@@ -601,7 +615,11 @@ func (d *Daemon) promote(ctx context.Context, v *vmState) (err error) {
 	d.reservationMetrics()
 	d.startAgent(v)
 	if d.nova != nil {
-		d.nova.promoted(v.name, peer) // Nova's record follows, after the guest runs
+		if !promoted {
+			d.nova.forget(evac)
+		} else {
+			d.nova.start(evac) // Nova's record follows, after the guest runs
+		}
 	}
 	return nil
 }

@@ -297,19 +297,12 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 			continue
 		}
 		name := strings.TrimSpace(out)
-		def, err := l.Virsh(ctx, HostA, "dumpxml", "--inactive", name)
-		if err != nil {
+		if err := defineAlike(ctx, l, HostA, HostB, name); err != nil {
+			t.Logf("%v; retried", err)
 			continue
 		}
 		domain = name
 		if err := os.Symlink(c.InstanceDir(HostA, id), c.InstanceDir(HostB, id)); err != nil {
-			t.Fatal(err)
-		}
-		defPath := filepath.Join(l.StateDir, domain+"-b.xml")
-		if err := os.WriteFile(defPath, []byte(def), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := l.Virsh(ctx, HostB, "define", defPath); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -559,15 +552,7 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 	if out, err := l.Virsh(ctx, HostA, "list", "--all", "--name"); err == nil && strings.Contains(out, domain) {
 		t.Logf("%s is still defined on a after the evacuation completed", domain)
 	} else {
-		def, err := l.Virsh(ctx, HostB, "dumpxml", "--inactive", domain)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defPath := filepath.Join(l.StateDir, domain+"-a.xml")
-		if err := os.WriteFile(defPath, []byte(def), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := l.Virsh(ctx, HostA, "define", defPath); err != nil {
+		if err := defineAlike(ctx, l, HostB, HostA, domain); err != nil {
 			t.Fatal(err)
 		}
 		t.Logf("%s undefined on a by its nova-compute (the evacuation completed): defined there again by the lab", domain)
@@ -880,4 +865,22 @@ func osLogTails(t *testing.T, dir string) {
 		b, _ := os.ReadFile(n)
 		t.Logf("--- %s:\n%s", filepath.Base(n), tail(string(b), 1500))
 	}
+}
+
+// defineAlike defines domain on host to as it is defined on host from:
+// what an operator does for a Nova server's partner (AX never defines a
+// domain from a peer's XML).
+func defineAlike(ctx context.Context, l *Lab, from, to, domain string) error {
+	def, err := l.Virsh(ctx, from, "dumpxml", "--inactive", domain)
+	if err != nil {
+		return fmt.Errorf("%s's definition on %s: %w", domain, from, err)
+	}
+	path := filepath.Join(l.StateDir, domain+"-"+to+".xml")
+	if err := os.WriteFile(path, []byte(def), 0o644); err != nil {
+		return err
+	}
+	if _, err := l.Virsh(ctx, to, "define", path); err != nil {
+		return fmt.Errorf("defining %s on %s: %w", domain, to, err)
+	}
+	return nil
 }
