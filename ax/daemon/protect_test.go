@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -48,6 +49,22 @@ type pair struct {
 
 func runPair(t *testing.T, opts ...func(host string, c *Config)) *pair {
 	t.Helper()
+	for attempt := 1; ; attempt++ {
+		p, err := tryPair(t, opts)
+		if err == nil {
+			return p
+		}
+		// freePort's ports are free when picked, not when bound: another
+		// test process may take one in between.
+		if !errors.Is(err, syscall.EADDRINUSE) || attempt == 3 {
+			t.Fatal(err)
+		}
+		t.Logf("%v: again on other ports", err)
+	}
+}
+
+func tryPair(t *testing.T, opts []func(host string, c *Config)) (*pair, error) {
+	t.Helper()
 	p := &pair{dir: t.TempDir(), fakeA: hvtest.New(), fakeB: hvtest.New(),
 		cfg: map[string]Config{}, stop: map[string]func(){}}
 	psk := []byte("0123456789abcdef0123456789abcdef")
@@ -66,13 +83,29 @@ func runPair(t *testing.T, opts ...func(host string, c *Config)) *pair {
 		}
 		p.cfg[h] = c
 	}
-	p.a = p.start(t, "a")
-	p.b = p.start(t, "b")
-	return p
+	var err error
+	if p.a, err = p.tryStart(t, "a"); err != nil {
+		return nil, err
+	}
+	if p.b, err = p.tryStart(t, "b"); err != nil {
+		p.stop["a"]()
+		return nil, err
+	}
+	return p, nil
 }
 
 // start runs axd on host h (again, after stop: same state directory).
 func (p *pair) start(t *testing.T, h string) *Daemon {
+	t.Helper()
+	d, err := p.tryStart(t, h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+// tryStart runs axd on host h; an error if it ended before it was ready.
+func (p *pair) tryStart(t *testing.T, h string) (*Daemon, error) {
 	t.Helper()
 	d, err := New(p.cfg[h])
 	if err != nil {
@@ -100,10 +133,12 @@ func (p *pair) start(t *testing.T, h string) *Daemon {
 	t.Cleanup(p.stop[h])
 	select {
 	case <-ready:
+		return d, nil
 	case err := <-done:
-		t.Fatalf("axd %s: %v", h, err)
+		stopped = true // Run has returned: nothing to stop, nor wait for
+		cancel()
+		return nil, fmt.Errorf("axd %s: %w", h, err)
 	}
-	return d
 }
 
 // stopWithin is how long a stopping axd may take in these tests: a hang
