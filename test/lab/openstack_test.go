@@ -574,8 +574,11 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 	}
 	aOff, bOff := fileSize(alog), fileSize(blog)
 	stayed := time.Now()
-	// The real CLI, back to back through the stay (a run takes seconds
-	// on a loaded machine); Nova's API through AX's client every 2 s.
+	// The real CLI every 10 s through the stay (a run takes seconds of
+	// both cores; back to back they slowed nova-api's one worker until a
+	// read timed out); Nova's API through AX's client every 2 s. A read
+	// that fails says nothing against b, ACTIVE: those are counted, and
+	// must stay few.
 	type shown struct {
 		at           time.Time
 		host, status string
@@ -596,15 +599,23 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 				err = json.Unmarshal(out, &s)
 			}
 			all = append(all, shown{time.Now(), s.Host, s.Status, err})
+			select {
+			case <-ctx.Done():
+			case <-time.After(10 * time.Second):
+			}
 		}
 		cli <- all
 	}()
-	checks, lastSeen := 0, first
+	checks, unread, lastSeen := 0, 0, first
 	for time.Since(stayed) < stay {
 		time.Sleep(2 * time.Second)
 		checks++
-		if s, err := cl.Server(ctx, id); err != nil || s.Host != HostB || s.Status != "ACTIVE" {
-			t.Errorf("%.0f s into the stay: server %s: %+v, %v", time.Since(stayed).Seconds(), id, s, err)
+		switch s, err := cl.Server(ctx, id); {
+		case err != nil:
+			unread++
+			t.Logf("%.0f s into the stay: reading server %s: %v", time.Since(stayed).Seconds(), id, err)
+		case s.Host != HostB || s.Status != "ACTIVE":
+			t.Errorf("%.0f s into the stay: server %s: %+v", time.Since(stayed).Seconds(), id, s)
 		}
 		now, _ := os.ReadFile(console)
 		if f, last := firstTick(now), lastTick(now); f != first || last <= lastSeen {
@@ -614,10 +625,19 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 		}
 	}
 	shows := <-cli
+	cliUnread := 0
 	for _, s := range shows {
-		if s.err != nil || s.host != HostB || s.status != "ACTIVE" {
-			t.Errorf("%.0f s into the stay: openstack server show: host %q, %q, %v", s.at.Sub(stayed).Seconds(), s.host, s.status, s.err)
+		switch {
+		case s.err != nil:
+			cliUnread++
+			t.Logf("%.0f s into the stay: openstack server show: %v", s.at.Sub(stayed).Seconds(), s.err)
+		case s.host != HostB || s.status != "ACTIVE":
+			t.Errorf("%.0f s into the stay: openstack server show: host %q, %q", s.at.Sub(stayed).Seconds(), s.host, s.status)
 		}
+	}
+	if unread > max(1, checks/10) || cliUnread > max(1, len(shows)/10) || len(shows)-cliUnread == 0 {
+		t.Errorf("the stay: %d of %d reads of the server through Nova's API and %d of %d openstack server show failed: too many to say Nova kept saying b, ACTIVE",
+			unread, checks, cliUnread, len(shows))
 	}
 	const sync = "Running periodic task ComputeManager._sync_power_states"
 	syncs := map[string]int{HostA: countFrom(alog, aOff, sync), HostB: countFrom(blog, bOff, sync)}
@@ -644,8 +664,8 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 	if vs, err := l.vmStatus(ctx, l.Client(HostB), domain); err != nil || vs.Peer != HostA || vs.State != "protected" {
 		t.Errorf("axd on b after the stay: %+v, %v", vs, err)
 	}
-	t.Logf("the stay: %s, %d runs of openstack server show and %d reads of Nova's API every 2 s (host b, ACTIVE each time unless said above), ticks %d…%d on b; power-state syncs: a %d, b %d",
-		time.Since(stayed).Round(time.Second), len(shows), checks, first, lastSeen, syncs[HostA], syncs[HostB])
+	t.Logf("the stay: %s, %d runs of openstack server show (%d failed) and %d reads of Nova's API every 2 s (%d failed), host b, ACTIVE each time read unless said above; ticks %d…%d on b; power-state syncs: a %d, b %d",
+		time.Since(stayed).Round(time.Second), len(shows), cliUnread, checks, unread, first, lastSeen, syncs[HostA], syncs[HostB])
 	t.Logf("total %.0f s", time.Since(began).Seconds())
 }
 
