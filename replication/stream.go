@@ -74,6 +74,9 @@ type Sender struct {
 	r    *Reader
 	acks chan uint64
 	done chan struct{}
+	// heard is when the secondary's last frame arrived: an ack, a write
+	// ack, or its answer to the idle stream's heartbeat.
+	heard heardAt
 	// restartEcho is closed when the secondary echoed a Restart.
 	restartEcho chan struct{}
 	restartSent atomic.Bool
@@ -287,6 +290,7 @@ func (s *Sender) readAcks() {
 			s.fail(fmt.Errorf("replication: %w", err))
 			return
 		}
+		s.heard.note()
 		switch f.Type {
 		case TypeAck:
 			a, err := DecodeAck(f)
@@ -423,6 +427,26 @@ func (s *Sender) Handover(epoch uint64) error {
 // Acks delivers committed epochs; closed when the stream ends.
 func (s *Sender) Acks() <-chan uint64 { return s.acks }
 
+// Heard returns when the secondary's last frame arrived (zero before the
+// first). A stream the secondary answers on shows it alive and the
+// replication path working, whatever the heartbeats say.
+func (s *Sender) Heard() time.Time { return s.heard.at() }
+
+// heardAt is when a stream's last frame arrived, read by other goroutines
+// than the one reading the stream.
+type heardAt struct{ ns atomic.Int64 }
+
+func (h *heardAt) note()  { h.ns.Store(time.Now().UnixNano()) }
+func (h *heardAt) clear() { h.ns.Store(0) }
+
+// at is the time noted; zero when none is.
+func (h *heardAt) at() time.Time {
+	if ns := h.ns.Load(); ns != 0 {
+		return time.Unix(0, ns)
+	}
+	return time.Time{}
+}
+
 // BytesSent counts page and device-state bytes handed to the stream.
 func (s *Sender) BytesSent() uint64 {
 	s.wmu.Lock()
@@ -493,9 +517,9 @@ type stream struct {
 	done chan struct{} // closed when the stream's handling ended
 	// send writes a frame to the primary (set once the session can).
 	send func(Frame) error
-	// heard is when the last frame arrived (Unix ns): the primary's
-	// Sender writes one at least every HeartbeatInterval.
-	heard atomic.Int64
+	// heard is when the last frame arrived: the primary's Sender writes
+	// one at least every HeartbeatInterval.
+	heard heardAt
 }
 
 // NewServer returns a server that protects and authenticates streams as
@@ -595,7 +619,7 @@ func (s *Server) serveConn(ctx context.Context, conn net.Conn) {
 		close(me.done)
 	}()
 	bye, handover, err := s.session(a, me)
-	me.heard.Store(0) // ended: Heard says so from now on, Ended included
+	me.heard.clear() // ended: Heard says so from now on, Ended included
 	if s.handler.Ended != nil {
 		s.handler.Ended(vm, bye, handover, err)
 	}
@@ -611,10 +635,7 @@ func (s *Server) Heard(vm string) time.Time {
 	if ss == nil {
 		return time.Time{}
 	}
-	if ns := ss.heard.Load(); ns != 0 {
-		return time.Unix(0, ns)
-	}
-	return time.Time{}
+	return ss.heard.at()
 }
 
 // Drop ends vm's stream, if any, and returns once its handling has ended:
@@ -742,7 +763,7 @@ func (s *Server) session(a Authenticated, me *stream) (bye, handover bool, err e
 		if err != nil {
 			return false, false, err
 		}
-		me.heard.Store(time.Now().UnixNano())
+		me.heard.note()
 		switch {
 		case f.Type == TypeSyncBegin:
 			if asm != nil || len(f.Payload) != 1 || f.Payload[0] > 1 {

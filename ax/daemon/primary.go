@@ -598,8 +598,10 @@ func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 	}()
 	setUserTimeout(sender)
 	// The guard closes the stream when the replication path goes silent:
-	// a cut link must not leave anything blocked on a TCP write. It ends
-	// with this stream (scancel runs before the wait).
+	// a cut link must not leave anything blocked on a TCP write. A stream
+	// the partner still answers on is not silent, whatever becomes of the
+	// heartbeat datagrams (the partner judges it alike: checkSecondary).
+	// It ends with this stream (scancel runs before the wait).
 	var guard sync.WaitGroup
 	defer guard.Wait()
 	sctx, scancel := context.WithCancel(ctx)
@@ -613,7 +615,7 @@ func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 				return
 			case <-t.C:
 			}
-			if pv := d.hb.View(peerName); !pv.ReplHeard {
+			if pv := d.hb.View(peerName); !pv.ReplHeard && time.Since(sender.Heard()) >= d.cfg.SilenceTimeout {
 				sender.Close()
 				return
 			}

@@ -9,8 +9,8 @@ import (
 	"time"
 )
 
-// replPath stands between a primary and its partner's replication address:
-// it passes the stream (TCP) through, and the heartbeat datagrams (UDP) only
+// replPath stands between a host and its partner's replication address: it
+// passes the stream (TCP) through, and the heartbeat datagrams (UDP) only
 // while pass is set.
 type replPath struct {
 	addr string
@@ -55,8 +55,8 @@ func newReplPath(t *testing.T, to string) *replPath {
 		}
 	})
 	wg.Go(func() {
-		// Datagrams from the primary go on to the partner from this
-		// socket; the partner's own heartbeats take their own way back.
+		// Datagrams from the host go on to the partner from this socket;
+		// the partner's own heartbeats take their own way back.
 		buf := make([]byte, 64<<10)
 		for {
 			n, _, err := uc.ReadFrom(buf)
@@ -71,40 +71,47 @@ func newReplPath(t *testing.T, to string) *replPath {
 	return p
 }
 
-// Heartbeat datagrams lost on the replication path while the stream goes on
-// delivering checkpoints (a loaded host, a congested link that drops UDP):
-// the replica stays ready to take over, and the primary protected. Marking
-// it stale would leave the VM unprotected for good while the primary says
-// protected.
+// Heartbeat datagrams lost on the replication path, both ways, while the
+// stream goes on delivering checkpoints and acks (a loaded host, a
+// congested link that drops UDP): the replica stays ready to take over,
+// and the primary keeps its stream and stays protected. Marking the
+// replica stale would leave the VM unprotected for good while the primary
+// says protected; closing the stream would leave it unprotected for
+// nothing.
 func TestReplicaLiveStreamNotStale(t *testing.T) {
-	var path *replPath
+	paths := map[string]*replPath{}
 	p := runPair(t, func(h string, c *Config) {
-		if h == "a" {
-			path = newReplPath(t, c.Peers["b"].Repl)
-			peer := c.Peers["b"]
-			peer.Repl = path.addr
-			c.Peers = map[string]Peer{"b": peer}
+		for peer, addrs := range c.Peers {
+			paths[h] = newReplPath(t, addrs.Repl)
+			addrs.Repl = paths[h].addr
+			c.Peers = map[string]Peer{peer: addrs}
 		}
 	})
 	p.defineVM(t)
 	p.fakeB.NoPIDs()
 	p.protectFT(t)
 
-	path.pass.Store(false)
+	for _, path := range paths {
+		path.pass.Store(false)
+	}
 	quiet := 3 * (p.b.cfg.SilenceTimeout + p.b.cfg.StaleAfter + p.b.cfg.PromoteAfter)
 	for end := time.Now().Add(quiet); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
-		if b := vm1(p.b); b.State != "ready" {
-			t.Fatalf("b's replica is %s while the stream delivers checkpoints (a's heartbeats to b lost): %s", b.State, both(p)())
+		if a, b := vm1(p.a), vm1(p.b); a.State != "protected" || b.State != "ready" {
+			t.Fatalf("a's VM is %s and b's replica %s while the stream delivers checkpoints and acks (heartbeats lost both ways): %s", a.State, b.State, both(p)())
 		}
 	}
-	if v := p.b.hb.View("a"); v.ReplHeard {
-		t.Fatalf("b heard a's heartbeats on the replication path through the cut: %+v", v)
+	for h, d := range map[string]*Daemon{"a": p.b, "b": p.a} {
+		if v := d.hb.View(h); v.ReplHeard {
+			t.Fatalf("%s's heartbeats on the replication path crossed the cut: %+v", h, v)
+		}
 	}
 	before := vm1(p.a).Committed
 	time.Sleep(200 * time.Millisecond)
-	if a := vm1(p.a); a.State != "protected" || a.Committed <= before {
+	if a := vm1(p.a); a.Committed <= before {
 		t.Fatalf("a stopped committing: %s", both(p)())
 	}
-	path.pass.Store(true)
+	for _, path := range paths {
+		path.pass.Store(true)
+	}
 	p.waitFT(t)
 }
