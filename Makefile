@@ -87,7 +87,7 @@ test-openstack: ## the OpenStack tests alone: AX's Nova client and axd against a
 	@sh test/openstack/deps.sh
 	AX_REQUIRE_PRIVILEGED=1 $(GO) test -count=1 -timeout 15m -v -run TestOpenStack ./test/openstack/
 
-openstack-lab: deps ## TestIntegrationOpenStackFT: Nova's libvirt driver, AX's adopting driver and Neutron's Linux bridge agent on the lab's hosts a and b, an FT server on a Neutron port with the ledger client, host a killed (no acked record lost), Nova's record following to b, a back, then 5 min of Nova's periodic tasks (as root, ~9 min)
+openstack-lab: deps ## TestIntegrationOpenStackFT: Nova's libvirt driver, AX's adopting driver and Neutron's Linux bridge agent on the lab's hosts a and b, an FT server on a Neutron port with the ledger client, host a killed (no acked record lost), Nova's record following to b, a back, then 5 min of Nova's periodic tasks (as root, ~13 min)
 	AX_REQUIRE_PRIVILEGED=1 AX_OPENSTACK_STAY=5m $(GO) test -count=1 -timeout 30m -v -run TestIntegrationOpenStackFT ./test/lab/
 
 openstack-up: ## that cloud on loopback, left running (clouds.yaml in OPENSTACK_DIR/cloud, default /var/tmp/ax-openstack)
