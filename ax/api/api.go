@@ -69,6 +69,18 @@ type Reservation struct {
 	Free     Capacity            `json:"free"`
 	Promises map[string]Capacity `json:"promises,omitempty"`
 	Forced   []string            `json:"forced,omitempty"` // VMs promised beyond capacity
+	// Placement is how Nova's Placement holds the promises (nil: axd
+	// does not hold them there; it does on a Nova compute host).
+	Placement *PlacementHold `json:"placement,omitempty"`
+}
+
+// PlacementHold is the promises held in Placement as allocations against
+// this host's resource provider.
+type PlacementHold struct {
+	Provider string            `json:"provider,omitempty"` // "" : not found yet
+	Held     []string          `json:"held,omitempty"`     // VMs whose promise Placement holds
+	Failed   map[string]string `json:"failed,omitempty"`   // VMs whose promise it does not hold, and why
+	Error    string            `json:"error,omitempty"`    // why axd's last round with Placement failed
 }
 
 // VMStatus is one VM as axd sees it.

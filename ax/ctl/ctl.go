@@ -9,6 +9,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"slices"
 	"strings"
@@ -219,6 +220,9 @@ func printStatus(out io.Writer, st *api.Status) {
 	}
 	if len(st.VMs) == 0 {
 		fmt.Fprintln(out, "no VMs")
+		if r := st.Reservation; r != nil {
+			printPlacement(out, r.Placement, len(r.Promises))
+		}
 		return
 	}
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
@@ -264,6 +268,9 @@ func printStatus(out io.Writer, st *api.Status) {
 		}
 		fmt.Fprintln(out)
 	}
+	if r := st.Reservation; r != nil {
+		printPlacement(out, r.Placement, len(r.Promises))
+	}
 	for _, v := range st.VMs {
 		if v.Alarm != "" {
 			fmt.Fprintf(out, "ALARM %s: %s\n", v.Name, v.Alarm)
@@ -272,6 +279,22 @@ func printStatus(out io.Writer, st *api.Status) {
 			fmt.Fprintf(out, "UNPROTECTED %s: declared %s, not protected for %.1f s; axd protects it again by itself when %s (or another partner) can take the replica\n",
 				v.Name, v.Declared, v.UnprotectedS, dash(v.DeclaredPeer))
 		}
+	}
+}
+
+// printPlacement writes how Placement holds the promises: one line, one
+// more per promise it does not hold.
+func printPlacement(out io.Writer, p *api.PlacementHold, promised int) {
+	if p == nil || promised == 0 && p.Error == "" {
+		return
+	}
+	if p.Error != "" {
+		fmt.Fprintf(out, "PLACEMENT: the promises to partners' VMs are not all held in Placement: %s\n", p.Error)
+	} else {
+		fmt.Fprintf(out, "placement: %d of %d promises held on resource provider %s\n", len(p.Held), promised, p.Provider)
+	}
+	for _, vm := range slices.Sorted(maps.Keys(p.Failed)) {
+		fmt.Fprintf(out, "PLACEMENT %s: not held: %s\n", vm, p.Failed[vm])
 	}
 }
 

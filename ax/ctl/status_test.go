@@ -114,3 +114,38 @@ func TestStatusShowsWitness(t *testing.T) {
 		})
 	}
 }
+
+// axctl status says how many promises Placement holds, which it does not
+// and why, and when axd cannot reach it; nothing without promises.
+func TestStatusShowsPlacement(t *testing.T) {
+	promises := map[string]api.Capacity{"vm1": {VCPUs: 1}, "vm2": {VCPUs: 2}}
+	for _, c := range []struct {
+		name      string
+		r         *api.Reservation
+		want, not []string
+	}{
+		{name: "not on Nova", r: &api.Reservation{Promises: promises}, not: []string{"placement", "PLACEMENT"}},
+		{name: "nothing promised", r: &api.Reservation{Placement: &api.PlacementHold{Provider: "rp-1"}}, not: []string{"placement", "PLACEMENT"}},
+		{name: "all held", r: &api.Reservation{Promises: promises, Placement: &api.PlacementHold{Provider: "rp-1", Held: []string{"vm1", "vm2"}}},
+			want: []string{"placement: 2 of 2 promises held on resource provider rp-1\n"}, not: []string{"PLACEMENT"}},
+		{name: "one refused", r: &api.Reservation{Promises: promises, Placement: &api.PlacementHold{Provider: "rp-1", Held: []string{"vm1"},
+			Failed: map[string]string{"vm2": "the requested amount would exceed the capacity"}}},
+			want: []string{"placement: 1 of 2 promises held on resource provider rp-1\n", "PLACEMENT vm2: not held: the requested amount would exceed the capacity\n"}},
+		{name: "unreachable", r: &api.Reservation{Promises: promises, Placement: &api.PlacementHold{Error: "connection refused"}},
+			want: []string{"PLACEMENT: the promises to partners' VMs are not all held in Placement: connection refused\n"}, not: []string{"placement:"}},
+	} {
+		var out strings.Builder
+		printStatus(&out, &api.Status{Host: "b", Reservation: c.r})
+		text := out.String()
+		for _, w := range c.want {
+			if !strings.Contains(text, w) {
+				t.Errorf("%s: status lacks %q:\n%s", c.name, w, text)
+			}
+		}
+		for _, n := range c.not {
+			if strings.Contains(text, n) {
+				t.Errorf("%s: status has %q:\n%s", c.name, n, text)
+			}
+		}
+	}
+}

@@ -229,12 +229,13 @@ type Daemon struct {
 	agentMetrics *agent.Metrics
 	hb           *heartbeat.Detector
 	repl         *replication.Server
-	wit          witness.Leases // nil without a witness
-	nova         *novaLevels    // nil without Config.Nova
-	nbd          *nbd.Server    // primaries' disk mirrors write here
-	book         *reserve.Book  // capacity promised to partners' VMs
-	store        vm.Store       // written at every change of a VM's state
-	pinGates     bool           // FT output gates are pinned in cfg.BPFDir
+	wit          witness.Leases   // nil without a witness
+	nova         *novaLevels      // nil without Config.Nova
+	nbd          *nbd.Server      // primaries' disk mirrors write here
+	book         *reserve.Book    // capacity promised to partners' VMs
+	place        *placementMirror // the book held in Placement (nil: not on Nova)
+	store        vm.Store         // written at every change of a VM's state
+	pinGates     bool             // FT output gates are pinned in cfg.BPFDir
 	// leaving: axd stops, and its partners were told to wait for it until
 	// this CLOCK_MONOTONIC moment (ns; 0: not stopping, or without a grace).
 	leaving atomic.Int64
@@ -316,6 +317,9 @@ func New(cfg Config) (*Daemon, error) {
 		d.nova = newNovaLevels(d, *cfg.Nova)
 		if d.cfg.Levels == nil {
 			d.cfg.Levels = d.nova
+		}
+		if pc, ok := cfg.Nova.Cloud.(PlacementCloud); ok && !cfg.Nova.NoPlacement {
+			d.place = newPlacementMirror(d, pc, d.nova.host, d.nova.sync)
 		}
 	}
 	return d, nil
@@ -469,6 +473,9 @@ func (d *Daemon) Run(ctx context.Context, ready func()) error {
 	d.replayHooks()
 	if d.nova != nil {
 		d.wg.Go(func() { d.nova.run(ctx) })
+	}
+	if d.place != nil {
+		d.wg.Go(func() { d.place.run(ctx) })
 	}
 	if ready != nil {
 		ready()

@@ -224,6 +224,9 @@ func (n *novaLevels) evacuate(ctx context.Context, e *evacuation) {
 	n.mu.Lock()
 	e.server = id
 	n.mu.Unlock()
+	if n.d.place != nil {
+		n.d.place.drop(ctx, e.vm) // its room here is for the evacuation now
+	}
 	n.follow(ctx, e)
 }
 

@@ -16,6 +16,7 @@ import (
 	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/ax/hv/hvtest"
 	"github.com/axproject/ax/ax/hv/libvirt"
+	"github.com/axproject/ax/ax/reserve"
 	"github.com/axproject/ax/nova-hook/nova"
 	"github.com/axproject/ax/nova-hook/nova/novatest"
 )
@@ -83,6 +84,17 @@ func evacStage(d *Daemon) string {
 func TestNovaEvacuateAfterPromotion(t *testing.T) {
 	d, c, v, adopt := evacHost(t, true)
 	c.HoldEvacuations(true)
+	// b's promise to vm1, held in Placement (no loop runs: only the
+	// evacuation's own removal can remove it).
+	c.AddProvider(novatest.Provider{UUID: rpB, Host: "b", Inventory: map[string]int{"VCPU": 8, "MEMORY_MB": 4096}})
+	d.place = newPlacementMirror(d, d.nova.cloud.(PlacementCloud), "b", time.Hour)
+	if err := d.book.Promise("vm1", reserve.Capacity{VCPUs: 1, MemoryBytes: 1 << 20}, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.place.sync(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	reservation := nova.ReservationConsumer(rpB, "vm1")
 	if err := d.promote(context.Background(), v); err != nil {
 		t.Fatal(err)
 	}
@@ -106,9 +118,11 @@ func TestNovaEvacuateAfterPromotion(t *testing.T) {
 			order = append(order, "force-down")
 		case r == "POST /compute/v2.1/servers/"+novaServerID+"/action":
 			order = append(order, "evacuate")
+		case r == "DELETE /placement/allocations/"+reservation:
+			order = append(order, "unreserve") // its room given back before the scheduler looks for it
 		}
 	}
-	if want := []string{"service", "force-down", "evacuate"}; !slices.Equal(order, want) {
+	if want := []string{"unreserve", "service", "force-down", "evacuate"}; !slices.Equal(order, want) {
 		t.Errorf("calls %q, want %q", order, want)
 	}
 	if s := c.ComputeService("a"); !s.ForcedDown {
@@ -291,9 +305,16 @@ func TestNovaEvacuateHoldsReprotection(t *testing.T) {
 			ids: map[string]*libvirt.Identity{"vm1": {Name: "vm1", UUID: novaServerID, Running: true, Nova: &libvirt.NovaInstance{}}}}
 		cfg.Nova = &NovaConfig{Cloud: cl, EvacuatePoll: 10 * time.Millisecond, AdoptDir: adopt}
 	})
+	c.AddProvider(novatest.Provider{UUID: rpB, Host: "b", Inventory: map[string]int{"VCPU": 8, "MEMORY_MB": 4096}})
 	p.defineVM(t)
 	p.fakeB.NoPIDs()
 	p.protectFT(t)
+	// b's promise to vm1 is held in Placement while it is partner.
+	reservation := nova.ReservationConsumer(rpB, "vm1")
+	until(t, "b's promise to vm1 held in Placement", func() bool {
+		_, ok := c.Consumers()[reservation]
+		return ok
+	}, func() string { return fmt.Sprintf("%+v", p.b.eventsSince(0)) })
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := p.a.plannedFailover(ctx, "vm1"); err != nil {
@@ -303,6 +324,9 @@ func TestNovaEvacuateHoldsReprotection(t *testing.T) {
 		e, _ := p.b.nova.evacuation("vm1")
 		return e.stage == string(nova.StageCompleting)
 	}, func() string { return fmt.Sprintf("%+v", p.b.eventsSince(0)) })
+	if _, ok := c.Consumers()[reservation]; ok {
+		t.Error("vm1's reservation is still in Placement after its promotion")
+	}
 	if s := c.ComputeService("a"); !s.ForcedDown {
 		t.Error("a's nova-compute not forced down")
 	}

@@ -56,6 +56,9 @@ type NovaConfig struct {
 	// StateDir/nova-adopt, /var/lib/ax/nova-adopt for the package's axd;
 	// the driver's [ax] adopt_dir must name the same).
 	AdoptDir string
+	// NoPlacement: the capacity promised to partners' VMs is not held in
+	// Placement (placement.go), where it is by default.
+	NoPlacement bool
 }
 
 // novaRequestTimeout bounds one round of requests to Nova.

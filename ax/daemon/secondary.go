@@ -121,7 +121,7 @@ func (d *Daemon) openReplica(name, peer string, payload []byte, remote net.Addr)
 		d.vms[name] = v
 	}
 	d.mu.Unlock()
-	d.reservationMetrics()
+	d.reservationChanged()
 	defer func() {
 		if err == nil || ok {
 			return
@@ -134,7 +134,7 @@ func (d *Daemon) openReplica(name, peer string, payload []byte, remote net.Addr)
 		}
 		d.mu.Unlock()
 		d.book.Release(name)
-		d.reservationMetrics()
+		d.reservationChanged()
 	}()
 	var rep *replication.Replica
 	var oldDisks *replicaDisks
@@ -264,7 +264,7 @@ func (d *Daemon) streamEnded(name string, bye, handover bool, err error) {
 			disks.Close()
 		}
 		d.book.Release(name)
-		d.reservationMetrics()
+		d.reservationChanged()
 		if dir, err := names.Join(filepath.Join(d.cfg.StateDir, "replicas"), "vm", name); err == nil {
 			os.RemoveAll(dir)
 		}
@@ -612,7 +612,7 @@ func (d *Daemon) promote(ctx context.Context, v *vmState) (err error) {
 	rep.Close()
 	// The promise is kept: the VM runs here now.
 	d.book.Release(v.name)
-	d.reservationMetrics()
+	d.reservationChanged()
 	d.startAgent(v)
 	if d.nova != nil {
 		if !promoted {
@@ -652,14 +652,21 @@ func (d *Daemon) reservation() *api.Reservation {
 		}
 	}
 	sort.Strings(r.Forced)
+	if d.place != nil {
+		r.Placement = d.place.status()
+	}
 	return r
 }
 
-// reservationMetrics exports the host's capacity and what is promised.
-func (d *Daemon) reservationMetrics() {
+// reservationChanged exports the host's capacity and what is promised,
+// and has Placement hold the promises.
+func (d *Daemon) reservationChanged() {
 	r := d.reservation()
 	if r == nil {
 		return
+	}
+	if d.place != nil {
+		d.place.kick()
 	}
 	for _, x := range []struct {
 		name          string

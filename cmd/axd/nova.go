@@ -15,6 +15,7 @@ import (
 type novaFlags struct {
 	cloud, file, host, adopt string
 	poll, resync             time.Duration
+	placement                bool
 }
 
 func (f *novaFlags) add(fs *flag.FlagSet) {
@@ -25,6 +26,7 @@ func (f *novaFlags) add(fs *flag.FlagSet) {
 	fs.DurationVar(&f.poll, "nova-poll", 3*time.Second, "with --nova-cloud: how often Nova is asked what changed (changes-since)")
 	fs.StringVar(&f.adopt, "nova-adopt-dir", "", "with --nova-cloud: where axd marks the instances it promoted here for the adopting compute driver (nova-hook/driver), a file per instance UUID; the driver's [ax] adopt_dir (default STATE-DIR/nova-adopt)")
 	fs.DurationVar(&f.resync, "nova-resync", time.Minute, "with --nova-cloud: how often every server of this host is read again and refused or failed levels retried")
+	fs.BoolVar(&f.placement, "nova-placement", true, "with --nova-cloud: hold the capacity this host promised its partners' VMs in Placement, so that Nova's scheduler counts it (an allocation per VM against this host's compute node, consumer type "+nova.ReservationType+")")
 }
 
 // config is the daemon's Nova configuration, nil without --nova-cloud.
@@ -55,5 +57,5 @@ func (f *novaFlags) config() (*daemon.NovaConfig, error) {
 	if err != nil {
 		return nil, fmt.Errorf("--nova-cloud: %w", err)
 	}
-	return &daemon.NovaConfig{Cloud: cl, Host: f.host, Poll: f.poll, Resync: f.resync, AdoptDir: f.adopt}, nil
+	return &daemon.NovaConfig{Cloud: cl, Host: f.host, Poll: f.poll, Resync: f.resync, AdoptDir: f.adopt, NoPlacement: !f.placement}, nil
 }

@@ -20,18 +20,31 @@ func TestNovaFlags(t *testing.T) {
 	clouds := cloud.CloudsYAML(t, dir)
 	psk := filepath.Join(dir, "psk")
 	os.WriteFile(psk, []byte(strings.Repeat("ab", 32)+"\n"), 0o600)
+	// serve runs axd until it asked Nova twice for novaHost's servers.
 	serve := func(t *testing.T, novaHost string, args ...string) {
 		t.Helper()
-		asked := func(string) bool { return cloud.Count("GET", "/servers/detail?all_tenants=true&host="+novaHost) > 0 }
-		sock, stop := runUntil(t, "asking Nova for host "+novaHost+"'s servers", asked,
+		asked := func(string) bool { return cloud.Count("GET", "/servers/detail?all_tenants=true&host="+novaHost) > 1 }
+		sock, stop := runUntil(t, "asking Nova for host "+novaHost+"'s servers twice", asked,
 			append([]string{"--host", "a", "--psk-file", psk, "--peer", "b=127.0.0.1:17400,127.0.0.1:17401"}, args...)...)
 		if !serves(sock) {
 			t.Errorf("axd %v does not serve", args)
 		}
 		stop()
 	}
+	hypervisors := func() int { return cloud.Count("GET", "/compute/v2.1/os-hypervisors/detail") }
 	t.Run("flags", func(t *testing.T) {
-		serve(t, "compute-1", "--nova-cloud", "ax-test", "--nova-clouds-file", clouds, "--nova-host", "compute-1")
+		serve(t, "compute-1", "--nova-cloud", "ax-test", "--nova-clouds-file", clouds, "--nova-host", "compute-1", "--nova-poll", "1s")
+		// The promises are held in Placement: it looked for its compute node.
+		if hypervisors() == 0 {
+			t.Error("axd did not look for its compute node's resource provider")
+		}
+	})
+	t.Run("placement off", func(t *testing.T) {
+		before := hypervisors()
+		serve(t, "compute-2", "--nova-cloud", "ax-test", "--nova-clouds-file", clouds, "--nova-host", "compute-2", "--nova-poll", "1s", "--nova-placement=false")
+		if n := hypervisors() - before; n != 0 {
+			t.Errorf("with --nova-placement=false axd asked for its compute node %d times", n)
+		}
 	})
 	t.Run("environment", func(t *testing.T) {
 		t.Setenv("OS_CLOUD", "ax-test")

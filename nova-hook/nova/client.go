@@ -43,10 +43,11 @@ type Client struct {
 	tls     *tls.Config
 	timeout time.Duration
 
-	mu      sync.Mutex
-	pc      *gophercloud.ProviderClient
-	compute *gophercloud.ServiceClient
-	image   *gophercloud.ServiceClient
+	mu        sync.Mutex
+	pc        *gophercloud.ProviderClient
+	compute   *gophercloud.ServiceClient
+	image     *gophercloud.ServiceClient
+	placement *gophercloud.ServiceClient
 }
 
 // New reads the cloud's entry in clouds.yaml; it does not connect.
@@ -89,45 +90,48 @@ func (c *Client) provider(ctx context.Context) (*gophercloud.ProviderClient, err
 	return pc, nil
 }
 
-// computeClient is Nova's client at Microversion.
-func (c *Client) computeClient(ctx context.Context) (*gophercloud.ServiceClient, error) {
+// service is the client in *slot, made by mk at its first use (what
+// could not be made is asked again next time).
+func (c *Client) service(ctx context.Context, slot **gophercloud.ServiceClient, what string,
+	mk func(*gophercloud.ProviderClient, gophercloud.EndpointOpts) (*gophercloud.ServiceClient, error)) (*gophercloud.ServiceClient, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.compute != nil {
-		return c.compute, nil
+	if *slot != nil {
+		return *slot, nil
 	}
 	pc, err := c.provider(ctx)
 	if err != nil {
 		return nil, err
 	}
-	compute, err := openstack.NewComputeV2(pc, c.eo)
+	sc, err := mk(pc, c.eo)
 	if err != nil {
-		return nil, fmt.Errorf("no compute endpoint in the catalog: %w", err)
+		return nil, fmt.Errorf("%s: %w", what, err)
 	}
-	compute.Microversion = Microversion
-	c.compute = compute
-	return compute, nil
+	*slot = sc
+	return sc, nil
+}
+
+// computeClient is Nova's client at Microversion.
+func (c *Client) computeClient(ctx context.Context) (*gophercloud.ServiceClient, error) {
+	return c.service(ctx, &c.compute, "no compute endpoint in the catalog", atMicroversion(openstack.NewComputeV2, Microversion))
+}
+
+// atMicroversion makes clients as mk does, asking microversion v.
+func atMicroversion(mk func(*gophercloud.ProviderClient, gophercloud.EndpointOpts) (*gophercloud.ServiceClient, error), v string) func(*gophercloud.ProviderClient, gophercloud.EndpointOpts) (*gophercloud.ServiceClient, error) {
+	return func(pc *gophercloud.ProviderClient, eo gophercloud.EndpointOpts) (*gophercloud.ServiceClient, error) {
+		sc, err := mk(pc, eo)
+		if err == nil {
+			sc.Microversion = v
+		}
+		return sc, err
+	}
 }
 
 // imageClient is Glance's client, made at its first use: Glance's
 // catalog endpoint has no version and is asked for one, so Glance down
 // does not keep Nova's levels from being read.
 func (c *Client) imageClient(ctx context.Context) (*gophercloud.ServiceClient, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.image != nil {
-		return c.image, nil
-	}
-	pc, err := c.provider(ctx)
-	if err != nil {
-		return nil, err
-	}
-	image, err := openstack.NewImageV2(pc, c.eo)
-	if err != nil {
-		return nil, fmt.Errorf("no image endpoint in the catalog, or Glance did not say its version: %w", err)
-	}
-	c.image = image
-	return image, nil
+	return c.service(ctx, &c.image, "no image endpoint in the catalog, or Glance did not say its version", openstack.NewImageV2)
 }
 
 // Servers lists the servers Nova has on compute host host (all projects;

@@ -133,13 +133,18 @@ func quote(s string) string {
 // printable is s with what is not printable replaced, bounded: for names
 // Nova gives, which end up in events and metadata.
 func printable(s string) string {
-	s = strings.Map(func(r rune) rune {
+	return Truncate(printableText(s), 64)
+}
+
+// printableText is s with what is not printable replaced: for what a
+// service answers, which ends up in events.
+func printableText(s string) string {
+	return strings.Map(func(r rune) rune {
 		if r < 0x20 || r == 0x7f || r == utf8.RuneError {
 			return '?'
 		}
 		return r
 	}, s)
-	return Truncate(s, 64)
 }
 
 // Truncate cuts s to at most n bytes without splitting a character.

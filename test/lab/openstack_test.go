@@ -402,14 +402,21 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 		}
 	}
 
-	// M3: host a dies (QEMU, libvirtd, axd; links cut; and its
-	// nova-compute): b resumes the guest from the last checkpoint, and
-	// axd on b makes Nova follow by itself (force a down, evacuate to b,
-	// where the adopting driver adopts the running domain).
+	// b, the partner, holds its promise to the server in Placement
+	// against its compute node: Nova's scheduler counts it.
 	cl, err := nova.New(nova.Config{Cloud: "ax", CloudsFile: c.CloudsYAML()})
 	if err != nil {
 		t.Fatal(err)
 	}
+	rpA, rpB := computeNode(ctx, t, cl, HostA), computeNode(ctx, t, cl, HostB)
+	reservationB := nova.ReservationConsumer(rpB, domain)
+	held := waitAllocation(ctx, t, cl, rpB, reservationB, true)
+	t.Logf("axd on b holds its promise to %s in Placement: %v on b's provider %s (consumer %s)", domain, held, rpB, reservationB)
+
+	// M3: host a dies (QEMU, libvirtd, axd; links cut; and its
+	// nova-compute): b resumes the guest from the last checkpoint, and
+	// axd on b makes Nova follow by itself (force a down, evacuate to b,
+	// where the adopting driver adopts the running domain).
 	blog := filepath.Join(c.Dir, "log", openstack.ComputeName(HostB)+".log")
 	alog := filepath.Join(c.Dir, "log", openstack.ComputeName(HostA)+".log")
 	time.Sleep(10 * time.Second)
@@ -511,6 +518,14 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 		time.Sleep(time.Second)
 	}
 	t.Logf("openstack port show: bound to %s, %s %.1f s after the kill", portShown.Host, portShown.Status, time.Since(killed).Seconds())
+	// b's reservation was given back to the evacuation: the server's own
+	// allocation is on b now.
+	waitAllocation(ctx, t, cl, rpB, reservationB, false)
+	if allocs, err := cl.Allocations(ctx, rpB); err != nil || len(allocs[id]) == 0 {
+		t.Errorf("b's provider after the evacuation: %v, %v; want the server %s's allocation", allocs, err, id)
+	} else {
+		t.Logf("b's provider after the evacuation: the server's allocation %v, AX's reservation gone", allocs[id])
+	}
 	if svc, err := cl.ComputeService(ctx, HostA); err != nil || !svc.ForcedDown {
 		t.Errorf("a's compute service after the evacuation: %+v, %v; want forced down", svc, err)
 	}
@@ -562,6 +577,8 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 	})
 	t.Logf("FT protected again from b towards a %.1f s after forced_down was cleared (%.1f s after a's nova-compute started again), epoch %d",
 		time.Since(clearedAt).Seconds(), time.Since(restarted).Seconds(), vs.Epoch)
+	held = waitAllocation(ctx, t, cl, rpA, nova.ReservationConsumer(rpA, domain), true)
+	t.Logf("axd on a, the partner now, holds its promise to %s in Placement: %v on a's provider %s", domain, held, rpA)
 
 	// M5: the stay. Both nova-computes run their periodic tasks; Nova
 	// keeps saying b, ACTIVE; the guest keeps ticking on b, never
@@ -734,6 +751,33 @@ func recentEvents(l *Lab, h string) string {
 }
 
 // osStatus waits for server id's ax:status to satisfy ok.
+// computeNode is host's compute node (its resource provider) in Nova.
+func computeNode(ctx context.Context, t *testing.T, cl *nova.Client, host string) string {
+	t.Helper()
+	rp, err := cl.ComputeNode(ctx, host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rp
+}
+
+// waitAllocation waits up to 30 s for consumer's allocation on provider
+// rp to be there (present) or gone, and returns it.
+func waitAllocation(ctx context.Context, t *testing.T, cl *nova.Client, rp, consumer string, present bool) nova.Resources {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		allocs, err := cl.Allocations(ctx, rp)
+		if err == nil && (len(allocs[consumer]) > 0) == present {
+			return allocs[consumer]
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("consumer %s on provider %s: want present %v within 30 s; allocations %v, %v", consumer, rp, present, allocs, err)
+		}
+		time.Sleep(time.Second)
+	}
+}
+
 func osStatus(t *testing.T, osc func(...string) string, id string, within time.Duration, ok func(string) bool) string {
 	t.Helper()
 	var last string

@@ -2,9 +2,11 @@ package openstack
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -19,7 +21,9 @@ import (
 // evacuates the server to b, whose nova-compute runs AX's adopting mixin
 // over the fake driver — it adopts, it does not spawn; Nova says b,
 // ACTIVE. a's nova-compute starts again and completes the evacuation;
-// forced_down is cleared; the server stays on b.
+// forced_down is cleared; the server stays on b. Before, b held a
+// reservation in Placement for the server, as axd on its partner does:
+// see holdReservation.
 func TestOpenStackEvacuate(t *testing.T) {
 	requireCloud(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 12*time.Minute)
@@ -40,10 +44,17 @@ func TestOpenStackEvacuate(t *testing.T) {
 		t.Fatal(err)
 	}
 	t0 := time.Now()
-	if err := c.StartCompute(ctx, "b", wrapper, "compute_driver = ax_adopt_fake.AdoptingFakeDriver\n[ax]\nadopt_dir = "+adopt+"\n"); err != nil {
+	// Its resource tracker runs every 2 s: the reservation below sees it.
+	if err := c.StartCompute(ctx, "b", wrapper, "update_resources_interval = 2\nperiodic_fuzzy_delay = 0\n"+
+		"compute_driver = ax_adopt_fake.AdoptingFakeDriver\n[ax]\nadopt_dir = "+adopt+"\n"); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("nova-compute b up and mapped in %s", time.Since(t0).Round(time.Second))
+	cl, err := nova.New(nova.Config{Cloud: "ax", CloudsFile: c.CloudsYAML()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	reservation := holdReservation(ctx, t, cl, filepath.Join(c.Dir, "log", "nova-compute-b.log"))
 
 	// Host a dies; axd on b promoted the server and marked it.
 	if err := c.Stop("nova-compute"); err != nil {
@@ -52,9 +63,12 @@ func TestOpenStackEvacuate(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(adopt, id), []byte("instance-00000001\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	cl, err := nova.New(nova.Config{Cloud: "ax", CloudsFile: c.CloudsYAML()})
-	if err != nil {
+	// axd gives the promoted server's room back before the evacuation.
+	if err := cl.Unreserve(ctx, reservation); err != nil {
 		t.Fatal(err)
+	}
+	if err := cl.Unreserve(ctx, reservation); err != nil {
+		t.Errorf("removing a reservation already removed: %v", err)
 	}
 	var mu sync.Mutex
 	stages := map[nova.Stage]time.Time{}
@@ -156,4 +170,54 @@ func TestOpenStackEvacuate(t *testing.T) {
 	if len(retries) > 0 {
 		t.Logf("calls retried: %q", retries)
 	}
+}
+
+// holdReservation makes the reservation axd on b holds for a server it is
+// partner of (instance-00000001: 1 vCPU, 512 MiB) in the real Placement,
+// and checks what axd relies on: Placement counts it and refuses what
+// does not fit, with the error axd shows; its consumer is AX's; b's
+// resource tracker, whose log is blog, runs and leaves it alone. It
+// returns the reservation's consumer.
+func holdReservation(ctx context.Context, t *testing.T, cl *nova.Client, blog string) string {
+	t.Helper()
+	rp, err := cl.ComputeNode(ctx, "b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	inv, err := cl.Inventory(ctx, rp)
+	if err != nil || inv["VCPU"] < 1 || inv["MEMORY_MB"] < 512 {
+		t.Fatalf("b's inventory %v, %v", inv, err)
+	}
+	consumer := nova.ReservationConsumer(rp, "instance-00000001")
+	want := nova.Resources{"VCPU": 1, "MEMORY_MB": 512}
+	if err := cl.Reserve(ctx, consumer, rp, want); err != nil {
+		t.Fatal(err)
+	}
+	if err := cl.Reserve(ctx, consumer, rp, want); err != nil {
+		t.Fatalf("writing the same reservation again (at its generation): %v", err)
+	}
+	if typ, err := cl.ConsumerType(ctx, consumer); err != nil || typ != nova.ReservationType {
+		t.Errorf("the reservation's consumer type %q, %v; want %s", typ, err, nova.ReservationType)
+	}
+	err = cl.Reserve(ctx, nova.ReservationConsumer(rp, "too-big"), rp, nova.Resources{"MEMORY_MB": inv["MEMORY_MB"] + 1})
+	if !errors.Is(err, nova.ErrNoCapacity) || !strings.Contains(err.Error(), "MEMORY_MB") {
+		t.Errorf("a reservation larger than b: %v; want ErrNoCapacity with Placement's words", err)
+	}
+	t.Logf("a reservation larger than b: %v", err)
+	// b's resource tracker runs (every 2 s): it finds a consumer that is no
+	// instance of its own, says so, and leaves it.
+	deadline := time.Now().Add(time.Minute)
+	for !logged(blog, "Instance "+consumer+" has allocations against this compute host but is not found in the database") {
+		if time.Now().After(deadline) {
+			t.Fatalf("b's resource tracker did not look at the reservation within a minute (%s)", blog)
+		}
+		time.Sleep(time.Second)
+	}
+	time.Sleep(5 * time.Second) // two more runs
+	allocs, err := cl.Allocations(ctx, rp)
+	if err != nil || !allocs[consumer].Equal(want) {
+		t.Fatalf("b's allocations after its resource tracker ran: %v, %v; want the reservation kept", allocs, err)
+	}
+	t.Logf("reservation %s on b (%s) kept by b's resource tracker", consumer, rp)
+	return consumer
 }

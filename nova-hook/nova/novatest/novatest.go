@@ -1,6 +1,7 @@
 // Package novatest is a fake OpenStack for tests: Keystone v3 (password
 // tokens with a catalog), Nova (servers with their metadata and embedded
-// flavor) and Glance (images), answering the requests package nova makes
+// flavor, compute nodes), Glance (images) and Placement (resource
+// providers, allocations), answering the requests package nova makes
 // in the shapes the real APIs use, with outages and errors on demand.
 package novatest
 
@@ -61,12 +62,16 @@ type Cloud struct {
 	services   map[string]*Service
 	migrations []*Migration
 	holdEvac   bool
+	// Placement: resource providers and consumers by UUID (placement.go).
+	providers     map[string]*Provider
+	consumers     map[string]*Consumer
+	placementDown bool
 }
 
 // New starts a fake cloud, stopped at t's end.
 func New(t testing.TB) *Cloud {
 	c := &Cloud{now: time.Now, token: "gAAAAAB-token-1", servers: map[string]*Server{}, images: map[string]map[string]string{},
-		services: map[string]*Service{}}
+		services: map[string]*Service{}, providers: map[string]*Provider{}, consumers: map[string]*Consumer{}}
 	srv := httptest.NewServer(http.HandlerFunc(c.serve))
 	t.Cleanup(srv.Close)
 	c.URL = srv.URL
@@ -232,6 +237,11 @@ func (c *Cloud) serve(w http.ResponseWriter, r *http.Request) {
 	case p == "/image" || p == "/image/":
 		c.imageVersions(w)
 		return
+	case (p == "/placement" || p == "/placement/") && !c.placementDown:
+		// Placement's root: its one version, unauthenticated.
+		reply(w, http.StatusOK, map[string]any{"versions": []any{map[string]any{"id": "v1.0", "max_version": "1.39", "min_version": "1.0",
+			"status": "CURRENT", "links": []any{map[string]any{"rel": "self", "href": ""}}}}})
+		return
 	}
 	if r.Header.Get("X-Auth-Token") != c.token {
 		fault(w, http.StatusUnauthorized, "unauthorized", "The request you have made requires authentication.")
@@ -242,6 +252,8 @@ func (c *Cloud) serve(w http.ResponseWriter, r *http.Request) {
 		c.compute(w, r, strings.TrimPrefix(p, "/compute/v2.1/"))
 	case strings.HasPrefix(p, "/image/v2/images/") && r.Method == http.MethodGet:
 		c.image(w, strings.TrimPrefix(p, "/image/v2/images/"))
+	case strings.HasPrefix(p, "/placement/"):
+		c.placement(w, r, strings.TrimPrefix(p, "/placement/"))
 	default:
 		fault(w, http.StatusNotFound, "itemNotFound", "no such resource "+p)
 	}
@@ -325,6 +337,7 @@ func (c *Cloud) issueToken(w http.ResponseWriter, r *http.Request) {
 			endpoint("identity", "keystone", c.URL+"/identity"),
 			endpoint("compute", "nova", c.URL+"/compute/v2.1"),
 			endpoint("image", "glance", c.URL+"/image"),
+			endpoint("placement", "placement", c.URL+"/placement"),
 		},
 	}})
 }
@@ -375,6 +388,8 @@ func (c *Cloud) compute(w http.ResponseWriter, r *http.Request, p string) {
 		c.putService(w, r, parts[1], major, minor)
 	case p == "os-migrations" && r.Method == http.MethodGet:
 		c.listMigrations(w, r)
+	case p == "os-hypervisors/detail" && r.Method == http.MethodGet:
+		c.listHypervisors(w, major, minor)
 	default:
 		fault(w, http.StatusNotFound, "itemNotFound", "no such resource "+p)
 	}
