@@ -35,6 +35,10 @@ type Metrics struct {
 	JournalWrites *prometheus.GaugeVec
 	Reserved      *prometheus.GaugeVec
 	Capacity      *prometheus.GaugeVec
+	// On a Nova compute host: the promises Placement holds, and axd's
+	// rounds with it (neither is exported elsewhere).
+	PlacementReservations *prometheus.GaugeVec
+	PlacementRounds       *prometheus.CounterVec
 
 	// The witness: this host's lease calls by result (renewals ok,
 	// refused, failed; takeovers won, refused, failed), and its members
@@ -136,6 +140,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "ax_reserved_capacity", Help: "Capacity this host has promised to partners' VMs for failover, by resource (vcpus, memory_bytes, disk_bytes)."}, []string{"resource"}),
 		Capacity: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "ax_host_capacity", Help: "This host's capacity reservations are counted against, by resource."}, []string{"resource"}),
+		PlacementReservations: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "ax_placement_reservations", Help: "Promises to partners' VMs by whether Placement holds them (held) or not (failed: see axctl status)."}, []string{"state"}),
+		PlacementRounds: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "ax_placement_rounds_total", Help: "Rounds making Placement's reservations match the promises to partners' VMs, by result (ok, error)."}, []string{"result"}),
 	}
 	reg.MustRegister(m.WitnessRenewals, m.WitnessTakeovers, m.WitnessMembers, m.WitnessMembersReachable, m.WitnessQuorum)
 	// Every result at zero, so that rates and alert rules see them
@@ -146,7 +154,8 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	for _, r := range []string{TakeoverWon, Refused, Failed} {
 		m.WitnessTakeovers.WithLabelValues(r)
 	}
-	reg.MustRegister(m.DiskBytes, m.DiskLag, m.DiskSync, m.DiskResyncCompared, m.DiskResyncSkipped, m.JournalBytes, m.JournalWrites, m.Reserved, m.Capacity)
+	reg.MustRegister(m.DiskBytes, m.DiskLag, m.DiskSync, m.DiskResyncCompared, m.DiskResyncSkipped, m.JournalBytes, m.JournalWrites, m.Reserved, m.Capacity,
+		m.PlacementReservations, m.PlacementRounds)
 	reg.MustRegister(m.Epochs, m.Pause, m.DirtyPages, m.BytesSent, m.CommitLatency, m.ReplLag,
 		m.Failovers, m.Unprotected, m.UnprotectedS, m.Level, m.Protected, m.SyncProgress, m.PeerHeard, m.Witness,
 		m.HeldFrames, m.HeldBytes, m.ReleaseDelay, m.OutputDrops)

@@ -53,9 +53,8 @@ type placementMirror struct {
 	kickc chan struct{}
 	warn  *ratelog.Limiter
 
-	held    *prometheus.GaugeVec // state: held, failed
-	rounds  *prometheus.CounterVec
-	reached prometheus.Gauge
+	held   *prometheus.GaugeVec   // state: held, failed
+	rounds *prometheus.CounterVec // result: ok, error
 
 	round sync.Mutex // one round, or one drop, at a time
 
@@ -70,13 +69,10 @@ type placementMirror struct {
 func newPlacementMirror(d *Daemon, cloud PlacementCloud, host string, every time.Duration) *placementMirror {
 	p := &placementMirror{d: d, cloud: cloud, host: host, every: every, kickc: make(chan struct{}, 1), warn: ratelog.New(time.Minute),
 		vms: map[string]string{}, foreign: map[string]bool{}}
-	p.held = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "ax_placement_reservations",
-		Help: "Promises to partners' VMs by whether Placement holds them (held) or not (failed: see axctl status)."}, []string{"state"})
-	p.rounds = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ax_placement_rounds_total",
-		Help: "Rounds making Placement's reservations match the promises, by result (ok, error)."}, []string{"result"})
-	p.reached = prometheus.NewGauge(prometheus.GaugeOpts{Name: "ax_placement_reachable",
-		Help: "1 while axd's last round with Placement completed, 0 while it did not."})
-	d.reg.MustRegister(p.held, p.rounds, p.reached)
+	p.held, p.rounds = d.metrics.PlacementReservations, d.metrics.PlacementRounds
+	for _, r := range []string{"ok", "error"} {
+		p.rounds.WithLabelValues(r) // both at zero, for rates and alerts
+	}
 	return p
 }
 
@@ -276,14 +272,12 @@ func (p *placementMirror) ended(err error, promised bool) {
 	p.mu.Unlock()
 	if err == nil {
 		p.rounds.WithLabelValues("ok").Inc()
-		p.reached.Set(1)
 		if alarmed {
 			p.d.event("", "placement", "Placement's reservations match this host's promises again")
 		}
 		return
 	}
 	p.rounds.WithLabelValues("error").Inc()
-	p.reached.Set(0)
 	if promised && !alarmed {
 		p.d.event("", "alarm", fmt.Sprintf("Placement's reservations cannot be made to match this host's promises (%s): Nova's scheduler may fill this host past what its partners' failovers need; axd tries again", now))
 		return

@@ -156,8 +156,8 @@ func TestPlacementRefusedAndDown(t *testing.T) {
 	if st := d.reservation().Placement; !strings.Contains(st.Error, "placement is down") {
 		t.Errorf("status while Placement is down: %+v", st)
 	}
-	if testutil.ToFloat64(d.place.reached) != 0 {
-		t.Error("ax_placement_reachable is not 0 while Placement is down")
+	if testutil.ToFloat64(d.place.rounds.WithLabelValues("error")) != 2 {
+		t.Error("ax_placement_rounds_total{result=error} is not 2 after two rounds with Placement down")
 	}
 	c.SetPlacementDown(false)
 	c.Allocate(novaServerID, rpB, map[string]int{"VCPU": 1, "MEMORY_MB": 512}) // the instance shrank
