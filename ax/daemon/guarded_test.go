@@ -6,8 +6,11 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -195,4 +198,88 @@ func TestResumeGuardedWitnessLate(t *testing.T) {
 	if ev := events(p.a, "forget"); len(ev) == 0 || !strings.Contains(ev[len(ev)-1], "taken over by b") {
 		t.Errorf("forget events %q", ev)
 	}
+}
+
+// guardOf is the pid of the guard process of guest pid (0: none runs).
+func guardOf(guestPID int) int {
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, f := range procs {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		args := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
+		for i := 0; i+1 < len(args); i++ {
+			if args[i] == "--guard-pid" && args[i+1] == strconv.Itoa(guestPID) {
+				pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(f)))
+				if alive(pid) {
+					return pid
+				}
+			}
+		}
+	}
+	return 0
+}
+
+// A guard that stopped the guest and ended — axd renewed its lease too
+// late, a stalled host — is not the end of the VM: once the witness has
+// renewed this host's lease since, no one took the VM over, so the guest
+// goes on and a guard runs again (before, the guest stayed stopped for
+// good, its QEMU answering nothing, while axd said unprotected).
+func TestGuardGoneGuestContinued(t *testing.T) {
+	p := runPair(t, withWitness(t, 2*time.Second), func(h string, c *Config) {
+		if h == "a" {
+			c.GuardExe = os.Args[0]
+		}
+	})
+	spec := goodSpec()
+	spec.Tracker = "hash"
+	spec.Guest.RAMMiB, spec.Guest.Disks = 1, nil
+	spec.Guest.RAMFile = filepath.Join(p.dir, "vm1.ram")
+	if err := os.WriteFile(spec.Guest.RAMFile, make([]byte, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// The guest: this binary mapping the RAM file as QEMU would.
+	guest := exec.Command(os.Args[0])
+	guest.Env = append(os.Environ(), guestEnv+"="+spec.Guest.RAMFile)
+	if err := guest.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { guest.Wait(); close(exited) }()
+	t.Cleanup(func() { guest.Process.Kill(); <-exited })
+	gpid := guest.Process.Pid
+	until(t, "the guest to map its RAM", func() bool {
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/maps", gpid))
+		return strings.Contains(string(b), spec.Guest.RAMFile)
+	}, func() string { return "" })
+	t.Setenv(guardEnv, "1") // guards axd starts from now are this binary
+	spec.PID = gpid
+	if err := p.a.define(spec); err != nil {
+		t.Fatal(err)
+	}
+	p.protectFT(t)
+	var first int
+	until(t, "a guard for the guest", func() bool { first = guardOf(gpid); return first != 0 }, both(p))
+	// What a stalled axd leaves: the guard stopped the guest and ended.
+	if err := guard.Stop(gpid); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Kill(first, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	var again int
+	until(t, "the guest continued and a new guard", func() bool {
+		stopped, _ := guard.Stopped(gpid)
+		again = guardOf(gpid)
+		return !stopped && again != 0 && again != first
+	}, both(p))
+	found := false
+	for _, e := range events(p.a, "restore") {
+		found = found || strings.Contains(e, "guest continued, guard started again")
+	}
+	if !found {
+		t.Errorf("no event says the guest was continued: %q", events(p.a, "restore"))
+	}
+	p.waitFT(t) // checkpoints go on
 }

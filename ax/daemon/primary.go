@@ -977,12 +977,14 @@ func (d *Daemon) guardPrimary(ctx context.Context, v *vmState, closing, streamDo
 	var lastRenew time.Time
 	var silentSince time.Time
 	var armed time.Duration // the guard's deadline as last armed
+	var renewed time.Time   // when the witness last renewed the lease
+	var guardGone time.Time // when the guard was found gone (zero: it runs)
 	// The guard process stops the guest should this goroutine (or axd)
 	// stop renewing the lease in time.
 	g := d.startGuard(v)
 	if g != nil {
 		defer func() {
-			if d.leaveGuard(v, g, armed, streamDone) {
+			if g == nil || d.leaveGuard(v, g, armed, streamDone) {
 				return
 			}
 			if err := g.Close(); err != nil {
@@ -1015,7 +1017,7 @@ func (d *Daemon) guardPrimary(ctx context.Context, v *vmState, closing, streamDo
 			cancel()
 			switch {
 			case err == nil:
-				leaseUntil = until
+				leaseUntil, renewed = until, time.Now()
 				v.set(func(v *vmState) { v.leaseUntil = until })
 				d.setWitness(true)
 			case errors.Is(err, witness.ErrLeaseHeld):
@@ -1049,13 +1051,39 @@ func (d *Daemon) guardPrimary(ctx context.Context, v *vmState, closing, streamDo
 			d.fenceUntilPaused(v, "neither the partner nor the witness can be reached", closing)
 			return
 		}
-		if g != nil {
-			if dl := d.armGuard(v, g, leaseUntil, pv.HearsMe); dl > 0 {
+		switch {
+		case g != nil:
+			if dl, err := d.armGuard(v, g, leaseUntil, pv.HearsMe); err != nil {
+				g.Close()
+				g, guardGone = nil, time.Now()
+			} else if dl > 0 {
 				armed = dl
 				d.dismissLeftGuard(v, leaseUntil)
 			}
+		case !guardGone.IsZero() && renewed.After(guardGone) && time.Until(leaseUntil) > d.cfg.LeaseTTL/5:
+			// The witness renewed this host's lease after the guard was
+			// gone: no one took the VM over.
+			g, guardGone = d.replaceGuard(v), time.Time{}
 		}
 	}
+}
+
+// replaceGuard starts a guard again for a primary whose guard is gone:
+// it ended after stopping the guest (axd renewed its lease too late: a
+// stalled host), or it died. The caller holds the lease, renewed since:
+// a guest the guard stopped goes on (as dismissLeftGuard does for the
+// guard of an earlier axd), and the VM's checkpoints with it.
+func (d *Daemon) replaceGuard(v *vmState) *guard.Handle {
+	var pid int
+	v.set(func(v *vmState) { pid = v.spec.PID })
+	if stopped, _ := guard.Stopped(pid); stopped {
+		if err := syscall.Kill(pid, syscall.SIGCONT); err != nil {
+			d.fire(v, vm.Degraded, fmt.Sprintf("its guard stopped the guest and is gone; continuing the guest failed: %v", err), nil)
+		} else {
+			d.event(v.name, "restore", "the guard had stopped the guest (axd renewed its lease late) and ended; the witness renewed this host's lease since, so no one took the VM over: guest continued, guard started again")
+		}
+	}
+	return d.startGuard(v)
 }
 
 // leaveGuard leaves the guard process holding the guest when axd stops with
@@ -1148,7 +1176,7 @@ func guardMargin(ttl time.Duration) time.Duration { return ttl / 20 }
 // from now (less two heartbeats), which is as long as the partner would
 // wait after this host's last heartbeat. It returns the deadline armed (0:
 // none new).
-func (d *Daemon) armGuard(v *vmState, g *guard.Handle, leaseUntil time.Time, hearsMe bool) time.Duration {
+func (d *Daemon) armGuard(v *vmState, g *guard.Handle, leaseUntil time.Time, hearsMe bool) (time.Duration, error) {
 	now := guard.Monotonic()
 	var deadline time.Duration
 	if left := time.Until(leaseUntil); left > 0 {
@@ -1158,13 +1186,13 @@ func (d *Daemon) armGuard(v *vmState, g *guard.Handle, leaseUntil time.Time, hea
 		deadline = max(deadline, now+d.cfg.PromoteAfter-2*heartbeat.Every)
 	}
 	if deadline == 0 {
-		return 0 // nothing held yet: the last deadline stands
+		return 0, nil // nothing held yet: the last deadline stands
 	}
 	if err := g.Arm(deadline); err != nil {
-		d.fire(v, vm.Degraded, "the guard process is gone (the guest would not be stopped if axd died): "+err.Error(), nil)
-		return 0
+		d.fire(v, vm.Degraded, "the guard process is gone (the guest would not be stopped if axd died; started again once the witness renews the lease): "+err.Error(), nil)
+		return 0, err
 	}
-	return deadline
+	return deadline, nil
 }
 
 // fenceRetry is how often a fence that did not happen is tried again.
