@@ -10,6 +10,9 @@ type Guest struct {
 	// differ from the spec's.
 	Name   string `json:"name"`
 	RAMMiB int    `json:"ram_mib"`
+	// VCPUs is how many vCPUs the guest runs with (0: one); its partner
+	// promises to run it with as many.
+	VCPUs int `json:"vcpus,omitempty"`
 	// RAMFile is the guest's memory as a shared named file (on tmpfs):
 	// FT reads dirty pages from it and a replica resumes over its copy.
 	RAMFile string `json:"ram_file"`

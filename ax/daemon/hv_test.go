@@ -746,3 +746,44 @@ func TestPromoteRetriesWithDisks(t *testing.T) {
 		t.Errorf("the VM's disk %s: %q, %v; want the committed epoch's", g.Disks[0].Path, data[:16], err)
 	}
 }
+
+// A partner promises the vCPUs the guest runs with (one when the spec
+// says none), and a spec asking more vCPUs than it has is refused for
+// them; a count out of bounds is refused before anything.
+func TestOpenReplicaPromisesVCPUs(t *testing.T) {
+	d, _ := fakeHost(t, reserve.Capacity{VCPUs: 1, MemoryBytes: 1 << 30, DiskBytes: 1 << 30})
+	open := func(vcpus int) (*replication.Replica, error) {
+		spec := goodSpec()
+		spec.Guest.VCPUs = vcpus
+		b, err := json.Marshal(streamSpec{Primary: "a", Spec: spec, DiskSizes: []int64{1 << 20}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return d.openReplica("vm1", "a", b, nil)
+	}
+	for _, n := range []int{-1, maxVCPUs + 1} {
+		if _, err := open(n); err == nil || !strings.Contains(err.Error(), "vCPUs") {
+			t.Errorf("%d vCPUs: %v; want a refusal saying so", n, err)
+		}
+	}
+	// 5 vCPUs on a host of one may be promised 4 (DefaultVCPURatio).
+	if _, err := open(5); !errors.Is(err, reserve.ErrOverCommitted) || !strings.Contains(err.Error(), "vcpus over capacity: 0 promised to other guests, 5 asked, 4 available") {
+		t.Errorf("5 vCPUs on a host of 4: %v", err)
+	}
+	rep, err := open(3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := d.vms["vm1"]
+	t.Cleanup(func() {
+		rep.Close()
+		v.set(func(v *vmState) {
+			if v.replicaDisks != nil {
+				v.replicaDisks.Close()
+			}
+		})
+	})
+	if p := d.book.Promises()["vm1"]; p.Need.VCPUs != 3 {
+		t.Errorf("promised %+v, want 3 vCPUs", p.Need)
+	}
+}

@@ -84,7 +84,7 @@ func (d *Daemon) openReplica(name, peer string, payload []byte, remote net.Addr)
 	if len(ss.DiskSizes) != len(ss.Spec.Guest.Disks) {
 		return nil, fmt.Errorf("replica %s: %d disks but %d sizes", name, len(ss.Spec.Guest.Disks), len(ss.DiskSizes))
 	}
-	need := api.Capacity{VCPUs: 1, MemoryBytes: ramSize}
+	need := api.Capacity{VCPUs: max(ss.Spec.Guest.VCPUs, 1), MemoryBytes: ramSize}
 	for _, n := range ss.DiskSizes {
 		if n <= 0 {
 			return nil, fmt.Errorf("replica %s: disk size %d", name, n)

@@ -21,6 +21,7 @@ import (
 // Bounds of what a spec may ask for.
 const (
 	maxRAMMiB    = 4 << 20 // 4 TiB
+	maxVCPUs     = 4096
 	maxAppendLen = 2048
 	maxDisks     = 32
 )
@@ -44,6 +45,9 @@ func checkSpecFields(s api.VMSpec) error {
 	}
 	if g.RAMMiB < 0 || g.RAMMiB > maxRAMMiB {
 		return fmt.Errorf("VM %s: %d MiB of RAM, want 1..%d", s.Name, g.RAMMiB, maxRAMMiB)
+	}
+	if g.VCPUs < 0 || g.VCPUs > maxVCPUs {
+		return fmt.Errorf("VM %s: %d vCPUs, want 1..%d", s.Name, g.VCPUs, maxVCPUs)
 	}
 	for _, p := range []struct{ kind, path string }{
 		{"QMP socket", g.QMP}, {"RAM file", g.RAMFile}, {"console", g.Console}, {"agent socket", g.Agent},

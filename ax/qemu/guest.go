@@ -2,6 +2,7 @@ package qemu
 
 import (
 	"fmt"
+	"strconv"
 	"strings"
 
 	"github.com/axproject/ax/ax/api"
@@ -20,6 +21,7 @@ const AgentPortName = "org.axproject.agent.0"
 type Guest struct {
 	Name     string
 	RAMMiB   int
+	VCPUs    int    // 0: one
 	RAMFile  string // shared named file on tmpfs (memory-backend-file, share=on)
 	QMP      string // QMP unix socket
 	Console  string // serial console log
@@ -46,7 +48,7 @@ type Disk = api.Disk
 // replica instead).
 func GuestFor(g api.Guest) Guest {
 	return Guest{
-		Name: g.Name, RAMMiB: g.RAMMiB, RAMFile: g.RAMFile, QMP: g.QMP,
+		Name: g.Name, RAMMiB: g.RAMMiB, VCPUs: g.VCPUs, RAMFile: g.RAMFile, QMP: g.QMP,
 		Console: g.Console, Agent: g.Agent, PIDFile: g.PIDFile, Tap: g.Tap, MAC: g.MAC,
 		Kernel: g.Kernel, Initrd: g.Initrd, Append: g.Append, Accel: g.Accel,
 		VsockCID: g.VsockCID, Disks: append([]Disk(nil), g.Disks...),
@@ -86,7 +88,7 @@ func (g Guest) Args() []string {
 		"-machine", machine,
 		"-object", fmt.Sprintf("memory-backend-file,id=mem0,size=%dM,mem-path=%s,share=on", g.RAMMiB, g.RAMFile),
 		"-m", fmt.Sprintf("%dM", g.RAMMiB),
-		"-smp", "1",
+		"-smp", strconv.Itoa(max(g.VCPUs, 1)),
 		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
 		"-kernel", g.Kernel, "-initrd", g.Initrd, "-append", g.Append,
 		"-chardev", "file,id=con0,path=" + g.Console, "-serial", "chardev:con0",

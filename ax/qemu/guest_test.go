@@ -11,7 +11,7 @@ import (
 // fullGuest sets every field of an api.Guest.
 func fullGuest() api.Guest {
 	return api.Guest{
-		Name: "vm1", RAMMiB: 256, RAMFile: "/dev/shm/x.ram", Console: "/c", Agent: "/a",
+		Name: "vm1", RAMMiB: 256, VCPUs: 2, RAMFile: "/dev/shm/x.ram", Console: "/c", Agent: "/a",
 		Tap: "tap0", MAC: "52:54:00:00:00:01",
 		Boot:     api.Boot{Kernel: "/k", Initrd: "/i", Append: "console=ttyS0"},
 		QEMU:     api.QEMU{QMP: "/q", PIDFile: "/p", Accel: "tcg"},
@@ -57,6 +57,8 @@ func TestArgs(t *testing.T) {
 	boot := GuestFor(fullGuest())
 	replica := boot
 	replica.Incoming = true
+	one := boot
+	one.VCPUs = 0
 	cases := []struct {
 		name      string
 		g         Guest
@@ -70,6 +72,7 @@ func TestArgs(t *testing.T) {
 			"name=" + AgentPortName,
 			"-kernel /k -initrd /i -append console=ttyS0",
 			"-pidfile /p",
+			"-smp 2 ",
 			"vhost-vsock-pci,guest-cid=1001",
 			// disk0 behind a quorum node, disk1 plain.
 			"driver=quorum,node-name=disk0,vote-threshold=1,read-pattern=fifo,children.0=disk0-fmt",
@@ -77,6 +80,7 @@ func TestArgs(t *testing.T) {
 			"driver=qcow2,node-name=disk1,file=disk1-file",
 			"virtio-blk-pci,drive=disk1,id=vd1",
 		}, []string{"-incoming", "-cpu host", "node-name=disk1-fmt"}},
+		{"vCPUs not given", one, []string{"-smp 1 "}, nil},
 		{"replica", replica, []string{
 			"pc,accel=tcg,memory-backend=mem0,suppress-vmdesc=on",
 			"-incoming defer -global migration.send-configuration=off",

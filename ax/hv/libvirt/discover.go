@@ -157,6 +157,7 @@ func Inspect(xml []byte, opts *Options) (*Discovered, error) {
 	if err := d.vcpus(&dom); err != nil {
 		return nil, refuse("xml", err.Error(), "")
 	}
+	d.Guest.VCPUs = d.VCPUs
 	mib, err := memoryMiB(dom.Memory)
 	if err != nil {
 		return nil, refuse("memory", err.Error(), "")

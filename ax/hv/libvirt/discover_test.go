@@ -42,6 +42,7 @@ func TestDiscoverNova(t *testing.T) {
 	want := api.Guest{
 		Name:    "instance-0000002a",
 		RAMMiB:  2048,
+		VCPUs:   1,
 		RAMFile: "/var/lib/libvirt/qemu/ram/7-instance-0000002a/pc.ram",
 		Console: "/var/lib/nova/instances/" + novaUUID + "/console.log",
 		Agent:   "/var/lib/libvirt/qemu/channel/target/domain-7-instance-0000002a/org.axproject.agent.0",
@@ -99,7 +100,7 @@ func TestDiscoverLibvirt9(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := api.Guest{
-		Name: "instance-0000002a", RAMMiB: 128,
+		Name: "instance-0000002a", RAMMiB: 128, VCPUs: 1,
 		RAMFile: "/var/lib/libvirt/qemu/ram/1-instance-0000002a/pc.ram",
 		Console: "/tmp/lvx/img/console.log", Agent: "/tmp/lvx/img/agent.sock",
 		Tap: "tap1234abcd-56", MAC: "fa:16:3e:12:34:56",
@@ -110,6 +111,14 @@ func TestDiscoverLibvirt9(t *testing.T) {
 	}
 	if !reflect.DeepEqual(g, want) {
 		t.Errorf("guest\n got %+v\nwant %+v", g, want)
+	}
+	// The guest's vCPUs, what its partner promises to run it with: the
+	// count it runs with when fewer than its maximum are online.
+	for vcpu, n := range map[string]int{"<vcpu placement='static'>4</vcpu>": 4, "<vcpu placement='static' current='2'>4</vcpu>": 2} {
+		y := strings.Replace(x[:i]+x[j:], "<vcpu placement='static'>1</vcpu>", vcpu, 1)
+		if g, err := Discover([]byte(y), opts); err != nil || g.VCPUs != n {
+			t.Errorf("%s: %d vCPUs, %v; want %d", vcpu, g.VCPUs, err, n)
+		}
 	}
 	if _, err := Discover([]byte(x[:i]+x[j:]), nil); !isRefusal(err, "disk") || !strings.Contains(err.Error(), "outside") {
 		t.Errorf("disks outside the default directories: %v", err)
