@@ -71,6 +71,10 @@ type Config struct {
 	// name or pattern (brq*; none: any Linux bridge of this host).
 	ImageDirs []string
 	Bridges   []string
+	// DefineReplicas: a replica of a VM this host has no definition of
+	// defines it from its primary's, checked (libvirt; axd
+	// --define-replicas).
+	DefineReplicas bool
 	// MetricsListen serves /metrics; "" disables it.
 	MetricsListen string
 	// Epoch is the FT checkpoint interval.

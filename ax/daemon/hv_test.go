@@ -16,6 +16,7 @@ import (
 
 	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/ax/hv/hvtest"
+	"github.com/axproject/ax/ax/hv/libvirt"
 	"github.com/axproject/ax/ax/names"
 	"github.com/axproject/ax/ax/reserve"
 	"github.com/axproject/ax/ax/vm"
@@ -412,14 +413,7 @@ func TestOpenReplicaForceAfterRefusal(t *testing.T) {
 		t.Fatalf("--force after a refusal: %v", err)
 	}
 	v := d.vms["vm1"]
-	t.Cleanup(func() {
-		rep.Close()
-		v.set(func(v *vmState) {
-			if v.replicaDisks != nil {
-				v.replicaDisks.Close()
-			}
-		})
-	})
+	closeAtEnd(t, v, rep)
 	if st := v.status(); st.Role != api.RoleSecondary || st.State != "syncing" {
 		t.Errorf("registered as %+v", st)
 	}
@@ -621,6 +615,74 @@ func TestOpenReplicaNeedsTheDefinition(t *testing.T) {
 	}
 }
 
+// definingHere is undefinedHere that defines a domain from a peer's
+// definition (libvirt's DefineFromPeer), refusing one that says "hostile".
+type definingHere struct {
+	undefinedHere
+	defined map[string]string // name → the definition it was defined from
+	bridges []string          // what the last call was given
+}
+
+func (h *definingHere) Defined(ctx context.Context, name string) error {
+	if _, ok := h.defined[name]; ok {
+		return nil
+	}
+	return h.undefinedHere.Defined(ctx, name)
+}
+
+func (h *definingHere) DefineFromPeer(_ context.Context, name string, def []byte, bridges []string) (bool, error) {
+	h.bridges = bridges
+	if strings.Contains(string(def), "hostile") {
+		return false, fmt.Errorf("the primary's definition of %s is refused: it has <hostdev>", name)
+	}
+	h.defined[name] = string(def)
+	return true, nil
+}
+
+// With --define-replicas a partner with no definition of the VM makes one
+// from the primary's (checked by the driver), says so, and opens the
+// replica; without the flag, or with a definition refused, the replica is
+// refused as before, the refusal saying why.
+func TestOpenReplicaDefinesFromPeer(t *testing.T) {
+	d, fake := fakeHost(t, plenty)
+	h := &definingHere{undefinedHere: undefinedHere{fake}, defined: map[string]string{}}
+	d.cfg.Hypervisor = h
+	open := func(def string) error {
+		b, err := json.Marshal(streamSpec{Primary: "a", Spec: goodSpec(), DiskSizes: []int64{1 << 20}, Definition: def})
+		if err != nil {
+			t.Fatal(err)
+		}
+		rep, err := d.openReplica("vm1", "a", b, nil)
+		if err == nil {
+			closeAtEnd(t, d.vms["vm1"], rep)
+		}
+		return err
+	}
+	if err := open("<domain>vm1</domain>"); err == nil || !strings.Contains(err.Error(), "define the domain on this host first") || len(h.defined) > 0 {
+		t.Fatalf("without --define-replicas: %v (defined %v)", err, h.defined)
+	}
+	d.cfg.DefineReplicas = true
+	d.cfg.Bridges = []string{"br-pub", "brq*"}
+	if err := open("<domain>hostile</domain>"); err == nil || !strings.Contains(err.Error(), "define the domain on this host first") || !strings.Contains(err.Error(), "<hostdev>") {
+		t.Fatalf("a definition refused: %v", err)
+	}
+	if _, ok := d.vms["vm1"]; ok {
+		t.Fatal("a replica refused for its definition is registered")
+	}
+	if err := open(""); err == nil || !strings.Contains(err.Error(), "define the domain on this host first") {
+		t.Fatalf("no definition sent: %v", err)
+	}
+	if err := open("<domain>vm1</domain>"); err != nil {
+		t.Fatalf("with the primary's definition: %v", err)
+	}
+	if h.defined["vm1"] != "<domain>vm1</domain>" || !slices.Equal(h.bridges, d.cfg.Bridges) {
+		t.Errorf("defined %v with bridges %v", h.defined, h.bridges)
+	}
+	if e := events(d, "define"); len(e) != 1 || !strings.Contains(e[0], "domain vm1 defined here from a's definition") {
+		t.Errorf("events %q", e)
+	}
+}
+
 // definedHere is a hypervisor on which every domain is defined, its NIC
 // the tap named tap.
 type definedHere struct {
@@ -775,6 +837,45 @@ func TestOpenReplicaPromisesVCPUs(t *testing.T) {
 		t.Fatal(err)
 	}
 	v := d.vms["vm1"]
+	closeAtEnd(t, v, rep)
+	if p := d.book.Promises()["vm1"]; p.Need.VCPUs != 3 {
+		t.Errorf("promised %+v, want 3 vCPUs", p.Need)
+	}
+}
+
+// withDefinition is a hypervisor that gives a VM's definition.
+type withDefinition struct {
+	*hvtest.Fake
+	def []byte
+	err error
+}
+
+func (h withDefinition) Definition(context.Context, string) ([]byte, error) { return h.def, h.err }
+
+// The primary sends its definition of the VM, when its driver has one to
+// give and it is not bigger than a partner takes.
+func TestDefinitionForPartner(t *testing.T) {
+	d, fake := fakeHost(t, plenty)
+	if got := d.definition(context.Background(), "vm1"); got != "" {
+		t.Errorf("a driver without definitions gave %q", got)
+	}
+	for _, c := range []struct {
+		h    withDefinition
+		want string
+	}{
+		{withDefinition{Fake: fake, def: []byte("<domain/>")}, "<domain/>"},
+		{withDefinition{Fake: fake, def: make([]byte, libvirt.MaxPeerDefinition+1)}, ""},
+		{withDefinition{Fake: fake, err: errors.New("libvirt down")}, ""},
+	} {
+		d.cfg.Hypervisor = c.h
+		if got := d.definition(context.Background(), "vm1"); got != c.want {
+			t.Errorf("%d bytes, %v: sent %d bytes, want %d", len(c.h.def), c.h.err, len(got), len(c.want))
+		}
+	}
+}
+
+// closeAtEnd closes replica rep of v, and its disks, at the test's end.
+func closeAtEnd(t *testing.T, v *vmState, rep *replication.Replica) {
 	t.Cleanup(func() {
 		rep.Close()
 		v.set(func(v *vmState) {
@@ -783,7 +884,4 @@ func TestOpenReplicaPromisesVCPUs(t *testing.T) {
 			}
 		})
 	})
-	if p := d.book.Promises()["vm1"]; p.Need.VCPUs != 3 {
-		t.Errorf("promised %+v, want 3 vCPUs", p.Need)
-	}
 }

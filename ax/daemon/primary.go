@@ -34,6 +34,10 @@ type streamSpec struct {
 	DiskSizes []int64 `json:"disk_sizes,omitempty"`
 	// Force: promise the capacity even beyond what the partner has free.
 	Force bool `json:"force,omitempty"`
+	// Definition is the domain's definition on the primary (libvirt's
+	// inactive XML), which a partner without one may define from, checked
+	// (axd --define-replicas).
+	Definition string `json:"definition,omitempty"`
 }
 
 // sharedRAMHelp is how to give a VM the RAM AX needs.
@@ -576,7 +580,7 @@ func (d *Daemon) protectOnce(ctx context.Context, v *vmState) error {
 		return err
 	}
 	ramSize := int64(spec.Guest.RAMMiB) << 20
-	payload, _ := json.Marshal(streamSpec{Primary: d.cfg.Host, Spec: spec, DiskSizes: sizes, Force: force})
+	payload, _ := json.Marshal(streamSpec{Primary: d.cfg.Host, Spec: spec, DiskSizes: sizes, Force: force, Definition: d.definition(ctx, spec.Name)})
 	dctx, cancel := context.WithTimeout(ctx, 12*time.Second)
 	sender, err := replication.Dial(dctx, peer.Repl, d.security(), peerName, spec.Name, payload, ramSize, sizes...)
 	cancel()

@@ -13,6 +13,7 @@ import (
 
 	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/ax/hv"
+	"github.com/axproject/ax/ax/hv/libvirt"
 	"github.com/axproject/ax/ax/names"
 	"github.com/axproject/ax/ax/qemu"
 	"github.com/axproject/ax/ax/reserve"
@@ -31,6 +32,40 @@ type definedChecker interface {
 // a failover.
 type bridgeReadier interface {
 	BridgeReady(bridge string) error
+}
+
+// definitionReader gives a VM's definition on this host, for its partner
+// (libvirt's inactive XML).
+type definitionReader interface {
+	Definition(ctx context.Context, name string) ([]byte, error)
+}
+
+// peerDefiner defines a VM on this host from its primary's definition,
+// checked as hostile (libvirt.CheckPeerDefinition); false: it was defined
+// here already.
+type peerDefiner interface {
+	DefineFromPeer(ctx context.Context, name string, def []byte, bridges []string) (bool, error)
+}
+
+// definition is VM name's definition here for its partner ("" when the
+// hypervisor has none to give, or it is too big to send).
+func (d *Daemon) definition(ctx context.Context, name string) string {
+	dr, ok := d.cfg.Hypervisor.(definitionReader)
+	if !ok {
+		return ""
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	def, err := dr.Definition(ctx, name)
+	switch {
+	case err != nil:
+		d.log.Warn("the definition of "+name+" for its partner", "err", err)
+		return ""
+	case len(def) > libvirt.MaxPeerDefinition:
+		d.log.Warn(fmt.Sprintf("the definition of %s is %d bytes, more than a partner takes (%d): not sent", name, len(def), libvirt.MaxPeerDefinition))
+		return ""
+	}
+	return string(def)
 }
 
 // definedTapper names the tap this host's definition of a VM gives it
@@ -59,6 +94,17 @@ func (d *Daemon) openReplica(name, peer string, payload []byte, remote net.Addr)
 		// protected, rather than at the failover this host could not do.
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		err := hv.Defined(ctx, name)
+		if pd, ok := hv.(peerDefiner); ok && err != nil && d.cfg.DefineReplicas && ss.Definition != "" {
+			// No definition here: made from the primary's, checked.
+			if defined, derr := pd.DefineFromPeer(ctx, name, []byte(ss.Definition), d.cfg.Bridges); derr != nil {
+				err = fmt.Errorf("%w; %w", err, derr)
+			} else {
+				err = nil
+				if defined {
+					d.event(name, "define", fmt.Sprintf("domain %s defined here from %s's definition (checked: its files within this host's directories, its bridges among --bridge, nothing that reaches the host's devices or runs a program): a failover can resume it here", name, ss.Primary))
+				}
+			}
+		}
 		if br, ok := hv.(bridgeReadier); ok && err == nil && ss.Spec.Bridge != "" {
 			err = br.BridgeReady(ss.Spec.Bridge)
 		}

@@ -75,6 +75,7 @@ func run(ctx context.Context, args []string) error {
 	etcdKey := fs.String("etcd-key", "", "etcd witness: its private key")
 	fs.StringVar(&cfg.WitnessName, "witness-name", "", "TLS mode: the name on the witness's certificate")
 	fs.Var((*listFlag)(&cfg.ImageDirs), "image-dir", "a directory kernels and initrds named by partners' VM specs may come from (repeatable)")
+	fs.BoolVar(&cfg.DefineReplicas, "define-replicas", false, "with --libvirt: a replica of a domain not defined on this host defines it from its primary's definition, checked as hostile (its files within --libvirt-dir's directories, its bridges among --bridge, no host devices, scripts or QEMU arguments): Nova defines a server's domain only on its own host")
 	fs.Var((*listFlag)(&cfg.Bridges), "bridge", "a bridge replicas' taps may join, by name or pattern (brq*: Neutron's Linux bridges; repeatable; none: any bridge of this host)")
 	fs.StringVar(&cfg.MetricsListen, "metrics", "", "address to serve Prometheus /metrics on")
 	fs.DurationVar(&cfg.Epoch, "epoch", 50*time.Millisecond, "FT checkpoint interval")

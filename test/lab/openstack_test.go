@@ -217,7 +217,10 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 	// axd takes levels from Nova (its --host is the compute host's name
 	// in Nova, so --nova-host is the same); Nova's instance directories
 	// hold the domains' files. Failed levels are retried every 10 s.
-	dcfg.Extra = []string{"--nova-cloud", "ax", "--nova-clouds-file", c.CloudsYAML(), "--nova-resync", "10s", "--libvirt-dir", c.Dir}
+	// --define-replicas: a partner without a definition of a server's
+	// domain (Nova defines it only on the host it records) defines it from
+	// the primary's, checked.
+	dcfg.Extra = []string{"--nova-cloud", "ax", "--nova-clouds-file", c.CloudsYAML(), "--nova-resync", "10s", "--libvirt-dir", c.Dir, "--define-replicas"}
 	if err := l.StartDaemons(ctx, dcfg); err != nil {
 		t.Fatal(err)
 	}
@@ -296,17 +299,13 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 		if err != nil || !strings.Contains(out, "instance-") {
 			continue
 		}
-		name := strings.TrimSpace(out)
-		if err := defineAlike(ctx, l, HostA, HostB, name); err != nil {
-			t.Logf("%v; retried", err)
-			continue
-		}
-		domain = name
+		domain = strings.TrimSpace(out)
+		// b's instance directory is a's, as on shared storage.
 		if err := os.Symlink(c.InstanceDir(HostA, id), c.InstanceDir(HostB, id)); err != nil {
 			t.Fatal(err)
 		}
 	}
-	definedB := time.Since(created)
+	definedA := time.Since(created)
 	for show(); server.Status != "ACTIVE"; show() {
 		if server.Status == "ERROR" || time.Since(created) > 3*time.Minute {
 			t.Fatalf("server %s: %s", id, server.Status)
@@ -319,8 +318,8 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 	}
 	console := filepath.Join(c.InstanceDir(HostA, id), "console.log")
 	booted := waitConsole(t, console, "AXTICK", 3*time.Minute)
-	t.Logf("openstack server create: %s (%s) on %s, defined on b by the lab %.1f s after the create, ACTIVE by %.1f s, first tick on its console %.1f s after the create (TCG boot)",
-		id, domain, server.Host, definedB.Seconds(), active.Seconds(), booted.Sub(created).Seconds())
+	t.Logf("openstack server create: %s (%s) on %s, defined on a %.1f s after the create, ACTIVE by %.1f s, first tick on its console %.1f s after the create (TCG boot)",
+		id, domain, server.Host, definedA.Seconds(), active.Seconds(), booted.Sub(created).Seconds())
 	// Nova plugged the port's tap into brq<network> (os-vif), and
 	// Neutron's Linux bridge agent on a put a's provider interface there.
 	xml, err := l.Virsh(ctx, HostA, "dumpxml", domain)
@@ -349,6 +348,12 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 		return s.Level == api.LevelFT && s.State == "protected"
 	})
 	protected := time.Since(created)
+	// Nothing but axd on b defined the domain there: from a's definition.
+	if ev := kindEvent(t, l, HostB, domain, "define", "defined here from a's definition"); ev == "" {
+		t.Fatalf("axd on b did not define %s from a's definition", domain)
+	} else {
+		t.Logf("axd on b: %s", ev)
+	}
 	st := osStatus(t, osc, id, 30*time.Second, func(s string) bool { return strings.HasPrefix(s, "ft towards b: protected") })
 	t.Logf("FT protected %.1f s after the create (%.1f s after ACTIVE); ax:status in Nova %.1f s after the create: %q; axd on a: %s %s %s towards %s, epoch %d, pause p50 %.1f ms",
 		protected.Seconds(), (protected - active).Seconds(), time.Since(created).Seconds(), st, vs.Name, vs.Level, vs.State, vs.Peer, vs.Epoch, vs.PauseP50MS)
@@ -562,21 +567,18 @@ func TestIntegrationOpenStackFT(t *testing.T) {
 		t.Logf("nova-compute on a: %s", line)
 	}
 	// a's nova-compute destroyed and undefined its stale copy of the
-	// domain; AX never defines a domain from a peer's XML, so the lab
-	// defines it on a again, as it did on b.
-	if out, err := l.Virsh(ctx, HostA, "list", "--all", "--name"); err == nil && strings.Contains(out, domain) {
-		t.Logf("%s is still defined on a after the evacuation completed", domain)
-	} else {
-		if err := defineAlike(ctx, l, HostB, HostA, domain); err != nil {
-			t.Fatal(err)
-		}
-		t.Logf("%s undefined on a by its nova-compute (the evacuation completed): defined there again by the lab", domain)
-	}
+	// domain; axd on a defines it again from b's definition when b
+	// protects the VM towards it (its event is checked below).
 	vs = waitVM(t, l, l.Client(HostB), domain, 2*time.Minute, "FT protection from b towards a again", func(s api.VMStatus) bool {
 		return s.Level == api.LevelFT && s.Peer == HostA && s.State == "protected"
 	})
 	t.Logf("FT protected again from b towards a %.1f s after forced_down was cleared (%.1f s after a's nova-compute started again), epoch %d",
 		time.Since(clearedAt).Seconds(), time.Since(restarted).Seconds(), vs.Epoch)
+	if ev := kindEvent(t, l, HostA, domain, "define", "defined here from b's definition"); ev == "" {
+		t.Errorf("axd on a did not define %s from b's definition", domain)
+	} else {
+		t.Logf("axd on a: %s", ev)
+	}
 	held = waitAllocation(ctx, t, cl, rpA, nova.ReservationConsumer(rpA, domain), true)
 	t.Logf("axd on a, the partner now, holds its promise to %s in Placement: %v on a's provider %s", domain, held, rpA)
 
@@ -820,6 +822,13 @@ func firstTick(b []byte) uint64 {
 // text has the operation op, or "".
 func hookEvent(t *testing.T, l *Lab, h, domain, op string) string {
 	t.Helper()
+	return kindEvent(t, l, h, domain, "hook", op)
+}
+
+// kindEvent is the text of the last event of kind of domain on host h
+// that says text ("" for none).
+func kindEvent(t *testing.T, l *Lab, h, domain, kind, text string) string {
+	t.Helper()
 	evs, err := l.Client(h).Events(context.Background(), 0)
 	if err != nil {
 		t.Errorf("events of axd on %s: %v", h, err)
@@ -827,7 +836,7 @@ func hookEvent(t *testing.T, l *Lab, h, domain, op string) string {
 	}
 	last := ""
 	for _, e := range evs {
-		if e.Kind == "hook" && e.VM == domain && strings.Contains(e.Text, op) {
+		if e.Kind == kind && e.VM == domain && strings.Contains(e.Text, text) {
 			last = e.Text
 		}
 	}
@@ -929,22 +938,4 @@ func osLogTails(t *testing.T, dir string) {
 		b, _ := os.ReadFile(n)
 		t.Logf("--- %s:\n%s", filepath.Base(n), tail(string(b), 1500))
 	}
-}
-
-// defineAlike defines domain on host to as it is defined on host from:
-// what an operator does for a Nova server's partner (AX never defines a
-// domain from a peer's XML).
-func defineAlike(ctx context.Context, l *Lab, from, to, domain string) error {
-	def, err := l.Virsh(ctx, from, "dumpxml", "--inactive", domain)
-	if err != nil {
-		return fmt.Errorf("%s's definition on %s: %w", domain, from, err)
-	}
-	path := filepath.Join(l.StateDir, domain+"-"+to+".xml")
-	if err := os.WriteFile(path, []byte(def), 0o644); err != nil {
-		return err
-	}
-	if _, err := l.Virsh(ctx, to, "define", path); err != nil {
-		return fmt.Errorf("defining %s on %s: %w", domain, to, err)
-	}
-	return nil
 }

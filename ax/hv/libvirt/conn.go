@@ -17,6 +17,9 @@ type Conn interface {
 	DomainGetState(dom golibvirt.Domain, flags uint32) (state int32, reason int32, err error)
 	DomainCreate(dom golibvirt.Domain) error
 	DomainCreateXML(xml string, flags golibvirt.DomainCreateFlags) (golibvirt.Domain, error)
+	// DomainDefineXMLFlags is virDomainDefineXMLFlags: a persistent
+	// definition made (or replaced).
+	DomainDefineXMLFlags(xml string, flags golibvirt.DomainDefineFlags) (golibvirt.Domain, error)
 	DomainDestroy(dom golibvirt.Domain) error
 	// QEMUDomainMonitorCommand is virDomainQemuMonitorCommand: one QMP
 	// command passed through to the domain's QEMU, its reply returned.

@@ -225,6 +225,11 @@ func (d *Driver) Identify(ctx context.Context, name string) (*Identity, error) {
 // liveXML is domain name's XML as libvirt describes it now (the live one
 // while it runs).
 func (d *Driver) liveXML(ctx context.Context, name string) ([]byte, error) {
+	return d.xmlDesc(ctx, name, 0)
+}
+
+// xmlDesc is domain name's XML with flags (virDomainGetXMLDesc).
+func (d *Driver) xmlDesc(ctx context.Context, name string, flags golibvirt.DomainXMLFlags) ([]byte, error) {
 	if err := names.Check("vm", name); err != nil {
 		return nil, err
 	}
@@ -232,7 +237,7 @@ func (d *Driver) liveXML(ctx context.Context, name string) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	x, err := call(ctx, func() (string, error) { return d.c().DomainGetXMLDesc(dom, 0) })
+	x, err := call(ctx, func() (string, error) { return d.c().DomainGetXMLDesc(dom, flags) })
 	if err != nil {
 		return nil, fmt.Errorf("libvirt domain %s: XML: %w", name, err)
 	}
@@ -268,20 +273,55 @@ func (d *Driver) pid(name string) int {
 }
 
 // Defined checks that domain name is defined on this host: a failover
-// here resumes the replica as this host's definition of the domain, and AX
-// never makes one from XML a peer sent. Only libvirt's "domain not found"
-// is the definition's absence; another error is returned as it is.
+// here resumes the replica as this host's definition of the domain (made
+// by the operator, or from the primary's, checked, with axd
+// --define-replicas: DefineFromPeer). Only libvirt's "domain not found" is
+// the definition's absence; another error is returned as it is.
 func (d *Driver) Defined(ctx context.Context, name string) error {
 	if err := names.Check("vm", name); err != nil {
 		return err
 	}
 	if _, err := d.lookup(ctx, name); err != nil {
 		if isNoDomain(err) {
-			return fmt.Errorf("%w: a failover could not resume it here (define the domain on this host first: virsh define with the primary's XML)", err)
+			return fmt.Errorf("%w: a failover could not resume it here (define the domain on this host first: virsh define with the primary's XML, or axd --define-replicas)", err)
 		}
 		return err
 	}
 	return nil
+}
+
+// Definition is the persistent definition of domain name on this host
+// (virsh dumpxml --inactive), which its partner may define from
+// (DefineFromPeer).
+func (d *Driver) Definition(ctx context.Context, name string) ([]byte, error) {
+	return d.xmlDesc(ctx, name, golibvirt.DomainXMLInactive)
+}
+
+// DefineFromPeer defines domain name on this host from def, the primary's
+// definition, once CheckPeerDefinition took it (its files within the
+// driver's directories, its bridges among bridges). A domain defined here
+// already is left as it is: false, nil.
+func (d *Driver) DefineFromPeer(ctx context.Context, name string, def []byte, bridges []string) (bool, error) {
+	if err := names.Check("vm", name); err != nil {
+		return false, err
+	}
+	_, err := d.lookup(ctx, name)
+	switch {
+	case err == nil:
+		return false, nil
+	case !isNoDomain(err):
+		return false, err
+	}
+	clean, err := CheckPeerDefinition(def, name, PeerPolicy{Dirs: d.cfg.Discover.dirs(), Bridges: bridges})
+	if err != nil {
+		return false, err
+	}
+	if _, err := call(ctx, func() (golibvirt.Domain, error) {
+		return d.c().DomainDefineXMLFlags(string(clean), golibvirt.DomainDefineValidate)
+	}); err != nil {
+		return false, fmt.Errorf("libvirt: defining %s from the primary's definition: %w", name, err)
+	}
+	return true, nil
 }
 
 // BridgeReady says why a replica's tap could not join bridge here at a
@@ -315,8 +355,8 @@ func (d *Driver) Paused(ctx context.Context, name string) (bool, error) {
 // DefinedTap is the tap the definition of domain name on this host gives
 // its NIC (<target dev=…/>; "" when it names none): a replica of it here
 // is plugged under that name, the one this host's network agents (Nova's
-// os-vif, Neutron's) know the port by. The definition is this host's own
-// (AX never defines one from a peer's XML).
+// os-vif, Neutron's) know the port by. The definition is this host's
+// own, or made from the primary's after CheckPeerDefinition took it.
 func (d *Driver) DefinedTap(ctx context.Context, name string) (string, error) {
 	if err := names.Check("vm", name); err != nil {
 		return "", err

@@ -168,6 +168,18 @@ func (f *fakeConn) DomainCreateXML(x string, flags golibvirt.DomainCreateFlags) 
 	return f.start(name, found, flags&golibvirt.DomainStartPaused != 0), nil
 }
 
+func (f *fakeConn) DomainDefineXMLFlags(x string, flags golibvirt.DomainDefineFlags) (golibvirt.Domain, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var dom libvirtxml.Domain
+	if err := dom.Unmarshal(x); err != nil {
+		return golibvirt.Domain{}, golibvirt.Error{Code: uint32(golibvirt.ErrXMLError), Message: err.Error()}
+	}
+	f.record("define %s %d", dom.Name, flags)
+	f.doms[dom.Name] = &fakeDomain{state: golibvirt.DomainShutoff, def: x}
+	return golibvirt.Domain{Name: dom.Name}, nil
+}
+
 func (f *fakeConn) DomainDestroy(dom golibvirt.Domain) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -290,6 +302,48 @@ func TestDefined(t *testing.T) {
 	}
 	if err := drv.Defined(ctx, "a b"); err == nil || strings.Contains(f.callLog(), "a b") {
 		t.Errorf("a hostile name: %v; calls:\n%s", err, f.callLog())
+	}
+}
+
+// A partner without a definition of a domain defines it from the
+// primary's once it is checked (validated by libvirt too); one it has is
+// left alone; a refused one defines nothing. The primary's is its
+// inactive XML.
+func TestDefineFromPeer(t *testing.T) {
+	primary, pf := newTestDriver(t)
+	pf.define("vm1", "/var/lib/nova/instances/u/disk")
+	ctx := context.Background()
+	def, err := primary.Definition(ctx, "vm1")
+	if err != nil || !strings.Contains(pf.callLog(), fmt.Sprintf("xml vm1 %d", golibvirt.DomainXMLInactive)) {
+		t.Fatalf("the primary's definition: %v\n%s", err, pf.callLog())
+	}
+	drv, f := newTestDriver(t)
+	if ok, err := drv.DefineFromPeer(ctx, "vm1", def, []string{"br*"}); err != nil || !ok {
+		t.Fatalf("defining vm1 from the primary's: %v, %v", ok, err)
+	}
+	if !strings.Contains(f.callLog(), fmt.Sprintf("define vm1 %d", golibvirt.DomainDefineValidate)) {
+		t.Errorf("not defined (validated):\n%s", f.callLog())
+	}
+	if err := drv.Defined(ctx, "vm1"); err != nil {
+		t.Errorf("defined, then: %v", err)
+	}
+	if tap, err := drv.DefinedTap(ctx, "vm1"); err != nil || tap != "tap0" {
+		t.Errorf("its tap here: %q, %v", tap, err)
+	}
+	// Defined already: left alone.
+	if ok, err := drv.DefineFromPeer(ctx, "vm1", def, []string{"br*"}); err != nil || ok {
+		t.Errorf("defining it again: %v, %v; want it left alone", ok, err)
+	}
+	// Refused: nothing defined.
+	hostile := strings.Replace(string(def), "/var/lib/nova/instances/u/disk'", "/etc/shadow'", 1)
+	if ok, err := drv.DefineFromPeer(ctx, "vm2", []byte(strings.ReplaceAll(hostile, "vm1", "vm2")), []string{"br*"}); ok || err == nil || !strings.Contains(err.Error(), "outside") {
+		t.Errorf("a definition with /etc/shadow as a disk: %v, %v", ok, err)
+	}
+	if _, err := drv.DefineFromPeer(ctx, "vm3", []byte(strings.ReplaceAll(string(def), "vm1", "vm3")), []string{"brq*"}); err == nil || !strings.Contains(err.Error(), "bridge br0") {
+		t.Errorf("a bridge this host does not take: %v", err)
+	}
+	if strings.Contains(f.callLog(), "define vm2") || strings.Contains(f.callLog(), "define vm3") {
+		t.Errorf("a refused definition was defined:\n%s", f.callLog())
 	}
 }
 
