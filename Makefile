@@ -101,7 +101,7 @@ openstack-down: ## stop the cloud openstack-up started (safe to repeat)
 vagrant-up: deps build ## the Vagrant lab: machines ax-a, ax-b, ax-w, ax-c with AX from make deb (starts a system libvirtd if none runs)
 	sh test/vagrant/up.sh "$(VAGRANT_DEB)"
 
-vagrant-test: deps build ## up, FT guest on ax-a, kill ax-a, guest resumes on ax-b, no acked record lost, down (AX_VAGRANT=1; long under TCG, see README)
+vagrant-test: deps build ## up, FT guest on ax-a, kill ax-a, guest resumes on ax-b, no acked record lost, down (AX_VAGRANT=1; ~17 min under TCG, see README)
 	AX_VAGRANT=1 $(GO) test -count=1 -timeout 90m -v -run 'TestVagrant' ./test/vagrant
 
 vagrant-down: ## remove the Vagrant lab and stop the libvirtd vagrant-up started (safe to repeat)
