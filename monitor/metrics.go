@@ -36,7 +36,7 @@ type Metrics struct {
 	Reserved      *prometheus.GaugeVec
 	Capacity      *prometheus.GaugeVec
 	// On a Nova compute host: the promises Placement holds, and axd's
-	// rounds with it (neither is exported elsewhere).
+	// rounds with it (zero elsewhere).
 	PlacementReservations *prometheus.GaugeVec
 	PlacementRounds       *prometheus.CounterVec
 
@@ -156,6 +156,14 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	}
 	reg.MustRegister(m.DiskBytes, m.DiskLag, m.DiskSync, m.DiskResyncCompared, m.DiskResyncSkipped, m.JournalBytes, m.JournalWrites, m.Reserved, m.Capacity,
 		m.PlacementReservations, m.PlacementRounds)
+	// Every state and result at zero, so that the dashboard and the
+	// alerts see them on every host, and rates before the first round.
+	for _, st := range []string{"held", "failed"} {
+		m.PlacementReservations.WithLabelValues(st)
+	}
+	for _, r := range []string{"ok", "error"} {
+		m.PlacementRounds.WithLabelValues(r)
+	}
 	reg.MustRegister(m.Epochs, m.Pause, m.DirtyPages, m.BytesSent, m.CommitLatency, m.ReplLag,
 		m.Failovers, m.Unprotected, m.UnprotectedS, m.Level, m.Protected, m.SyncProgress, m.PeerHeard, m.Witness,
 		m.HeldFrames, m.HeldBytes, m.ReleaseDelay, m.OutputDrops)

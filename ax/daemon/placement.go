@@ -70,9 +70,6 @@ func newPlacementMirror(d *Daemon, cloud PlacementCloud, host string, every time
 	p := &placementMirror{d: d, cloud: cloud, host: host, every: every, kickc: make(chan struct{}, 1), warn: ratelog.New(time.Minute),
 		vms: map[string]string{}, foreign: map[string]bool{}}
 	p.held, p.rounds = d.metrics.PlacementReservations, d.metrics.PlacementRounds
-	for _, r := range []string{"ok", "error"} {
-		p.rounds.WithLabelValues(r) // both at zero, for rates and alerts
-	}
 	return p
 }
 
