@@ -9,8 +9,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-
 	"github.com/axproject/ax/ax/api"
 	"github.com/axproject/ax/ax/ratelog"
 	"github.com/axproject/ax/ax/reserve"
@@ -53,9 +51,6 @@ type placementMirror struct {
 	kickc chan struct{}
 	warn  *ratelog.Limiter
 
-	held   *prometheus.GaugeVec   // state: held, failed
-	rounds *prometheus.CounterVec // result: ok, error
-
 	round sync.Mutex // one round, or one drop, at a time
 
 	mu      sync.Mutex
@@ -69,7 +64,6 @@ type placementMirror struct {
 func newPlacementMirror(d *Daemon, cloud PlacementCloud, host string, every time.Duration) *placementMirror {
 	p := &placementMirror{d: d, cloud: cloud, host: host, every: every, kickc: make(chan struct{}, 1), warn: ratelog.New(time.Minute),
 		vms: map[string]string{}, foreign: map[string]bool{}}
-	p.held, p.rounds = d.metrics.PlacementReservations, d.metrics.PlacementRounds
 	return p
 }
 
@@ -268,13 +262,13 @@ func (p *placementMirror) ended(err error, promised bool) {
 	p.alarmed = err != nil && (alarmed || promised)
 	p.mu.Unlock()
 	if err == nil {
-		p.rounds.WithLabelValues("ok").Inc()
+		p.d.metrics.PlacementRounds.WithLabelValues("ok").Inc()
 		if alarmed {
 			p.d.event("", "placement", "Placement's reservations match this host's promises again")
 		}
 		return
 	}
-	p.rounds.WithLabelValues("error").Inc()
+	p.d.metrics.PlacementRounds.WithLabelValues("error").Inc()
 	if promised && !alarmed {
 		p.d.event("", "alarm", fmt.Sprintf("Placement's reservations cannot be made to match this host's promises (%s): Nova's scheduler may fill this host past what its partners' failovers need; axd tries again", now))
 		return
@@ -319,8 +313,8 @@ func (p *placementMirror) metrics() {
 		}
 	}
 	p.mu.Unlock()
-	p.held.WithLabelValues("held").Set(float64(held))
-	p.held.WithLabelValues("failed").Set(float64(failed))
+	p.d.metrics.PlacementReservations.WithLabelValues("held").Set(float64(held))
+	p.d.metrics.PlacementReservations.WithLabelValues("failed").Set(float64(failed))
 }
 
 // status is the mirror as axctl status shows it.

@@ -96,7 +96,7 @@ func TestPlacementHoldsPromises(t *testing.T) {
 	if r := c.Consumers()[vm1]; r.Allocations[rpB]["MEMORY_MB"] != 2048 || r.Generation != 2 {
 		t.Errorf("vm1's reservation after its promise grew: %+v", r)
 	}
-	if testutil.ToFloat64(d.place.held.WithLabelValues("held")) != 1 {
+	if testutil.ToFloat64(d.metrics.PlacementReservations.WithLabelValues("held")) != 1 {
 		t.Error("ax_placement_reservations{state=held} is not 1")
 	}
 
@@ -133,7 +133,7 @@ func TestPlacementRefusedAndDown(t *testing.T) {
 	if len(st.Held) != 1 || st.Held[0] != "small" || !strings.Contains(st.Failed["big"], "exceed the capacity") {
 		t.Errorf("status: %+v; want small held, big refused with Placement's words", st)
 	}
-	if testutil.ToFloat64(d.place.held.WithLabelValues("failed")) != 1 {
+	if testutil.ToFloat64(d.metrics.PlacementReservations.WithLabelValues("failed")) != 1 {
 		t.Error("ax_placement_reservations{state=failed} is not 1")
 	}
 	found := false
@@ -156,7 +156,7 @@ func TestPlacementRefusedAndDown(t *testing.T) {
 	if st := d.reservation().Placement; !strings.Contains(st.Error, "placement is down") {
 		t.Errorf("status while Placement is down: %+v", st)
 	}
-	if testutil.ToFloat64(d.place.rounds.WithLabelValues("error")) != 2 {
+	if testutil.ToFloat64(d.metrics.PlacementRounds.WithLabelValues("error")) != 2 {
 		t.Error("ax_placement_rounds_total{result=error} is not 2 after two rounds with Placement down")
 	}
 	c.SetPlacementDown(false)

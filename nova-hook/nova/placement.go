@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net/http"
 	"strings"
 
@@ -45,17 +46,7 @@ const (
 type Resources map[string]int
 
 // Equal says whether r and o hold the same amounts.
-func (r Resources) Equal(o Resources) bool {
-	if len(r) != len(o) {
-		return false
-	}
-	for k, v := range r {
-		if w, ok := o[k]; !ok || w != v {
-			return false
-		}
-	}
-	return true
-}
+func (r Resources) Equal(o Resources) bool { return maps.Equal(r, o) }
 
 // ErrNoCapacity is returned when Placement refuses a reservation because
 // the provider does not have what it asks.
