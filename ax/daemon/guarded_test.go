@@ -232,13 +232,7 @@ func TestGuardGoneGuestContinued(t *testing.T) {
 			c.GuardExe = os.Args[0]
 		}
 	})
-	spec := goodSpec()
-	spec.Tracker = "hash"
-	spec.Guest.RAMMiB, spec.Guest.Disks = 1, nil
-	spec.Guest.RAMFile = filepath.Join(p.dir, "vm1.ram")
-	if err := os.WriteFile(spec.Guest.RAMFile, make([]byte, 1<<20), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	spec := p.vm1Spec(t)
 	// The guest: this binary mapping the RAM file as QEMU would.
 	guest := exec.Command(os.Args[0])
 	guest.Env = append(os.Environ(), guestEnv+"="+spec.Guest.RAMFile)

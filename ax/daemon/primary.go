@@ -1080,14 +1080,21 @@ func (d *Daemon) guardPrimary(ctx context.Context, v *vmState, closing, streamDo
 func (d *Daemon) replaceGuard(v *vmState) *guard.Handle {
 	var pid int
 	v.set(func(v *vmState) { pid = v.spec.PID })
-	if stopped, _ := guard.Stopped(pid); stopped {
-		if err := syscall.Kill(pid, syscall.SIGCONT); err != nil {
-			d.fire(v, vm.Degraded, fmt.Sprintf("its guard stopped the guest and is gone; continuing the guest failed: %v", err), nil)
-		} else {
-			d.event(v.name, "restore", "the guard had stopped the guest (axd renewed its lease late) and ended; the witness renewed this host's lease since, so no one took the VM over: guest continued, guard started again")
-		}
-	}
+	d.continueGuarded(v, pid, "the guard had stopped the guest (axd renewed its lease late) and ended; the witness renewed this host's lease since, so no one took the VM over: guest continued, guard started again")
 	return d.startGuard(v)
+}
+
+// continueGuarded continues guest pid if a guard stopped it, saying so
+// with done; the caller holds the lease (no one took the VM over).
+func (d *Daemon) continueGuarded(v *vmState, pid int, done string) {
+	if stopped, _ := guard.Stopped(pid); !stopped {
+		return
+	}
+	if err := syscall.Kill(pid, syscall.SIGCONT); err != nil {
+		d.fire(v, vm.Degraded, fmt.Sprintf("its guard stopped the guest; continuing it failed: %v", err), nil)
+		return
+	}
+	d.event(v.name, "restore", done)
 }
 
 // leaveGuard leaves the guard process holding the guest when axd stops with
@@ -1136,11 +1143,7 @@ func (d *Daemon) dismissLeftGuard(v *vmState, leaseUntil time.Time) {
 	if err := guard.Dismiss(old, pid); err != nil {
 		d.log.Info("the guard left by the previous axd is gone", "vm", v.name, "guard", old, "err", err)
 	}
-	if stopped, _ := guard.Stopped(pid); stopped {
-		if err := syscall.Kill(pid, syscall.SIGCONT); err == nil {
-			d.event(v.name, "restore", "the guard left by the previous axd had stopped the guest; this host holds the lease: guest continued")
-		}
-	}
+	d.continueGuarded(v, pid, "the guard left by the previous axd had stopped the guest; this host holds the lease: guest continued")
 	v.set(func(v *vmState) { v.leftGuard = 0 })
 	d.saveRecord(v)
 }

@@ -155,6 +155,15 @@ func allStacks() string {
 // defineVM defines vm1 on a: 1 MiB of RAM in a file, no disks.
 func (p *pair) defineVM(t *testing.T) {
 	t.Helper()
+	if err := p.a.define(p.vm1Spec(t)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// vm1Spec is vm1's spec on a: 1 MiB of RAM in a file of the pair's, no
+// disks, hash tracking.
+func (p *pair) vm1Spec(t *testing.T) api.VMSpec {
+	t.Helper()
 	spec := goodSpec()
 	spec.Tracker = "hash"
 	spec.Guest.RAMMiB, spec.Guest.Disks = 1, nil
@@ -162,9 +171,7 @@ func (p *pair) defineVM(t *testing.T) {
 	if err := os.WriteFile(spec.Guest.RAMFile, make([]byte, 1<<20), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if err := p.a.define(spec); err != nil {
-		t.Fatal(err)
-	}
+	return spec
 }
 
 // status returns vm1's status on d (zero if d does not know it).
