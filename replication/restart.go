@@ -86,6 +86,13 @@ func (s *Sender) Restarting(grace time.Duration) error {
 	if grace <= 0 || grace > MaxRestartGrace {
 		return fmt.Errorf("replication: restart grace %s out of range (0, %s]", grace, MaxRestartGrace)
 	}
+	select {
+	case <-s.restartEcho:
+		// Confirmed once: the stream ended with that echo (the reader
+		// closes it just before it fails the stream).
+		return fmt.Errorf("%w: the stream ended with an earlier restart", ErrRestartNotConfirmed)
+	default:
+	}
 	s.restartSent.Store(true)
 	if err := s.write(func() error { return s.w.WriteFrame(restartFrame(grace)) }, true); err != nil {
 		return err
